@@ -1,0 +1,512 @@
+"""The agent loop: the model looks at an image, thinks, zooms, looks again, and answers.
+
+One call of ``AgentLoop.run`` turns one sample into ``k`` trajectories. Each goes through these steps until
+it stops:
+
+1. Check that the next reply still fits the context window (else stop: ``context_full``).
+2. Ask the backend for a reply (the ``k`` first replies come from one request with ``n = k``).
+3. Read the reply with the protocol: a zoom call, an answer, a mistake, or nothing.
+4. Answer → stop (``answer``); nothing → stop (``no_action``); turn cap reached → stop (``max_turns``).
+5. A mistake → tell the model what was wrong and go on.
+6. A zoom → if the image cap is reached stop (``max_images``); else run the zoom tool and show the crop
+   (or the tool's error) to the model.
+
+A cap that stops the loop while the model was still calling the tool marks the trajectory ``over_turn``,
+which RL uses to mask it. Backend failures end that trajectory with ``error``; unreadable images end it
+before the first turn. Neither stops the other trajectories of a batch. Every limit is an argument here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from PIL import Image
+
+from glimpse.errors import BackendError, ConfigError, ContextLengthError, ImageInputError
+from glimpse.geometry import Box, Coords
+from glimpse.images import (
+    MAX_PIXELS,
+    MIN_PIXELS,
+    RESIZE_FACTOR,
+    ImageCache,
+    Original,
+    PixelLimits,
+    fit,
+    image_tokens,
+)
+from glimpse.models.base import Backend, Completion, GenerateParams, ImagePart, Message, TextPart
+from glimpse.protocol import Protocol, make_protocol
+from glimpse.protocol.base import Action
+from glimpse.tools.zoom import MIN_BOX_SIDE, ZOOM_MAX_ASPECT_RATIO, ImageState, ZoomTool
+from glimpse.trajectory import (
+    ImageRef,
+    RunSettings,
+    Sample,
+    StopReason,
+    TokenView,
+    Trajectory,
+    Turn,
+    Usage,
+    ZoomCall,
+)
+
+# The loop stops with ``context_full`` when fewer tokens than this (or max_new_tokens, if smaller) would be
+# left for the next reply. Mini-o3 kept a similar margin (it stopped 2,000 tokens short of 32,768).
+CONTEXT_RESERVE = 1024
+# Token estimates before the server has reported real counts: about 3 characters per text token (a
+# conservative rate for English), a few tokens of chat-template framing per message and per image.
+_CHARS_PER_TOKEN = 3
+_MESSAGE_OVERHEAD = 4
+_IMAGE_OVERHEAD = 2
+
+OnTurn = Callable[[Trajectory, Turn], None]
+
+
+@dataclass
+class _Episode:
+    """The working state of one trajectory."""
+
+    traj: Trajectory
+    original: Image.Image
+    images: list[ImageState]
+    parts: list[ImagePart]
+    messages: list[Message]
+    seed: int | None
+    t0: float
+    calibration: int = 0
+    part_index: dict[int, int] = field(default_factory=dict)
+
+
+class AgentLoop:
+    """Runs the zoom loop of one model.
+
+    Args:
+        backend: the model.
+        protocol: ``tags`` (Mini-o3's tags), ``tools`` (native function calling), or a ``Protocol``.
+        coords: box convention: ``relative`` [0, 1], ``pixels`` of the shown image, or ``thousand`` (0–1000).
+        prompt_file: YAML/TOML/text file replacing the default prompts (see ``glimpse.protocol.prompts``).
+        max_turns: most assistant turns.
+        max_images: most images in the conversation, the original included (``None``: no cap but turns).
+        max_new_tokens: most tokens per reply.
+        max_context_tokens: the model's context window; the loop stops before overflowing it.
+        min_pixels: smallest area an image is shown at.
+        max_pixels: largest area an image is shown at.
+        resize_factor: sides are multiples of this (28 for Qwen2/2.5-VL, 32 for Qwen3-VL).
+        min_box_side: smallest zoom side, in original pixels.
+        max_aspect_ratio: most elongated zoom accepted.
+        keep_images: keep only the last K observation images in the context, replacing older ones with a
+            text note (the original always stays); ``None`` keeps all.
+        temperature: sampling temperature sent to the backend (``None``: server default).
+        top_p: nucleus sampling (``None``: server default).
+        seed: sampling seed; sample ``i`` of a question uses ``seed + i``.
+        return_token_ids: ask the backend for token ids and record the token view.
+        image_cache: decoded originals shared between runs.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        protocol: str | Protocol = "tags",
+        coords: str = "relative",
+        prompt_file: str | None = None,
+        max_turns: int = 12,
+        max_images: int | None = None,
+        max_new_tokens: int = 4096,
+        max_context_tokens: int = 32768,
+        min_pixels: int = MIN_PIXELS,
+        max_pixels: int = MAX_PIXELS,
+        resize_factor: int = RESIZE_FACTOR,
+        min_box_side: int = MIN_BOX_SIDE,
+        max_aspect_ratio: float = ZOOM_MAX_ASPECT_RATIO,
+        keep_images: int | None = None,
+        temperature: float | None = 1.0,
+        top_p: float | None = 1.0,
+        seed: int | None = None,
+        return_token_ids: bool = False,
+        image_cache: ImageCache | None = None,
+    ):
+        _check_positive(max_turns=max_turns, max_new_tokens=max_new_tokens, max_context_tokens=max_context_tokens)
+        if max_images is not None and max_images < 1:
+            raise ConfigError(f"max_images must be at least 1 (the original), got {max_images}")
+        if keep_images is not None and keep_images < 1:
+            raise ConfigError(f"keep_images must be at least 1 or unset (keep all), got {keep_images}")
+        self.backend = backend
+        self.protocol = protocol if isinstance(protocol, Protocol) else make_protocol(protocol, coords, prompt_file)
+        self.limits = PixelLimits(min_pixels, max_pixels, resize_factor)
+        self.tool = ZoomTool(
+            self.protocol.coords, self.limits, min_box_side=min_box_side, max_aspect_ratio=max_aspect_ratio
+        )
+        self.max_turns = max_turns
+        self.max_images = max_images
+        self.max_new_tokens = max_new_tokens
+        self.max_context_tokens = max_context_tokens
+        self.keep_images = keep_images
+        self.temperature = temperature
+        self.top_p = top_p
+        self.seed = seed
+        self.return_token_ids = return_token_ids
+        self.cache = image_cache or ImageCache()
+        self.settings = RunSettings(
+            model=getattr(backend, "name", type(backend).__name__),
+            protocol=self.protocol.name,
+            coords=self.protocol.coords.value,
+            max_turns=max_turns,
+            max_images=max_images,
+            max_new_tokens=max_new_tokens,
+            max_context_tokens=max_context_tokens,
+            min_pixels=min_pixels,
+            max_pixels=max_pixels,
+            resize_factor=resize_factor,
+            min_box_side=min_box_side,
+            max_aspect_ratio=max_aspect_ratio,
+            keep_images=keep_images,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            prompt=self.protocol.prompts.name,
+        )
+        self._shown: OrderedDict[tuple[str, PixelLimits], ImagePart] = OrderedDict()
+        self._shown_locks: dict[tuple[str, PixelLimits], asyncio.Lock] = {}
+
+    # ----------------------------------------------------------------------------------------------------
+    async def run(self, sample: Sample, *, samples: int = 1, on_turn: OnTurn | None = None) -> list[Trajectory]:
+        """Run ``samples`` trajectories of one question, concurrently.
+
+        Returns:
+            The trajectories, in sample order. An unreadable image gives trajectories that stopped with
+            ``error`` before the first turn.
+        """
+        if samples < 1:
+            raise ConfigError(f"samples must be at least 1, got {samples}")
+        t0 = time.perf_counter()
+        try:
+            original, shown = await self._load(sample)
+        except ImageInputError as exc:
+            return [self._failed(sample, i, str(exc), t0) for i in range(samples)]
+        episodes = [self._start(sample, i, original, shown, t0) for i in range(samples)]
+        first: list[Completion | BaseException | None] = [None] * samples
+        if samples > 1:
+            first = await self._first_replies(episodes[0], samples)
+            for ep in episodes[1:]:
+                ep.calibration = episodes[0].calibration
+        return list(
+            await asyncio.gather(*(self._run(ep, pre, on_turn) for ep, pre in zip(episodes, first, strict=True)))
+        )
+
+    async def run_many(
+        self,
+        samples: Iterable[Sample],
+        *,
+        k: int = 1,
+        concurrency: int = 16,
+        on_turn: OnTurn | None = None,
+        on_done: Callable[[list[Trajectory]], None] | None = None,
+    ) -> list[list[Trajectory]]:
+        """Run many questions, ``concurrency`` at a time, ``k`` trajectories each."""
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(sample: Sample) -> list[Trajectory]:
+            async with gate:
+                trajs = await self.run(sample, samples=k, on_turn=on_turn)
+            if on_done is not None:
+                on_done(trajs)
+            return trajs
+
+        return list(await asyncio.gather(*(one(s) for s in samples)))
+
+    # ----------------------------------------------------------------------------------------------------
+    async def _run(
+        self, ep: _Episode, prefetched: Completion | BaseException | None, on_turn: OnTurn | None
+    ) -> Trajectory:
+        traj = ep.traj
+        while traj.stop_reason is None:
+            index = len(traj.turns)
+
+            # 1. Room for another reply?
+            budget = self._reply_budget(ep)
+            if budget is None:
+                self._stop(ep, "context_full", over_turn=bool(traj.turns) and traj.turns[-1].tool_attempt)
+                break
+
+            # 2. Ask the model.
+            started = time.perf_counter()
+            try:
+                if index == 0 and prefetched is not None:
+                    if isinstance(prefetched, BaseException):
+                        raise prefetched
+                    completion = prefetched
+                else:
+                    completion = (await self._generate(ep, n=1, max_new_tokens=budget))[0]
+            except ContextLengthError:
+                self._stop(ep, "context_full", over_turn=bool(traj.turns) and traj.turns[-1].tool_attempt)
+                break
+            except BackendError as exc:
+                self._stop(ep, "error", error=f"{type(exc).__name__}: {exc}")
+                break
+            latency = time.perf_counter() - started
+
+            # 3. Read the reply.
+            action = self.protocol.parse(completion)
+            turn = Turn(
+                index=index,
+                text=action.text,
+                thought=action.thought,
+                kind=action.kind,
+                answer=action.answer,
+                error=action.error,
+                error_kind=action.error_kind,
+                tool_attempt=action.tool_attempt,
+                tool_call_id=action.call_ids[0] if action.call_ids else None,
+                finish_reason=completion.finish_reason,
+                usage=Usage(
+                    prompt_tokens=completion.prompt_tokens or 0, completion_tokens=completion.completion_tokens or 0
+                ),
+                latency_s=round(latency, 4),
+            )
+            traj.turns.append(turn)
+            ep.messages.append(self.protocol.assistant_message(action, completion))
+            self._record_tokens(ep, completion)
+
+            # 4. Stop on an answer, on nothing, or at the turn cap.
+            if action.kind == "answer":
+                self._stop(ep, "answer", answer=action.answer)
+            elif action.kind == "none":
+                self._stop(ep, "no_action")
+            elif index + 1 >= self.max_turns:
+                self._stop(ep, "max_turns", over_turn=action.tool_attempt)
+            # 5. A mistake: tell the model.
+            elif action.kind == "error":
+                ep.messages.extend(self.protocol.error(action, action.error or "", index))
+            # 6. A zoom: run it, unless the image cap is reached.
+            elif self.max_images is not None and len(ep.images) >= self.max_images:
+                self._stop(ep, "max_images", over_turn=True)
+            else:
+                await self._zoom(ep, action, turn)
+
+            if on_turn is not None:
+                on_turn(traj, turn)
+        return traj
+
+    async def _zoom(self, ep: _Episode, action: Action, turn: Turn) -> None:
+        assert action.call is not None
+        started = time.perf_counter()
+        result = await asyncio.to_thread(self.tool.run, action.call, ep.original, ep.images)
+        turn.tool_s = round(time.perf_counter() - started, 4)
+        if result.bbox is not None:
+            turn.call = ZoomCall(bbox_2d=result.bbox, source=result.source)
+        turn.source_index = result.source_index
+        if not result.ok:
+            turn.kind, turn.error, turn.error_kind = "error", result.error, result.error_kind
+            ep.messages.extend(self.protocol.error(action, result.error or "", turn.index))
+            return
+        assert result.box is not None and result.image is not None and result.source_index is not None
+        index = len(ep.images)
+        part = ImagePart(image=result.image)
+        ep.images.append(ImageState(result.box, result.image.width, result.image.height))
+        ep.parts.append(part)
+        ep.part_index[id(part)] = index
+        turn.crop_box_px = result.box.as_list()
+        turn.observation_index = index
+        turn.observation_size = [result.image.width, result.image.height]
+        source = "original_image" if result.source_index == 0 else f"observation_{result.source_index}"
+        ep.messages.extend(self.protocol.observation(action, part, index, turn.index, source))
+
+    # ----------------------------------------------------------------------------------------------------
+    async def _load(self, sample: Sample) -> tuple[Original, ImagePart]:
+        if len(sample.images) != 1:
+            where = sample.images[0] if sample.images else sample.id
+            raise ImageInputError(
+                where, f"sample {sample.id!r} has {len(sample.images)} images; exactly one is supported"
+            )
+        original = await asyncio.to_thread(self.cache.get, sample.images[0])
+        key = (original.sha256, self.limits)
+        lock = self._shown_locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            part = self._shown.get(key)
+            if part is None:
+                shown = await asyncio.to_thread(fit, original.image, self.limits)
+                part = ImagePart(image=shown)
+                self._shown[key] = part
+                while len(self._shown) > 64:
+                    self._shown.popitem(last=False)
+            self._shown.move_to_end(key)
+        return original, part
+
+    def _start(self, sample: Sample, i: int, original: Original, shown: ImagePart, t0: float) -> _Episode:
+        width, height = original.image.size
+        traj = Trajectory(
+            id=f"{sample.id}#{i}",
+            sample=sample,
+            sample_index=i,
+            image=ImageRef(path=original.path, sha256=original.sha256, width=width, height=height),
+            shown_size=list(shown.size),
+            settings=self.settings,
+            started_at=_now(),
+        )
+        ep = _Episode(
+            traj=traj,
+            original=original.image,
+            images=[ImageState(Box.full(width, height), *shown.size)],
+            parts=[shown],
+            messages=self.protocol.start(shown, sample.question),
+            seed=None if self.seed is None else self.seed + i,
+            t0=t0,
+        )
+        ep.part_index[id(shown)] = 0
+        return ep
+
+    def _failed(self, sample: Sample, i: int, error: str, t0: float) -> Trajectory:
+        traj = Trajectory(
+            id=f"{sample.id}#{i}", sample=sample, sample_index=i, settings=self.settings, started_at=_now()
+        )
+        traj.stop_reason, traj.error, traj.wall_s = "error", error, round(time.perf_counter() - t0, 4)
+        return traj
+
+    def _stop(
+        self,
+        ep: _Episode,
+        reason: StopReason,
+        *,
+        over_turn: bool = False,
+        answer: str | None = None,
+        error: str | None = None,
+    ) -> None:
+        traj = ep.traj
+        traj.stop_reason, traj.over_turn, traj.answer, traj.error = reason, over_turn, answer, error
+        traj.wall_s = round(time.perf_counter() - ep.t0, 4)
+
+    # ----------------------------------------------------------------------------------------------------
+    async def _first_replies(self, ep: _Episode, k: int) -> list[Completion | BaseException | None]:
+        """The first reply of all ``k`` samples in one request (their prompts are identical)."""
+        budget = self._reply_budget(ep)
+        if budget is None:
+            return [None] * k
+        try:
+            got: list[Completion | BaseException | None] = list(
+                await self._generate(ep, n=k, max_new_tokens=budget, seed=self.seed)
+            )
+        except BackendError as exc:
+            return [exc] * k
+        return (got + [None] * k)[:k]  # a server that returned fewer than n: the rest ask on their own
+
+    async def _generate(
+        self, ep: _Episode, *, n: int, max_new_tokens: int, seed: int | None = None
+    ) -> list[Completion]:
+        messages = self._visible_messages(ep)
+        params = GenerateParams(
+            n=n,
+            max_new_tokens=max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            stop=list(self.protocol.stop),
+            seed=ep.seed if seed is None else seed,
+            tools=self.protocol.tools,
+            return_token_ids=self.return_token_ids,
+        )
+        completions = await self.backend.generate(messages, params)
+        if not completions:
+            raise BackendError(f"{self.settings.model} returned no completion")
+        reported = completions[0].prompt_tokens
+        if reported:
+            ep.calibration = reported - self._estimate(messages)
+        return completions
+
+    def _visible_messages(self, ep: _Episode) -> list[Message]:
+        """The conversation as sent: with ``keep_images``, older observations become text notes."""
+        observations = len(ep.images) - 1
+        if self.keep_images is None or observations <= self.keep_images:
+            return ep.messages
+        oldest_kept = observations - self.keep_images + 1
+        out = []
+        for message in ep.messages:
+            parts = message.parts()
+            if not any(isinstance(p, ImagePart) and 0 < ep.part_index.get(id(p), 0) < oldest_kept for p in parts):
+                out.append(message)
+                continue
+            swapped = [
+                TextPart(self._dropped_note(ep, ep.part_index[id(p)]))
+                if isinstance(p, ImagePart) and 0 < ep.part_index.get(id(p), 0) < oldest_kept
+                else p
+                for p in parts
+            ]
+            out.append(Message(message.role, swapped, message.tool_calls, message.tool_call_id))
+        return out
+
+    @staticmethod
+    def _dropped_note(ep: _Episode, index: int) -> str:
+        state = ep.images[index]
+        turn = next(t for t in ep.traj.turns if t.observation_index == index)
+        src = "original_image" if turn.source_index == 0 else f"observation_{turn.source_index}"
+        box = state.box
+        return (
+            f"[observation_{index} is no longer shown, to save context. It was a zoom into {src} covering "
+            f"pixels ({box.x0}, {box.y0})–({box.x1}, {box.y1}) of the original image. You can still zoom into it "
+            f"by name.]"
+        )
+
+    def _estimate(self, messages: list[Message]) -> int:
+        total = 0
+        for message in messages:
+            total += _MESSAGE_OVERHEAD
+            for part in message.parts():
+                if isinstance(part, TextPart):
+                    total += len(part.text) // _CHARS_PER_TOKEN + 1
+                else:
+                    total += image_tokens(*part.size, self.limits.factor) + _IMAGE_OVERHEAD
+            for call in message.tool_calls:
+                total += (len(call.name) + len(call.arguments)) // _CHARS_PER_TOKEN + _MESSAGE_OVERHEAD
+        return total
+
+    def _reply_budget(self, ep: _Episode) -> int | None:
+        """Tokens the next reply may use, or ``None`` if too few are left in the context."""
+        prompt = self._estimate(self._visible_messages(ep)) + ep.calibration
+        room = self.max_context_tokens - prompt
+        if room < min(self.max_new_tokens, CONTEXT_RESERVE):
+            return None
+        return min(self.max_new_tokens, room)
+
+    def _record_tokens(self, ep: _Episode, completion: Completion) -> None:
+        """Extend the flat token view with this turn's injected (0) and sampled (1) tokens."""
+        if not self.return_token_ids:
+            return
+        traj = ep.traj
+        if completion.prompt_token_ids is None or completion.token_ids is None:
+            if traj.token_view is not None:
+                traj.token_view.aligned = False
+            return
+        view = traj.token_view
+        prompt = completion.prompt_token_ids
+        if view is None:
+            if traj.turns and len(traj.turns) > 1:
+                return  # an earlier turn had no ids; a partial view would be misleading
+            view = traj.token_view = TokenView(ids=list(prompt), mask=[0] * len(prompt))
+        else:
+            if not view.aligned:
+                return
+            if prompt[: len(view.ids)] != view.ids:
+                view.aligned = False
+                return
+            delta = prompt[len(view.ids) :]
+            view.ids.extend(delta)
+            view.mask.extend([0] * len(delta))
+        view.ids.extend(completion.token_ids)
+        view.mask.extend([1] * len(completion.token_ids))
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if value < 1:
+            raise ConfigError(f"{name} must be at least 1, got {value}")
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+__all__ = ["CONTEXT_RESERVE", "AgentLoop", "Coords", "OnTurn"]

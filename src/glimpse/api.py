@@ -1,0 +1,131 @@
+"""Entry points for Python users; the CLI calls the same functions.
+
+>>> from glimpse import ask
+>>> result = ask("photo.jpg", "What is written on the small sign?", model="openai:gpt-4.1")
+>>> result.answer, result.trajectories[0].stop_reason
+
+Inside a running event loop (a notebook with async cells, a server), use ``await ask_async(...)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from glimpse.agent import AgentLoop, OnTurn
+from glimpse.answers import Vote, majority_vote
+from glimpse.config import AskConfig, resolve
+from glimpse.effort import effort_budget
+from glimpse.errors import ConfigError
+from glimpse.images import ImageCache
+from glimpse.models import Backend, load_backend
+from glimpse.trajectory import Sample, Trajectory
+
+
+@dataclass
+class AskResult:
+    """The trajectories of one question and their vote."""
+
+    trajectories: list[Trajectory]
+    vote: Vote
+
+    @property
+    def answer(self) -> str | None:
+        return self.vote.answer
+
+
+def backend_from_config(config: AskConfig) -> Backend:
+    """The backend a config names.
+
+    Raises:
+        ConfigError: no model was chosen, or the backend cannot be created.
+    """
+    if not config.model:
+        raise ConfigError(
+            "choose a model with --model: openai:NAME for any OpenAI-compatible server (vLLM, SGLang, OpenAI) "
+            "or scripted:FILE.json to replay written turns"
+        )
+    return load_backend(
+        config.model,
+        base_url=config.base_url,
+        api_key=config.api_key,
+        max_concurrency=config.max_concurrency,
+        timeout=config.timeout,
+        max_retries=config.max_retries,
+        image_format=config.image_format,
+        reasoning_effort=config.reasoning_effort,
+    )
+
+
+def loop_from_config(
+    config: AskConfig, backend: Backend | None = None, image_cache: ImageCache | None = None
+) -> AgentLoop:
+    """An agent loop with the config's limits (the effort preset filled in)."""
+    budget = effort_budget(config.effort, config.max_turns, config.max_new_tokens)
+    return AgentLoop(
+        backend or backend_from_config(config),
+        protocol=config.protocol,
+        coords=config.coords,
+        prompt_file=config.prompt_file,
+        max_turns=budget.max_turns,
+        max_images=config.max_images,
+        max_new_tokens=budget.max_new_tokens,
+        max_context_tokens=config.max_context_tokens,
+        min_pixels=config.min_pixels,
+        max_pixels=config.max_pixels,
+        resize_factor=config.resize_factor,
+        keep_images=config.keep_images,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        seed=config.seed,
+        return_token_ids=config.token_ids,
+        image_cache=image_cache,
+    )
+
+
+async def ask_async(
+    image: str | os.PathLike[str],
+    question: str,
+    config: AskConfig,
+    *,
+    backend: Backend | None = None,
+    on_turn: OnTurn | None = None,
+) -> AskResult:
+    """Ask one question about one image; see ``ask``."""
+    loop = loop_from_config(config, backend)
+    sample = Sample(id=Path(image).stem or "image", images=[os.fspath(image)], question=question)
+    try:
+        trajectories = await loop.run(sample, samples=config.samples, on_turn=on_turn)
+    finally:
+        if backend is None and hasattr(loop.backend, "aclose"):
+            await loop.backend.aclose()
+    return AskResult(trajectories, majority_vote([t.answer for t in trajectories]))
+
+
+def ask(
+    image: str | os.PathLike[str],
+    question: str,
+    *,
+    model: str | None = None,
+    backend: Backend | None = None,
+    on_turn: OnTurn | None = None,
+    **settings: Any,
+) -> AskResult:
+    """Ask one question about one image and let the model zoom until it answers.
+
+    Args:
+        image: path of the image.
+        question: the question.
+        model: backend spec such as ``openai:gpt-4.1`` (not needed when ``backend`` is given).
+        backend: a backend object to use instead of ``model``.
+        on_turn: called after every turn with the trajectory so far and the new turn.
+        **settings: any field of ``AskConfig`` (``effort``, ``max_turns``, ``samples``, ``base_url`` …).
+
+    Returns:
+        The ``samples`` trajectories and their majority vote.
+    """
+    config = resolve(AskConfig, flags={"model": model if backend is None else model or "given", **settings})
+    return asyncio.run(ask_async(image, question, config, backend=backend, on_turn=on_turn))

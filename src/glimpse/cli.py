@@ -1,0 +1,181 @@
+"""The ``glimpse`` command. It parses flags, calls library functions, and prints.
+
+Exit codes: 0 answered · 1 finished without an answer (a cap, or no action) · 2 bad usage or configuration ·
+3 unreadable input image · 4 model backend failure · 130 interrupted.
+
+Heavy modules are imported inside the commands, so ``glimpse --help`` is fast and never imports torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import inspect
+import sys
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import typer
+
+from glimpse.config import AskConfig, ServeConfig, field_type, resolve
+from glimpse.errors import ConfigError, GlimpseError
+
+EXIT_OK, EXIT_NO_ANSWER, EXIT_USAGE, EXIT_INPUT, EXIT_BACKEND, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+
+app = typer.Typer(
+    name="glimpse",
+    help="Thinking with images: a model zooms into a high-resolution image, turn by turn, until it can answer.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _nullable(base: type) -> Callable[[str], Any]:
+    """Parser of a number flag that also accepts 'none' (leave the value to the server)."""
+
+    def parse(value: str) -> Any:
+        if isinstance(value, str) and value.lower() == "none":
+            return "none"
+        try:
+            return base(value)
+        except (TypeError, ValueError):
+            raise typer.BadParameter(f"{value!r} is not a valid {base.__name__} (or 'none')") from None
+
+    return parse
+
+
+def _flag_parameters(cls: type) -> list[inspect.Parameter]:
+    """One keyword parameter per config field, annotated so typer makes it a flag."""
+    params = []
+    for f in dataclasses.fields(cls):
+        base, nullable = field_type(cls, f.name)
+        default = f.default
+        help_text = f.metadata["help"] + ("" if default in (None, False) else f" [default: {default}]")
+        flag = "--" + f.name.replace("_", "-")
+        choices = f.metadata.get("choices")
+        if base is bool:
+            option = typer.Option(f"{flag}/--no-{flag[2:]}", help=help_text, show_default=False)
+            annotation: Any = bool | None
+        elif choices:
+            option = typer.Option(flag, help=help_text, show_default=False)
+            annotation = enum.Enum(f"{f.name}_choices", {c: c for c in choices}, type=str) | None
+        elif nullable and base in (int, float):
+            option = typer.Option(
+                flag,
+                help=help_text,
+                parser=_nullable(base),
+                show_default=False,
+                metavar=f"{base.__name__.upper()}|none",
+            )
+            annotation = str | None
+        else:
+            option = typer.Option(flag, help=help_text, show_default=False)
+            annotation = base | None
+        params.append(
+            inspect.Parameter(
+                f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[annotation, option]
+            )
+        )
+    return params
+
+
+def config_command(name: str, cls: type, *, positionals: list[inspect.Parameter] | None = None, help: str = ""):
+    """Register ``fn(config, *positionals)`` as a command whose flags are the fields of ``cls``."""
+
+    def decorate(fn: Callable[..., int]) -> Callable[..., int]:
+        leading = positionals or []
+        config_flag = inspect.Parameter(
+            "config",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=None,
+            annotation=Annotated[str | None, typer.Option("--config", help="YAML or TOML file with the same keys")],
+        )
+
+        def command(**kwargs: Any) -> None:
+            file = kwargs.pop("config")
+            args = [kwargs.pop(p.name) for p in leading]
+            flags = {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in kwargs.items()}
+            try:
+                cfg = resolve(cls, file, flags)
+            except ConfigError as exc:
+                _fail(str(exc), EXIT_USAGE)
+            raise typer.Exit(fn(cfg, *args))
+
+        command.__signature__ = inspect.Signature([*leading, *_flag_parameters(cls), config_flag])  # type: ignore[attr-defined]
+        command.__doc__ = help or fn.__doc__
+        app.command(name, help=help or fn.__doc__)(command)
+        return fn
+
+    return decorate
+
+
+def _fail(message: str, code: int) -> None:
+    from rich.console import Console
+
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _positional(name: str, help: str) -> inspect.Parameter:
+    return inspect.Parameter(
+        name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Annotated[str, typer.Argument(help=help)]
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------
+@config_command(
+    "ask",
+    AskConfig,
+    positionals=[_positional("image", "image file"), _positional("question", "the question about the image")],
+    help="Ask a question about an image; the model zooms, turn by turn, until it answers.",
+)
+def ask_command(cfg: AskConfig, image: str, question: str) -> int:
+    from glimpse.console import run_ask
+
+    return run_ask(cfg, image, question)
+
+
+@app.command("demo")
+def demo_command(
+    out: Annotated[str, typer.Option(help="folder for the generated scene, script and trajectory")] = "glimpse-demo",
+    quiet: Annotated[bool, typer.Option(help="print only the answer")] = False,
+) -> None:
+    """Offline demo: a scripted model searches a generated 4K scene for a code it cannot read at first."""
+    from glimpse.console import run_demo
+
+    raise typer.Exit(run_demo(out, quiet=quiet))
+
+
+@config_command(
+    "serve",
+    ServeConfig,
+    help="Serve a backend behind an OpenAI-compatible /v1/chat/completions endpoint (loopback by default).",
+)
+def serve_command(cfg: ServeConfig) -> int:
+    from glimpse.console import run_serve
+
+    return run_serve(cfg)
+
+
+def main() -> None:
+    """Console entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        sys.exit(EXIT_INTERRUPTED)
+    except ConfigError as exc:
+        _print_error(str(exc))
+        sys.exit(EXIT_USAGE)
+    except GlimpseError as exc:
+        _print_error(str(exc))
+        sys.exit(EXIT_BACKEND)
+
+
+def _print_error(message: str) -> None:
+    sys.stderr.write(f"error: {message}\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""Typed, flat configurations of the entry points, and the command-line flags derived from them.
+
+Each entry point has one dataclass; every field has a default and a one-line help. The CLI turns each field
+into a flag (``max_turns`` → ``--max-turns``); a YAML or TOML file given with ``--config`` may set the same
+keys and nothing else. Precedence: field default < config file < flag. The resolved config is written next
+to every output, without secrets.
+
+This module imports nothing heavy, so ``glimpse --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from glimpse.errors import ConfigError
+
+
+def opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None, secret: bool = False) -> Any:
+    """A config field with its help text, allowed values, and whether it must never be written to disk."""
+    return field(default=default, metadata={"help": help, "choices": choices, "secret": secret})
+
+
+@dataclass
+class AskConfig:
+    """Settings of ``glimpse ask`` (and of ``glimpse.ask`` in Python)."""
+
+    model: str | None = opt(None, "model backend: openai:NAME (any OpenAI-compatible server) or scripted:FILE.json")
+    base_url: str | None = opt(
+        None, "OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (else $GLIMPSE_BASE_URL, $OPENAI_BASE_URL)"
+    )
+    api_key: str | None = opt(None, "API key (else $GLIMPSE_API_KEY, $OPENAI_API_KEY); never saved", secret=True)
+    protocol: str = opt(
+        "tags", "tags: Mini-o3's <grounding> tags; tools: native function calling", choices=("tags", "tools")
+    )
+    coords: str = opt(
+        "relative",
+        "box coordinates: relative [0,1], pixels of the shown image, or 0-1000",
+        choices=("relative", "pixels", "thousand"),
+    )
+    prompt_file: str | None = opt(None, "YAML/TOML/text file with the prompts a checkpoint was trained with")
+    effort: str = opt(
+        "medium", "turn and token budget preset: low 4 turns, medium 12, high 32", choices=("low", "medium", "high")
+    )
+    max_turns: int | None = opt(None, "most assistant turns (overrides --effort)")
+    max_new_tokens: int | None = opt(None, "most tokens per reply (overrides --effort)")
+    max_context_tokens: int = opt(32768, "the model's context window; the loop stops before overflowing it")
+    max_images: int | None = opt(None, "most images in the conversation, the original included (default: no cap)")
+    min_pixels: int = opt(40_000, "smallest area an image is shown at (Mini-o3 recipe: 40,000)")
+    max_pixels: int = opt(2_000_000, "largest area an image is shown at (Mini-o3 recipe: 2,000,000)")
+    resize_factor: int = opt(28, "image sides are multiples of this: 28 for Qwen2/2.5-VL, 32 for Qwen3-VL")
+    keep_images: int | None = opt(None, "keep only the last K zoom images in the context (default: all)")
+    samples: int = opt(1, "trajectories per question, run in parallel and reconciled by --vote")
+    vote: str = opt("majority", "how several samples are reconciled", choices=("majority",))
+    temperature: float | None = opt(1.0, "sampling temperature ('none': the server's default)")
+    top_p: float | None = opt(1.0, "nucleus sampling ('none': the server's default)")
+    seed: int | None = opt(None, "sampling seed; sample i uses seed + i")
+    reasoning_effort: str | None = opt(
+        None, "OpenAI reasoning models' own effort setting", choices=("low", "medium", "high")
+    )
+    token_ids: bool = opt(False, "ask the server for token ids and record the token view (vLLM)")
+    max_concurrency: int = opt(64, "most requests in flight at once")
+    timeout: float = opt(600.0, "seconds to wait for one reply")
+    max_retries: int = opt(6, "retries of a failed request (429, 5xx, timeouts, dropped connections)")
+    image_format: str = opt("jpeg", "how images are sent: jpeg (quality 95) or png", choices=("jpeg", "png"))
+    save: str | None = opt(None, "append the trajectories to this JSONL file")
+    json: bool = opt(False, "print the trajectories as JSON lines on stdout instead of the live view")
+    quiet: bool = opt(False, "print only the answer")
+
+
+@dataclass
+class ServeConfig:
+    """Settings of ``glimpse serve``."""
+
+    model: str | None = opt(None, "backend to serve, e.g. scripted:FILE.json")
+    host: str = opt("127.0.0.1", "interface to listen on (loopback by default)")
+    port: int = opt(8000, "port to listen on")
+    name: str | None = opt(None, "model name reported by the server (default: the backend's name)")
+    latency: float = opt(0.0, "simulated seconds per completion request")
+    jitter: float = opt(0.0, "extra random latency, uniform in [0, jitter] seconds")
+    fail_every: int = opt(0, "answer every N-th completion request with HTTP 503 (fault injection; 0 = never)")
+    max_body_mb: int = opt(128, "largest request body accepted, in MB")
+    max_images: int = opt(64, "most images in one request")
+    max_n: int = opt(64, "largest n (samples per request)")
+    max_new_tokens: int = opt(32768, "largest max_completion_tokens accepted")
+
+
+def field_type(cls: type, name: str) -> tuple[type, bool]:
+    """The base type of a config field and whether it may be ``None``."""
+    hint = typing.get_type_hints(cls)[name]
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
+        return next(a for a in args if a is not type(None)), True
+    return hint, False
+
+
+def _coerce(cls: type, key: str, value: Any) -> Any:
+    f = next(f for f in dataclasses.fields(cls) if f.name == key)
+    base, nullable = field_type(cls, key)
+    if value is None or (isinstance(value, str) and value.lower() == "none" and nullable):
+        if not nullable:
+            raise ConfigError(f"{key} cannot be empty")
+        return None
+    try:
+        if base is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                value = value.lower() in ("true", "1", "yes")
+            value = bool(value)
+        elif base in (int, float):
+            if isinstance(value, bool):
+                raise ValueError(value)
+            value = base(value)
+            if base is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+        else:
+            value = str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}={value!r} is not a valid {base.__name__}") from None
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or TOML config file into a dict.
+
+    Raises:
+        ConfigError: missing, unparsable, or not a mapping.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {p}: {exc.strerror or exc}") from None
+    try:
+        if p.suffix.lower() == ".toml":
+            data = tomllib.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+    except Exception as exc:  # both parsers raise their own error types
+        raise ConfigError(f"config file {p} cannot be parsed: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must be a mapping of setting names to values")
+    return data
+
+
+def resolve(cls: type, file: str | Path | None = None, flags: dict[str, Any] | None = None) -> Any:
+    """Build a config: field defaults, then the file's keys, then flags that were given (not ``None``).
+
+    Raises:
+        ConfigError: unknown keys or values of the wrong type or outside the allowed choices.
+    """
+    known = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    if file is not None:
+        data = load_config_file(file)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown settings in {file}: {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+        values.update({k: _coerce(cls, k, v) for k, v in data.items()})
+    for key, value in (flags or {}).items():
+        if key not in known:
+            raise ConfigError(f"unknown setting {key!r}")
+        if value is not None:
+            values[key] = _coerce(cls, key, value)
+    return cls(**values)
+
+
+def public_dict(config: Any) -> dict[str, Any]:
+    """The config as a dict, without secret fields."""
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(type(config)) if not f.metadata.get("secret")}
+
+
+def write_resolved(config: Any, path: str | Path) -> None:
+    """Write the resolved config (no secrets) as JSON."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(public_dict(config), indent=2) + "\n", encoding="utf-8")

@@ -1,0 +1,179 @@
+"""What the command line prints: each turn as it happens, the answer, and a summary.
+
+The commands here only arrange library calls and format their results; the work happens in ``glimpse.api``,
+``glimpse.agent`` and ``glimpse.serve``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+
+from glimpse.api import AskResult, ask_async
+from glimpse.config import AskConfig, ServeConfig, write_resolved
+from glimpse.trajectory import Trajectory, Turn, save_jsonl
+
+EXIT_OK, EXIT_NO_ANSWER, EXIT_USAGE, EXIT_INPUT, EXIT_BACKEND = 0, 1, 2, 3, 4
+_THOUGHT_CHARS = 240
+
+
+def describe_turn(traj: Trajectory, turn: Turn) -> str:
+    """One line (rich markup) saying what a turn did."""
+    head = f"turn {turn.index + 1}"
+    if turn.kind == "zoom" and turn.crop_box_px and turn.observation_size:
+        src = "original_image" if turn.source_index == 0 else f"observation_{turn.source_index}"
+        x0, y0, x1, y1 = turn.crop_box_px
+        box = ", ".join(f"{v:g}" for v in turn.call.bbox_2d) if turn.call else ""
+        w, h = turn.observation_size
+        return (
+            f"[bold cyan]{head}[/] zoom {src} [{box}] → pixels ({x0}, {y0})–({x1}, {y1}), "
+            f"crop {x1 - x0}×{y1 - y0} shown at {w}×{h} as observation_{turn.observation_index} "
+            f"[dim]({turn.latency_s:.2f} s)[/]"
+        )
+    if turn.kind == "answer":
+        return f"[bold green]{head}[/] answer: [bold]{escape(turn.answer or '')}[/] [dim]({turn.latency_s:.2f} s)[/]"
+    if turn.kind == "error":
+        return f"[bold yellow]{head}[/] mistake ({turn.error_kind}): {escape(turn.error or '')}"
+    return f"[bold magenta]{head}[/] no zoom and no answer"
+
+
+class TurnPrinter:
+    """Prints turns as the agent loop reports them."""
+
+    def __init__(self, console: Console, samples: int):
+        self.console = console
+        self.samples = samples
+        self.seen: set[str] = set()
+
+    def __call__(self, traj: Trajectory, turn: Turn) -> None:
+        prefix = f"[dim]\\[{traj.sample_index}][/] " if self.samples > 1 else ""
+        if not self.seen and traj.image and traj.shown_size:
+            w, h = traj.shown_size
+            self.console.print(
+                f"[dim]{escape(traj.image.path)}: {traj.image.width}×{traj.image.height} pixels, shown at {w}×{h}[/]"
+            )
+        self.seen.add(traj.id)
+        if turn.thought:
+            thought = " ".join(turn.thought.split())
+            if len(thought) > _THOUGHT_CHARS:
+                thought = thought[: _THOUGHT_CHARS - 1] + "…"
+            self.console.print(f"{prefix}[dim italic]  {escape(thought)}[/]")
+        self.console.print(prefix + describe_turn(traj, turn))
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def exit_code(trajectories: list[Trajectory], answer: str | None) -> int:
+    """0 answered; 3 no image could be read; 4 every trajectory failed in the backend; else 1."""
+    if answer is not None:
+        return EXIT_OK
+    if trajectories and all(t.stop_reason == "error" for t in trajectories):
+        return EXIT_INPUT if all(t.image is None for t in trajectories) else EXIT_BACKEND
+    return EXIT_NO_ANSWER
+
+
+def summary(result: AskResult, console: Console) -> None:
+    trajs = result.trajectories
+    if len(trajs) == 1:
+        t = trajs[0]
+        if t.stop_reason == "error":
+            console.print(f"[bold red]failed:[/] {escape(t.error or '')}")
+            return
+        m = t.metrics
+        facts = (
+            f"stop: {t.stop_reason}{' (over-turn)' if t.over_turn else ''} · {_count(m['turns'], 'turn')} · "
+            f"{_count(m['zooms'], 'zoom')} · {_count(m['tool_errors'], 'mistake')} · "
+            f"{t.usage.prompt_tokens + t.usage.completion_tokens:,} tokens · {t.wall_s:.2f} s"
+        )
+    else:
+        for t in trajs:
+            said = escape(t.answer) if t.answer is not None else f"[dim]no answer ({t.stop_reason})[/]"
+            console.print(f"  [dim]\\[{t.sample_index}][/] {said} [dim]· {len(t.turns)} turns[/]")
+        v = result.vote
+        facts = f"majority of {v.total}: {v.counts.get(v.key, 0)} agree · {v.answered} answered"
+    if result.answer is None:
+        console.print(f"[bold red]No answer.[/] [dim]{facts}[/]")
+    else:
+        console.print(f"[bold green]Answer:[/] [bold]{escape(result.answer)}[/]  [dim]{facts}[/]")
+
+
+def run_ask(cfg: AskConfig, image: str, question: str, *, overwrite: bool = False) -> int:
+    """``glimpse ask``: run, print, save. Returns the exit code."""
+    console = Console(stderr=cfg.json or cfg.quiet, highlight=False, soft_wrap=True)
+    if not cfg.quiet:
+        console.print(
+            f"[bold]glimpse ask[/] · {escape(cfg.model or '')} · effort {cfg.effort} · {cfg.protocol} protocol"
+        )
+    printer = None if cfg.quiet else TurnPrinter(console, cfg.samples)
+    result = asyncio.run(ask_async(image, question, cfg, on_turn=printer))
+    if cfg.save:
+        save_jsonl(result.trajectories, cfg.save, append=not overwrite)
+        write_resolved(cfg, Path(cfg.save).with_suffix(".config.json"))
+    if cfg.json:
+        for t in result.trajectories:
+            sys.stdout.write(t.model_dump_json() + "\n")
+    elif cfg.quiet:
+        print(result.answer if result.answer is not None else "")
+    else:
+        summary(result, console)
+        if cfg.save:
+            console.print(f"[dim]saved to {escape(cfg.save)}[/]")
+    return exit_code(result.trajectories, result.answer)
+
+
+def run_demo(out: str, *, quiet: bool = False) -> int:
+    """``glimpse demo``: generate a scene, replay a scripted search, show it."""
+    from glimpse.demo import make_demo, shown_text_height
+
+    demo = make_demo(out)
+    console = Console(highlight=False, soft_wrap=True)
+    if not quiet:
+        console.print(
+            "[bold]Glimpse demo[/]: a 3840×2160 scene with a small yellow sign. The model first sees it at about "
+            f"2 megapixels, where the sign's code is {shown_text_height():.0f} pixels tall and unreadable, so it "
+            "has to zoom.\n[yellow]The model in this demo is scripted[/]: its turns were written in advance from "
+            "the scene's geometry, to show the runtime (nested zooms, an invalid box answered with an error "
+            "observation, the trajectory record). Use [bold]glimpse ask IMAGE QUESTION --model openai:NAME "
+            "--base-url URL[/] for a real model.\n"
+        )
+    cfg = AskConfig(model=f"scripted:{demo.script}", save=str(Path(out) / "trajectory.jsonl"), quiet=quiet)
+    code = run_ask(cfg, str(demo.image), demo.question, overwrite=True)
+    if not quiet:
+        console.print(f"[dim]gold answer: {demo.answer} · scene: {demo.image}[/]")
+    return code
+
+
+def run_serve(cfg: ServeConfig) -> int:
+    """``glimpse serve``: build the backend and serve it until interrupted."""
+    from glimpse.models import load_backend
+    from glimpse.serve import serve
+
+    if not cfg.model:
+        from glimpse.errors import ConfigError
+
+        raise ConfigError("choose a backend to serve with --model, e.g. scripted:FILE.json")
+    backend = load_backend(cfg.model, record=0)
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
+    if cfg.host not in ("127.0.0.1", "localhost", "::1"):
+        console.print(f"[yellow]warning:[/] listening on {cfg.host}, not loopback: anyone who can reach it can use it")
+    console.print(f"serving {escape(cfg.name or backend.name)} at http://{cfg.host}:{cfg.port}/v1 (Ctrl-C stops)")
+    serve(
+        backend,
+        host=cfg.host,
+        port=cfg.port,
+        model_name=cfg.name,
+        latency=cfg.latency,
+        jitter=cfg.jitter,
+        fail_every=cfg.fail_every,
+        max_body_bytes=cfg.max_body_mb * 1024 * 1024,
+        max_images=cfg.max_images,
+        max_n=cfg.max_n,
+        max_new_tokens=cfg.max_new_tokens,
+    )
+    return EXIT_OK

@@ -1,0 +1,347 @@
+"""Image input: decoding, normalising, resizing to the model's pixel limits, encoding, and a bounded cache.
+
+What is covered:
+
+* Files are read once; the SHA-256 of their bytes identifies them in trajectories (images are stored by path
+  plus hash, never embedded).
+* Every image becomes 8-bit RGB in its EXIF orientation, so the model and every crop agree on which way is up.
+  CMYK, 16-bit and 32-bit grey, float, palette, 1-bit and images with alpha (composited on white, as
+  Qwen's own loader does) are converted. Animated files contribute their first frame.
+* Pillow's decompression-bomb guard stays on: Pillow refuses images above ``2 × PIL.Image.MAX_IMAGE_PIXELS``
+  (178,956,970 pixels by default) before decoding them. Set ``GLIMPSE_MAX_IMAGE_PIXELS`` to raise that limit
+  for files you trust.
+* ``smart_resize`` is the Qwen-VL resize rule: each side a multiple of the resize factor, the area within
+  ``[min_pixels, max_pixels]``, aspect ratio below 200.
+
+What is not: colour management (ICC profiles are ignored), multi-image samples, video.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import math
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from glimpse.errors import ConfigError, ImageInputError
+
+# Pixel limits of what the model is shown: the crop limits of the Mini-o3 recipe (40,000 / 2,000,000 pixels).
+MIN_PIXELS = 40_000
+MAX_PIXELS = 2_000_000
+# One Qwen2/2.5-VL image token covers 28×28 pixels (14-pixel patches merged 2×2); Qwen3-VL uses 32.
+RESIZE_FACTOR = 28
+# Qwen's smart_resize refuses images whose long side is 200 or more times the short side.
+MAX_ASPECT_RATIO = 200
+# Decoded originals kept in memory by default (an 8K RGB image is about 100 MB).
+DEFAULT_CACHE_BYTES = 1 << 30
+
+_ENV_MAX_IMAGE_PIXELS = "GLIMPSE_MAX_IMAGE_PIXELS"
+
+
+@dataclass(frozen=True)
+class PixelLimits:
+    """How large an image the model is shown.
+
+    Attributes:
+        min_pixels: smallest area; smaller crops are scaled up.
+        max_pixels: largest area; larger images and crops are scaled down.
+        factor: each side is rounded to a multiple of this (28 for Qwen2/2.5-VL, 32 for Qwen3-VL).
+    """
+
+    min_pixels: int = MIN_PIXELS
+    max_pixels: int = MAX_PIXELS
+    factor: int = RESIZE_FACTOR
+
+    def __post_init__(self) -> None:
+        if self.factor < 1:
+            raise ConfigError(f"resize factor must be a positive integer, got {self.factor}")
+        if self.min_pixels < self.factor * self.factor:
+            raise ConfigError(
+                f"min_pixels={self.min_pixels} is below one {self.factor}×{self.factor} cell; "
+                f"use at least {self.factor * self.factor}"
+            )
+        if self.max_pixels < self.min_pixels:
+            raise ConfigError(f"max_pixels={self.max_pixels} is below min_pixels={self.min_pixels}")
+
+
+def smart_resize(width: int, height: int, limits: PixelLimits) -> tuple[int, int]:
+    """Size an image of ``width × height`` is shown at: sides multiples of ``limits.factor``, area within limits.
+
+    Returns:
+        ``(width, height)`` after resizing.
+
+    Raises:
+        ConfigError: the aspect ratio is ``MAX_ASPECT_RATIO`` or more (callers check this first and turn it
+            into an input error or a model-facing message).
+    """
+    if width <= 0 or height <= 0:
+        raise ConfigError(f"cannot resize an image of {width}×{height} pixels")
+    if max(width, height) / min(width, height) >= MAX_ASPECT_RATIO:
+        raise ConfigError(f"aspect ratio of {width}×{height} is {MAX_ASPECT_RATIO}:1 or more")
+    f = limits.factor
+    w = max(f, round(width / f) * f)
+    h = max(f, round(height / f) * f)
+    if w * h > limits.max_pixels:
+        beta = math.sqrt(width * height / limits.max_pixels)
+        w = max(f, math.floor(width / beta / f) * f)
+        h = max(f, math.floor(height / beta / f) * f)
+    elif w * h < limits.min_pixels:
+        beta = math.sqrt(limits.min_pixels / (width * height))
+        w = math.ceil(width * beta / f) * f
+        h = math.ceil(height * beta / f) * f
+    return w, h
+
+
+def image_tokens(width: int, height: int, factor: int = RESIZE_FACTOR) -> int:
+    """Image tokens a Qwen-family model spends on an image already resized to ``width × height``."""
+    return max(1, (width // factor) * (height // factor))
+
+
+@dataclass(frozen=True)
+class Original:
+    """A decoded input image.
+
+    Attributes:
+        path: the path it was read from, as given.
+        sha256: hex digest of the file's bytes.
+        image: 8-bit RGB pixels in EXIF orientation; all crop boxes refer to these pixels.
+    """
+
+    path: str
+    sha256: str
+    image: Image.Image
+
+    @property
+    def width(self) -> int:
+        return self.image.width
+
+    @property
+    def height(self) -> int:
+        return self.image.height
+
+    @property
+    def nbytes(self) -> int:
+        return self.image.width * self.image.height * 3
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any Pillow image to 8-bit RGB (alpha composited on white, high bit depths scaled)."""
+    if img.mode.startswith("I;16"):
+        img = img.convert("I")
+    if img.mode in ("I", "F"):
+        _, hi = img.getextrema()
+        # 16-bit data stored in 32-bit integers scales by 257; other ranges by their maximum.
+        if img.mode == "I" and hi <= 255:
+            scale = 1.0
+        elif img.mode == "I" and hi <= 65535:
+            scale = 1 / 257
+        elif img.mode == "F" and hi <= 1.0:
+            scale = 255.0
+        else:
+            scale = 255.0 / hi if hi > 0 else 1.0
+        img = img.point(lambda v: v * scale).convert("L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return img
+
+
+def _apply_pixel_limit_override() -> None:
+    value = os.environ.get(_ENV_MAX_IMAGE_PIXELS)
+    if not value:
+        return
+    try:
+        limit = int(value.replace("_", ""))
+    except ValueError:
+        raise ConfigError(f"{_ENV_MAX_IMAGE_PIXELS}={value!r} is not an integer number of pixels") from None
+    # Pillow warns above MAX_IMAGE_PIXELS and refuses above twice that; the variable sets the refusal point.
+    Image.MAX_IMAGE_PIXELS = max(1, limit // 2)
+
+
+def decode_image(data: bytes, path: str) -> Image.Image:
+    """Decode image bytes into EXIF-oriented 8-bit RGB.
+
+    Raises:
+        ImageInputError: empty, truncated, not an image, or above the decompression-bomb limit.
+    """
+    if not data:
+        raise ImageInputError(path, "the file is empty (0 bytes)")
+    _apply_pixel_limit_override()
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            oriented = ImageOps.exif_transpose(img)
+            return to_rgb(oriented)
+    except Image.DecompressionBombError as exc:
+        limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+        raise ImageInputError(
+            path,
+            f"{exc} Pillow refuses images above {limit:,} pixels to guard against decompression bombs. "
+            f"If you trust this file, set {_ENV_MAX_IMAGE_PIXELS} to a larger number of pixels.",
+        ) from None
+    except UnidentifiedImageError:
+        raise ImageInputError(path, "not a recognised image format (Pillow cannot identify it)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageInputError(path, f"cannot decode the image, it may be truncated or corrupt ({exc})") from None
+
+
+def read_image(path: str | os.PathLike[str]) -> Original:
+    """Read, hash and decode an image file.
+
+    Raises:
+        ImageInputError: the file is missing, unreadable or not a decodable image, or its aspect ratio is
+            beyond what the resize rule accepts.
+    """
+    p = str(path)
+    try:
+        data = Path(p).read_bytes()
+    except FileNotFoundError:
+        raise ImageInputError(p, "no such file") from None
+    except IsADirectoryError:
+        raise ImageInputError(p, "is a directory, not an image file") from None
+    except OSError as exc:
+        raise ImageInputError(p, f"cannot read the file ({exc.strerror or exc})") from None
+    image = decode_image(data, p)
+    ratio = max(image.size) / min(image.size)
+    if ratio >= MAX_ASPECT_RATIO:
+        raise ImageInputError(
+            p,
+            f"aspect ratio {image.width}×{image.height} ({ratio:.0f}:1) is at or above the {MAX_ASPECT_RATIO}:1 "
+            "limit of the Qwen-VL resize rule; split the panorama into tiles",
+        )
+    return Original(path=p, sha256=hashlib.sha256(data).hexdigest(), image=image)
+
+
+def fit(image: Image.Image, limits: PixelLimits, box: tuple[int, int, int, int] | None = None) -> Image.Image:
+    """Cut ``box`` (pixels of ``image``) and resize it to the size ``smart_resize`` gives, in one pass."""
+    box = box or (0, 0, image.width, image.height)
+    size = smart_resize(box[2] - box[0], box[3] - box[1], limits)
+    if box == (0, 0, image.width, image.height) and size == image.size:
+        return image
+    return image.resize(size, Image.Resampling.BICUBIC, box=box)
+
+
+def encode_image(image: Image.Image, fmt: str = "jpeg", quality: int = 95) -> bytes:
+    """Encode an RGB image as JPEG (default, quality 95) or PNG."""
+    buf = io.BytesIO()
+    if fmt == "jpeg":
+        image.save(buf, format="JPEG", quality=quality)
+    elif fmt == "png":
+        image.save(buf, format="PNG", compress_level=1)
+    else:
+        raise ConfigError(f"image format must be 'jpeg' or 'png', got {fmt!r}")
+    return buf.getvalue()
+
+
+def data_url(image: Image.Image, fmt: str = "jpeg", quality: int = 95) -> str:
+    """A ``data:image/...;base64,`` URL of the image, as OpenAI-compatible servers accept."""
+    payload = base64.b64encode(encode_image(image, fmt, quality)).decode("ascii")
+    return f"data:image/{fmt};base64,{payload}"
+
+
+def _data_url_bytes(url: str) -> bytes:
+    head, sep, payload = url.partition(",")
+    if not sep or not head.startswith("data:") or ";base64" not in head:
+        raise ImageInputError(url[:40] + "…", "only base64 data URLs are accepted for images")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except ValueError:
+        raise ImageInputError(url[:40] + "…", "the base64 payload is invalid") from None
+
+
+def data_url_size(url: str) -> tuple[int, int]:
+    """``(width, height)`` of the image in a data URL, read from its header only.
+
+    Raises:
+        ImageInputError: not a base64 data URL of an image.
+    """
+    try:
+        with Image.open(io.BytesIO(_data_url_bytes(url))) as img:
+            return img.size
+    except (OSError, ValueError, Image.DecompressionBombError):
+        raise ImageInputError("data URL", "not a decodable image") from None
+
+
+def decode_data_url(url: str) -> Image.Image:
+    """Decode a ``data:image/...;base64,...`` URL into RGB pixels.
+
+    Raises:
+        ImageInputError: the URL is not a base64 data URL or does not hold a decodable image.
+    """
+    return decode_image(_data_url_bytes(url), "data URL")
+
+
+class ImageCache:
+    """A thread-safe LRU cache of decoded originals, bounded by decoded bytes.
+
+    Decoding an 8K JPEG takes far longer than cropping it, so a trajectory (and the ``k`` samples of one
+    question) decode each original once. Concurrent requests for the same file wait for one decode.
+
+    Args:
+        max_bytes: budget for decoded RGB pixels; the least recently used images are dropped beyond it.
+    """
+
+    def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES):
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[tuple[str, int, int], Original] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self._key_locks: dict[tuple[str, int, int], threading.Lock] = {}
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def _key(path: str) -> tuple[str, int, int]:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise ImageInputError(path, "no such file") from None
+        except OSError as exc:
+            raise ImageInputError(path, f"cannot read the file ({exc.strerror or exc})") from None
+        return (os.path.realpath(path), st.st_mtime_ns, st.st_size)
+
+    def get(self, path: str | os.PathLike[str]) -> Original:
+        """The decoded image at ``path``, from the cache when the file is unchanged."""
+        p = str(path)
+        key = self._key(p)
+        with self._lock:
+            found = self._items.get(key)
+            if found is not None:
+                self._items.move_to_end(key)
+                self.hits += 1
+                return found if found.path == p else Original(p, found.sha256, found.image)
+            key_lock = self._key_locks.setdefault(key, threading.Lock())
+        with key_lock:
+            with self._lock:
+                found = self._items.get(key)
+                if found is not None:
+                    self.hits += 1
+                    return found
+            original = read_image(p)
+            with self._lock:
+                self.misses += 1
+                self._key_locks.pop(key, None)
+                if original.nbytes <= self.max_bytes:
+                    self._items[key] = original
+                    self._bytes += original.nbytes
+                    while self._bytes > self.max_bytes:
+                        _, dropped = self._items.popitem(last=False)
+                        self._bytes -= dropped.nbytes
+            return original
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0

@@ -1,0 +1,61 @@
+"""Model backends, chosen by a string such as ``openai:gpt-4.1`` or ``scripted:turns.json``.
+
+This table is the only registry. Each module is imported only when its backend is chosen, so optional heavy
+dependencies stay optional; each exposes ``create(arg, **options)`` and ignores options it has no use for.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from glimpse.errors import ConfigError
+from glimpse.models.base import (
+    Backend,
+    Completion,
+    GenerateParams,
+    ImagePart,
+    Message,
+    TextPart,
+    ToolCall,
+)
+
+BACKENDS: dict[str, tuple[str, str]] = {
+    # name: (module, what the part after the colon is)
+    "openai": ("glimpse.models.openai_compat", "the model name the server knows, e.g. openai:gpt-4.1"),
+    "scripted": ("glimpse.models.scripted", "a JSON file of assistant turns, e.g. scripted:turns.json"),
+}
+
+
+def load_backend(spec: str, **options: Any) -> Backend:
+    """Create the backend named by ``spec`` (``name:argument``).
+
+    Args:
+        spec: e.g. ``openai:Qwen/Qwen2.5-VL-7B-Instruct`` or ``scripted:demo.json``.
+        **options: backend options (``base_url``, ``api_key``, ``timeout``, …); each backend takes what it uses.
+
+    Raises:
+        ConfigError: unknown backend name or a missing argument.
+    """
+    name, sep, arg = spec.partition(":")
+    if name not in BACKENDS:
+        known = ", ".join(f"{k}:…" for k in BACKENDS)
+        raise ConfigError(f"unknown model backend {name!r} in {spec!r}; choose one of {known}")
+    module_name, what = BACKENDS[name]
+    if not sep or not arg:
+        raise ConfigError(f"model {spec!r} needs an argument after '{name}:': {what}")
+    module = importlib.import_module(module_name)
+    return module.create(arg, **options)
+
+
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "Completion",
+    "GenerateParams",
+    "ImagePart",
+    "Message",
+    "TextPart",
+    "ToolCall",
+    "load_backend",
+]

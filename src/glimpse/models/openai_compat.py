@@ -1,0 +1,388 @@
+"""The ``openai`` backend: any OpenAI-compatible chat-completions server (vLLM, SGLang, OpenAI, others).
+
+* Endpoint and key are read when the backend is created, from arguments or the environment
+  (``GLIMPSE_BASE_URL`` / ``OPENAI_BASE_URL``, ``GLIMPSE_API_KEY`` / ``OPENAI_API_KEY``), never at import.
+* Images go as base64 data URLs, encoded once per image (JPEG quality 95 by default, or PNG).
+* Sampling parameters are always sent explicitly: servers otherwise apply a checkpoint's own, often
+  near-greedy, ``generation_config.json``.
+* Retries with exponential backoff and full jitter on 408/409/429/5xx, timeouts, connection errors and
+  unreadable responses, honouring ``Retry-After``. At most ``max_concurrency`` requests are in flight.
+* Parameters a server rejects (OpenAI's reasoning models refuse ``temperature``, ``top_p`` and ``stop``;
+  some servers refuse ``n``) are dropped once, with a warning, and the request is retried; ``n`` is then
+  emulated with parallel requests.
+* A prompt that no longer fits the model's context raises ``ContextLengthError``, which the agent loop turns
+  into the ``context_full`` stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+import re
+from typing import Any
+
+import httpx
+
+from glimpse.errors import BackendError, ConfigError, ContextLengthError
+from glimpse.models.base import Completion, GenerateParams, ImagePart, Message, TextPart, ToolCall
+
+log = logging.getLogger(__name__)
+
+OPENAI_URL = "https://api.openai.com/v1"
+RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
+# Parameters that may be dropped when a server says it does not support them.
+_OPTIONAL_PARAMS = (
+    "temperature",
+    "top_p",
+    "stop",
+    "seed",
+    "n",
+    "parallel_tool_calls",
+    "return_token_ids",
+    "reasoning_effort",
+)
+_CONTEXT_PATTERNS = re.compile(
+    r"maximum context length|context length|context_length_exceeded|too many tokens|prompt is too long"
+    r"|exceeds the model'?s? (?:max|context)|longer than the model",
+    re.I,
+)
+
+
+def _env(*names: str) -> str | None:
+    for name in names:
+        value = os.environ.get(name)
+        if value:
+            return value
+    return None
+
+
+class OpenAIBackend:
+    """Client of an OpenAI-compatible ``/chat/completions`` endpoint.
+
+    Args:
+        model: the model name the server knows.
+        base_url: endpoint root ending in ``/v1``; default from the environment, else OpenAI's.
+        api_key: bearer token; default from the environment. Local servers usually need none.
+        max_concurrency: most requests in flight at once.
+        timeout: seconds to wait for one response.
+        max_retries: retries of a failed request before giving up.
+        backoff: first retry delay in seconds; doubles each retry (capped at ``max_backoff``).
+        max_backoff: longest delay between retries.
+        image_format: ``jpeg`` or ``png`` for images in requests.
+        image_quality: JPEG quality.
+        reasoning_effort: OpenAI reasoning models' ``reasoning_effort`` (``low`` / ``medium`` / ``high``).
+        extra_body: more JSON fields for every request (e.g. vLLM's ``top_k`` or ``mm_processor_kwargs``).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        max_concurrency: int = 64,
+        timeout: float = 600.0,
+        max_retries: int = 6,
+        backoff: float = 1.0,
+        max_backoff: float = 60.0,
+        image_format: str = "jpeg",
+        image_quality: int = 95,
+        reasoning_effort: str | None = None,
+        extra_body: dict[str, Any] | None = None,
+    ):
+        if max_concurrency < 1:
+            raise ConfigError(f"max_concurrency must be at least 1, got {max_concurrency}")
+        if max_retries < 0:
+            raise ConfigError(f"max_retries must be 0 or more, got {max_retries}")
+        if image_format not in ("jpeg", "png"):
+            raise ConfigError(f"image_format must be 'jpeg' or 'png', got {image_format!r}")
+        self.model = model
+        self.base_url = (base_url or _env("GLIMPSE_BASE_URL", "OPENAI_BASE_URL") or OPENAI_URL).rstrip("/")
+        self.api_key = api_key or _env("GLIMPSE_API_KEY", "OPENAI_API_KEY")
+        if self.base_url == OPENAI_URL and not self.api_key:
+            raise ConfigError(
+                "no API key for api.openai.com: set OPENAI_API_KEY, or point --base-url at your own server "
+                "(e.g. http://127.0.0.1:8000/v1 for vLLM)"
+            )
+        self.name = f"openai:{model}"
+        self.max_concurrency = max_concurrency
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.image_format = image_format
+        self.image_quality = image_quality
+        self.reasoning_effort = reasoning_effort
+        self.extra_body = dict(extra_body or {})
+        self.dropped: set[str] = set()
+        self._client: httpx.AsyncClient | None = None
+        self._gate: asyncio.Semaphore | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ----------------------------------------------------------------------------------------------------
+    async def generate(self, messages: list[Message], params: GenerateParams) -> list[Completion]:
+        if params.n > 1 and "n" in self.dropped:
+            batches = await asyncio.gather(*(self._request(messages, params, n=1) for _ in range(params.n)))
+            return [c for batch in batches for c in batch]
+        return await self._request(messages, params, n=params.n)
+
+    async def aclose(self) -> None:
+        """Close the HTTP connections."""
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    # ----------------------------------------------------------------------------------------------------
+    def _ensure_client(self) -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._loop is not loop:
+            headers = {"Content-Type": "application/json"}
+            if self.api_key:
+                headers["Authorization"] = f"Bearer {self.api_key}"
+            limits = httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency)
+            self._client = httpx.AsyncClient(
+                base_url=self.base_url,
+                headers=headers,
+                timeout=httpx.Timeout(self.timeout, connect=30.0),
+                limits=limits,
+            )
+            self._gate = asyncio.Semaphore(self.max_concurrency)
+            self._loop = loop
+        assert self._gate is not None
+        return self._client, self._gate
+
+    async def _request(self, messages: list[Message], params: GenerateParams, *, n: int) -> list[Completion]:
+        client, gate = self._ensure_client()
+        attempt = 0
+        while True:
+            body, payload = await asyncio.to_thread(self._encode, messages, params, n)
+            if "n" not in body and n > 1:  # the server refused n: emulate it
+                return await self.generate(messages, params)
+            try:
+                async with gate:
+                    response = await client.post("/chat/completions", content=payload)
+            except (httpx.TimeoutException, httpx.TransportError) as exc:
+                error = BackendError(f"{type(exc).__name__} talking to {self.base_url}: {exc}", retryable=True)
+            else:
+                error = self._check(response)
+                if error is None:
+                    try:
+                        return self._parse(response.json(), n)
+                    except (ValueError, KeyError, TypeError, IndexError) as exc:
+                        error = BackendError(
+                            f"unreadable response from {self.base_url}: {exc}; body starts {response.text[:200]!r}",
+                            status=response.status_code,
+                            retryable=True,
+                        )
+                elif error.status == 400 and self._drop_rejected(response.text, body):
+                    continue
+            if not error.retryable or attempt >= self.max_retries:
+                if error.retryable:
+                    raise BackendError(f"gave up after {attempt + 1} attempts: {error}", status=error.status)
+                raise error
+            await asyncio.sleep(self._delay(attempt, response if error.status else None))
+            attempt += 1
+
+    def _check(self, response: httpx.Response) -> BackendError | None:
+        status = response.status_code
+        if status < 400:
+            return None
+        detail = _error_detail(response)
+        if status in RETRY_STATUS:
+            return BackendError(f"HTTP {status} from {self.base_url}: {detail}", status=status, retryable=True)
+        if status in (400, 413, 422) and _CONTEXT_PATTERNS.search(detail):
+            return ContextLengthError(f"the conversation no longer fits the model's context: {detail}", status=status)
+        hint = {
+            401: "check the API key (OPENAI_API_KEY or --api-key)",
+            403: "the key is not allowed to use this model",
+            404: f"check --base-url (now {self.base_url}) and the model name {self.model!r}",
+        }.get(status, "")
+        message = f"HTTP {status} from {self.base_url}: {detail}" + (f" ({hint})" if hint else "")
+        return BackendError(message, status=status)
+
+    def _drop_rejected(self, text: str, body: dict[str, Any]) -> bool:
+        """If the server rejected one of the optional parameters we sent, stop sending it."""
+        lowered = text.lower()
+        if not any(
+            w in lowered
+            for w in (
+                "unsupported",
+                "not supported",
+                "does not support",
+                "unrecognized",
+                "unknown",
+                "extra inputs",
+                "not permitted",
+                "invalid",
+            )
+        ):
+            return False
+        for name in _OPTIONAL_PARAMS:
+            if name in body and (
+                f"'{name}'" in lowered
+                or f'"{name}"' in lowered
+                or f"`{name}`" in lowered
+                or f" {name} " in lowered
+                or f"{name}:" in lowered
+            ):
+                self.dropped.add(name)
+                log.warning("%s rejected the parameter %r; it will not be sent again", self.base_url, name)
+                return True
+        if "max_completion_tokens" in body and "max_completion_tokens" in lowered:
+            self.dropped.add("max_completion_tokens")
+            log.warning("%s rejected 'max_completion_tokens'; sending 'max_tokens' instead", self.base_url)
+            return True
+        return False
+
+    def _delay(self, attempt: int, response: httpx.Response | None) -> float:
+        if response is not None:
+            after = response.headers.get("retry-after")
+            if after:
+                try:
+                    return min(float(after), self.max_backoff)
+                except ValueError:
+                    pass
+        return random.uniform(0, min(self.max_backoff, self.backoff * 2**attempt))
+
+    # ----------------------------------------------------------------------------------------------------
+    def _encode(self, messages: list[Message], params: GenerateParams, n: int) -> tuple[dict[str, Any], bytes]:
+        body = self._body(messages, params, n)
+        return body, body_bytes(body)
+
+    def _body(self, messages: list[Message], params: GenerateParams, n: int) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": self.model, "messages": [self._message(m) for m in messages]}
+        if "max_completion_tokens" in self.dropped:
+            body["max_tokens"] = params.max_new_tokens
+        else:
+            body["max_completion_tokens"] = params.max_new_tokens
+        optional: dict[str, Any] = {
+            "n": n if n > 1 else None,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "stop": params.stop or None,
+            "seed": params.seed,
+            "reasoning_effort": self.reasoning_effort,
+            "return_token_ids": True if params.return_token_ids else None,
+        }
+        if params.tools:
+            body["tools"] = params.tools
+            optional["parallel_tool_calls"] = False
+        for key, value in optional.items():
+            if value is not None and key not in self.dropped:
+                body[key] = value
+        body.update(self.extra_body)
+        return body
+
+    def _message(self, message: Message) -> dict[str, Any]:
+        out: dict[str, Any] = {"role": message.role}
+        if isinstance(message.content, str):
+            out["content"] = message.content
+        else:
+            parts: list[dict[str, Any]] = []
+            for part in message.content:
+                if isinstance(part, TextPart):
+                    parts.append({"type": "text", "text": part.text})
+                elif isinstance(part, ImagePart):
+                    url = part.as_url(self.image_format, self.image_quality)
+                    parts.append({"type": "image_url", "image_url": {"url": url}})
+            out["content"] = parts
+        if message.tool_calls:
+            out["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                for c in message.tool_calls
+            ]
+            if not out["content"]:
+                out["content"] = None
+        if message.tool_call_id is not None:
+            out["tool_call_id"] = message.tool_call_id
+        return out
+
+    @staticmethod
+    def _parse(data: dict[str, Any], n: int) -> list[Completion]:
+        choices = sorted(data["choices"], key=lambda c: c.get("index", 0))
+        if not choices:
+            raise ValueError("no choices in the response")
+        usage = data.get("usage") or {}
+        prompt_tokens = usage.get("prompt_tokens")
+        total_completion = usage.get("completion_tokens")
+        prompt_ids = data.get("prompt_token_ids")
+        out = []
+        for choice in choices:
+            message = choice["message"]
+            content = message.get("content")
+            if isinstance(content, list):
+                content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+            calls = [
+                ToolCall(
+                    id=str(c.get("id") or f"call_{i}"),
+                    name=str(c["function"]["name"]),
+                    arguments=c["function"].get("arguments") or "{}",
+                )
+                for i, c in enumerate(message.get("tool_calls") or [])
+            ]
+            token_ids = choice.get("token_ids")
+            if token_ids is not None:
+                completion_tokens = len(token_ids)
+            elif total_completion is not None:
+                completion_tokens = round(total_completion / len(choices))
+            else:
+                completion_tokens = None
+            out.append(
+                Completion(
+                    text=content or "",
+                    tool_calls=calls,
+                    finish_reason=choice.get("finish_reason"),
+                    reasoning=message.get("reasoning_content") or message.get("reasoning"),
+                    prompt_tokens=prompt_tokens,
+                    completion_tokens=completion_tokens,
+                    token_ids=token_ids,
+                    prompt_token_ids=prompt_ids,
+                )
+            )
+        return out
+
+
+def body_bytes(body: dict[str, Any]) -> bytes:
+    """JSON-encode a request body."""
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def _error_detail(response: httpx.Response) -> str:
+    try:
+        data = response.json()
+    except ValueError:
+        return response.text[:300] or response.reason_phrase
+    if isinstance(data, dict):
+        err = data.get("error", data)
+        if isinstance(err, dict):
+            return str(err.get("message") or err.get("detail") or err)[:500]
+        return str(err)[:500]
+    return str(data)[:300]
+
+
+def create(
+    arg: str,
+    *,
+    base_url: str | None = None,
+    api_key: str | None = None,
+    max_concurrency: int = 64,
+    timeout: float = 600.0,
+    max_retries: int = 6,
+    image_format: str = "jpeg",
+    reasoning_effort: str | None = None,
+    **_options: Any,
+) -> OpenAIBackend:
+    """``openai:MODEL``: a model behind an OpenAI-compatible server."""
+    return OpenAIBackend(
+        arg,
+        base_url=base_url,
+        api_key=api_key,
+        max_concurrency=max_concurrency,
+        timeout=timeout,
+        max_retries=max_retries,
+        image_format=image_format,
+        reasoning_effort=reasoning_effort,
+    )

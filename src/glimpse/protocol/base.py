@@ -1,0 +1,158 @@
+"""What a protocol does: build the messages of a conversation and read the model's replies.
+
+A protocol is the dialect a model speaks: how it is told about the zoom tool, how it writes a call and an
+answer, and how observations and errors come back to it. Parsing never raises: anything the model writes
+becomes an ``Action``, and a malformed reply is an ``error`` action whose text goes back to the model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from glimpse.geometry import Coords
+from glimpse.models.base import Completion, ImagePart, Message, Part, TextPart
+from glimpse.protocol.prompts import PromptSet, fill, split_on_image
+
+ActionKind = Literal["zoom", "answer", "error", "none"]
+
+_FENCE = re.compile(r"^```[a-zA-Z]*\s*(.*?)\s*```$", re.S)
+
+
+@dataclass
+class Action:
+    """What the model asked for in one reply.
+
+    Attributes:
+        kind: ``zoom`` (a call to run; its values are checked by the tool), ``answer``, ``error`` (a format
+            mistake) or ``none`` (neither a call nor an answer).
+        text: the reply text as recorded (with a cut-off closing tag restored).
+        thought: the reasoning, when the reply has any.
+        call: ``{"bbox_2d": …, "source": …}`` as written, for ``zoom``.
+        answer: the answer text, for ``answer``.
+        error: the message for the model, for ``error``.
+        error_kind: short category, for metrics.
+        tool_attempt: the reply tried to call the tool (also true for malformed calls).
+        call_ids: ids of native function calls that must each be answered.
+    """
+
+    kind: ActionKind
+    text: str = ""
+    thought: str | None = None
+    call: dict[str, Any] | None = None
+    answer: str | None = None
+    error: str | None = None
+    error_kind: str | None = None
+    tool_attempt: bool = False
+    call_ids: list[str] = field(default_factory=list)
+
+
+def mistake(kind: str, message: str, *, tool_attempt: bool = True, **extra: Any) -> Action:
+    """An ``error`` action."""
+    return Action(kind="error", error=message, error_kind=kind, tool_attempt=tool_attempt, **extra)
+
+
+def parse_call_payload(payload: str) -> dict[str, Any] | Action:
+    """Read the JSON of a zoom call: ``{"bbox_2d": [...], "source": ...}``.
+
+    Also accepted: the object inside a one-element list (Qwen's grounding output style), a bare list of four
+    numbers (source defaults to the original), and JSON wrapped in a Markdown code fence. ``source`` defaults
+    to ``original_image``. Values are checked later, by the zoom tool.
+
+    Returns:
+        The call, or an ``error`` action explaining what is wrong.
+    """
+    text = payload.strip()
+    fenced = _FENCE.match(text)
+    if fenced:
+        text = fenced.group(1).strip()
+    if not text:
+        return mistake("bad_call", 'the call is empty; write {"bbox_2d": [x0, y0, x1, y1], "source": ...}')
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return mistake("invalid_json", f"the call is not valid JSON ({exc.msg} at character {exc.pos})")
+    except (ValueError, RecursionError):
+        return mistake("invalid_json", "the call is not valid JSON")
+    if isinstance(obj, list):
+        if len(obj) == 1 and isinstance(obj[0], dict):
+            obj = obj[0]
+        elif len(obj) > 1 and all(isinstance(o, dict) for o in obj):
+            return mistake("multiple_calls", f"the call holds {len(obj)} boxes; zoom into one region per reply")
+        elif len(obj) == 4 and not any(isinstance(o, (list, dict)) for o in obj):
+            obj = {"bbox_2d": obj}
+    if not isinstance(obj, dict):
+        return mistake("bad_call", 'the call must be a JSON object like {"bbox_2d": [x0, y0, x1, y1], "source": ...}')
+    if "bbox_2d" not in obj:
+        return mistake("bad_call", 'the call has no "bbox_2d" field; give the region as "bbox_2d": [x0, y0, x1, y1]')
+    source = obj.get("source", "original_image")
+    if source is None:
+        source = "original_image"
+    if not isinstance(source, str):
+        return mistake("bad_call", '"source" must be a string such as "original_image" or "observation_1"')
+    return {"bbox_2d": obj["bbox_2d"], "source": source}
+
+
+class Protocol:
+    """Base of the two protocols. Subclasses implement ``parse``, ``assistant_message``, ``observation``,
+    ``error`` and set ``name``, ``stop`` and ``tools``."""
+
+    name: str = ""
+    stop: list[str]
+    tools: list[dict[str, Any]] | None = None
+
+    def __init__(self, coords: Coords, prompts: PromptSet):
+        self.coords = coords
+        self.prompts = prompts
+        self.stop = []
+
+    def system_text(self) -> str:
+        return fill(self.prompts.system, coords=self.coords.describe())
+
+    def start(self, image: ImagePart, question: str) -> list[Message]:
+        """The system message (if any) and the first user message: the image and the question."""
+        messages = []
+        system = self.system_text()
+        if system.strip():
+            messages.append(Message("system", system))
+        messages.append(Message("user", self._with_image(fill(self.prompts.user, question=question), image)))
+        return messages
+
+    @staticmethod
+    def _with_image(text: str, image: ImagePart) -> list[Part]:
+        halves = split_on_image(text)
+        if halves is None:  # templates are checked when loaded; a default without a marker is our bug
+            raise ValueError(f"template has no image marker: {text[:60]!r}")
+        before, after = halves
+        parts: list[Part] = [TextPart(before)] if before else []
+        parts.append(image)
+        if after:
+            parts.append(TextPart(after))
+        return parts
+
+    def observation_text(self, observation_index: int, action_turn: int, source: str) -> str:
+        return fill(
+            self.prompts.observation,
+            observation_turn=observation_index,
+            action_turn=action_turn,
+            source=source,
+        )
+
+    def error_text(self, error: str, action_turn: int) -> str:
+        return fill(self.prompts.error, error=error, action_turn=action_turn)
+
+    def parse(self, completion: Completion) -> Action:
+        raise NotImplementedError
+
+    def assistant_message(self, action: Action, completion: Completion) -> Message:
+        raise NotImplementedError
+
+    def observation(
+        self, action: Action, image: ImagePart, observation_index: int, action_turn: int, source: str
+    ) -> list[Message]:
+        raise NotImplementedError
+
+    def error(self, action: Action, message: str, action_turn: int) -> list[Message]:
+        raise NotImplementedError

@@ -1,0 +1,154 @@
+"""Prompt templates: Glimpse's own defaults, and prompt files to match the prompt a checkpoint was trained with.
+
+A prompt set has four templates. Only these placeholders are replaced (other braces, such as JSON examples,
+are left alone):
+
+=============  =====================================================================================
+``system``     ``{coords}``: how the protocol's coordinates are written.
+``user``       ``{image}``: where the original image goes; ``{question}``.
+``observation`` ``{image}``: the new zoomed image; ``{observation_turn}``: N of observation_N;
+               ``{action_turn}``: 0-based index of the turn that asked for it; ``{source}``: the image it
+               zoomed into.
+``error``      ``{error}``: what was wrong; ``{action_turn}``.
+=============  =====================================================================================
+
+``<image>`` and ``<|vision_start|><|image_pad|><|vision_end|>`` also mark the image position, so templates
+copied from LLaMA-Factory data or from a Qwen chat string work unchanged.
+
+A prompt file is YAML or TOML with any of the keys ``system``, ``user``, ``observation``, ``error`` (missing
+keys keep the defaults), or a plain text file that replaces the system prompt only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import tomllib
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import yaml
+
+from glimpse.errors import ConfigError
+
+IMAGE_MARKERS = ("{image}", "<|vision_start|><|image_pad|><|vision_end|>", "<image>")
+_KNOWN = ("coords", "question", "observation_turn", "action_turn", "source", "error")
+_PLACEHOLDER = re.compile(r"\{(" + "|".join(_KNOWN) + r")\}")
+
+TAGS_SYSTEM = """\
+You answer questions about an image. The image may be large and is shown to you at reduced resolution, so \
+small details can be hard to make out. Reason step by step inside <think> and </think>.
+
+When part of an image is unclear, zoom into it by writing exactly one call at the end of your reply:
+<grounding>{"bbox_2d": [x0, y0, x1, y1], "source": "original_image"}</grounding>
+(x0, y0) is the top-left and (x1, y1) the bottom-right corner of the region, in {coords}. "source" is the \
+image you zoom into: "original_image", or "observation_N" for the N-th zoomed view you have received. The \
+zoomed region comes back to you as a new image at higher resolution, and you may zoom again into the \
+original or into any observation, as often as you need.
+
+When you are sure, give the final answer inside <answer> and </answer>, with no zoom call in the same reply."""
+
+TOOLS_SYSTEM = """\
+You answer questions about an image. The image may be large and is shown to you at reduced resolution, so \
+small details can be hard to make out.
+
+When part of an image is unclear, call the zoom_in function with the region's corners bbox_2d = \
+[x0, y0, x1, y1] in {coords}, and source = "original_image" or "observation_N" for the N-th zoomed view you \
+have received. The region comes back as a new image at higher resolution, and you may zoom again into the \
+original or into any observation, as often as you need. Call one function at a time.
+
+When you are sure, reply without a function call and put the final answer inside <answer> and </answer>."""
+
+USER = "{image}\n{question}"
+
+TAGS_OBSERVATION = """\
+Observation {observation_turn}, the zoomed region of {source}:
+{image}
+Continue reasoning inside <think> and </think>. Zoom again into the original image or any observation if \
+you need to, or give the final answer inside <answer> and </answer>."""
+
+TOOLS_OBSERVATION = """\
+Observation {observation_turn}, the zoomed region of {source}:
+{image}
+Zoom again if you need to, or give the final answer inside <answer> and </answer>."""
+
+ERROR = """\
+Your last call could not be carried out: {error}
+Continue reasoning, then make a corrected call or give the final answer."""
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """The four templates of a protocol, and a name recorded in every trajectory."""
+
+    system: str
+    user: str
+    observation: str
+    error: str
+    name: str = "default"
+
+    def with_file(self, path: str | Path) -> PromptSet:
+        """These templates with the keys of a prompt file replacing the defaults."""
+        return load_prompt_file(path, self)
+
+
+DEFAULT_PROMPTS = {
+    "tags": PromptSet(system=TAGS_SYSTEM, user=USER, observation=TAGS_OBSERVATION, error=ERROR),
+    "tools": PromptSet(system=TOOLS_SYSTEM, user=USER, observation=TOOLS_OBSERVATION, error=ERROR),
+}
+
+
+def fill(template: str, **values: object) -> str:
+    """Replace the known placeholders present in ``values``; leave every other brace untouched."""
+
+    def sub(match: re.Match[str]) -> str:
+        key = match.group(1)
+        return str(values[key]) if key in values else match.group(0)
+
+    return _PLACEHOLDER.sub(sub, template)
+
+
+def split_on_image(text: str) -> tuple[str, str] | None:
+    """Split a filled template at its image marker: ``(before, after)``, or ``None`` if it has none."""
+    for marker in IMAGE_MARKERS:
+        if marker in text:
+            before, _, after = text.partition(marker)
+            return before, after
+    return None
+
+
+def load_prompt_file(path: str | Path, base: PromptSet) -> PromptSet:
+    """Read a prompt file (YAML, TOML or plain text) over ``base``.
+
+    Raises:
+        ConfigError: the file is missing, unparsable, has unknown keys, or a template lacks its image marker.
+    """
+    p = Path(path)
+    try:
+        raw = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read prompt file {p}: {exc.strerror or exc}") from None
+    digest = hashlib.sha256(raw.encode()).hexdigest()[:8]
+    name = f"{p.name}#{digest}"
+    if p.suffix.lower() in (".yaml", ".yml", ".toml"):
+        try:
+            data = tomllib.loads(raw) if p.suffix.lower() == ".toml" else yaml.safe_load(raw)
+        except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+            raise ConfigError(f"prompt file {p} is not valid {p.suffix[1:].upper()}: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"prompt file {p} must map keys (system, user, observation, error) to text")
+        unknown = set(data) - {"system", "user", "observation", "error"}
+        if unknown:
+            raise ConfigError(
+                f"prompt file {p} has unknown keys {sorted(unknown)}; use system, user, observation, error"
+            )
+        bad = [k for k, v in data.items() if not isinstance(v, str)]
+        if bad:
+            raise ConfigError(f"prompt file {p}: {', '.join(bad)} must be text")
+        prompts = replace(base, name=name, **data)
+    else:
+        prompts = replace(base, system=raw.strip(), name=name)
+    for key in ("user", "observation"):
+        if split_on_image(getattr(prompts, key)) is None:
+            raise ConfigError(f"the {key!r} template of {p} has no image marker; put {{image}} where the image goes")
+    return prompts

@@ -1,0 +1,125 @@
+"""Mini-o3's tag protocol: ``<think>…</think>``, ``<grounding>{json}</grounding>``, ``<answer>…</answer>``.
+
+Generation stops at ``</grounding>``; OpenAI-compatible servers leave the stop string out of the text, so a
+reply that ends inside a call has its closing tag put back (the harness closes the turn itself). Observations
+and errors come back as user turns. Reasoning inside closed ``<think>`` blocks is never searched for calls or
+answers, so a model may mention the tags while thinking.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from glimpse.geometry import Coords
+from glimpse.models.base import Completion, ImagePart, Message
+from glimpse.protocol.base import Action, Protocol, mistake, parse_call_payload
+from glimpse.protocol.prompts import PromptSet
+
+OPEN_CALL, CLOSE_CALL = "<grounding>", "</grounding>"
+OPEN_ANSWER, CLOSE_ANSWER = "<answer>", "</answer>"
+_THINK_BLOCK = re.compile(r"<think>(.*?)</think>", re.S)
+_CALL = re.compile(r"<grounding>(.*?)</grounding>", re.S)
+_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S)
+# Pieces that show the model meant to use a tag but did not write it properly.
+_CALL_DEBRIS = re.compile(r"</?\s*grounding\b|\"bbox_2d\"|'bbox_2d'")
+_ANSWER_DEBRIS = re.compile(r"</?\s*answer\b")
+
+
+def restore_stop(text: str, finish_reason: str | None) -> str:
+    """Put back a ``</grounding>`` the server cut off as a stop string."""
+    if finish_reason != "length" and text.rfind(OPEN_CALL) > text.rfind(CLOSE_CALL):
+        return text + CLOSE_CALL
+    return text
+
+
+def thought_of(text: str) -> str | None:
+    """The reasoning of a reply: its ``<think>`` blocks (an unclosed one runs to the first tag after it)."""
+    blocks = [b.strip() for b in _THINK_BLOCK.findall(text)]
+    rest = _THINK_BLOCK.sub("", text)
+    if "<think>" in rest:
+        tail = rest.split("<think>", 1)[1]
+        cut = min((i for i in (tail.find(OPEN_CALL), tail.find(OPEN_ANSWER)) if i >= 0), default=len(tail))
+        blocks.append(tail[:cut].strip())
+    joined = "\n".join(b for b in blocks if b)
+    return joined or None
+
+
+def parse_tagged(text: str, finish_reason: str | None) -> Action:
+    """Read a reply written with tags into an action. Never raises."""
+    thought = thought_of(text)
+    body = _THINK_BLOCK.sub("", text).replace("<think>", "")
+    calls = _CALL.findall(body)
+    answers = _ANSWER.findall(body)
+    open_call = body.count(OPEN_CALL) > len(calls)
+    open_answer = body.count(OPEN_ANSWER) > len(answers)
+    truncated = finish_reason == "length"
+
+    def err(kind: str, message: str, tool_attempt: bool = True) -> Action:
+        return mistake(kind, message, tool_attempt=tool_attempt, text=text, thought=thought)
+
+    if truncated and not calls and not answers:
+        return err(
+            "truncated",
+            "your reply was cut off at the token limit of a turn before it finished. Keep your reasoning "
+            "shorter and end the reply with one zoom call or the answer.",
+            tool_attempt=open_call or bool(_CALL_DEBRIS.search(body)),
+        )
+    if (calls or open_call) and (answers or open_answer):
+        return err("answer_and_call", "a reply must hold either one zoom call or the final answer, not both")
+    if len(calls) + int(open_call) > 1:
+        return err("multiple_calls", "make one zoom call per reply; you will see its result before the next")
+    if open_call:
+        return err("unclosed_tag", f"the zoom call was not closed; end it with {CLOSE_CALL}")
+    if calls:
+        payload = parse_call_payload(calls[0])
+        if isinstance(payload, Action):
+            payload.text, payload.thought = text, thought
+            return payload
+        return Action(kind="zoom", text=text, thought=thought, call=payload, tool_attempt=True)
+    if answers:
+        distinct = {a.strip() for a in answers}
+        if len(distinct) > 1:
+            return err("multiple_answers", "give exactly one final answer", tool_attempt=False)
+        answer = distinct.pop()
+        if not answer:
+            return err("empty_answer", "the answer tags are empty; put the answer between them", tool_attempt=False)
+        return Action(kind="answer", text=text, thought=thought, answer=answer)
+    if open_answer or _ANSWER_DEBRIS.search(body):
+        return err("unclosed_tag", f"write the answer as {OPEN_ANSWER}your answer{CLOSE_ANSWER}", tool_attempt=False)
+    if _CALL_DEBRIS.search(body):
+        return err(
+            "missing_tag",
+            f'write a zoom call as {OPEN_CALL}{{"bbox_2d": [x0, y0, x1, y1], "source": "original_image"}}{CLOSE_CALL}',
+        )
+    return Action(kind="none", text=text, thought=thought)
+
+
+class TagProtocol(Protocol):
+    """Mini-o3's protocol; box coordinates in the ``coords`` convention (relative by default)."""
+
+    name = "tags"
+
+    def __init__(self, coords: Coords, prompts: PromptSet):
+        super().__init__(coords, prompts)
+        self.stop = [CLOSE_CALL]
+        self.tools: list[dict[str, Any]] | None = None
+
+    def parse(self, completion: Completion) -> Action:
+        text = restore_stop(completion.text, completion.finish_reason)
+        action = parse_tagged(text, completion.finish_reason)
+        if action.thought is None and completion.reasoning:
+            action.thought = completion.reasoning.strip() or None
+        return action
+
+    def assistant_message(self, action: Action, completion: Completion) -> Message:
+        return Message("assistant", action.text)
+
+    def observation(
+        self, action: Action, image: ImagePart, observation_index: int, action_turn: int, source: str
+    ) -> list[Message]:
+        text = self.observation_text(observation_index, action_turn, source)
+        return [Message("user", self._with_image(text, image))]
+
+    def error(self, action: Action, message: str, action_turn: int) -> list[Message]:
+        return [Message("user", self.error_text(message, action_turn))]

@@ -1,0 +1,117 @@
+"""Native function calling: the model calls ``zoom_in`` through the API's ``tools`` (o3, o4-mini, GPT-4.1, and
+open models served with a tool-call parser).
+
+Each call is answered by a ``tool`` message, as the API requires; because tool messages carry text only, the
+zoomed image follows in a user message. A reply without a call is the final answer: the text inside
+``<answer>…</answer>`` if present, otherwise the whole reply.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from glimpse.geometry import Coords
+from glimpse.models.base import Completion, ImagePart, Message
+from glimpse.protocol.base import Action, Protocol, mistake, parse_call_payload
+from glimpse.protocol.prompts import PromptSet
+from glimpse.protocol.tags import parse_tagged, thought_of
+
+ZOOM_TOOL_NAME = "zoom_in"
+
+
+def zoom_tool_schema(coords: Coords) -> dict[str, Any]:
+    """The OpenAI function schema of the zoom tool; its fields are exactly those the parser reads."""
+    return {
+        "type": "function",
+        "function": {
+            "name": ZOOM_TOOL_NAME,
+            "description": (
+                "Zoom into a rectangular region of the original image or of an earlier zoomed view, and "
+                "receive that region as a new image at higher resolution."
+            ),
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "bbox_2d": {
+                        "type": "array",
+                        "items": {"type": "number"},
+                        "minItems": 4,
+                        "maxItems": 4,
+                        "description": f"[x0, y0, x1, y1]: top-left and bottom-right corners, in {coords.describe()}.",
+                    },
+                    "source": {
+                        "type": "string",
+                        "description": 'The image to zoom into: "original_image" or "observation_N".',
+                    },
+                },
+                "required": ["bbox_2d", "source"],
+                "additionalProperties": False,
+            },
+        },
+    }
+
+
+class ToolCallProtocol(Protocol):
+    """Function calling with a ``zoom_in`` tool; box coordinates in the ``coords`` convention."""
+
+    name = "tools"
+
+    def __init__(self, coords: Coords, prompts: PromptSet):
+        super().__init__(coords, prompts)
+        self.stop = []
+        self.tools = [zoom_tool_schema(coords)]
+
+    def parse(self, completion: Completion) -> Action:
+        text = completion.text or ""
+        thought = (completion.reasoning or "").strip() or thought_of(text)
+        calls = completion.tool_calls
+        ids = [c.id for c in calls]
+        if len(calls) > 1:
+            return mistake(
+                "multiple_calls",
+                f"you made {len(calls)} calls at once; make one zoom call per reply",
+                text=text,
+                thought=thought,
+                call_ids=ids,
+            )
+        if calls:
+            call = calls[0]
+            if call.name != ZOOM_TOOL_NAME:
+                return mistake(
+                    "unknown_tool",
+                    f"there is no function {call.name!r}; the only function is {ZOOM_TOOL_NAME}",
+                    text=text,
+                    thought=thought,
+                    call_ids=ids,
+                )
+            payload = parse_call_payload(call.arguments)
+            if isinstance(payload, Action):
+                payload.text, payload.thought, payload.call_ids = text, thought, ids
+                return payload
+            return Action(kind="zoom", text=text, thought=thought, call=payload, tool_attempt=True, call_ids=ids)
+        if "<answer>" in text or "</answer>" in text or completion.finish_reason == "length":
+            action = parse_tagged(text, completion.finish_reason)
+            if action.kind in ("answer", "error"):
+                action.thought = action.thought or thought
+                return action
+        answer = text.strip()
+        if not answer:
+            return Action(kind="none", text=text, thought=thought)
+        return Action(kind="answer", text=text, thought=thought, answer=answer)
+
+    def assistant_message(self, action: Action, completion: Completion) -> Message:
+        return Message("assistant", completion.text or "", tool_calls=list(completion.tool_calls))
+
+    def observation(
+        self, action: Action, image: ImagePart, observation_index: int, action_turn: int, source: str
+    ) -> list[Message]:
+        note = f"Done: observation_{observation_index} is shown in the next message."
+        replies = [Message("tool", note, tool_call_id=i) for i in action.call_ids]
+        text = self.observation_text(observation_index, action_turn, source)
+        return [*replies, Message("user", self._with_image(text, image))]
+
+    def error(self, action: Action, message: str, action_turn: int) -> list[Message]:
+        text = self.error_text(message, action_turn)
+        if action.call_ids:
+            return [Message("tool", text, tool_call_id=i) for i in action.call_ids]
+        return [Message("user", text)]

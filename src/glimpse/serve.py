@@ -1,0 +1,248 @@
+"""``glimpse serve``: an OpenAI-compatible chat-completions endpoint over any Glimpse backend.
+
+Behind it, a ``scripted`` backend makes a local test server: a real HTTP server on loopback that answers
+with scripted zoom calls, optionally after a simulated per-request latency, for end-to-end tests and the
+harness benchmark. The same server will front local checkpoints on machines without vLLM.
+
+Endpoints: ``POST /v1/chat/completions`` (images as base64 data URLs, ``n``, ``stop``, ``tools``, sampling
+parameters, ``max_completion_tokens`` / ``max_tokens``, vLLM's ``return_token_ids``), ``GET /v1/models``,
+``GET /health``. Requests beyond the server's limits get a 4xx with a message saying which limit; streaming
+is not supported (a request with ``stream: true`` gets a 400).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import random
+import time
+import uuid
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from glimpse.errors import BackendError, ContextLengthError, ScriptExhaustedError
+from glimpse.models.base import Backend, Completion, GenerateParams, ImagePart, Message, Part, TextPart, ToolCall
+
+log = logging.getLogger(__name__)
+
+# Defaults of the server's limits: a 32-turn conversation of 2-megapixel JPEGs is about 30 MB.
+MAX_BODY_BYTES = 128 * 1024 * 1024
+MAX_IMAGES = 64
+MAX_N = 64
+MAX_NEW_TOKENS = 32768
+
+
+class _BadRequest(Exception):
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def _error(message: str, status: int = 400, kind: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+
+
+def _parse_messages(raw: Any, max_images: int) -> list[Message]:
+    if not isinstance(raw, list) or not raw:
+        raise _BadRequest("'messages' must be a non-empty list")
+    messages: list[Message] = []
+    images = 0
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant", "tool"):
+            raise _BadRequest(f"messages[{i}] needs a role of system, user, assistant or tool")
+        role = "system" if m["role"] == "developer" else m["role"]
+        content = m.get("content")
+        parts: list[Part] = []
+        if content is None:
+            parts = []
+        elif isinstance(content, str):
+            parts = [TextPart(content)]
+        elif isinstance(content, list):
+            for j, p in enumerate(content):
+                kind = p.get("type") if isinstance(p, dict) else None
+                if kind == "text":
+                    parts.append(TextPart(str(p.get("text", ""))))
+                elif kind == "image_url":
+                    url = p.get("image_url")
+                    url = url.get("url") if isinstance(url, dict) else url
+                    if not isinstance(url, str) or not url.startswith("data:image/"):
+                        raise _BadRequest(f"messages[{i}].content[{j}]: only base64 data URLs are accepted for images")
+                    parts.append(ImagePart(url=url))
+                    images += 1
+                else:
+                    raise _BadRequest(f"messages[{i}].content[{j}] has unsupported type {kind!r}")
+        else:
+            raise _BadRequest(f"messages[{i}].content must be a string or a list of parts")
+        calls = []
+        for j, c in enumerate(m.get("tool_calls") or []):
+            try:
+                fn = c["function"]
+                args = fn.get("arguments", "{}")
+                calls.append(
+                    ToolCall(
+                        str(c.get("id", f"call_{j}")),
+                        str(fn["name"]),
+                        args if isinstance(args, str) else json.dumps(args),
+                    )
+                )
+            except (KeyError, TypeError, AttributeError):
+                raise _BadRequest(f"messages[{i}].tool_calls[{j}] is malformed") from None
+        content_out: str | list[Part] = parts[0].text if len(parts) == 1 and isinstance(parts[0], TextPart) else parts
+        messages.append(Message(role, content_out, tool_calls=calls, tool_call_id=m.get("tool_call_id")))
+    if images > max_images:
+        raise _BadRequest(f"the request has {images} images; this server accepts at most {max_images}")
+    return messages
+
+
+def _params(body: dict[str, Any], max_n: int, max_new_tokens: int) -> GenerateParams:
+    n = body.get("n") or 1
+    if not isinstance(n, int) or n < 1:
+        raise _BadRequest("'n' must be a positive integer")
+    if n > max_n:
+        raise _BadRequest(f"'n'={n} is above this server's limit of {max_n}")
+    tokens = body.get("max_completion_tokens") or body.get("max_tokens") or max_new_tokens
+    if not isinstance(tokens, int) or tokens < 1:
+        raise _BadRequest("'max_completion_tokens' must be a positive integer")
+    if tokens > max_new_tokens:
+        raise _BadRequest(f"'max_completion_tokens'={tokens} is above this server's limit of {max_new_tokens}")
+    stop = body.get("stop") or []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise _BadRequest("'stop' must be a string or a list of strings")
+    for key in ("temperature", "top_p"):
+        if body.get(key) is not None and not isinstance(body[key], (int, float)):
+            raise _BadRequest(f"'{key}' must be a number")
+    return GenerateParams(
+        n=n,
+        max_new_tokens=tokens,
+        temperature=body.get("temperature"),
+        top_p=body.get("top_p"),
+        stop=stop,
+        seed=body.get("seed"),
+        tools=body.get("tools"),
+        return_token_ids=bool(body.get("return_token_ids")),
+    )
+
+
+def _choice(index: int, c: Completion, with_ids: bool) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": c.text}
+    if c.tool_calls:
+        message["tool_calls"] = [
+            {"id": t.id, "type": "function", "function": {"name": t.name, "arguments": t.arguments}}
+            for t in c.tool_calls
+        ]
+    if c.reasoning:
+        message["reasoning_content"] = c.reasoning
+    out: dict[str, Any] = {"index": index, "message": message, "finish_reason": c.finish_reason or "stop"}
+    if with_ids and c.token_ids is not None:
+        out["token_ids"] = c.token_ids
+    return out
+
+
+def build_app(
+    backend: Backend,
+    *,
+    model_name: str | None = None,
+    latency: float = 0.0,
+    jitter: float = 0.0,
+    fail_every: int = 0,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    max_images: int = MAX_IMAGES,
+    max_n: int = MAX_N,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+) -> Starlette:
+    """The ASGI app.
+
+    Args:
+        backend: what answers.
+        model_name: the name in ``/v1/models`` and responses (default: the backend's name).
+        latency: seconds each completion request takes at least (a simulated model).
+        jitter: extra random latency, uniform in ``[0, jitter]`` seconds.
+        fail_every: answer every N-th completion request with HTTP 503 (fault injection; 0 = never).
+        max_body_bytes: largest request body accepted.
+        max_images: most images in one request.
+        max_n: largest ``n``.
+        max_new_tokens: largest ``max_completion_tokens``.
+    """
+    name = model_name or getattr(backend, "name", "glimpse")
+    counter = itertools.count(1)
+
+    async def health(_: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok", "model": name})
+
+    async def models(_: Request) -> JSONResponse:
+        return JSONResponse({"object": "list", "data": [{"id": name, "object": "model", "owned_by": "glimpse"}]})
+
+    async def chat(request: Request) -> JSONResponse:
+        started = time.perf_counter()
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > max_body_bytes:
+            return _error(f"request body of {int(declared):,} bytes is above the limit of {max_body_bytes:,}", 413)
+        raw = await request.body()
+        if len(raw) > max_body_bytes:
+            return _error(f"request body of {len(raw):,} bytes is above the limit of {max_body_bytes:,}", 413)
+        if fail_every and next(counter) % fail_every == 0:
+            return _error("injected failure (fail_every)", 503, "server_error")
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return _error(f"the body is not valid JSON: {exc}")
+        if not isinstance(body, dict):
+            return _error("the body must be a JSON object")
+        if body.get("stream"):
+            return _error("streaming is not supported by glimpse serve; send stream=false")
+        try:
+            messages = _parse_messages(body.get("messages"), max_images)
+            params = _params(body, max_n, max_new_tokens)
+            completions = await backend.generate(messages, params)
+        except _BadRequest as exc:
+            return _error(str(exc), exc.status)
+        except ContextLengthError as exc:
+            return _error(f"This model's maximum context length is exceeded: {exc}", 400)
+        except ScriptExhaustedError as exc:
+            return _error(f"the scripted backend has no reply for this conversation: {exc}", 400)
+        except BackendError as exc:
+            return _error(f"the backend failed: {exc}", 502, "server_error")
+        wait = latency + (random.uniform(0, jitter) if jitter else 0.0) - (time.perf_counter() - started)
+        if wait > 0:
+            await asyncio.sleep(wait)
+        prompt_tokens = completions[0].prompt_tokens if completions else 0
+        completion_tokens = sum(c.completion_tokens or 0 for c in completions)
+        payload: dict[str, Any] = {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": name,
+            "choices": [_choice(i, c, params.return_token_ids) for i, c in enumerate(completions)],
+            "usage": {
+                "prompt_tokens": prompt_tokens or 0,
+                "completion_tokens": completion_tokens,
+                "total_tokens": (prompt_tokens or 0) + completion_tokens,
+            },
+        }
+        if params.return_token_ids and completions and completions[0].prompt_token_ids is not None:
+            payload["prompt_token_ids"] = completions[0].prompt_token_ids
+        return JSONResponse(payload)
+
+    return Starlette(
+        routes=[
+            Route("/health", health),
+            Route("/v1/models", models),
+            Route("/v1/chat/completions", chat, methods=["POST"]),
+        ]
+    )
+
+
+def serve(backend: Backend, *, host: str = "127.0.0.1", port: int = 8000, **app_options: Any) -> None:
+    """Run the server until interrupted (blocking)."""
+    import uvicorn
+
+    app = build_app(backend, **app_options)
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

@@ -1,0 +1,207 @@
+"""The zoom tool: check a call, compose its box into original-image pixels, cut and resize the crop.
+
+A call names a source (``original_image`` or ``observation_N``) and a box in the protocol's coordinate
+convention, relative to that source. The box is composed with the source's own box, so a zoom into a zoom
+is still cut from the original's full-resolution pixels. Every problem with a call is a model mistake and
+comes back as a ``ZoomResult`` with an error message and kind; ``run`` never raises on model input.
+
+Checks, in order: the box is a list of four finite numbers; each lies within the convention's range (a
+whisker of float noise is clamped); ``x0 < x1`` and ``y0 < y1``; the source exists; in original pixels each
+side is at least ``min_box_side``; the long side is at most ``max_aspect_ratio`` times the short one.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+from glimpse.errors import ConfigError
+from glimpse.geometry import Box, Coords, to_relative
+from glimpse.images import MAX_ASPECT_RATIO, PixelLimits, fit
+
+# Smallest side of a zoom, in original pixels: one 28-pixel Qwen image cell (the Mini-o3 recipe's minimum).
+MIN_BOX_SIDE = 28
+# Most elongated zoom accepted; verl's and DeepEyes' zoom tools use 100, Qwen's resize refuses 200.
+ZOOM_MAX_ASPECT_RATIO = 100.0
+
+_OBSERVATION = re.compile(r"^observation[_ ]?(\d+)$")
+
+
+@dataclass(frozen=True)
+class ImageState:
+    """An image the model has: its box in original pixels and the size it was shown at."""
+
+    box: Box
+    shown_width: int
+    shown_height: int
+
+
+@dataclass
+class ZoomResult:
+    """What a zoom call produced: a crop, or an error for the model.
+
+    Attributes:
+        bbox: the four numbers as written (``None`` if they were not four finite numbers).
+        source: the source as written.
+        source_index: the image zoomed into (0 = original).
+        box: the zoom in original pixels.
+        image: the crop, resized to the pixel limits.
+        error: the message for the model; ``None`` on success.
+        error_kind: short category for metrics.
+    """
+
+    bbox: list[float] | None = None
+    source: str = "original_image"
+    source_index: int | None = None
+    box: Box | None = None
+    image: Image.Image | None = None
+    error: str | None = None
+    error_kind: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def source_index(source: str, count: int) -> int | None:
+    """Index of a source name among ``count`` images (original + observations), or ``None`` if unknown."""
+    name = source.strip().lower()
+    if name == "original_image":
+        return 0
+    match = _OBSERVATION.match(name)
+    if match:
+        index = int(match.group(1))
+        if 1 <= index < count:
+            return index
+    return None
+
+
+class ZoomTool:
+    """Runs zoom calls against one original image.
+
+    Args:
+        coords: how boxes are written.
+        limits: pixel limits of the returned crop.
+        min_box_side: smallest side of a zoom in original pixels.
+        max_aspect_ratio: most elongated zoom accepted.
+    """
+
+    name = "zoom_in"
+
+    def __init__(
+        self,
+        coords: Coords,
+        limits: PixelLimits,
+        *,
+        min_box_side: int = MIN_BOX_SIDE,
+        max_aspect_ratio: float = ZOOM_MAX_ASPECT_RATIO,
+    ):
+        if min_box_side < 1:
+            raise ConfigError(f"min_box_side must be at least 1 pixel, got {min_box_side}")
+        if not 1 <= max_aspect_ratio < MAX_ASPECT_RATIO:
+            raise ConfigError(
+                f"max_aspect_ratio must be between 1 and {MAX_ASPECT_RATIO} (exclusive), got {max_aspect_ratio}"
+            )
+        self.coords = coords
+        self.limits = limits
+        self.min_box_side = min_box_side
+        self.max_aspect_ratio = max_aspect_ratio
+
+    def run(self, call: dict[str, Any], original: Image.Image, images: list[ImageState]) -> ZoomResult:
+        """Check ``call`` against the images the model has, and cut the crop from ``original``.
+
+        Args:
+            call: ``{"bbox_2d": …, "source": …}`` as the protocol read it.
+            original: full-resolution pixels of the original image.
+            images: the model's images so far (index 0 is the original).
+        """
+        result = self.resolve(call, images)
+        if result.ok:
+            assert result.box is not None
+            result.image = fit(original, self.limits, result.box.as_tuple())
+        return result
+
+    def resolve(self, call: dict[str, Any], images: list[ImageState]) -> ZoomResult:
+        """Every check of ``run`` and the box in original pixels, without cutting the crop."""
+        source = str(call.get("source", "original_image"))
+        result = ZoomResult(source=source)
+
+        def fail(kind: str, message: str) -> ZoomResult:
+            result.error, result.error_kind = message, kind
+            return result
+
+        values = call.get("bbox_2d")
+        if not isinstance(values, (list, tuple)):
+            return fail("bad_box", "bbox_2d must be a list of four numbers [x0, y0, x1, y1]")
+        if len(values) != 4:
+            return fail("bad_box", f"bbox_2d has {len(values)} values; give exactly four: [x0, y0, x1, y1]")
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                return fail("not_a_number", f"bbox_2d holds {v!r}, which is not a number")
+            if not math.isfinite(v):
+                return fail("not_a_number", f"bbox_2d holds {v}, which is not a finite number")
+        result.bbox = [float(v) for v in values]
+
+        index = source_index(source, len(images))
+        if index is None:
+            names = ["original_image"] + [f"observation_{i}" for i in range(1, len(images))]
+            listed = (
+                ", ".join(names)
+                if len(names) <= 8
+                else f"original_image, observation_1 … observation_{len(images) - 1}"
+            )
+            return fail("unknown_source", f"there is no image called {source!r}; you can zoom into: {listed}")
+        result.source_index = index
+        src = images[index]
+
+        x0, y0, x1, y1 = result.bbox
+        hx, hy = self.coords.upper_bounds(src.shown_width, src.shown_height)
+        tol_x, tol_y = hx * 1e-6, hy * 1e-6
+        outside = [
+            v for v, h, t in ((x0, hx, tol_x), (y0, hy, tol_y), (x1, hx, tol_x), (y1, hy, tol_y)) if v < -t or v > h + t
+        ]
+        if outside:
+            hint = ""
+            if self.coords is Coords.RELATIVE and max(outside) > 2:
+                hint = " These look like pixel or 0-1000 values; give fractions of the image's size instead."
+            return fail(
+                "out_of_range",
+                f"the box {_fmt(result.bbox)} is outside the image: x must lie in [0, {_fmt_num(hx)}] and y in "
+                f"[0, {_fmt_num(hy)}], in {self.coords.describe()}.{hint}",
+            )
+        x0, x1 = (min(max(v, 0.0), hx) for v in (x0, x1))
+        y0, y1 = (min(max(v, 0.0), hy) for v in (y0, y1))
+        if x0 >= x1 or y0 >= y1:
+            return fail(
+                "inverted_box",
+                f"the box {_fmt(result.bbox)} is empty or inverted: x0 must be less than x1 and y0 less than y1",
+            )
+        rel = to_relative((x0, y0, x1, y1), self.coords, src.shown_width, src.shown_height)
+        box = src.box.sub_box(rel)
+        if box.width < self.min_box_side or box.height < self.min_box_side:
+            return fail(
+                "box_too_small",
+                f"the region is only {box.width}×{box.height} pixels of the original image; each side must be "
+                f"at least {self.min_box_side} pixels. Choose a larger region.",
+            )
+        ratio = max(box.width, box.height) / min(box.width, box.height)
+        if ratio > self.max_aspect_ratio:
+            return fail(
+                "aspect_ratio",
+                f"the region is {box.width}×{box.height} pixels, {ratio:.0f} times longer than wide; "
+                f"keep it below {self.max_aspect_ratio:.0f}:1",
+            )
+        result.box = box
+        return result
+
+
+def _fmt_num(v: float) -> str:
+    return f"{v:g}"
+
+
+def _fmt(values: list[float]) -> str:
+    return "[" + ", ".join(_fmt_num(v) for v in values) + "]"

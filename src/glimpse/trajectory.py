@@ -1,0 +1,337 @@
+"""The trajectory record: what one run of the agent loop did, in a form every later stage reads.
+
+The agent loop writes it; evaluation scores it; the viewer draws it; SFT export and RL read it. One JSON line
+per trajectory. Images are never embedded: the original is stored by path and SHA-256, and every observation
+by its box in original-image pixels, so ``render_image`` recomputes exactly what the model was shown.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, computed_field
+
+from glimpse.errors import GlimpseError
+from glimpse.geometry import Box
+from glimpse.images import ImageCache, PixelLimits, fit
+
+SCHEMA_VERSION = 1
+
+StopReason = Literal["answer", "max_turns", "max_images", "context_full", "no_action", "error"]
+# Stop reasons where a cap, not the model, ended the trajectory.
+CAP_STOPS: frozenset[str] = frozenset({"max_turns", "max_images", "context_full"})
+TurnKind = Literal["zoom", "answer", "error", "none"]
+
+
+class Sample(BaseModel):
+    """One question about one image.
+
+    Attributes:
+        id: unique within its dataset.
+        images: image paths; the runtime uses the first (multi-image samples are not supported yet).
+        question: the question as the model should read it (options already included).
+        answer: the gold answer, when known.
+        options: multiple-choice options, when the question has them.
+        target_boxes: gold boxes ``[x0, y0, x1, y1]`` in original-image pixels, when known.
+        meta: anything else the dataset carries (level, category, source …).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    images: list[str]
+    question: str
+    answer: str | None = None
+    options: list[str] | None = None
+    target_boxes: list[list[int]] | None = None
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+
+class ImageRef(BaseModel):
+    """An original image: path as given, SHA-256 of the file, and its size in EXIF orientation."""
+
+    path: str
+    sha256: str
+    width: int
+    height: int
+
+
+class Usage(BaseModel):
+    """Token counts, as the backend reported them (``None`` parts count as 0)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            prompt_tokens=self.prompt_tokens + other.prompt_tokens,
+            completion_tokens=self.completion_tokens + other.completion_tokens,
+        )
+
+
+class ZoomCall(BaseModel):
+    """A zoom request as the model wrote it: the box in the run's coordinate convention, and its source."""
+
+    bbox_2d: list[float]
+    source: str = "original_image"
+
+
+class Turn(BaseModel):
+    """One assistant turn and what the harness did with it.
+
+    Attributes:
+        index: 0-based turn number.
+        text: the model's raw text (a stop string the server cut off is put back).
+        thought: the reasoning, from ``<think>`` or the server's reasoning field.
+        kind: ``zoom`` (a well-formed zoom call; run unless a cap ended the loop first), ``answer``,
+            ``error`` (a mistake shown to the model) or ``none`` (neither a call nor an answer).
+        call: the zoom as written, when it could be read.
+        answer: the final answer text, for ``answer`` turns.
+        source_index: index of the image zoomed into (0 = original, N = observation_N).
+        crop_box_px: the zoom's box in original-image pixels ``[x0, y0, x1, y1]``.
+        observation_index: N of the observation_N this zoom created.
+        observation_size: ``[width, height]`` the new observation was shown at.
+        error: the error text shown to the model.
+        error_kind: a short category of the error, counted in metrics.
+        tool_attempt: the model tried to call the tool (a zoom, or a malformed call); decides ``over_turn``.
+        tool_call_id: the id of the native function call, for the ``tools`` protocol.
+        finish_reason: why generation stopped (``stop``, ``length`` …).
+        usage: tokens of this turn's request.
+        latency_s: seconds waiting for the model.
+        tool_s: seconds spent running the tool.
+    """
+
+    index: int
+    text: str
+    thought: str | None = None
+    kind: TurnKind
+    call: ZoomCall | None = None
+    answer: str | None = None
+    source_index: int | None = None
+    crop_box_px: list[int] | None = None
+    observation_index: int | None = None
+    observation_size: list[int] | None = None
+    error: str | None = None
+    error_kind: str | None = None
+    tool_attempt: bool = False
+    tool_call_id: str | None = None
+    finish_reason: str | None = None
+    usage: Usage = Field(default_factory=Usage)
+    latency_s: float = 0.0
+    tool_s: float = 0.0
+
+
+class TokenView(BaseModel):
+    """The whole conversation as one flat list of token ids, with ``mask`` 1 for sampled tokens.
+
+    ``aligned`` is false when a later prompt did not extend the earlier tokens (the server re-tokenised the
+    history differently, or images were dropped from the context); the view then stops at that point.
+    """
+
+    ids: list[int] = Field(default_factory=list)
+    mask: list[int] = Field(default_factory=list)
+    aligned: bool = True
+
+
+class RunSettings(BaseModel):
+    """The settings that shaped a trajectory, recorded with it."""
+
+    model: str
+    protocol: str
+    coords: str
+    max_turns: int
+    max_images: int | None
+    max_new_tokens: int
+    max_context_tokens: int
+    min_pixels: int
+    max_pixels: int
+    resize_factor: int
+    min_box_side: int
+    max_aspect_ratio: float
+    keep_images: int | None
+    temperature: float | None
+    top_p: float | None
+    seed: int | None
+    prompt: str
+
+    @property
+    def limits(self) -> PixelLimits:
+        return PixelLimits(self.min_pixels, self.max_pixels, self.resize_factor)
+
+
+class Observation(BaseModel):
+    """An image in a trajectory: the original (index 0) or observation_N (index N)."""
+
+    index: int
+    box_px: list[int]
+    source_index: int | None
+    shown_size: list[int]
+    turn_index: int | None
+
+    @property
+    def name(self) -> str:
+        return "original_image" if self.index == 0 else f"observation_{self.index}"
+
+
+class Trajectory(BaseModel):
+    """One run of the agent loop on one sample.
+
+    Attributes:
+        id: ``<sample id>#<sample_index>``.
+        sample: the question, images and gold answer.
+        sample_index: which of the ``k`` samples of this question it is.
+        image: the original as loaded (``None`` when it could not be read).
+        shown_size: ``[width, height]`` the original was shown at.
+        settings: limits, protocol and sampling that produced it.
+        turns: the assistant turns, in order.
+        answer: the final answer, when the model gave one.
+        stop_reason: why the loop stopped.
+        over_turn: a cap stopped the loop while the model was still calling the tool; RL masks these.
+        error: what went wrong, for ``stop_reason == "error"``.
+        started_at: ISO-8601 start time (UTC).
+        wall_s: seconds from start to stop.
+        token_view: flat token ids and mask, when the backend returned token ids.
+    """
+
+    schema_version: int = SCHEMA_VERSION
+    id: str
+    sample: Sample
+    sample_index: int = 0
+    image: ImageRef | None = None
+    shown_size: list[int] | None = None
+    settings: RunSettings
+    turns: list[Turn] = Field(default_factory=list)
+    answer: str | None = None
+    stop_reason: StopReason | None = None
+    over_turn: bool = False
+    error: str | None = None
+    started_at: str = ""
+    wall_s: float = 0.0
+    token_view: TokenView | None = None
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def usage(self) -> Usage:
+        total = Usage()
+        for turn in self.turns:
+            total = total + turn.usage
+        return total
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def metrics(self) -> dict[str, Any]:
+        errors = Counter(t.error_kind for t in self.turns if t.error_kind)
+        attempts = sum(1 for t in self.turns if t.tool_attempt)
+        return {
+            "turns": len(self.turns),
+            "zooms": sum(1 for t in self.turns if t.observation_index is not None),
+            "tool_calls": attempts,
+            "tool_errors": sum(1 for t in self.turns if t.kind == "error"),
+            "errors_by_kind": dict(sorted(errors.items())),
+        }
+
+    def observations(self) -> list[Observation]:
+        """Every image of the trajectory: the original first, then each zoom in creation order."""
+        if self.image is None or self.shown_size is None:
+            return []
+        out = [
+            Observation(
+                index=0,
+                box_px=[0, 0, self.image.width, self.image.height],
+                source_index=None,
+                shown_size=self.shown_size,
+                turn_index=None,
+            )
+        ]
+        for turn in self.turns:
+            if turn.observation_index is not None and turn.crop_box_px and turn.observation_size:
+                out.append(
+                    Observation(
+                        index=turn.observation_index,
+                        box_px=turn.crop_box_px,
+                        source_index=turn.source_index,
+                        shown_size=turn.observation_size,
+                        turn_index=turn.index,
+                    )
+                )
+        return out
+
+
+def render_image(
+    trajectory: Trajectory,
+    index: int,
+    *,
+    cache: ImageCache | None = None,
+    base_dir: str | os.PathLike[str] | None = None,
+    full_resolution: bool = False,
+) -> Image.Image:
+    """Recompute image ``index`` of a trajectory (0 = original, N = observation_N) from the original file.
+
+    Args:
+        trajectory: a recorded trajectory.
+        index: which image.
+        cache: decoded originals to reuse.
+        base_dir: resolve a relative image path against this folder instead of the working directory.
+        full_resolution: return the crop at original resolution instead of the size the model was shown.
+
+    Raises:
+        GlimpseError: the trajectory has no such image, or the file changed since it was recorded.
+    """
+    images = trajectory.observations()
+    if not 0 <= index < len(images):
+        raise GlimpseError(f"{trajectory.id} has {len(images)} images; there is no image {index}")
+    assert trajectory.image is not None  # observations() is empty otherwise
+    path = trajectory.image.path
+    if base_dir is not None and not os.path.isabs(path):
+        path = os.path.join(base_dir, path)
+    original = (cache or ImageCache()).get(path)
+    if original.sha256 != trajectory.image.sha256:
+        raise GlimpseError(
+            f"{path} changed since trajectory {trajectory.id} was recorded "
+            f"(sha256 {original.sha256[:12]}… instead of {trajectory.image.sha256[:12]}…)"
+        )
+    box = Box.from_list(images[index].box_px).as_tuple()
+    if full_resolution:
+        return original.image.crop(box)
+    return fit(original.image, trajectory.settings.limits, box)
+
+
+def save_jsonl(trajectories: Iterable[Trajectory], path: str | os.PathLike[str], *, append: bool = False) -> None:
+    """Write trajectories as JSON lines (one per line), creating parent folders."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with p.open("a" if append else "w", encoding="utf-8") as fh:
+        for traj in trajectories:
+            fh.write(traj.model_dump_json() + "\n")
+
+
+def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[Trajectory]:
+    """Read trajectories from a JSON-lines file, one at a time.
+
+    Raises:
+        GlimpseError: a line is not a valid trajectory (the message gives the line number).
+    """
+    with Path(path).open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                yield Trajectory.model_validate_json(line)
+            except ValueError as exc:
+                raise GlimpseError(f"{path}:{lineno}: not a valid trajectory: {exc}") from None
+
+
+def load_jsonl(path: str | os.PathLike[str]) -> list[Trajectory]:
+    """Read all trajectories of a JSON-lines file."""
+    return list(iter_jsonl(path))
+
+
+def dumps(trajectory: Trajectory, indent: int | None = 2) -> str:
+    """Pretty JSON of one trajectory (for ``--json`` output)."""
+    return json.dumps(trajectory.model_dump(mode="json"), indent=indent)

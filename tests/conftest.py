@@ -1,0 +1,109 @@
+"""Shared fixtures: images made on the fly and real HTTP servers on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def gradient_image(width: int, height: int) -> Image.Image:
+    """An image whose every pixel encodes its own coordinates: R = x mod 256, G = y mod 256, B = (x // 256) * 16 +
+    (y // 256), so any crop can be checked to the pixel."""
+    xs = np.arange(width, dtype=np.int64)[None, :].repeat(height, 0)
+    ys = np.arange(height, dtype=np.int64)[:, None].repeat(width, 1)
+    arr = np.stack([xs % 256, ys % 256, ((xs // 256) * 16 + ys // 256) % 256], axis=-1).astype(np.uint8)
+    return Image.fromarray(arr, "RGB")
+
+
+@pytest.fixture
+def make_image(tmp_path: Path):
+    """Write a coordinate-encoding PNG of the given size and return its path."""
+
+    def make(width: int = 1000, height: int = 800, name: str = "img.png") -> Path:
+        path = tmp_path / name
+        gradient_image(width, height).save(path)
+        return path
+
+    return make
+
+
+@pytest.fixture
+def write_script(tmp_path: Path):
+    def write(turns: list, name: str = "script.json") -> Path:
+        path = tmp_path / name
+        path.write_text(json.dumps(turns), encoding="utf-8")
+        return path
+
+    return write
+
+
+def wait_healthy(base: str, proc: subprocess.Popen | None = None, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            out = proc.stdout.read().decode() if proc.stdout else ""
+            raise RuntimeError(f"server exited with {proc.returncode}: {out}")
+        try:
+            if httpx.get(base.removesuffix("/v1") + "/health", timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"server at {base} did not come up in {timeout} s")
+
+
+@contextlib.contextmanager
+def glimpse_server(*args: str) -> Iterator[str]:
+    """Run ``glimpse serve`` in a subprocess on a free loopback port; yield its /v1 base URL."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "glimpse", "serve", "--port", str(port), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}/v1"
+    try:
+        wait_healthy(base, proc)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@contextlib.contextmanager
+def app_server(app) -> Iterator[str]:
+    """Run an ASGI app with uvicorn in a thread on a free loopback port; yield its /v1 base URL."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}/v1"
+    try:
+        wait_healthy(base)
+        yield base
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -1,0 +1,114 @@
+"""The command line: exit codes, output modes, config files, the demo, and a fast --help."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from glimpse.trajectory import load_jsonl
+
+
+def glimpse(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "glimpse", *args], capture_output=True, text=True, timeout=timeout)
+
+
+ANSWER = "<think>easy</think><answer>seven</answer>"
+ZOOM = '<grounding>{"bbox_2d": [0.1, 0.1, 0.6, 0.6], "source": "original_image"}</grounding>'
+
+
+def test_help_is_fast_and_never_imports_heavy_modules():
+    code = (
+        "import sys, time\n"
+        "t = time.perf_counter()\n"
+        "sys.argv = ['glimpse', '--help']\n"
+        "from glimpse.cli import main\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "heavy = [m for m in ('torch', 'transformers', 'PIL', 'httpx', 'pydantic', 'numpy') if m in sys.modules]\n"
+        "sys.stderr.write(repr((heavy, time.perf_counter() - t)))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    heavy, seconds = eval(proc.stderr.strip().splitlines()[-1])
+    assert heavy == [] and "ask" in proc.stdout
+    assert seconds < 3.0
+
+
+def test_ask_scripted_answers_with_exit_0(make_image, write_script, tmp_path):
+    script = write_script([ZOOM, ANSWER])
+    out = tmp_path / "t.jsonl"
+    proc = glimpse("ask", str(make_image()), "How many?", "--model", f"scripted:{script}", "--save", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "turn 1" in proc.stdout and "Answer: seven" in proc.stdout
+    proc = glimpse("ask", str(make_image()), "How many?", "--model", f"scripted:{script}", "--save", str(out))
+    assert len(load_jsonl(out)) == 2  # --save appends
+
+
+def test_no_answer_exits_1_and_reports_the_cap(make_image, write_script):
+    script = write_script([ZOOM] * 5)
+    proc = glimpse("ask", str(make_image()), "?", "--model", f"scripted:{script}", "--max-turns", "2")
+    assert proc.returncode == 1
+    assert "No answer" in proc.stdout and "max_turns (over-turn)" in proc.stdout
+
+
+def test_unreadable_image_exits_3_naming_the_file(tmp_path, write_script):
+    script = write_script([ANSWER])
+    missing = tmp_path / "nope.jpg"
+    proc = glimpse("ask", str(missing), "?", "--model", f"scripted:{script}")
+    assert proc.returncode == 3 and "nope.jpg: no such file" in proc.stdout
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    proc = glimpse("ask", str(empty), "?", "--model", f"scripted:{script}")
+    assert proc.returncode == 3 and "empty (0 bytes)" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "choose a model with --model"),
+        (["--model", "gpt:4"], "unknown model backend"),
+        (["--model", "scripted:x.json", "--protocol", "xml"], "Invalid value"),
+        (["--model", "scripted:/no/such/file.json"], "cannot read script file"),
+        (["--model", "scripted:x.json", "--temperature", "hot"], "not a valid float"),
+        (["--model", "scripted:x.json", "--max-turns", "0"], "max_turns must be at least 1"),
+    ],
+)
+def test_bad_usage_exits_2_with_a_message(make_image, write_script, args, message):
+    write_script([ANSWER], name="x.json")
+    proc = glimpse("ask", str(make_image()), "?", *[a.replace("x.json", str(write_script([ANSWER]))) for a in args])
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert message in proc.stdout + proc.stderr
+
+
+def test_json_and_quiet_outputs(make_image, write_script):
+    script = write_script([ANSWER])
+    proc = glimpse("ask", str(make_image()), "?", "--model", f"scripted:{script}", "--json")
+    assert proc.returncode == 0
+    record = json.loads(proc.stdout.strip().splitlines()[0])
+    assert record["answer"] == "seven" and record["stop_reason"] == "answer"
+    proc = glimpse("ask", str(make_image()), "?", "--model", f"scripted:{script}", "--quiet")
+    assert proc.stdout.strip() == "seven"
+
+
+def test_config_file_and_samples(make_image, write_script, tmp_path):
+    script = write_script([[ANSWER], ["<answer>eight</answer>"], [ZOOM, ANSWER]])
+    cfg = tmp_path / "ask.toml"
+    cfg.write_text(f'model = "scripted:{script}"\nsamples = 3\neffort = "low"\n')
+    proc = glimpse("ask", str(make_image()), "?", "--config", str(cfg), "--json")
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["answer"] for r in records] == ["seven", "eight", "seven"]
+    assert {r["settings"]["max_turns"] for r in records} == {4}
+
+
+def test_demo_runs_offline_and_finds_the_code(tmp_path):
+    started = time.perf_counter()
+    proc = glimpse("demo", "--out", str(tmp_path / "demo"))
+    assert proc.returncode == 0, proc.stderr
+    assert "scripted" in proc.stdout
+    (traj,) = load_jsonl(tmp_path / "demo" / "trajectory.jsonl")
+    assert f"gold answer: {traj.answer}" in proc.stdout
+    assert traj.metrics["zooms"] == 2 and traj.metrics["tool_errors"] == 1
+    assert time.perf_counter() - started < 60

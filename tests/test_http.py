@@ -1,0 +1,401 @@
+"""The openai backend and ``glimpse serve`` over real HTTP on loopback.
+
+End-to-end runs use a ``glimpse serve`` subprocess in front of the scripted backend; fault-injection cases use
+small Starlette apps served by uvicorn in a thread. No client is mocked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.routing import Route
+
+from conftest import app_server, free_port, glimpse_server
+from glimpse.agent import AgentLoop
+from glimpse.errors import BackendError, ContextLengthError
+from glimpse.models.base import GenerateParams, Message
+from glimpse.models.openai_compat import OpenAIBackend
+from glimpse.trajectory import Sample, load_jsonl
+
+pytestmark = pytest.mark.slow
+
+
+def zoom(box, source="original_image") -> str:
+    return f"<think>zoom</think><grounding>{json.dumps({'bbox_2d': box, 'source': source})}</grounding>"
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def _run_and_close(loop: AgentLoop, sample: Sample, **kw):
+    try:
+        return await loop.run(sample, **kw)
+    finally:
+        await loop.backend.aclose()
+
+
+# -------------------------------------------------------------------------------- against glimpse serve
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("served")
+    script = folder / "script.json"
+    script.write_text(
+        json.dumps(
+            {
+                "scripts": [
+                    [
+                        zoom([0.25, 0.25, 0.75, 0.75]),
+                        zoom([0.5, 0.5, 1.0, 1.0], "observation_1"),
+                        "<answer>42</answer>",
+                    ],
+                    [zoom([0.0, 0.0, 0.5, 0.5]), "<answer>41</answer>"],
+                    [
+                        {
+                            "content": "",
+                            "tool_calls": [
+                                {
+                                    "id": "c1",
+                                    "name": "zoom_in",
+                                    "arguments": {"bbox_2d": [0.1, 0.1, 0.6, 0.6], "source": "original_image"},
+                                }
+                            ],
+                        },
+                        {"content": "<answer>tool</answer>"},
+                    ],
+                ]
+            }
+        )
+    )
+    with glimpse_server("--model", f"scripted:{script}") as base:
+        yield base, folder
+
+
+def test_multi_turn_zoom_over_http(served, make_image):
+    base, _ = served
+    path = make_image(1000, 800)
+    loop = AgentLoop(OpenAIBackend("scripted", base_url=base))
+    (traj,) = run(_run_and_close(loop, Sample(id="h", images=[str(path)], question="?")))
+    assert traj.stop_reason == "answer" and traj.answer == "42", traj.error
+    assert [t.crop_box_px for t in traj.turns[:2]] == [[250, 200, 750, 600], [500, 400, 750, 600]]
+    assert traj.settings.model == "openai:scripted"
+    # The server counted the images it received (one per 28×28 pixels): more tokens every turn.
+    prompts = [t.usage.prompt_tokens for t in traj.turns]
+    assert prompts[0] > (1008 // 28) * (812 // 28) and prompts[0] < prompts[1] < prompts[2]
+
+
+def test_samples_use_n_over_http(served, make_image):
+    base, _ = served
+    loop = AgentLoop(OpenAIBackend("scripted", base_url=base))
+    trajs = run(_run_and_close(loop, Sample(id="h", images=[str(make_image())], question="?"), samples=2))
+    assert [t.answer for t in trajs] == ["42", "41"]
+
+
+def test_function_calls_over_http(served, make_image):
+    base, _ = served
+
+    async def go():
+        # Three samples: the server's third script is the one written with native tool calls.
+        backend = OpenAIBackend("scripted", base_url=base)
+        loop = AgentLoop(backend, protocol="tools")
+        try:
+            return await loop.run(Sample(id="h", images=[str(make_image())], question="?"), samples=3)
+        finally:
+            await backend.aclose()
+
+    trajs = run(go())
+    tool_traj = trajs[2]
+    assert tool_traj.turns[0].tool_call_id == "c1" and tool_traj.turns[0].crop_box_px == [100, 80, 600, 480]
+    assert tool_traj.answer == "tool"
+
+
+def test_cli_ask_against_the_server(served, make_image, tmp_path):
+    base, _ = served
+    path = make_image(1000, 800)
+    out = tmp_path / "out.jsonl"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "glimpse",
+            "ask",
+            str(path),
+            "What is it?",
+            "--model",
+            "openai:scripted",
+            "--base-url",
+            base,
+            "--save",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "turn 1" in proc.stdout and "zoom original_image" in proc.stdout and "Answer: 42" in proc.stdout
+    (traj,) = load_jsonl(out)
+    assert traj.answer == "42" and len(traj.turns) == 3
+    assert json.loads(out.with_suffix(".config.json").read_text())["base_url"] == base
+
+
+def test_server_limits_give_clear_4xx(tmp_path, write_script):
+    script = write_script(["<answer>x</answer>"])
+    with glimpse_server(
+        "--model", f"scripted:{script}", "--max-body-mb", "1", "--max-n", "4", "--max-images", "1"
+    ) as base:
+        url = base + "/chat/completions"
+        ok = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        assert httpx.post(url, json=ok).status_code == 200
+        cases = [
+            ({**ok, "n": 5}, 400, "above this server's limit of 4"),
+            ({**ok, "stream": True}, 400, "streaming"),
+            ({"model": "m", "messages": []}, 400, "non-empty"),
+            (
+                {
+                    "model": "m",
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}],
+                        }
+                    ],
+                },
+                400,
+                "data URLs",
+            ),
+            (
+                {
+                    "model": "m",
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}] * 2,
+                        }
+                    ],
+                },
+                400,
+                "at most 1",
+            ),
+        ]
+        for body, status, text in cases:
+            r = httpx.post(url, json=body)
+            assert r.status_code == status and text in r.json()["error"]["message"], (body, r.text)
+        big = httpx.post(url, content=b"x" * (2 * 1024 * 1024), headers={"content-type": "application/json"})
+        assert big.status_code == 413
+        bad = httpx.post(url, content=b"{not json", headers={"content-type": "application/json"})
+        assert bad.status_code == 400 and "not valid JSON" in bad.json()["error"]["message"]
+        assert httpx.get(base + "/models").json()["data"][0]["id"].startswith("scripted:")
+
+
+def test_retries_through_injected_503s(make_image, write_script):
+    script = write_script([zoom([0.1, 0.1, 0.6, 0.6]), "<answer>7</answer>"])
+    with glimpse_server("--model", f"scripted:{script}", "--fail-every", "2") as base:
+        backend = OpenAIBackend("scripted", base_url=base, backoff=0.01)
+        (traj,) = run(_run_and_close(AgentLoop(backend), Sample(id="r", images=[str(make_image())], question="?")))
+    assert traj.stop_reason == "answer" and traj.answer == "7"
+
+
+# ------------------------------------------------------------------------------------- fault injection
+def _reply(text: str = "<answer>ok</answer>", **extra) -> dict:
+    return {
+        "id": "x",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 3},
+        **extra,
+    }
+
+
+def scripted_app(handler) -> Starlette:
+    """An app whose chat endpoint calls ``handler(attempt, body)``; attempts and bodies are recorded."""
+    seen: list[dict] = []
+
+    async def chat(request: Request):
+        body = json.loads(await request.body())
+        seen.append(body)
+        return await handler(len(seen), body)
+
+    async def health(_):
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"]), Route("/health", health)])
+    app.state.seen = seen
+    return app
+
+
+def generate(base: str, n: int = 1, **backend_options) -> list:
+    async def go():
+        backend = OpenAIBackend("m", base_url=base, backoff=0.01, **backend_options)
+        try:
+            return await backend.generate([Message("user", "hi")], GenerateParams(n=n))
+        finally:
+            await backend.aclose()
+
+    return run(go())
+
+
+def test_retry_after_429_and_garbage_then_success():
+    async def handler(attempt, body):
+        if attempt == 1:
+            return JSONResponse({"error": {"message": "slow down"}}, status_code=429, headers={"Retry-After": "0.2"})
+        if attempt == 2:
+            return PlainTextResponse("<html>bad gateway</html>", status_code=200)
+        return JSONResponse(_reply())
+
+    app = scripted_app(handler)
+    with app_server(app) as base:
+        started = time.perf_counter()
+        (completion,) = generate(base)
+        assert time.perf_counter() - started >= 0.2  # Retry-After was honoured
+    assert completion.text == "<answer>ok</answer>" and len(app.state.seen) == 3
+
+
+def test_gives_up_after_max_retries_with_the_last_error():
+    async def handler(attempt, body):
+        return JSONResponse({"error": {"message": "overloaded"}}, status_code=503)
+
+    app = scripted_app(handler)
+    with app_server(app) as base, pytest.raises(BackendError, match=r"gave up after 3 attempts.*overloaded"):
+        generate(base, max_retries=2)
+    assert len(app.state.seen) == 3
+
+
+def test_client_errors_are_not_retried_and_carry_a_hint():
+    async def handler(attempt, body):
+        return JSONResponse({"error": {"message": "invalid api key"}}, status_code=401)
+
+    app = scripted_app(handler)
+    with app_server(app) as base, pytest.raises(BackendError, match="check the API key"):
+        generate(base)
+    assert len(app.state.seen) == 1
+
+
+def test_rejected_parameters_are_dropped_once():
+    async def handler(attempt, body):
+        if "temperature" in body:
+            return JSONResponse(
+                {"error": {"message": "Unsupported parameter: 'temperature' is not supported with this model."}},
+                status_code=400,
+            )
+        return JSONResponse(_reply())
+
+    app = scripted_app(handler)
+    with app_server(app) as base:
+
+        async def go():
+            backend = OpenAIBackend("m", base_url=base)
+            try:
+                for _ in range(2):
+                    await backend.generate([Message("user", "hi")], GenerateParams(temperature=0.5))
+            finally:
+                await backend.aclose()
+            return backend
+
+        backend = run(go())
+    assert backend.dropped == {"temperature"}
+    assert ["temperature" in b for b in app.state.seen] == [True, False, False]
+
+
+def test_n_is_emulated_when_the_server_refuses_it():
+    async def handler(attempt, body):
+        if body.get("n", 1) > 1:
+            return JSONResponse({"error": {"message": "'n' is not supported by this model"}}, status_code=400)
+        return JSONResponse(_reply(f"<answer>{attempt}</answer>"))
+
+    app = scripted_app(handler)
+    with app_server(app) as base:
+        completions = generate(base, n=3)
+    assert len(completions) == 3 and len(app.state.seen) == 4
+
+
+def test_context_overflow_becomes_context_full(make_image):
+    async def handler(attempt, body):
+        if len(body["messages"]) > 2:
+            return JSONResponse(
+                {
+                    "error": {
+                        "message": "This model's maximum context length is 4096 tokens. "
+                        "However, you requested 5000 tokens."
+                    }
+                },
+                status_code=400,
+            )
+        return JSONResponse(_reply(zoom([0.1, 0.1, 0.6, 0.6])))
+
+    with app_server(scripted_app(handler)) as base:
+        with pytest.raises(ContextLengthError):
+            run(OpenAIBackend("m", base_url=base).generate([Message("user", "a")] * 3, GenerateParams()))
+        loop = AgentLoop(OpenAIBackend("m", base_url=base))
+        (traj,) = run(_run_and_close(loop, Sample(id="c", images=[str(make_image())], question="?")))
+    assert traj.stop_reason == "context_full" and traj.over_turn
+
+
+def test_timeouts_are_retried():
+    async def handler(attempt, body):
+        if attempt == 1:
+            await asyncio.sleep(2.0)
+        return JSONResponse(_reply())
+
+    app = scripted_app(handler)
+    with app_server(app) as base:
+        (completion,) = generate(base, timeout=0.5)
+    assert completion.text and len(app.state.seen) == 2
+
+
+def test_token_ids_and_reasoning_are_read():
+    async def handler(attempt, body):
+        assert body["return_token_ids"] is True and body["max_completion_tokens"] == 1024
+        reply = _reply(prompt_token_ids=[1, 2, 3])
+        reply["choices"][0]["token_ids"] = [4, 5]
+        reply["choices"][0]["message"]["reasoning_content"] = "because"
+        return JSONResponse(reply)
+
+    with app_server(scripted_app(handler)) as base:
+
+        async def go():
+            backend = OpenAIBackend("m", base_url=base)
+            try:
+                return await backend.generate([Message("user", "hi")], GenerateParams(return_token_ids=True))
+            finally:
+                await backend.aclose()
+
+        (c,) = run(go())
+    assert c.prompt_token_ids == [1, 2, 3] and c.token_ids == [4, 5] and c.completion_tokens == 2
+    assert c.reasoning == "because"
+
+
+def test_unreachable_server_fails_with_exit_code_4(make_image, tmp_path):
+    port = free_port()  # nothing listens here
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "glimpse",
+            "ask",
+            str(make_image()),
+            "?",
+            "--model",
+            "openai:m",
+            "--base-url",
+            f"http://127.0.0.1:{port}/v1",
+            "--max-retries",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 4, proc.stdout + proc.stderr
+    assert "ConnectError" in proc.stdout or "ConnectError" in proc.stderr

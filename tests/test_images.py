@@ -1,0 +1,178 @@
+"""Image input: modes, orientation, broken files, size limits and the decoded-image cache."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import gradient_image
+from glimpse.errors import ImageInputError
+from glimpse.images import ImageCache, PixelLimits, data_url, decode_data_url, fit, read_image, to_rgb
+
+
+def test_reads_and_hashes(make_image):
+    path = make_image(300, 200)
+    img = read_image(path)
+    assert img.image.mode == "RGB" and img.image.size == (300, 200)
+    assert len(img.sha256) == 64
+    assert img.sha256 == read_image(path).sha256
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        ("missing", "no such file"),
+        ("empty", "empty"),
+        ("truncated", "truncated or corrupt"),
+        ("not_image", "not a recognised image format"),
+        ("directory", "directory"),
+    ],
+)
+def test_bad_files_name_the_file_and_the_problem(tmp_path, setup, message):
+    path = tmp_path / "bad.png"
+    if setup == "empty":
+        path.write_bytes(b"")
+    elif setup == "truncated":
+        buf = io.BytesIO()
+        gradient_image(400, 300).save(buf, format="PNG")
+        path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    elif setup == "not_image":
+        path.write_text("this is not an image")
+    elif setup == "directory":
+        path.mkdir()
+    with pytest.raises(ImageInputError) as info:
+        read_image(path)
+    assert str(path) in str(info.value)
+    assert message in str(info.value)
+
+
+def test_truncated_jpeg_is_refused(tmp_path):
+    buf = io.BytesIO()
+    gradient_image(640, 480).save(buf, format="JPEG", quality=90)
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(buf.getvalue()[:-2000])
+    with pytest.raises(ImageInputError, match="truncated"):
+        read_image(path)
+
+
+def test_decompression_bomb_keeps_pillows_limit_and_explains_it(make_image, monkeypatch):
+    path = make_image(400, 300)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50_000)  # 120,000 pixels is then above 2 × the limit
+    with pytest.raises(ImageInputError) as info:
+        read_image(path)
+    text = str(info.value)
+    assert "decompression bomb" in text and "100,000" in text and "GLIMPSE_MAX_IMAGE_PIXELS" in text
+
+
+def test_pixel_limit_can_be_raised_for_trusted_files(make_image, monkeypatch):
+    path = make_image(400, 300)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50_000)
+    monkeypatch.setenv("GLIMPSE_MAX_IMAGE_PIXELS", "1_000_000")
+    assert read_image(path).image.size == (400, 300)
+
+
+def test_extreme_panorama_is_refused_with_the_limit(tmp_path):
+    path = tmp_path / "pano.png"
+    Image.new("RGB", (20_000, 90), (10, 20, 30)).save(path)
+    with pytest.raises(ImageInputError, match="200:1"):
+        read_image(path)
+
+
+def test_wide_panorama_within_limit_is_resized(tmp_path):
+    path = tmp_path / "pano.png"
+    Image.new("RGB", (12_000, 400), (10, 20, 30)).save(path)
+    img = read_image(path)
+    shown = fit(img.image, PixelLimits())
+    assert shown.width % 28 == 0 and shown.height % 28 == 0 and shown.width * shown.height <= 2_000_000
+
+
+def _roundtrip(img: Image.Image, tmp_path, fmt: str, name: str, **save) -> Image.Image:
+    path = tmp_path / name
+    img.save(path, format=fmt, **save)
+    return read_image(path).image
+
+
+def test_cmyk_becomes_rgb(tmp_path):
+    cmyk = Image.new("CMYK", (64, 48), (0, 255, 255, 0))  # pure red in CMYK
+    out = _roundtrip(cmyk, tmp_path, "JPEG", "c.jpg", quality=100)
+    assert out.mode == "RGB"
+    r, g, b = out.getpixel((10, 10))
+    assert r > 200 and g < 60 and b < 60
+
+
+def test_16_bit_grey_is_scaled_not_clipped(tmp_path):
+    arr = np.full((32, 32), 32768, dtype=np.uint16)  # mid-grey in 16 bits
+    out = _roundtrip(Image.fromarray(arr), tmp_path, "PNG", "g16.png")
+    assert out.mode == "RGB"
+    assert abs(out.getpixel((0, 0))[0] - 127) <= 1
+
+
+def test_palette_with_transparency_and_alpha_composite_on_white(tmp_path):
+    rgba = Image.new("RGBA", (20, 20), (255, 0, 0, 0))  # fully transparent red
+    out = _roundtrip(rgba, tmp_path, "PNG", "a.png")
+    assert out.getpixel((5, 5)) == (255, 255, 255)
+    half = Image.new("LA", (20, 20), (0, 128))
+    out = _roundtrip(half, tmp_path, "PNG", "la.png")
+    assert abs(out.getpixel((5, 5))[0] - 127) <= 1
+    pal = Image.new("P", (20, 20), 3)
+    pal.putpalette([0, 0, 0] * 3 + [0, 200, 0] + [0, 0, 0] * 252)
+    pal.info["transparency"] = 0
+    assert _roundtrip(pal, tmp_path, "PNG", "p.png").getpixel((5, 5)) == (0, 200, 0)
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "I", "F", "RGBX", "YCbCr"])
+def test_other_modes_become_rgb(mode):
+    img = Image.new(mode, (8, 8))
+    out = to_rgb(img)
+    assert out.mode == "RGB" and out.size == (8, 8)
+
+
+def test_exif_rotation_is_applied_so_crops_agree_with_the_view(tmp_path):
+    # Stored 400×200 with orientation 6 (rotate 90° clockwise to view): the viewer sees 200×400.
+    stored = gradient_image(400, 200)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "rot.jpg"
+    stored.save(path, format="JPEG", quality=100, exif=exif.tobytes())
+    img = read_image(path).image
+    assert img.size == (200, 400)
+    expected = stored.transpose(Image.Transpose.ROTATE_270)
+    # The top-left of what the viewer sees was the bottom-left of the stored pixels.
+    a = np.asarray(img.crop((0, 0, 50, 50)), dtype=int)
+    b = np.asarray(expected.crop((0, 0, 50, 50)), dtype=int)
+    assert np.abs(a - b).mean() < 3
+
+
+def test_data_url_roundtrip():
+    img = gradient_image(64, 32)
+    for fmt in ("png", "jpeg"):
+        back = decode_data_url(data_url(img, fmt))
+        assert back.size == (64, 32)
+    assert np.array_equal(np.asarray(decode_data_url(data_url(img, "png"))), np.asarray(img))
+    with pytest.raises(ImageInputError):
+        decode_data_url("http://example.com/x.png")
+
+
+def test_cache_decodes_once_and_notices_changes(make_image):
+    path = make_image(200, 100)
+    cache = ImageCache()
+    a = cache.get(path)
+    b = cache.get(path)
+    assert a.image is b.image and cache.misses == 1 and cache.hits == 1
+    gradient_image(120, 60).save(path)
+    stat = os.stat(path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert cache.get(path).image.size == (120, 60)
+
+
+def test_cache_is_bounded_by_bytes(make_image):
+    cache = ImageCache(max_bytes=200 * 100 * 3 * 2)
+    paths = [make_image(200, 100, name=f"i{i}.png") for i in range(4)]
+    for p in paths:
+        cache.get(p)
+    assert len(cache._items) == 2
+    assert cache._bytes <= cache.max_bytes

@@ -1,0 +1,360 @@
+"""Reading model replies: every mistake becomes an error observation, and nothing raises.
+
+Property-based fuzzing sends 15,000+ generated malformed replies through the parser and the zoom tool's
+checks (``MALFORMED_EXAMPLES`` plus the tool-call and free-text runs below).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from glimpse.geometry import Box, Coords
+from glimpse.images import PixelLimits
+from glimpse.models.base import Completion, ToolCall
+from glimpse.protocol import make_protocol
+from glimpse.tools.zoom import ImageState, ZoomTool
+
+MALFORMED_EXAMPLES = 10_000
+
+TAGS = make_protocol("tags", "relative")
+TOOLS = make_protocol("tools", "relative")
+TOOL = ZoomTool(Coords.RELATIVE, PixelLimits())
+# The original (1000×800, shown at 1008×812) and two observations.
+IMAGES = [
+    ImageState(Box(0, 0, 1000, 800), 1008, 812),
+    ImageState(Box(250, 200, 750, 600), 504, 420),
+    ImageState(Box(500, 400, 750, 600), 252, 196),
+]
+
+
+def outcome(text: str, finish: str = "stop", protocol=TAGS, calls=None) -> tuple[str, str | None, str | None]:
+    """(kind, error_kind, error) after parsing and, for a zoom, the tool's checks."""
+    action = protocol.parse(Completion(text=text, finish_reason=finish, tool_calls=calls or []))
+    if action.kind == "zoom":
+        result = TOOL.resolve(action.call, IMAGES)
+        if not result.ok:
+            return "error", result.error_kind, result.error
+        return "zoom", None, None
+    return action.kind, action.error_kind, action.error
+
+
+def call(payload, source: str | None = "original_image", raw: bool = False) -> str:
+    body = payload if raw else json.dumps({"bbox_2d": payload, "source": source} if source else {"bbox_2d": payload})
+    return f"<think>looking</think><grounding>{body}</grounding>"
+
+
+# ---------------------------------------------------------------------------------------------- table tests
+@pytest.mark.parametrize(
+    ("text", "finish", "kind"),
+    [
+        (call([0.1, 0.1, 0.5, 0.5]), "stop", None),
+        ('<grounding>{"bbox_2d": [0.1, 0.1, 0.5, 0.5], "source": "observation_2"}', "stop", None),  # stop cut off
+        (call("[0.1, 0.2,", raw=True), "stop", "invalid_json"),
+        ('<grounding>{"bbox_2d": [0.1, 0.1', "length", "truncated"),
+        ("<think>I will zoom into the top left, then", "length", "truncated"),
+        (call([float("nan"), 0, 1, 1]).replace("NaN", "NaN"), "stop", "not_a_number"),
+        (
+            call("[Infinity, 0, 1, 1]", raw=True)
+            .replace("[Infinity", '{"bbox_2d": [Infinity')
+            .replace("1]</", "1]}</"),
+            "stop",
+            "not_a_number",
+        ),
+        (call([-0.1, 0, 0.5, 0.5]), "stop", "out_of_range"),
+        (call([0.1, 0.1, 1.5, 0.5]), "stop", "out_of_range"),
+        (call([120, 80, 400, 300]), "stop", "out_of_range"),
+        (call([0.5, 0.1, 0.2, 0.5]), "stop", "inverted_box"),
+        (call([0.3, 0.3, 0.3, 0.5]), "stop", "inverted_box"),
+        (call([0.1, 0.1, 0.11, 0.5]), "stop", "box_too_small"),
+        (call([0.0, 0.4, 1.0, 0.43]), "stop", "box_too_small"),
+        (call([0.1, 0.1, 0.5, 0.5], source="observation_9"), "stop", "unknown_source"),
+        (call([0.1, 0.1, 0.5, 0.5], source="observation_0"), "stop", "unknown_source"),
+        (call([0.1, 0.1, 0.5], source="original_image"), "stop", "bad_box"),
+        (call([0.1, 0.1, 0.5, 0.5, 0.6]), "stop", "bad_box"),
+        (call(["0.1", 0.1, 0.5, 0.5]), "stop", "not_a_number"),
+        (call([True, 0.1, 0.5, 0.5]), "stop", "not_a_number"),
+        (call('{"box": [0.1, 0.1, 0.5, 0.5]}', raw=True), "stop", "bad_call"),
+        (call('"zoom please"', raw=True), "stop", "bad_call"),
+        (call("", raw=True), "stop", "bad_call"),
+        (call('{"bbox_2d": [0.1, 0.1, 0.5, 0.5], "source": 3}', raw=True), "stop", "bad_call"),
+        (call([0.1, 0.1, 0.5, 0.5]) + call([0.2, 0.2, 0.6, 0.6]), "stop", "multiple_calls"),
+        (
+            call('[{"bbox_2d": [0.1, 0.1, 0.5, 0.5]}, {"bbox_2d": [0.2, 0.2, 0.6, 0.6]}]', raw=True),
+            "stop",
+            "multiple_calls",
+        ),
+        ("<answer>B</answer>" + call([0.1, 0.1, 0.5, 0.5]), "stop", "answer_and_call"),
+        ("<answer>B</answer><answer>C</answer>", "stop", "multiple_answers"),
+        ("<answer>  </answer>", "stop", "empty_answer"),
+        ("<answer>B", "stop", "unclosed_tag"),
+        ('I would zoom {"bbox_2d": [0.1, 0.1, 0.5, 0.5]}', "stop", "missing_tag"),
+        ('<grounding {"bbox_2d": [0.1,0.1,0.5,0.5]}>', "stop", "missing_tag"),
+    ],
+)
+def test_each_mistake_has_its_kind(text, finish, kind):
+    got_kind, error_kind, error = outcome(text, finish)
+    if kind is None:
+        assert got_kind == "zoom", error
+    else:
+        assert (got_kind, error_kind) == ("error", kind), (text, error)
+        assert error and len(error) > 10
+
+
+def test_aspect_ratio_limit():
+    tool = ZoomTool(Coords.PIXELS, PixelLimits(), max_aspect_ratio=10)
+    images = [ImageState(Box(0, 0, 5000, 5000), 1400, 1400)]
+    result = tool.resolve({"bbox_2d": [0, 0, 1400, 100], "source": "original_image"}, images)
+    assert result.error_kind == "aspect_ratio" and "10:1" in result.error
+
+
+def test_accepted_variants():
+    assert outcome('<grounding>```json\n{"bbox_2d": [0.1, 0.1, 0.5, 0.5]}\n```</grounding>')[0] == "zoom"
+    assert outcome('<grounding>[{"bbox_2d": [0.1, 0.1, 0.5, 0.5], "label": "sign"}]</grounding>')[0] == "zoom"
+    assert outcome("<grounding>[0.1, 0.1, 0.5, 0.5]</grounding>")[0] == "zoom"
+    assert outcome('<grounding>{"bbox_2d": [0.1, 0.1, 0.5, 0.5], "source": "Observation_1"}</grounding>')[0] == "zoom"
+    # Tags mentioned while thinking are not actions.
+    text = "<think>I could write <answer>A</answer> but first <grounding>{}</grounding>...</think><answer>B</answer>"
+    action = TAGS.parse(Completion(text=text))
+    assert action.kind == "answer" and action.answer == "B"
+    assert "I could write" in action.thought
+    # The same answer twice is one answer.
+    assert TAGS.parse(Completion(text="<answer>7</answer> so <answer> 7 </answer>")).answer == "7"
+    # Plain prose is no action.
+    assert TAGS.parse(Completion(text="The sign is too small.")).kind == "none"
+
+
+def test_stop_string_is_restored_in_the_recorded_text():
+    action = TAGS.parse(Completion(text='<grounding>{"bbox_2d": [0, 0, 1, 1]}', finish_reason="stop"))
+    assert action.kind == "zoom" and action.text.endswith("</grounding>")
+
+
+def test_tool_call_protocol():
+    args = json.dumps({"bbox_2d": [0.1, 0.1, 0.5, 0.5], "source": "original_image"})
+    assert outcome("", "tool_calls", TOOLS, [ToolCall("c1", "zoom_in", args)])[0] == "zoom"
+    two = [ToolCall("c1", "zoom_in", args), ToolCall("c2", "zoom_in", args)]
+    assert outcome("", "tool_calls", TOOLS, two)[:2] == ("error", "multiple_calls")
+    assert outcome("", "tool_calls", TOOLS, [ToolCall("c1", "crop", args)])[1] == "unknown_tool"
+    assert outcome("", "tool_calls", TOOLS, [ToolCall("c1", "zoom_in", "{bbox")])[1] == "invalid_json"
+    action = TOOLS.parse(Completion(text="It says <answer>42</answer>."))
+    assert action.kind == "answer" and action.answer == "42"
+    assert TOOLS.parse(Completion(text="Forty-two")).answer == "Forty-two"
+    assert TOOLS.parse(Completion(text="  ")).kind == "none"
+
+
+def test_tool_schema_agrees_with_the_parser():
+    schema = TOOLS.tools[0]["function"]
+    assert schema["name"] == "zoom_in"
+    props = schema["parameters"]["properties"]
+    assert set(props) == {"bbox_2d", "source"}
+    assert set(schema["parameters"]["required"]) <= set(props)
+    example = {"bbox_2d": [0.1, 0.1, 0.6, 0.6], "source": "original_image"}
+    assert outcome("", "tool_calls", TOOLS, [ToolCall("c", schema["name"], json.dumps(example))])[0] == "zoom"
+
+
+# ------------------------------------------------------------------------------------------------ fuzzing
+noise = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40).map(
+    lambda s: s.replace("<", "(").replace(">", ")")
+)
+finite = st.floats(allow_nan=False, allow_infinity=False, width=32)
+
+
+def _box_json(values: list) -> str:
+    return "[" + ", ".join(v if isinstance(v, str) else json.dumps(v) for v in values) + "]"
+
+
+@st.composite
+def bad_values(draw) -> str:
+    """A bbox_2d that the tool must refuse, as JSON text."""
+    kind = draw(st.sampled_from(["nonfinite", "type", "length", "range", "inverted", "tiny"]))
+    good = sorted(draw(st.lists(st.floats(0.0, 1.0), min_size=2, max_size=2)))
+    box: list = [good[0], 0.1, max(good[1], good[0] + 0.3) if good[0] < 0.7 else 1.0, 0.9]
+    if kind == "nonfinite":
+        box[draw(st.integers(0, 3))] = draw(st.sampled_from(["NaN", "Infinity", "-Infinity"]))
+    elif kind == "type":
+        box[draw(st.integers(0, 3))] = draw(st.sampled_from(['"0.5"', "true", "null", "[0.1]", "{}"]))
+    elif kind == "length":
+        n = draw(st.sampled_from([0, 1, 2, 3, 5, 6, 9]))
+        box = draw(st.lists(st.floats(0, 1), min_size=n, max_size=n))
+    elif kind == "range":
+        i = draw(st.integers(0, 3))
+        box[i] = draw(st.one_of(st.floats(-1e9, -1e-3), st.floats(1.001, 1e9)))
+    elif kind == "inverted":
+        a, b = draw(st.floats(0, 1)), draw(st.floats(0, 1))
+        lo, hi = min(a, b), max(a, b)
+        if draw(st.booleans()):
+            box = [hi, 0.1, lo, 0.9]
+        else:
+            box = [0.1, hi, 0.9, lo]
+    else:  # tiny: under 28 original pixels of a 1000-pixel-wide original
+        x = draw(st.floats(0, 0.9))
+        box = [x, 0.1, x + draw(st.floats(0.0005, 0.026)), 0.9]
+    return _box_json(box)
+
+
+@st.composite
+def malformed_reply(draw) -> tuple[str, str]:
+    """A reply that must end as an error observation, and its finish reason."""
+    pre, post = draw(noise), draw(noise)
+    think = f"<think>{draw(noise)}</think>" if draw(st.booleans()) else ""
+    good = '{"bbox_2d": [0.1, 0.1, 0.5, 0.5], "source": "original_image"}'
+    kind = draw(st.integers(0, 11))
+    finish = "stop"
+    if kind == 0:  # bad numbers in an otherwise well-formed call
+        body = f'{{"bbox_2d": {draw(bad_values())}, "source": "original_image"}}'
+        text = f"{think}{pre}<grounding>{body}</grounding>"
+    elif kind == 1:  # unknown source
+        src = draw(
+            st.one_of(
+                st.integers(3, 10**6).map(lambda n: f"observation_{n}"),
+                st.text(max_size=12).map(lambda s: f"image_{s}"),
+                st.sampled_from(
+                    [
+                        "",
+                        "original",
+                        "observation",
+                        "observation_0",
+                        "observation_-1",
+                        "original image",
+                        "obs_1",
+                        "observation_1.5",
+                    ]
+                ),
+            )
+        )
+        text = f"{think}<grounding>{json.dumps({'bbox_2d': [0.1, 0.1, 0.5, 0.5], 'source': src})}</grounding>"
+    elif kind == 2:  # invalid JSON inside the tags
+        body = draw(
+            st.text(max_size=60).filter(lambda s: not _parses(s) and "</grounding>" not in s and "<grounding>" not in s)
+        )
+        text = f"{think}<grounding>{body}</grounding>"
+    elif kind == 3:  # cut off by the token limit before finishing
+        full = f"{think}{pre}<grounding>{good}</grounding>"
+        cut = draw(st.integers(len(think) + len(pre) + 1, len(full) - len("</grounding>")))
+        text, finish = full[:cut], "length"
+    elif kind == 4:  # two calls
+        text = f"{think}<grounding>{good}</grounding>{pre}<grounding>{good}</grounding>"
+    elif kind == 5:  # an answer and a call
+        text = f"{think}<answer>{draw(noise)}x</answer>{pre}<grounding>{good}</grounding>"
+    elif kind == 6:  # well-formed JSON of the wrong shape
+        body = draw(
+            st.sampled_from(
+                [
+                    '"text"',
+                    "42",
+                    "null",
+                    "[]",
+                    "[1, 2]",
+                    '{"bbox": [0,0,1,1]}',
+                    '{"source": "original_image"}',
+                    "[[0.1, 0.1, 0.5, 0.5]]",
+                    '{"bbox_2d": [0.1, 0.1, 0.5, 0.5], "source": 7}',
+                    '{"bbox_2d": "0.1, 0.1, 0.5, 0.5"}',
+                    '{"bbox_2d": {"x0": 0.1}}',
+                ]
+            )
+        )
+        text = f"{think}<grounding>{body}</grounding>"
+    elif kind == 7:  # a call without its tags
+        text = f'{think}{pre} {{"bbox_2d": [0.1, 0.1, 0.5, 0.5]}} {post}'
+    elif kind == 8:  # answer tag trouble
+        text = think + draw(
+            st.sampled_from(
+                [
+                    "<answer>",
+                    "<answer></answer>",
+                    "</answer>",
+                    "<answer>A",
+                    "<answer>A</answer><answer>B</answer>",
+                    "<answer >A</answer >",
+                ]
+            )
+        )
+    elif kind == 9:  # an unclosed call with junk after it
+        text = f'{think}<grounding>{{"bbox_2d": [0.1, 0.1, 0.5, 0.5]}} {draw(noise)}x'
+    elif kind == 10:  # only whitespace inside the answer
+        text = f"{think}<answer>{draw(st.sampled_from(['', ' ', chr(10), chr(9) + ' ']))}</answer>"
+    else:  # a huge or deeply nested payload
+        depth = draw(st.integers(50, 5000))
+        text = f"<grounding>{'[' * depth}{']' * depth}</grounding>"
+    return text, finish
+
+
+def _parses(s: str) -> bool:
+    try:
+        json.loads(s.strip().strip("`"))
+        return True
+    except (ValueError, RecursionError):
+        return False
+
+
+@given(malformed_reply())
+@settings(max_examples=MALFORMED_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+def test_fuzz_malformed_replies_become_error_observations(case):
+    text, finish = case
+    kind, error_kind, error = outcome(text, finish)
+    assert kind == "error", f"{text!r} was accepted as {kind}"
+    assert error_kind and error
+
+
+@given(
+    st.one_of(
+        st.text(max_size=80),
+        st.dictionaries(
+            st.text(max_size=8),
+            st.one_of(st.none(), st.floats(), st.text(max_size=8), st.lists(st.floats(), max_size=6)),
+            max_size=4,
+        ).map(json.dumps),
+    ),
+    st.sampled_from(["zoom_in", "zoom", "python"]),
+    st.integers(1, 3),
+)
+@settings(max_examples=3000, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+def test_fuzz_tool_calls_never_raise(arguments, name, n):
+    calls = [ToolCall(f"c{i}", name, arguments) for i in range(n)]
+    kind, error_kind, error = outcome("", "tool_calls", TOOLS, calls)
+    assert kind in ("zoom", "error")
+    if kind == "zoom":
+        assert n == 1 and name == "zoom_in"
+        loaded = json.loads(arguments)
+        box = loaded["bbox_2d"] if isinstance(loaded, dict) else loaded
+        assert all(isinstance(v, float) and math.isfinite(v) for v in box)
+    else:
+        assert error_kind and error
+
+
+fragments = st.sampled_from(
+    [
+        "<think>",
+        "</think>",
+        "<grounding>",
+        "</grounding>",
+        "<answer>",
+        "</answer>",
+        '{"bbox_2d": ',
+        "[0.1, 0.2, 0.6, 0.7]",
+        '"source": "observation_1"',
+        "}",
+        "{",
+        "NaN",
+        "observation_",
+        "<",
+        ">",
+        "\n",
+    ]
+)
+
+
+@given(
+    st.lists(st.one_of(fragments, st.text(max_size=10)), max_size=25).map("".join),
+    st.sampled_from(["stop", "length", None]),
+)
+@settings(max_examples=3000, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+def test_fuzz_any_text_parses_without_raising(text, finish):
+    kind, error_kind, error = outcome(text, finish)
+    assert kind in ("zoom", "answer", "error", "none")
+    assert (kind == "error") == (error is not None) == (error_kind is not None)
