@@ -324,7 +324,8 @@ class AgentLoop:
             raise ImageInputError(
                 where, f"sample {sample.id!r} has {len(sample.images)} images; exactly one is supported"
             )
-        original = await asyncio.to_thread(self.cache.get, sample.images[0])
+        path = sample.images[0]
+        original = self.cache.peek(path) or await asyncio.to_thread(self.cache.get, path)
         key = (original.sha256, self.limits)
         lock = self._shown_locks.setdefault(key, asyncio.Lock())
         async with lock:

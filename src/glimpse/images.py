@@ -43,6 +43,8 @@ MAX_ASPECT_RATIO = 200
 DEFAULT_CACHE_BYTES = 1 << 30
 
 _ENV_MAX_IMAGE_PIXELS = "GLIMPSE_MAX_IMAGE_PIXELS"
+# Base64 characters decoded to read an image's size from a data URL (multiples of 4: 4 KB, then 64 KB).
+_HEADER_CHARS = (5_464, 87_384)
 
 
 @dataclass(frozen=True)
@@ -264,9 +266,22 @@ def _data_url_bytes(url: str) -> bytes:
 def data_url_size(url: str) -> tuple[int, int]:
     """``(width, height)`` of the image in a data URL, read from its header only.
 
+    Only a prefix of the payload is decoded (4 KB, then 64 KB) when it holds the header, as it does for PNG
+    and for JPEGs without large metadata blocks; otherwise the whole payload is.
+
     Raises:
         ImageInputError: not a base64 data URL of an image.
     """
+    head, sep, payload = url.partition(",")
+    if sep and head.startswith("data:") and ";base64" in head:
+        for chars in _HEADER_CHARS:
+            if len(payload) <= chars:
+                break
+            try:
+                with Image.open(io.BytesIO(base64.b64decode(payload[:chars]))) as img:
+                    return img.size
+            except (OSError, ValueError):
+                continue
     try:
         with Image.open(io.BytesIO(_data_url_bytes(url))) as img:
             return img.size
@@ -311,6 +326,21 @@ class ImageCache:
         except OSError as exc:
             raise ImageInputError(path, f"cannot read the file ({exc.strerror or exc})") from None
         return (os.path.realpath(path), st.st_mtime_ns, st.st_size)
+
+    def peek(self, path: str | os.PathLike[str]) -> Original | None:
+        """The cached image at ``path`` if the file is unchanged since it was cached, else ``None`` (no decoding)."""
+        p = str(path)
+        try:
+            key = self._key(p)
+        except ImageInputError:
+            return None
+        with self._lock:
+            found = self._items.get(key)
+            if found is None:
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return found if found.path == p else Original(p, found.sha256, found.image)
 
     def get(self, path: str | os.PathLike[str]) -> Original:
         """The decoded image at ``path``, from the cache when the file is unchanged."""

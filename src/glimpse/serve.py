@@ -7,7 +7,9 @@ harness benchmark. The same server will front local checkpoints on machines with
 Endpoints: ``POST /v1/chat/completions`` (images as base64 data URLs, ``n``, ``stop``, ``tools``, sampling
 parameters, ``max_completion_tokens`` / ``max_tokens``, vLLM's ``return_token_ids``), ``GET /v1/models``,
 ``GET /health``. Requests beyond the server's limits get a 4xx with a message saying which limit; streaming
-is not supported (a request with ``stream: true`` gets a 400).
+is not supported (a request with ``stream: true`` gets a 400). With a simulated latency, each response says
+how long it was held in the header ``x-glimpse-simulated-latency`` (seconds), so a benchmark can separate
+model time from harness time.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ MAX_BODY_BYTES = 128 * 1024 * 1024
 MAX_IMAGES = 64
 MAX_N = 64
 MAX_NEW_TOKENS = 32768
+# Request bodies larger than this are JSON-decoded in a worker thread.
+_INLINE_JSON_BYTES = 256 * 1024
 
 
 class _BadRequest(Exception):
@@ -191,7 +195,8 @@ def build_app(
         if fail_every and next(counter) % fail_every == 0:
             return _error("injected failure (fail_every)", 503, "server_error")
         try:
-            body = json.loads(raw)
+            # Large bodies (many images) are parsed off the event loop, so other replies are not held up.
+            body = await asyncio.to_thread(json.loads, raw) if len(raw) > _INLINE_JSON_BYTES else json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             return _error(f"the body is not valid JSON: {exc}")
         if not isinstance(body, dict):
@@ -210,7 +215,8 @@ def build_app(
             return _error(f"the scripted backend has no reply for this conversation: {exc}", 400)
         except BackendError as exc:
             return _error(f"the backend failed: {exc}", 502, "server_error")
-        wait = latency + (random.uniform(0, jitter) if jitter else 0.0) - (time.perf_counter() - started)
+        simulated = latency + (random.uniform(0, jitter) if jitter else 0.0)
+        wait = simulated - (time.perf_counter() - started)
         if wait > 0:
             await asyncio.sleep(wait)
         prompt_tokens = completions[0].prompt_tokens if completions else 0
@@ -229,7 +235,8 @@ def build_app(
         }
         if params.return_token_ids and completions and completions[0].prompt_token_ids is not None:
             payload["prompt_token_ids"] = completions[0].prompt_token_ids
-        return JSONResponse(payload)
+        headers = {"x-glimpse-simulated-latency": f"{simulated:.6f}"} if simulated else None
+        return JSONResponse(payload, headers=headers)
 
     return Starlette(
         routes=[

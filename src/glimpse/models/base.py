@@ -33,7 +33,7 @@ class ImagePart:
 
     image: Image.Image | None = None
     url: str | None = None
-    _urls: dict[tuple[str, int], str] = field(default_factory=dict, repr=False)
+    _urls: dict[tuple[str, int], bytes] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _size: tuple[int, int] | None = field(default=None, repr=False)
 
@@ -47,12 +47,19 @@ class ImagePart:
 
     def as_url(self, fmt: str = "jpeg", quality: int = 95) -> str:
         """A base64 data URL (encoded once per format and cached)."""
-        if self.image is None and self.url is not None:
-            return self.url
+        return self.url_bytes(fmt, quality).decode("ascii")
+
+    def has_url(self, fmt: str = "jpeg", quality: int = 95) -> bool:
+        """Whether ``url_bytes`` is already cached for this format."""
+        return (fmt, quality) in self._urls
+
+    def url_bytes(self, fmt: str = "jpeg", quality: int = 95) -> bytes:
+        """The data URL as ASCII bytes, ready to be spliced into a request body (cached)."""
         key = (fmt, quality)
         with self._lock:  # one image shared by many trajectories is encoded once
             if key not in self._urls:
-                self._urls[key] = data_url(self.pil(), fmt, quality)
+                url = self.url if self.image is None and self.url is not None else data_url(self.pil(), fmt, quality)
+                self._urls[key] = url.encode("ascii")
             return self._urls[key]
 
     @property
