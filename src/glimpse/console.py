@@ -89,7 +89,7 @@ def summary(result: AskResult, console: Console) -> None:
         facts = (
             f"stop: {t.stop_reason}{' (over-turn)' if t.over_turn else ''} · {_count(m['turns'], 'turn')} · "
             f"{_count(m['zooms'], 'zoom')} · {_count(m['tool_errors'], 'mistake')} · "
-            f"{t.usage.prompt_tokens + t.usage.completion_tokens:,} tokens · {t.wall_s:.2f} s"
+            f"{t.usage.prompt_tokens:,} prompt + {t.usage.completion_tokens:,} generated tokens · {t.wall_s:.2f} s"
         )
     else:
         for t in trajs:

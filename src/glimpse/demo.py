@@ -81,7 +81,8 @@ def _turns(target: list[int], code: str) -> list[str]:
         + call.format(box=json.dumps([sign[0], sign[1], sign[2] + 1.0, sign[3]]), src="observation_1"),
         "<think>That box went past the right edge of the image; relative coordinates stop at 1. Zooming into "
         "just the sign instead.</think>\n" + call.format(box=json.dumps(sign), src="observation_1"),
-        f"<think>Now the characters on the yellow sign are clear enough to read.</think>\n<answer>{code}</answer>",
+        f"<think>The sign fills this view and its characters are clear: {' '.join(code)}.</think>\n"
+        f"<answer>{code}</answer>",
     ]
 
 

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Shared set-up, sourced by demo.sh and test.sh: a virtual environment in .venv with Glimpse installed.
+# Usage: source scripts/setup.sh [extras]   (extras such as "dev"; empty for the runtime only)
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+python_bin=""
+for candidate in python3.13 python3.12 python3.11 python3; do
+  if command -v "$candidate" >/dev/null 2>&1 &&
+     "$candidate" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null; then
+    python_bin="$candidate"
+    break
+  fi
+done
+if [ -z "$python_bin" ]; then
+  echo "Glimpse needs Python 3.11 or newer; none was found on PATH." >&2
+  exit 1
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  echo "setting up .venv with $("$python_bin" --version)" >&2
+  "$python_bin" -m venv .venv
+  .venv/bin/python -m pip install --quiet --upgrade pip
+fi
+
+extras="${1:-}"
+spec="."
+[ -n "$extras" ] && spec=".[${extras}]"
+stamp=".venv/.glimpse-installed-${extras:-runtime}"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  .venv/bin/python -m pip install --quiet --editable "$spec"
+  touch "$stamp"
+fi
+export PATH="$root/.venv/bin:$PATH"
