@@ -102,7 +102,8 @@ def test_turn_cap_with_a_pending_zoom_is_over_turn(make_image):
     assert traj.stop_reason == "max_turns" and traj.over_turn
     assert len(traj.turns) == 3 and len(backend.requests) == 3
     assert [t.kind for t in traj.turns] == ["zoom", "zoom", "zoom"]
-    assert traj.turns[-1].crop_box_px is None  # the last call was never run
+    assert traj.turns[-1].crop_box_px is None  # the last call was never run, but it is recorded as written
+    assert traj.turns[-1].call.bbox_2d == [0.1, 0.1, 0.5, 0.5] and traj.turns[-1].call.source == "original_image"
 
 
 def test_turn_cap_reached_on_an_answer_is_an_answer(make_image):

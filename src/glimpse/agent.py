@@ -19,11 +19,13 @@ before the first turn. Neither stops the other trajectories of a batch. Every li
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from PIL import Image
 
@@ -63,6 +65,9 @@ CONTEXT_RESERVE = 1024
 _CHARS_PER_TOKEN = 3
 _MESSAGE_OVERHEAD = 4
 _IMAGE_OVERHEAD = 2
+# Originals resized for display kept per loop (with their encoded data URLs), so the k samples of a question
+# and repeated questions about one image share them.
+_SHOWN_CACHE = 64
 
 OnTurn = Callable[[Trajectory, Turn], None]
 
@@ -172,7 +177,7 @@ class AgentLoop:
             prompt=self.protocol.prompts.name,
         )
         self._shown: OrderedDict[tuple[str, PixelLimits], ImagePart] = OrderedDict()
-        self._shown_locks: dict[tuple[str, PixelLimits], asyncio.Lock] = {}
+        self._shown_pending: dict[tuple[str, PixelLimits], asyncio.Future[Image.Image]] = {}
 
     # ----------------------------------------------------------------------------------------------------
     async def run(self, sample: Sample, *, samples: int = 1, on_turn: OnTurn | None = None) -> list[Trajectory]:
@@ -262,6 +267,7 @@ class AgentLoop:
                 error=action.error,
                 error_kind=action.error_kind,
                 tool_attempt=action.tool_attempt,
+                call=_written_call(action.call),
                 tool_call_id=action.call_ids[0] if action.call_ids else None,
                 finish_reason=completion.finish_reason,
                 usage=Usage(
@@ -298,8 +304,6 @@ class AgentLoop:
         started = time.perf_counter()
         result = await asyncio.to_thread(self.tool.run, action.call, ep.original, ep.images)
         turn.tool_s = round(time.perf_counter() - started, 4)
-        if result.bbox is not None:
-            turn.call = ZoomCall(bbox_2d=result.bbox, source=result.source)
         turn.source_index = result.source_index
         if not result.ok:
             turn.kind, turn.error, turn.error_kind = "error", result.error, result.error_kind
@@ -327,16 +331,18 @@ class AgentLoop:
         path = sample.images[0]
         original = self.cache.peek(path) or await asyncio.to_thread(self.cache.get, path)
         key = (original.sha256, self.limits)
-        lock = self._shown_locks.setdefault(key, asyncio.Lock())
-        async with lock:
-            part = self._shown.get(key)
-            if part is None:
-                shown = await asyncio.to_thread(fit, original.image, self.limits)
-                part = ImagePart(image=shown)
-                self._shown[key] = part
-                while len(self._shown) > 64:
-                    self._shown.popitem(last=False)
-            self._shown.move_to_end(key)
+        part = self._shown.get(key)
+        if part is None:
+            pending = self._shown_pending.get(key)
+            if pending is None:  # the first trajectory of this image resizes it; the others wait for that
+                pending = asyncio.ensure_future(asyncio.to_thread(fit, original.image, self.limits))
+                self._shown_pending[key] = pending
+                pending.add_done_callback(lambda _: self._shown_pending.pop(key, None))
+            image = await asyncio.shield(pending)
+            part = self._shown.setdefault(key, ImagePart(image=image))
+            while len(self._shown) > _SHOWN_CACHE:
+                self._shown.popitem(last=False)
+        self._shown.move_to_end(key)
         return original, part
 
     def _start(self, sample: Sample, i: int, original: Original, shown: ImagePart, t0: float) -> _Episode:
@@ -498,6 +504,16 @@ class AgentLoop:
             view.mask.extend([0] * len(delta))
         view.ids.extend(completion.token_ids)
         view.mask.extend([1] * len(completion.token_ids))
+
+
+def _written_call(call: dict[str, Any] | None) -> ZoomCall | None:
+    """The zoom call as the model wrote it, when its box is four finite numbers (for the record)."""
+    box = call.get("bbox_2d") if call else None
+    if not isinstance(box, list) or len(box) != 4:
+        return None
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box):
+        return None
+    return ZoomCall(bbox_2d=[float(v) for v in box], source=str(call.get("source", "original_image")))
 
 
 def _check_positive(**values: int) -> None:
