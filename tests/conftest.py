@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -16,6 +17,14 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+
+
+@pytest.fixture(autouse=True, scope="session")
+def glimpse_home(tmp_path_factory) -> Path:
+    """Keep generated probes and extracted images out of the user's home, shared by the session's tests."""
+    home = tmp_path_factory.mktemp("glimpse-home")
+    os.environ["GLIMPSE_HOME"] = str(home)
+    return home
 
 
 def free_port() -> int:

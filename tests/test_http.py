@@ -399,3 +399,37 @@ def test_unreachable_server_fails_with_exit_code_4(make_image, tmp_path):
     )
     assert proc.returncode == 4, proc.stdout + proc.stderr
     assert "ConnectError" in proc.stdout or "ConnectError" in proc.stderr
+
+
+def test_several_servers_share_the_load_and_keep_conversations_sticky(make_image):
+    def make(tag):
+        async def handler(attempt, body):
+            turns = sum(m["role"] == "assistant" for m in body["messages"])
+            text = zoom([0.1, 0.1, 0.6, 0.6]) if turns < 2 else f"<answer>{tag}</answer>"
+            return JSONResponse(_reply(text))
+
+        return scripted_app(handler)
+
+    a, b = make("a"), make("b")
+    path = make_image(400, 300)
+    with app_server(a) as url_a, app_server(b) as url_b:
+        backend = OpenAIBackend("m", base_url=f"{url_a},{url_b}", max_concurrency=4)
+        loop = AgentLoop(backend)
+        samples = [Sample(id=f"s{i}", images=[str(path)], question=f"question {i}") for i in range(8)]
+
+        async def go():
+            try:
+                return await loop.run_many(samples, concurrency=8)
+            finally:
+                await backend.aclose()
+
+        results = run(go())
+    assert len(a.state.seen) > 0 and len(b.state.seen) > 0
+    assert len(a.state.seen) + len(b.state.seen) == 24
+    for app in (a, b):  # every turn of a conversation went to the server its first turn went to
+        questions = [
+            m["content"][-1]["text"] for body in app.state.seen for m in body["messages"][:2] if m["role"] == "user"
+        ]
+        for q in set(questions):
+            assert questions.count(q) == 3
+    assert {t.answer for (t,) in results} == {"a", "b"}

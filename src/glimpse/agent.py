@@ -83,6 +83,7 @@ class _Episode:
     messages: list[Message]
     seed: int | None
     t0: float
+    backend: Backend
     calibration: int = 0
     part_index: dict[int, int] = field(default_factory=dict)
 
@@ -180,8 +181,23 @@ class AgentLoop:
         self._shown_pending: dict[tuple[str, PixelLimits], asyncio.Future[Image.Image]] = {}
 
     # ----------------------------------------------------------------------------------------------------
-    async def run(self, sample: Sample, *, samples: int = 1, on_turn: OnTurn | None = None) -> list[Trajectory]:
+    async def run(
+        self,
+        sample: Sample,
+        *,
+        samples: int = 1,
+        first_index: int = 0,
+        backend: Backend | None = None,
+        on_turn: OnTurn | None = None,
+    ) -> list[Trajectory]:
         """Run ``samples`` trajectories of one question, concurrently.
+
+        Args:
+            sample: the question.
+            samples: how many trajectories (``k``).
+            first_index: ``sample_index`` of the first one (the repeat number, when repeats run apart).
+            backend: answer with this backend instead of the loop's own (a per-sample policy).
+            on_turn: called after every turn.
 
         Returns:
             The trajectories, in sample order. An unreadable image gives trajectories that stopped with
@@ -189,12 +205,13 @@ class AgentLoop:
         """
         if samples < 1:
             raise ConfigError(f"samples must be at least 1, got {samples}")
+        indices = range(first_index, first_index + samples)
         t0 = time.perf_counter()
         try:
             original, shown = await self._load(sample)
         except ImageInputError as exc:
-            return [self._failed(sample, i, str(exc), t0) for i in range(samples)]
-        episodes = [self._start(sample, i, original, shown, t0) for i in range(samples)]
+            return [self._failed(sample, i, str(exc), t0) for i in indices]
+        episodes = [self._start(sample, i, original, shown, t0, backend) for i in indices]
         first: list[Completion | BaseException | None] = [None] * samples
         if samples > 1:
             first = await self._first_replies(episodes[0], samples)
@@ -345,7 +362,9 @@ class AgentLoop:
         self._shown.move_to_end(key)
         return original, part
 
-    def _start(self, sample: Sample, i: int, original: Original, shown: ImagePart, t0: float) -> _Episode:
+    def _start(
+        self, sample: Sample, i: int, original: Original, shown: ImagePart, t0: float, backend: Backend | None
+    ) -> _Episode:
         width, height = original.image.size
         traj = Trajectory(
             id=f"{sample.id}#{i}",
@@ -364,6 +383,7 @@ class AgentLoop:
             messages=self.protocol.start(shown, sample.question),
             seed=None if self.seed is None else self.seed + i,
             t0=t0,
+            backend=backend or self.backend,
         )
         ep.part_index[id(shown)] = 0
         return ep
@@ -416,7 +436,7 @@ class AgentLoop:
             tools=self.protocol.tools,
             return_token_ids=self.return_token_ids,
         )
-        completions = await self.backend.generate(messages, params)
+        completions = await ep.backend.generate(messages, params)
         if not completions:
             raise BackendError(f"{self.settings.model} returned no completion")
         reported = completions[0].prompt_tokens

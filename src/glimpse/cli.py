@@ -17,7 +17,7 @@ from typing import Annotated, Any
 
 import typer
 
-from glimpse.config import AskConfig, ServeConfig, field_type, resolve
+from glimpse.config import AskConfig, EvalConfig, ServeConfig, SynthConfig, field_type, resolve
 from glimpse.errors import ConfigError, GlimpseError
 
 EXIT_OK, EXIT_NO_ANSWER, EXIT_USAGE, EXIT_INPUT, EXIT_BACKEND, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
@@ -145,6 +145,28 @@ def demo_command(
     from glimpse.console import run_demo
 
     raise typer.Exit(run_demo(out, quiet=quiet))
+
+
+@config_command(
+    "synth",
+    SynthConfig,
+    help="Generate visual-search probes with known answers (easy / medium / hard) in VisualProbe's format.",
+)
+def synth_command(cfg: SynthConfig) -> int:
+    from glimpse.console import run_synth
+
+    return run_synth(cfg)
+
+
+@config_command(
+    "eval",
+    EvalConfig,
+    help="Evaluate a model on a benchmark or on probes: resumable, with Avg@k, sweeps over turn caps, faithfulness.",
+)
+def eval_command(cfg: EvalConfig) -> int:
+    from glimpse.console import run_eval_command
+
+    return run_eval_command(cfg)
 
 
 @config_command(

@@ -75,6 +75,76 @@ class AskConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Settings of ``glimpse eval``."""
+
+    data: str | None = opt(
+        None,
+        "dataset spec: probes:hard[:N[:SEED]], visualprobe:hard:BASE, vstar:DIR, hrbench:FILE.tsv, "
+        "mme-realworld[-lite]:DIR, treebench:FILE.tsv, minio3:FILE.json",
+    )
+    model: str | None = opt(None, "backend (openai:NAME, scripted:FILE) or a reference policy: oracle, direct")
+    out: str | None = opt(None, "run folder; the same folder resumes a run (default: runs/<data>--<model>)")
+    fresh: bool = opt(False, "delete the run folder's earlier results instead of resuming")
+    k: int = opt(1, "repeats per question (Avg@k, pass@k, majority@k); each has its own option order and seed")
+    max_turns: str = opt("12", "turn cap, or comma-separated caps for a sweep, e.g. 4,8,16,32")
+    sweep: str = opt(
+        "derive",
+        "derive: run the largest cap once and cut each trajectory to the smaller caps (valid whenever the prompt "
+        "does not mention the cap: the first turns are drawn the same way whatever the cap); run: run every cap",
+        choices=("derive", "run"),
+    )
+    limit: int | None = opt(None, "evaluate only the first N questions")
+    options: str = opt(
+        "shuffle",
+        "multiple-choice option order per repeat: shuffle (seeded), cyclic, fixed",
+        choices=("shuffle", "cyclic", "fixed"),
+    )
+    seed: int = opt(0, "seed of option shuffles and sampling (repeat r samples with seed + r)")
+    concurrency: int = opt(32, "questions in flight at once")
+    base_url: str | None = opt(None, "endpoint(s); several comma-separated URLs are load-balanced client-side")
+    api_key: str | None = opt(None, "API key (else $GLIMPSE_API_KEY, $OPENAI_API_KEY); never saved", secret=True)
+    protocol: str = opt("tags", "tags or tools (native function calling)", choices=("tags", "tools"))
+    coords: str = opt(
+        "relative", "box coordinates: relative, pixels, thousand", choices=("relative", "pixels", "thousand")
+    )
+    prompt_file: str | None = opt(None, "YAML/TOML/text file with the prompts a checkpoint was trained with")
+    max_new_tokens: int = opt(4096, "most tokens per reply")
+    max_context_tokens: int = opt(32768, "the model's context window")
+    max_images: int | None = opt(None, "most images in a conversation, the original included")
+    min_pixels: int = opt(40_000, "smallest area an image is shown at")
+    max_pixels: int = opt(2_000_000, "largest area an image is shown at")
+    resize_factor: int = opt(28, "image sides are multiples of this (28 Qwen2/2.5-VL, 32 Qwen3-VL)")
+    keep_images: int | None = opt(None, "keep only the last K zoom images in the context")
+    temperature: float | None = opt(1.0, "sampling temperature ('none': the server's default)")
+    top_p: float | None = opt(1.0, "nucleus sampling ('none': the server's default)")
+    timeout: float = opt(600.0, "seconds to wait for one reply")
+    max_retries: int = opt(6, "retries of a failed request")
+    image_format: str = opt("jpeg", "how images are sent: jpeg or png", choices=("jpeg", "png"))
+    judge: str | None = opt(None, "LLM judge for open answers the rules cannot decide, e.g. openai:gpt-4o-mini")
+    judge_base_url: str | None = opt(None, "the judge's endpoint (default: the same as --base-url's environment)")
+    faithfulness: float = opt(0.5, "share of a target box a zoom must cover for the answer to count as found there")
+    redo_errors: bool = opt(True, "on resume, run again the questions whose backend failed")
+
+
+@dataclass
+class SynthConfig:
+    """Settings of ``glimpse synth``."""
+
+    level: str = opt("all", "easy, medium, hard, or all three", choices=("easy", "medium", "hard", "all"))
+    n: int = opt(100, "probes per level")
+    seed: int = opt(0, "generation seed (probe i of a level and seed is always the same)")
+    out: str = opt("probes", "output folder; each level goes to OUT/<level>/ (val.json + data/)")
+    kind: str | None = opt(
+        None,
+        "only this question kind (default: all kinds in turn)",
+        choices=("read_code", "marker_color", "marker_shape", "which_marked", "count", "relative_position"),
+    )
+    workers: int | None = opt(None, "processes (default: the number of cores, at most 8)")
+    quality: int = opt(95, "JPEG quality of the images")
+
+
+@dataclass
 class ServeConfig:
     """Settings of ``glimpse serve``."""
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 import asyncio
 import sys
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
 
 from glimpse.api import AskResult, ask_async
-from glimpse.config import AskConfig, ServeConfig, write_resolved
+from glimpse.config import AskConfig, EvalConfig, ServeConfig, SynthConfig, write_resolved
 from glimpse.trajectory import Trajectory, Turn, save_jsonl
 
 EXIT_OK, EXIT_NO_ANSWER, EXIT_USAGE, EXIT_INPUT, EXIT_BACKEND = 0, 1, 2, 3, 4
@@ -175,5 +176,104 @@ def run_serve(cfg: ServeConfig) -> int:
         max_images=cfg.max_images,
         max_n=cfg.max_n,
         max_new_tokens=cfg.max_new_tokens,
+    )
+    return EXIT_OK
+
+
+def run_synth(cfg: SynthConfig) -> int:
+    """``glimpse synth``: generate probes and say where they are."""
+    import time
+
+    from glimpse.bench.synth import LEVELS, write_probes
+
+    console = Console(highlight=False, soft_wrap=True)
+    levels = list(LEVELS) if cfg.level == "all" else [cfg.level]
+    for level in levels:
+        started = time.perf_counter()
+        path = write_probes(
+            Path(cfg.out) / level, level, cfg.n, seed=cfg.seed, kind=cfg.kind, workers=cfg.workers, quality=cfg.quality
+        )
+        seconds = time.perf_counter() - started
+        console.print(f"[bold]{level}[/]: {cfg.n} probes in {seconds:.1f} s ({cfg.n / seconds:.1f}/s) → {path}")
+    console.print(
+        f"[dim]evaluate with: glimpse eval --data minio3:{Path(cfg.out) / levels[0] / 'val.json'} --model oracle[/]"
+    )
+    return EXIT_OK
+
+
+def _eval_table(run: Any) -> Any:
+    from rich.table import Table
+
+    table = Table(title=f"{run.dataset.name}: {len(run.dataset)} questions", title_justify="left")
+    for col in (
+        "turn cap",
+        "Avg@k",
+        "pass@k",
+        "maj@k",
+        "chance",
+        "turns",
+        "over-turn",
+        "tool err",
+        "faithful",
+        "input err",
+        "backend err",
+    ):
+        table.add_column(col, justify="right")
+    for cap, s in sorted(run.summaries.items()):
+        a, f = s["accuracy"], s["faithfulness"]["covered_rate"]
+        table.add_row(
+            str(cap),
+            f"{100 * a['avg']:.1f}",
+            f"{100 * a['pass']:.1f}",
+            f"{100 * a['majority']:.1f}",
+            f"{100 * s['chance']:.1f}",
+            f"{s['turns_mean']:.2f}",
+            f"{100 * s['over_turn_rate']:.1f}",
+            f"{100 * s['tool_error_rate']:.1f}",
+            "–" if f is None else f"{100 * f:.1f}",
+            str(s["input_errors"]),
+            str(s["backend_errors"]),
+        )
+    return table
+
+
+def run_eval_command(cfg: EvalConfig) -> int:
+    """``glimpse eval``: run with a progress bar, then print the summary and where the files are."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from glimpse.bench.harness import run_eval
+
+    console = Console(highlight=False, soft_wrap=True)
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}"),
+        console=console,
+        transient=False,
+    )
+    state = {"task": None, "correct": 0, "scored": 0}
+
+    def on_start(todo: int, done: int, dataset: Any) -> None:
+        for note in dataset.notes:
+            console.print(f"[yellow]note:[/] {note}")
+        if done:
+            console.print(f"resuming: {done} units already done, {todo} to run")
+        state["task"] = progress.add_task(f"{cfg.model} on {dataset.name}", total=todo, status="")
+
+    def on_progress(finished: int, total: int, traj: Trajectory) -> None:
+        if traj.score and traj.score.correct is not None:
+            state["scored"] += 1
+            state["correct"] += bool(traj.score.correct)
+        acc = 100 * state["correct"] / state["scored"] if state["scored"] else 0.0
+        progress.update(state["task"], completed=finished, status=f"accuracy so far {acc:.1f} %")
+
+    with progress:
+        run = asyncio.run(run_eval(cfg, on_progress=on_progress, on_start=on_start))
+    console.print(_eval_table(run))
+    files = "summary.md, summary.json, trajectories.jsonl" + (", sweep.png" if len(run.summaries) > 1 else "")
+    console.print(
+        f"[dim]{run.ran} units run, {run.skipped} already done, {run.elapsed_s:.1f} s · {run.out}/: {files}[/]"
     )
     return EXIT_OK

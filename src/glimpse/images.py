@@ -43,6 +43,8 @@ MAX_ASPECT_RATIO = 200
 DEFAULT_CACHE_BYTES = 1 << 30
 
 _ENV_MAX_IMAGE_PIXELS = "GLIMPSE_MAX_IMAGE_PIXELS"
+# EXIF tag of the orientation; values 5 to 8 are transposed (width and height swap).
+_EXIF_ORIENTATION = 0x0112
 # Base64 characters decoded to read an image's size from a data URL (multiples of 4: 4 KB, then 64 KB).
 _HEADER_CHARS = (5_464, 87_384)
 
@@ -224,6 +226,23 @@ def read_image(path: str | os.PathLike[str]) -> Original:
             "limit of the Qwen-VL resize rule; split the panorama into tiles",
         )
     return Original(path=p, sha256=hashlib.sha256(data).hexdigest(), image=image)
+
+
+def oriented_size(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """``(width, height)`` of an image file as viewed (after EXIF rotation), from its header only.
+
+    Raises:
+        ImageInputError: the file is missing or not an image.
+    """
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+    except FileNotFoundError:
+        raise ImageInputError(str(path), "no such file") from None
+    except (OSError, ValueError) as exc:
+        raise ImageInputError(str(path), f"cannot read the image header ({exc})") from None
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
 def fit(image: Image.Image, limits: PixelLimits, box: tuple[int, int, int, int] | None = None) -> Image.Image:

@@ -127,6 +127,28 @@ class Turn(BaseModel):
     tool_s: float = 0.0
 
 
+class Score(BaseModel):
+    """How a final answer was scored (see ``glimpse.bench.scoring``).
+
+    Attributes:
+        correct: the verdict; ``None`` when it could not be decided (a judge failed, or there is no gold).
+        method: how it was decided: ``choice``, ``exact``, ``numeric``, ``closed_set``, ``judge``,
+            ``no_answer``, ``no_choice``, ``no_match``, ``judge_error``, ``no_gold``, ``input_error``.
+        extracted: what was compared (the option letter, the number, the normalised text).
+        detail: a note: the judge's raw verdict, or why it failed.
+    """
+
+    correct: bool | None
+    method: str
+    extracted: str | None = None
+    detail: str | None = None
+
+    @property
+    def value(self) -> float:
+        """1.0 for a correct answer, else 0.0: the RL reward."""
+        return 1.0 if self.correct else 0.0
+
+
 class TokenView(BaseModel):
     """The whole conversation as one flat list of token ids, with ``mask`` 1 for sampled tokens.
 
@@ -197,6 +219,7 @@ class Trajectory(BaseModel):
         started_at: ISO-8601 start time (UTC).
         wall_s: seconds from start to stop.
         token_view: flat token ids and mask, when the backend returned token ids.
+        score: the evaluation's verdict on the answer, once scored.
     """
 
     schema_version: int = SCHEMA_VERSION
@@ -214,6 +237,7 @@ class Trajectory(BaseModel):
     started_at: str = ""
     wall_s: float = 0.0
     token_view: TokenView | None = None
+    score: Score | None = None
 
     @computed_field  # type: ignore[prop-decorator]
     @property

@@ -25,6 +25,8 @@ import random
 import re
 import secrets
 import ssl
+from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -35,8 +37,10 @@ from glimpse.models.base import Completion, GenerateParams, ImagePart, Message, 
 log = logging.getLogger(__name__)
 
 OPENAI_URL = "https://api.openai.com/v1"
-# Connections per pooled HTTP client (see OpenAIBackend._ensure_client).
+# Connections per pooled HTTP client (see OpenAIBackend._ensure_servers).
 _CONNECTIONS_PER_CLIENT = 8
+# Conversations remembered for sticky routing to one server.
+_STICKY_CONVERSATIONS = 100_000
 RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 # Parameters that may be dropped when a server says it does not support them.
 _OPTIONAL_PARAMS = (
@@ -73,9 +77,11 @@ class OpenAIBackend:
 
     Args:
         model: the model name the server knows.
-        base_url: endpoint root ending in ``/v1``; default from the environment, else OpenAI's.
+        base_url: endpoint root ending in ``/v1``; default from the environment, else OpenAI's. Several URLs,
+            comma-separated, are load-balanced: a conversation goes to the least busy server and stays there
+            (so the server's prefix cache is reused), moving only if that server fails.
         api_key: bearer token; default from the environment. Local servers usually need none.
-        max_concurrency: most requests in flight at once.
+        max_concurrency: most requests in flight at once, per server.
         timeout: seconds to wait for one response.
         max_retries: retries of a failed request before giving up.
         backoff: first retry delay in seconds; doubles each retry (capped at ``max_backoff``).
@@ -109,9 +115,13 @@ class OpenAIBackend:
         if image_format not in ("jpeg", "png"):
             raise ConfigError(f"image_format must be 'jpeg' or 'png', got {image_format!r}")
         self.model = model
-        self.base_url = (base_url or _env("GLIMPSE_BASE_URL", "OPENAI_BASE_URL") or OPENAI_URL).rstrip("/")
+        urls = base_url or _env("GLIMPSE_BASE_URL", "OPENAI_BASE_URL") or OPENAI_URL
+        self.base_urls = [u.strip().rstrip("/") for u in urls.split(",") if u.strip()]
+        if not self.base_urls:
+            raise ConfigError(f"no server URL in base_url={base_url!r}")
+        self.base_url = self.base_urls[0]
         self.api_key = api_key or _env("GLIMPSE_API_KEY", "OPENAI_API_KEY")
-        if self.base_url == OPENAI_URL and not self.api_key:
+        if OPENAI_URL in self.base_urls and not self.api_key:
             raise ConfigError(
                 "no API key for api.openai.com: set OPENAI_API_KEY, or point --base-url at your own server "
                 "(e.g. http://127.0.0.1:8000/v1 for vLLM)"
@@ -127,9 +137,8 @@ class OpenAIBackend:
         self.reasoning_effort = reasoning_effort
         self.extra_body = dict(extra_body or {})
         self.dropped: set[str] = set()
-        self._clients: list[httpx.AsyncClient] = []
-        self._busy: list[int] = []
-        self._gate: asyncio.Semaphore | None = None
+        self._servers: list[_Server] = []
+        self._sticky: OrderedDict[int, _Server] = OrderedDict()
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # ----------------------------------------------------------------------------------------------------
@@ -141,19 +150,20 @@ class OpenAIBackend:
 
     async def aclose(self) -> None:
         """Close the HTTP connections."""
-        clients, self._clients = self._clients, []
-        for client in clients:
-            await client.aclose()
+        servers, self._servers = self._servers, []
+        for server in servers:
+            for client in server.clients:
+                await client.aclose()
 
     # ----------------------------------------------------------------------------------------------------
-    def _ensure_clients(self) -> None:
-        """Create the HTTP clients and the gate that bounds requests in flight, once per event loop.
+    def _ensure_servers(self) -> None:
+        """Create, once per event loop, each server's HTTP clients and the gate bounding its requests in flight.
 
-        Connections are split over several small clients: httpx's pool checks every one of its connections
-        on each request, which costs more CPU than the request itself in a pool of 64.
+        A server's connections are split over several small clients: httpx's pool checks every one of its
+        connections on each request, which costs more CPU than the request itself in a pool of 64.
         """
         loop = asyncio.get_running_loop()
-        if self._clients and self._loop is loop:
+        if self._servers and self._loop is loop:
             return
         headers = {"Content-Type": "application/json"}
         if self.api_key:
@@ -163,77 +173,107 @@ class OpenAIBackend:
         limits = httpx.Limits(max_connections=per_client, max_keepalive_connections=per_client)
         timeout = httpx.Timeout(self.timeout, connect=30.0)
         tls = ssl.create_default_context()  # built once: each client would otherwise load the CA store
-        self._clients = [
-            httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=timeout, limits=limits, verify=tls)
-            for _ in range(shards)
+        self._servers = [
+            _Server(
+                url=url,
+                clients=[
+                    httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout, limits=limits, verify=tls)
+                    for _ in range(shards)
+                ],
+                busy=[0] * shards,
+                gate=asyncio.Semaphore(self.max_concurrency),
+            )
+            for url in self.base_urls
         ]
-        self._busy = [0] * shards
-        self._gate = asyncio.Semaphore(self.max_concurrency)
+        self._sticky.clear()
         self._loop = loop
 
-    async def _post(self, payload: bytes) -> httpx.Response:
-        """POST a chat-completions body on the least busy client (which, under the gate, has a free connection)."""
-        assert self._gate is not None
-        async with self._gate:
-            i = min(range(len(self._clients)), key=self._busy.__getitem__)
-            self._busy[i] += 1
+    def _server_for(self, key: int) -> _Server:
+        """The server of a conversation: the one it used before, else the least busy one."""
+        server = self._sticky.get(key)
+        if server is None:
+            server = min(self._servers, key=lambda s: s.load)
+            self._sticky[key] = server
+            while len(self._sticky) > _STICKY_CONVERSATIONS:
+                self._sticky.popitem(last=False)
+        else:
+            self._sticky.move_to_end(key)
+        return server
+
+    async def _post(self, server: _Server, payload: bytes) -> httpx.Response:
+        """POST a body on the server's least busy client (which, under the gate, has a free connection)."""
+        server.waiting += 1
+        try:
+            await server.gate.acquire()
+        finally:
+            server.waiting -= 1
+        try:
+            i = min(range(len(server.clients)), key=server.busy.__getitem__)
+            server.busy[i] += 1
             try:
-                return await self._clients[i].post("/chat/completions", content=payload)
+                return await server.clients[i].post("/chat/completions", content=payload)
             finally:
-                self._busy[i] -= 1
+                server.busy[i] -= 1
+        finally:
+            server.gate.release()
 
     async def _request(self, messages: list[Message], params: GenerateParams, *, n: int) -> list[Completion]:
-        self._ensure_clients()
+        self._ensure_servers()
+        key = _conversation_key(messages)
         attempt = 0
         while True:
+            server = self._server_for(key)
             if self._all_encoded(messages):  # splicing cached URLs takes a few ms: no thread hand-off
                 body, payload = self._encode(messages, params, n)
             else:
                 body, payload = await asyncio.to_thread(self._encode, messages, params, n)
             if "n" not in body and n > 1:  # the server refused n: emulate it
                 return await self.generate(messages, params)
+            response: httpx.Response | None = None
             try:
-                response = await self._post(payload)
+                response = await self._post(server, payload)
             except (httpx.TimeoutException, httpx.TransportError) as exc:
-                error = BackendError(f"{type(exc).__name__} talking to {self.base_url}: {exc}", retryable=True)
+                error = BackendError(f"{type(exc).__name__} talking to {server.url}: {exc}", retryable=True)
             else:
-                error = self._check(response)
+                error = self._check(response, server.url)
                 if error is None:
                     try:
                         return self._parse(response.json(), n)
                     except (ValueError, KeyError, TypeError, IndexError) as exc:
                         error = BackendError(
-                            f"unreadable response from {self.base_url}: {exc}; body starts {response.text[:200]!r}",
+                            f"unreadable response from {server.url}: {exc}; body starts {response.text[:200]!r}",
                             status=response.status_code,
                             retryable=True,
                         )
-                elif error.status == 400 and self._drop_rejected(response.text, body):
+                elif error.status == 400 and self._drop_rejected(response.text, body, server.url):
                     continue
             if not error.retryable or attempt >= self.max_retries:
                 if error.retryable:
                     raise BackendError(f"gave up after {attempt + 1} attempts: {error}", status=error.status)
                 raise error
-            await asyncio.sleep(self._delay(attempt, response if error.status else None))
+            if len(self._servers) > 1:  # let the retry go to the least busy server, which may be another
+                self._sticky.pop(key, None)
+            await asyncio.sleep(self._delay(attempt, response))
             attempt += 1
 
-    def _check(self, response: httpx.Response) -> BackendError | None:
+    def _check(self, response: httpx.Response, url: str) -> BackendError | None:
         status = response.status_code
         if status < 400:
             return None
         detail = _error_detail(response)
         if status in RETRY_STATUS:
-            return BackendError(f"HTTP {status} from {self.base_url}: {detail}", status=status, retryable=True)
+            return BackendError(f"HTTP {status} from {url}: {detail}", status=status, retryable=True)
         if status in (400, 413, 422) and _CONTEXT_PATTERNS.search(detail):
             return ContextLengthError(f"the conversation no longer fits the model's context: {detail}", status=status)
         hint = {
             401: "check the API key (OPENAI_API_KEY or --api-key)",
             403: "the key is not allowed to use this model",
-            404: f"check --base-url (now {self.base_url}) and the model name {self.model!r}",
+            404: f"check --base-url (now {url}) and the model name {self.model!r}",
         }.get(status, "")
-        message = f"HTTP {status} from {self.base_url}: {detail}" + (f" ({hint})" if hint else "")
+        message = f"HTTP {status} from {url}: {detail}" + (f" ({hint})" if hint else "")
         return BackendError(message, status=status)
 
-    def _drop_rejected(self, text: str, body: dict[str, Any]) -> bool:
+    def _drop_rejected(self, text: str, body: dict[str, Any], url: str) -> bool:
         """If the server rejected one of the optional parameters we sent, stop sending it."""
         lowered = text.lower()
         if not any(
@@ -259,11 +299,11 @@ class OpenAIBackend:
                 or f"{name}:" in lowered
             ):
                 self.dropped.add(name)
-                log.warning("%s rejected the parameter %r; it will not be sent again", self.base_url, name)
+                log.warning("%s rejected the parameter %r; it will not be sent again", url, name)
                 return True
         if "max_completion_tokens" in body and "max_completion_tokens" in lowered:
             self.dropped.add("max_completion_tokens")
-            log.warning("%s rejected 'max_completion_tokens'; sending 'max_tokens' instead", self.base_url)
+            log.warning("%s rejected 'max_completion_tokens'; sending 'max_tokens' instead", url)
             return True
         return False
 
@@ -392,6 +432,29 @@ class OpenAIBackend:
                 )
             )
         return out
+
+
+@dataclass(eq=False)
+class _Server:
+    """One endpoint: its HTTP clients, their requests in flight, and the gate bounding them."""
+
+    url: str
+    clients: list[httpx.AsyncClient]
+    busy: list[int]
+    gate: asyncio.Semaphore
+    waiting: int = 0
+
+    @property
+    def load(self) -> int:
+        return sum(self.busy) + self.waiting
+
+
+def _conversation_key(messages: list[Message]) -> int:
+    """Identifies a conversation by its first user message (its text and the identity of its images)."""
+    first = next((m for m in messages if m.role == "user"), None)
+    if first is None:
+        return 0
+    return hash((first.text(), tuple(id(p) for p in first.images())))
 
 
 def body_bytes(body: dict[str, Any]) -> bytes:

@@ -1,0 +1,489 @@
+"""Loaders for the standard benchmarks, from the files users download, and for generated probes.
+
+A dataset is named by a spec string (``glimpse eval --data SPEC``):
+
+=====================================  ===========================================================================
+spec                                   reads
+=====================================  ===========================================================================
+``probes:LEVEL[:N[:SEED]]``            N generated probes (default 100, seed 0), made once under
+                                       ``$GLIMPSE_HOME/probes/``
+``minio3:PATH``                        a JSON list in Mini-o3's format (``images``, ``problem``, ``solution``,
+                                       ``data_source``), e.g. a probes ``val.json`` or a converted benchmark
+``visualprobe:LEVEL:BASE``             ``BASE/VisualProbe_<Level>/val.json`` (LEVEL: easy, medium, hard, train)
+``vstar:DIR``                          V* Bench: per-image JSON in ``direct_attributes/`` and ``relative_position/``
+                                       (with target boxes); ``vstar-jsonl:DIR`` reads ``test_questions.jsonl``
+``hrbench:FILE.tsv``                   HR-Bench 4K or 8K (VLMEvalKit TSV, images in base64)
+``mme-realworld:DIR``                  ``DIR/MME_RealWorld.json`` with its image folders under ``DIR``
+``mme-realworld-lite:DIR``             ``DIR/data/MME-RealWorld-Lite.json`` and ``DIR/data/imgs/``
+``treebench:FILE.tsv``                 TreeBench (VLMEvalKit TSV, base64 images, target boxes)
+=====================================  ===========================================================================
+
+Multiple-choice samples keep their options in the file's order with the gold *letter* in that order;
+``glimpse.bench.options`` decides how each repeat presents them. Images stored inside TSV files are written
+once to ``$GLIMPSE_HOME/datasets/`` (one file per distinct image) so trajectories can refer to them by path.
+
+A missing file raises ``ConfigError`` naming the path expected. A row that cannot be read (bad JSON, an
+unknown answer format, an image that does not decode) becomes a sample marked ``meta.input_error`` with the
+reason: the evaluation records it as an input error and goes on.
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import binascii
+import csv
+import hashlib
+import json
+import math
+import re
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from glimpse.errors import ConfigError
+from glimpse.paths import glimpse_home
+from glimpse.trajectory import Sample
+
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+_OPTION_LINE = re.compile(r"^\(?([A-Z])[).:]\s*(.*)$")
+
+
+@dataclass
+class Dataset:
+    """Loaded samples with where they came from.
+
+    Attributes:
+        name: short name used in reports (``visualprobe-hard``, ``hrbench4k`` …).
+        samples: the samples, in file order.
+        source: the file or folder read.
+        notes: warnings worth printing (e.g. a suspicious answer distribution).
+    """
+
+    name: str
+    samples: list[Sample]
+    source: str
+    notes: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+def _require(path: Path, what: str, hint: str = "") -> Path:
+    if not path.exists():
+        raise ConfigError(f"{what} not found: expected {path}" + (f". {hint}" if hint else ""))
+    return path
+
+
+def _bad(dataset: str, key: str, reason: str) -> Sample:
+    return Sample(id=f"{dataset}/{key}", images=[], question="", meta={"input_error": reason})
+
+
+def _mc_sample(
+    sid: str,
+    images: list[str],
+    stem: str,
+    options: list[str],
+    gold: str,
+    meta: dict[str, Any],
+    boxes: list[list[int]] | None = None,
+) -> Sample:
+    gold = gold.strip().upper().strip("().")
+    if len(gold) != 1 or gold not in LETTERS[: len(options)]:
+        return Sample(
+            id=sid,
+            images=images,
+            question=stem,
+            meta={**meta, "input_error": f"gold answer {gold!r} is not one of the {len(options)} option letters"},
+        )
+    return Sample(id=sid, images=images, question=stem, options=options, answer=gold, target_boxes=boxes, meta=meta)
+
+
+def _int_box(box: list[float]) -> list[int]:
+    x0, y0, x1, y1 = (float(v) for v in box)
+    return [math.floor(x0), math.floor(y0), math.ceil(x1), math.ceil(y1)]
+
+
+# ----------------------------------------------------------------------------------------- Mini-o3 / VisualProbe
+def load_minio3(path: str | Path, name: str | None = None) -> Dataset:
+    """A JSON list in Mini-o3's format; image paths resolve against the JSON's folder, else its parent
+    (VisualProbe's paths start with the dataset folder's own name)."""
+    p = _require(Path(path), "Mini-o3-format JSON file")
+    try:
+        rows = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{p} is not valid JSON: {exc}") from None
+    if not isinstance(rows, list):
+        raise ConfigError(f"{p} must hold a JSON list of records with images, problem and solution")
+    name = name or p.parent.name or p.stem
+    samples: list[Sample] = []
+    for i, row in enumerate(rows):
+        key = str(row.get("doc_id", i)) if isinstance(row, dict) else str(i)
+        if not isinstance(row, dict) or not isinstance(row.get("problem"), str) or "solution" not in row:
+            samples.append(_bad(name, key, "record lacks 'problem' or 'solution'"))
+            continue
+        images = row.get("images") or []
+        if isinstance(images, str):
+            images = [images]
+        resolved = []
+        for img in images:
+            candidate = p.parent / img
+            if not candidate.exists() and (p.parent.parent / img).exists():
+                candidate = p.parent.parent / img
+            resolved.append(str(candidate))
+        question = row["problem"].replace("<image>", "").strip()
+        source = str(row.get("data_source", ""))
+        meta: dict[str, Any] = {"data_source": source}
+        level = row.get("level") or next(
+            (lv for lv in ("easy", "medium", "hard", "train") if source.endswith(lv)), None
+        )
+        if level:
+            meta["level"] = level
+        if row.get("kind"):
+            meta["category"] = row["kind"]
+        for extra in ("choices", "synonyms", "candidate_boxes", "seed", "size", "shown_cap_px"):
+            if row.get(extra) is not None:
+                meta[extra] = row[extra]
+        boxes = [_int_box(b) for b in row["boxes"]] if row.get("boxes") else None
+        solution = str(row["solution"])
+        options, stem = _options_in_text(question)
+        sid = f"{name}/{key}"
+        if options and (solution.strip().strip("().").upper() in LETTERS[: len(options)] or solution in options):
+            gold = solution if solution not in options else LETTERS[options.index(solution)]
+            samples.append(_mc_sample(sid, resolved, stem, options, gold, meta, boxes))
+        else:
+            samples.append(
+                Sample(id=sid, images=resolved, question=question, answer=solution, target_boxes=boxes, meta=meta)
+            )
+    dataset = Dataset(name=name, samples=samples, source=str(p))
+    golds = [s.answer for s in samples if s.options]
+    if len(golds) >= 10 and all(g == "A" for g in golds):
+        dataset.notes.append(
+            f"every multiple-choice answer in {p.name} is 'A': options were never shuffled; keep --options shuffle"
+        )
+    return dataset
+
+
+def _options_in_text(text: str) -> tuple[list[str], str]:
+    """Split "question\\n(A) x\\n(B) y\\n[instruction]" into options and the stem."""
+    lines = text.splitlines()
+    options: list[str] = []
+    first = None
+    for i, line in enumerate(lines):
+        m = _OPTION_LINE.match(line.strip())
+        if m and m.group(1) == LETTERS[len(options)]:
+            options.append(m.group(2).strip())
+            first = i if first is None else first
+        elif options:
+            break
+    if len(options) < 2 or first is None:
+        return [], text
+    return options, "\n".join(lines[:first]).strip()
+
+
+def load_visualprobe(level: str, base: str | Path) -> Dataset:
+    folder = {
+        "easy": "VisualProbe_Easy",
+        "medium": "VisualProbe_Medium",
+        "hard": "VisualProbe_Hard",
+        "train": "VisualProbe_train",
+    }.get(level.lower())
+    if folder is None:
+        raise ConfigError(f"unknown VisualProbe level {level!r}; choose easy, medium, hard or train")
+    file = "train.json" if level.lower() == "train" else "val.json"
+    path = _require(
+        Path(base) / folder / file,
+        f"VisualProbe {level}",
+        f"download it with: huggingface-cli download Mini-o3/{folder} --repo-type dataset "
+        f"--local-dir {Path(base) / folder}",
+    )
+    data = load_minio3(path, name=f"visualprobe-{level.lower()}")
+    for s in data.samples:
+        s.meta.setdefault("level", level.lower())
+    return data
+
+
+# ---------------------------------------------------------------------------------------------------------- V*
+def load_vstar(root: str | Path, prefer: str = "json") -> Dataset:
+    """V* Bench: per-image JSON (correct option first, boxes ``[x, y, w, h]``) or ``test_questions.jsonl``."""
+    base = _require(
+        Path(root),
+        "V* Bench folder",
+        f"download it with: huggingface-cli download craigwu/vstar_bench --repo-type dataset --local-dir {root}",
+    )
+    folders = [base / c for c in ("direct_attributes", "relative_position")]
+    if prefer == "json" and all(f.is_dir() for f in folders):
+        samples = []
+        for folder in folders:
+            for ann in sorted(folder.glob("*.json"), key=lambda p: _natural(p.stem)):
+                samples.append(_vstar_item(ann, folder.name))
+        return Dataset(name="vstar", samples=samples, source=str(base))
+    jsonl = _require(base / "test_questions.jsonl", "V* Bench test_questions.jsonl")
+    samples = []
+    for i, line in enumerate(jsonl.read_text(encoding="utf-8").splitlines()):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            options, stem = _options_in_text(row["text"])
+            qid = str(row["question_id"])
+            meta = {"category": row.get("category", "")}
+            samples.append(_mc_sample(f"vstar/{qid}", [str(base / row["image"])], stem, options, row["label"], meta))
+        except (ValueError, KeyError, TypeError) as exc:
+            samples.append(_bad("vstar", f"line{i + 1}", f"unreadable row: {exc}"))
+    return Dataset(name="vstar", samples=samples, source=str(jsonl))
+
+
+def _natural(stem: str) -> tuple:
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", stem))
+
+
+def _vstar_item(ann: Path, category: str) -> Sample:
+    key = f"{category}/{ann.stem}"
+    try:
+        row = json.loads(ann.read_text(encoding="utf-8"))
+        options = [str(o) for o in row["options"]]
+        boxes = [[x, y, x + w, y + h] for x, y, w, h in row.get("bbox", [])]
+    except (ValueError, KeyError, TypeError) as exc:
+        return _bad("vstar", key, f"unreadable annotation {ann.name}: {exc}")
+    image = next(
+        (ann.with_suffix(ext) for ext in (".jpg", ".jpeg", ".png", ".JPG") if ann.with_suffix(ext).exists()),
+        ann.with_suffix(".jpg"),
+    )
+    meta = {"category": category, "target_object": row.get("target_object", [])}
+    # The file lists the correct option first; presentation reshuffles it.
+    return _mc_sample(
+        f"vstar/{key}", [str(image)], str(row["question"]), options, "A", meta, [_int_box(b) for b in boxes] or None
+    )
+
+
+# --------------------------------------------------------------------------------------------- TSV benchmarks
+def _tsv_rows(path: Path) -> Iterator[tuple[int, dict[str, str] | str]]:
+    """(line, row) pairs; a row that does not parse comes back as an error string."""
+    csv.field_size_limit(sys.maxsize)
+    with path.open(encoding="utf-8", newline="") as fh:
+        reader = csv.reader(fh, delimiter="\t")
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise ConfigError(f"{path} is empty") from None
+        for n, cells in enumerate(reader, 2):
+            if len(cells) != len(header):
+                yield n, f"row {n} has {len(cells)} cells, the header has {len(header)}"
+                continue
+            yield n, dict(zip(header, cells, strict=True))
+
+
+class _ImageStore:
+    """Writes base64 images from a table to files, one per distinct image."""
+
+    def __init__(self, name: str, source: Path):
+        digest = hashlib.sha1(str(source.resolve()).encode()).hexdigest()[:10]
+        self.folder = glimpse_home() / "datasets" / f"{name}-{digest}" / "images"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.by_index: dict[str, str] = {}
+
+    def put(self, index: str, payload: str) -> str:
+        """The file path of this row's image (a payload of 64 characters or less names another row's index)."""
+        if len(payload) <= 64:
+            if payload in self.by_index:
+                self.by_index[index] = self.by_index[payload]
+                return self.by_index[payload]
+            raise ValueError(f"image refers to row {payload!r}, which has no image")
+        name = hashlib.sha1(payload.encode()).hexdigest()[:20]
+        existing = next(iter(self.folder.glob(name + ".*")), None)
+        if existing is None:
+            try:
+                data = base64.b64decode(payload, validate=False)
+            except (binascii.Error, ValueError) as exc:
+                raise ValueError(f"the image is not valid base64 ({exc})") from None
+            ext = ".png" if data[:8] == b"\x89PNG\r\n\x1a\n" else ".webp" if data[8:12] == b"WEBP" else ".jpg"
+            existing = self.folder / (name + ext)
+            tmp = existing.with_suffix(".part")
+            tmp.write_bytes(data)
+            tmp.replace(existing)
+        self.by_index[index] = str(existing)
+        return str(existing)
+
+
+def _row_options(row: dict[str, str]) -> list[str]:
+    options = []
+    for letter in LETTERS:
+        value = row.get(letter)
+        if value is None or not value.strip() or value.strip().lower() == "nan":
+            break
+        options.append(value.strip())
+    return options
+
+
+def load_hrbench(path: str | Path) -> Dataset:
+    """HR-Bench 4K/8K TSV: 800 rows, 200 questions × the correct option in each of 4 positions."""
+    p = _require(
+        Path(path),
+        "HR-Bench TSV",
+        "download it with: huggingface-cli download DreamMr/HR-Bench --repo-type dataset "
+        f"--include '*.tsv' --local-dir {Path(path).parent}",
+    )
+    name = "hrbench8k" if "8k" in p.name.lower() else "hrbench4k"
+    store = _ImageStore(name, p)
+    samples = []
+    for line, row in _tsv_rows(p):
+        if isinstance(row, str):
+            samples.append(_bad(name, f"line{line}", row))
+            continue
+        index = row.get("index", str(line))
+        try:
+            image = store.put(index, row["image"])
+        except (KeyError, ValueError) as exc:
+            samples.append(_bad(name, index, f"image: {exc}"))
+            continue
+        meta = {"category": row.get("category", ""), "cycle": row.get("cycle_category", "")}
+        samples.append(
+            _mc_sample(
+                f"{name}/{index}", [image], row.get("question", ""), _row_options(row), row.get("answer", ""), meta
+            )
+        )
+    return Dataset(name=name, samples=samples, source=str(p))
+
+
+def load_treebench(path: str | Path) -> Dataset:
+    """TreeBench TSV: 405 questions with 2-11 options and target boxes (``target_instances``)."""
+    p = _require(
+        Path(path),
+        "TreeBench TSV",
+        "download it with: huggingface-cli download HaochenWang/TreeBench --repo-type dataset "
+        f"--local-dir {Path(path).parent}",
+    )
+    store = _ImageStore("treebench", p)
+    samples = []
+    for line, row in _tsv_rows(p):
+        if isinstance(row, str):
+            samples.append(_bad("treebench", f"line{line}", row))
+            continue
+        index = row.get("index", str(line))
+        try:
+            image = store.put(index, row["image"])
+            options = _row_options(row) or _options_in_text("x\n" + row.get("multi-choice options", ""))[0]
+            raw = row.get("target_instances", "").strip()
+            boxes = [_int_box(b) for b in ast.literal_eval(raw)] if raw else None
+        except (KeyError, ValueError, SyntaxError, TypeError) as exc:
+            samples.append(_bad("treebench", index, f"unreadable row: {exc}"))
+            continue
+        meta = {"category": row.get("category", "")}
+        samples.append(
+            _mc_sample(
+                f"treebench/{index}", [image], row.get("question", ""), options, row.get("answer", ""), meta, boxes
+            )
+        )
+    return Dataset(name="treebench", samples=samples, source=str(p))
+
+
+# ------------------------------------------------------------------------------------------------ MME-RealWorld
+def load_mme_realworld(root: str | Path, lite: bool = False) -> Dataset:
+    """MME-RealWorld (full: ``MME_RealWorld.json`` + image folders) or its 1,919-question Lite set."""
+    base = Path(root)
+    if lite:
+        path = _require(
+            base / "data" / "MME-RealWorld-Lite.json",
+            "MME-RealWorld-Lite questions",
+            "download with: huggingface-cli download yifanzhang114/MME-RealWorld-Lite --repo-type dataset "
+            f"--local-dir {base} && (cd {base} && unzip data.zip)",
+        )
+        image_root, name = base / "data" / "imgs", "mme-realworld-lite"
+    else:
+        path = _require(
+            base / "MME_RealWorld.json",
+            "MME-RealWorld questions",
+            "download with: huggingface-cli download yifanzhang114/MME-RealWorld --repo-type dataset "
+            f"--local-dir {base}, then for each X.tar.gz.part_aa: cat X.tar.gz.part_* > X.tar.gz && "
+            "tar -xzf X.tar.gz",
+        )
+        image_root, name = base, "mme-realworld"
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path} is not valid JSON: {exc}") from None
+    samples = []
+    for i, row in enumerate(rows):
+        key = str(row.get("Question_id", i)) if isinstance(row, dict) else str(i)
+        try:
+            options = [re.sub(r"^\([A-Z]\)\s*", "", str(c)).strip() for c in row["Answer choices"]]
+            meta = {
+                "task": row.get("Task", ""),
+                "subtask": row.get("Subtask", ""),
+                "category": str(row.get("Category", "")).lower(),
+            }
+            image = image_root / (Path(row["Image"]).name if lite else row["Image"])
+            samples.append(
+                _mc_sample(f"{name}/{key}", [str(image)], str(row["Text"]), options, str(row["Ground truth"]), meta)
+            )
+        except (KeyError, TypeError, AttributeError) as exc:
+            samples.append(_bad(name, key, f"unreadable record: missing {exc}"))
+    return Dataset(name=name, samples=samples, source=str(path))
+
+
+# ----------------------------------------------------------------------------------------------------- probes
+def load_probes(level: str, n: int = 100, seed: int = 0) -> Dataset:
+    """``n`` generated probes of a level, generated once into ``$GLIMPSE_HOME/probes/``."""
+    from glimpse.bench.synth import LEVELS, write_probes
+
+    if level not in LEVELS:
+        raise ConfigError(f"unknown probe level {level!r}; choose one of {', '.join(LEVELS)}")
+    folder = glimpse_home() / "probes" / f"{level}-s{seed}-n{n}"
+    path = folder / "val.json"
+    if not path.exists():
+        write_probes(folder, level, n, seed=seed)
+    data = load_minio3(path, name=f"probes-{level}")
+    return data
+
+
+LOADERS = (
+    "probes",
+    "minio3",
+    "visualprobe",
+    "vstar",
+    "vstar-jsonl",
+    "hrbench",
+    "mme-realworld",
+    "mme-realworld-lite",
+    "treebench",
+)
+
+
+def load_dataset(spec: str) -> Dataset:
+    """Load a dataset by spec (see the module docstring).
+
+    Raises:
+        ConfigError: unknown name, malformed spec, or a missing file.
+    """
+    name, _, rest = spec.partition(":")
+    parts = rest.split(":") if rest else []
+    if name == "probes":
+        if not parts:
+            raise ConfigError("probes needs a level: probes:easy, probes:medium:500 or probes:hard:500:7")
+        try:
+            n = int(parts[1]) if len(parts) > 1 else 100
+            seed = int(parts[2]) if len(parts) > 2 else 0
+        except ValueError:
+            raise ConfigError(f"probes spec {spec!r}: N and SEED must be integers") from None
+        return load_probes(parts[0], n, seed)
+    if name == "visualprobe":
+        if len(parts) < 2:
+            raise ConfigError("visualprobe needs a level and a base folder: visualprobe:hard:/data/minio3")
+        return load_visualprobe(parts[0], ":".join(parts[1:]))
+    if not rest:
+        raise ConfigError(f"dataset {spec!r} needs a path after '{name}:'")
+    simple = {
+        "minio3": load_minio3,
+        "vstar": load_vstar,
+        "vstar-jsonl": lambda r: load_vstar(r, prefer="jsonl"),
+        "hrbench": load_hrbench,
+        "treebench": load_treebench,
+        "mme-realworld": load_mme_realworld,
+        "mme-realworld-lite": lambda r: load_mme_realworld(r, lite=True),
+    }
+    if name not in simple:
+        raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(LOADERS)}")
+    return simple[name](rest)

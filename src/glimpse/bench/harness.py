@@ -1,0 +1,413 @@
+"""The evaluation harness behind ``glimpse eval``: concurrent, resumable, reproducible.
+
+A run evaluates every (question, repeat, turn cap) *unit* of a dataset and writes into its folder:
+
+* ``config.json``: the resolved settings (no secrets), dataset name, size and source, seeds, backend, and
+  package versions; a resumed run must match the settings that change results;
+* ``trajectories.jsonl``: one scored trajectory per unit, appended as each finishes;
+* ``summary.json`` and ``summary.md``: the metrics of ``glimpse.bench.metrics`` per turn cap;
+* ``sweep.csv`` and ``sweep.png`` when several turn caps were asked for.
+
+**Resuming.** Running the same command again (same ``--out``) reads the results file, drops a line cut short
+by a crash and any duplicate, drops units whose backend failed (``--redo-errors``, on by default), rewrites
+the file compacted, and runs only what is missing. So a run killed at any point (even ``kill -9``) completes
+with nothing lost and nothing twice. Questions whose input cannot be read are recorded as input errors and
+counted; they are never retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from glimpse.agent import AgentLoop
+from glimpse.bench.datasets import Dataset, load_dataset
+from glimpse.bench.judge import LLMJudge
+from glimpse.bench.metrics import summarize, truncate
+from glimpse.bench.options import present
+from glimpse.bench.policies import POLICIES, policy_backend
+from glimpse.bench.scoring import score
+from glimpse.config import EvalConfig, public_dict
+from glimpse.errors import ConfigError, GlimpseError
+from glimpse.images import ImageCache, PixelLimits
+from glimpse.models import Backend, load_backend
+from glimpse.trajectory import Sample, Score, Trajectory
+
+RESULTS, CONFIG, SUMMARY, TABLE, SWEEP_CSV, SWEEP_PNG = (
+    "trajectories.jsonl",
+    "config.json",
+    "summary.json",
+    "summary.md",
+    "sweep.csv",
+    "sweep.png",
+)
+# Settings that change results: a resumed run must agree on them.
+RESULT_SETTINGS = (
+    "data",
+    "model",
+    "options",
+    "seed",
+    "protocol",
+    "coords",
+    "prompt_file",
+    "max_new_tokens",
+    "max_context_tokens",
+    "max_images",
+    "min_pixels",
+    "max_pixels",
+    "resize_factor",
+    "keep_images",
+    "temperature",
+    "top_p",
+    "sweep",
+    "judge",
+)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One trajectory to run: a question as presented in repeat ``repeat``, under turn cap ``cap``."""
+
+    sample: Sample
+    repeat: int
+    cap: int
+
+    @property
+    def key(self) -> str:
+        return unit_key(self.sample.id, self.repeat, self.cap)
+
+
+def unit_key(sample_id: str, repeat: int, cap: int) -> str:
+    return f"{sample_id}\t{repeat}\t{cap}"
+
+
+def parse_caps(text: str) -> list[int]:
+    try:
+        caps = sorted({int(v) for v in str(text).split(",") if v.strip()})
+    except ValueError:
+        raise ConfigError(f"max_turns={text!r}: give a number or comma-separated numbers such as 4,8,16,32") from None
+    if not caps or caps[0] < 1:
+        raise ConfigError(f"max_turns={text!r}: turn caps must be positive")
+    return caps
+
+
+def default_out(cfg: EvalConfig) -> Path:
+    def slug(s: str) -> str:
+        return re.sub(r"[^A-Za-z0-9_.-]+", "-", s).strip("-")[:60]
+
+    return Path("runs") / f"{slug(cfg.data or '')}--{slug(cfg.model or '')}"
+
+
+class ResultStore:
+    """The results file: one JSON line per unit, appended and flushed as units finish."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.done: set[str] = set()
+
+    def open(self, drop: Callable[[dict[str, Any]], bool]) -> int:
+        """Read what is done, compacting the file; returns how many lines were dropped.
+
+        A line that does not parse (cut short by a crash), a duplicate unit, or a unit ``drop`` rejects is left
+        out, and the file is rewritten atomically with what remains.
+        """
+        if not self.path.exists():
+            return 0
+        kept, dropped = [], 0
+        with self.path.open("rb") as fh:
+            for raw in fh:
+                try:
+                    record = json.loads(raw)
+                    key = unit_key(record["sample"]["id"], record["sample_index"], record["settings"]["max_turns"])
+                except (ValueError, KeyError, TypeError):
+                    dropped += 1
+                    continue
+                if key in self.done or drop(record):
+                    dropped += 1
+                    continue
+                self.done.add(key)
+                kept.append(raw if raw.endswith(b"\n") else raw + b"\n")
+        if dropped:
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_bytes(b"".join(kept))
+            os.replace(tmp, self.path)
+        return dropped
+
+    def append(self, traj: Trajectory) -> None:
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(traj.model_dump_json() + "\n")
+            fh.flush()
+        self.done.add(unit_key(traj.sample.id, traj.sample_index, traj.settings.max_turns))
+
+    def load(self) -> list[Trajectory]:
+        if not self.path.exists():
+            return []
+        out = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                out.append(Trajectory.model_validate_json(line))
+        return out
+
+
+@dataclass
+class EvalRun:
+    """What an evaluation produced."""
+
+    out: Path
+    dataset: Dataset
+    summaries: dict[int, dict[str, Any]]
+    ran: int
+    skipped: int
+    elapsed_s: float
+
+
+def _versions() -> dict[str, Any]:
+    info: dict[str, Any] = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for pkg in ("glimpse", "pillow", "httpx", "pydantic", "numpy"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            info[pkg] = metadata.version(pkg)
+    try:
+        here = Path(__file__).resolve().parent
+        info["git_commit"] = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+            ).stdout.strip()
+            or None
+        )
+    except (OSError, subprocess.SubprocessError):
+        info["git_commit"] = None
+    return info
+
+
+def _check_config(out: Path, cfg: EvalConfig, dataset: Dataset) -> None:
+    """Write ``config.json``, or check that an existing one agrees on the settings that change results."""
+    path = out / CONFIG
+    record = {
+        "config": public_dict(cfg),
+        "dataset": {"name": dataset.name, "questions": len(dataset), "source": dataset.source},
+        "versions": _versions(),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if path.exists() and (out / RESULTS).exists():
+        old = json.loads(path.read_text(encoding="utf-8")).get("config", {})
+        differs = [
+            f"{k}: {old.get(k)!r} then, {getattr(cfg, k)!r} now"
+            for k in RESULT_SETTINGS
+            if old.get(k) != getattr(cfg, k)
+        ]
+        if differs:
+            raise ConfigError(
+                f"{out} holds results made with other settings ({'; '.join(differs)}); resume with the same "
+                "settings, choose another --out, or pass --fresh to start over"
+            )
+        record["started_at"] = json.loads(path.read_text(encoding="utf-8")).get("started_at", record["started_at"])
+        record["resumed_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
+def _backend(cfg: EvalConfig) -> Backend | None:
+    if cfg.model in POLICIES:
+        return None
+    if not cfg.model:
+        raise ConfigError(
+            f"choose a model with --model: openai:NAME, scripted:FILE, or a policy ({', '.join(POLICIES)})"
+        )
+    return load_backend(
+        cfg.model,
+        base_url=cfg.base_url,
+        api_key=cfg.api_key,
+        max_concurrency=cfg.concurrency,
+        timeout=cfg.timeout,
+        max_retries=cfg.max_retries,
+        image_format=cfg.image_format,
+    )
+
+
+def _loop(cfg: EvalConfig, backend: Backend | None, cap: int, cache: ImageCache) -> AgentLoop:
+    placeholder = backend or _PolicyPlaceholder(cfg.model or "")
+    return AgentLoop(
+        placeholder,
+        protocol=cfg.protocol,
+        coords=cfg.coords,
+        prompt_file=cfg.prompt_file,
+        max_turns=cap,
+        max_images=cfg.max_images,
+        max_new_tokens=cfg.max_new_tokens,
+        max_context_tokens=cfg.max_context_tokens,
+        min_pixels=cfg.min_pixels,
+        max_pixels=cfg.max_pixels,
+        resize_factor=cfg.resize_factor,
+        keep_images=cfg.keep_images,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        seed=cfg.seed,
+        image_cache=cache,
+    )
+
+
+class _PolicyPlaceholder:
+    """Stands in for the loop's backend when every question brings its own policy backend."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    async def generate(self, messages: Any, params: Any) -> Any:
+        raise GlimpseError(f"policy {self.name!r} has no backend of its own; it is built per question")
+
+
+def _input_error(unit: Unit, loop: AgentLoop) -> Trajectory:
+    reason = str(unit.sample.meta.get("input_error"))
+    return Trajectory(
+        id=f"{unit.sample.id}#{unit.repeat}",
+        sample=unit.sample,
+        sample_index=unit.repeat,
+        settings=loop.settings,
+        stop_reason="error",
+        error=f"input error: {reason}",
+        score=Score(correct=None, method="input_error", detail=reason),
+    )
+
+
+async def run_eval(
+    cfg: EvalConfig,
+    *,
+    backend: Backend | None = None,
+    on_progress: Callable[[int, int, Trajectory], None] | None = None,
+    on_start: Callable[[int, int, Dataset], None] | None = None,
+) -> EvalRun:
+    """Run (or resume) an evaluation; see the module docstring.
+
+    Args:
+        cfg: the settings.
+        backend: a backend object to evaluate instead of the one ``cfg.model`` names (``cfg.model`` then only
+            labels the run).
+        on_progress: called after each unit with (finished so far, to run, the trajectory).
+        on_start: called once with (units to run, units already done, the dataset).
+    """
+    if not cfg.data:
+        raise ConfigError("choose a dataset with --data, e.g. probes:hard:200 or vstar:/data/vstar_bench")
+    if cfg.k < 1:
+        raise ConfigError(f"k must be at least 1, got {cfg.k}")
+    caps = parse_caps(cfg.max_turns)
+    owned = backend is None
+    backend = _backend(cfg) if owned else backend
+    dataset = load_dataset(cfg.data)
+    samples = dataset.samples[: cfg.limit] if cfg.limit is not None else dataset.samples
+    out = Path(cfg.out) if cfg.out else default_out(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.fresh:
+        for name in (RESULTS, SUMMARY, TABLE, SWEEP_CSV, SWEEP_PNG):
+            (out / name).unlink(missing_ok=True)
+    _check_config(out, cfg, dataset)
+
+    store = ResultStore(out / RESULTS)
+    store.open(drop=lambda r: cfg.redo_errors and r.get("stop_reason") == "error" and r.get("image") is not None)
+    run_caps = caps if cfg.sweep == "run" else [caps[-1]]
+    units = [
+        Unit(present(s, r, mode=cfg.options, seed=cfg.seed), r, cap)
+        for s in samples
+        for r in range(cfg.k)
+        for cap in run_caps
+    ]
+    pending = [u for u in units if u.key not in store.done]
+    if on_start is not None:
+        on_start(len(pending), len(units) - len(pending), dataset)
+
+    cache = ImageCache()
+    loops = {cap: _loop(cfg, backend, cap, cache) for cap in run_caps}
+    judge = None
+    if cfg.judge:
+        judge_backend = load_backend(
+            cfg.judge, base_url=cfg.judge_base_url, api_key=cfg.api_key, max_retries=cfg.max_retries
+        )
+        judge = LLMJudge(judge_backend, cache_path=out / "judge_cache.jsonl")
+    limits = PixelLimits(cfg.min_pixels, cfg.max_pixels, cfg.resize_factor)
+    gate = asyncio.Semaphore(cfg.concurrency)
+    finished = 0
+    started = time.perf_counter()
+
+    async def one(unit: Unit) -> None:
+        nonlocal finished
+        loop = loops[unit.cap]
+        async with gate:
+            if unit.sample.meta.get("input_error"):
+                traj = _input_error(unit, loop)
+            else:
+                own = None
+                if backend is None:
+                    own = policy_backend(
+                        cfg.model or "",
+                        unit.sample,
+                        protocol=cfg.protocol,
+                        coords=cfg.coords,
+                        limits=limits,
+                        seed=cfg.seed,
+                    )
+                (traj,) = await loop.run(unit.sample, first_index=unit.repeat, backend=own)
+                if traj.stop_reason == "error" and traj.image is not None:
+                    traj.score = Score(correct=None, method="backend_error", detail=traj.error)
+                else:
+                    traj.score = await score(traj.answer, traj.sample, judge)
+        store.append(traj)
+        finished += 1
+        if on_progress is not None:
+            on_progress(finished, len(pending), traj)
+
+    try:
+        await asyncio.gather(*(one(u) for u in pending))
+    finally:
+        for b in (backend if owned else None, getattr(judge, "backend", None)):
+            if b is not None and hasattr(b, "aclose"):
+                await b.aclose()
+
+    summaries = write_summaries(out, store.load(), caps, cfg, dataset.name)
+    return EvalRun(
+        out=out,
+        dataset=dataset,
+        summaries=summaries,
+        ran=len(pending),
+        skipped=len(units) - len(pending),
+        elapsed_s=time.perf_counter() - started,
+    )
+
+
+def trajectories_for_cap(trajectories: list[Trajectory], cap: int, sweep: str, run_cap: int) -> list[Trajectory]:
+    """The trajectories that stand for turn cap ``cap``: run at it, or cut down from ``run_cap``."""
+    if sweep == "run" or cap == run_cap:
+        return [t for t in trajectories if t.settings.max_turns == cap]
+    return [truncate(t, cap) for t in trajectories if t.settings.max_turns == run_cap]
+
+
+def write_summaries(
+    out: Path, trajectories: list[Trajectory], caps: list[int], cfg: EvalConfig, name: str
+) -> dict[int, dict[str, Any]]:
+    """Compute the metrics for every cap and write summary.json, summary.md and, for sweeps, the CSV and plot."""
+    from glimpse.bench.report import markdown_summary, write_sweep
+
+    summaries = {
+        cap: summarize(trajectories_for_cap(trajectories, cap, cfg.sweep, caps[-1]), cfg.faithfulness) for cap in caps
+    }
+    payload = {
+        "dataset": name,
+        "model": cfg.model,
+        "k": cfg.k,
+        "sweep": cfg.sweep,
+        "caps": {str(c): s for c, s in summaries.items()},
+    }
+    (out / SUMMARY).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    (out / TABLE).write_text(markdown_summary(name, cfg.model or "", cfg.k, summaries), encoding="utf-8")
+    if len(caps) > 1:
+        write_sweep(out / SWEEP_CSV, out / SWEEP_PNG, summaries, title=f"{cfg.model} on {name}")
+    return summaries

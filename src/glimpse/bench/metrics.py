@@ -1,0 +1,140 @@
+"""Metrics of an evaluation, computed from scored trajectories alone.
+
+Per turn cap:
+
+* **Avg@k**: mean over questions of the share of its k repeats that are correct; **pass@k**: share of
+  questions with at least one correct repeat; **majority@k**: share whose majority-vote answer is correct.
+  Questions whose input could not be read are left out of these and counted as ``input_errors``; a judge
+  failure counts as not correct and is counted as ``judge_errors``.
+* The same Avg@k per level and per category, when samples carry them.
+* Turns: mean and histogram; stop reasons; over-turn rate; tool-error rate (mistakes per tool call);
+  tokens and latency per trajectory.
+* **Faithfulness**: among correct answers to questions with known target boxes, the share whose zooms
+  actually covered every target (some zoom box holding at least ``threshold`` of the target's area), and
+  the mean best IoU of a zoom with a target.
+* **Chance**: the expected Avg@k of guessing uniformly from each question's answer space.
+
+``truncate`` cuts a trajectory run with a large cap down to a smaller one, for derived sweeps.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter, defaultdict
+from typing import Any
+
+from glimpse.answers import normalize_answer
+from glimpse.bench.policies import chance
+from glimpse.geometry import Box
+from glimpse.trajectory import Score, Trajectory
+
+
+def truncate(traj: Trajectory, cap: int) -> Trajectory:
+    """The trajectory as a run with the smaller turn cap ``cap`` would have ended.
+
+    Up to the cap both runs take the same turns; one that ended within ``cap`` turns ends the same way, and one
+    that went on is stopped at ``cap`` with ``max_turns`` (over-turn if the last kept turn called the tool).
+    """
+    if cap > traj.settings.max_turns:
+        raise ValueError(f"cannot extend a trajectory run with cap {traj.settings.max_turns} to cap {cap}")
+    settings = traj.settings.model_copy(update={"max_turns": cap})
+    if len(traj.turns) <= cap:
+        return traj.model_copy(update={"settings": settings})
+    turns = traj.turns[:cap]
+    return traj.model_copy(
+        update={
+            "turns": turns,
+            "settings": settings,
+            "answer": None,
+            "stop_reason": "max_turns",
+            "over_turn": turns[-1].tool_attempt,
+            "score": Score(correct=False, method="no_answer"),
+            "wall_s": round(sum(t.latency_s + t.tool_s for t in turns), 4),
+            "token_view": None,
+        }
+    )
+
+
+def found_targets(traj: Trajectory, threshold: float) -> tuple[bool, float] | None:
+    """(every target covered by some zoom, mean best IoU), or ``None`` without target boxes."""
+    targets = traj.sample.target_boxes
+    if not targets:
+        return None
+    zooms = [Box.from_list(t.crop_box_px) for t in traj.turns if t.crop_box_px]
+    boxes = [Box.from_list(b) for b in targets]
+    covered = all(any(z.coverage_of(b) >= threshold for z in zooms) for b in boxes)
+    best_iou = statistics.fmean(max((z.iou(b) for z in zooms), default=0.0) for b in boxes)
+    return covered, best_iou
+
+
+def _correct(traj: Trajectory) -> bool:
+    return bool(traj.score and traj.score.correct)
+
+
+def _accuracy(groups: dict[str, list[Trajectory]]) -> dict[str, float]:
+    if not groups:
+        return {"avg": 0.0, "pass": 0.0, "majority": 0.0}
+    avg = statistics.fmean(statistics.fmean(_correct(t) for t in ts) for ts in groups.values())
+    passed = statistics.fmean(any(_correct(t) for t in ts) for ts in groups.values())
+    majority = []
+    for ts in groups.values():
+        keys = [
+            (t.score.extracted if t.score and t.score.method == "choice" else normalize_answer(t.answer)) for t in ts
+        ]
+        counts = Counter(k for k in keys if k)
+        if not counts:
+            majority.append(False)
+            continue
+        first = {k: i for i, k in reversed(list(enumerate(keys)))}
+        winner = max(counts, key=lambda k: (counts[k], -first[k]))
+        majority.append(_correct(ts[first[winner]]))
+    return {"avg": avg, "pass": passed, "majority": statistics.fmean(majority)}
+
+
+def summarize(trajectories: list[Trajectory], threshold: float = 0.5) -> dict[str, Any]:
+    """All metrics of trajectories that share one turn cap (see the module docstring)."""
+    valid = [t for t in trajectories if not t.sample.meta.get("input_error") and t.image is not None]
+    input_errors = {t.sample.id for t in trajectories} - {t.sample.id for t in valid}
+    groups: dict[str, list[Trajectory]] = defaultdict(list)
+    for t in valid:
+        groups[t.sample.id].append(t)
+    by: dict[str, dict[str, dict[str, Any]]] = {}
+    for field in ("level", "category"):
+        split: dict[str, dict[str, list[Trajectory]]] = defaultdict(dict)
+        for sid, ts in groups.items():
+            value = ts[0].sample.meta.get(field)
+            if value:
+                split[str(value)][sid] = ts
+        if split:
+            by[field] = {v: {**_accuracy(g), "n": len(g)} for v, g in sorted(split.items())}
+    turns = [len(t.turns) for t in valid]
+    calls = sum(t.metrics["tool_calls"] for t in valid)
+    faithful = [found_targets(t, threshold) for t in valid if _correct(t)]
+    faithful = [f for f in faithful if f is not None]
+    backend_errors = sum(1 for t in valid if t.stop_reason == "error")
+    return {
+        "questions": len(groups),
+        "trajectories": len(valid),
+        "accuracy": _accuracy(groups),
+        "chance": statistics.fmean(chance(ts[0].sample) for ts in groups.values()) if groups else 0.0,
+        "by": by,
+        "turns_mean": statistics.fmean(turns) if turns else 0.0,
+        "turns_histogram": dict(sorted(Counter(turns).items())),
+        "stop_reasons": dict(Counter(t.stop_reason or "running" for t in valid).most_common()),
+        "over_turn_rate": statistics.fmean(t.over_turn for t in valid) if valid else 0.0,
+        "tool_error_rate": sum(t.metrics["tool_errors"] for t in valid) / calls if calls else 0.0,
+        "errors_by_kind": dict(sum((Counter(t.metrics["errors_by_kind"]) for t in valid), Counter()).most_common()),
+        "prompt_tokens_mean": statistics.fmean(t.usage.prompt_tokens for t in valid) if valid else 0.0,
+        "completion_tokens_mean": statistics.fmean(t.usage.completion_tokens for t in valid) if valid else 0.0,
+        "latency_s_mean": statistics.fmean(t.wall_s for t in valid) if valid else 0.0,
+        "faithfulness": {
+            "checked": len(faithful),
+            "covered_rate": statistics.fmean(c for c, _ in faithful) if faithful else None,
+            "best_iou_mean": statistics.fmean(i for _, i in faithful) if faithful else None,
+            "threshold": threshold,
+        },
+        "input_errors": len(input_errors),
+        "backend_errors": backend_errors,
+        "judge_errors": sum(1 for t in valid if t.score and t.score.method == "judge_error"),
+        "score_methods": dict(Counter(t.score.method for t in valid if t.score).most_common()),
+    }

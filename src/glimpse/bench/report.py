@@ -1,0 +1,132 @@
+"""Writing an evaluation's summary: a Markdown table, the sweep CSV, and the accuracy-vs-turn-cap plot.
+
+The plot (matplotlib, imported only here) draws Avg@k against the turn cap on a log₂ axis, one line overall and
+one per level when the samples have levels: Mini-o3's test-time scaling figure, for any model.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+from glimpse.errors import ConfigError
+
+
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{100 * v:.1f}"
+
+
+def markdown_summary(dataset: str, model: str, k: int, summaries: dict[int, dict[str, Any]]) -> str:
+    """The summary of every cap as Markdown."""
+    lines = [f"# {model} on {dataset}", "", f"k = {k} repeats per question. Accuracies in %.", ""]
+    lines += [
+        "| turn cap | questions | Avg@k | pass@k | majority@k | chance | mean turns | over-turn | tool errors | "
+        "faithful | input errors | backend errors | judge errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for cap, s in sorted(summaries.items()):
+        acc = s["accuracy"]
+        lines.append(
+            f"| {cap} | {s['questions']} | {_pct(acc['avg'])} | {_pct(acc['pass'])} | {_pct(acc['majority'])} | "
+            f"{_pct(s['chance'])} | {s['turns_mean']:.2f} | {_pct(s['over_turn_rate'])} | "
+            f"{_pct(s['tool_error_rate'])} | "
+            f"{_pct(s['faithfulness']['covered_rate'])} | {s['input_errors']} | {s['backend_errors']} | "
+            f"{s['judge_errors']} |"
+        )
+    cap, s = max(summaries.items())
+    for field, groups in s["by"].items():
+        lines += [
+            "",
+            f"## By {field} (turn cap {cap})",
+            "",
+            f"| {field} | n | Avg@k | pass@k | majority@k |",
+            "|---|---|---|---|---|",
+        ]
+        for value, g in groups.items():
+            lines.append(f"| {value} | {g['n']} | {_pct(g['avg'])} | {_pct(g['pass'])} | {_pct(g['majority'])} |")
+    lines += [
+        "",
+        f"## Turns and stops (turn cap {cap})",
+        "",
+        f"- turns: {s['turns_histogram']}",
+        f"- stop reasons: {s['stop_reasons']}",
+        f"- mistakes by kind: {s['errors_by_kind']}",
+        f"- scoring methods: {s['score_methods']}",
+        f"- tokens per trajectory: {s['prompt_tokens_mean']:.0f} prompt, {s['completion_tokens_mean']:.0f} generated",
+        f"- seconds per trajectory: {s['latency_s_mean']:.2f}",
+        f"- faithfulness: {s['faithfulness']['checked']} correct answers with known targets; covered "
+        f"{_pct(s['faithfulness']['covered_rate'])} % (coverage ≥ {s['faithfulness']['threshold']}), "
+        f"mean best IoU {s['faithfulness']['best_iou_mean'] or 0:.2f}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_sweep(csv_path: Path, png_path: Path, summaries: dict[int, dict[str, Any]], title: str) -> None:
+    """The sweep table (CSV) and plot (PNG)."""
+    caps = sorted(summaries)
+    levels = sorted({lv for s in summaries.values() for lv in s["by"].get("level", {})})
+    with csv_path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(
+            [
+                "turn_cap",
+                "avg_at_k",
+                "pass_at_k",
+                "majority_at_k",
+                "mean_turns",
+                "over_turn_rate",
+                *[f"avg_at_k_{lv}" for lv in levels],
+            ]
+        )
+        for cap in caps:
+            s = summaries[cap]
+            writer.writerow(
+                [
+                    cap,
+                    s["accuracy"]["avg"],
+                    s["accuracy"]["pass"],
+                    s["accuracy"]["majority"],
+                    s["turns_mean"],
+                    s["over_turn_rate"],
+                    *[s["by"].get("level", {}).get(lv, {}).get("avg", "") for lv in levels],
+                ]
+            )
+    lines = {"all": [(c, summaries[c]["accuracy"]["avg"]) for c in caps]}
+    if len(levels) > 1:
+        for lv in levels:
+            by_level = [
+                (c, summaries[c]["by"]["level"][lv]["avg"]) for c in caps if lv in summaries[c]["by"].get("level", {})
+            ]
+            lines[lv] = by_level
+    plot_lines(png_path, lines, title=title, ylabel="Avg@k (%)")
+
+
+def plot_lines(path: Path, lines: dict[str, list[tuple[int, float]]], *, title: str, ylabel: str) -> None:
+    """Accuracy against turn cap, one line per entry, log₂ x axis."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ConfigError("writing the sweep plot needs matplotlib: pip install 'glimpse[plot]'") from None
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for label, points in lines.items():
+        if not points:
+            continue
+        xs, ys = zip(*points, strict=True)
+        ax.plot(xs, [100 * y for y in ys], marker="o", linewidth=2.2 if label == "all" else 1.4, label=label)
+    caps = sorted({x for pts in lines.values() for x, _ in pts})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(caps, [str(c) for c in caps])
+    ax.set_xlabel("turn cap")
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,490 @@
+"""Procedurally generated visual-search probes with known answers (``glimpse synth``).
+
+Each probe is a high-resolution scene full of clutter and look-alike signs, and a question about a detail that
+is **not legible in the downscaled full view** the model first receives: at the default 2,000,000-pixel limit,
+the cap height of every text and the size of every mark that decides the answer is at most ``SHOWN_MAX_PX``
+(4 px), while in the original it is at least ``MIN_CAP_PX`` (7 px), so zooming into the target makes it
+readable. Tests check the property on every generated level.
+
+Question kinds, each with an exact answer:
+
+* ``read_code``: the short code on a sign;
+* ``marker_color`` / ``marker_shape``: the colour / shape of a small outlined marker on a sign;
+* ``which_marked``: which of several numbered look-alike signs carries a small red dot (answer: its number);
+* ``count``: how many small dots are on a sign;
+* ``relative_position``: whether one sign (named by its code) is left or right of another.
+
+Levels (long side of the scene; candidates = signs that look the same in the full view, so only zooming into
+each tells them apart; other signs and clutter are distractors):
+
+==========  ============  ==========  ===========  ========  ======================================
+level       long side     candidates  other signs  clutter   how the target is singled out
+==========  ============  ==========  ===========  ========  ======================================
+easy        3,300-4,096*  1 (2 for    12           60        a border colour no other sign has
+                          which /
+                          position)
+medium      4,096-6,144   3-4         24           120       a small star in the top-left corner
+                                                             (a dot on the other candidates)
+hard        6,144-8,192   8-12        40           200       as medium; candidates spread over the
+                                                             whole scene
+==========  ============  ==========  ===========  ========  ======================================
+
+(*) A canvas whose aspect ratio would leave the smallest legible font above 4 px in the full view is enlarged
+until it is not (up to about 4,000 × 2,000 on easy).
+
+On hard, the corner star is about 2 px in the full view, so a search has to check candidates one by one: with
+10 candidates in random order a correct search takes 5.5 checks on average before it can read the answer.
+Every probe records its target boxes (faithfulness scoring), the candidates' boxes, and the legibility
+figures. Records use VisualProbe's JSON fields (``images``, ``problem``, ``solution``, ``data_source``) plus
+these. Generation is deterministic given (level, seed, index).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageChops, ImageDraw, ImageFont
+
+from glimpse.errors import ConfigError
+from glimpse.images import PixelLimits, smart_resize
+
+# The legibility rule: decisive detail at most this tall in the default full view, at least MIN_CAP_PX in the
+# original (below about 7 px the default font is not readable even when zoomed).
+SHOWN_MAX_PX = 4.0
+MIN_CAP_PX = 7
+# Cap height of Pillow's default font, as a share of its size; size 10 is the smallest with a 7-px cap height.
+_CAP_RATIO = 0.72
+_MIN_FONT_PX = 10
+
+KINDS = ("read_code", "marker_color", "marker_shape", "which_marked", "count", "relative_position")
+CODE_ALPHABET = "ACEFHJKLMNPRTUVWXY34679"  # no look-alike pairs such as O/0, I/1, S/5, B/8
+MARKER_COLORS = {
+    "red": (215, 30, 30),
+    "green": (20, 150, 50),
+    "blue": (30, 70, 220),
+    "orange": (245, 130, 0),
+    "purple": (130, 40, 170),
+    "black": (20, 20, 20),
+}
+MARKER_SHAPES = ("circle", "square", "triangle", "diamond", "cross", "hexagon")
+BORDER_COLORS = {
+    "blue": (35, 85, 215),
+    "red": (205, 35, 35),
+    "green": (35, 150, 65),
+    "orange": (240, 135, 15),
+    "purple": (135, 55, 175),
+    "teal": (0, 140, 145),
+    "brown": (125, 75, 35),
+    "pink": (225, 95, 165),
+}
+ASPECTS = ((16, 9), (4, 3), (3, 2), (2, 1), (1, 1), (3, 4))
+
+
+@dataclass(frozen=True)
+class Level:
+    """The numbers that define a level (see the module docstring)."""
+
+    long_side: tuple[int, int]
+    candidates: tuple[int, int]
+    other_signs: int
+    clutter: int
+
+
+LEVELS = {
+    "easy": Level(long_side=(3300, 4096), candidates=(1, 1), other_signs=12, clutter=60),
+    "medium": Level(long_side=(4096, 6144), candidates=(3, 4), other_signs=24, clutter=120),
+    "hard": Level(long_side=(6144, 8192), candidates=(8, 12), other_signs=40, clutter=200),
+}
+
+
+@dataclass
+class Probe:
+    """A generated scene and its record."""
+
+    image: Image.Image
+    record: dict[str, Any]
+
+
+@lru_cache(maxsize=64)
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)
+
+
+def _cap_height(size: int) -> int:
+    _, top, _, bottom = _font(size).getbbox("HKMX")
+    return bottom - top
+
+
+def _background(rng: random.Random, w: int, h: int) -> Image.Image:
+    """A smooth random colour field with fine grain."""
+    nrng = np.random.default_rng(rng.randrange(2**32))
+    coarse = nrng.integers(60, 200, size=(max(2, h // 256), max(2, w // 256), 3), dtype=np.uint8)
+    img = Image.fromarray(coarse).resize((w, h), Image.Resampling.BILINEAR)
+    tile = Image.fromarray(nrng.normal(128, 8, size=(256, 256)).clip(0, 255).astype(np.uint8)).convert("RGB")
+    grain = Image.new("RGB", (w, h))
+    for y in range(0, h, 256):
+        for x in range(0, w, 256):
+            grain.paste(tile, (x, y))
+    return ImageChops.add(img, grain, 1.0, -128)
+
+
+def _clutter(draw: ImageDraw.ImageDraw, rng: random.Random, w: int, h: int, count: int, font_px: int) -> None:
+    scale = max(w, h) / 4096
+    for _ in range(count):
+        kind = rng.random()
+        color = tuple(rng.randrange(256) for _ in range(3))
+        size = int(rng.uniform(20, 420) * scale)
+        x, y = rng.randrange(w), rng.randrange(h)
+        if kind < 0.35:
+            draw.rectangle((x, y, x + size, y + int(size * rng.uniform(0.3, 1.5))), fill=color)
+        elif kind < 0.65:
+            draw.ellipse((x, y, x + size, y + int(size * rng.uniform(0.5, 1.5))), fill=color)
+        elif kind < 0.8:
+            pts = [(x + rng.randrange(size), y + rng.randrange(size)) for _ in range(rng.randint(3, 6))]
+            draw.polygon(pts, fill=color)
+        elif kind < 0.9:
+            draw.line(
+                (x, y, x + rng.randint(-size, size), y + rng.randint(-size, size)),
+                fill=color,
+                width=max(1, int(rng.uniform(1, 8) * scale)),
+            )
+        else:  # scraps of text, so reading anything is not enough
+            word = "".join(rng.choice(CODE_ALPHABET + "BDGOQSZ0258") for _ in range(rng.randint(2, 6)))
+            draw.text((x, y), word, fill=color, font=_font(font_px))
+
+
+class _Layout:
+    """Places non-overlapping rectangles."""
+
+    def __init__(self, w: int, h: int, rng: random.Random):
+        self.w, self.h, self.rng = w, h, rng
+        self.placed: list[tuple[int, int, int, int]] = []
+
+    def place(self, cw: int, ch: int, region: tuple[int, int, int, int] | None = None) -> tuple[int, int, int, int]:
+        x0, y0, x1, y1 = region or (0, 0, self.w, self.h)
+        margin = max(cw, ch) // 2
+        for _ in range(400):
+            x = self.rng.randint(x0 + margin, max(x0 + margin, x1 - cw - margin))
+            y = self.rng.randint(y0 + margin, max(y0 + margin, y1 - ch - margin))
+            box = (x, y, x + cw, y + ch)
+            if all(not _overlap(box, other, margin) for other in self.placed):
+                self.placed.append(box)
+                return box
+        if region is not None:
+            return self.place(cw, ch)
+        raise RuntimeError("could not place a sign without overlap; the scene is too crowded")
+
+
+def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int], margin: int) -> bool:
+    return not (a[2] + margin <= b[0] or b[2] + margin <= a[0] or a[3] + margin <= b[1] or b[3] + margin <= a[1])
+
+
+def _shape(
+    draw: ImageDraw.ImageDraw,
+    shape: str,
+    cx: float,
+    cy: float,
+    r: float,
+    color: tuple[int, int, int],
+    width: int,
+    fill: bool = False,
+) -> None:
+    if shape == "circle":
+        box = (cx - r, cy - r, cx + r, cy + r)
+        draw.ellipse(box, outline=color, width=width, fill=color if fill else None)
+        return
+    if shape == "cross":
+        t = max(width, r * 0.35)
+        for box in ((cx - r, cy - t / 2, cx + r, cy + t / 2), (cx - t / 2, cy - r, cx + t / 2, cy + r)):
+            draw.rectangle(box, outline=color, width=width, fill=color if fill else None)
+        return
+    corners = {"square": 4, "triangle": 3, "diamond": 4, "hexagon": 6, "star": 10}[shape]
+    start = {"square": math.pi / 4, "triangle": -math.pi / 2, "diamond": 0.0, "hexagon": 0.0, "star": -math.pi / 2}[
+        shape
+    ]
+    pts = []
+    for i in range(corners):
+        radius = r * (0.45 if shape == "star" and i % 2 else 1.0)
+        angle = start + 2 * math.pi * i / corners
+        pts.append((cx + radius * math.cos(angle), cy + radius * math.sin(angle)))
+    if fill:
+        draw.polygon(pts, fill=color)
+    else:
+        draw.polygon(pts, outline=color, width=width)
+
+
+@dataclass
+class _Sign:
+    box: tuple[int, int, int, int]
+    border: str
+    code: str | None = None
+    marker: tuple[str, str] | None = None
+    dots: int = 0
+    corner: str | None = None  # "star" or "dot": the mark that singles out a candidate
+    red_dot: bool = False
+
+
+def _sign_size(content: str, font_px: int, text_len: int) -> tuple[int, int]:
+    pad = max(3, font_px // 2)
+    if content == "code":
+        tw = _font(font_px).getbbox("M" * text_len)[2]
+        return tw + 2 * pad + font_px // 2, font_px + 2 * pad
+    if content == "dots":
+        return 3 * font_px + 2 * pad, 2 * font_px + 2 * pad
+    return int(1.6 * font_px) + 2 * pad + font_px // 2, int(1.4 * font_px) + 2 * pad
+
+
+def _draw_sign(draw: ImageDraw.ImageDraw, sign: _Sign, font_px: int, rng: random.Random) -> None:
+    x0, y0, x1, y1 = sign.box
+    border = max(2, font_px // 6)
+    draw.rectangle(sign.box, fill=(248, 248, 244), outline=BORDER_COLORS[sign.border], width=border)
+    pad = max(3, font_px // 2)
+    ink = (25, 25, 25)
+    left = x0 + pad + (font_px // 2 if sign.corner else 0)
+    if sign.code is not None:
+        draw.text((left, y0 + pad - font_px * 0.1), sign.code, fill=ink, font=_font(font_px))
+    if sign.marker is not None:
+        color, shape = sign.marker
+        r = font_px * 0.6
+        _shape(draw, shape, (left + x1 - pad) / 2, (y0 + y1) / 2, r, MARKER_COLORS[color], max(1, font_px // 8))
+    if sign.dots:
+        cells = [(i, j) for i in range(3) for j in range(3)]
+        rng.shuffle(cells)
+        cw, chh = (x1 - pad - left) / 3, (y1 - y0 - 2 * pad) / 3
+        for i, j in cells[: sign.dots]:
+            cx, cy = left + (i + 0.5) * cw, y0 + pad + (j + 0.5) * chh
+            d = font_px * 0.17
+            draw.ellipse((cx - d, cy - d, cx + d, cy + d), fill=ink)
+    if sign.corner:
+        r = font_px * 0.28
+        _shape(
+            draw,
+            sign.corner if sign.corner == "star" else "circle",
+            x0 + border + r + 1,
+            y0 + border + r + 1,
+            r,
+            ink,
+            1,
+            fill=True,
+        )
+    if sign.red_dot:
+        r = font_px * 0.2
+        cx, cy = x1 - border - r - 2, y1 - border - r - 2
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=MARKER_COLORS["red"])
+
+
+def _code(rng: random.Random, n: int, taken: set[str]) -> str:
+    while True:
+        code = "".join(rng.choice(CODE_ALPHABET) for _ in range(n))
+        if code not in taken:
+            taken.add(code)
+            return code
+
+
+def make_probe(
+    level: str, index: int, seed: int = 0, kind: str | None = None, limits: PixelLimits | None = None
+) -> Probe:
+    """Generate probe ``index`` of a level. The same (level, seed, index, kind) always gives the same probe."""
+    if level not in LEVELS:
+        raise ConfigError(f"unknown level {level!r}; choose one of {', '.join(LEVELS)}")
+    spec = LEVELS[level]
+    rng = random.Random(f"glimpse-probe/{level}/{seed}/{index}")
+    kind = kind or KINDS[index % len(KINDS)]
+    if kind not in KINDS:
+        raise ConfigError(f"unknown probe kind {kind!r}; choose one of {', '.join(KINDS)}")
+    limits = limits or PixelLimits()
+
+    # 1. The canvas, and a font small enough to be illegible in the full view.
+    aw, ah = rng.choice(ASPECTS)
+    long_side = rng.randint(*spec.long_side)
+    w, h = (long_side, round(long_side * ah / aw)) if aw >= ah else (round(long_side * aw / ah), long_side)
+    scale = smart_resize(w, h, limits)[0] / w
+    while _cap_height(_MIN_FONT_PX) * scale > SHOWN_MAX_PX:  # too small a canvas for the rule: enlarge it
+        w, h = round(w * 1.05), round(h * 1.05)
+        scale = smart_resize(w, h, limits)[0] / w
+    font_px = max(_MIN_FONT_PX, min(28, math.floor(SHOWN_MAX_PX / (_CAP_RATIO * scale))))
+    while _cap_height(font_px) * scale > SHOWN_MAX_PX and font_px > _MIN_FONT_PX:
+        font_px -= 1
+    image = _background(rng, w, h)
+    draw = ImageDraw.Draw(image)
+    _clutter(draw, rng, w, h, spec.clutter, font_px)
+
+    # 2. Candidates: the signs a search must tell apart.
+    lo, hi = spec.candidates
+    n_cand = rng.randint(lo, hi)
+    if kind in ("which_marked", "relative_position"):
+        n_cand = max(n_cand, 2)
+    if level == "easy" and kind in ("which_marked", "relative_position"):
+        n_cand = 2
+    content = {"marker_color": "marker", "marker_shape": "marker", "count": "dots"}.get(kind, "code")
+    code_len = 2 if kind == "which_marked" else rng.choice((3, 4))
+    cw, ch = _sign_size(content, font_px, code_len)
+    layout = _Layout(w, h, rng)
+    cand_border = rng.choice(list(BORDER_COLORS))
+    cols = math.ceil(math.sqrt(n_cand * w / h))
+    rows = math.ceil(n_cand / cols)
+    cells = [(c, r) for r in range(rows) for c in range(cols)]
+    rng.shuffle(cells)
+    taken: set[str] = set()
+    candidates = []
+    for c, r in cells[:n_cand]:  # spread over the scene: one candidate per cell of a grid
+        region = (c * w // cols, r * h // rows, (c + 1) * w // cols, (r + 1) * h // rows)
+        candidates.append(_Sign(layout.place(cw, ch, region), cand_border))
+    target = candidates[0]
+    marked = level != "easy" and kind not in ("which_marked", "relative_position")
+    for sign in candidates:
+        if kind == "which_marked":
+            sign.code = str(rng.randint(10, 99))
+            while sign.code in taken:
+                sign.code = str(rng.randint(10, 99))
+            taken.add(sign.code)
+        elif content == "code":
+            sign.code = _code(rng, code_len, taken)
+        elif content == "marker":
+            sign.marker = (rng.choice(list(MARKER_COLORS)), rng.choice(MARKER_SHAPES))
+        else:
+            sign.dots = rng.randint(2, 9)
+        if marked:
+            sign.corner = "star" if sign is target else "dot"
+    if kind == "which_marked":
+        target.red_dot = True
+    if kind in ("marker_color", "marker_shape", "count") and len(candidates) > 1:
+        # Other candidates must not share the target's answer, or finding the target would not matter.
+        for sign in candidates[1:]:
+            while (
+                (kind == "marker_color" and sign.marker[0] == target.marker[0])
+                or (kind == "marker_shape" and sign.marker[1] == target.marker[1])
+                or (kind == "count" and sign.dots == target.dots)
+            ):
+                sign.marker = (rng.choice(list(MARKER_COLORS)), rng.choice(MARKER_SHAPES))
+                sign.dots = rng.randint(2, 9) if kind == "count" else 0
+
+    # 3. Distractor signs in other colours (easy: the target's colour is unique).
+    others_border = [b for b in BORDER_COLORS if b != cand_border]
+    others = []
+    for _ in range(spec.other_signs):
+        other_content = rng.choice(("code", "marker", "dots"))
+        ow, oh = _sign_size(other_content, font_px, rng.choice((2, 3, 4)))
+        sign = _Sign(layout.place(ow, oh), rng.choice(others_border))
+        if other_content == "code":
+            sign.code = _code(rng, rng.choice((3, 4)), taken)
+        elif other_content == "marker":
+            sign.marker = (rng.choice(list(MARKER_COLORS)), rng.choice(MARKER_SHAPES))
+        else:
+            sign.dots = rng.randint(2, 9)
+        others.append(sign)
+    for sign in [*others, *candidates]:
+        _draw_sign(draw, sign, font_px, rng)
+
+    # 4. The question and its exact answer.
+    if marked:
+        where = f"the sign with a {cand_border} border and a small star in its top-left corner"
+    else:
+        where = f"the small sign with a {cand_border} border"
+    choices: list[str] | None = None
+    targets = [target]
+    if kind == "read_code":
+        question, answer = f"What is the code written on {where}? Answer with the code only.", target.code
+    elif kind == "marker_color":
+        choices = list(MARKER_COLORS)
+        question = f"What colour is the small outlined marker on {where}? Answer with one of: {', '.join(choices)}."
+        answer = target.marker[0]
+    elif kind == "marker_shape":
+        choices = list(MARKER_SHAPES)
+        question = f"What shape is the small outlined marker on {where}? Answer with one of: {', '.join(choices)}."
+        answer = target.marker[1]
+    elif kind == "count":
+        choices = [str(n) for n in range(2, 10)]
+        question = f"How many small black dots are on {where}? Answer with a number."
+        answer = str(target.dots)
+    elif kind == "which_marked":
+        question = (
+            f"Several signs with a {cand_border} border show a number. Exactly one of them has a small red "
+            "dot in its bottom-right corner. What is that sign's number? Answer with the number only."
+        )
+        answer = target.code
+    else:
+        other = max(candidates[1:], key=lambda s: abs((s.box[0] + s.box[2]) - (target.box[0] + target.box[2])))
+        targets = [target, other]
+        choices = ["left", "right"]
+        question = (
+            f"Among the signs with a {cand_border} border, one reads {target.code} and one reads "
+            f"{other.code}. Is the sign reading {target.code} to the left or to the right of the sign "
+            f"reading {other.code}? Answer left or right."
+        )
+        answer = "left" if target.box[0] + target.box[2] < other.box[0] + other.box[2] else "right"
+
+    cap = _cap_height(font_px)
+    zoom_w, zoom_h = 2 * (target.box[2] - target.box[0]), 2 * (target.box[3] - target.box[1])
+    zoomed_scale = smart_resize(zoom_w, zoom_h, limits)[0] / zoom_w
+    doc_id = f"probe_{level}_{seed}_{index:06d}"
+    record = {
+        "images": [f"data/{doc_id}.jpg"],
+        "problem": "<image>\n" + question,
+        "solution": answer,
+        "data_source": f"glimpse_probe_{level}",
+        "doc_id": doc_id,
+        "boxes": [list(s.box) for s in targets],
+        "candidate_boxes": [list(s.box) for s in candidates],
+        "kind": kind,
+        "level": level,
+        "seed": seed,
+        "index": index,
+        "choices": choices,
+        "size": [w, h],
+        "font_px": font_px,
+        "cap_px": cap,
+        "shown_cap_px": round(cap * scale, 2),
+        "zoomed_cap_px": round(cap * zoomed_scale, 2),
+    }
+    return Probe(image=image, record=record)
+
+
+def _write_one(args: tuple[str, int, int, str, str | None, int]) -> dict[str, Any]:
+    out, index, seed, level, kind, quality = args
+    probe = make_probe(level, index, seed, kind)
+    path = Path(out) / probe.record["images"][0]
+    probe.image.save(path, quality=quality)
+    return probe.record
+
+
+def write_probes(
+    out_dir: str | os.PathLike[str],
+    level: str,
+    n: int,
+    *,
+    seed: int = 0,
+    kind: str | None = None,
+    workers: int | None = None,
+    quality: int = 95,
+    start: int = 0,
+) -> Path:
+    """Generate ``n`` probes of a level into ``out_dir`` (``val.json`` + ``data/``); returns the JSON path.
+
+    Deterministic whatever the number of worker processes. Images are JPEG (quality 95 by default).
+    """
+    if level not in LEVELS:
+        raise ConfigError(f"unknown level {level!r}; choose one of {', '.join(LEVELS)}")
+    if n < 1:
+        raise ConfigError(f"n must be at least 1, got {n}")
+    out = Path(out_dir)
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    jobs = [(str(out), i, seed, level, kind, quality) for i in range(start, start + n)]
+    workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
+    if workers > 1 and n > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            records = list(pool.map(_write_one, jobs, chunksize=max(1, n // (4 * workers))))
+    else:
+        records = [_write_one(job) for job in jobs]
+    path = out / "val.json"
+    path.write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
+    return path

@@ -1,0 +1,263 @@
+"""The evaluation harness: oracle and direct policies, sweeps, metrics, faults, and kill -9 / resume."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import glimpse_server
+from glimpse.bench.harness import RESULTS, ResultStore, run_eval
+from glimpse.bench.metrics import summarize, truncate
+from glimpse.config import EvalConfig
+from glimpse.errors import BackendError, ConfigError
+from glimpse.models.scripted import ScriptedBackend
+from glimpse.trajectory import RunSettings, Sample, Score, Trajectory, Turn
+
+pytestmark = pytest.mark.slow
+
+
+def evaluate(tmp_path: Path, backend=None, **settings):
+    cfg = EvalConfig(out=str(tmp_path / "run"), **settings)
+    return asyncio.run(run_eval(cfg, backend=backend))
+
+
+def mc_dataset(folder: Path, n: int, *, missing: int = 0, corrupt: int = 0) -> str:
+    """A Mini-o3-format file of n four-option questions on small images; some images missing, some rows corrupt."""
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (320, 240), (90, 120, 150)).save(folder / "img.jpg")
+    rows = []
+    for i in range(n):
+        image = "gone.jpg" if i < missing else "img.jpg"
+        rows.append(
+            {
+                "images": [image],
+                "problem": f"<image>\nQuestion {i}?\n(A) w\n(B) x\n(C) y\n(D) z",
+                "solution": "ABCD"[i % 4],
+                "data_source": "fixture",
+                "doc_id": i,
+            }
+        )
+    rows += [{"doc_id": f"bad{j}"} for j in range(corrupt)]
+    (folder / "val.json").write_text(json.dumps(rows))
+    return f"minio3:{folder / 'val.json'}"
+
+
+def test_oracle_scores_100_with_every_target_found(tmp_path):
+    for level in ("easy", "medium", "hard"):
+        run = evaluate(tmp_path / level, data=f"probes:{level}:6:5", model="oracle", max_turns="6")
+        s = run.summaries[6]
+        assert s["accuracy"]["avg"] == 1.0, (level, s)
+        assert s["faithfulness"]["checked"] == 6 and s["faithfulness"]["covered_rate"] == 1.0
+        assert s["input_errors"] == s["backend_errors"] == 0
+    assert (tmp_path / "hard" / "run" / "summary.md").read_text().count("| 6 | 6 | 100.0 |") == 1
+
+
+def test_oracle_with_function_calls_and_pixel_coordinates(tmp_path):
+    run = evaluate(tmp_path, data="probes:medium:4:5", model="oracle", protocol="tools", coords="pixels")
+    assert run.summaries[12]["accuracy"]["avg"] == 1.0 and run.summaries[12]["faithfulness"]["covered_rate"] == 1.0
+
+
+def test_direct_is_near_chance_and_never_faithful(tmp_path):
+    run = evaluate(tmp_path, data=mc_dataset(tmp_path / "d", 60), model="direct", k=4, options="shuffle")
+    s = run.summaries[12]
+    assert s["chance"] == 0.25 and 0.12 < s["accuracy"]["avg"] < 0.38
+    assert s["accuracy"]["pass"] > s["accuracy"]["avg"] and s["turns_mean"] == 1.0
+
+
+def varied_policy(messages, params):
+    """Zooms n times, n from the question (0-5), then answers the letter named in the question text."""
+    question = messages[1].text()
+    number = int(question.split("Question ")[1].split("?")[0])
+    zooms = number % 6
+    turn = sum(m.role == "assistant" for m in messages)
+    if turn < zooms:
+        return '<grounding>{"bbox_2d": [0.1, 0.1, 0.6, 0.6]}</grounding>'
+    return f"<answer>{'ABCD'[number % 4]}</answer>"
+
+
+def test_derived_sweep_equals_running_every_cap(tmp_path):
+    data = mc_dataset(tmp_path / "d", 24)
+    common = dict(data=data, model="scripted:varied", max_turns="2,4,8", options="fixed")
+    derived = evaluate(tmp_path / "a", ScriptedBackend(varied_policy), sweep="derive", **common)
+    ran = evaluate(tmp_path / "b", ScriptedBackend(varied_policy), sweep="run", **common)
+    for cap in (2, 4, 8):
+        d, r = derived.summaries[cap], ran.summaries[cap]
+        for key in ("accuracy", "turns_histogram", "stop_reasons", "over_turn_rate"):
+            assert d[key] == r[key], (cap, key)
+    assert derived.summaries[2]["accuracy"]["avg"] < derived.summaries[8]["accuracy"]["avg"] == 1.0
+    assert derived.summaries[2]["over_turn_rate"] > 0
+    out = tmp_path / "a" / "run"
+    assert (out / "sweep.png").stat().st_size > 5000
+    assert (out / "sweep.csv").read_text().splitlines()[0].startswith("turn_cap,avg_at_k")
+    assert derived.ran == 24 and ran.ran == 72
+
+
+def test_input_errors_are_recorded_and_counted(tmp_path):
+    run = evaluate(tmp_path, data=mc_dataset(tmp_path / "d", 6, missing=2, corrupt=1), model="oracle", k=2)
+    s = run.summaries[12]
+    assert s["input_errors"] == 3 and s["questions"] == 4 and s["accuracy"]["avg"] == 1.0
+    lines = (tmp_path / "run" / RESULTS).read_text().splitlines()
+    assert len(lines) == 14
+    errors = [json.loads(x) for x in lines if json.loads(x)["stop_reason"] == "error"]
+    assert len(errors) == 6 and any("gone.jpg: no such file" in e["error"] for e in errors)
+    assert any("lacks 'problem'" in e["error"] for e in errors)
+
+
+def test_backend_failures_are_recorded_then_redone_on_resume(tmp_path):
+    data = mc_dataset(tmp_path / "d", 5)
+
+    def down(messages, params):
+        raise BackendError("HTTP 503: overloaded")
+
+    first = evaluate(tmp_path, ScriptedBackend(down), data=data, model="scripted:x", options="fixed")
+    assert first.summaries[12]["backend_errors"] == 5 and first.summaries[12]["accuracy"]["avg"] == 0
+    second = evaluate(tmp_path, ScriptedBackend(varied_policy), data=data, model="scripted:x", options="fixed")
+    assert second.ran == 5 and second.summaries[12]["backend_errors"] == 0
+    assert second.summaries[12]["accuracy"]["avg"] == 1.0
+
+
+def test_resuming_with_other_settings_is_refused(tmp_path):
+    data = mc_dataset(tmp_path / "d", 3)
+    evaluate(tmp_path, data=data, model="oracle")
+    with pytest.raises(ConfigError, match=r"other settings.*model"):
+        evaluate(tmp_path, data=data, model="direct")
+    assert evaluate(tmp_path, data=data, model="direct", fresh=True).ran == 3
+    assert evaluate(tmp_path, data=data, model="direct").ran == 0  # all done: nothing to run
+
+
+def test_result_store_drops_torn_lines_and_duplicates(tmp_path):
+    data = mc_dataset(tmp_path / "d", 4)
+    evaluate(tmp_path, data=data, model="oracle")
+    path = tmp_path / "run" / RESULTS
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([*lines, lines[1], lines[2][: len(lines[2]) // 2]]))  # a duplicate, a torn line
+    store = ResultStore(path)
+    assert store.open(drop=lambda r: False) == 2
+    assert len(path.read_text().splitlines()) == 4 and len(store.done) == 4
+
+
+def test_kill_9_and_resume_loses_nothing_and_repeats_nothing(tmp_path, write_script):
+    data = mc_dataset(tmp_path / "d", 16)
+    script = write_script(['<grounding>{"bbox_2d": [0.1, 0.1, 0.6, 0.6]}</grounding>', "<answer>A</answer>"])
+    out = tmp_path / "run"
+    with glimpse_server("--model", f"scripted:{script}", "--latency", "0.25") as base:
+        cmd = [
+            sys.executable,
+            "-m",
+            "glimpse",
+            "eval",
+            "--data",
+            data,
+            "--model",
+            "openai:scripted",
+            "--base-url",
+            base,
+            "--out",
+            str(out),
+            "--k",
+            "2",
+            "--concurrency",
+            "2",
+        ]
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "COLUMNS": "200"}
+        )
+        results = out / RESULTS
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if results.exists() and len(results.read_text().splitlines()) >= 5:
+                break
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        before = [json.loads(x) for x in results.read_text().splitlines() if x.strip()]
+        assert 5 <= len(before) < 32
+        with results.open("a") as fh:  # a write cut short by the kill
+            fh.write('{"schema_version": 1, "id": "half')
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"resuming: {len(before)} units already done" in done.stdout
+    after = [json.loads(x) for x in results.read_text().splitlines()]
+    keys = [(r["sample"]["id"], r["sample_index"]) for r in after]
+    assert len(keys) == 32 and len(set(keys)) == 32
+    kept = {(r["sample"]["id"], r["sample_index"]): r["started_at"] for r in after}
+    assert all(kept[(r["sample"]["id"], r["sample_index"])] == r["started_at"] for r in before)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["caps"]["12"]["trajectories"] == 32
+
+
+def _traj(sid: str, repeat: int, answer: str | None, correct: bool, turns: int = 1) -> Trajectory:
+    settings = RunSettings(
+        model="m",
+        protocol="tags",
+        coords="relative",
+        max_turns=8,
+        max_images=None,
+        max_new_tokens=10,
+        max_context_tokens=100,
+        min_pixels=40000,
+        max_pixels=2000000,
+        resize_factor=28,
+        min_box_side=28,
+        max_aspect_ratio=100,
+        keep_images=None,
+        temperature=1,
+        top_p=1,
+        seed=None,
+        prompt="default",
+    )
+    from glimpse.trajectory import ImageRef
+
+    return Trajectory(
+        id=f"{sid}#{repeat}",
+        sample=Sample(id=sid, images=["x"], question="?", answer="yes", meta={"level": "easy"}),
+        sample_index=repeat,
+        settings=settings,
+        image=ImageRef(path="x", sha256="0", width=10, height=10),
+        shown_size=[10, 10],
+        answer=answer,
+        stop_reason="answer" if answer else "max_turns",
+        turns=[
+            Turn(index=i, text="", kind="zoom" if i < turns - 1 else "answer", tool_attempt=i < turns - 1)
+            for i in range(turns)
+        ],
+        score=Score(correct=correct, method="exact" if correct else "no_match"),
+    )
+
+
+def test_avg_pass_majority_by_hand():
+    trajs = [
+        _traj("q1", 0, "yes", True),
+        _traj("q1", 1, "no", False),
+        _traj("q1", 2, "yes", True),  # 2/3, pass, maj yes
+        _traj("q2", 0, "no", False),
+        _traj("q2", 1, "no", False),
+        _traj("q2", 2, "yes", True),  # 1/3, pass, maj no
+        _traj("q3", 0, None, False),
+        _traj("q3", 1, "no", False),
+        _traj("q3", 2, "maybe", False),  # 0, no, no
+    ]
+    acc = summarize(trajs)["accuracy"]
+    assert acc["avg"] == pytest.approx((2 / 3 + 1 / 3 + 0) / 3)
+    assert acc["pass"] == pytest.approx(2 / 3)
+    assert acc["majority"] == pytest.approx(1 / 3)
+
+
+def test_truncate():
+    long = _traj("q", 0, "yes", True, turns=5)
+    cut = truncate(long, 3)
+    assert len(cut.turns) == 3 and cut.stop_reason == "max_turns" and cut.over_turn and cut.answer is None
+    assert cut.score.correct is False and cut.settings.max_turns == 3
+    same = truncate(long, 5)
+    assert same.answer == "yes" and same.stop_reason == "answer"
+    with pytest.raises(ValueError):
+        truncate(long, 9)
