@@ -7,10 +7,13 @@ one per level when the samples have levels: Mini-o3's test-time scaling figure, 
 from __future__ import annotations
 
 import csv
+import logging
 from pathlib import Path
 from typing import Any
 
 from glimpse.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def _pct(v: float | None) -> str:
@@ -63,8 +66,8 @@ def markdown_summary(dataset: str, model: str, k: int, summaries: dict[int, dict
     return "\n".join(lines)
 
 
-def write_sweep(csv_path: Path, png_path: Path, summaries: dict[int, dict[str, Any]], title: str) -> None:
-    """The sweep table (CSV) and plot (PNG)."""
+def write_sweep(csv_path: Path, png_path: Path, summaries: dict[int, dict[str, Any]], title: str) -> bool:
+    """The sweep table (CSV) and plot (PNG); returns whether the plot was drawn (it needs matplotlib)."""
     caps = sorted(summaries)
     levels = sorted({lv for s in summaries.values() for lv in s["by"].get("level", {})})
     with csv_path.open("w", newline="", encoding="utf-8") as fh:
@@ -100,7 +103,12 @@ def write_sweep(csv_path: Path, png_path: Path, summaries: dict[int, dict[str, A
                 (c, summaries[c]["by"]["level"][lv]["avg"]) for c in caps if lv in summaries[c]["by"].get("level", {})
             ]
             lines[lv] = by_level
-    plot_lines(png_path, lines, title=title, ylabel="Avg@k (%)")
+    try:
+        plot_lines(png_path, lines, title=title, ylabel="Avg@k (%)")
+    except ConfigError as exc:
+        log.warning("%s; %s written without a plot", exc, csv_path.name)
+        return False
+    return True
 
 
 def plot_lines(path: Path, lines: dict[str, list[tuple[int, float]]], *, title: str, ylabel: str) -> None:
