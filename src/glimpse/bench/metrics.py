@@ -6,7 +6,7 @@ Per turn cap:
   questions with at least one correct repeat; **majority@k**: share whose majority-vote answer is correct.
   Questions whose input could not be read are left out of these and counted as ``input_errors``; a judge
   failure counts as not correct and is counted as ``judge_errors``.
-* The same Avg@k per level and per category, when samples carry them.
+* The same accuracies per level, category, task, subtask and HR-Bench cycle, when samples carry them.
 * Turns: mean and histogram; stop reasons; over-turn rate; tool-error rate (mistakes per tool call);
   tokens and latency per trajectory.
 * **Faithfulness**: among correct answers to questions with known target boxes, the share whose zooms
@@ -27,6 +27,11 @@ from glimpse.answers import normalize_answer
 from glimpse.bench.policies import chance
 from glimpse.geometry import Box
 from glimpse.trajectory import Score, Trajectory
+
+
+# Sample fields results are broken down by, when present: probe level, category, MME-RealWorld's task and subtask,
+# HR-Bench's answer-position cycle.
+BREAKDOWN_FIELDS = ("level", "category", "task", "subtask", "cycle")
 
 
 def truncate(traj: Trajectory, cap: int) -> Trajectory:
@@ -99,7 +104,7 @@ def summarize(trajectories: list[Trajectory], threshold: float = 0.5) -> dict[st
     for t in valid:
         groups[t.sample.id].append(t)
     by: dict[str, dict[str, dict[str, Any]]] = {}
-    for field in ("level", "category"):
+    for field in BREAKDOWN_FIELDS:
         split: dict[str, dict[str, list[Trajectory]]] = defaultdict(dict)
         for sid, ts in groups.items():
             value = ts[0].sample.meta.get(field)
