@@ -17,7 +17,7 @@ from typing import Annotated, Any
 
 import typer
 
-from glimpse.config import AskConfig, EvalConfig, ServeConfig, SynthConfig, field_type, resolve
+from glimpse.config import AskConfig, EvalConfig, ServeConfig, SynthConfig, ViewConfig, field_type, resolve
 from glimpse.errors import ConfigError, GlimpseError
 
 EXIT_OK, EXIT_NO_ANSWER, EXIT_USAGE, EXIT_INPUT, EXIT_BACKEND, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
@@ -167,6 +167,18 @@ def eval_command(cfg: EvalConfig) -> int:
     from glimpse.console import run_eval_command
 
     return run_eval_command(cfg)
+
+
+@config_command(
+    "view",
+    ViewConfig,
+    positionals=[_positional("run", "a glimpse eval run folder, or a .jsonl file of trajectories")],
+    help="Build an HTML report of a run (every turn, box and crop) that opens from disk; --serve serves it.",
+)
+def view_command(cfg: ViewConfig, run: str) -> int:
+    from glimpse.console import run_view
+
+    return run_view(cfg, run)
 
 
 @config_command(

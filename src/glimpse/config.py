@@ -145,6 +145,18 @@ class SynthConfig:
 
 
 @dataclass
+class ViewConfig:
+    """Settings of ``glimpse view``."""
+
+    compare: str | None = opt(None, "a second run (folder or .jsonl) to show side by side with the first")
+    out: str | None = opt(None, "report folder (default: RUN/report)")
+    serve: bool = opt(False, "serve the report over HTTP after building it")
+    host: str = opt("127.0.0.1", "interface to serve on (loopback by default)")
+    port: int = opt(8765, "port to serve on (0: any free port)")
+    workers: int | None = opt(None, "processes preparing images (default: the number of cores, at most 8)")
+
+
+@dataclass
 class ServeConfig:
     """Settings of ``glimpse serve``."""
 

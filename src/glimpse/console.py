@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from glimpse.api import AskResult, ask_async
-from glimpse.config import AskConfig, EvalConfig, ServeConfig, SynthConfig, write_resolved
+from glimpse.config import AskConfig, EvalConfig, ServeConfig, SynthConfig, ViewConfig, write_resolved
 from glimpse.trajectory import Trajectory, Turn, save_jsonl
 
 EXIT_OK, EXIT_NO_ANSWER, EXIT_USAGE, EXIT_INPUT, EXIT_BACKEND = 0, 1, 2, 3, 4
@@ -276,4 +276,32 @@ def run_eval_command(cfg: EvalConfig) -> int:
     console.print(
         f"[dim]{run.ran} units run, {run.skipped} already done, {run.elapsed_s:.1f} s · {run.out}/: {files}[/]"
     )
+    return EXIT_OK
+
+
+def run_view(cfg: ViewConfig, run: str) -> int:
+    """``glimpse view``: build the report, say where it is, and serve it if asked."""
+    import time
+
+    from glimpse.view import build_report
+    from glimpse.view.serve import make_server
+
+    console = Console(highlight=False, soft_wrap=True)
+    started = time.perf_counter()
+    folder = build_report(run, cfg.out, compare=cfg.compare, workers=cfg.workers)
+    console.print(f"report written in {time.perf_counter() - started:.1f} s: {folder.resolve() / 'index.html'}")
+    if not cfg.serve:
+        console.print(f"[dim]open it in a browser, or serve it: glimpse view {run} --serve[/]")
+        return EXIT_OK
+    if cfg.host not in ("127.0.0.1", "localhost", "::1"):
+        console.print(f"[yellow]warning:[/] serving on {cfg.host}, not loopback: anyone who can reach it can read it")
+    server = make_server(folder, cfg.host, cfg.port)
+    host, port = server.server_address[:2]
+    console.print(f"serving at http://{host}:{port}/ (Ctrl-C stops)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
     return EXIT_OK

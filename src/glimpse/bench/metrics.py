@@ -28,7 +28,6 @@ from glimpse.bench.policies import chance
 from glimpse.geometry import Box
 from glimpse.trajectory import Score, Trajectory
 
-
 # Sample fields results are broken down by, when present: probe level, category, MME-RealWorld's task and subtask,
 # HR-Bench's answer-position cycle.
 BREAKDOWN_FIELDS = ("level", "category", "task", "subtask", "cycle")

@@ -1,0 +1,192 @@
+"""The trajectory viewer: the data it embeds, and the report driven in a real headless Chromium.
+
+The browser tests use Debian's ``chromium`` through Playwright's Python package. Without a Chromium they are
+skipped, unless ``GLIMPSE_REQUIRE_BROWSER=1`` (set by CI), which turns the skip into a failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from glimpse.bench.harness import run_eval
+from glimpse.config import EvalConfig
+from glimpse.errors import ConfigError
+from glimpse.view import build_report
+from glimpse.view.serve import make_server
+
+pytestmark = pytest.mark.slow
+
+
+def read_js(path: Path, prefix: str):
+    text = path.read_text(encoding="utf-8")
+    assert text.startswith(prefix)
+    return json.loads(text[len(prefix) :].rstrip().rstrip(";"))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """An oracle run and a direct run on the same probes (target boxes known), with a sweep."""
+    root = tmp_path_factory.mktemp("view-runs")
+    common = dict(data="probes:easy:6:21", max_turns="2,6", k=1)
+    asyncio.run(run_eval(EvalConfig(model="oracle", out=str(root / "oracle"), **common)))
+    asyncio.run(run_eval(EvalConfig(model="direct", out=str(root / "direct"), **common)))
+    return root
+
+
+@pytest.fixture(scope="module")
+def report(runs):
+    return build_report(runs / "oracle", compare=runs / "direct")
+
+
+def test_embedded_data(runs, report):
+    index = read_js(report / "data" / "index.js", "GLIMPSE.index = ")
+    assert len(index) == 6 and [r["i"] for r in index] == list(range(6))
+    assert {r["ok"] for r in index} == {True}
+    assert all(r["b"] is not None and r["b"] >= 6 for r in index)
+    direct = [json.loads(line) for line in (runs / "direct" / "trajectories.jsonl").read_text().splitlines()]
+    assert sum(r["b_ok"] is True for r in index) == sum(d["score"]["correct"] is True for d in direct)
+    assert all(r["level"] == "easy" and r["cat"] and r["thumb"] for r in index)
+    run_data = read_js(report / "data" / "run.js", "window.GLIMPSE = window.GLIMPSE || {};\nGLIMPSE.runs = ")
+    assert [r["count"] for r in run_data] == [6, 6] and run_data[0]["sweep"] == "img/sweep-0.png"
+    assert run_data[0]["summary"]["caps"]["6"]["accuracy"]["avg"] == 1.0
+    first = (report / "data" / "traj" / "0.js").read_text()
+    assert first.startswith("GLIMPSE.loaded(0, ") and first.rstrip().endswith(");")
+    record = json.loads(first[len("GLIMPSE.loaded(0, ") :].rstrip()[:-2])
+    assert record["view"]["src"].startswith("img/orig/") and record["turns"][0]["crop_box_px"]
+    assert len(list((report / "data" / "traj").glob("*.js"))) == 12
+
+
+def test_originals_are_linked_once_and_thumbnails_small(runs, report):
+    originals = list((report / "img" / "orig").iterdir())
+    assert len(originals) == 6  # six probes, shared by both runs
+    record = json.loads((runs / "oracle" / "trajectories.jsonl").read_text().splitlines()[0])
+    source = Path(record["image"]["path"])
+    linked = report / "img" / "orig" / f"{record['image']['sha256'][:16]}.jpg"
+    assert linked.read_bytes() == source.read_bytes()
+    for thumb in (report / "img" / "thumb").iterdir():
+        assert max(Image.open(thumb).size) <= 256
+
+
+def test_rotated_and_missing_originals(tmp_path):
+    stored = Image.new("RGB", (300, 120), (200, 40, 40))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "rot.jpg"
+    stored.save(path, exif=exif.tobytes())
+    from glimpse.agent import AgentLoop
+    from glimpse.models.scripted import ScriptedBackend
+    from glimpse.trajectory import Sample, save_jsonl
+
+    loop = AgentLoop(ScriptedBackend([["<answer>red</answer>"]]))
+    (t,) = asyncio.run(loop.run(Sample(id="r", images=[str(path)], question="?")))
+    (gone,) = asyncio.run(loop.run(Sample(id="g", images=[str(path)], question="?")))
+    gone = gone.model_copy(
+        update={"image": gone.image.model_copy(update={"path": str(tmp_path / "moved.jpg"), "sha256": "f" * 64})}
+    )
+    save_jsonl([t, gone], tmp_path / "ask.jsonl")
+    folder = build_report(tmp_path / "ask.jsonl", tmp_path / "report")
+    (orig,) = list((folder / "img" / "orig").iterdir())
+    assert orig.suffix == ".png" and Image.open(orig).size == (120, 300)  # re-encoded upright
+    records = [
+        json.loads(p.read_text()[len(f"GLIMPSE.loaded({p.stem}, ") :].rstrip()[:-2])
+        for p in sorted((folder / "data" / "traj").glob("*.js"))
+    ]
+    assert records[0]["view"]["src"] and records[1]["view"]["src"] is None
+    with pytest.raises(ConfigError, match="does not exist"):
+        build_report(tmp_path / "nothing")
+
+
+# ------------------------------------------------------------------------------------------- in a real browser
+def chromium() -> str | None:
+    found = os.environ.get("GLIMPSE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None and os.environ.get("GLIMPSE_REQUIRE_BROWSER") == "1":
+        pytest.fail("GLIMPSE_REQUIRE_BROWSER=1 but no chromium was found (apt-get install chromium)")
+    return found
+
+
+@pytest.fixture(scope="module")
+def browser():
+    path = chromium()
+    if path is None:
+        pytest.skip("no chromium on this machine (apt-get install chromium); CI runs these tests")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=path, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+def open_page(browser, url):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.goto(url)
+    page.wait_for_selector("#rows tbody tr")
+    return page, errors
+
+
+def rows(page) -> int:
+    return page.locator("#rows tbody tr").count()
+
+
+def test_report_in_chromium_from_disk(browser, report, tmp_path):
+    page, errors = open_page(browser, (report / "index.html").resolve().as_uri())
+    assert rows(page) == 6
+    assert page.locator("table.summary tbody tr").count() == 4  # two runs, caps 2 and 6 each
+    assert page.locator("img.plot").count() == 2  # both runs were sweeps
+    page.select_option("#filters select >> nth=0", "wrong")  # status: wrong
+    assert rows(page) == 0
+    page.select_option("#filters select >> nth=0", "all")
+    direct_right = page.evaluate("GLIMPSE.index.filter(r => r.b_ok === true).length")
+    page.locator("#filters select", has_text="A right, B not").select_option("a_only")
+    assert rows(page) == 6 - direct_right
+    page.locator("#filters select", has_text="A right, B not").select_option("all")
+    first_id = page.locator("#rows tbody tr >> nth=2").get_attribute("data-i")
+    sample = page.evaluate(f"GLIMPSE.index[{first_id}].id")
+    page.fill("#search", sample)
+    assert rows(page) == 1
+    page.click("#rows tbody tr")
+    page.wait_for_selector(".turn canvas")
+    page.wait_for_function(
+        "document.querySelectorAll('img.original').length === 2 && "
+        "[...document.querySelectorAll('img.original')].every(i => i.complete)"
+    )
+    assert page.locator(".column").count() == 2  # oracle and direct side by side
+    assert page.locator(".original-wrap svg rect.zoom-box").count() >= 1
+    assert page.locator(".original-wrap svg rect.gold-box").count() >= 2
+    assert page.locator(".turn.zoom figure canvas").count() >= 2  # the source with its box, and the crop
+    assert page.locator(".turn.zoom .chain").first.inner_text() == "original → observation 1"
+    size = page.evaluate(
+        "(() => { const c = document.querySelector('.turn.zoom figure.crop canvas'); return [c.width, c.height]; })()"
+    )
+    assert min(size) > 50
+    page.screenshot(path=str(tmp_path / "trajectory.png"), full_page=True)
+    assert (tmp_path / "trajectory.png").stat().st_size > 20_000
+    page.go_back()
+    page.wait_for_selector("#rows tbody tr")
+    assert errors == []
+
+
+def test_report_served_over_http(browser, report):
+    server = make_server(report, "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        host, port = server.server_address[:2]
+        page, errors = open_page(browser, f"http://{host}:{port}/")
+        assert rows(page) == 6
+        page.click("#rows tbody tr >> nth=0")
+        page.wait_for_selector(".turn canvas")
+        assert errors == []
+    finally:
+        server.shutdown()
+        server.server_close()
