@@ -147,6 +147,7 @@ def run_demo(out: str, *, quiet: bool = False) -> int:
     code = run_ask(cfg, str(demo.image), demo.question, overwrite=True)
     if not quiet:
         console.print(f"[dim]gold answer: {demo.answer} · scene: {demo.image}[/]")
+        console.print(f"[dim]see every turn, box and crop: glimpse view {Path(out) / 'trajectory.jsonl'}[/]")
     return code
 
 
