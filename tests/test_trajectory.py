@@ -101,5 +101,7 @@ def test_metrics_count_error_kinds(recorded):
         "zooms": 2,
         "tool_calls": 3,
         "tool_errors": 1,
+        "code_calls": 0,
+        "code_errors": 0,
         "errors_by_kind": {"invalid_json": 1},
     }

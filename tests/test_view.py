@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -190,3 +191,30 @@ def test_report_served_over_http(browser, report):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_code_turns_in_the_report(browser, tmp_path):
+    from glimpse.agent import AgentLoop
+    from glimpse.models.scripted import ScriptedBackend
+    from glimpse.trajectory import Sample, save_jsonl
+
+    Image.new("RGB", (640, 480), (30, 120, 200)).save(tmp_path / "img.png")
+    code = "img = images['original_image']\nshow(img.rotate(90, expand=True))\nprint('turned', img.size)"
+    loop = AgentLoop(
+        ScriptedBackend([[f"<python>{code}</python>", "<answer>blue</answer>"]]), code=True, sandbox="process"
+    )
+    sample = Sample(id="code", images=[str(tmp_path / "img.png")], question="Colour?")
+    with ThreadPoolExecutor(1) as pool:  # Playwright's sync API keeps an event loop running in this thread
+        trajs = pool.submit(asyncio.run, loop.run(sample)).result()
+    save_jsonl(trajs, tmp_path / "code.jsonl")
+    folder = build_report(tmp_path / "code.jsonl", tmp_path / "report")
+    (made,) = list((folder / "img" / "made").iterdir())
+    assert Image.open(made).size == (480, 640)
+    page, errors = open_page(browser, (folder / "index.html").resolve().as_uri())
+    page.click("#rows tbody tr")
+    page.wait_for_selector("pre.code")
+    assert "show(img.rotate" in page.inner_text("pre.code")
+    assert "turned (640, 480)" in page.inner_text("pre.code-output")
+    page.wait_for_function("document.querySelector('img.made') && document.querySelector('img.made').complete")
+    assert page.evaluate("document.querySelector('img.made').naturalWidth") == 480
+    assert errors == []

@@ -9,7 +9,8 @@ it stops:
 4. Answer → stop (``answer``); nothing → stop (``no_action``); turn cap reached → stop (``max_turns``).
 5. A mistake → tell the model what was wrong and go on.
 6. A zoom → if the image cap is reached stop (``max_images``); else run the zoom tool and show the crop
-   (or the tool's error) to the model.
+   (or the tool's error) to the model. Code (with the code tool on) → run it in the trajectory's sandboxed
+   Python session and show what it printed and any images it made.
 
 A cap that stops the loop while the model was still calling the tool marks the trajectory ``over_turn``,
 which RL uses to mask it. Backend failures end that trajectory with ``error``; unreadable images end it
@@ -44,9 +45,12 @@ from glimpse.images import (
 from glimpse.models.base import Backend, Completion, GenerateParams, ImagePart, Message, TextPart
 from glimpse.protocol import Protocol, make_protocol
 from glimpse.protocol.base import Action
+from glimpse.sandbox import PythonSession, SandboxLimits
+from glimpse.tools.python import PythonTool
 from glimpse.tools.zoom import MIN_BOX_SIDE, ZOOM_MAX_ASPECT_RATIO, ImageState, ZoomTool
 from glimpse.trajectory import (
     ImageRef,
+    MadeImage,
     RunSettings,
     Sample,
     StopReason,
@@ -86,6 +90,8 @@ class _Episode:
     backend: Backend
     calibration: int = 0
     part_index: dict[int, int] = field(default_factory=dict)
+    made: dict[int, Image.Image] = field(default_factory=dict)
+    session: PythonSession | None = None
 
 
 class AgentLoop:
@@ -112,6 +118,10 @@ class AgentLoop:
         seed: sampling seed; sample ``i`` of a question uses ``seed + i``.
         return_token_ids: ask the backend for token ids and record the token view.
         image_cache: decoded originals shared between runs.
+        code: offer the Python code tool (each trajectory gets its own sandboxed session).
+        sandbox: the code tool's isolation: ``auto``, ``bwrap`` or ``process`` (see ``glimpse.sandbox``).
+        code_timeout_s: wall-clock seconds one code call may take.
+        code_memory_mb: memory (address space) the code's processes may use.
     """
 
     def __init__(
@@ -136,6 +146,10 @@ class AgentLoop:
         seed: int | None = None,
         return_token_ids: bool = False,
         image_cache: ImageCache | None = None,
+        code: bool = False,
+        sandbox: str = "auto",
+        code_timeout_s: float = 30.0,
+        code_memory_mb: int = 2048,
     ):
         _check_positive(max_turns=max_turns, max_new_tokens=max_new_tokens, max_context_tokens=max_context_tokens)
         if max_images is not None and max_images < 1:
@@ -143,7 +157,14 @@ class AgentLoop:
         if keep_images is not None and keep_images < 1:
             raise ConfigError(f"keep_images must be at least 1 or unset (keep all), got {keep_images}")
         self.backend = backend
-        self.protocol = protocol if isinstance(protocol, Protocol) else make_protocol(protocol, coords, prompt_file)
+        self.protocol = (
+            protocol if isinstance(protocol, Protocol) else make_protocol(protocol, coords, prompt_file, code)
+        )
+        self.python = (
+            PythonTool(SandboxLimits(wall_s=code_timeout_s, memory_mb=code_memory_mb), sandbox)
+            if self.protocol.code
+            else None
+        )
         self.limits = PixelLimits(min_pixels, max_pixels, resize_factor)
         self.tool = ZoomTool(
             self.protocol.coords, self.limits, min_box_side=min_box_side, max_aspect_ratio=max_aspect_ratio
@@ -176,6 +197,7 @@ class AgentLoop:
             top_p=top_p,
             seed=seed,
             prompt=self.protocol.prompts.name,
+            tools=["zoom", "python"] if self.python else ["zoom"],
         )
         self._shown: OrderedDict[tuple[str, PixelLimits], ImagePart] = OrderedDict()
         self._shown_pending: dict[tuple[str, PixelLimits], asyncio.Future[Image.Image]] = {}
@@ -246,6 +268,15 @@ class AgentLoop:
     async def _run(
         self, ep: _Episode, prefetched: Completion | BaseException | None, on_turn: OnTurn | None
     ) -> Trajectory:
+        try:
+            return await self._steps(ep, prefetched, on_turn)
+        finally:
+            if ep.session is not None:
+                await asyncio.to_thread(ep.session.close)
+
+    async def _steps(
+        self, ep: _Episode, prefetched: Completion | BaseException | None, on_turn: OnTurn | None
+    ) -> Trajectory:
         traj = ep.traj
         while traj.stop_reason is None:
             index = len(traj.turns)
@@ -306,9 +337,11 @@ class AgentLoop:
             # 5. A mistake: tell the model.
             elif action.kind == "error":
                 ep.messages.extend(self.protocol.error(action, action.error or "", index))
-            # 6. A zoom: run it, unless the image cap is reached.
+            # 6. A zoom or code: run it, unless the image cap is reached.
             elif self.max_images is not None and len(ep.images) >= self.max_images:
                 self._stop(ep, "max_images", over_turn=True)
+            elif action.kind == "code":
+                await self._code(ep, action, turn)
             else:
                 await self._zoom(ep, action, turn)
 
@@ -337,6 +370,47 @@ class AgentLoop:
         turn.observation_size = [result.image.width, result.image.height]
         source = "original_image" if result.source_index == 0 else f"observation_{result.source_index}"
         ep.messages.extend(self.protocol.observation(action, part, index, turn.index, source))
+
+    async def _code(self, ep: _Episode, action: Action, turn: Turn) -> None:
+        assert action.code is not None and self.python is not None
+        started = time.perf_counter()
+        if ep.session is None:
+            ep.session = self.python.session()
+        result = await asyncio.to_thread(self.python.run, action.code, ep.session, self._full_images(ep))
+        turn.tool_s = round(time.perf_counter() - started, 4)
+        turn.code, turn.code_output, turn.error_kind = action.code, result.text, result.error_kind
+        shown: list[tuple[int, ImagePart]] = []
+        for made in result.images:
+            if self.max_images is not None and len(ep.images) >= self.max_images:
+                turn.code_output += f"\n(Images beyond the limit of {self.max_images} were not shown.)"
+                break
+            index = len(ep.images)
+            view = await asyncio.to_thread(fit, made.image, self.limits)
+            part = ImagePart(image=view)
+            ep.images.append(ImageState(None, view.width, view.height))
+            ep.parts.append(part)
+            ep.part_index[id(part)] = index
+            ep.made[index] = made.image
+            turn.made.append(
+                MadeImage(
+                    observation_index=index,
+                    path=made.path,
+                    sha256=made.sha256,
+                    width=made.image.width,
+                    height=made.image.height,
+                    shown_size=[view.width, view.height],
+                )
+            )
+            shown.append((index, part))
+        ep.messages.extend(self.protocol.code_result(action, turn.code_output, shown))
+
+    def _full_images(self, ep: _Episode) -> dict[str, Image.Image]:
+        """Every image of the trajectory at full resolution, by the name the model uses (for the code tool)."""
+        out: dict[str, Image.Image] = {"original_image": ep.original}
+        for index, state in enumerate(ep.images[1:], 1):
+            name = f"observation_{index}"
+            out[name] = ep.made[index] if state.box is None else ep.original.crop(state.box.as_tuple())
+        return out
 
     # ----------------------------------------------------------------------------------------------------
     async def _load(self, sample: Sample) -> tuple[Original, ImagePart]:
@@ -468,6 +542,11 @@ class AgentLoop:
     @staticmethod
     def _dropped_note(ep: _Episode, index: int) -> str:
         state = ep.images[index]
+        if state.box is None:
+            return (
+                f"[observation_{index} is no longer shown, to save context. It was an image made by your code; "
+                f'it is still available to code as images["observation_{index}"].]'
+            )
         turn = next(t for t in ep.traj.turns if t.observation_index == index)
         src = "original_image" if turn.source_index == 0 else f"observation_{turn.source_index}"
         box = state.box

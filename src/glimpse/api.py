@@ -83,6 +83,9 @@ def loop_from_config(
         seed=config.seed,
         return_token_ids=config.token_ids,
         image_cache=image_cache,
+        code=config.code,
+        sandbox=config.sandbox,
+        code_timeout_s=config.code_timeout_s,
     )
 
 

@@ -56,6 +56,13 @@ class AskConfig:
     max_pixels: int = opt(2_000_000, "largest area an image is shown at (Mini-o3 recipe: 2,000,000)")
     resize_factor: int = opt(28, "image sides are multiples of this: 28 for Qwen2/2.5-VL, 32 for Qwen3-VL")
     keep_images: int | None = opt(None, "keep only the last K zoom images in the context (default: all)")
+    code: bool = opt(False, "offer the Python code tool (a sandboxed session per trajectory)")
+    sandbox: str = opt(
+        "auto",
+        "code tool isolation: bwrap (namespaces), process (limits only), or auto",
+        choices=("auto", "bwrap", "process"),
+    )
+    code_timeout_s: float = opt(30.0, "wall-clock seconds one code call may take")
     samples: int = opt(1, "trajectories per question, run in parallel and reconciled by --vote")
     vote: str = opt("majority", "how several samples are reconciled", choices=("majority",))
     temperature: float | None = opt(1.0, "sampling temperature ('none': the server's default)")
@@ -116,6 +123,13 @@ class EvalConfig:
     max_pixels: int = opt(2_000_000, "largest area an image is shown at")
     resize_factor: int = opt(28, "image sides are multiples of this (28 Qwen2/2.5-VL, 32 Qwen3-VL)")
     keep_images: int | None = opt(None, "keep only the last K zoom images in the context")
+    code: bool = opt(False, "offer the Python code tool (a sandboxed session per trajectory)")
+    sandbox: str = opt(
+        "auto",
+        "code tool isolation: bwrap (namespaces), process (limits only), or auto",
+        choices=("auto", "bwrap", "process"),
+    )
+    code_timeout_s: float = opt(30.0, "wall-clock seconds one code call may take")
     temperature: float | None = opt(1.0, "sampling temperature ('none': the server's default)")
     top_p: float | None = opt(1.0, "nucleus sampling ('none': the server's default)")
     timeout: float = opt(600.0, "seconds to wait for one reply")

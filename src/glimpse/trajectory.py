@@ -26,7 +26,7 @@ SCHEMA_VERSION = 1
 StopReason = Literal["answer", "max_turns", "max_images", "context_full", "no_action", "error"]
 # Stop reasons where a cap, not the model, ended the trajectory.
 CAP_STOPS: frozenset[str] = frozenset({"max_turns", "max_images", "context_full"})
-TurnKind = Literal["zoom", "answer", "error", "none"]
+TurnKind = Literal["zoom", "code", "answer", "error", "none"]
 
 
 class Sample(BaseModel):
@@ -82,6 +82,17 @@ class ZoomCall(BaseModel):
     source: str = "original_image"
 
 
+class MadeImage(BaseModel):
+    """An image the model's code made: kept by content hash, since geometry cannot recompute it."""
+
+    observation_index: int
+    path: str
+    sha256: str
+    width: int
+    height: int
+    shown_size: list[int]
+
+
 class Turn(BaseModel):
     """One assistant turn and what the harness did with it.
 
@@ -89,9 +100,13 @@ class Turn(BaseModel):
         index: 0-based turn number.
         text: the model's raw text (a stop string the server cut off is put back).
         thought: the reasoning, from ``<think>`` or the server's reasoning field.
-        kind: ``zoom`` (a well-formed zoom call; run unless a cap ended the loop first), ``answer``,
-            ``error`` (a mistake shown to the model) or ``none`` (neither a call nor an answer).
+        kind: ``zoom`` (a well-formed zoom call; run unless a cap ended the loop first), ``code`` (Python run
+            by the code tool), ``answer``, ``error`` (a mistake shown to the model) or ``none`` (neither a call
+            nor an answer).
         call: the zoom as written, when it could be read.
+        code: the Python the model ran, for ``code`` turns.
+        code_output: what the model was told the code printed (and its error), for ``code`` turns.
+        made: images the code showed, each a new observation.
         answer: the final answer text, for ``answer`` turns.
         source_index: index of the image zoomed into (0 = original, N = observation_N).
         crop_box_px: the zoom's box in original-image pixels ``[x0, y0, x1, y1]``.
@@ -112,6 +127,9 @@ class Turn(BaseModel):
     thought: str | None = None
     kind: TurnKind
     call: ZoomCall | None = None
+    code: str | None = None
+    code_output: str | None = None
+    made: list[MadeImage] = Field(default_factory=list)
     answer: str | None = None
     source_index: int | None = None
     crop_box_px: list[int] | None = None
@@ -181,6 +199,7 @@ class RunSettings(BaseModel):
     top_p: float | None
     seed: int | None
     prompt: str
+    tools: list[str] = Field(default_factory=lambda: ["zoom"])
 
     @property
     def limits(self) -> PixelLimits:
@@ -188,13 +207,18 @@ class RunSettings(BaseModel):
 
 
 class Observation(BaseModel):
-    """An image in a trajectory: the original (index 0) or observation_N (index N)."""
+    """An image in a trajectory: the original (index 0) or observation_N (index N).
+
+    A zoom has ``box_px`` (original pixels); an image made by code has ``path`` and ``sha256`` instead.
+    """
 
     index: int
-    box_px: list[int]
+    box_px: list[int] | None
     source_index: int | None
     shown_size: list[int]
     turn_index: int | None
+    path: str | None = None
+    sha256: str | None = None
 
     @property
     def name(self) -> str:
@@ -257,6 +281,8 @@ class Trajectory(BaseModel):
             "zooms": sum(1 for t in self.turns if t.observation_index is not None),
             "tool_calls": attempts,
             "tool_errors": sum(1 for t in self.turns if t.kind == "error"),
+            "code_calls": sum(1 for t in self.turns if t.kind == "code"),
+            "code_errors": sum(1 for t in self.turns if t.kind == "code" and t.error_kind),
             "errors_by_kind": dict(sorted(errors.items())),
         }
 
@@ -282,6 +308,18 @@ class Trajectory(BaseModel):
                         source_index=turn.source_index,
                         shown_size=turn.observation_size,
                         turn_index=turn.index,
+                    )
+                )
+            for made in turn.made:
+                out.append(
+                    Observation(
+                        index=made.observation_index,
+                        box_px=None,
+                        source_index=None,
+                        shown_size=made.shown_size,
+                        turn_index=turn.index,
+                        path=made.path,
+                        sha256=made.sha256,
                     )
                 )
         return out
@@ -311,6 +349,12 @@ def render_image(
     if not 0 <= index < len(images):
         raise GlimpseError(f"{trajectory.id} has {len(images)} images; there is no image {index}")
     assert trajectory.image is not None  # observations() is empty otherwise
+    observation = images[index]
+    if observation.path is not None:  # made by code: read back, checked against its hash
+        made = (cache or ImageCache()).get(observation.path)
+        if made.sha256 != observation.sha256:
+            raise GlimpseError(f"{observation.path} changed since trajectory {trajectory.id} was recorded")
+        return made.image if full_resolution else fit(made.image, trajectory.settings.limits)
     path = trajectory.image.path
     if base_dir is not None and not os.path.isabs(path):
         path = os.path.join(base_dir, path)
@@ -320,7 +364,8 @@ def render_image(
             f"{path} changed since trajectory {trajectory.id} was recorded "
             f"(sha256 {original.sha256[:12]}… instead of {trajectory.image.sha256[:12]}…)"
         )
-    box = Box.from_list(images[index].box_px).as_tuple()
+    assert observation.box_px is not None
+    box = Box.from_list(observation.box_px).as_tuple()
     if full_resolution:
         return original.image.crop(box)
     return fit(original.image, trajectory.settings.limits, box)

@@ -254,6 +254,9 @@ def _loop(cfg: EvalConfig, backend: Backend | None, cap: int, cache: ImageCache)
         top_p=cfg.top_p,
         seed=cfg.seed,
         image_cache=cache,
+        code=cfg.code,
+        sandbox=cfg.sandbox,
+        code_timeout_s=cfg.code_timeout_s,
     )
 
 

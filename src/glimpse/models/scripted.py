@@ -141,7 +141,7 @@ class ScriptedBackend:
             done = self._emulate(planned, params, [])
             expected = _signature(done.text, [(c.name, _canonical_args(c.arguments)) for c in done.tool_calls])
             got = _signature(said.text(), calls)
-            if got != expected and not _same_up_to_stop(got[0], expected[0], params.stop):
+            if got != expected and not _same_up_to_stop(said.text(), done.text, params.stop):
                 return False
         return True
 
@@ -183,7 +183,7 @@ class ScriptedBackend:
 
 def _same_up_to_stop(said: str, planned: str, stop: list[str]) -> bool:
     """Whether ``said`` is ``planned`` with a stop string the harness put back."""
-    return any(said == (planned + s).strip() for s in stop)
+    return any(said.strip() == (planned + s).strip() for s in stop)
 
 
 def create(arg: str, *, record: int = 1000, **_options: Any) -> ScriptedBackend:

@@ -21,9 +21,10 @@ PROTOCOLS = {"tags": TagProtocol, "tools": ToolCallProtocol}
 
 
 def make_protocol(
-    name: str = "tags", coords: str | Coords = "relative", prompt_file: str | Path | None = None
+    name: str = "tags", coords: str | Coords = "relative", prompt_file: str | Path | None = None, code: bool = False
 ) -> Protocol:
-    """Build a protocol by name, with the default prompts or those of a prompt file.
+    """Build a protocol by name, with the default prompts or those of a prompt file (``code``: offer the code
+    tool).
 
     Raises:
         ConfigError: unknown protocol or coordinate convention, or a bad prompt file.
@@ -38,7 +39,7 @@ def make_protocol(
     prompts = DEFAULT_PROMPTS[name]
     if prompt_file is not None:
         prompts = load_prompt_file(prompt_file, prompts)
-    return PROTOCOLS[name](convention, prompts)
+    return PROTOCOLS[name](convention, prompts, code)
 
 
 __all__ = [

@@ -16,7 +16,7 @@ from glimpse.geometry import Coords
 from glimpse.models.base import Completion, ImagePart, Message, Part, TextPart
 from glimpse.protocol.prompts import PromptSet, fill, split_on_image
 
-ActionKind = Literal["zoom", "answer", "error", "none"]
+ActionKind = Literal["zoom", "code", "answer", "error", "none"]
 
 _FENCE = re.compile(r"^```[a-zA-Z]*\s*(.*?)\s*```$", re.S)
 
@@ -26,11 +26,12 @@ class Action:
     """What the model asked for in one reply.
 
     Attributes:
-        kind: ``zoom`` (a call to run; its values are checked by the tool), ``answer``, ``error`` (a format
-            mistake) or ``none`` (neither a call nor an answer).
+        kind: ``zoom`` (a call to run; its values are checked by the tool), ``code`` (Python to run),
+            ``answer``, ``error`` (a format mistake) or ``none`` (neither a call nor an answer).
         text: the reply text as recorded (with a cut-off closing tag restored).
         thought: the reasoning, when the reply has any.
         call: ``{"bbox_2d": …, "source": …}`` as written, for ``zoom``.
+        code: the Python source, for ``code``.
         answer: the answer text, for ``answer``.
         error: the message for the model, for ``error``.
         error_kind: short category, for metrics.
@@ -42,6 +43,7 @@ class Action:
     text: str = ""
     thought: str | None = None
     call: dict[str, Any] | None = None
+    code: str | None = None
     answer: str | None = None
     error: str | None = None
     error_kind: str | None = None
@@ -97,19 +99,27 @@ def parse_call_payload(payload: str) -> dict[str, Any] | Action:
 
 class Protocol:
     """Base of the two protocols. Subclasses implement ``parse``, ``assistant_message``, ``observation``,
-    ``error`` and set ``name``, ``stop`` and ``tools``."""
+    ``error``, ``code_result`` and set ``name``, ``stop`` and ``tools``.
+
+    Args:
+        coords: how boxes are written.
+        prompts: the templates.
+        code: whether the Python code tool is offered.
+    """
 
     name: str = ""
     stop: list[str]
     tools: list[dict[str, Any]] | None = None
 
-    def __init__(self, coords: Coords, prompts: PromptSet):
+    def __init__(self, coords: Coords, prompts: PromptSet, code: bool = False):
         self.coords = coords
         self.prompts = prompts
+        self.code = code
         self.stop = []
 
     def system_text(self) -> str:
-        return fill(self.prompts.system, coords=self.coords.describe())
+        text = self.prompts.system + (self.prompts.code if self.code else "")
+        return fill(text, coords=self.coords.describe())
 
     def start(self, image: ImagePart, question: str) -> list[Message]:
         """The system message (if any) and the first user message: the image and the question."""
@@ -156,3 +166,18 @@ class Protocol:
 
     def error(self, action: Action, message: str, action_turn: int) -> list[Message]:
         raise NotImplementedError
+
+    def code_result(self, action: Action, output: str, images: list[tuple[int, ImagePart]]) -> list[Message]:
+        raise NotImplementedError
+
+    def _code_parts(self, output: str, images: list[tuple[int, ImagePart]]) -> list[Part]:
+        """The code's output, then each image it showed as a numbered observation."""
+        return [TextPart(fill(self.prompts.code_result, output=output)), *self._image_parts(images, lead="\n")]
+
+    def _image_parts(self, images: list[tuple[int, ImagePart]], lead: str = "") -> list[Part]:
+        parts: list[Part] = []
+        for n, (index, image) in enumerate(images):
+            if lead or n:
+                parts.append(TextPart("\n"))
+            parts.extend(self._with_image(fill(self.prompts.code_image, observation_turn=index), image))
+        return parts

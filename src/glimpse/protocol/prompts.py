@@ -10,13 +10,17 @@ are left alone):
                ``{action_turn}``: 0-based index of the turn that asked for it; ``{source}``: the image it
                zoomed into.
 ``error``      ``{error}``: what was wrong; ``{action_turn}``.
+``code``       (appended to the system prompt when the code tool is on) no placeholders.
+``code_result`` ``{output}``: what the code printed, its error, and notes.
+``code_image`` ``{image}``: an image the code passed to ``show()``; ``{observation_turn}``.
 =============  =====================================================================================
 
 ``<image>`` and ``<|vision_start|><|image_pad|><|vision_end|>`` also mark the image position, so templates
 copied from LLaMA-Factory data or from a Qwen chat string work unchanged.
 
-A prompt file is YAML or TOML with any of the keys ``system``, ``user``, ``observation``, ``error`` (missing
-keys keep the defaults), or a plain text file that replaces the system prompt only.
+A prompt file is YAML or TOML with any of the keys ``system``, ``user``, ``observation``, ``error``, ``code``,
+``code_result``, ``code_image`` (missing keys keep the defaults), or a plain text file that replaces the system
+prompt only.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ import yaml
 from glimpse.errors import ConfigError
 
 IMAGE_MARKERS = ("{image}", "<|vision_start|><|image_pad|><|vision_end|>", "<image>")
-_KNOWN = ("coords", "question", "observation_turn", "action_turn", "source", "error")
+_KNOWN = ("coords", "question", "observation_turn", "action_turn", "source", "error", "output")
+_KEYS = ("system", "user", "observation", "error", "code", "code_result", "code_image")
 _PLACEHOLDER = re.compile(r"\{(" + "|".join(_KNOWN) + r")\}")
 
 TAGS_SYSTEM = """\
@@ -76,6 +81,27 @@ ERROR = """\
 Your last call could not be carried out: {error}
 Continue reasoning, then make a corrected call or give the final answer."""
 
+TAGS_CODE = """\
+
+You can also run Python, to crop, rotate, enhance or measure an image or to compute something: write the code \
+between <python> and </python> at the end of a reply, instead of a zoom call. It runs in a sandbox without \
+network; variables and imports persist from one code reply to the next. The images you have are available at \
+full resolution as PIL images, images["original_image"], images["observation_1"] and so on (also as files \
+/images/<name>.png). What the code prints comes back to you, and show(image) sends an image back to you as a \
+new observation. Pillow and NumPy are installed."""
+
+TOOLS_CODE = """\
+
+You can also call the python function to run code, to crop, rotate, enhance or measure an image or to compute \
+something. It runs in a sandbox without network; variables and imports persist between calls. The images you \
+have are available at full resolution as PIL images, images["original_image"], images["observation_1"] and so \
+on. What the code prints comes back to you, and show(image) sends an image back as a new observation. Pillow \
+and NumPy are installed."""
+
+CODE_RESULT = "Result of your code:\n{output}"
+
+CODE_IMAGE = "Observation {observation_turn}, made by your code:\n{image}"
+
 
 @dataclass(frozen=True)
 class PromptSet:
@@ -85,6 +111,9 @@ class PromptSet:
     user: str
     observation: str
     error: str
+    code: str = ""
+    code_result: str = CODE_RESULT
+    code_image: str = CODE_IMAGE
     name: str = "default"
 
     def with_file(self, path: str | Path) -> PromptSet:
@@ -93,8 +122,8 @@ class PromptSet:
 
 
 DEFAULT_PROMPTS = {
-    "tags": PromptSet(system=TAGS_SYSTEM, user=USER, observation=TAGS_OBSERVATION, error=ERROR),
-    "tools": PromptSet(system=TOOLS_SYSTEM, user=USER, observation=TOOLS_OBSERVATION, error=ERROR),
+    "tags": PromptSet(system=TAGS_SYSTEM, user=USER, observation=TAGS_OBSERVATION, error=ERROR, code=TAGS_CODE),
+    "tools": PromptSet(system=TOOLS_SYSTEM, user=USER, observation=TOOLS_OBSERVATION, error=ERROR, code=TOOLS_CODE),
 }
 
 
@@ -137,18 +166,16 @@ def load_prompt_file(path: str | Path, base: PromptSet) -> PromptSet:
             raise ConfigError(f"prompt file {p} is not valid {p.suffix[1:].upper()}: {exc}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"prompt file {p} must map keys (system, user, observation, error) to text")
-        unknown = set(data) - {"system", "user", "observation", "error"}
+        unknown = set(data) - set(_KEYS)
         if unknown:
-            raise ConfigError(
-                f"prompt file {p} has unknown keys {sorted(unknown)}; use system, user, observation, error"
-            )
+            raise ConfigError(f"prompt file {p} has unknown keys {sorted(unknown)}; use {', '.join(_KEYS)}")
         bad = [k for k, v in data.items() if not isinstance(v, str)]
         if bad:
             raise ConfigError(f"prompt file {p}: {', '.join(bad)} must be text")
         prompts = replace(base, name=name, **data)
     else:
         prompts = replace(base, system=raw.strip(), name=name)
-    for key in ("user", "observation"):
+    for key in ("user", "observation", "code_image"):
         if split_on_image(getattr(prompts, key)) is None:
             raise ConfigError(f"the {key!r} template of {p} has no image marker; put {{image}} where the image goes")
     return prompts

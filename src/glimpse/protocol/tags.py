@@ -17,9 +17,11 @@ from glimpse.protocol.base import Action, Protocol, mistake, parse_call_payload
 from glimpse.protocol.prompts import PromptSet
 
 OPEN_CALL, CLOSE_CALL = "<grounding>", "</grounding>"
+OPEN_CODE, CLOSE_CODE = "<python>", "</python>"
 OPEN_ANSWER, CLOSE_ANSWER = "<answer>", "</answer>"
 _THINK_BLOCK = re.compile(r"<think>(.*?)</think>", re.S)
 _CALL = re.compile(r"<grounding>(.*?)</grounding>", re.S)
+_CODE = re.compile(r"<python>(.*?)</python>", re.S)
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S)
 # Pieces that show the model meant to use a tag but did not write it properly.
 _CALL_DEBRIS = re.compile(r"</?\s*grounding\b|\"bbox_2d\"|'bbox_2d'")
@@ -27,9 +29,13 @@ _ANSWER_DEBRIS = re.compile(r"</?\s*answer\b")
 
 
 def restore_stop(text: str, finish_reason: str | None) -> str:
-    """Put back a ``</grounding>`` the server cut off as a stop string."""
-    if finish_reason != "length" and text.rfind(OPEN_CALL) > text.rfind(CLOSE_CALL):
-        return text + CLOSE_CALL
+    """Put back a ``</grounding>`` or ``</python>`` the server cut off as a stop string."""
+    if finish_reason == "length":
+        return text
+    opened = max((text.rfind(o), c) for o, c in ((OPEN_CALL, CLOSE_CALL), (OPEN_CODE, CLOSE_CODE)))
+    start, close = opened
+    if start >= 0 and text.rfind(close) < start:
+        return text + close
     return text
 
 
@@ -45,28 +51,44 @@ def thought_of(text: str) -> str | None:
     return joined or None
 
 
-def parse_tagged(text: str, finish_reason: str | None) -> Action:
-    """Read a reply written with tags into an action. Never raises."""
+def parse_tagged(text: str, finish_reason: str | None, code: bool = False) -> Action:
+    """Read a reply written with tags into an action (``code``: the Python tool is offered). Never raises."""
     thought = thought_of(text)
     body = _THINK_BLOCK.sub("", text).replace("<think>", "")
     calls = _CALL.findall(body)
+    codes = _CODE.findall(body)
     answers = _ANSWER.findall(body)
     open_call = body.count(OPEN_CALL) > len(calls)
+    open_code = body.count(OPEN_CODE) > len(codes)
     open_answer = body.count(OPEN_ANSWER) > len(answers)
     truncated = finish_reason == "length"
 
     def err(kind: str, message: str, tool_attempt: bool = True) -> Action:
         return mistake(kind, message, tool_attempt=tool_attempt, text=text, thought=thought)
 
-    if truncated and not calls and not answers:
+    if truncated and not calls and not codes and not answers:
         return err(
             "truncated",
             "your reply was cut off at the token limit of a turn before it finished. Keep your reasoning "
-            "shorter and end the reply with one zoom call or the answer.",
-            tool_attempt=open_call or bool(_CALL_DEBRIS.search(body)),
+            "shorter and end the reply with one call or the answer.",
+            tool_attempt=open_call or open_code or bool(_CALL_DEBRIS.search(body)),
         )
-    if (calls or open_call) and (answers or open_answer):
+    kinds = sum(bool(x) for x in (calls or open_call, codes or open_code, answers or open_answer))
+    if (calls or open_call) and (answers or open_answer) and not (codes or open_code):
         return err("answer_and_call", "a reply must hold either one zoom call or the final answer, not both")
+    if kinds > 1:
+        return err("multiple_actions", "a reply must hold one action: a zoom call, code, or the final answer")
+    if codes or open_code:
+        if not code:
+            return err("unknown_tool", "there is no code tool in this run; zoom into the image or answer")
+        if len(codes) + int(open_code) > 1:
+            return err("multiple_calls", "send one block of code per reply; you will see its result first")
+        if open_code:
+            return err("unclosed_tag", f"the code was not closed; end it with {CLOSE_CODE}")
+        source = _strip_fence(codes[0])
+        if not source.strip():
+            return err("bad_call", "the code block is empty")
+        return Action(kind="code", text=text, thought=thought, code=source, tool_attempt=True)
     if len(calls) + int(open_call) > 1:
         return err("multiple_calls", "make one zoom call per reply; you will see its result before the next")
     if open_call:
@@ -95,19 +117,29 @@ def parse_tagged(text: str, finish_reason: str | None) -> Action:
     return Action(kind="none", text=text, thought=thought)
 
 
+def _strip_fence(code: str) -> str:
+    """Code inside the tags, without a Markdown fence around it."""
+    stripped = code.strip("\n")
+    lines = stripped.strip().splitlines()
+    if len(lines) >= 2 and lines[0].startswith("```") and lines[-1].strip() == "```":
+        return "\n".join(lines[1:-1])
+    return stripped
+
+
 class TagProtocol(Protocol):
-    """Mini-o3's protocol; box coordinates in the ``coords`` convention (relative by default)."""
+    """Mini-o3's protocol; box coordinates in the ``coords`` convention (relative by default), and with
+    ``code`` a ``<python>…</python>`` block for the code tool."""
 
     name = "tags"
 
-    def __init__(self, coords: Coords, prompts: PromptSet):
-        super().__init__(coords, prompts)
-        self.stop = [CLOSE_CALL]
+    def __init__(self, coords: Coords, prompts: PromptSet, code: bool = False):
+        super().__init__(coords, prompts, code)
+        self.stop = [CLOSE_CALL, CLOSE_CODE] if code else [CLOSE_CALL]
         self.tools: list[dict[str, Any]] | None = None
 
     def parse(self, completion: Completion) -> Action:
         text = restore_stop(completion.text, completion.finish_reason)
-        action = parse_tagged(text, completion.finish_reason)
+        action = parse_tagged(text, completion.finish_reason, self.code)
         if action.thought is None and completion.reasoning:
             action.thought = completion.reasoning.strip() or None
         return action
@@ -123,3 +155,6 @@ class TagProtocol(Protocol):
 
     def error(self, action: Action, message: str, action_turn: int) -> list[Message]:
         return [Message("user", self.error_text(message, action_turn))]
+
+    def code_result(self, action: Action, output: str, images: list[tuple[int, ImagePart]]) -> list[Message]:
+        return [Message("user", self._code_parts(output, images))]

@@ -8,15 +8,17 @@ zoomed image follows in a user message. A reply without a call is the final answ
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from glimpse.geometry import Coords
 from glimpse.models.base import Completion, ImagePart, Message
 from glimpse.protocol.base import Action, Protocol, mistake, parse_call_payload
-from glimpse.protocol.prompts import PromptSet
+from glimpse.protocol.prompts import PromptSet, fill
 from glimpse.protocol.tags import parse_tagged, thought_of
 
 ZOOM_TOOL_NAME = "zoom_in"
+CODE_TOOL_NAME = "python"
 
 
 def zoom_tool_schema(coords: Coords) -> dict[str, Any]:
@@ -51,15 +53,34 @@ def zoom_tool_schema(coords: Coords) -> dict[str, Any]:
     }
 
 
+def code_tool_schema() -> dict[str, Any]:
+    """The OpenAI function schema of the code tool."""
+    return {
+        "type": "function",
+        "function": {
+            "name": CODE_TOOL_NAME,
+            "description": "Run Python in a sandbox without network; state persists between calls. The images are "
+            "PIL images in `images` (images['original_image'] …); show(image) returns an image as an observation.",
+            "parameters": {
+                "type": "object",
+                "properties": {"code": {"type": "string", "description": "The Python source to run."}},
+                "required": ["code"],
+                "additionalProperties": False,
+            },
+        },
+    }
+
+
 class ToolCallProtocol(Protocol):
-    """Function calling with a ``zoom_in`` tool; box coordinates in the ``coords`` convention."""
+    """Function calling with a ``zoom_in`` tool (and, with ``code``, a ``python`` tool); box coordinates in the
+    ``coords`` convention."""
 
     name = "tools"
 
-    def __init__(self, coords: Coords, prompts: PromptSet):
-        super().__init__(coords, prompts)
+    def __init__(self, coords: Coords, prompts: PromptSet, code: bool = False):
+        super().__init__(coords, prompts, code)
         self.stop = []
-        self.tools = [zoom_tool_schema(coords)]
+        self.tools = [zoom_tool_schema(coords)] + ([code_tool_schema()] if code else [])
 
     def parse(self, completion: Completion) -> Action:
         text = completion.text or ""
@@ -76,10 +97,13 @@ class ToolCallProtocol(Protocol):
             )
         if calls:
             call = calls[0]
+            if call.name == CODE_TOOL_NAME and self.code:
+                return self._code_call(call.arguments, text, thought, ids)
             if call.name != ZOOM_TOOL_NAME:
+                offered = ", ".join(t["function"]["name"] for t in self.tools or [])
                 return mistake(
                     "unknown_tool",
-                    f"there is no function {call.name!r}; the only function is {ZOOM_TOOL_NAME}",
+                    f"there is no function {call.name!r}; the functions are {offered}",
                     text=text,
                     thought=thought,
                     call_ids=ids,
@@ -90,7 +114,7 @@ class ToolCallProtocol(Protocol):
                 return payload
             return Action(kind="zoom", text=text, thought=thought, call=payload, tool_attempt=True, call_ids=ids)
         if "<answer>" in text or "</answer>" in text or completion.finish_reason == "length":
-            action = parse_tagged(text, completion.finish_reason)
+            action = parse_tagged(text, completion.finish_reason, self.code)
             if action.kind in ("answer", "error"):
                 action.thought = action.thought or thought
                 return action
@@ -98,6 +122,21 @@ class ToolCallProtocol(Protocol):
         if not answer:
             return Action(kind="none", text=text, thought=thought)
         return Action(kind="answer", text=text, thought=thought, answer=answer)
+
+    @staticmethod
+    def _code_call(arguments: str, text: str, thought: str | None, ids: list[str]) -> Action:
+        try:
+            args = json.loads(arguments)
+        except (ValueError, RecursionError):
+            return mistake(
+                "invalid_json", "the arguments of python are not valid JSON", text=text, thought=thought, call_ids=ids
+            )
+        code = args.get("code") if isinstance(args, dict) else None
+        if not isinstance(code, str) or not code.strip():
+            return mistake(
+                "bad_call", 'python needs a non-empty "code" string', text=text, thought=thought, call_ids=ids
+            )
+        return Action(kind="code", text=text, thought=thought, code=code, tool_attempt=True, call_ids=ids)
 
     def assistant_message(self, action: Action, completion: Completion) -> Message:
         return Message("assistant", completion.text or "", tool_calls=list(completion.tool_calls))
@@ -115,3 +154,8 @@ class ToolCallProtocol(Protocol):
         if action.call_ids:
             return [Message("tool", text, tool_call_id=i) for i in action.call_ids]
         return [Message("user", text)]
+
+    def code_result(self, action: Action, output: str, images: list[tuple[int, ImagePart]]) -> list[Message]:
+        text = fill(self.prompts.code_result, output=output)
+        replies = [Message("tool", text, tool_call_id=i) for i in action.call_ids]
+        return [*replies, Message("user", self._image_parts(images))] if images else replies

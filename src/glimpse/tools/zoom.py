@@ -33,9 +33,10 @@ _OBSERVATION = re.compile(r"^observation[_ ]?(\d+)$")
 
 @dataclass(frozen=True)
 class ImageState:
-    """An image the model has: its box in original pixels and the size it was shown at."""
+    """An image the model has: its box in original pixels (``None`` for an image made by code) and the size it
+    was shown at."""
 
-    box: Box
+    box: Box | None
     shown_width: int
     shown_height: int
 
@@ -157,6 +158,12 @@ class ZoomTool:
             return fail("unknown_source", f"there is no image called {source!r}; you can zoom into: {listed}")
         result.source_index = index
         src = images[index]
+        if src.box is None:
+            return fail(
+                "made_source",
+                f"{source} was made by your code, not cut from the original, so it cannot be zoomed into; zoom into "
+                "the original image or a zoom observation, or crop it in code",
+            )
 
         x0, y0, x1, y1 = result.bbox
         hx, hy = self.coords.upper_bounds(src.shown_width, src.shown_height)

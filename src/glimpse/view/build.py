@@ -148,6 +148,20 @@ def _js(variable: str, value: Any) -> str:
     return f"{variable} = {_json(value)};\n"
 
 
+def _made_images(t: Trajectory, folder: Path) -> dict[str, str]:
+    """Copy the images the trajectory's code made into the report; observation index → file."""
+    out = {}
+    for turn in t.turns:
+        for made in turn.made:
+            target = folder / "img" / "made" / f"{made.sha256[:16]}.png"
+            if not target.exists() and Path(made.path).exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(made.path, target)
+            if target.exists():
+                out[str(made.observation_index)] = f"img/made/{target.name}"
+    return out
+
+
 def _row(i: int, t: Trajectory, thumb: str | None) -> dict[str, Any]:
     q = t.sample.meta.get("stem") or t.sample.question
     return {
@@ -224,7 +238,7 @@ def build_report(
             mapping[(t.sample.id, t.sample_index, t.settings.max_turns)] = n
             orig, thumb = files.get(t.image.sha256, (None, None)) if t.image else (None, None)
             record = t.model_dump(mode="json")
-            record["view"] = {"src": f"img/orig/{orig}" if orig else None}
+            record["view"] = {"src": f"img/orig/{orig}" if orig else None, "made": _made_images(t, folder)}
             (folder / "data" / "traj" / f"{n}.js").write_text(
                 f"GLIMPSE.loaded({n}, {_json(record)});\n", encoding="utf-8"
             )

@@ -335,6 +335,15 @@ function turnCard(t, turn, img, regs) {
       h("span", { class: "muted" }, `${fmt(turn.latency_s)} s model · ${fmt(turn.tool_s, 3)} s tool · `
         + `${turn.usage.prompt_tokens} prompt + ${turn.usage.completion_tokens} generated tokens`)));
   if (turn.thought) card.append(h("div", { class: "thought" }, turn.thought));
+  if (kind === "code") {
+    card.append(h("pre", { class: "code" }, turn.code), h("div", { class: "muted" }, "What the model was told:"),
+      h("pre", { class: "code-output" }, turn.code_output));
+    const made = (t.view && t.view.made) || {};
+    if (turn.made.length) card.append(h("div", { class: "figures" }, turn.made.map((m) => h("figure", {},
+      made[m.observation_index] ? h("img", { class: "made", src: made[m.observation_index], alt: "image made by code" })
+        : h("div", { class: "missing" }, "image not in this report"),
+      h("figcaption", {}, `observation ${m.observation_index}, made by the code: ${m.width}×${m.height} px`)))));
+  }
   if (turn.error) card.append(h("div", { class: "error-text" }, `Shown to the model: ${turn.error}`));
   if (kind === "answer") card.append(h("p", {}, h("strong", {}, "Answer: "), turn.answer));
   if (img && turn.source_index !== null && turn.source_index !== undefined && regs[turn.source_index]) {

@@ -1,0 +1,535 @@
+"""Isolated Python sessions for the code tool, shared by inference, evaluation and training.
+
+Each trajectory gets its own session: a Python process that keeps the model's variables and imports between
+calls and is killed when the trajectory ends. The strongest isolation available is used:
+
+``bwrap`` (bubblewrap, the sandbox Flatpak uses; ``apt-get install bubblewrap``):
+
+* new user, PID, network, IPC, UTS and cgroup namespaces: **no network at all** (not even loopback to the
+  host), the parent and every other process invisible and unreachable by signals, an unprivileged uid
+  (65534) with no capabilities;
+* a minimal read-only filesystem: the Python installation and its site-packages (so Pillow and NumPy import),
+  system libraries, and the current images under ``/images``; the only writable places are ``/scratch`` (the
+  working directory) and ``/tmp``, size-limited in-memory file systems that vanish with the session; the home
+  folder, the project, credentials and everything else on the host are absent;
+* an empty environment: API keys and every other variable of the parent are not visible;
+* limits: address space per process (``memory_mb``), CPU seconds per session (``cpu_s``), the size of any one
+  file (``file_mb``), open files, and, where cgroups can be written (as root, or with delegation), the number
+  of processes and threads (``processes``, cgroup ``pids.max``), which stops fork bombs; wall time per call
+  (``wall_s``) is enforced by the parent, which kills the whole session;
+* output: at most ``output_chars`` characters of what the code prints come back, with a marker for the rest.
+
+``process`` (the fallback where bubblewrap cannot run): a separate process with the same resource limits, an
+empty environment and a scratch folder as working directory, but **no file-system or network isolation**. It
+is for trusted code and development only; ``glimpse`` warns when it is used.
+
+Not covered by either: side channels and CPU-cache attacks, kernel exploits, and denial of service through
+the machine's shared disk or memory bandwidth beyond the limits above.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import logging
+import os
+import queue
+import resource
+import select
+import shutil
+import signal
+import site
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+
+from glimpse.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+WORKER = Path(__file__).with_name("sandbox_worker.py")
+NOBODY = 65534
+# Largest answer line accepted from a worker: the text output and up to four PNG images.
+_MAX_REPLY_BYTES = 96 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class SandboxLimits:
+    """Limits of one session (see the module docstring)."""
+
+    wall_s: float = 30.0
+    cpu_s: int = 120
+    memory_mb: int = 2048
+    processes: int = 64
+    file_mb: int = 64
+    scratch_mb: int = 256
+    output_chars: int = 20_000
+    images_per_call: int = 4
+    image_pixels: int = 8_000_000
+
+    def __post_init__(self) -> None:
+        for name in ("wall_s", "cpu_s", "memory_mb", "processes", "file_mb", "scratch_mb", "output_chars"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"sandbox limit {name} must be positive, got {getattr(self, name)}")
+
+
+@dataclass
+class CodeResult:
+    """What one call produced.
+
+    Attributes:
+        stdout: what the code printed (and the value of a final bare expression), truncated.
+        truncated: characters of output cut off.
+        error: the traceback of an exception the code raised, or what stopped the session.
+        images: PNG bytes of the images the code passed to ``show()``.
+        notes: other messages for the model (images dropped, a session restarted).
+        killed: the session was killed (wall time, CPU time, memory, or a broken protocol).
+    """
+
+    stdout: str = ""
+    truncated: int = 0
+    error: str | None = None
+    images: list[bytes] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    killed: bool = False
+
+
+@cache
+def bwrap_available() -> bool:
+    """Whether bubblewrap is installed and can create the namespaces it needs here."""
+    path = shutil.which("bwrap")
+    if path is None:
+        return False
+    probe = [path, "--unshare-all", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "true"]
+    try:
+        return subprocess.run(probe, capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def resolve_isolation(isolation: str) -> str:
+    """``auto`` becomes ``bwrap`` where it works, else ``process`` (with a warning)."""
+    if isolation not in ("auto", "bwrap", "process"):
+        raise ConfigError(f"sandbox isolation must be auto, bwrap or process, got {isolation!r}")
+    if isolation == "bwrap" and not bwrap_available():
+        raise ConfigError(
+            "bubblewrap is not usable here: install it (apt-get install bubblewrap) or choose "
+            "--sandbox process, which does not isolate files or network"
+        )
+    if isolation == "auto":
+        if bwrap_available():
+            return "bwrap"
+        log.warning(
+            "bubblewrap is not available: the code tool runs with resource limits only, without file "
+            "or network isolation (apt-get install bubblewrap)"
+        )
+        return "process"
+    return isolation
+
+
+class _PidsCgroup:
+    """A cgroup that caps the session's processes and threads (v2 or v1 pids controller), if one can be made."""
+
+    def __init__(self, limit: int):
+        self.path: Path | None = None
+        name = f"glimpse-{uuid.uuid4().hex[:12]}"
+        for base in (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/pids")):
+            max_file = "pids.max"
+            if base == Path("/sys/fs/cgroup") and not (base / "cgroup.controllers").exists():
+                continue  # not cgroup v2
+            try:
+                path = base / name
+                path.mkdir()
+                (path / max_file).write_text(str(limit))
+                self.path = path
+                return
+            except OSError:
+                with contextlib.suppress(OSError):
+                    (base / name).rmdir()
+
+    @property
+    def procs(self) -> str | None:
+        return str(self.path / "cgroup.procs") if self.path else None
+
+    def remove(self) -> None:
+        if self.path is not None:
+            for _ in range(50):
+                try:
+                    self.path.rmdir()
+                    return
+                except OSError:
+                    time.sleep(0.05)
+
+
+def _site_packages() -> list[str]:
+    paths = list(dict.fromkeys([*site.getsitepackages(), site.getusersitepackages()]))
+    return [p for p in paths if os.path.isdir(p)]
+
+
+def _bwrap_command(limits: SandboxLimits, image_dir: Path) -> list[str]:
+    cmd = [
+        "bwrap",
+        "--unshare-all",
+        "--die-with-parent",
+        "--new-session",
+        "--cap-drop",
+        "ALL",
+        "--uid",
+        str(NOBODY),
+        "--gid",
+        str(NOBODY),
+    ]
+    for top in ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64"):
+        if os.path.islink(top):
+            cmd += ["--symlink", os.readlink(top), top]
+        elif os.path.isdir(top):
+            cmd += ["--ro-bind", top, top]
+    for etc in ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/localtime"):
+        if os.path.exists(etc):
+            cmd += ["--ro-bind", etc, etc]
+    prefixes = {os.path.realpath(sys.base_prefix), os.path.realpath(sys.prefix)}
+    for path in sorted(prefixes | {os.path.realpath(p) for p in _site_packages()}):
+        if not path.startswith("/usr"):
+            cmd += ["--ro-bind", path, path]
+    size = str(limits.scratch_mb * 1024 * 1024)
+    cmd += [
+        "--ro-bind",
+        str(WORKER),
+        "/sandbox/worker.py",
+        "--ro-bind",
+        str(image_dir),
+        "/images",
+        "--size",
+        size,
+        "--tmpfs",
+        "/scratch",
+        "--size",
+        size,
+        "--tmpfs",
+        "/tmp",
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        "--clearenv",
+        "--setenv",
+        "HOME",
+        "/scratch",
+        "--setenv",
+        "PATH",
+        "/usr/bin:/bin",
+        "--setenv",
+        "LANG",
+        "C.UTF-8",
+        "--setenv",
+        "GLIMPSE_SCRATCH",
+        "/tmp",
+        "--setenv",
+        "MPLCONFIGDIR",
+        "/tmp",
+        "--setenv",
+        "OPENBLAS_NUM_THREADS",
+        "1",
+        "--setenv",
+        "OMP_NUM_THREADS",
+        "1",
+        "--chdir",
+        "/scratch",
+        "--",
+        os.path.realpath(sys.executable),
+        "-I",
+        "-S",
+        "-B",
+        "/sandbox/worker.py",
+        *_site_packages(),
+    ]
+    return cmd
+
+
+class PythonSession:
+    """One isolated, stateful Python process.
+
+    Args:
+        limits: resource limits.
+        isolation: ``auto``, ``bwrap`` or ``process`` (see the module docstring).
+    """
+
+    def __init__(self, limits: SandboxLimits | None = None, isolation: str = "auto"):
+        self.limits = limits or SandboxLimits()
+        self.isolation = resolve_isolation(isolation)
+        self.image_dir = Path(tempfile.mkdtemp(prefix="glimpse-images-"))
+        self._scratch: Path | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._cgroup: _PidsCgroup | None = None
+        self._buffer = b""
+        self._lost = False
+        self.calls = 0
+        self.restarts = 0
+
+    # ------------------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the process (a call starts it on demand too)."""
+        if self._proc is not None and self._proc.poll() is None:
+            return
+        limits = self.limits
+        self._cgroup = _PidsCgroup(limits.processes)
+        procs = self._cgroup.procs
+
+        def preexec() -> None:  # runs in the child before exec: limits that bwrap and its children inherit
+            if procs:
+                with open(procs, "w") as fh:
+                    fh.write(str(os.getpid()))
+            mb = 1024 * 1024
+            resource.setrlimit(resource.RLIMIT_AS, (limits.memory_mb * mb,) * 2)
+            resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_s, limits.cpu_s + 5))
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_mb * mb,) * 2)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+            if not procs and os.getuid() != 0:  # without a cgroup, a non-root user can still cap its processes
+                resource.setrlimit(resource.RLIMIT_NPROC, (limits.processes + _own_processes(),) * 2)
+
+        if self.isolation == "bwrap":
+            cmd, cwd, env = _bwrap_command(limits, self.image_dir), None, {"PATH": "/usr/bin:/bin"}
+        else:
+            self._scratch = Path(tempfile.mkdtemp(prefix="glimpse-scratch-"))
+            cmd = [sys.executable, "-I", "-S", "-B", str(WORKER), *_site_packages()]
+            cwd = str(self._scratch)
+            env = {
+                "PATH": "/usr/bin:/bin",
+                "HOME": cwd,
+                "LANG": "C.UTF-8",
+                "GLIMPSE_SCRATCH": cwd,
+                "OPENBLAS_NUM_THREADS": "1",
+                "OMP_NUM_THREADS": "1",
+                "GLIMPSE_IMAGES": str(self.image_dir),
+            }
+        self._proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            cwd=cwd,
+            env=env,
+            preexec_fn=preexec,
+            start_new_session=True,
+        )
+        self._buffer = b""
+        settings = {
+            "output_chars": limits.output_chars,
+            "images_per_call": limits.images_per_call,
+            "image_pixels": limits.image_pixels,
+        }
+        self._send(json.dumps(settings))
+
+    def run(self, code: str) -> CodeResult:
+        """Run ``code`` in the session, within the limits. Never raises for anything the code does."""
+        notes: list[str] = []
+        if self._proc is not None and self._proc.poll() is not None:
+            self._lost = True
+        if self._lost:
+            self._reset()
+            notes.append(
+                "The previous Python session was ended, so a new one was started: earlier variables "
+                "and imports are gone."
+            )
+        self.start()
+        self.calls += 1
+        call_id = uuid.uuid4().hex
+        deadline = time.monotonic() + self.limits.wall_s
+        try:
+            self._send(json.dumps({"code": code, "id": call_id}))
+            while True:  # answers to other ids (written by the code itself) are skipped
+                line = self._read_line(deadline - time.monotonic())
+                try:
+                    reply = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(reply, dict) and reply.get("id") == call_id:
+                    break
+        except TimeoutError:
+            self._end()
+            return CodeResult(
+                error=f"stopped: the code ran longer than {self.limits.wall_s:g} seconds. The "
+                "session was ended; variables are gone.",
+                notes=notes,
+                killed=True,
+            )
+        except (BrokenPipeError, ConnectionError, EOFError):
+            reason = self._death_reason()
+            self._end()
+            return CodeResult(
+                error=f"stopped: {reason} The session was ended; variables are gone.", notes=notes, killed=True
+            )
+        try:
+            images = [base64.b64decode(s, validate=True) for s in reply.get("images", [])]
+        except (ValueError, TypeError, AttributeError):
+            self._end()
+            return CodeResult(
+                error="stopped: the session sent something that is not an answer (did the code "
+                "write to the tool's own output channel?). It was ended.",
+                notes=notes,
+                killed=True,
+            )
+        if reply.get("images_dropped"):
+            notes.append(
+                f"Only the first {self.limits.images_per_call} images passed to show() are returned; "
+                f"{reply['images_dropped']} more were dropped."
+            )
+        notes += [str(e) for e in reply.get("image_errors", [])][:4]
+        return CodeResult(
+            stdout=str(reply.get("stdout", "")),
+            truncated=int(reply.get("truncated", 0)),
+            error=reply.get("error"),
+            images=images,
+            notes=notes,
+        )
+
+    def kill(self) -> None:
+        """Kill the session's process group (everything it started)."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=10)
+            for stream in (proc.stdin, proc.stdout):
+                if stream is not None:
+                    with contextlib.suppress(OSError):
+                        stream.close()
+        if self._cgroup is not None:
+            self._cgroup.remove()
+            self._cgroup = None
+
+    def close(self) -> None:
+        """End the session and remove its files."""
+        self.kill()
+        shutil.rmtree(self.image_dir, ignore_errors=True)
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+
+    def __enter__(self) -> PythonSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------------------------------------
+    def _end(self) -> None:
+        """Kill a session a call broke; the next call starts a new one and says so."""
+        self.kill()
+        self._lost = True
+
+    def _reset(self) -> None:
+        self.kill()
+        self._lost = False
+        self.restarts += 1
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
+
+    def _send(self, line: str) -> None:
+        assert self._proc is not None and self._proc.stdin is not None
+        self._proc.stdin.write(line.encode("utf-8") + b"\n")
+        self._proc.stdin.flush()
+
+    def _read_line(self, timeout: float) -> bytes:
+        assert self._proc is not None and self._proc.stdout is not None
+        if timeout <= 0:
+            raise TimeoutError
+        deadline = time.monotonic() + timeout
+        fd = self._proc.stdout.fileno()
+        while b"\n" not in self._buffer:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            ready, _, _ = select.select([fd], [], [], left)
+            if not ready:
+                continue
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                raise EOFError
+            self._buffer += chunk
+            if len(self._buffer) > _MAX_REPLY_BYTES:
+                raise EOFError
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line
+
+    def _death_reason(self) -> str:
+        assert self._proc is not None
+        try:
+            code = self._proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            return "the session stopped answering."
+        if code in (-signal.SIGXCPU, 128 + signal.SIGXCPU):
+            return f"the session used up its {self.limits.cpu_s} seconds of CPU time."
+        if code in (-signal.SIGKILL, 137, -signal.SIGSEGV, 139):
+            return f"the session was killed (out of memory: the limit is {self.limits.memory_mb} MB?)."
+        return f"the Python process exited (status {code}); the code may have ended it."
+
+
+def _own_processes() -> int:
+    uid = os.getuid()
+    count = 0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if os.stat(f"/proc/{entry}").st_uid == uid:
+                    count += 1
+    return count
+
+
+class SessionPool:
+    """Keeps ``size`` fresh sessions started in the background, so a trajectory's first call does not wait.
+
+    Sessions are never reused: each one serves one trajectory and is closed after it.
+    """
+
+    def __init__(self, size: int, limits: SandboxLimits | None = None, isolation: str = "auto"):
+        self.size = size
+        self.limits = limits or SandboxLimits()
+        self.isolation = resolve_isolation(isolation)
+        self._ready: queue.Queue[PythonSession] = queue.Queue()
+        self._lock = threading.Lock()
+        self._closed = False
+        for _ in range(size):
+            self._refill()
+
+    def _refill(self) -> None:
+        def start() -> None:
+            session = PythonSession(self.limits, self.isolation)
+            try:
+                session.start()
+            except OSError:
+                session.close()
+                return
+            if self._closed:
+                session.close()
+            else:
+                self._ready.put(session)
+
+        threading.Thread(target=start, daemon=True).start()
+
+    def acquire(self) -> PythonSession:
+        """A started session (from the pool if one is ready, else a new one); the pool starts a replacement."""
+        try:
+            session = self._ready.get_nowait()
+        except queue.Empty:
+            session = PythonSession(self.limits, self.isolation)
+        if self.size:
+            self._refill()
+        return session
+
+    def close(self) -> None:
+        self._closed = True
+        while True:
+            try:
+                self._ready.get_nowait().close()
+            except queue.Empty:
+                return
