@@ -310,3 +310,17 @@ def test_bwrap_missing_is_a_clear_error(monkeypatch):
         sandbox.resolve_isolation("bwrap")
     assert sandbox.resolve_isolation("auto") == "process"
     assert shutil.which("python3") is not None
+
+
+def test_site_packages_under_tmp_stay_visible(tmp_path, monkeypatch):
+    """A virtual environment under /tmp (a fresh clone there) must not be hidden by the sandbox's own /tmp."""
+    require_bwrap()
+    import glimpse.sandbox as sandbox
+
+    packages = tmp_path / "site-packages"
+    packages.mkdir()
+    (packages / "glimpse_probe_module.py").write_text("VALUE = 7\n")
+    real = sandbox._site_packages
+    monkeypatch.setattr(sandbox, "_site_packages", lambda: [*real(), str(packages)])
+    with PythonSession(SandboxLimits(wall_s=10), "bwrap") as s:
+        assert s.run("import glimpse_probe_module; glimpse_probe_module.VALUE").stdout.strip() == "7"

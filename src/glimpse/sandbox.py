@@ -174,18 +174,12 @@ def _site_packages() -> list[str]:
 
 
 def _bwrap_command(limits: SandboxLimits, image_dir: Path) -> list[str]:
-    cmd = [
-        "bwrap",
-        "--unshare-all",
-        "--die-with-parent",
-        "--new-session",
-        "--cap-drop",
-        "ALL",
-        "--uid",
-        str(NOBODY),
-        "--gid",
-        str(NOBODY),
-    ]
+    """The bubblewrap command line. Mounts apply in order: the in-memory ``/scratch`` and ``/tmp`` come first,
+    so binds below them (a virtual environment under ``/tmp``, say) stay visible."""
+    size = str(limits.scratch_mb * 1024 * 1024)
+    cmd = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL"]
+    cmd += ["--uid", str(NOBODY), "--gid", str(NOBODY)]
+    cmd += ["--size", size, "--tmpfs", "/scratch", "--size", size, "--tmpfs", "/tmp"]
     for top in ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64"):
         if os.path.islink(top):
             cmd += ["--symlink", os.readlink(top), top]
@@ -198,59 +192,21 @@ def _bwrap_command(limits: SandboxLimits, image_dir: Path) -> list[str]:
     for path in sorted(prefixes | {os.path.realpath(p) for p in _site_packages()}):
         if not path.startswith("/usr"):
             cmd += ["--ro-bind", path, path]
-    size = str(limits.scratch_mb * 1024 * 1024)
-    cmd += [
-        "--ro-bind",
-        str(WORKER),
-        "/sandbox/worker.py",
-        "--ro-bind",
-        str(image_dir),
-        "/images",
-        "--size",
-        size,
-        "--tmpfs",
-        "/scratch",
-        "--size",
-        size,
-        "--tmpfs",
-        "/tmp",
-        "--proc",
-        "/proc",
-        "--dev",
-        "/dev",
-        "--clearenv",
-        "--setenv",
-        "HOME",
-        "/scratch",
-        "--setenv",
-        "PATH",
-        "/usr/bin:/bin",
-        "--setenv",
-        "LANG",
-        "C.UTF-8",
-        "--setenv",
-        "GLIMPSE_SCRATCH",
-        "/tmp",
-        "--setenv",
-        "MPLCONFIGDIR",
-        "/tmp",
-        "--setenv",
-        "OPENBLAS_NUM_THREADS",
-        "1",
-        "--setenv",
-        "OMP_NUM_THREADS",
-        "1",
-        "--chdir",
-        "/scratch",
-        "--",
-        os.path.realpath(sys.executable),
-        "-I",
-        "-S",
-        "-B",
-        "/sandbox/worker.py",
-        *_site_packages(),
-    ]
-    return cmd
+    cmd += ["--ro-bind", str(WORKER), "/sandbox/worker.py", "--ro-bind", str(image_dir), "/images"]
+    cmd += ["--proc", "/proc", "--dev", "/dev", "--clearenv"]
+    env = {
+        "HOME": "/scratch",
+        "PATH": "/usr/bin:/bin",
+        "LANG": "C.UTF-8",
+        "GLIMPSE_SCRATCH": "/tmp",
+        "MPLCONFIGDIR": "/tmp",
+        "OPENBLAS_NUM_THREADS": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    for key, value in env.items():
+        cmd += ["--setenv", key, value]
+    cmd += ["--chdir", "/scratch", "--", os.path.realpath(sys.executable), "-I", "-S", "-B", "/sandbox/worker.py"]
+    return cmd + _site_packages()
 
 
 class PythonSession:
