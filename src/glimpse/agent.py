@@ -324,7 +324,11 @@ class AgentLoop:
                 latency_s=round(latency, 4),
             )
             traj.turns.append(turn)
-            ep.messages.append(self.protocol.assistant_message(action, completion))
+            reply = self.protocol.assistant_message(action, completion)
+            if reply.tool_calls:
+                turn.tool_calls = [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in reply.tool_calls]
+            ep.messages.append(reply)
+            injected_from = len(ep.messages)
             self._record_tokens(ep, completion)
 
             # 4. Stop on an answer, on nothing, or at the turn cap.
@@ -345,6 +349,7 @@ class AgentLoop:
             else:
                 await self._zoom(ep, action, turn)
 
+            turn.injected = _chat_form(ep.messages[injected_from:], ep.part_index)
             if on_turn is not None:
                 on_turn(traj, turn)
         return traj
@@ -460,6 +465,7 @@ class AgentLoop:
             backend=backend or self.backend,
         )
         ep.part_index[id(shown)] = 0
+        traj.prompt = _chat_form(ep.messages, ep.part_index)
         return ep
 
     def _failed(self, sample: Sample, i: int, error: str, t0: float) -> Trajectory:
@@ -603,6 +609,26 @@ class AgentLoop:
             view.mask.extend([0] * len(delta))
         view.ids.extend(completion.token_ids)
         view.mask.extend([1] * len(completion.token_ids))
+
+
+def _chat_form(messages: list[Message], part_index: dict[int, int]) -> list[dict[str, Any]]:
+    """Messages as the record keeps them: text parts, and images by observation index."""
+    out = []
+    for m in messages:
+        item: dict[str, Any] = {"role": m.role}
+        if isinstance(m.content, str):
+            item["content"] = m.content
+        else:
+            item["content"] = [
+                {"type": "text", "text": p.text}
+                if isinstance(p, TextPart)
+                else {"type": "image", "index": part_index[id(p)]}
+                for p in m.content
+            ]
+        if m.tool_call_id is not None:
+            item["tool_call_id"] = m.tool_call_id
+        out.append(item)
+    return out
 
 
 def _written_call(call: dict[str, Any] | None) -> ZoomCall | None:

@@ -116,6 +116,10 @@ class Turn(BaseModel):
         error_kind: a short category of the error, counted in metrics.
         tool_attempt: the model tried to call the tool (a zoom, or a malformed call); decides ``over_turn``.
         tool_call_id: the id of the native function call, for the ``tools`` protocol.
+        tool_calls: the reply's native function calls as sent back to the model (``id``, ``name``,
+            ``arguments``), for the ``tools`` protocol.
+        injected: the messages the harness added after this reply (observation, error or code result), in
+            chat form; an image is ``{"type": "image", "index": N}`` (N = observation_N).
         finish_reason: why generation stopped (``stop``, ``length`` …).
         usage: tokens of this turn's request.
         latency_s: seconds waiting for the model.
@@ -139,6 +143,8 @@ class Turn(BaseModel):
     error_kind: str | None = None
     tool_attempt: bool = False
     tool_call_id: str | None = None
+    tool_calls: list[dict[str, str]] | None = None
+    injected: list[dict[str, Any]] = Field(default_factory=list)
     finish_reason: str | None = None
     usage: Usage = Field(default_factory=Usage)
     latency_s: float = 0.0
@@ -244,6 +250,9 @@ class Trajectory(BaseModel):
         wall_s: seconds from start to stop.
         token_view: flat token ids and mask, when the backend returned token ids.
         score: the evaluation's verdict on the answer, once scored.
+        prompt: the first messages (system prompt, image and question) in chat form, images as
+            ``{"type": "image", "index": 0}``; with each turn's reply and ``injected`` messages it rebuilds
+            the whole conversation (``conversation``).
     """
 
     schema_version: int = SCHEMA_VERSION
@@ -262,6 +271,7 @@ class Trajectory(BaseModel):
     wall_s: float = 0.0
     token_view: TokenView | None = None
     score: Score | None = None
+    prompt: list[dict[str, Any]] = Field(default_factory=list)
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -323,6 +333,22 @@ class Trajectory(BaseModel):
                     )
                 )
         return out
+
+
+def conversation(trajectory: Trajectory) -> list[dict[str, Any]]:
+    """The whole conversation in chat form: the prompt, then each reply and the messages injected after it.
+
+    Text is as the model read and wrote it; images are ``{"type": "image", "index": N}`` (see
+    ``render_image`` for their pixels). Images dropped from the context by ``keep_images`` are included.
+    """
+    out = [dict(m) for m in trajectory.prompt]
+    for turn in trajectory.turns:
+        reply: dict[str, Any] = {"role": "assistant", "content": turn.text}
+        if turn.tool_calls:
+            reply["tool_calls"] = [dict(c) for c in turn.tool_calls]
+        out.append(reply)
+        out.extend(dict(m) for m in turn.injected)
+    return out
 
 
 def render_image(

@@ -143,7 +143,7 @@ def load_minio3(path: str | Path, name: str | None = None) -> Dataset:
             meta["level"] = level
         if row.get("kind"):
             meta["category"] = row["kind"]
-        for extra in ("choices", "synonyms", "candidate_boxes", "seed", "size", "shown_cap_px"):
+        for extra in ("choices", "synonyms", "candidate_boxes", "candidates", "seed", "size", "shown_cap_px"):
             if row.get(extra) is not None:
                 meta[extra] = row[extra]
         boxes = [_int_box(b) for b in row["boxes"]] if row.get("boxes") else None
@@ -427,11 +427,11 @@ def load_mme_realworld(root: str | Path, lite: bool = False) -> Dataset:
 # ----------------------------------------------------------------------------------------------------- probes
 def load_probes(level: str, n: int = 100, seed: int = 0) -> Dataset:
     """``n`` generated probes of a level, generated once into ``$GLIMPSE_HOME/probes/``."""
-    from glimpse.bench.synth import LEVELS, write_probes
+    from glimpse.bench.synth import GENERATOR_VERSION, LEVELS, write_probes
 
     if level not in LEVELS:
         raise ConfigError(f"unknown probe level {level!r}; choose one of {', '.join(LEVELS)}")
-    folder = glimpse_home() / "probes" / f"{level}-s{seed}-n{n}"
+    folder = glimpse_home() / "probes" / f"{level}-s{seed}-n{n}-v{GENERATOR_VERSION}"
     path = folder / "val.json"
     if not path.exists():
         write_probes(folder, level, n, seed=seed)

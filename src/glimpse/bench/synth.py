@@ -65,6 +65,8 @@ MIN_CAP_PX = 7
 _CAP_RATIO = 0.72
 _MIN_FONT_PX = 10
 
+# Bumped whenever the generator's output changes, so cached probes are never stale.
+GENERATOR_VERSION = 2
 KINDS = ("read_code", "marker_color", "marker_shape", "which_marked", "count", "relative_position")
 CODE_ALPHABET = "ACEFHJKLMNPRTUVWXY34679"  # no look-alike pairs such as O/0, I/1, S/5, B/8
 MARKER_COLORS = {
@@ -435,6 +437,7 @@ def make_probe(
         "doc_id": doc_id,
         "boxes": [list(s.box) for s in targets],
         "candidate_boxes": [list(s.box) for s in candidates],
+        "candidates": [_describe(s, s in targets) for s in candidates],
         "kind": kind,
         "level": level,
         "seed": seed,
@@ -447,6 +450,20 @@ def make_probe(
         "zoomed_cap_px": round(cap * zoomed_scale, 2),
     }
     return Probe(image=image, record=record)
+
+
+def _describe(sign: _Sign, target: bool) -> dict[str, Any]:
+    """What a candidate shows when zoomed into (used to write truthful cold-start reasoning)."""
+    return {
+        "box": list(sign.box),
+        "border": sign.border,
+        "code": sign.code,
+        "marker": list(sign.marker) if sign.marker else None,
+        "dots": sign.dots or None,
+        "corner": sign.corner,
+        "red_dot": sign.red_dot,
+        "target": target,
+    }
 
 
 def _write_one(args: tuple[str, int, int, str, str | None, int]) -> dict[str, Any]:

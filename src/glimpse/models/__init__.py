@@ -24,6 +24,7 @@ BACKENDS: dict[str, tuple[str, str]] = {
     # name: (module, what the part after the colon is)
     "openai": ("glimpse.models.openai_compat", "the model name the server knows, e.g. openai:gpt-4.1"),
     "scripted": ("glimpse.models.scripted", "a JSON file of assistant turns, e.g. scripted:turns.json"),
+    "hf": ("glimpse.models.hf", "a local Qwen-VL checkpoint folder, e.g. hf:/models/Qwen2.5-VL-7B-Instruct"),
 }
 
 
@@ -44,7 +45,12 @@ def load_backend(spec: str, **options: Any) -> Backend:
     module_name, what = BACKENDS[name]
     if not sep or not arg:
         raise ConfigError(f"model {spec!r} needs an argument after '{name}:': {what}")
-    module = importlib.import_module(module_name)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(
+            f"the {name} backend needs packages that are not installed ({exc.name}): pip install 'glimpse[hf]'"
+        ) from None
     return module.create(arg, **options)
 
 
