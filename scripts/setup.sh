@@ -29,6 +29,13 @@ spec="."
 [ -n "$extras" ] && spec=".[${extras}]"
 stamp=".venv/.glimpse-installed-${extras:-runtime}"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  # The hf extra needs torch. Install the pinned build first unless one is already there, so pip does not
+  # pick another (on a CPU-only machine: a CPU build from your index; on a GPU machine install yours first).
+  case ",$extras," in
+    *,dev,*|*,hf,*)
+      .venv/bin/python -c 'import torch' 2>/dev/null || .venv/bin/python -m pip install --quiet "torch==2.13.0"
+      ;;
+  esac
   .venv/bin/python -m pip install --quiet --editable "$spec"
   touch "$stamp"
 fi

@@ -116,3 +116,11 @@ def app_server(app) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen(tmp_path_factory) -> Path:
+    """A tiny random Qwen2.5-VL checkpoint (the layout of a real one), built once per session."""
+    from glimpse.hf.tiny import build_tiny_qwen
+
+    return build_tiny_qwen(tmp_path_factory.mktemp("tiny-qwen") / "Qwen2.5-VL-tiny")

@@ -35,13 +35,13 @@ from glimpse.geometry import Box, Coords
 from glimpse.images import (
     MAX_PIXELS,
     MIN_PIXELS,
-    RESIZE_FACTOR,
     ImageCache,
     Original,
     PixelLimits,
     fit,
     image_tokens,
 )
+from glimpse.models import native_settings
 from glimpse.models.base import Backend, Completion, GenerateParams, ImagePart, Message, TextPart
 from glimpse.protocol import Protocol, make_protocol
 from glimpse.protocol.base import Action
@@ -100,7 +100,8 @@ class AgentLoop:
     Args:
         backend: the model.
         protocol: ``tags`` (Mini-o3's tags), ``tools`` (native function calling), or a ``Protocol``.
-        coords: box convention: ``relative`` [0, 1], ``pixels`` of the shown image, or ``thousand`` (0–1000).
+        coords: box convention: ``relative`` [0, 1], ``pixels`` of the shown image, or ``thousand`` (0–1000);
+            ``None``: the backend's native one (``default_coords``), else ``relative``.
         prompt_file: YAML/TOML/text file replacing the default prompts (see ``glimpse.protocol.prompts``).
         max_turns: most assistant turns.
         max_images: most images in the conversation, the original included (``None``: no cap but turns).
@@ -108,7 +109,8 @@ class AgentLoop:
         max_context_tokens: the model's context window; the loop stops before overflowing it.
         min_pixels: smallest area an image is shown at.
         max_pixels: largest area an image is shown at.
-        resize_factor: sides are multiples of this (28 for Qwen2/2.5-VL, 32 for Qwen3-VL).
+        resize_factor: sides are multiples of this (28 for Qwen2/2.5-VL, 32 for Qwen3-VL); ``None``: the
+            backend's own, else 28.
         min_box_side: smallest zoom side, in original pixels.
         max_aspect_ratio: most elongated zoom accepted.
         keep_images: keep only the last K observation images in the context, replacing older ones with a
@@ -129,7 +131,7 @@ class AgentLoop:
         backend: Backend,
         *,
         protocol: str | Protocol = "tags",
-        coords: str = "relative",
+        coords: str | None = None,
         prompt_file: str | None = None,
         max_turns: int = 12,
         max_images: int | None = None,
@@ -137,7 +139,7 @@ class AgentLoop:
         max_context_tokens: int = 32768,
         min_pixels: int = MIN_PIXELS,
         max_pixels: int = MAX_PIXELS,
-        resize_factor: int = RESIZE_FACTOR,
+        resize_factor: int | None = None,
         min_box_side: int = MIN_BOX_SIDE,
         max_aspect_ratio: float = ZOOM_MAX_ASPECT_RATIO,
         keep_images: int | None = None,
@@ -157,6 +159,9 @@ class AgentLoop:
         if keep_images is not None and keep_images < 1:
             raise ConfigError(f"keep_images must be at least 1 or unset (keep all), got {keep_images}")
         self.backend = backend
+        native_coords, native_factor = native_settings(backend)
+        coords = coords or native_coords
+        resize_factor = resize_factor or native_factor
         self.protocol = (
             protocol if isinstance(protocol, Protocol) else make_protocol(protocol, coords, prompt_file, code)
         )

@@ -45,8 +45,8 @@ def backend_from_config(config: AskConfig) -> Backend:
     """
     if not config.model:
         raise ConfigError(
-            "choose a model with --model: openai:NAME for any OpenAI-compatible server (vLLM, SGLang, OpenAI) "
-            "or scripted:FILE.json to replay written turns"
+            "choose a model with --model: openai:NAME for any OpenAI-compatible server (vLLM, SGLang, OpenAI), "
+            "hf:FOLDER for a local Qwen-VL checkpoint, or scripted:FILE.json to replay written turns"
         )
     return load_backend(
         config.model,
@@ -57,6 +57,8 @@ def backend_from_config(config: AskConfig) -> Backend:
         max_retries=config.max_retries,
         image_format=config.image_format,
         reasoning_effort=config.reasoning_effort,
+        device=config.device,
+        dtype=config.dtype,
     )
 
 

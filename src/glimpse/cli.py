@@ -17,7 +17,17 @@ from typing import Annotated, Any
 
 import typer
 
-from glimpse.config import AskConfig, EvalConfig, ServeConfig, SynthConfig, ViewConfig, field_type, resolve
+from glimpse.config import (
+    AskConfig,
+    ColdStartConfig,
+    EvalConfig,
+    ServeConfig,
+    SFTConfig,
+    SynthConfig,
+    ViewConfig,
+    field_type,
+    resolve,
+)
 from glimpse.errors import ConfigError, GlimpseError
 
 EXIT_OK, EXIT_NO_ANSWER, EXIT_USAGE, EXIT_INPUT, EXIT_BACKEND, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
@@ -80,8 +90,16 @@ def _flag_parameters(cls: type) -> list[inspect.Parameter]:
     return params
 
 
-def config_command(name: str, cls: type, *, positionals: list[inspect.Parameter] | None = None, help: str = ""):
-    """Register ``fn(config, *positionals)`` as a command whose flags are the fields of ``cls``."""
+def config_command(
+    name: str,
+    cls: type,
+    *,
+    positionals: list[inspect.Parameter] | None = None,
+    help: str = "",
+    parent: typer.Typer | None = None,
+):
+    """Register ``fn(config, *positionals)`` as a command (of ``parent``, default the top level) whose flags are
+    the fields of ``cls``."""
 
     def decorate(fn: Callable[..., int]) -> Callable[..., int]:
         leading = positionals or []
@@ -104,7 +122,7 @@ def config_command(name: str, cls: type, *, positionals: list[inspect.Parameter]
 
         command.__signature__ = inspect.Signature([*leading, *_flag_parameters(cls), config_flag])  # type: ignore[attr-defined]
         command.__doc__ = help or fn.__doc__
-        app.command(name, help=help or fn.__doc__)(command)
+        (parent or app).command(name, help=help or fn.__doc__)(command)
         return fn
 
     return decorate
@@ -190,6 +208,47 @@ def serve_command(cfg: ServeConfig) -> int:
     from glimpse.console import run_serve
 
     return run_serve(cfg)
+
+
+@config_command(
+    "coldstart",
+    ColdStartConfig,
+    help="Make cold-start SFT data: multi-turn searches of probes (programmatic teacher, or any model prompted "
+    "with Glimpse's exemplars), keep the correct ones, export them for LLaMA-Factory, TRL and verl.",
+)
+def coldstart_command(cfg: ColdStartConfig) -> int:
+    from glimpse.train.console import run_coldstart
+
+    return run_coldstart(cfg)
+
+
+@app.command("export")
+def export_command(
+    data: Annotated[str, typer.Argument(help="trajectories.jsonl, or a folder holding one")],
+    out: Annotated[str | None, typer.Option(help="output folder (default: the data's folder)")] = None,
+    formats: Annotated[str, typer.Option(help="comma-separated: llamafactory, trl, verl")] = "llamafactory,trl,verl",
+) -> None:
+    """Export trajectories as training data: LLaMA-Factory ShareGPT JSON, TRL messages JSONL, verl parquet."""
+    from glimpse.train.console import run_export
+
+    raise typer.Exit(run_export(data, out, formats))
+
+
+train_app = typer.Typer(help="Train a checkpoint: sft (supervised, on trajectories).", no_args_is_help=True)
+app.add_typer(train_app, name="train")
+
+
+@config_command(
+    "sft",
+    SFTConfig,
+    parent=train_app,
+    help="Fine-tune a Qwen-VL checkpoint on trajectories, loss on the model's own turns only (full or LoRA); "
+    "resumable; the result loads as hf:OUT/model.",
+)
+def sft_command(cfg: SFTConfig) -> int:
+    from glimpse.train.console import run_sft
+
+    return run_sft(cfg)
 
 
 def main() -> None:

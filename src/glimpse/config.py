@@ -27,11 +27,26 @@ def opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None, secr
     return field(default=default, metadata={"help": help, "choices": choices, "secret": secret})
 
 
+COORDS_HELP = (
+    "box coordinates: relative [0,1], pixels of the shown image, or 0-1000 "
+    "(default: an hf model's native one: pixels for Qwen2.5-VL, thousand for Qwen2-VL, relative for Qwen3-VL; "
+    "else relative)"
+)
+FACTOR_HELP = "image sides are multiples of this (default: an hf model's own, 28 for Qwen2/2.5-VL, 32 for Qwen3-VL)"
+DEVICE_HELP = "hf backend: cpu, cuda, cuda:N or auto"
+DTYPE_HELP = "hf backend: float32, bfloat16, float16, or auto (bfloat16 on CUDA, float32 on CPU)"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
 @dataclass
 class AskConfig:
     """Settings of ``glimpse ask`` (and of ``glimpse.ask`` in Python)."""
 
-    model: str | None = opt(None, "model backend: openai:NAME (any OpenAI-compatible server) or scripted:FILE.json")
+    model: str | None = opt(
+        None,
+        "model backend: openai:NAME (any OpenAI-compatible server), hf:FOLDER (a local Qwen-VL checkpoint) "
+        "or scripted:FILE.json",
+    )
     base_url: str | None = opt(
         None, "OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (else $GLIMPSE_BASE_URL, $OPENAI_BASE_URL)"
     )
@@ -39,9 +54,9 @@ class AskConfig:
     protocol: str = opt(
         "tags", "tags: Mini-o3's <grounding> tags; tools: native function calling", choices=("tags", "tools")
     )
-    coords: str = opt(
-        "relative",
-        "box coordinates: relative [0,1], pixels of the shown image, or 0-1000",
+    coords: str | None = opt(
+        None,
+        COORDS_HELP,
         choices=("relative", "pixels", "thousand"),
     )
     prompt_file: str | None = opt(None, "YAML/TOML/text file with the prompts a checkpoint was trained with")
@@ -54,7 +69,7 @@ class AskConfig:
     max_images: int | None = opt(None, "most images in the conversation, the original included (default: no cap)")
     min_pixels: int = opt(40_000, "smallest area an image is shown at (Mini-o3 recipe: 40,000)")
     max_pixels: int = opt(2_000_000, "largest area an image is shown at (Mini-o3 recipe: 2,000,000)")
-    resize_factor: int = opt(28, "image sides are multiples of this: 28 for Qwen2/2.5-VL, 32 for Qwen3-VL")
+    resize_factor: int | None = opt(None, FACTOR_HELP)
     keep_images: int | None = opt(None, "keep only the last K zoom images in the context (default: all)")
     code: bool = opt(False, "offer the Python code tool (a sandboxed session per trajectory)")
     sandbox: str = opt(
@@ -76,6 +91,8 @@ class AskConfig:
     timeout: float = opt(600.0, "seconds to wait for one reply")
     max_retries: int = opt(6, "retries of a failed request (429, 5xx, timeouts, dropped connections)")
     image_format: str = opt("jpeg", "how images are sent: jpeg (quality 95) or png", choices=("jpeg", "png"))
+    device: str = opt("cpu", DEVICE_HELP)
+    dtype: str = opt("auto", DTYPE_HELP, choices=DTYPES)
     save: str | None = opt(None, "append the trajectories to this JSONL file")
     json: bool = opt(False, "print the trajectories as JSON lines on stdout instead of the live view")
     quiet: bool = opt(False, "print only the answer")
@@ -90,7 +107,9 @@ class EvalConfig:
         "dataset spec: probes:hard[:N[:SEED]], visualprobe:hard:BASE, vstar:DIR, hrbench:FILE.tsv, "
         "mme-realworld[-lite]:DIR, treebench:FILE.tsv, minio3:FILE.json",
     )
-    model: str | None = opt(None, "backend (openai:NAME, scripted:FILE) or a reference policy: oracle, direct")
+    model: str | None = opt(
+        None, "backend (openai:NAME, hf:FOLDER, scripted:FILE) or a reference policy: oracle, direct"
+    )
     out: str | None = opt(None, "run folder; the same folder resumes a run (default: runs/<data>--<model>)")
     fresh: bool = opt(False, "delete the run folder's earlier results instead of resuming")
     k: int = opt(1, "repeats per question (Avg@k, pass@k, majority@k); each has its own option order and seed")
@@ -112,8 +131,10 @@ class EvalConfig:
     base_url: str | None = opt(None, "endpoint(s); several comma-separated URLs are load-balanced client-side")
     api_key: str | None = opt(None, "API key (else $GLIMPSE_API_KEY, $OPENAI_API_KEY); never saved", secret=True)
     protocol: str = opt("tags", "tags or tools (native function calling)", choices=("tags", "tools"))
-    coords: str = opt(
-        "relative", "box coordinates: relative, pixels, thousand", choices=("relative", "pixels", "thousand")
+    coords: str | None = opt(
+        None,
+        COORDS_HELP,
+        choices=("relative", "pixels", "thousand"),
     )
     prompt_file: str | None = opt(None, "YAML/TOML/text file with the prompts a checkpoint was trained with")
     max_new_tokens: int = opt(4096, "most tokens per reply")
@@ -121,7 +142,7 @@ class EvalConfig:
     max_images: int | None = opt(None, "most images in a conversation, the original included")
     min_pixels: int = opt(40_000, "smallest area an image is shown at")
     max_pixels: int = opt(2_000_000, "largest area an image is shown at")
-    resize_factor: int = opt(28, "image sides are multiples of this (28 Qwen2/2.5-VL, 32 Qwen3-VL)")
+    resize_factor: int | None = opt(None, FACTOR_HELP)
     keep_images: int | None = opt(None, "keep only the last K zoom images in the context")
     code: bool = opt(False, "offer the Python code tool (a sandboxed session per trajectory)")
     sandbox: str = opt(
@@ -135,6 +156,9 @@ class EvalConfig:
     timeout: float = opt(600.0, "seconds to wait for one reply")
     max_retries: int = opt(6, "retries of a failed request")
     image_format: str = opt("jpeg", "how images are sent: jpeg or png", choices=("jpeg", "png"))
+    device: str = opt("cpu", DEVICE_HELP)
+    dtype: str = opt("auto", DTYPE_HELP, choices=DTYPES)
+    max_batch: int = opt(8, "hf backend: most requests generated together")
     judge: str | None = opt(None, "LLM judge for open answers the rules cannot decide, e.g. openai:gpt-4o-mini")
     judge_base_url: str | None = opt(None, "the judge's endpoint (default: the same as --base-url's environment)")
     faithfulness: float = opt(0.5, "share of a target box a zoom must cover for the answer to count as found there")
@@ -174,7 +198,7 @@ class ViewConfig:
 class ServeConfig:
     """Settings of ``glimpse serve``."""
 
-    model: str | None = opt(None, "backend to serve, e.g. scripted:FILE.json")
+    model: str | None = opt(None, "backend to serve: hf:FOLDER (a local Qwen-VL checkpoint) or scripted:FILE.json")
     host: str = opt("127.0.0.1", "interface to listen on (loopback by default)")
     port: int = opt(8000, "port to listen on")
     name: str | None = opt(None, "model name reported by the server (default: the backend's name)")
@@ -185,6 +209,75 @@ class ServeConfig:
     max_images: int = opt(64, "most images in one request")
     max_n: int = opt(64, "largest n (samples per request)")
     max_new_tokens: int = opt(32768, "largest max_completion_tokens accepted")
+    device: str = opt("cpu", DEVICE_HELP)
+    dtype: str = opt("auto", DTYPE_HELP, choices=DTYPES)
+    max_batch: int = opt(8, "hf backend: most requests generated together")
+
+
+@dataclass
+class ColdStartConfig:
+    """Settings of ``glimpse coldstart``."""
+
+    method: str = opt(
+        "programmatic",
+        "programmatic: a teacher that knows each probe writes the searches; fewshot: a model prompted with "
+        "Glimpse's exemplars generates them, and only correct ones are kept",
+        choices=("programmatic", "fewshot"),
+    )
+    data: str = opt("probes:hard:200", "questions: probes:LEVEL[:N[:SEED]] (programmatic needs probes), or any --data")
+    out: str = opt("coldstart", "output folder: trajectories.jsonl, stats.json, and the exports")
+    seed: int = opt(0, "seed of the teacher's choices (programmatic) or of sampling (fewshot)")
+    export: str = opt("llamafactory,trl,verl", "formats written after generation (comma-separated; 'none' for none)")
+    protocol: str = opt("tags", "tags or tools (native function calling)", choices=("tags", "tools"))
+    coords: str | None = opt(None, COORDS_HELP, choices=("relative", "pixels", "thousand"))
+    max_turns: int = opt(16, "most turns of one trajectory")
+    min_pixels: int = opt(40_000, "smallest area an image is shown at")
+    max_pixels: int = opt(2_000_000, "largest area an image is shown at")
+    resize_factor: int | None = opt(None, FACTOR_HELP)
+    concurrency: int = opt(8, "trajectories generated at once")
+    model: str | None = opt(None, "fewshot: the generator, openai:NAME, hf:FOLDER or scripted:FILE")
+    base_url: str | None = opt(None, "fewshot: the generator's endpoint(s)")
+    api_key: str | None = opt(None, "fewshot: API key (else $GLIMPSE_API_KEY, $OPENAI_API_KEY)", secret=True)
+    exemplars: str | None = opt(None, "fewshot: a YAML file of exemplars (default: Glimpse's own)")
+    attempts: int = opt(1, "fewshot: tries per question")
+    max_new_tokens: int = opt(2048, "fewshot: most tokens per reply")
+    temperature: float | None = opt(1.0, "fewshot: sampling temperature")
+    device: str = opt("cpu", DEVICE_HELP)
+    dtype: str = opt("auto", DTYPE_HELP, choices=DTYPES)
+
+
+@dataclass
+class SFTConfig:
+    """Settings of ``glimpse train sft``."""
+
+    model: str | None = opt(None, "checkpoint to train: a folder (or Hub id) of Qwen2-VL, Qwen2.5-VL or Qwen3-VL")
+    data: str | None = opt(None, "trajectories.jsonl, or a glimpse coldstart folder")
+    out: str = opt("sft", "output folder: config, log, checkpoints, and the trained model in OUT/model")
+    fresh: bool = opt(False, "delete OUT first instead of resuming from its newest checkpoint")
+    image_root: str | None = opt(None, "folder relative image paths in the trajectories are resolved against")
+    lora: bool = opt(False, "train LoRA adapters (peft) on the language model instead of all its weights")
+    lora_r: int = opt(16, "LoRA rank")
+    lora_alpha: int = opt(32, "LoRA alpha")
+    lora_dropout: float = opt(0.05, "LoRA dropout")
+    freeze_vision: bool = opt(True, "keep the vision tower frozen (Mini-o3 recipe)")
+    freeze_projector: bool = opt(True, "keep the vision-language projector (merger) frozen (Mini-o3 recipe)")
+    lr: float = opt(1e-5, "peak learning rate (Mini-o3: 1e-5 full fine-tuning; LoRA usually 1e-4)")
+    epochs: int = opt(3, "passes over the data")
+    max_steps: int | None = opt(None, "stop after this many optimizer steps (overrides --epochs)")
+    batch_size: int = opt(1, "trajectories per forward pass")
+    grad_accum: int = opt(4, "forward passes per optimizer step")
+    schedule: str = opt("cosine", "learning-rate decay after warm-up", choices=("cosine", "linear", "constant"))
+    warmup_ratio: float = opt(0.1, "share of the steps spent warming up")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    max_grad_norm: float = opt(1.0, "gradient clipping")
+    max_length: int = opt(32768, "longest conversation in tokens; longer ones are skipped, never cut")
+    gradient_checkpointing: bool = opt(False, "trade compute for memory")
+    seed: int = opt(0, "seed of the data order and initialisation of adapters")
+    device: str = opt("auto", "cpu, cuda, cuda:N, or auto (CUDA when available)")
+    dtype: str = opt("auto", DTYPE_HELP, choices=DTYPES)
+    save_every: int = opt(500, "save a resumable checkpoint every N steps (0: only the final model)")
+    keep_checkpoints: int = opt(2, "checkpoints kept (older ones are deleted)")
+    log_every: int = opt(10, "print a progress line every N steps")
 
 
 def field_type(cls: type, name: str) -> tuple[type, bool]:

@@ -159,8 +159,8 @@ def run_serve(cfg: ServeConfig) -> int:
     if not cfg.model:
         from glimpse.errors import ConfigError
 
-        raise ConfigError("choose a backend to serve with --model, e.g. scripted:FILE.json")
-    backend = load_backend(cfg.model, record=0)
+        raise ConfigError("choose a backend to serve with --model, e.g. hf:FOLDER or scripted:FILE.json")
+    backend = load_backend(cfg.model, record=0, device=cfg.device, dtype=cfg.dtype, max_batch=cfg.max_batch)
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     if cfg.host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]warning:[/] listening on {cfg.host}, not loopback: anyone who can reach it can use it")

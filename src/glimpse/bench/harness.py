@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -42,7 +43,7 @@ from glimpse.bench.scoring import score
 from glimpse.config import EvalConfig, public_dict
 from glimpse.errors import ConfigError, GlimpseError
 from glimpse.images import ImageCache, PixelLimits
-from glimpse.models import Backend, load_backend
+from glimpse.models import Backend, load_backend, native_settings
 from glimpse.trajectory import Sample, Score, Trajectory
 
 RESULTS, CONFIG, SUMMARY, TABLE, SWEEP_CSV, SWEEP_PNG = (
@@ -232,6 +233,9 @@ def _backend(cfg: EvalConfig) -> Backend | None:
         timeout=cfg.timeout,
         max_retries=cfg.max_retries,
         image_format=cfg.image_format,
+        device=cfg.device,
+        dtype=cfg.dtype,
+        max_batch=cfg.max_batch,
     )
 
 
@@ -306,6 +310,8 @@ async def run_eval(
     caps = parse_caps(cfg.max_turns)
     owned = backend is None
     backend = _backend(cfg) if owned else backend
+    coords, factor = native_settings(backend)
+    cfg = dataclasses.replace(cfg, coords=cfg.coords or coords, resize_factor=cfg.resize_factor or factor)
     dataset = load_dataset(cfg.data)
     samples = dataset.samples[: cfg.limit] if cfg.limit is not None else dataset.samples
     out = Path(cfg.out) if cfg.out else default_out(cfg)

@@ -165,77 +165,145 @@ def build_tokenizer(vocab_size: int = 4000, seed: int = 0) -> Any:
     )
 
 
+FAMILY_NAMES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl")
+
+
 def build_tiny_qwen(
     out_dir: str | os.PathLike[str],
     *,
+    family: str = "qwen2_5_vl",
     size: str = "tiny",
     vocab_size: int = 4000,
     seed: int = 0,
     min_pixels: int = 40_000,
     max_pixels: int = 2_000_000,
 ) -> Path:
-    """Write a random Qwen2.5-VL checkpoint (the layout of a real one) to ``out_dir`` and return it."""
+    """Write a random Qwen2.5-VL, Qwen2-VL or Qwen3-VL checkpoint (a real one's layout) to ``out_dir``.
+
+    Raises:
+        ValueError: an unknown family or size.
+    """
     import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+    if family not in FAMILY_NAMES:
+        raise ValueError(f"family must be one of {', '.join(FAMILY_NAMES)}, got {family!r}")
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {', '.join(SIZES)}, got {size!r}")
     spec = SIZES[size]
     tokenizer = build_tokenizer(vocab_size, seed)
+    qwen3 = family == "qwen3_vl"
+    patch = 16 if qwen3 else 14
     image_processor = Qwen2VLImageProcessorPil(
         min_pixels=min_pixels,
         max_pixels=max_pixels,
-        patch_size=14,
+        patch_size=patch,
         temporal_patch_size=2,
         merge_size=2,
-        image_mean=[0.48145466, 0.4578275, 0.40821073],
-        image_std=[0.26862954, 0.26130258, 0.27577711],
+        image_mean=[0.5, 0.5, 0.5] if qwen3 else [0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.5, 0.5, 0.5] if qwen3 else [0.26862954, 0.26130258, 0.27577711],
     )
-    head_dim = spec["hidden"] // spec["heads"]
-    section = [head_dim // 8, (head_dim // 2 - head_dim // 8) // 2]
-    section.append(head_dim // 2 - sum(section))  # temporal, height, width parts of the rotary frequencies
-    ids = tokenizer.convert_tokens_to_ids
-    config = Qwen2_5_VLConfig(
-        text_config={
-            "vocab_size": len(tokenizer),
-            "hidden_size": spec["hidden"],
-            "num_hidden_layers": spec["layers"],
-            "bos_token_id": None,
-            "eos_token_id": ids("<|im_end|>"),
-            "pad_token_id": ids("<|endoftext|>"),
-            "num_attention_heads": spec["heads"],
-            "num_key_value_heads": spec["kv"],
-            "intermediate_size": spec["mlp"],
-            "max_position_embeddings": 32768,
-            "tie_word_embeddings": True,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": section},
-        },
-        vision_config={
-            "depth": spec["v_depth"],
-            "hidden_size": spec["v_hidden"],
-            "intermediate_size": spec["v_mlp"],
-            "num_heads": spec["v_heads"],
-            "out_hidden_size": spec["hidden"],
-            "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "window_size": 112,
-            "fullatt_block_indexes": [spec["v_depth"] - 1],
-        },
-        image_token_id=ids("<|image_pad|>"),
-        video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"),
-        vision_end_token_id=ids("<|vision_end|>"),
-        eos_token_id=ids("<|im_end|>"),
-        pad_token_id=ids("<|endoftext|>"),
-    )
+    config = _config(family, spec, tokenizer, patch)
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config)
+    model = AutoModelForImageTextToText.from_config(config)
+    ids = tokenizer.convert_tokens_to_ids
     model.generation_config.eos_token_id = ids("<|im_end|>")
     model.generation_config.pad_token_id = ids("<|endoftext|>")
     out = Path(out_dir)
     model.save_pretrained(out)
-    processor = image_only_class("Qwen2_5_VLProcessor")(
+    processor_class = {"qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen2_vl": "Qwen2VLProcessor"}.get(
+        family, "Qwen3VLProcessor"
+    )
+    processor = image_only_class(processor_class)(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE
     )
     processor.save_pretrained(out)
     return out
+
+
+def _config(family: str, spec: dict[str, Any], tokenizer: Any, patch: int) -> Any:
+    """The model config of a family at a size, with the tokenizer's special token ids."""
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
+
+    ids = tokenizer.convert_tokens_to_ids
+    head_dim = spec["hidden"] // spec["heads"]
+    section = [head_dim // 8, (head_dim // 2 - head_dim // 8) // 2]
+    section.append(head_dim // 2 - sum(section))  # temporal, height, width parts of the rotary frequencies
+    text = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": spec["hidden"],
+        "num_hidden_layers": spec["layers"],
+        "num_attention_heads": spec["heads"],
+        "num_key_value_heads": spec["kv"],
+        "intermediate_size": spec["mlp"],
+        "max_position_embeddings": 32768,
+        "pad_token_id": ids("<|endoftext|>"),
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": section},
+    }
+    tokens = {
+        "image_token_id": ids("<|image_pad|>"),
+        "video_token_id": ids("<|video_pad|>"),
+        "vision_start_token_id": ids("<|vision_start|>"),
+        "vision_end_token_id": ids("<|vision_end|>"),
+    }
+    vision = {
+        "depth": spec["v_depth"],
+        "num_heads": spec["v_heads"],
+        "patch_size": patch,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+    }
+    if family == "qwen3_vl":
+        text["head_dim"] = head_dim
+        text["rope_parameters"]["mrope_interleaved"] = True
+        vision.update(
+            hidden_size=spec["v_hidden"],
+            intermediate_size=spec["v_mlp"],
+            out_hidden_size=spec["hidden"],
+            num_position_embeddings=256,
+            deepstack_visual_indexes=[0],
+        )
+        return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **tokens)
+    text.update(bos_token_id=None, eos_token_id=ids("<|im_end|>"), tie_word_embeddings=True)
+    if family == "qwen2_vl":
+        vision.update(
+            embed_dim=spec["v_hidden"], hidden_size=spec["hidden"], mlp_ratio=spec["v_mlp"] // spec["v_hidden"]
+        )
+        return Qwen2VLConfig(
+            text_config=text,
+            vision_config=vision,
+            eos_token_id=ids("<|im_end|>"),
+            pad_token_id=ids("<|endoftext|>"),
+            **tokens,
+        )
+    vision.update(
+        hidden_size=spec["v_hidden"],
+        intermediate_size=spec["v_mlp"],
+        out_hidden_size=spec["hidden"],
+        window_size=112,
+        fullatt_block_indexes=[spec["v_depth"] - 1],
+    )
+    return Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=vision,
+        eos_token_id=ids("<|im_end|>"),
+        pad_token_id=ids("<|endoftext|>"),
+        **tokens,
+    )
+
+
+def main() -> None:
+    """``python -m glimpse.hf.tiny OUT [--family F] [--size S]``: build a random checkpoint to try the pipeline."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Build a tiny random Qwen-VL checkpoint (no download).")
+    parser.add_argument("out", help="folder to write")
+    parser.add_argument("--family", default="qwen2_5_vl", choices=FAMILY_NAMES)
+    parser.add_argument("--size", default="tiny", choices=tuple(SIZES))
+    args = parser.parse_args()
+    print(build_tiny_qwen(args.out, family=args.family, size=args.size))
+
+
+if __name__ == "__main__":
+    main()

@@ -54,6 +54,13 @@ def load_backend(spec: str, **options: Any) -> Backend:
     return module.create(arg, **options)
 
 
+def native_settings(backend: Backend | None) -> tuple[str, int]:
+    """The box convention and resize factor a backend's model was trained with (``relative``, 28 if unknown)."""
+    from glimpse.images import RESIZE_FACTOR
+
+    return getattr(backend, "default_coords", "relative"), getattr(backend, "resize_factor", RESIZE_FACTOR)
+
+
 __all__ = [
     "BACKENDS",
     "Backend",
@@ -64,4 +71,5 @@ __all__ = [
     "TextPart",
     "ToolCall",
     "load_backend",
+    "native_settings",
 ]

@@ -4,9 +4,12 @@ A backend is anything with ``name`` and one coroutine::
 
     async def generate(messages: list[Message], params: GenerateParams) -> list[Completion]
 
-It returns ``params.n`` completions of the same conversation. Images travel as ``ImagePart`` objects that hold
-pixels and/or a data URL and convert lazily, so an HTTP backend encodes each image once and a local model
-never encodes at all.
+It returns ``params.n`` completions of the same conversation. A backend that knows its model family may also
+set ``default_coords`` (``relative``, ``pixels`` or ``thousand``) and ``resize_factor``: the agent loop then
+uses the model's native box convention and image grid unless the user chose otherwise.
+
+Images travel as ``ImagePart`` objects that hold pixels and/or a data URL and convert lazily, so an HTTP
+backend encodes each image once and a local model never encodes at all.
 """
 
 from __future__ import annotations

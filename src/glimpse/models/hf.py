@@ -1,6 +1,7 @@
 """The ``hf`` backend: a local Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint run with transformers.
 
-* Loads any checkpoint folder laid out as on the Hub (``hf:/path/to/Qwen2.5-VL-7B-Instruct``), on ``cpu``
+* Loads any checkpoint folder laid out as on the Hub (``hf:/path/to/Qwen2.5-VL-7B-Instruct``), or a Hub id
+  (``hf:Qwen/Qwen2.5-VL-7B-Instruct``) from the local cache or a download, on ``cpu``
   (float32 by default) or ``cuda``; works without torchvision (see ``glimpse.hf.processor``).
 * Prompts go through the checkpoint's own chat template and processor. The image processor's pixel limits
   are widened so it never resizes the images the agent loop already fitted to its limits: the model sees
@@ -22,7 +23,7 @@ import asyncio
 import json
 import re
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,7 @@ class HFBackend:
         max_batch: most requests generated together.
     """
 
-    def __init__(self, path: str, *, device: str = "cpu", dtype: str = "float32", max_batch: int = 8):
+    def __init__(self, path: str, *, device: str = "cpu", dtype: str = "auto", max_batch: int = 8):
         import torch
         from transformers import AutoModelForImageTextToText
 
@@ -93,6 +94,7 @@ class HFBackend:
         self._prefixes: OrderedDict[str, _Prefix] = OrderedDict()
         self._prefix_lock = threading.Lock()
         self._model_lock = threading.Lock()
+        self.batch_sizes: Counter[int] = Counter()  # how many requests each generate call served
         self._queue: list[_Request] = []
         self._worker: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -122,6 +124,7 @@ class HFBackend:
                     if req.params.seed is None and _batch_key(req.params) == key:
                         batch.append(req)
                         self._queue.remove(req)
+            self.batch_sizes[len(batch)] += 1
             try:
                 results = await asyncio.to_thread(self._run, batch)
             except Exception as exc:  # a failure of the model run fails its requests, not the process
@@ -172,18 +175,23 @@ class HFBackend:
             inputs["pixel_values"] = torch.cat(pixels).to(self.device, self.model.dtype)
             inputs["image_grid_thw"] = torch.stack([g for r in batch for g in r.prefix.grids]).to(self.device)
             inputs["mm_token_type_ids"] = (input_ids == self.image_token_id).long().to(self.device)
-        sample = params.temperature is not None and params.temperature > 0
-        options: dict[str, Any] = {
-            "max_new_tokens": params.max_new_tokens,
-            "do_sample": sample,
-            "num_return_sequences": params.n,
-            "pad_token_id": pad,
-            "eos_token_id": self.tokenizer.eos_token_id,
-        }
-        if sample:
-            options["temperature"] = params.temperature
-            options["top_p"] = params.top_p if params.top_p is not None else 1.0
-            options["top_k"] = 0
+        # temperature None: the checkpoint's generation_config decides (as vLLM does); 0: greedy.
+        if params.temperature is None:
+            sample = bool(self.model.generation_config.do_sample)
+            options: dict[str, Any] = {}
+        else:
+            sample = params.temperature > 0
+            options = {"do_sample": sample}
+            if sample:
+                options.update(temperature=params.temperature, top_k=0)
+                options["top_p"] = params.top_p if params.top_p is not None else 1.0
+        copies = params.n if sample else 1  # greedy samples are all the same: generate one, repeat it
+        options.update(
+            max_new_tokens=params.max_new_tokens,
+            num_return_sequences=copies,
+            pad_token_id=pad,
+            eos_token_id=self.tokenizer.eos_token_id,
+        )
         if params.stop:
             options["stop_strings"] = list(params.stop)
             options["tokenizer"] = self.tokenizer
@@ -195,7 +203,7 @@ class HFBackend:
         for i, r in enumerate(batch):
             completions = []
             for j in range(params.n):
-                row = out[i * params.n + j, width:].tolist()
+                row = out[i * copies + j % copies, width:].tolist()
                 completions.append(self._completion(r, row, params))
             results.append(completions)
         return results
@@ -299,6 +307,35 @@ def _to_hf(messages: list[Message]) -> tuple[list[dict[str, Any]], list[Any]]:
     return out, images
 
 
-def create(arg: str, *, device: str = "cpu", dtype: str = "float32", max_batch: int = 8, **_options: Any) -> HFBackend:
-    """``hf:PATH``: a local checkpoint folder."""
-    return HFBackend(arg, device=device, dtype=dtype, max_batch=max_batch)
+def create(arg: str, *, device: str = "cpu", dtype: str = "auto", max_batch: int = 8, **_options: Any) -> HFBackend:
+    """``hf:PATH``: a local checkpoint folder.
+
+    Raises:
+        ConfigError: torch or transformers is missing, or the folder is not a supported checkpoint.
+    """
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(
+            f"the hf backend needs {exc.name}, which is not installed: pip install 'glimpse[hf]' "
+            "(on a CPU-only machine install torch's CPU build first)"
+        ) from None
+    return HFBackend(resolve_checkpoint(arg), device=device, dtype=dtype, max_batch=max_batch)
+
+
+def resolve_checkpoint(arg: str) -> str:
+    """A checkpoint folder: ``arg`` itself, or for a Hub id (``Qwen/Qwen2.5-VL-7B-Instruct``) its local snapshot
+    (downloaded by huggingface_hub if it is not in the cache yet).
+
+    Raises:
+        ConfigError: neither a folder nor a Hub id that can be found.
+    """
+    if Path(arg).exists() or arg.count("/") != 1 or arg.startswith((".", "/")):
+        return arg
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(arg, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"])
+    except Exception as exc:  # huggingface_hub raises many kinds (offline, missing repo, no access)
+        raise ConfigError(f"{arg} is not a folder here, and the Hugging Face Hub could not provide it: {exc}") from None

@@ -351,6 +351,12 @@ async def programmatic(
     return stats
 
 
+def _limit_args(limits: PixelLimits | None) -> dict[str, Any]:
+    if limits is None:
+        return {}
+    return {"min_pixels": limits.min_pixels, "max_pixels": limits.max_pixels, "resize_factor": limits.factor}
+
+
 def exemplar_prompt(path: str | Path = EXEMPLARS, protocol: str = "tags") -> str:
     """The default system prompt with the exemplars appended."""
     data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
@@ -373,12 +379,18 @@ async def few_shot(
     attempts: int = 1,
     exemplars: str | Path = EXEMPLARS,
     protocol: str = "tags",
-    coords: str = "relative",
+    coords: str | None = None,
     max_turns: int = 12,
     concurrency: int = 8,
     max_new_tokens: int = 2048,
+    limits: PixelLimits | None = None,
+    temperature: float | None = 1.0,
+    seed: int | None = None,
 ) -> ColdStartStats:
-    """Prompt any model with the exemplars, run it turn by turn, and keep its correct trajectories."""
+    """Prompt any model with the exemplars, run it turn by turn, and keep its correct trajectories.
+
+    ``coords`` ``None`` uses the backend's native box convention (see ``AgentLoop``).
+    """
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     prompt_file = folder / "fewshot_prompt.yaml"
@@ -390,6 +402,9 @@ async def few_shot(
         prompt_file=str(prompt_file),
         max_turns=max_turns,
         max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        seed=seed,
+        **_limit_args(limits),
     )
     stats = ColdStartStats()
     kept: list[Trajectory] = []

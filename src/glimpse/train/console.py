@@ -1,0 +1,190 @@
+"""What ``glimpse coldstart``, ``glimpse export`` and ``glimpse train sft`` print; the work is in this package."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+
+from glimpse.config import ColdStartConfig, SFTConfig, write_resolved
+from glimpse.errors import ConfigError
+from glimpse.images import PixelLimits
+from glimpse.train.coldstart import ColdStartStats
+
+EXIT_OK = 0
+FORMATS = ("llamafactory", "trl", "verl")
+
+
+def parse_formats(spec: str) -> list[str]:
+    """``llamafactory,trl`` → the formats; ``none`` → none.
+
+    Raises:
+        ConfigError: an unknown format.
+    """
+    if spec.strip().lower() in ("", "none"):
+        return []
+    formats = [f.strip().lower() for f in spec.split(",") if f.strip()]
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise ConfigError(f"unknown export format {', '.join(unknown)}; choose from {', '.join(FORMATS)}")
+    return formats
+
+
+def run_coldstart(cfg: ColdStartConfig) -> int:
+    """``glimpse coldstart``: make trajectories, print the acceptance statistics, export them."""
+    from glimpse.bench.datasets import load_dataset
+    from glimpse.train import coldstart
+
+    console = Console(highlight=False, soft_wrap=True)
+    formats = parse_formats(cfg.export)
+    dataset = load_dataset(cfg.data)
+    limits_args = (cfg.min_pixels, cfg.max_pixels)
+    out = Path(cfg.out)
+    write_resolved(cfg, out / "config.json")
+    started = time.perf_counter()
+    if cfg.method == "programmatic":
+        limits = PixelLimits(*limits_args, cfg.resize_factor or PixelLimits().factor)
+        stats = asyncio.run(
+            coldstart.programmatic(
+                dataset.samples,
+                out,
+                seed=cfg.seed,
+                coords=cfg.coords or "relative",
+                protocol=cfg.protocol,
+                max_turns=cfg.max_turns,
+                concurrency=cfg.concurrency,
+                limits=limits,
+            )
+        )
+    else:
+        stats = asyncio.run(_few_shot(cfg, dataset.samples, limits_args))
+    seconds = time.perf_counter() - started
+    _print_stats(console, stats, seconds)
+    path = out / "trajectories.jsonl"
+    console.print(f"trajectories → {path}")
+    if formats and stats.kept:
+        from glimpse.train.export import export
+
+        result = export(path, out, formats=formats)
+        for line in result.describe():
+            console.print(line)
+    console.print(
+        f"[dim]view them with: glimpse view {path}\ntrain on them with: glimpse train sft --data {out} "
+        "--model FOLDER[/]"
+    )
+    return EXIT_OK
+
+
+async def _few_shot(cfg: ColdStartConfig, samples: list, limits_args: tuple[int, int]) -> ColdStartStats:
+    from glimpse.models import load_backend, native_settings
+    from glimpse.train import coldstart
+
+    if not cfg.model:
+        raise ConfigError("the fewshot method needs a generator: --model openai:NAME, hf:FOLDER or scripted:FILE")
+    backend = load_backend(
+        cfg.model,
+        base_url=cfg.base_url,
+        api_key=cfg.api_key,
+        max_concurrency=cfg.concurrency,
+        device=cfg.device,
+        dtype=cfg.dtype,
+    )
+    factor = cfg.resize_factor or native_settings(backend)[1]
+    try:
+        return await coldstart.few_shot(
+            backend,
+            samples,
+            cfg.out,
+            attempts=cfg.attempts,
+            exemplars=cfg.exemplars or coldstart.EXEMPLARS,
+            protocol=cfg.protocol,
+            coords=cfg.coords,
+            max_turns=cfg.max_turns,
+            concurrency=cfg.concurrency,
+            max_new_tokens=cfg.max_new_tokens,
+            limits=PixelLimits(*limits_args, factor),
+            temperature=cfg.temperature,
+            seed=cfg.seed,
+        )
+    finally:
+        if hasattr(backend, "aclose"):
+            await backend.aclose()
+
+
+def _print_stats(console: Console, stats: ColdStartStats, seconds: float) -> None:
+    d = stats.as_dict()
+    console.print(
+        f"[bold]kept {d['kept']} of {d['tried']}[/] trajectories ({100 * d['acceptance']:.1f}%) in {seconds:.1f} s"
+    )
+    if d["rejected"]:
+        console.print("rejected: " + ", ".join(f"{k} {v}" for k, v in d["rejected"].items()))
+    if d["patterns"]:
+        console.print("patterns: " + ", ".join(f"{k} {v}" for k, v in d["patterns"].items()))
+    if d["turns"]:
+        console.print("turns: " + ", ".join(f"{k}: {v}" for k, v in d["turns"].items()))
+
+
+def run_export(data: str, out: str | None, formats: str) -> int:
+    """``glimpse export``: write a trajectories file in the training tools' formats."""
+    from glimpse.train.export import export
+
+    source = Path(data)
+    path = source / "trajectories.jsonl" if source.is_dir() else source
+    target = Path(out) if out else path.parent
+    result = export(path, target, formats=parse_formats(formats))
+    console = Console(highlight=False, soft_wrap=True)
+    for line in result.describe():
+        console.print(line)
+    return EXIT_OK
+
+
+def run_sft(cfg: SFTConfig) -> int:
+    """``glimpse train sft``: train with a progress bar, then say where the model is."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from glimpse.train.sft import StepLog, train
+
+    console = Console(highlight=False, soft_wrap=True)
+    console.print(f"training {escape(str(cfg.model))} on {escape(str(cfg.data))} → {escape(cfg.out)}")
+    with Progress(
+        TextColumn("[bold]sft[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}  {task.fields[speed]}"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    ) as progress:
+        task = progress.add_task("sft", total=None, loss="–", speed="")
+
+        def on_step(entry: StepLog) -> None:
+            progress.update(
+                task,
+                total=entry.total,
+                completed=entry.step,
+                loss=f"{entry.loss:.4f}",
+                speed=f"{entry.tokens_per_s:,.0f} tok/s",
+            )
+            if cfg.log_every and (entry.step % cfg.log_every == 0 or entry.step == entry.total):
+                progress.console.print(
+                    f"step {entry.step}/{entry.total}  epoch {entry.epoch + 1}  loss {entry.loss:.4f}  "
+                    f"lr {entry.lr:.2e}  grad {entry.grad_norm:.3f}  {entry.tokens_per_s:,.0f} tok/s",
+                    highlight=False,
+                )
+
+        result = train(cfg, on_step=on_step)
+    r = result.as_dict()
+    if result.resumed_from:
+        console.print(f"resumed from step {result.resumed_from}")
+    console.print(
+        f"[bold]done[/]: {r['steps']} steps, {r['examples']} trajectories, "
+        f"{r['trainable_params']:,} of {r['total_params']:,} parameters trained, "
+        f"{r['tokens_per_s']:,.0f} tokens/s ({r['trained_tokens_per_s']:,.0f} trained tokens/s)"
+    )
+    if result.skipped:
+        console.print(f"[yellow]skipped {len(result.skipped)} trajectories longer than --max-length[/]")
+    console.print(f"model → {result.out / 'model'}  (use it with --model hf:{result.out / 'model'})")
+    return EXIT_OK

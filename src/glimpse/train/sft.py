@@ -1,0 +1,561 @@
+"""Supervised fine-tuning on multi-turn trajectories, with the loss on the model's own turns only.
+
+TRL's ``SFTTrainer`` cannot do this for vision-language models (its ``assistant_only_loss`` refuses them, so
+observations and prompts would be trained too), so this is a short loop on transformers and torch:
+
+1. **Data.** Each trajectory of a ``trajectories.jsonl`` (the canonical record) is rebuilt as the exact
+   conversation the model saw (``conversation``) with every image as it was shown (``render_image``), and run
+   through the checkpoint's own chat template and processor. Labels are the tokens of each assistant message,
+   its end-of-turn token included (ChatML: from after ``<|im_start|>assistant\\n`` through ``<|im_end|>``);
+   everything else (system prompt, question, observations, error messages, image tokens, padding) is -100.
+   Examples are processed when a batch needs them, so memory holds one batch of images at a time. A
+   conversation longer than ``max_length`` is skipped and counted, never cut (a cut would split an image).
+2. **What trains.** Everything but the vision tower and its projector (frozen by default, as in Mini-o3's
+   recipe), or LoRA adapters on the language model's linear layers (peft).
+3. **Steps.** AdamW; warm-up then cosine (or constant, or linear) decay; gradient accumulation with the loss
+   averaged over the trained tokens of the whole accumulated batch (not per micro-batch); gradient clipping.
+4. **Saving.** ``OUT/config.json`` (the resolved settings), ``OUT/log.jsonl`` (one line per logged step),
+   checkpoints ``OUT/checkpoints/step-N`` (the trainable weights, optimizer, schedule, step and random state:
+   a rerun with the same OUT resumes from the newest), and at the end ``OUT/model``: a complete checkpoint
+   folder with the processor (LoRA merged in; the adapter alone in ``OUT/adapter``), loadable as ``hf:OUT/model``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from glimpse.config import SFTConfig, public_dict
+from glimpse.errors import ConfigError, GlimpseError
+from glimpse.images import ImageCache
+from glimpse.trajectory import Trajectory, conversation, iter_jsonl, render_image
+
+IGNORE = -100
+# ChatML, the chat format of every Qwen-VL family: an assistant message runs from this header to END.
+ASSISTANT_HEADER = "<|im_start|>assistant\n"
+END = "<|im_end|>"
+TRAINABLE_FILE, STATE_FILE = "trainable.safetensors", "state.pt"
+LORA_LINEARS = r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+VISION_LINEARS = r"(attn\.qkv|attn\.proj|mlp\.gate_proj|mlp\.up_proj|mlp\.down_proj|mlp\.linear_fc1|mlp\.linear_fc2)"
+
+
+# ------------------------------------------------------------------------------------------------------ data
+def hf_chat(trajectory: Trajectory) -> tuple[list[dict[str, Any]], list[int]]:
+    """The trajectory's conversation in transformers' chat format, and the image index of each image part."""
+    messages, order = [], []
+    for m in conversation(trajectory):
+        item: dict[str, Any] = {"role": m["role"]}
+        content = m.get("content", "")
+        if isinstance(content, str):
+            item["content"] = content
+        else:
+            parts = []
+            for p in content:
+                if p["type"] == "image":
+                    parts.append({"type": "image"})
+                    order.append(int(p["index"]))
+                else:
+                    parts.append({"type": "text", "text": p["text"]})
+            item["content"] = parts
+        if m.get("tool_calls"):
+            item["tool_calls"] = [
+                {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+                for c in m["tool_calls"]
+            ]
+        if m.get("tool_call_id") is not None:
+            item["tool_call_id"] = m["tool_call_id"]
+        messages.append(item)
+    return messages, order
+
+
+def _tools(trajectory: Trajectory) -> list[dict[str, Any]] | None:
+    """The function schemas the model was offered (``tools`` protocol), as the backend passed them."""
+    from glimpse.protocol import make_protocol
+
+    s = trajectory.settings
+    return make_protocol(s.protocol, s.coords, None, "python" in s.tools).tools
+
+
+def assistant_labels(ids: list[int], header: list[int], end: int) -> list[int]:
+    """Labels that keep the tokens of every assistant message (its end token included) and mask the rest."""
+    labels = [IGNORE] * len(ids)
+    i, n = 0, len(header)
+    while i <= len(ids) - n:
+        if ids[i : i + n] != header:
+            i += 1
+            continue
+        j = i + n
+        while j < len(ids) and ids[j] != end:
+            labels[j] = ids[j]
+            j += 1
+        if j < len(ids):
+            labels[j] = ids[j]
+        i = j + 1
+    return labels
+
+
+@dataclass
+class Example:
+    """One trajectory, tokenised: ids, labels, and its processed images."""
+
+    id: str
+    input_ids: list[int]
+    labels: list[int]
+    pixel_values: Any = None
+    image_grid_thw: Any = None
+
+    @property
+    def trained(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE)
+
+
+class TrajectoryData:
+    """Trajectories of a JSONL file, tokenised on demand for one checkpoint's processor.
+
+    Args:
+        path: a ``trajectories.jsonl`` file, or a folder holding one (the output of ``glimpse coldstart``).
+        processor: the checkpoint's processor.
+        max_length: longer conversations are skipped.
+        base_dir: folder that relative image paths are resolved against (default: the working directory).
+    """
+
+    def __init__(self, path: str | Path, processor: Any, *, max_length: int, base_dir: str | None = None):
+        p = Path(path)
+        self.path = p / "trajectories.jsonl" if p.is_dir() else p
+        if not self.path.exists():
+            raise ConfigError(f"no trajectories at {self.path}; make some with glimpse coldstart")
+        self.trajectories = [t for t in iter_jsonl(self.path) if t.stop_reason == "answer" and t.turns]
+        if not self.trajectories:
+            raise ConfigError(f"{self.path} holds no trajectory that ends with an answer")
+        missing = [t.id for t in self.trajectories if not t.prompt]
+        if missing:
+            raise ConfigError(
+                f"{len(missing)} trajectories (e.g. {missing[0]}) were recorded without their prompt messages "
+                "by an older Glimpse; record them again"
+            )
+        self.processor, self.max_length, self.base_dir = processor, max_length, base_dir
+        tok = processor.tokenizer
+        self.header = tok.encode(ASSISTANT_HEADER, add_special_tokens=False)
+        self.end = tok.convert_tokens_to_ids(END)
+        if self.end is None or self.end == tok.unk_token_id:
+            raise ConfigError(f"the tokenizer has no {END} token: only ChatML (Qwen-VL) chat templates are supported")
+        self.cache = ImageCache()
+        self.skipped: dict[str, str] = {}
+
+    def __len__(self) -> int:
+        return len(self.trajectories)
+
+    def digest(self) -> str:
+        """A fingerprint of the data, checked when a run resumes."""
+        h = hashlib.sha256()
+        with self.path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
+
+    def example(self, i: int) -> Example | None:
+        """Trajectory ``i`` tokenised, or ``None`` if it is longer than ``max_length`` (then counted)."""
+        traj = self.trajectories[i]
+        messages, order = hf_chat(traj)
+        images = [render_image(traj, k, cache=self.cache, base_dir=self.base_dir) for k in order]
+        text = self.processor.apply_chat_template(messages, tokenize=False, tools=_tools(traj))
+        if images:
+            enc = self.processor(text=[text], images=images, return_tensors="pt")
+        else:
+            enc = self.processor(text=[text], return_tensors="pt")
+        ids = enc["input_ids"][0].tolist()
+        if len(ids) > self.max_length:
+            self.skipped[traj.id] = f"{len(ids)} tokens > max_length {self.max_length}"
+            return None
+        labels = assistant_labels(ids, self.header, self.end)
+        return Example(traj.id, ids, labels, enc.get("pixel_values"), enc.get("image_grid_thw"))
+
+
+def collate(examples: list[Example], pad_id: int, image_token_id: int) -> dict[str, Any]:
+    """A right-padded batch: ids, attention mask, labels, images, and the image-token map."""
+    import torch
+
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
+        labels[row, : len(e.labels)] = torch.tensor(e.labels)
+        mask[row, : len(e.input_ids)] = 1
+    batch: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    pixels = [e.pixel_values for e in examples if e.pixel_values is not None]
+    if pixels:
+        batch["pixel_values"] = torch.cat(pixels)
+        batch["image_grid_thw"] = torch.cat([e.image_grid_thw for e in examples if e.image_grid_thw is not None])
+        batch["mm_token_type_ids"] = (ids == image_token_id).long()
+    return batch
+
+
+# ----------------------------------------------------------------------------------------------------- model
+def prepare_model(model: Any, cfg: SFTConfig) -> Any:
+    """Freeze what does not train, or wrap in LoRA adapters; return the model to train."""
+    visual = [n for n, _ in model.named_parameters() if ".visual." in f".{n}"]
+    if cfg.lora:
+        from peft import LoraConfig, get_peft_model
+
+        targets = rf".*language_model.*\.{LORA_LINEARS}"
+        if not cfg.freeze_vision:
+            targets = rf"({targets})|(.*visual\.blocks.*\.{VISION_LINEARS})"
+        lora = LoraConfig(
+            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets
+        )
+        model = get_peft_model(model, lora)
+        if not cfg.freeze_projector:
+            for n, p in model.named_parameters():
+                if _is_projector(n):
+                    p.requires_grad_(True)
+    else:
+        for n, p in model.named_parameters():
+            if n in visual and (cfg.freeze_projector if _is_projector(n) else cfg.freeze_vision):
+                p.requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.lora:
+            model.enable_input_require_grads()
+    return model
+
+
+def _is_projector(name: str) -> bool:
+    return ".merger." in name or "deepstack_merger" in name
+
+
+def trainable(model: Any) -> dict[str, Any]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _schedule(optimizer: Any, cfg: SFTConfig, total: int) -> Any:
+    from transformers import (
+        get_constant_schedule_with_warmup,
+        get_cosine_schedule_with_warmup,
+        get_linear_schedule_with_warmup,
+    )
+
+    warmup = math.ceil(cfg.warmup_ratio * total)
+    if cfg.schedule == "constant":
+        return get_constant_schedule_with_warmup(optimizer, warmup)
+    if cfg.schedule == "linear":
+        return get_linear_schedule_with_warmup(optimizer, warmup, total)
+    return get_cosine_schedule_with_warmup(optimizer, warmup, total)
+
+
+# ------------------------------------------------------------------------------------------------- training
+@dataclass
+class StepLog:
+    """One optimizer step, as logged."""
+
+    step: int
+    total: int
+    epoch: int
+    loss: float
+    lr: float
+    grad_norm: float
+    tokens: int
+    trained_tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+@dataclass
+class SFTResult:
+    """What a run did."""
+
+    out: Path
+    steps: int
+    examples: int
+    skipped: dict[str, str] = field(default_factory=dict)
+    losses: list[float] = field(default_factory=list)
+    tokens: int = 0
+    trained_tokens: int = 0
+    seconds: float = 0.0
+    resumed_from: int = 0
+    trainable_params: int = 0
+    total_params: int = 0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "out": str(self.out),
+            "steps": self.steps,
+            "examples": self.examples,
+            "skipped": self.skipped,
+            "first_loss": self.losses[0] if self.losses else None,
+            "last_loss": self.losses[-1] if self.losses else None,
+            "tokens": self.tokens,
+            "trained_tokens": self.trained_tokens,
+            "seconds": round(self.seconds, 3),
+            "tokens_per_s": round(self.tokens_per_s, 1),
+            "trained_tokens_per_s": round(self.trained_tokens / self.seconds, 1) if self.seconds else 0.0,
+            "resumed_from": self.resumed_from,
+            "trainable_params": self.trainable_params,
+            "total_params": self.total_params,
+        }
+
+
+# Settings a resumed run must share with the run it continues.
+_RESUME_KEYS = (
+    "model",
+    "lora",
+    "lora_r",
+    "lora_alpha",
+    "freeze_vision",
+    "freeze_projector",
+    "lr",
+    "epochs",
+    "max_steps",
+    "batch_size",
+    "grad_accum",
+    "schedule",
+    "warmup_ratio",
+    "seed",
+    "max_length",
+)
+
+
+def _order(n: int, epoch: int, seed: int) -> list[int]:
+    order = list(range(n))
+    random.Random(f"glimpse-sft/{seed}/{epoch}").shuffle(order)
+    return order
+
+
+def _groups(data_len: int, cfg: SFTConfig, epochs: int) -> Iterator[tuple[int, list[list[int]]]]:
+    """(epoch, micro-batches of indices) for each optimizer step, in order."""
+    per_step = cfg.batch_size * cfg.grad_accum
+    for epoch in range(epochs):
+        order = _order(data_len, epoch, cfg.seed)
+        for start in range(0, len(order), per_step):
+            chunk = order[start : start + per_step]
+            yield epoch, [chunk[k : k + cfg.batch_size] for k in range(0, len(chunk), cfg.batch_size)]
+
+
+def train(cfg: SFTConfig, *, on_step: Callable[[StepLog], None] | None = None) -> SFTResult:
+    """Fine-tune ``cfg.model`` on ``cfg.data``; see the module docstring.
+
+    Raises:
+        ConfigError: bad settings, missing data, or a checkpoint that belongs to a different run.
+    """
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from glimpse.hf.processor import load_processor
+    from glimpse.models.hf import resolve_checkpoint
+
+    _check(cfg)
+    out = Path(cfg.out)
+    if cfg.fresh and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    device = _device(cfg.device)
+    dtype = getattr(torch, _dtype(cfg.dtype, device))
+    source = resolve_checkpoint(cfg.model)
+    processor = load_processor(source)
+    data = TrajectoryData(cfg.data, processor, max_length=cfg.max_length, base_dir=cfg.image_root)
+    model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype)
+    model = prepare_model(model, cfg).to(device)
+    model.train()
+    params = trainable(model)
+    if not params:
+        raise ConfigError("nothing to train: every parameter is frozen")
+    optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    per_step = cfg.batch_size * cfg.grad_accum
+    steps_per_epoch = math.ceil(len(data) / per_step)
+    total = cfg.max_steps or steps_per_epoch * cfg.epochs
+    epochs = math.ceil(total / steps_per_epoch)
+    scheduler = _schedule(optimizer, cfg, total)
+
+    settings = {**public_dict(cfg), "data_sha256": data.digest(), "total_steps": total}
+    done = _resume(out, settings, model, optimizer, scheduler) if not cfg.fresh else 0
+    (out / "config.json").write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+    result = SFTResult(
+        out,
+        steps=done,
+        examples=len(data),
+        resumed_from=done,
+        trainable_params=sum(p.numel() for p in params.values()),
+        total_params=sum(p.numel() for p in model.parameters()),
+    )
+    pad = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else 0
+    image_token = model.config.image_token_id
+    log = (out / "log.jsonl").open("a", encoding="utf-8")
+    try:
+        for step, (epoch, micro) in enumerate(_groups(len(data), cfg, epochs), 1):
+            if step > total:
+                break
+            if step <= done:
+                continue
+            t0 = time.perf_counter()
+            batches = [[e for i in ids if (e := data.example(i)) is not None] for ids in micro]
+            batches = [b for b in batches if b]
+            trained = sum(e.trained for b in batches for e in b)
+            tokens = sum(len(e.input_ids) for b in batches for e in b)
+            loss_sum = 0.0
+            if trained:
+                # Sum of token losses over the whole accumulated batch, divided once by its trained tokens.
+                shifted = sum(sum(1 for x in e.labels[1:] if x != IGNORE) for b in batches for e in b)
+                scale = torch.tensor(float(max(1, shifted)), device=device)
+                for b in batches:
+                    inputs = {k: v.to(device) for k, v in collate(b, pad, image_token).items()}
+                    if "pixel_values" in inputs:
+                        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+                    loss = model(**inputs, num_items_in_batch=scale).loss
+                    loss.backward()
+                    loss_sum += float(loss.detach())
+                norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm))
+            else:
+                norm = 0.0  # every trajectory of this step was skipped: no gradients, the step changes nothing
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            seconds = time.perf_counter() - t0
+            entry = StepLog(step, total, epoch, loss_sum, scheduler.get_last_lr()[0], norm, tokens, trained, seconds)
+            result.steps = step
+            result.tokens += tokens
+            result.trained_tokens += trained
+            result.seconds += seconds
+            result.losses.append(loss_sum)
+            log.write(json.dumps({**entry.__dict__, "tokens_per_s": round(entry.tokens_per_s, 1)}) + "\n")
+            log.flush()
+            if on_step is not None:
+                on_step(entry)
+            if cfg.save_every and step % cfg.save_every == 0 and step < total:
+                _save_checkpoint(out, step, model, optimizer, scheduler, cfg.keep_checkpoints)
+    finally:
+        log.close()
+    result.skipped = dict(data.skipped)
+    if result.steps > done and result.trained_tokens == 0:
+        raise ConfigError(
+            f"nothing was trained: all {len(data)} trajectories are longer than max_length {cfg.max_length} "
+            "tokens (or hold no assistant reply); raise --max-length or show images smaller"
+        )
+    _save_final(out, model, processor, cfg)
+    (out / "result.json").write_text(json.dumps(result.as_dict(), indent=2) + "\n", encoding="utf-8")
+    return result
+
+
+def _check(cfg: SFTConfig) -> None:
+    if not cfg.model:
+        raise ConfigError("choose the checkpoint to train with --model (a folder or a Hub id)")
+    if not cfg.data:
+        raise ConfigError("choose the training data with --data (trajectories.jsonl or a glimpse coldstart folder)")
+    for name in ("batch_size", "grad_accum", "epochs", "max_length", "lora_r"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise ConfigError(f"max_steps must be at least 1, got {cfg.max_steps}")
+    if not 0 <= cfg.warmup_ratio < 1:
+        raise ConfigError(f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
+    if cfg.lr <= 0:
+        raise ConfigError(f"lr must be positive, got {cfg.lr}")
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name} was asked for, but torch sees no CUDA device here")
+    return name
+
+
+def _dtype(name: str, device: str) -> str:
+    if name == "auto":
+        return "bfloat16" if device.startswith("cuda") else "float32"
+    return name
+
+
+# ------------------------------------------------------------------------------------------------- saving
+def _checkpoints(out: Path) -> list[tuple[int, Path]]:
+    found = []
+    for p in (out / "checkpoints").glob("step-*"):
+        if p.name[5:].isdigit() and (p / STATE_FILE).exists():
+            found.append((int(p.name[5:]), p))
+    return sorted(found)
+
+
+def _save_checkpoint(out: Path, step: int, model: Any, optimizer: Any, scheduler: Any, keep: int) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    final = out / "checkpoints" / f"step-{step}"
+    partial = final.with_name(final.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    save_file({n: p.detach().contiguous().cpu() for n, p in trainable(model).items()}, partial / TRAINABLE_FILE)
+    state = {
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+    torch.save(state, partial / STATE_FILE)
+    partial.rename(final)  # a checkpoint is either whole or absent
+    for _, old in _checkpoints(out)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _resume(out: Path, settings: dict[str, Any], model: Any, optimizer: Any, scheduler: Any) -> int:
+    """Load the newest checkpoint of an earlier run in ``out``; the step it reached (0: none)."""
+    import torch
+    from safetensors.torch import load_file
+
+    checkpoints = _checkpoints(out)
+    if not checkpoints:
+        return 0
+    previous = json.loads((out / "config.json").read_text(encoding="utf-8")) if (out / "config.json").exists() else {}
+    changed = [k for k in (*_RESUME_KEYS, "data_sha256") if k in previous and previous[k] != settings.get(k)]
+    if changed:
+        raise ConfigError(
+            f"{out} holds a run with different settings ({', '.join(changed)}); use another --out, or --fresh "
+            "to start over"
+        )
+    _, folder = checkpoints[-1]
+    weights = load_file(str(folder / TRAINABLE_FILE))
+    params = trainable(model)
+    if set(weights) != set(params):
+        raise GlimpseError(f"{folder} does not hold the trainable weights of this model")
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value.to(params[name].device, params[name].dtype))
+    state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    if state.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return int(state["step"])
+
+
+def _save_final(out: Path, model: Any, processor: Any, cfg: SFTConfig) -> None:
+    target = out / "model"
+    if cfg.lora:
+        model.save_pretrained(out / "adapter")
+        model = model.merge_and_unload()
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_disable()
+    model.save_pretrained(target)
+    processor.save_pretrained(target)
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        gen.save_pretrained(target)

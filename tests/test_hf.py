@@ -1,0 +1,209 @@
+"""The hf backend on tiny random checkpoints of the real architectures: processor loading without torchvision,
+each family's native conventions, the token view checked token by token against the chat template, batching,
+stop strings, and ``glimpse serve`` over loopback driven by the openai backend."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from conftest import glimpse_server, gradient_image
+from glimpse.agent import AgentLoop
+from glimpse.errors import ConfigError
+from glimpse.hf.processor import load_processor, model_type
+from glimpse.hf.tiny import build_tiny_qwen
+from glimpse.models import load_backend
+from glimpse.models.base import GenerateParams, ImagePart, Message, TextPart
+from glimpse.models.hf import HFBackend, _Prefix, _Request
+from glimpse.train.sft import hf_chat
+from glimpse.trajectory import Sample, load_jsonl, render_image
+
+SMALL = {"min_pixels": 20_000, "max_pixels": 120_000}  # a few hundred image tokens: fast on CPU
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_qwen) -> HFBackend:
+    return HFBackend(str(tiny_qwen), max_batch=8)
+
+
+def test_processor_loads_without_torchvision_and_saves_the_stock_class(tiny_qwen, tmp_path):
+    processor = load_processor(tiny_qwen)
+    if importlib.util.find_spec("torchvision") is None:
+        assert type(processor).__name__ == "ImageOnlyQwen2_5_VLProcessor"
+    assert processor.image_processor is not None and processor.chat_template
+    processor.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "processor_config.json").read_text())
+    assert saved["processor_class"] == "Qwen2_5_VLProcessor"  # what real checkpoints have, for AutoProcessor
+    again = load_processor(tmp_path) if (tmp_path / "config.json").exists() else None
+    assert again is None  # a processor folder without config.json is not a checkpoint
+
+
+def test_model_type_errors_name_the_problem(tmp_path):
+    with pytest.raises(ConfigError, match=r"no config\.json"):
+        model_type(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    with pytest.raises(ConfigError, match="'llava' is not supported; supported: qwen2_vl"):
+        model_type(tmp_path)
+    with pytest.raises(ConfigError, match="not a checkpoint folder"):
+        load_backend(f"hf:{tmp_path / 'missing'}")
+
+
+@pytest.mark.parametrize(
+    ("family", "coords", "factor"),
+    [("qwen2_5_vl", "pixels", 28), ("qwen2_vl", "thousand", 28), ("qwen3_vl", "relative", 32)],
+)
+def test_each_family_runs_with_its_native_box_convention(family, coords, factor, tmp_path):
+    folder = build_tiny_qwen(tmp_path / family, family=family)
+    backend = load_backend(f"hf:{folder}")
+    assert (backend.family, backend.default_coords, backend.resize_factor) == (family, coords, factor)
+    loop = AgentLoop(backend, max_turns=1, max_new_tokens=4, temperature=0, **SMALL)
+    assert loop.settings.coords == coords and loop.settings.resize_factor == factor
+    path = tmp_path / "img.png"
+    gradient_image(700, 500).save(path)
+    (traj,) = asyncio.run(loop.run(Sample(id="s", images=[str(path)], question="What is it?")))
+    shown = traj.observations()[0].shown_size
+    assert shown[0] % factor == 0 and shown[1] % factor == 0
+    assert traj.turns and traj.usage.prompt_tokens > 0
+    # The user's explicit choice wins over the family default.
+    assert AgentLoop(backend, coords="relative").settings.coords == "relative"
+
+
+def _segments(full: str, traj) -> list[str]:
+    """The template text between the model's replies: what the harness injected before each reply."""
+    out, pos = [], 0
+    header = "<|im_start|>assistant\n"
+    for turn in traj.turns:
+        start = full.index(header + turn.text, pos) + len(header)
+        out.append(full[pos:start])
+        pos = start + len(turn.text)
+        if turn.finish_reason == "stop" and full.startswith("<|im_end|>", pos):
+            pos += len("<|im_end|>")  # sampled: the model ended its turn itself
+    return out
+
+
+def test_token_view_matches_the_chat_template_token_by_token(backend, tmp_path):
+    path = tmp_path / "img.png"
+    gradient_image(900, 640).save(path)
+    # Sampled at temperature 1, a random model writes token sequences a tokenizer would never produce from text:
+    # the view must keep the sampled ids, not a re-tokenisation of the reply.
+    loop = AgentLoop(backend, max_turns=3, max_new_tokens=24, temperature=1.0, seed=3, return_token_ids=True, **SMALL)
+    (traj,) = asyncio.run(loop.run(Sample(id="s", images=[str(path)], question="What is written on it?")))
+    assert len(traj.turns) == 3 and traj.token_view is not None and traj.token_view.aligned
+    ids, mask = traj.token_view.ids, traj.token_view.mask
+
+    # Split the view into runs of injected (0) and sampled (1) tokens.
+    runs: list[tuple[int, list[int]]] = []
+    for i, m in zip(ids, mask, strict=True):
+        if runs and runs[-1][0] == m:
+            runs[-1][1].append(i)
+        else:
+            runs.append((m, [i]))
+    sampled = [r for m, r in runs if m == 1]
+    injected = [r for m, r in runs if m == 0]
+    assert len(sampled) == len(injected) == 3  # prompt, then after each reply but the last, what was injected
+    processor = backend.processor
+    for turn, tokens in zip(traj.turns, sampled, strict=True):
+        text = processor.tokenizer.decode(tokens, skip_special_tokens=False)
+        assert text == turn.text + ("<|im_end|>" if turn.finish_reason == "stop" else "")
+
+    # Every injected run is exactly what the template and processor make of that stretch of the conversation.
+    messages, order = hf_chat(traj)
+    full = processor.apply_chat_template(messages, tokenize=False)
+    images = [render_image(traj, k) for k in order]
+    for segment, tokens in zip(_segments(full, traj), injected, strict=True):
+        n = segment.count("<|image_pad|>")
+        taken, images = images[:n], images[n:]
+        enc = processor(text=[segment], images=taken or None, return_tensors="pt")
+        assert enc["input_ids"][0].tolist() == tokens
+
+
+def test_concurrent_requests_are_batched_and_match_running_alone(backend):
+    def conversation(k: int) -> list[Message]:
+        image = gradient_image(28 * (6 + 3 * k), 28 * (5 + k))
+        return [Message("system", "You answer."), Message("user", [ImagePart(image=image), TextPart("Q" * (k + 1))])]
+
+    params = GenerateParams(max_new_tokens=10, temperature=0)
+    alone = [asyncio.run(backend.generate(conversation(k), params))[0].token_ids for k in range(4)]
+    backend.batch_sizes.clear()
+
+    async def together():
+        return await asyncio.gather(*(backend.generate(conversation(k), params) for k in range(4)))
+
+    batched = [r[0].token_ids for r in asyncio.run(together())]
+    assert batched == alone  # left padding and rotary positions are handled right
+    assert max(backend.batch_sizes) > 1
+
+
+def test_n_samples_and_seeds(backend):
+    messages = [Message("user", [ImagePart(image=gradient_image(280, 224)), TextPart("What?")])]
+    params = GenerateParams(n=3, max_new_tokens=8, temperature=1.0, seed=7)
+    first = asyncio.run(backend.generate(messages, params))
+    again = asyncio.run(backend.generate(messages, params))
+    assert len(first) == 3
+    assert [c.token_ids for c in first] == [c.token_ids for c in again]  # a seed makes sampling reproducible
+
+
+def _request(backend: HFBackend, text: str = "") -> _Request:
+    loop = asyncio.new_event_loop()
+    try:
+        return _Request(text, _Prefix(ids=[1, 2, 3]), GenerateParams(), loop.create_future())
+    finally:
+        loop.close()
+
+
+def test_stop_strings_cut_the_reply_at_their_end(backend):
+    tok = backend.tokenizer
+    reply = '<think>look</think><grounding>{"bbox_2d": [1, 2, 3, 4]}</grounding> and more text'
+    row = tok.encode(reply, add_special_tokens=False) + [tok.pad_token_id] * 3
+    params = GenerateParams(stop=["</grounding>"])
+    c = backend._completion(_request(backend), row, params)
+    assert c.text.endswith("</grounding>") and "more" not in c.text
+    assert tok.decode(c.token_ids) == c.text and c.finish_reason == "stop"
+
+    ended = [*tok.encode("<answer>7</answer>", add_special_tokens=False), tok.eos_token_id, tok.pad_token_id]
+    c = backend._completion(_request(backend), ended, GenerateParams(stop=["</grounding>"]))
+    assert c.text == "<answer>7</answer>" and c.token_ids[-1] == tok.eos_token_id and c.finish_reason == "stop"
+
+    cut = tok.encode("<think>a long thought that", add_special_tokens=False)
+    c = backend._completion(_request(backend), cut, params)
+    assert c.finish_reason == "length" and c.token_ids == cut
+
+
+def test_tool_calls_are_parsed_for_the_tools_protocol(backend):
+    tok = backend.tokenizer
+    reply = 'Zooming.<tool_call>{"name": "zoom_in", "arguments": {"bbox_2d": [1, 2, 3, 4]}}</tool_call>'
+    row = [*tok.encode(reply, add_special_tokens=False), tok.eos_token_id]
+    tools = [{"type": "function", "function": {"name": "zoom_in", "parameters": {}}}]
+    c = backend._completion(_request(backend), row, GenerateParams(tools=tools))
+    assert c.finish_reason == "tool_calls" and c.text == "Zooming."
+    assert c.tool_calls[0].name == "zoom_in" and json.loads(c.tool_calls[0].arguments) == {"bbox_2d": [1, 2, 3, 4]}
+
+
+def test_glimpse_serve_hf_end_to_end_with_the_openai_backend(tiny_qwen, tmp_path):
+    path = tmp_path / "img.png"
+    gradient_image(800, 600).save(path)
+    out = tmp_path / "t.jsonl"
+    with glimpse_server("--model", f"hf:{tiny_qwen}", "--max-n", "4", "--max-new-tokens", "64") as base:
+        proc = subprocess.run(
+            [sys.executable, "-m", "glimpse", "ask", str(path), "What is it?", "--model", "openai:tiny",
+             "--base-url", base, "--max-turns", "2", "--max-new-tokens", "16", "--min-pixels", "20000",
+             "--max-pixels", "120000", "--temperature", "0", "--token-ids", "--save", str(out)],
+            capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+        assert proc.returncode in (0, 1), proc.stderr  # a random model rarely answers; it must not crash
+        (traj,) = load_jsonl(out)
+        assert len(traj.turns) == 2 and traj.usage.prompt_tokens > 0 and traj.usage.completion_tokens > 0
+        assert traj.token_view is not None and traj.token_view.aligned and sum(traj.token_view.mask) > 0
+        # Limits are refused with a clear 4xx.
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": 9}
+        r = httpx.post(f"{base}/chat/completions", json=body, timeout=30)
+        assert r.status_code == 400 and "above this server's limit of 4" in r.json()["error"]["message"]
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "n": 2}
+        r = httpx.post(f"{base}/chat/completions", json=body, timeout=60).json()
+        assert len(r["choices"]) == 2 and r["usage"]["completion_tokens"] <= 8 and r["usage"]["prompt_tokens"] > 0
