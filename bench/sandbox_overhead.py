@@ -61,12 +61,18 @@ def main() -> None:
     warm = statistics.median(times)
     pool.close()
     print(f"code tool sandbox, medians of {args.runs} runs")
-    print(f"  start-up to first result: plain subprocess {plain * 1000:6.1f} ms, process isolation "
-          f"{process * 1000:6.1f} ms, bubblewrap {bwrap * 1000:6.1f} ms ({bwrap / plain:.1f}× plain)")
-    print(f"  per call in a started session: process {calls['process'] * 1000:6.2f} ms, bubblewrap "
-          f"{calls['bwrap'] * 1000:6.2f} ms ({calls['bwrap'] / calls['process']:.2f}×)")
-    print(f"  first call of a session from a warm pool: {warm * 1000:6.1f} ms ({bwrap / warm:.1f}× faster than "
-          "a cold start)")
+    print(
+        f"  start-up to first result: plain subprocess {plain * 1000:6.1f} ms, process isolation "
+        f"{process * 1000:6.1f} ms, bubblewrap {bwrap * 1000:6.1f} ms ({bwrap / plain:.1f}× plain)"
+    )
+    print(
+        f"  per call in a started session: process {calls['process'] * 1000:6.2f} ms, bubblewrap "
+        f"{calls['bwrap'] * 1000:6.2f} ms ({calls['bwrap'] / calls['process']:.2f}×)"
+    )
+    print(
+        f"  first call of a session from a warm pool: {warm * 1000:6.1f} ms ({bwrap / warm:.1f}× faster than "
+        "a cold start)"
+    )
 
 
 if __name__ == "__main__":

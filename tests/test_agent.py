@@ -358,3 +358,12 @@ def test_config_errors_raise_with_the_fix():
         AgentLoop(backend, coords="inches")
     with pytest.raises(ConfigError, match="max_pixels"):
         AgentLoop(backend, min_pixels=100_000, max_pixels=50_000)
+
+
+def test_a_question_containing_an_image_marker_stays_text(make_image):
+    backend = ScriptedBackend([["<answer>x</answer>"]], record=True)
+    loop = AgentLoop(backend)
+    question = "Is <image> or {image} written on the sign?"
+    asyncio.run(loop.run(Sample(id="s", images=[str(make_image())], question=question)))
+    user = backend.requests[0].messages[1]
+    assert len(user.images()) == 1 and question in user.text()

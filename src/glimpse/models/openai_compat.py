@@ -201,8 +201,10 @@ class OpenAIBackend:
         return server
 
     async def _post(self, server: _Server, payload: bytes) -> httpx.Response:
-        """POST a body on the server's least busy client (which, under the gate, has a free connection)."""
-        server.waiting += 1
+        """POST a body on the server's least busy client (which, under the gate, has a free connection).
+
+        The caller has counted the request in `server.waiting` when it chose the server.
+        """
         try:
             await server.gate.acquire()
         finally:
@@ -223,11 +225,17 @@ class OpenAIBackend:
         attempt = 0
         while True:
             server = self._server_for(key)
-            if self._all_encoded(messages):  # splicing cached URLs takes a few ms: no thread hand-off
-                body, payload = self._encode(messages, params, n)
-            else:
-                body, payload = await asyncio.to_thread(self._encode, messages, params, n)
+            server.waiting += 1  # counted from now, so conversations starting together spread out
+            try:
+                if self._all_encoded(messages):  # splicing cached URLs takes a few ms: no thread hand-off
+                    body, payload = self._encode(messages, params, n)
+                else:
+                    body, payload = await asyncio.to_thread(self._encode, messages, params, n)
+            except BaseException:
+                server.waiting -= 1
+                raise
             if "n" not in body and n > 1:  # the server refused n: emulate it
+                server.waiting -= 1
                 return await self.generate(messages, params)
             response: httpx.Response | None = None
             try:

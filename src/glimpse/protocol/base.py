@@ -127,7 +127,16 @@ class Protocol:
         system = self.system_text()
         if system.strip():
             messages.append(Message("system", system))
-        messages.append(Message("user", self._with_image(fill(self.prompts.user, question=question), image)))
+        # Split the template before filling it: a question may itself contain "<image>" or "{image}".
+        halves = split_on_image(self.prompts.user)
+        if halves is None:
+            raise ValueError(f"user template has no image marker: {self.prompts.user[:60]!r}")
+        before, after = (fill(h, question=question) for h in halves)
+        parts: list[Part] = [TextPart(before)] if before else []
+        parts.append(image)
+        if after:
+            parts.append(TextPart(after))
+        messages.append(Message("user", parts))
         return messages
 
     @staticmethod

@@ -41,6 +41,7 @@ from glimpse.images import PixelLimits, oriented_size, smart_resize
 from glimpse.models.base import Backend
 from glimpse.models.scripted import ScriptedBackend
 from glimpse.protocol.prompts import DEFAULT_PROMPTS
+from glimpse.tools.zoom import MIN_BOX_SIDE
 from glimpse.trajectory import Sample, Trajectory, save_jsonl
 
 EXEMPLARS = Path(__file__).with_name("exemplars.yaml")
@@ -77,9 +78,9 @@ class _Writer:
     def __init__(self, width: int, height: int, coords: Coords, limits: PixelLimits):
         self.width, self.height, self.coords, self.limits = width, height, coords, limits
 
-    def window(self, box: list[int], scale: float = _WINDOW_SCALE) -> Box:
+    def window(self, box: list[int], scale: float = _WINDOW_SCALE, minimum: int = _WINDOW_MIN) -> Box:
         x0, y0, x1, y1 = box
-        w, h = max(_WINDOW_MIN, (x1 - x0) * scale), max(_WINDOW_MIN, (y1 - y0) * scale)
+        w, h = max(minimum, (x1 - x0) * scale), max(minimum, (y1 - y0) * scale)
         w, h = min(w, self.width), min(h, self.height)
         cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
         left = int(min(max(cx - w / 2, 0), self.width - w))
@@ -117,14 +118,19 @@ def _shows(c: dict[str, Any], kind: str) -> str:
     """What a zoom onto candidate ``c`` reveals, in words."""
     bits = []
     if c.get("corner") == "dot":
-        bits.append("a dot in its top-left corner, not a star")
+        bits.append("a dot (not a star) in its top-left corner")
     elif c.get("corner") == "star":
         bits.append("a small star in its top-left corner")
     if kind == "which_marked":
         bits.append(f"the number {c['code']}" + (" and a small red dot" if c.get("red_dot") else ", no red dot"))
+    elif kind in ("marker_color", "marker_shape") and c.get("marker"):
+        colour, shape = c["marker"]
+        bits.append(f"a {colour} {shape} outline" if kind == "marker_color" else f"an outlined {shape} in {colour}")
+    elif kind == "count" and c.get("dots"):
+        bits.append(f"{c['dots']} black dots")
     elif c.get("code") and kind in ("read_code", "relative_position"):
         bits.append(f"the code {c['code']}")
-    return " and ".join(bits) if bits else "a plain sign"
+    return " and ".join(bits) if bits else "nothing that answers the question"
 
 
 def _conclusion(kind: str, answer: str) -> str:
@@ -252,13 +258,14 @@ def teacher_turns(
         else:
             seen.append(rng.choice([f"This one has {shows}.", f"It shows {shows}.", f"Not it: {shows}."]))
     verify = pattern == "verify" or (kind in ("count", "marker_shape", "marker_color") and rng.random() < 0.5)
-    if verify and found:
-        t = found[-1]
-        tight = writer.window(t["box"], scale=1.4)
+    tight = writer.window(found[-1]["box"], scale=1.25, minimum=2 * MIN_BOX_SIDE) if found else None
+    if verify and tight is not None and tight != writer.window(found[-1]["box"]):  # a closer view, not the same
         turns.append(
             (f"{seen[-1]} Let me zoom closer to be sure of the detail.", writer.call(tight, None, "original_image"))
         )
-        seen.append("The closer view confirms it.")
+        seen.append(rng.choice(["The closer view confirms it.", "Closer up it is the same: confirmed."]))
+        if pattern != "verify":
+            pattern += "+verify"
     final = "<think>" + " ".join(x for x in (seen[-1] if seen else "", _conclusion(kind, answer)) if x) + "</think>"
     out: list[Any] = []
     for k, (thought, call) in enumerate(turns):

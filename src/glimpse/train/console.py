@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape
@@ -13,6 +14,9 @@ from glimpse.config import ColdStartConfig, SFTConfig, write_resolved
 from glimpse.errors import ConfigError
 from glimpse.images import PixelLimits
 from glimpse.train.coldstart import ColdStartStats
+
+if TYPE_CHECKING:
+    from glimpse.train.export import ExportResult
 
 EXIT_OK = 0
 FORMATS = ("llamafactory", "trl", "verl")
@@ -68,9 +72,7 @@ def run_coldstart(cfg: ColdStartConfig) -> int:
     if formats and stats.kept:
         from glimpse.train.export import export
 
-        result = export(path, out, formats=formats)
-        for line in result.describe():
-            console.print(line)
+        _print_export(console, export(path, out, formats=formats))
     console.print(
         f"[dim]view them with: glimpse view {path}\ntrain on them with: glimpse train sft --data {out} "
         "--model FOLDER[/]"
@@ -134,11 +136,26 @@ def run_export(data: str, out: str | None, formats: str) -> int:
     source = Path(data)
     path = source / "trajectories.jsonl" if source.is_dir() else source
     target = Path(out) if out else path.parent
-    result = export(path, target, formats=parse_formats(formats))
-    console = Console(highlight=False, soft_wrap=True)
-    for line in result.describe():
-        console.print(line)
+    chosen = parse_formats(formats)
+    if not chosen:
+        raise ConfigError("choose at least one format: llamafactory, trl, verl")
+    _print_export(Console(highlight=False, soft_wrap=True), export(path, target, formats=chosen))
     return EXIT_OK
+
+
+def _print_export(console: Console, result: ExportResult) -> None:
+    limits = result.limits
+    pixels = f" at {limits.min_pixels:,}–{limits.max_pixels:,} pixels, factor {limits.factor}" if limits else ""
+    console.print(f"exported {result.exported} trajectories, {result.images} images{pixels}")
+    for fmt, path in result.files.items():
+        console.print(f"  {fmt}: {path}")
+    for reason, ids in result.skipped.items():
+        console.print(f"  [yellow]skipped {len(ids)}[/] ({reason}), e.g. {ids[0]}")
+    if "llamafactory" in result.files:
+        console.print(
+            f"  [dim]LLaMA-Factory: dataset_dir {result.files['llamafactory'].parent}, dataset glimpse; "
+            f"pixel limits in {result.files['llamafactory'].parent / 'train_args.yaml'}[/]"
+        )
 
 
 def run_sft(cfg: SFTConfig) -> int:
