@@ -33,15 +33,13 @@ from PIL import Image
 from glimpse.errors import BackendError, ConfigError, ContextLengthError, ImageInputError
 from glimpse.geometry import Box, Coords
 from glimpse.images import (
-    MAX_PIXELS,
-    MIN_PIXELS,
     ImageCache,
     Original,
     PixelLimits,
     fit,
     image_tokens,
 )
-from glimpse.models import native_settings
+from glimpse.models import native_limits, native_settings
 from glimpse.models.base import Backend, Completion, GenerateParams, ImagePart, Message, TextPart
 from glimpse.protocol import Protocol, make_protocol
 from glimpse.protocol.base import Action
@@ -107,8 +105,8 @@ class AgentLoop:
         max_images: most images in the conversation, the original included (``None``: no cap but turns).
         max_new_tokens: most tokens per reply.
         max_context_tokens: the model's context window; the loop stops before overflowing it.
-        min_pixels: smallest area an image is shown at.
-        max_pixels: largest area an image is shown at.
+        min_pixels: smallest area an image is shown at (``None``: the backend's own, else 40,000).
+        max_pixels: largest area an image is shown at (``None``: the backend's own, else 2,000,000).
         resize_factor: sides are multiples of this (28 for Qwen2/2.5-VL, 32 for Qwen3-VL); ``None``: the
             backend's own, else 28.
         min_box_side: smallest zoom side, in original pixels.
@@ -137,8 +135,8 @@ class AgentLoop:
         max_images: int | None = None,
         max_new_tokens: int = 4096,
         max_context_tokens: int = 32768,
-        min_pixels: int = MIN_PIXELS,
-        max_pixels: int = MAX_PIXELS,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
         resize_factor: int | None = None,
         min_box_side: int = MIN_BOX_SIDE,
         max_aspect_ratio: float = ZOOM_MAX_ASPECT_RATIO,
@@ -161,6 +159,7 @@ class AgentLoop:
         self.backend = backend
         native_coords, native_factor = native_settings(backend)
         coords = coords or native_coords
+        prompt_file = prompt_file or getattr(backend, "default_prompt_file", None)
         resize_factor = resize_factor or native_factor
         self.protocol = (
             protocol if isinstance(protocol, Protocol) else make_protocol(protocol, coords, prompt_file, code)
@@ -170,7 +169,8 @@ class AgentLoop:
             if self.protocol.code
             else None
         )
-        self.limits = PixelLimits(min_pixels, max_pixels, resize_factor)
+        native_min, native_max = native_limits(backend)
+        self.limits = PixelLimits(min_pixels or native_min, max_pixels or native_max, resize_factor)
         self.tool = ZoomTool(
             self.protocol.coords, self.limits, min_box_side=min_box_side, max_aspect_ratio=max_aspect_ratio
         )
@@ -192,8 +192,8 @@ class AgentLoop:
             max_images=max_images,
             max_new_tokens=max_new_tokens,
             max_context_tokens=max_context_tokens,
-            min_pixels=min_pixels,
-            max_pixels=max_pixels,
+            min_pixels=self.limits.min_pixels,
+            max_pixels=self.limits.max_pixels,
             resize_factor=resize_factor,
             min_box_side=min_box_side,
             max_aspect_ratio=max_aspect_ratio,

@@ -67,8 +67,12 @@ class AskConfig:
     max_new_tokens: int | None = opt(None, "most tokens per reply (overrides --effort)")
     max_context_tokens: int = opt(32768, "the model's context window; the loop stops before overflowing it")
     max_images: int | None = opt(None, "most images in the conversation, the original included (default: no cap)")
-    min_pixels: int = opt(40_000, "smallest area an image is shown at (Mini-o3 recipe: 40,000)")
-    max_pixels: int = opt(2_000_000, "largest area an image is shown at (Mini-o3 recipe: 2,000,000)")
+    min_pixels: int | None = opt(
+        None, "smallest area an image is shown at (default: the model's own; otherwise Mini-o3's 40,000)"
+    )
+    max_pixels: int | None = opt(
+        None, "largest area an image is shown at (default: the model's own; otherwise Mini-o3's 2,000,000)"
+    )
     resize_factor: int | None = opt(None, FACTOR_HELP)
     keep_images: int | None = opt(None, "keep only the last K zoom images in the context (default: all)")
     code: bool = opt(False, "offer the Python code tool (a sandboxed session per trajectory)")
@@ -140,8 +144,8 @@ class EvalConfig:
     max_new_tokens: int = opt(4096, "most tokens per reply")
     max_context_tokens: int = opt(32768, "the model's context window")
     max_images: int | None = opt(None, "most images in a conversation, the original included")
-    min_pixels: int = opt(40_000, "smallest area an image is shown at")
-    max_pixels: int = opt(2_000_000, "largest area an image is shown at")
+    min_pixels: int | None = opt(None, "smallest area an image is shown at (default: the model's own, else 40,000)")
+    max_pixels: int | None = opt(None, "largest area an image is shown at (default: the model's own, else 2,000,000)")
     resize_factor: int | None = opt(None, FACTOR_HELP)
     keep_images: int | None = opt(None, "keep only the last K zoom images in the context")
     code: bool = opt(False, "offer the Python code tool (a sandboxed session per trajectory)")

@@ -43,7 +43,7 @@ from glimpse.bench.scoring import score
 from glimpse.config import EvalConfig, public_dict
 from glimpse.errors import ConfigError, GlimpseError
 from glimpse.images import ImageCache, PixelLimits
-from glimpse.models import Backend, load_backend, native_settings
+from glimpse.models import Backend, load_backend, native_limits, native_settings
 from glimpse.trajectory import Sample, Score, Trajectory
 
 RESULTS, CONFIG, SUMMARY, TABLE, SWEEP_CSV, SWEEP_PNG = (
@@ -311,7 +311,14 @@ async def run_eval(
     owned = backend is None
     backend = _backend(cfg) if owned else backend
     coords, factor = native_settings(backend)
-    cfg = dataclasses.replace(cfg, coords=cfg.coords or coords, resize_factor=cfg.resize_factor or factor)
+    low, high = native_limits(backend)
+    cfg = dataclasses.replace(
+        cfg,
+        coords=cfg.coords or coords,
+        resize_factor=cfg.resize_factor or factor,
+        min_pixels=cfg.min_pixels or low,
+        max_pixels=cfg.max_pixels or high,
+    )
     dataset = load_dataset(cfg.data)
     samples = dataset.samples[: cfg.limit] if cfg.limit is not None else dataset.samples
     out = Path(cfg.out) if cfg.out else default_out(cfg)

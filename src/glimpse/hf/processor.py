@@ -26,6 +26,7 @@ FAMILIES: dict[str, tuple[str, str, int, str]] = {
     "qwen2_5_vl": ("qwen2_5_vl", "Qwen2_5_VLProcessor", 28, "pixels"),
     "qwen3_vl": ("qwen3_vl", "Qwen3VLProcessor", 32, "relative"),
     "qwen3_vl_moe": ("qwen3_vl", "Qwen3VLProcessor", 32, "relative"),
+    "glimpse_vl": ("glimpse_vl", "GlimpseVLProcessor", 32, "relative"),  # the built-in model (glimpse.hf.builtin)
 }
 
 
@@ -85,10 +86,21 @@ def _stamp_processor_class(folder: Path, name: str) -> None:
                 path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
+def quiet_progress() -> None:
+    """Turn off transformers' per-file progress bars (loading and writing shards); Glimpse reports its own."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def load_processor(path: str | os.PathLike[str]) -> Any:
     """The checkpoint's processor: ``AutoProcessor`` if it works here, else the image-only variant."""
+    quiet_progress()
     kind = model_type(path)
     name = FAMILIES[kind][1]
+    if kind == "glimpse_vl":  # registers the built-in model's classes with the Auto classes
+        import glimpse.hf.builtin  # noqa: F401
+
     try:
         from transformers import AutoProcessor
 

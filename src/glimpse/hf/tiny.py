@@ -15,7 +15,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from glimpse.hf.processor import image_only_class
+from glimpse.hf.processor import image_only_class, quiet_progress
 
 # Qwen's special tokens, in Qwen's order (appended after the learned vocabulary, as in real checkpoints).
 SPECIAL_TOKENS = [
@@ -140,8 +140,14 @@ def corpus(seed: int = 0, lines: int = 4000) -> list[str]:
     return out
 
 
-def build_tokenizer(vocab_size: int = 4000, seed: int = 0) -> Any:
-    """A byte-level BPE tokenizer wrapped as Qwen's tokenizer class, with the chat template."""
+def build_tokenizer(
+    vocab_size: int = 4000, seed: int = 0, *, texts: list[str] | None = None, extra_tokens: tuple[str, ...] = ()
+) -> Any:
+    """A byte-level BPE tokenizer wrapped as Qwen's tokenizer class, with the chat template.
+
+    ``texts`` replaces the default training corpus; ``extra_tokens`` are added as whole (non-special) tokens
+    after the protocol tags.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import Qwen2TokenizerFast
 
@@ -151,9 +157,9 @@ def build_tokenizer(vocab_size: int = 4000, seed: int = 0) -> Any:
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
     )
-    tok.train_from_iterator(corpus(seed), trainer=trainer)
+    tok.train_from_iterator(texts if texts is not None else corpus(seed), trainer=trainer)
     tok.add_special_tokens(SPECIAL_TOKENS)
-    tok.add_tokens(PROTOCOL_TOKENS)
+    tok.add_tokens([*PROTOCOL_TOKENS, *extra_tokens])
     return Qwen2TokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
@@ -211,6 +217,7 @@ def build_tiny_qwen(
     model.generation_config.eos_token_id = ids("<|im_end|>")
     model.generation_config.pad_token_id = ids("<|endoftext|>")
     out = Path(out_dir)
+    quiet_progress()
     model.save_pretrained(out)
     processor_class = {"qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen2_vl": "Qwen2VLProcessor"}.get(
         family, "Qwen3VLProcessor"

@@ -61,6 +61,13 @@ def native_settings(backend: Backend | None) -> tuple[str, int]:
     return getattr(backend, "default_coords", "relative"), getattr(backend, "resize_factor", RESIZE_FACTOR)
 
 
+def native_limits(backend: Backend | None) -> tuple[int, int]:
+    """The pixel limits a backend's model was trained with (Mini-o3's 40,000–2,000,000 if unknown)."""
+    from glimpse.images import MAX_PIXELS, MIN_PIXELS
+
+    return getattr(backend, "default_limits", (MIN_PIXELS, MAX_PIXELS))
+
+
 __all__ = [
     "BACKENDS",
     "Backend",
@@ -71,5 +78,6 @@ __all__ = [
     "TextPart",
     "ToolCall",
     "load_backend",
+    "native_limits",
     "native_settings",
 ]

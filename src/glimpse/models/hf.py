@@ -89,6 +89,11 @@ class HFBackend:
         _widen_pixel_limits(self.processor.image_processor, factor)
         self.model = AutoModelForImageTextToText.from_pretrained(folder, dtype=getattr(torch, dtype)).to(device)
         self.model.eval()
+        native = (getattr(self.model.config, "min_pixels", None), getattr(self.model.config, "max_pixels", None))
+        if all(native):  # the built-in model records the limits it was trained at; Qwen leaves them to the user
+            self.default_limits = native
+        if (folder / "glimpse_prompts.yaml").exists():  # a checkpoint trained by Glimpse on its own prompts
+            self.default_prompt_file = str(folder / "glimpse_prompts.yaml")
         self.image_token_id = self.model.config.image_token_id
         self.context = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
         self._prefixes: OrderedDict[str, _Prefix] = OrderedDict()

@@ -164,19 +164,33 @@ class TrajectoryData:
     def example(self, i: int) -> Example | None:
         """Trajectory ``i`` tokenised, or ``None`` if it is longer than ``max_length`` (then counted)."""
         traj = self.trajectories[i]
-        messages, order = hf_chat(traj)
-        images = [render_image(traj, k, cache=self.cache, base_dir=self.base_dir) for k in order]
-        text = self.processor.apply_chat_template(messages, tokenize=False, tools=_tools(traj))
-        if images:
-            enc = self.processor(text=[text], images=images, return_tensors="pt")
-        else:
-            enc = self.processor(text=[text], return_tensors="pt")
-        ids = enc["input_ids"][0].tolist()
-        if len(ids) > self.max_length:
-            self.skipped[traj.id] = f"{len(ids)} tokens > max_length {self.max_length}"
+        ex = encode(traj, self.processor, self.header, self.end, cache=self.cache, base_dir=self.base_dir)
+        if len(ex.input_ids) > self.max_length:
+            self.skipped[traj.id] = f"{len(ex.input_ids)} tokens > max_length {self.max_length}"
             return None
-        labels = assistant_labels(ids, self.header, self.end)
-        return Example(traj.id, ids, labels, enc.get("pixel_values"), enc.get("image_grid_thw"))
+        return ex
+
+
+def encode(
+    traj: Trajectory,
+    processor: Any,
+    header: list[int],
+    end: int,
+    *,
+    cache: ImageCache | None = None,
+    base_dir: str | None = None,
+) -> Example:
+    """A trajectory as the exact conversation the model saw, tokenised, with labels on its replies only."""
+    messages, order = hf_chat(traj)
+    images = [render_image(traj, k, cache=cache, base_dir=base_dir) for k in order]
+    text = processor.apply_chat_template(messages, tokenize=False, tools=_tools(traj))
+    if images:
+        enc = processor(text=[text], images=images, return_tensors="pt")
+    else:
+        enc = processor(text=[text], return_tensors="pt")
+    ids = enc["input_ids"][0].tolist()
+    labels = assistant_labels(ids, header, end)
+    return Example(traj.id, ids, labels, enc.get("pixel_values"), enc.get("image_grid_thw"))
 
 
 def collate(examples: list[Example], pad_id: int, image_token_id: int) -> dict[str, Any]:
