@@ -25,6 +25,7 @@ BACKENDS: dict[str, tuple[str, str]] = {
     "openai": ("glimpse.models.openai_compat", "the model name the server knows, e.g. openai:gpt-4.1"),
     "scripted": ("glimpse.models.scripted", "a JSON file of assistant turns, e.g. scripted:turns.json"),
     "hf": ("glimpse.models.hf", "a local Qwen-VL checkpoint folder, e.g. hf:/models/Qwen2.5-VL-7B-Instruct"),
+    "expert": ("glimpse.models.expert", ""),  # no argument: the training-free policy (image analysis and OCR)
 }
 
 
@@ -40,10 +41,10 @@ def load_backend(spec: str, **options: Any) -> Backend:
     """
     name, sep, arg = spec.partition(":")
     if name not in BACKENDS:
-        known = ", ".join(f"{k}:…" for k in BACKENDS)
+        known = ", ".join(f"{k}:…" if what else k for k, (_, what) in BACKENDS.items())
         raise ConfigError(f"unknown model backend {name!r} in {spec!r}; choose one of {known}")
     module_name, what = BACKENDS[name]
-    if not sep or not arg:
+    if what and (not sep or not arg):
         raise ConfigError(f"model {spec!r} needs an argument after '{name}:': {what}")
     try:
         module = importlib.import_module(module_name)
