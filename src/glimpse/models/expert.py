@@ -237,7 +237,7 @@ def _hue_name(pixels: np.ndarray) -> str:
     import colorsys
 
     rgb = np.median(pixels, axis=0) / 255.0
-    h, s, v = colorsys.rgb_to_hsv(*rgb)
+    h, _, v = colorsys.rgb_to_hsv(*rgb)
     if v < 0.3:
         return "black"
     best, gap = "red", 9.0
@@ -295,7 +295,6 @@ def read_sign(
     regions = light_regions(image, min_area=40)
     if not regions:
         return SignReading(notes=["no sign in this view"]), None
-    h, w = a.shape[:2]
     sign = max(regions, key=lambda r: (r.box[2] - r.box[0]) * (r.box[3] - r.box[1]))
     x0, y0, x1, y1 = sign.box
     inner = a[y0:y1, x0:x1]
@@ -441,7 +440,7 @@ class ExpertPolicy:
         return [round(v, 4) for v in (left / width, top / height, (left + side_w) / width, (top + side_h) / height)]
 
     def _decide(self, q: Question, readings: list[Any], width: int) -> tuple[str | None, str]:
-        for box, r in readings:
+        for _, r in readings:
             if (q.starred and r.corner != "star") or (q.border and r.border != q.border):
                 continue
             if q.kind == "which_marked" and r.red_dot and r.text:
