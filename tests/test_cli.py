@@ -103,12 +103,21 @@ def test_config_file_and_samples(make_image, write_script, tmp_path):
     assert {r["settings"]["max_turns"] for r in records} == {4}
 
 
-def test_demo_runs_offline_and_finds_the_code(tmp_path):
+def test_demo_runs_offline_and_the_expert_searches_live(tmp_path):
     started = time.perf_counter()
     proc = glimpse("demo", "--out", str(tmp_path / "demo"))
+    assert proc.returncode == 0, proc.stderr
+    assert "training-free expert policy" in proc.stdout  # says plainly which policy runs
+    (traj,) = load_jsonl(tmp_path / "demo" / "trajectory.jsonl")
+    assert f"gold answer: {traj.answer}" in proc.stdout  # found it
+    assert traj.settings.model == "expert" and traj.metrics["zooms"] >= 1
+    assert time.perf_counter() - started < 60
+
+
+def test_the_scripted_demo_replays_the_runtime_tour(tmp_path):
+    proc = glimpse("demo", "--scripted", "--out", str(tmp_path / "demo"))
     assert proc.returncode == 0, proc.stderr
     assert "scripted" in proc.stdout
     (traj,) = load_jsonl(tmp_path / "demo" / "trajectory.jsonl")
     assert f"gold answer: {traj.answer}" in proc.stdout
     assert traj.metrics["zooms"] == 2 and traj.metrics["tool_errors"] == 1
-    assert time.perf_counter() - started < 60

@@ -158,11 +158,14 @@ def ask_command(cfg: AskConfig, image: str, question: str) -> int:
 def demo_command(
     out: Annotated[str, typer.Option(help="folder for the generated scene, script and trajectory")] = "glimpse-demo",
     quiet: Annotated[bool, typer.Option(help="print only the answer")] = False,
+    scripted: Annotated[
+        bool, typer.Option(help="replay a scripted search instead (shows a nested zoom and a corrected mistake)")
+    ] = False,
 ) -> None:
-    """Offline demo: a scripted model searches a generated 4K scene for a code it cannot read at first."""
+    """Offline demo: the built-in policy searches a generated high-resolution scene, live, with no download."""
     from glimpse.console import run_demo
 
-    raise typer.Exit(run_demo(out, quiet=quiet))
+    raise typer.Exit(run_demo(out, quiet=quiet, scripted=scripted))
 
 
 @config_command(

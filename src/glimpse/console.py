@@ -128,8 +128,34 @@ def run_ask(cfg: AskConfig, image: str, question: str, *, overwrite: bool = Fals
     return exit_code(result.trajectories, result.answer)
 
 
-def run_demo(out: str, *, quiet: bool = False) -> int:
-    """``glimpse demo``: generate a scene, replay a scripted search, show it."""
+def run_demo(out: str, *, quiet: bool = False, scripted: bool = False) -> int:
+    """``glimpse demo``: a live search of a generated probe by the best built-in policy (``scripted``: the
+    replayed search of the runtime demo instead)."""
+    if scripted:
+        return _run_scripted_demo(out, quiet=quiet)
+    from glimpse.demo import make_probe_demo
+
+    console = Console(highlight=False, soft_wrap=True)
+    demo = make_probe_demo(out)
+    if not quiet:
+        console.print(
+            f"[bold]Glimpse demo[/]: a generated {demo.size[0]}×{demo.size[1]} scene with "
+            f"{demo.candidates} look-alike signs; only zooming tells them apart (the decisive detail is at most "
+            f"{demo.shown_px:.0f} pixels tall in the 2-megapixel view the model first gets).\n"
+            f"[yellow]The model here is Glimpse's training-free expert policy[/] (image analysis and "
+            f"{'Tesseract OCR' if demo.ocr else 'no OCR: Tesseract is not installed, so the question needs none'}),"
+            " running the same loop, protocol and record as any model. The learned built-in model is still being "
+            "trained (see the README); on fresh probes the expert's accuracy is in the README's tables.\n"
+        )
+    cfg = AskConfig(model="expert", save=str(Path(out) / "trajectory.jsonl"), quiet=quiet, max_turns=8)
+    code = run_ask(cfg, str(demo.image), demo.question, overwrite=True)
+    if not quiet:
+        console.print(f"[dim]gold answer: {demo.answer} · scene: {demo.image}[/]")
+        console.print(f"[dim]see every turn, box and crop: glimpse view {Path(out) / 'trajectory.jsonl'}[/]")
+    return code
+
+
+def _run_scripted_demo(out: str, *, quiet: bool = False) -> int:
     from glimpse.demo import make_demo, shown_text_height
 
     demo = make_demo(out)

@@ -86,6 +86,43 @@ def _turns(target: list[int], code: str) -> list[str]:
     ]
 
 
+@dataclass
+class ProbeDemo:
+    """A generated probe for the live demo."""
+
+    image: Path
+    question: str
+    answer: str
+    size: tuple[int, int]
+    candidates: int
+    shown_px: float
+    ocr: bool
+
+
+def make_probe_demo(out_dir: str | Path) -> ProbeDemo:
+    """Write the live demo's probe: a medium probe (look-alike candidates) asking for a code, or, where
+    Tesseract is missing, for a count of dots. A fixed probe, so the demo is the same on every machine."""
+    from glimpse.bench.synth import make_probe
+    from glimpse.models.expert import tesseract_available
+
+    ocr = tesseract_available()
+    probe = make_probe("medium", 0 if ocr else 1, seed=2026, kind="read_code" if ocr else "count")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "scene.jpg"
+    probe.image.save(path, quality=92)
+    rec = probe.record
+    return ProbeDemo(
+        image=path,
+        question=rec["problem"].replace("<image>", "").strip(),
+        answer=rec["solution"],
+        size=tuple(rec["size"]),  # type: ignore[arg-type]
+        candidates=len(rec["candidates"]),
+        shown_px=rec["shown_cap_px"],
+        ocr=ocr,
+    )
+
+
 def make_demo(out_dir: str | Path, seed: int = 7) -> Demo:
     """Write ``scene.png`` and ``script.json`` into ``out_dir`` and describe them."""
     rng = random.Random(seed)

@@ -319,8 +319,10 @@ register()
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Location tokens: zoom windows on a coarse grid, each one added token whose text is ordinary protocol JSON, so
-# a reply of a handful of tokens decodes to `<grounding>{"bbox_2d": [...], "source": "..."}</grounding>`.
+# Location tokens: zoom windows on a coarse grid, written with added tokens whose text is ordinary protocol JSON,
+# so a reply of a handful of tokens decodes to `<grounding>{"bbox_2d": [...], "source": "..."}</grounding>`.
+# Each coordinate is one token ("0.406, "), so choosing a window is a 16-way choice of column, then of row (the
+# far corner follows from the window's side), each learned from every example.
 GRID = 16  # window centres per side
 WINDOW_SIDES = (1 / 8, 1 / 4)  # relative side of a window: 1/8 of the original, 1/4 of an observation
 MAX_SOURCES = 40  # observation_1 … observation_40
@@ -339,8 +341,18 @@ def window(side: float, row: int, col: int) -> list[float]:
     return [x1, y1, x2, y2]
 
 
+BOX_OPEN = '{"bbox_2d": ['
+
+
 def box_token(box: list[float]) -> str:
-    return '{"bbox_2d": [' + ", ".join(f"{v:g}" for v in box) + "]"
+    """The box as protocol JSON text (tokenised as BOX_OPEN and four coordinate tokens)."""
+    return BOX_OPEN + ", ".join(f"{v:g}" for v in box) + "]"
+
+
+def coordinate_tokens() -> list[str]:
+    """Every coordinate of every grid window, as written before a comma and (for the last) before ']'."""
+    values = sorted({v for s in WINDOW_SIDES for r in range(GRID) for v in window(s, r, r)})
+    return [*(f"{v:g}, " for v in values), *(f"{v:g}]" for v in values)]
 
 
 def source_token(source: int) -> str:
@@ -349,10 +361,8 @@ def source_token(source: int) -> str:
 
 
 def location_tokens() -> list[str]:
-    """Every window token (each side, each grid cell; duplicates from shifting at the edges kept once) and
-    every source token."""
-    boxes = dict.fromkeys(box_token(window(s, r, c)) for s in WINDOW_SIDES for r in range(GRID) for c in range(GRID))
-    return [*boxes, *(source_token(i) for i in range(MAX_SOURCES + 1))]
+    """The box opening, every coordinate token and every source token."""
+    return [BOX_OPEN, *coordinate_tokens(), *(source_token(i) for i in range(MAX_SOURCES + 1))]
 
 
 SIZES: dict[str, dict[str, Any]] = {

@@ -397,7 +397,8 @@ class ExpertPolicy:
             readings.append((proposals[k] if k < len(proposals) else None, reading))
         answer, why = self._decide(q, readings, view.width)
         if answer is not None:
-            return f"<think>{why}</think>\n<answer>{answer}</answer>"
+            seen = f"The last one shows {readings[-1][1].describe()}. " if readings else ""
+            return f"<think>{seen}{why}</think>\n<answer>{answer}</answer>"
         k = len(readings)
         if k >= len(proposals):
             guess = self._guess(q, readings)

@@ -26,6 +26,7 @@ import json
 import math
 import multiprocessing as mp
 import random
+import re
 import shutil
 import tempfile
 import time
@@ -41,8 +42,8 @@ from glimpse.trajectory import Sample
 # hard teach searching look-alike candidates.
 LEVELS = ("card", "easy", "medium", "hard")
 CURRICULUM = (
-    (0.0, (0.8, 0.2, 0.0, 0.0)),
-    (0.2, (0.4, 0.5, 0.1, 0.0)),
+    (0.0, (0.6, 0.4, 0.0, 0.0)),
+    (0.15, (0.35, 0.5, 0.15, 0.0)),
     (0.5, (0.25, 0.35, 0.25, 0.15)),
 )
 
@@ -251,12 +252,15 @@ class BuiltinTrainConfig:
     threads: int = 2
 
 
-_FORMAT = ("<grounding>", "</grounding>", "<answer>", "</answer>", "<|im_end|>")
+_FORMAT = ("<grounding>", "</grounding>", "<answer>", "</answer>", "<|im_end|>", '{"bbox_2d": [')
+
+
+_COORDINATE = re.compile(r"^[01](\.\d+)?(, |\])$")
 
 
 def _part(token: str) -> str:
-    """What a trained token is: a zoom window, a source, the protocol's format, or part of an answer."""
-    if token.startswith('{"bbox_2d"'):
+    """What a trained token is: a zoom coordinate, a source, the protocol's format, or part of an answer."""
+    if _COORDINATE.match(token):
         return "zoom"
     if token.startswith(', "source"'):
         return "source"
