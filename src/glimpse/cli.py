@@ -19,6 +19,7 @@ import typer
 
 from glimpse.config import (
     AskConfig,
+    BuiltinConfig,
     ColdStartConfig,
     EvalConfig,
     ServeConfig,
@@ -237,7 +238,10 @@ def export_command(
     raise typer.Exit(run_export(data, out, formats))
 
 
-train_app = typer.Typer(help="Train a checkpoint: sft (supervised, on trajectories).", no_args_is_help=True)
+train_app = typer.Typer(
+    help="Train a checkpoint: sft (supervised, on trajectories), builtin (the built-in model from scratch).",
+    no_args_is_help=True,
+)
 app.add_typer(train_app, name="train")
 
 
@@ -252,6 +256,20 @@ def sft_command(cfg: SFTConfig) -> int:
     from glimpse.train.console import run_sft
 
     return run_sft(cfg)
+
+
+@config_command(
+    "builtin",
+    BuiltinConfig,
+    parent=train_app,
+    help="Train the built-in model from scratch on CPU, on probes streamed from the generator (nothing stored); "
+    "logs held-out accuracy per step; the result loads as hf:OUT/model.",
+)
+def builtin_command(cfg: BuiltinConfig) -> int:
+    from glimpse.train.builtin import train_builtin
+
+    train_builtin(cfg)
+    return 0
 
 
 def main() -> None:

@@ -380,3 +380,21 @@ def write_resolved(config: Any, path: str | Path) -> None:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(json.dumps(public_dict(config), indent=2) + "\n", encoding="utf-8")
+
+
+@dataclass
+class BuiltinConfig:
+    """Settings of ``glimpse train builtin``."""
+
+    out: str = opt("builtin-run", "output folder: config, log.jsonl, result.json and the model in OUT/model")
+    size: str = opt(
+        "base", "architecture size: base (about 4 M parameters) or tiny (for tests)", choices=("base", "tiny")
+    )
+    minutes: float = opt(60.0, "training time budget; the learning rate follows elapsed time")
+    batch: int = opt(8, "trajectories per step")
+    lr: float = opt(1e-3, "peak learning rate (AdamW)")
+    warmup: int = opt(100, "warm-up steps")
+    workers: int = opt(1, "processes generating probes and trajectories while the model trains")
+    threads: int = opt(2, "torch threads of the training process")
+    seed: int = opt(0, "seed of the initial weights and of the probe stream")
+    save_every_min: float = opt(5.0, "minutes between saves of OUT/model")

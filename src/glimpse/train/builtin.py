@@ -31,10 +31,10 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from glimpse.config import BuiltinConfig, write_resolved
 from glimpse.trajectory import Sample
 
 # Mixture per curriculum stage: (fraction of the run at which it starts, weights of card / easy / medium / hard).
@@ -238,20 +238,6 @@ def _level(progress: float, rng: random.Random) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------- training
-@dataclass
-class BuiltinTrainConfig:
-    out: str = "builtin-run"
-    size: str = "base"
-    minutes: float = 60.0
-    batch: int = 8
-    lr: float = 1e-3
-    warmup: int = 100
-    workers: int = 1
-    seed: int = 0
-    save_every_min: float = 5.0
-    threads: int = 2
-
-
 _FORMAT = ("<grounding>", "</grounding>", "<answer>", "</answer>", "<|im_end|>", '{"bbox_2d": [')
 
 
@@ -267,7 +253,16 @@ def _part(token: str) -> str:
     return "format" if token in _FORMAT else "answer"
 
 
-def train_builtin(cfg: BuiltinTrainConfig, *, log: Callable[[dict[str, Any]], None] = print) -> Path:
+def _print(entry: dict[str, Any]) -> None:
+    accs = "  ".join(f"{k[4:]} {v:.2f}" for k, v in entry.items() if k.startswith("acc_"))
+    print(
+        f"step {entry['step']}  {entry['examples']:,} examples  {entry['minutes']:.1f} min  "
+        f"loss {entry['loss']:.3f}  held-out accuracy: {accs}",
+        flush=True,
+    )
+
+
+def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] = _print) -> Path:
     """Train a fresh built-in model for ``cfg.minutes`` on streamed probes; write ``OUT/model``."""
     import torch
 
@@ -278,13 +273,15 @@ def train_builtin(cfg: BuiltinTrainConfig, *, log: Callable[[dict[str, Any]], No
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg.__dict__, indent=2) + "\n")
+    write_resolved(cfg, out / "config.json")
     model_dir = out / "model"
     build_builtin(model_dir, size=cfg.size, seed=cfg.seed)
     from transformers import AutoModelForImageTextToText
 
     model = AutoModelForImageTextToText.from_pretrained(model_dir)
     processor = load_processor(model_dir)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"training a fresh {cfg.size} built-in model ({params:,} parameters) for {cfg.minutes:g} min → {out}")
     tok = processor.tokenizer
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.01)
@@ -354,7 +351,7 @@ def train_builtin(cfg: BuiltinTrainConfig, *, log: Callable[[dict[str, Any]], No
                 "step": step,
                 "examples": seen,
                 "minutes": round(elapsed / 60, 2),
-                "loss": round(float(loss), 4),
+                "loss": round(float(loss.detach()), 4),
                 "lr": lr,
                 "grad": round(float(grad), 3),
                 "levels": {lv: levels.count(lv) for lv in set(levels)},
@@ -377,6 +374,7 @@ def train_builtin(cfg: BuiltinTrainConfig, *, log: Callable[[dict[str, Any]], No
         logf.close()
     model.save_pretrained(model_dir)
     (out / "result.json").write_text(json.dumps({"steps": step, "examples": seen, "minutes": budget / 60}) + "\n")
+    print(f"model → {model_dir}  (use it with --model hf:{model_dir})")
     return model_dir
 
 
@@ -384,18 +382,3 @@ def iter_log(path: str | Path) -> Iterator[dict[str, Any]]:
     with Path(path).open() as fh:
         for line in fh:
             yield json.loads(line)
-
-
-def main() -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Train the built-in model from scratch on streamed probes.")
-    for name, value in BuiltinTrainConfig().__dict__.items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
-    args = parser.parse_args()
-    cfg = BuiltinTrainConfig(**{k.replace("-", "_"): v for k, v in vars(args).items()})
-    print(train_builtin(cfg))
-
-
-if __name__ == "__main__":
-    main()
