@@ -17,12 +17,12 @@ from glimpse.hf.builtin import (
     WINDOW_SIDES,
     box_token,
     build_builtin,
-    fit_size,
     location_tokens,
     source_token,
     window,
 )
 from glimpse.hf.processor import load_processor
+from glimpse.images import PixelLimits, smart_resize
 from glimpse.models.hf import HFBackend
 from glimpse.models.scripted import ScriptedBackend
 from glimpse.protocol.base import parse_call_payload
@@ -55,7 +55,7 @@ def test_processor_expands_each_image_to_its_cells(builtin):
     text = "a <|image_pad|> and b <|image_pad|> end"
     enc = processor(text=[text], images=images, return_tensors="pt")
     grids = enc["image_grid_thw"].tolist()
-    w0, h0 = fit_size(640, 360, 32, 65_536, 147_456)
+    w0, h0 = smart_resize(640, 360, PixelLimits(65_536, 147_456, 32))
     assert grids[0] == [1, h0 // 32, w0 // 32]
     assert grids[1] == [1, 8, 8]  # 100×100 scaled up to the 65,536-pixel minimum: 256×256
     pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")

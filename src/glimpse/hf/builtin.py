@@ -15,7 +15,6 @@ each ``<|image_pad|>`` to one token per cell and returns ``pixel_values`` as row
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -37,6 +36,8 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.processing_utils import ProcessorMixin
+
+from glimpse.images import PixelLimits, smart_resize
 
 MODEL_TYPE = "glimpse_vl"
 MEAN = (0.5, 0.5, 0.5)
@@ -212,21 +213,6 @@ class GlimpseVLForConditionalGeneration(GlimpseVLPreTrainedModel, GenerationMixi
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
 
 
-def fit_size(width: int, height: int, cell: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
-    """Qwen's resize rule at this cell size: sides multiples of ``cell``, area within the limits, aspect kept."""
-    w = max(cell, round(width / cell) * cell)
-    h = max(cell, round(height / cell) * cell)
-    if w * h > max_pixels:
-        beta = math.sqrt(width * height / max_pixels)
-        w = max(cell, math.floor(width / beta / cell) * cell)
-        h = max(cell, math.floor(height / beta / cell) * cell)
-    elif w * h < min_pixels:
-        beta = math.sqrt(min_pixels / (width * height))
-        w = math.ceil(width * beta / cell) * cell
-        h = math.ceil(height * beta / cell) * cell
-    return w, h
-
-
 class GlimpseVLImageProcessor(BaseImageProcessor):
     """Resize to the cell grid (within the pixel limits), normalise, and cut into rows of 32×32 cells."""
 
@@ -248,7 +234,7 @@ class GlimpseVLImageProcessor(BaseImageProcessor):
     def cells(self, image: Image.Image) -> tuple[np.ndarray, tuple[int, int]]:
         """One image → (rows·columns, 3·cell·cell) float32 and its grid (rows, columns)."""
         image = image.convert("RGB")
-        w, h = fit_size(image.width, image.height, self.cell, self.min_pixels, self.max_pixels)
+        w, h = smart_resize(image.width, image.height, PixelLimits(self.min_pixels, self.max_pixels, self.cell))
         if (w, h) != image.size:
             image = image.resize((w, h), Image.Resampling.BICUBIC)
         a = np.asarray(image, dtype=np.float32) / 255.0

@@ -25,6 +25,7 @@ import asyncio
 import json
 import math
 import multiprocessing as mp
+import queue
 import random
 import re
 import shutil
@@ -312,7 +313,10 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
         while time.perf_counter() - start < budget:
             batch, levels = [], []
             while len(batch) < cfg.batch:
-                kind, payload = results.get()
+                try:
+                    kind, payload = results.get(timeout=600)
+                except queue.Empty:
+                    raise RuntimeError("the example generators produced nothing for 10 minutes") from None
                 feed(1)
                 if kind == "example":
                     levels.append(payload[0])
