@@ -58,6 +58,9 @@ def test_oracle_scores_100_with_every_target_found(tmp_path):
         assert s["accuracy"]["avg"] == 1.0, (level, s)
         assert s["faithfulness"]["checked"] == 6 and s["faithfulness"]["covered_rate"] == 1.0
         assert s["input_errors"] == s["backend_errors"] == 0
+        search = s["search"]
+        assert search["first_zoom_hit_rate"] == 1.0 and search["zoomed_rate"] == 1.0
+        assert search["distinct_first_zooms"] == search["distinct_answers"] == 6  # six different probes
     assert (tmp_path / "hard" / "run" / "summary.md").read_text().count("| 6 | 6 | 100.0 |") == 1
 
 
@@ -71,6 +74,7 @@ def test_direct_is_near_chance_and_never_faithful(tmp_path):
     s = run.summaries[12]
     assert s["chance"] == 0.25 and 0.12 < s["accuracy"]["avg"] < 0.38
     assert s["accuracy"]["pass"] > s["accuracy"]["avg"] and s["turns_mean"] == 1.0
+    assert s["search"]["zoomed_rate"] == 0.0 and s["search"]["first_zoom_hit_rate"] is None
 
 
 def varied_policy(messages, params):

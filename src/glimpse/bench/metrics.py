@@ -71,6 +71,39 @@ def found_targets(traj: Trajectory, threshold: float) -> tuple[bool, float] | No
     return covered, best_iou
 
 
+def first_zoom_hit(traj: Trajectory) -> bool | None:
+    """Whether the first zoom's window, capped at a quarter of the image's area, holds the first target's
+    centre (``None`` without a target box or a zoom). The cap keeps a policy from scoring by zooming wide."""
+    targets, zoom = traj.sample.target_boxes, next((t.crop_box_px for t in traj.turns if t.crop_box_px), None)
+    if not targets or zoom is None or traj.image is None:
+        return None
+    x0, y0, x1, y1 = zoom
+    quarter = traj.image.width * traj.image.height / 4
+    shrink = min(1.0, (quarter / max(1.0, (x1 - x0) * (y1 - y0))) ** 0.5)
+    cx, cy, hw, hh = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) * shrink / 2, (y1 - y0) * shrink / 2
+    tx, ty = (targets[0][0] + targets[0][2]) / 2, (targets[0][1] + targets[0][3]) / 2
+    return cx - hw <= tx <= cx + hw and cy - hh <= ty <= cy + hh
+
+
+def search_behaviour(trajectories: list[Trajectory]) -> dict[str, Any]:
+    """Signs of a collapsed policy: how many distinct answers and first zooms it gives, how often it zooms at
+    all, and how often its first zoom lands on the target."""
+    firsts = []
+    for t in trajectories:
+        box = next((z.crop_box_px for z in t.turns if z.crop_box_px), None)
+        if box is not None and t.image is not None:
+            w, h = t.image.width, t.image.height
+            firsts.append((round(box[0] / w, 2), round(box[1] / h, 2), round(box[2] / w, 2), round(box[3] / h, 2)))
+    hits = [h for h in map(first_zoom_hit, trajectories) if h is not None]
+    return {
+        "distinct_answers": len({normalize_answer(t.answer) for t in trajectories if t.answer}),
+        "distinct_first_zooms": len(set(firsts)),
+        "zoomed_rate": len(firsts) / len(trajectories) if trajectories else 0.0,
+        "first_zoom_hit_rate": statistics.fmean(hits) if hits else None,
+        "first_zoom_checked": len(hits),
+    }
+
+
 def _correct(traj: Trajectory) -> bool:
     return bool(traj.score and traj.score.correct)
 
@@ -137,6 +170,7 @@ def summarize(trajectories: list[Trajectory], threshold: float = 0.5) -> dict[st
             "best_iou_mean": statistics.fmean(i for _, i in faithful) if faithful else None,
             "threshold": threshold,
         },
+        "search": search_behaviour(valid),
         "input_errors": len(input_errors),
         "backend_errors": backend_errors,
         "judge_errors": sum(1 for t in valid if t.score and t.score.method == "judge_error"),

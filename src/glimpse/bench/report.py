@@ -61,8 +61,15 @@ def markdown_summary(dataset: str, model: str, k: int, summaries: dict[int, dict
         f"- faithfulness: {s['faithfulness']['checked']} correct answers with known targets; covered "
         f"{_pct(s['faithfulness']['covered_rate'])} % (coverage ≥ {s['faithfulness']['threshold']}), "
         f"mean best IoU {s['faithfulness']['best_iou_mean'] or 0:.2f}",
-        "",
     ]
+    if "search" in s:  # summaries written before these metrics existed lack them
+        q = s["search"]
+        lines.append(
+            f"- search: {q['distinct_answers']} distinct answers, {q['distinct_first_zooms']} distinct first zooms, "
+            f"zoomed in {_pct(q['zoomed_rate'])} %, first zoom (capped at a quarter of the image) on the target "
+            f"in {_pct(q['first_zoom_hit_rate'])} % of {q['first_zoom_checked']}"
+        )
+    lines.append("")
     return "\n".join(lines)
 
 
