@@ -1,7 +1,9 @@
 """Supervised fine-tuning on multi-turn trajectories, with the loss on the model's own turns only.
 
-TRL's ``SFTTrainer`` cannot do this for vision-language models (its ``assistant_only_loss`` refuses them, so
-observations and prompts would be trained too), so this is a short loop on transformers and torch:
+A short loop on transformers and torch rather than TRL's ``SFTTrainer``, so that the labels match the agent
+loop's token view exactly with the checkpoint's stock chat template and the pixel limits the model was shown
+(TRL's ``assistant_only_loss`` depends on the template marking generations; the ``trl`` export is there for
+those who prefer it):
 
 1. **Data.** Each trajectory of a ``trajectories.jsonl`` (the canonical record) is rebuilt as the exact
    conversation the model saw (``conversation``) with every image as it was shown (``render_image``), and run
