@@ -62,6 +62,31 @@ def backend_from_config(config: AskConfig) -> Backend:
     )
 
 
+# The agent-loop settings that ask and eval configs share, under the loop's own argument names.
+LOOP_FIELDS = (
+    "protocol",
+    "coords",
+    "prompt_file",
+    "max_images",
+    "max_context_tokens",
+    "min_pixels",
+    "max_pixels",
+    "resize_factor",
+    "keep_images",
+    "temperature",
+    "top_p",
+    "seed",
+    "code",
+    "sandbox",
+    "code_timeout_s",
+)
+
+
+def loop_options(config: Any) -> dict[str, Any]:
+    """The shared agent-loop settings of an ``AskConfig`` or ``EvalConfig``."""
+    return {name: getattr(config, name) for name in LOOP_FIELDS}
+
+
 def loop_from_config(
     config: AskConfig, backend: Backend | None = None, image_cache: ImageCache | None = None
 ) -> AgentLoop:
@@ -69,25 +94,11 @@ def loop_from_config(
     budget = effort_budget(config.effort, config.max_turns, config.max_new_tokens)
     return AgentLoop(
         backend or backend_from_config(config),
-        protocol=config.protocol,
-        coords=config.coords,
-        prompt_file=config.prompt_file,
         max_turns=budget.max_turns,
-        max_images=config.max_images,
         max_new_tokens=budget.max_new_tokens,
-        max_context_tokens=config.max_context_tokens,
-        min_pixels=config.min_pixels,
-        max_pixels=config.max_pixels,
-        resize_factor=config.resize_factor,
-        keep_images=config.keep_images,
-        temperature=config.temperature,
-        top_p=config.top_p,
-        seed=config.seed,
         return_token_ids=config.token_ids,
         image_cache=image_cache,
-        code=config.code,
-        sandbox=config.sandbox,
-        code_timeout_s=config.code_timeout_s,
+        **loop_options(config),
     )
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from glimpse.agent import AgentLoop
+from glimpse.api import loop_options
 from glimpse.bench.datasets import Dataset, load_dataset
 from glimpse.bench.judge import LLMJudge
 from glimpse.bench.metrics import summarize, truncate
@@ -242,25 +243,7 @@ def _backend(cfg: EvalConfig) -> Backend | None:
 def _loop(cfg: EvalConfig, backend: Backend | None, cap: int, cache: ImageCache) -> AgentLoop:
     placeholder = backend or _PolicyPlaceholder(cfg.model or "")
     return AgentLoop(
-        placeholder,
-        protocol=cfg.protocol,
-        coords=cfg.coords,
-        prompt_file=cfg.prompt_file,
-        max_turns=cap,
-        max_images=cfg.max_images,
-        max_new_tokens=cfg.max_new_tokens,
-        max_context_tokens=cfg.max_context_tokens,
-        min_pixels=cfg.min_pixels,
-        max_pixels=cfg.max_pixels,
-        resize_factor=cfg.resize_factor,
-        keep_images=cfg.keep_images,
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        seed=cfg.seed,
-        image_cache=cache,
-        code=cfg.code,
-        sandbox=cfg.sandbox,
-        code_timeout_s=cfg.code_timeout_s,
+        placeholder, max_turns=cap, max_new_tokens=cfg.max_new_tokens, image_cache=cache, **loop_options(cfg)
     )
 
 
