@@ -22,6 +22,8 @@ from glimpse.config import (
     BuiltinConfig,
     ColdStartConfig,
     EvalConfig,
+    ReproConfig,
+    RLConfig,
     ServeConfig,
     SFTConfig,
     SynthConfig,
@@ -239,7 +241,8 @@ def export_command(
 
 
 train_app = typer.Typer(
-    help="Train a checkpoint: sft (supervised, on trajectories), builtin (the built-in model from scratch).",
+    help="Train a checkpoint: sft (supervised, on trajectories), rl (GRPO with over-turn masking), "
+    "builtin (the built-in model from scratch).",
     no_args_is_help=True,
 )
 app.add_typer(train_app, name="train")
@@ -269,6 +272,39 @@ def builtin_command(cfg: BuiltinConfig) -> int:
     from glimpse.train.builtin import train_builtin
 
     train_builtin(cfg)
+    return 0
+
+
+@config_command(
+    "rl",
+    RLConfig,
+    parent=train_app,
+    help="Reinforce a checkpoint with GRPO and over-turn masking (Mini-o3): rollouts through the agent loop, "
+    "reward = the evaluation's scorer, dynamic sampling, token-level clipped loss; resumable; logs reward, "
+    "accuracy, turns, over-turn and tool-error rates and entropy per step; the result loads as hf:OUT/model.",
+)
+def rl_command(cfg: RLConfig) -> int:
+    from glimpse.train.console import run_rl
+
+    return run_rl(cfg)
+
+
+repro_app = typer.Typer(help="Reproduce a paper's claim, measured: turn-scaling (Mini-o3).", no_args_is_help=True)
+app.add_typer(repro_app, name="repro")
+
+
+@config_command(
+    "turn-scaling",
+    ReproConfig,
+    parent=repro_app,
+    help="Mini-o3's claim on probes: RL with a 6-turn cap with and without over-turn masking (plus no cold-start, "
+    "no hard data), each evaluated at turn caps 4-32 on fresh hard probes; arm by arm, resumable; writes "
+    "OUT/turn_scaling.md, .json and .png.",
+)
+def turn_scaling_command(cfg: ReproConfig) -> int:
+    from glimpse.train.repro import run_repro
+
+    run_repro(cfg)
     return 0
 
 

@@ -284,6 +284,82 @@ class SFTConfig:
     log_every: int = opt(10, "print a progress line every N steps")
 
 
+@dataclass
+class RLConfig:
+    """Settings of ``glimpse train rl`` (GRPO with over-turn masking; defaults follow Mini-o3 where they fit a CPU)."""
+
+    model: str | None = opt(None, "checkpoint to start from (the cold-start SFT model): a folder or Hub id")
+    data: str = opt(
+        "stream:hard+medium",
+        "prompts: stream:LEVEL[+LEVEL...][:SEED] (fresh probes made on the fly, nothing stored; seed 1 by "
+        "default, never the eval's 0) or any glimpse eval dataset spec (probes:hard:500:3, visualprobe:hard:DIR …)",
+    )
+    out: str = opt("rl", "output folder: config, log, checkpoints, and the trained model in OUT/model")
+    fresh: bool = opt(False, "delete OUT first instead of resuming from its newest checkpoint")
+    steps: int = opt(100, "RL steps (each: sample a batch of groups, then update)")
+    prompts: int = opt(4, "prompts (groups) per step (Mini-o3: 256)")
+    group: int = opt(8, "samples per prompt (Mini-o3: 16)")
+    mini_batches: int = opt(1, "optimizer updates per step, each on a share of the groups (Mini-o3: 8)")
+    mask_over_turn: bool = opt(True, "over-turn masking: capped trajectories count in group statistics, carry no loss")
+    dynamic_sampling: bool = opt(True, "drop groups whose rewards are all equal and draw more prompts")
+    max_draws: int = opt(4, "dynamic sampling draws at most this many times --prompts prompts per step")
+    lr: float = opt(1e-6, "learning rate, constant after warm-up (Mini-o3: 1e-6 for 7B; small models want more)")
+    warmup_steps: int = opt(0, "steps of linear warm-up")
+    clip_low: float = opt(0.2, "ratio clip below 1 (Mini-o3: 0.2)")
+    clip_high: float = opt(0.3, "ratio clip above 1 (Mini-o3: 0.3)")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    max_grad_norm: float = opt(1.0, "gradient clipping")
+    max_turns: int = opt(6, "turn cap while training (Mini-o3: 6)")
+    max_new_tokens: int = opt(1024, "most tokens per reply")
+    temperature: float = opt(1.0, "sampling temperature of rollouts")
+    protocol: str = opt("tags", "tags or tools (native function calling)", choices=("tags", "tools"))
+    coords: str | None = opt(None, COORDS_HELP, choices=("relative", "pixels", "thousand"))
+    prompt_file: str | None = opt(None, "prompts the checkpoint was trained with (default: the checkpoint's own)")
+    min_pixels: int | None = opt(None, "smallest area an image is shown at (default: the model's own, else 40,000)")
+    max_pixels: int | None = opt(None, "largest area an image is shown at (default: the model's own, else 2,000,000)")
+    lora: bool = opt(False, "train LoRA adapters (peft) on the language model instead of all its weights")
+    lora_r: int = opt(16, "LoRA rank")
+    lora_alpha: int = opt(32, "LoRA alpha")
+    lora_dropout: float = opt(0.0, "LoRA dropout")
+    freeze_vision: bool = opt(True, "keep the vision tower frozen")
+    freeze_projector: bool = opt(True, "keep the vision-language projector frozen")
+    gradient_checkpointing: bool = opt(False, "trade compute for memory")
+    max_batch: int = opt(32, "most rollout requests generated together")
+    seed: int = opt(0, "seed of sampling and of the prompt order")
+    device: str = opt("auto", "cpu, cuda, cuda:N, or auto (CUDA when available)")
+    dtype: str = opt("auto", DTYPE_HELP, choices=DTYPES)
+    threads: int | None = opt(None, "torch CPU threads (default: torch's own)")
+    save_every: int = opt(10, "save a resumable checkpoint every N steps (0: only the final model)")
+    keep_checkpoints: int = opt(2, "checkpoints kept (older ones are deleted)")
+    save_rollouts: bool = opt(False, "write every step's trajectories to OUT/rollouts.jsonl (for glimpse view)")
+
+
+@dataclass
+class ReproConfig:
+    """Settings of ``glimpse repro turn-scaling`` (see ``glimpse.train.repro``)."""
+
+    model: str | None = opt(None, "the cold-start checkpoint every arm starts from (e.g. the built-in model's folder)")
+    out: str = opt("repro-turn-scaling", "output folder: one folder per arm, and the report")
+    arms: str = opt(
+        "sft,full,no-mask,no-coldstart,no-hard",
+        "arms to run now, comma-separated (sft: the checkpoint itself, evaluated only); finished ones are reused",
+    )
+    steps: int = opt(60, "RL steps per arm")
+    prompts: int = opt(4, "prompts per RL step")
+    group: int = opt(8, "samples per prompt")
+    lr: float = opt(2e-5, "RL learning rate")
+    train_turns: int = opt(6, "turn cap while training (Mini-o3: 6)")
+    max_new_tokens: int = opt(256, "most tokens per reply")
+    eval_n: int = opt(100, "fresh hard probes (seed 0) every arm is evaluated on")
+    caps: str = opt("4,6,8,16,32", "test-time turn caps")
+    eval_temperature: float = opt(0.0, "sampling temperature of the evaluation (0: greedy)")
+    eval_concurrency: int = opt(16, "evaluation questions in flight (and generated together)")
+    seed: int = opt(0, "seed of sampling and prompt order")
+    threads: int | None = opt(None, "torch CPU threads (default: torch's own)")
+    device: str = opt("auto", "cpu, cuda, cuda:N, or auto")
+    save_every: int = opt(10, "RL checkpoint every N steps (a stopped arm resumes from it)")
+
+
 def field_type(cls: type, name: str) -> tuple[type, bool]:
     """The base type of a config field and whether it may be ``None``."""
     hint = typing.get_type_hints(cls)[name]

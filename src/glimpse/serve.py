@@ -145,6 +145,8 @@ def _choice(index: int, c: Completion, with_ids: bool) -> dict[str, Any]:
     if c.reasoning:
         message["reasoning_content"] = c.reasoning
     out: dict[str, Any] = {"index": index, "message": message, "finish_reason": c.finish_reason or "stop"}
+    if c.matched_stop is not None:  # as vLLM reports it: the stop string cut off, else null
+        out["stop_reason"] = c.matched_stop or None
     if with_ids and c.token_ids is not None:
         out["token_ids"] = c.token_ids
     return out

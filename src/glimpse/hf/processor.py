@@ -20,6 +20,10 @@ from glimpse.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+# The prompts a checkpoint was trained with, saved beside its weights (the built-in model ships one); the hf
+# backend uses them by default, and training copies them to the trained model.
+PROMPT_FILE = "glimpse_prompts.yaml"
+
 # model_type in config.json → (family, processor class, resize factor, native box coordinates)
 FAMILIES: dict[str, tuple[str, str, int, str]] = {
     "qwen2_vl": ("qwen2_vl", "Qwen2VLProcessor", 28, "thousand"),

@@ -145,6 +145,9 @@ class Completion:
         completion_tokens: tokens generated for this completion.
         token_ids: generated token ids, when requested and available.
         prompt_token_ids: prompt token ids, when requested and available.
+        matched_stop: the stop string the server cut off the text; ``""`` when it cut none (the reply ended
+            with the end-of-turn token, or the backend keeps stop strings in the text); ``None`` when the
+            server does not say (OpenAI's API), and the protocol has to guess.
     """
 
     text: str
@@ -155,6 +158,7 @@ class Completion:
     completion_tokens: int | None = None
     token_ids: list[int] | None = None
     prompt_token_ids: list[int] | None = None
+    matched_stop: str | None = None
 
 
 @runtime_checkable

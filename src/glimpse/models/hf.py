@@ -69,7 +69,7 @@ class HFBackend:
         import torch
         from transformers import AutoModelForImageTextToText
 
-        from glimpse.hf.processor import FAMILIES, load_processor, model_type
+        from glimpse.hf.processor import FAMILIES, PROMPT_FILE, load_processor, model_type
 
         folder = Path(path)
         family, _, factor, coords = FAMILIES[model_type(folder)]
@@ -92,8 +92,8 @@ class HFBackend:
         native = (getattr(self.model.config, "min_pixels", None), getattr(self.model.config, "max_pixels", None))
         if all(native):  # the built-in model records the limits it was trained at; Qwen leaves them to the user
             self.default_limits = native
-        if (folder / "glimpse_prompts.yaml").exists():  # a checkpoint trained by Glimpse on its own prompts
-            self.default_prompt_file = str(folder / "glimpse_prompts.yaml")
+        if (folder / PROMPT_FILE).exists():  # a checkpoint trained by Glimpse on its own prompts
+            self.default_prompt_file = str(folder / PROMPT_FILE)
         self.image_token_id = self.model.config.image_token_id
         self.context = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
         self._prefixes: OrderedDict[str, _Prefix] = OrderedDict()
@@ -259,6 +259,7 @@ class HFBackend:
             completion_tokens=len(sampled),
             token_ids=sampled,
             prompt_token_ids=list(req.prefix.ids),
+            matched_stop="",  # the text keeps any stop string: nothing to put back
         )
 
 

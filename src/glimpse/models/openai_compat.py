@@ -437,6 +437,7 @@ class OpenAIBackend:
                     completion_tokens=completion_tokens,
                     token_ids=token_ids,
                     prompt_token_ids=prompt_ids,
+                    matched_stop=_matched_stop(choice),
                 )
             )
         return out
@@ -506,3 +507,13 @@ def create(
         image_format=image_format,
         reasoning_effort=reasoning_effort,
     )
+
+
+def _matched_stop(choice: dict[str, Any]) -> str | None:
+    """The stop string a server cut off: vLLM's ``stop_reason`` and SGLang's ``matched_stop`` say (a string, or a
+    token id / null when the reply ended otherwise); OpenAI's API does not (``None``)."""
+    for key in ("stop_reason", "matched_stop"):
+        if key in choice:
+            value = choice[key]
+            return value if isinstance(value, str) else ""
+    return None

@@ -28,10 +28,16 @@ _CALL_DEBRIS = re.compile(r"</?\s*grounding\b|\"bbox_2d\"|'bbox_2d'")
 _ANSWER_DEBRIS = re.compile(r"</?\s*answer\b")
 
 
-def restore_stop(text: str, finish_reason: str | None) -> str:
-    """Put back a ``</grounding>`` or ``</python>`` the server cut off as a stop string."""
+def restore_stop(text: str, finish_reason: str | None, matched_stop: str | None = None) -> str:
+    """Put back a ``</grounding>`` or ``</python>`` the server cut off as a stop string.
+
+    ``matched_stop`` is what the server said it cut (``""``: nothing); when it does not say (``None``), an
+    opened, unclosed call is taken to have been cut at its closing tag.
+    """
     if finish_reason == "length":
         return text
+    if matched_stop is not None:
+        return text + matched_stop if matched_stop in (CLOSE_CALL, CLOSE_CODE) else text
     opened = max((text.rfind(o), c) for o, c in ((OPEN_CALL, CLOSE_CALL), (OPEN_CODE, CLOSE_CODE)))
     start, close = opened
     if start >= 0 and text.rfind(close) < start:
@@ -138,7 +144,7 @@ class TagProtocol(Protocol):
         self.tools: list[dict[str, Any]] | None = None
 
     def parse(self, completion: Completion) -> Action:
-        text = restore_stop(completion.text, completion.finish_reason)
+        text = restore_stop(completion.text, completion.finish_reason, completion.matched_stop)
         action = parse_tagged(text, completion.finish_reason, self.code)
         if action.thought is None and completion.reasoning:
             action.thought = completion.reasoning.strip() or None

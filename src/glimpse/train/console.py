@@ -1,4 +1,5 @@
-"""What ``glimpse coldstart``, ``glimpse export`` and ``glimpse train sft`` print; the work is in this package."""
+"""What ``glimpse coldstart``, ``glimpse export``, ``glimpse train sft`` and ``glimpse train rl`` print; the work is in
+this package."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.markup import escape
 
-from glimpse.config import ColdStartConfig, SFTConfig, write_resolved
+from glimpse.config import ColdStartConfig, RLConfig, SFTConfig, write_resolved
 from glimpse.errors import ConfigError
 from glimpse.images import PixelLimits
 from glimpse.train.coldstart import ColdStartStats
@@ -204,4 +205,31 @@ def run_sft(cfg: SFTConfig) -> int:
     if result.skipped:
         console.print(f"[yellow]skipped {len(result.skipped)} trajectories longer than --max-length[/]")
     console.print(f"model → {result.out / 'model'}  (use it with --model hf:{result.out / 'model'})")
+    return EXIT_OK
+
+
+def run_rl(cfg: RLConfig) -> int:
+    """``glimpse train rl``: one line per step, then where the model is."""
+    from glimpse.train.rl import StepStats, Trainer
+
+    console = Console(highlight=False, soft_wrap=True)
+    mask = "over-turn masking" if cfg.mask_over_turn else "no over-turn masking"
+    console.print(
+        f"RL on {escape(str(cfg.model))}: {cfg.steps} steps of {cfg.prompts} prompts × {cfg.group} samples from "
+        f"{escape(cfg.data)}, cap {cfg.max_turns} turns, {mask} → {escape(cfg.out)}"
+    )
+    trainer = Trainer(cfg)
+    if trainer.step:
+        console.print(f"resumed from step {trainer.step}")
+
+    def on_step(s: StepStats) -> None:
+        console.print(
+            f"step {s.step}/{cfg.steps}  reward {s.reward:.3f}  turns {s.turns:.2f}  over-turn {s.over_turn:.0%}  "
+            f"tool errors {s.tool_errors:.0%}  entropy {s.entropy:.3f}  groups {s.groups_kept}/{s.groups_drawn}  "
+            f"trained {s.trained}  loss {s.loss:+.4f}  {s.seconds:.1f}s"
+        )
+
+    trainer.on_step = on_step
+    model = trainer.run()
+    console.print(f"[bold]done[/]: model → {escape(str(model))}  (use it with --model hf:{escape(str(model))})")
     return EXIT_OK

@@ -37,6 +37,7 @@ from typing import Any
 
 from glimpse.config import SFTConfig, public_dict
 from glimpse.errors import ConfigError, GlimpseError
+from glimpse.hf.processor import PROMPT_FILE
 from glimpse.images import ImageCache
 from glimpse.trajectory import Trajectory, conversation, iter_jsonl, render_image
 
@@ -400,7 +401,7 @@ def train(cfg: SFTConfig, *, on_step: Callable[[StepLog], None] | None = None) -
     scheduler = _schedule(optimizer, cfg, total)
 
     settings = {**public_dict(cfg), "data_sha256": data.digest(), "total_steps": total}
-    done = _resume(out, settings, model, optimizer, scheduler) if not cfg.fresh else 0
+    done = _resume(out, settings, model, optimizer, scheduler)[0] if not cfg.fresh else 0
     (out / "config.json").write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
     result = SFTResult(
         out,
@@ -463,7 +464,7 @@ def train(cfg: SFTConfig, *, on_step: Callable[[StepLog], None] | None = None) -
             f"nothing was trained: all {len(data)} trajectories are longer than max_length {cfg.max_length} "
             "tokens (or hold no assistant reply); raise --max-length or show images smaller"
         )
-    _save_final(out, model, processor, cfg)
+    _save_final(out, model, processor, cfg, source)
     (out / "result.json").write_text(json.dumps(result.as_dict(), indent=2) + "\n", encoding="utf-8")
     return result
 
@@ -509,7 +510,10 @@ def _checkpoints(out: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _save_checkpoint(out: Path, step: int, model: Any, optimizer: Any, scheduler: Any, keep: int) -> None:
+def _save_checkpoint(
+    out: Path, step: int, model: Any, optimizer: Any, scheduler: Any, keep: int, extra: dict[str, Any] | None = None
+) -> None:
+    """Save the trainable weights, optimizer, schedule, step, random state and ``extra`` (a loop's own state)."""
     import torch
     from safetensors.torch import save_file
 
@@ -524,6 +528,7 @@ def _save_checkpoint(out: Path, step: int, model: Any, optimizer: Any, scheduler
         "scheduler": scheduler.state_dict(),
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "extra": extra or {},
     }
     torch.save(state, partial / STATE_FILE)
     partial.rename(final)  # a checkpoint is either whole or absent
@@ -531,16 +536,27 @@ def _save_checkpoint(out: Path, step: int, model: Any, optimizer: Any, scheduler
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _resume(out: Path, settings: dict[str, Any], model: Any, optimizer: Any, scheduler: Any) -> int:
-    """Load the newest checkpoint of an earlier run in ``out``; the step it reached (0: none)."""
+def _resume(
+    out: Path,
+    settings: dict[str, Any],
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    keys: tuple[str, ...] = (*_RESUME_KEYS, "data_sha256"),
+) -> tuple[int, dict[str, Any]]:
+    """Load the newest checkpoint of an earlier run in ``out``: the step it reached (0: none) and its ``extra``.
+
+    Raises:
+        ConfigError: the earlier run's settings differ from ``settings`` in one of ``keys``.
+    """
     import torch
     from safetensors.torch import load_file
 
     checkpoints = _checkpoints(out)
     if not checkpoints:
-        return 0
+        return 0, {}
     previous = json.loads((out / "config.json").read_text(encoding="utf-8")) if (out / "config.json").exists() else {}
-    changed = [k for k in (*_RESUME_KEYS, "data_sha256") if k in previous and previous[k] != settings.get(k)]
+    changed = [k for k in keys if k in previous and previous[k] != settings.get(k)]
     if changed:
         raise ConfigError(
             f"{out} holds a run with different settings ({', '.join(changed)}); use another --out, or --fresh "
@@ -560,10 +576,12 @@ def _resume(out: Path, settings: dict[str, Any], model: Any, optimizer: Any, sch
     torch.set_rng_state(state["torch_rng"])
     if state.get("cuda_rng") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return int(state["step"])
+    return int(state["step"]), state.get("extra", {})
 
 
-def _save_final(out: Path, model: Any, processor: Any, cfg: SFTConfig) -> None:
+def _save_final(out: Path, model: Any, processor: Any, cfg: SFTConfig, source: str | None = None) -> None:
+    """Write ``OUT/model``: the weights (LoRA merged), processor, generation config, and the prompt file of a
+    checkpoint that ships one (``source``), so the trained model is prompted as it was trained."""
     target = out / "model"
     if cfg.lora:
         model.save_pretrained(out / "adapter")
@@ -575,3 +593,5 @@ def _save_final(out: Path, model: Any, processor: Any, cfg: SFTConfig) -> None:
     gen = getattr(model, "generation_config", None)
     if gen is not None:
         gen.save_pretrained(target)
+    if source is not None and (Path(source) / PROMPT_FILE).exists():
+        shutil.copyfile(Path(source) / PROMPT_FILE, target / PROMPT_FILE)

@@ -1,0 +1,452 @@
+"""``glimpse train rl``: GRPO with over-turn masking on one machine, a short loop on transformers.
+
+Why not TRL's ``GRPOTrainer``: its multi-turn path (``tools`` / ``environment_factory``) parses JSON tool calls
+with a response template and feeds tool results back as ``tool`` messages, so Mini-o3's ``<grounding>`` tags,
+observations as user turns, and the built-in model's location tokens do not fit it; its ``rollout_func`` path
+drops images made during the rollout from the training forward pass. Over-turn masking itself would need a
+subclass. Here the rollouts are the agent loop ``glimpse ask`` runs, and the loss is ``glimpse.train.grpo``'s,
+the same core the verl plugin uses.
+
+One step:
+
+1. **Rollouts.** Draw ``prompts`` questions; run ``group`` trajectories of each through the real ``AgentLoop``
+   (the ``hf`` backend on the weights being trained, temperature 1, the training turn cap). The backend records
+   each trajectory's token view: the exact ids the model sampled (mask 1) between the injected prompt and
+   observation tokens (mask 0).
+2. **Scoring.** The reward is the evaluation's rule scorer (1 correct, 0 otherwise). Group advantages; over-turn
+   trajectories count in their group's statistics and carry no loss (unless ``--no-mask-over-turn``). With
+   dynamic sampling a group whose rewards are all equal is dropped and another prompt drawn, up to
+   ``max_draws × prompts`` draws.
+3. **Update.** Each trained trajectory's ids and images (re-rendered from the record, exactly as shown) go
+   through the model; the token-level clipped surrogate over sampled tokens; ``mini_batches`` optimizer updates
+   per step (with more than one, the sampling policy's log-probabilities are computed first and the ratio clips).
+
+Saved in OUT: ``config.json`` (the resolved settings), ``log.jsonl`` (per step: reward, accuracy, mean turns,
+over-turn rate, tool-error rate, entropy, groups kept, loss, clip fraction, seconds), resumable checkpoints
+``checkpoints/step-N``, ``model`` (a complete checkpoint, loadable as ``hf:OUT/model``), and with
+``--save-rollouts`` every trajectory in ``rollouts.jsonl`` (images of streamed probes kept in ``OUT/probes``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from glimpse.config import RLConfig, public_dict
+from glimpse.errors import ConfigError, GlimpseError
+from glimpse.images import ImageCache
+from glimpse.train.grpo import Rollout, informative, policy_loss, score_group, token_entropy
+from glimpse.trajectory import Sample, Trajectory, render_image
+
+IGNORE = -100
+# Settings a resumed run must share with the run that wrote the checkpoint.
+_RESUME_KEYS = (
+    "model",
+    "data",
+    "prompts",
+    "group",
+    "mini_batches",
+    "mask_over_turn",
+    "dynamic_sampling",
+    "lr",
+    "clip_low",
+    "clip_high",
+    "max_turns",
+    "lora",
+    "lora_r",
+    "seed",
+)
+STREAM_SEED = 1  # streamed probes default to seed 1; the evaluation's probes use seed 0
+
+
+# ----------------------------------------------------------------------------------------------------- prompts
+class Prompts:
+    """Question ``i`` of the run, the same on every run with the same data and seed (so a resume continues).
+
+    ``stream:LEVEL[+LEVEL...][:SEED]`` makes fresh probes (cycling through the levels) into a scratch folder
+    a few ahead of need, and deletes each after its step; any other spec is a dataset (``load_dataset``),
+    visited in a seeded order reshuffled each pass.
+    """
+
+    def __init__(self, spec: str, seed: int, folder: Path, keep_images: bool):
+        self.spec, self.folder, self.keep_images = spec, folder, keep_images
+        self.levels: tuple[str, ...] = ()
+        self.samples: list[Sample] = []
+        if spec.startswith("stream:"):
+            from glimpse.bench.synth import LEVELS
+
+            levels, _, stream_seed = spec[len("stream:") :].partition(":")
+            self.levels = tuple(x for x in levels.split("+") if x)
+            unknown = [x for x in self.levels if x not in LEVELS]
+            if not self.levels or unknown:
+                raise ConfigError(f"stream spec {spec!r}: levels are {', '.join(LEVELS)}, joined with '+'")
+            try:
+                self.stream_seed = int(stream_seed) if stream_seed else STREAM_SEED
+            except ValueError:
+                raise ConfigError(f"stream spec {spec!r}: the seed must be an integer") from None
+            folder.mkdir(parents=True, exist_ok=True)
+            self._pool = ThreadPoolExecutor(1)
+            self._pending: dict[int, Future[Sample]] = {}
+        else:
+            from glimpse.bench.datasets import load_dataset
+
+            self.samples = load_dataset(spec).samples
+            if not self.samples:
+                raise ConfigError(f"{spec} holds no samples")
+        self.seed = seed
+
+    def get(self, i: int) -> Sample:
+        if not self.levels:
+            n = len(self.samples)
+            order = list(range(n))
+            random.Random(f"{self.seed}/{i // n}").shuffle(order)
+            return self.samples[order[i % n]]
+        for j in range(i, i + 4):  # make the next few while the model works
+            if j not in self._pending:
+                self._pending[j] = self._pool.submit(self._make, j)
+        return self._pending.pop(i).result()
+
+    def _make(self, i: int) -> Sample:
+        from glimpse.train.builtin import probe_sample
+
+        level = self.levels[i % len(self.levels)]
+        return probe_sample(level, i, self.stream_seed, self.folder)
+
+    def done_with(self, samples: list[Sample]) -> None:
+        """Delete streamed probes' images once their step is over (unless rollouts are being kept)."""
+        if self.levels and not self.keep_images:
+            for s in samples:
+                Path(s.images[0]).unlink(missing_ok=True)
+
+    def close(self) -> None:
+        if self.levels:
+            for f in self._pending.values():
+                f.cancel()
+            self._pool.shutdown(wait=True)
+
+
+# -------------------------------------------------------------------------------------------------- tensors
+@dataclass
+class _Tokens:
+    """A trajectory as model inputs: its token view, labels on sampled tokens, and its images."""
+
+    ids: list[int]
+    labels: list[int]
+    advantage: float
+    pixel_values: Any = None
+    image_grid_thw: Any = None
+
+
+def trajectory_inputs(rollout: Rollout, processor: Any, cache: ImageCache | None = None) -> _Tokens:
+    """The token view of a trajectory with the images it showed, processed as the backend processed them."""
+    from glimpse.train.sft import hf_chat
+
+    traj = rollout.trajectory
+    view = traj.token_view
+    if view is None:
+        raise GlimpseError(f"{traj.id} has no token view; rollouts must be run with return_token_ids")
+    _, order = hf_chat(traj)
+    images = [render_image(traj, k, cache=cache) for k in order]
+    labels = [t if m else IGNORE for t, m in zip(view.ids, view.mask, strict=True)]
+    out = _Tokens(list(view.ids), labels, rollout.advantage)
+    if images:
+        enc = processor.image_processor(images=images, return_tensors="pt")
+        out.pixel_values, out.image_grid_thw = enc["pixel_values"], enc["image_grid_thw"]
+    return out
+
+
+def _batch(items: list[_Tokens], pad: int, device: str, dtype: Any) -> dict[str, Any]:
+    import torch
+
+    width = max(len(t.ids) for t in items)
+    ids = torch.full((len(items), width), pad, dtype=torch.long)
+    labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
+    attention = torch.zeros((len(items), width), dtype=torch.long)
+    for row, t in enumerate(items):
+        ids[row, : len(t.ids)] = torch.tensor(t.ids)
+        labels[row, : len(t.labels)] = torch.tensor(t.labels)
+        attention[row, : len(t.ids)] = 1
+    batch: dict[str, Any] = {"input_ids": ids.to(device), "attention_mask": attention.to(device)}
+    pixels = [t.pixel_values for t in items if t.pixel_values is not None]
+    if pixels:
+        batch["pixel_values"] = torch.cat(pixels).to(device, dtype)
+        batch["image_grid_thw"] = torch.cat([t.image_grid_thw for t in items if t.image_grid_thw is not None]).to(
+            device
+        )
+    advantages = torch.tensor([t.advantage for t in items], device=device)
+    return {"inputs": batch, "labels": labels.to(device), "advantages": advantages}
+
+
+def sampled_logprobs(model: Any, batch: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """Log-probabilities of each next token, the loss mask (sampled tokens), and the logits, shifted by one."""
+    import torch
+
+    logits = model(**batch["inputs"]).logits[:, :-1].float()
+    target = batch["labels"][:, 1:]
+    mask = target != IGNORE
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return logp, mask, logits
+
+
+# ------------------------------------------------------------------------------------------------------ step
+@dataclass
+class StepStats:
+    """What one RL step did (one line of ``log.jsonl``)."""
+
+    step: int
+    reward: float = 0.0
+    accuracy: float = 0.0
+    turns: float = 0.0
+    over_turn: float = 0.0
+    tool_errors: float = 0.0
+    entropy: float = 0.0
+    loss: float = 0.0
+    grad_norm: float = 0.0
+    clip_frac: float = 0.0
+    trajectories: int = 0
+    groups_drawn: int = 0
+    groups_kept: int = 0
+    trained: int = 0
+    trained_tokens: int = 0
+    untrainable: int = 0
+    seconds: float = 0.0
+    rollout_s: float = 0.0
+    lr: float = 0.0
+    stop_reasons: dict[str, int] = field(default_factory=dict)
+
+
+def _describe(group: list[Trajectory], stats: StepStats) -> None:
+    """Add a group's trajectories to the step's behaviour statistics (sums; averaged at the end)."""
+    for t in group:
+        stats.trajectories += 1
+        stats.reward += t.score.value if t.score else 0.0
+        stats.accuracy += 1.0 if t.score and t.score.correct else 0.0
+        stats.turns += len(t.turns)
+        stats.over_turn += float(t.over_turn)
+        stats.tool_errors += t.metrics["tool_errors"] / max(1, len(t.turns))
+        reason = t.stop_reason or "none"
+        stats.stop_reasons[reason] = stats.stop_reasons.get(reason, 0) + 1
+
+
+class Trainer:
+    """The state of one RL run; ``run`` trains to ``cfg.steps``."""
+
+    def __init__(self, cfg: RLConfig, *, on_step: Callable[[StepStats], None] | None = None):
+        import torch
+
+        from glimpse.agent import AgentLoop
+        from glimpse.models.hf import HFBackend, resolve_checkpoint
+        from glimpse.train.sft import _device, _dtype, _resume, prepare_model, trainable
+
+        _check(cfg)
+        self.cfg, self.on_step = cfg, on_step
+        self.out = Path(cfg.out)
+        if cfg.fresh and self.out.exists():
+            shutil.rmtree(self.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        self.device = _device(cfg.device)
+        self.dtype = getattr(torch, _dtype(cfg.dtype, self.device))
+        self.source = resolve_checkpoint(cfg.model)  # type: ignore[arg-type]
+        self.backend = HFBackend(
+            self.source, device=self.device, dtype=_dtype(cfg.dtype, self.device), max_batch=cfg.max_batch
+        )
+        self.model = prepare_model(self.backend.model, cfg)  # type: ignore[arg-type]
+        self.backend.model = self.model  # rollouts sample from the weights being trained
+        self.params = trainable(self.model)
+        if not self.params:
+            raise ConfigError("nothing to train: every parameter is frozen")
+        self.optimizer = torch.optim.AdamW(self.params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        from transformers import get_constant_schedule_with_warmup
+
+        self.scheduler = get_constant_schedule_with_warmup(self.optimizer, cfg.warmup_steps)
+        self.loop = AgentLoop(
+            self.backend,
+            protocol=cfg.protocol,
+            coords=cfg.coords,
+            prompt_file=cfg.prompt_file,
+            max_turns=cfg.max_turns,
+            max_new_tokens=cfg.max_new_tokens,
+            min_pixels=cfg.min_pixels,
+            max_pixels=cfg.max_pixels,
+            temperature=cfg.temperature,
+            top_p=1.0,
+            return_token_ids=True,
+        )
+        settings = public_dict(cfg)
+        self.step, extra = (
+            (0, {})
+            if cfg.fresh
+            else _resume(self.out, settings, self.model, self.optimizer, self.scheduler, keys=_RESUME_KEYS)
+        )
+        self.draws = int(extra.get("draws", 0))
+        (self.out / "config.json").write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+        self.scratch = self.out / "probes" if cfg.save_rollouts else Path(tempfile.mkdtemp(prefix="glimpse-rl-"))
+        self.prompts = Prompts(cfg.data, cfg.seed, self.scratch, keep_images=cfg.save_rollouts)
+        self.cache = ImageCache()
+        tok = self.backend.processor.tokenizer
+        self.pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+
+    # ------------------------------------------------------------------------------------------------
+    def run(self) -> Path:
+        """Train until ``cfg.steps``; save ``OUT/model``; return its path."""
+        from glimpse.train.sft import _save_checkpoint
+
+        cfg = self.cfg
+        log = (self.out / "log.jsonl").open("a", encoding="utf-8")
+        rollouts = (self.out / "rollouts.jsonl").open("a", encoding="utf-8") if cfg.save_rollouts else None
+        try:
+            while self.step < cfg.steps:
+                self.step += 1
+                stats, groups = self.one_step()
+                log.write(json.dumps(stats.__dict__) + "\n")
+                log.flush()
+                if rollouts is not None:
+                    for group in groups:
+                        for r in group:
+                            rollouts.write(r.trajectory.model_dump_json() + "\n")
+                    rollouts.flush()
+                if self.on_step is not None:
+                    self.on_step(stats)
+                # The last step is saved too, so a finished run can be extended with more --steps.
+                if cfg.save_every and (self.step % cfg.save_every == 0 or self.step == cfg.steps):
+                    _save_checkpoint(
+                        self.out,
+                        self.step,
+                        self.model,
+                        self.optimizer,
+                        self.scheduler,
+                        cfg.keep_checkpoints,
+                        extra={"draws": self.draws},
+                    )
+        finally:
+            log.close()
+            if rollouts is not None:
+                rollouts.close()
+            self.prompts.close()
+            if not cfg.save_rollouts:
+                shutil.rmtree(self.scratch, ignore_errors=True)
+        return self.save()
+
+    def save(self) -> Path:
+        from glimpse.hf.processor import load_processor
+        from glimpse.train.sft import _save_final
+
+        self.model.eval()
+        # The processor as the checkpoint shipped it (the backend's copy has its pixel limits widened).
+        _save_final(self.out, self.model, load_processor(self.source), self.cfg, source=self.source)  # type: ignore[arg-type]
+        return self.out / "model"
+
+    # ------------------------------------------------------------------------------------------------
+    def one_step(self) -> tuple[StepStats, list[list[Rollout]]]:
+        """Rollouts (with dynamic sampling), then the update."""
+        cfg = self.cfg
+        stats = StepStats(self.step, lr=self.scheduler.get_last_lr()[0])
+        t0 = time.perf_counter()
+        self.model.eval()
+        kept: list[list[Rollout]] = []
+        drawn = 0
+        while len(kept) < cfg.prompts and drawn < cfg.prompts * cfg.max_draws:
+            want = cfg.prompts - len(kept) if cfg.dynamic_sampling else cfg.prompts
+            samples = [self.prompts.get(self.draws + j) for j in range(want)]
+            self.draws += want
+            drawn += want
+            groups = asyncio.run(self._rollouts(samples))
+            self.prompts.done_with(samples)
+            for group in groups:
+                scored = score_group(group, mask_over_turn=cfg.mask_over_turn)
+                _describe(group, stats)
+                if not cfg.dynamic_sampling or informative([r.reward for r in scored]):
+                    kept.append(scored)
+            if not cfg.dynamic_sampling:
+                break
+        stats.rollout_s = time.perf_counter() - t0
+        stats.groups_drawn, stats.groups_kept = drawn, len(kept)
+        n = max(1, stats.trajectories)
+        for name in ("reward", "accuracy", "turns", "over_turn", "tool_errors"):
+            setattr(stats, name, getattr(stats, name) / n)
+        self.update(kept, stats)
+        stats.seconds = time.perf_counter() - t0
+        return stats, kept
+
+    async def _rollouts(self, samples: list[Sample]) -> list[list[Trajectory]]:
+        groups = await asyncio.gather(*(self.loop.run(s, samples=self.cfg.group) for s in samples))
+        for group in groups:
+            for t in group:
+                if t.stop_reason == "error":
+                    raise GlimpseError(f"a rollout failed ({t.id}): {t.error}")
+        return list(groups)
+
+    def update(self, groups: list[list[Rollout]], stats: StepStats) -> None:
+        """``mini_batches`` optimizer updates over the trained trajectories of the kept groups."""
+        import torch
+
+        cfg = self.cfg
+        rollouts = [r for g in groups for r in g]
+        trained = [r for r in rollouts if r.trained]
+        stats.untrainable = sum(
+            1 for r in rollouts if not (r.trajectory.token_view and r.trajectory.token_view.aligned)
+        )
+        stats.trained = len(trained)
+        if not trained:
+            return  # nothing to learn from this step (the warm-up counts updates, so it does not advance)
+        self.model.train()
+        items = [trajectory_inputs(r, self.backend.processor, self.cache) for r in trained]
+        shares = [items[i :: cfg.mini_batches] for i in range(cfg.mini_batches)]
+        shares = [s for s in shares if s]
+        old: list[Any] = []
+        if len(shares) > 1:  # the policy changes between updates: keep the sampling policy's log-probabilities
+            with torch.no_grad():
+                old = [sampled_logprobs(self.model, _batch(s, self.pad, self.device, self.dtype))[0] for s in shares]
+        losses, clips, entropies, norms, tokens = [], [], [], [], 0
+        for k, share in enumerate(shares):
+            batch = _batch(share, self.pad, self.device, self.dtype)
+            logp, mask, logits = sampled_logprobs(self.model, batch)
+            old_logp = old[k] if old else logp.detach()
+            loss, info = policy_loss(
+                logp, old_logp, batch["advantages"], mask, clip_low=cfg.clip_low, clip_high=cfg.clip_high
+            )
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            norms.append(float(torch.nn.utils.clip_grad_norm_(list(self.params.values()), cfg.max_grad_norm)))
+            self.optimizer.step()
+            losses.append(float(loss.detach()))
+            clips.append(info["clip_frac"])
+            entropies.append(token_entropy(logits.detach(), mask))
+            tokens += int(info["tokens"])
+        self.scheduler.step()
+        stats.loss = sum(losses) / len(losses)
+        stats.clip_frac = sum(clips) / len(clips)
+        stats.entropy = sum(entropies) / len(entropies)
+        stats.grad_norm = max(norms)
+        stats.trained_tokens = tokens
+
+
+def train_rl(cfg: RLConfig, *, on_step: Callable[[StepStats], None] | None = None) -> Path:
+    """Run ``glimpse train rl``; the trained model's folder."""
+    return Trainer(cfg, on_step=on_step).run()
+
+
+def _check(cfg: RLConfig) -> None:
+    if not cfg.model:
+        raise ConfigError("choose the checkpoint to start from with --model (the cold-start SFT model's folder)")
+    for name in ("steps", "prompts", "group", "mini_batches", "max_draws", "max_turns", "max_new_tokens"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.group < 2:
+        raise ConfigError("group must be at least 2: advantages compare the samples of one prompt")
+    if cfg.lr <= 0:
+        raise ConfigError(f"lr must be positive, got {cfg.lr}")
+    if not (0 <= cfg.clip_low < 1 and cfg.clip_high >= 0):
+        raise ConfigError(f"clip_low must be in [0, 1) and clip_high ≥ 0, got {cfg.clip_low} / {cfg.clip_high}")

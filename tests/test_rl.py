@@ -1,0 +1,252 @@
+"""RL with over-turn masking: the engine-agnostic core on hand-computed numbers, and ``glimpse train rl`` on a
+tiny built-in model taught one search by heart (so its rollouts zoom, answer and can be checked token by token)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from glimpse.agent import AgentLoop
+from glimpse.bench.datasets import load_dataset
+from glimpse.config import RLConfig
+from glimpse.errors import ConfigError
+from glimpse.hf.builtin import build_builtin
+from glimpse.hf.processor import PROMPT_FILE, load_processor
+from glimpse.models.hf import HFBackend
+from glimpse.models.scripted import ScriptedBackend
+from glimpse.train import grpo
+from glimpse.train.builtin import grid_turns
+from glimpse.train.grpo import group_advantages, informative, keeps_loss, policy_loss, score_group
+from glimpse.train.rl import Trainer, _batch, sampled_logprobs, trajectory_inputs
+from glimpse.train.sft import ASSISTANT_HEADER, END, collate, encode
+from glimpse.trajectory import Score, TokenView
+
+DATA = "probes:easy:1:9"
+
+
+# ------------------------------------------------------------------------------------------------------ core
+def test_group_advantages_hand_computed():
+    adv = group_advantages([1, 0, 0, 0])
+    # mean 0.25, population std sqrt(0.1875) = 0.4330127
+    assert adv[0] == pytest.approx(0.75 / math.sqrt(0.1875), rel=1e-5)
+    assert adv[1:] == pytest.approx([-0.25 / math.sqrt(0.1875)] * 3, rel=1e-5)
+    assert group_advantages([1, 1, 1]) == [0.0, 0.0, 0.0]
+    assert group_advantages([]) == []
+    assert not informative([0, 0, 0]) and not informative([1, 1]) and informative([0, 1])
+
+
+def test_over_turn_counts_in_the_statistics_but_carries_no_loss(tmp_path, make_image):
+    """Rewards [1, 0 (over-turn), 0, 1]: the over-turn 0 is in the mean (0.5) and std (0.5), so advantages are
+    [1, −1, −1, 1]; only its loss flag changes with masking."""
+    sample = load_dataset(DATA).samples[0]
+    zoom = '<grounding>{"bbox_2d": [0.1, 0.1, 0.5, 0.5], "source": "original_image"}</grounding>'
+    right, wrong = f"<answer>{sample.answer}</answer>", "<answer>nothing</answer>"
+    other = zoom.replace("0.1, 0.1", "0.2, 0.2")
+    scripts = [[right], [zoom, zoom, zoom], [wrong], [other, right]]
+    group = asyncio.run(AgentLoop(ScriptedBackend(scripts), max_turns=3).run(sample, samples=4))
+    assert [t.over_turn for t in group] == [False, True, False, False]
+    for t in group:
+        t.token_view = TokenView(ids=[1, 2, 3], mask=[0, 1, 1])
+    masked = score_group(group)
+    assert [r.reward for r in masked] == [1, 0, 0, 1]
+    assert [r.advantage for r in masked] == pytest.approx([1, -1, -1, 1], abs=1e-5)
+    assert [r.trained for r in masked] == [True, False, True, True]
+    for t in group:
+        t.score = None
+    unmasked = score_group(group, mask_over_turn=False)
+    assert [r.advantage for r in unmasked] == pytest.approx([1, -1, -1, 1], abs=1e-5)
+    assert all(r.trained for r in unmasked)
+    assert keeps_loss(True, mask_over_turn=False) and not keeps_loss(True) and keeps_loss(False)
+    # A trajectory without a usable token view cannot be trained on faithfully.
+    group[0].token_view.aligned = False
+    assert not score_group(group)[0].trained
+
+
+def test_policy_loss_hand_computed_and_only_on_sampled_tokens():
+    adv = torch.tensor([1.0, -1.0])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    logp = torch.zeros(2, 3, requires_grad=True)
+    loss, stats = policy_loss(logp, logp.detach(), adv, mask)
+    assert float(loss.detach()) == pytest.approx((-1 - 1 + 1) / 3)  # ratio 1: −A per token, mean over 3 tokens
+    loss.backward()
+    assert logp.grad[0, 2] == 0 and logp.grad[1, 1] == 0 and logp.grad[1, 2] == 0  # masked: no gradient
+    assert stats == {"clip_frac": 0.0, "ratio_mean": pytest.approx(1.0), "tokens": 3.0}
+    one = torch.tensor([[1]])
+    for delta, a, expected in [
+        (0.5, 1.0, -1.3),  # ratio 1.65 clipped at 1 + 0.3
+        (0.5, -1.0, math.exp(0.5)),  # a negative advantage keeps the unclipped (worse) value
+        (-0.5, 1.0, -math.exp(-0.5)),  # ratio 0.61 with a positive advantage: unclipped
+        (-0.5, -1.0, 0.8),  # ratio 0.61 clipped at 1 − 0.2
+    ]:
+        loss, _ = policy_loss(torch.tensor([[delta]]), torch.zeros(1, 1), torch.tensor([a]), one)
+        assert float(loss) == pytest.approx(expected, rel=1e-5)
+    empty, stats = policy_loss(logp, logp.detach(), adv, torch.zeros(2, 3))
+    assert float(empty.detach()) == 0 and stats["tokens"] == 0
+
+
+# ------------------------------------------------------------------------------------------ model and loop
+@pytest.fixture(scope="module")
+def memorised(tmp_path_factory) -> Path:
+    """A tiny built-in model trained on one probe's teacher search until it replays it greedily."""
+    from transformers import AutoModelForImageTextToText
+
+    folder = build_builtin(tmp_path_factory.mktemp("rl") / "model", size="tiny", seed=0)
+    processor = load_processor(folder)
+    tok = processor.tokenizer
+    sample = load_dataset(DATA).samples[0]
+    loop = AgentLoop(
+        ScriptedBackend([grid_turns(sample)]),
+        prompt_file=str(folder / PROMPT_FILE),
+        coords="relative",
+        resize_factor=32,
+        min_pixels=65_536,
+        max_pixels=147_456,
+    )
+    traj = asyncio.run(loop.run(sample))[0]
+    example = encode(
+        traj, processor, tok.encode(ASSISTANT_HEADER, add_special_tokens=False), tok.convert_tokens_to_ids(END)
+    )
+    model = AutoModelForImageTextToText.from_pretrained(folder)
+    batch = collate([example], tok.pad_token_id, model.config.image_token_id)
+    torch.manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(80):
+        loss = model(**batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_rollout_tokens_and_images_are_what_the_model_saw(memorised):
+    """Greedy rollouts: at every sampled position the training forward pass (ids from the token view, images
+    re-rendered from the record) must predict exactly the token that was sampled."""
+    backend = HFBackend(str(memorised))
+    sample = load_dataset(DATA).samples[0]
+    traj = asyncio.run(AgentLoop(backend, max_turns=6, temperature=0.0, return_token_ids=True).run(sample))[0]
+    assert traj.stop_reason == "answer" and traj.answer == sample.answer
+    assert sum(1 for t in traj.turns if t.observation_index) >= 2  # it zoomed, nested zooms included
+    traj.score = Score(correct=True, method="exact")
+    rollout = score_group([traj])[0]
+    item = trajectory_inputs(rollout, backend.processor)
+    assert item.image_grid_thw.shape[0] == len(traj.turns)  # the original and one image per zoom
+    batch = _batch([item], 0, "cpu", torch.float32)
+    with torch.no_grad():
+        _, mask, logits = sampled_logprobs(backend.model, batch)
+    target = batch["labels"][:, 1:]
+    assert int(mask.sum()) == sum(traj.token_view.mask)
+    assert torch.equal(logits.argmax(-1)[mask], target[mask])
+
+
+def _cfg(model: Path, out: Path, **kw) -> RLConfig:
+    base = dict(
+        model=str(model),
+        data=DATA,
+        out=str(out),
+        steps=2,
+        prompts=1,
+        group=4,
+        max_turns=6,
+        max_new_tokens=64,
+        lr=1e-4,
+        save_every=1,
+        device="cpu",
+        seed=0,
+    )
+    return RLConfig(**{**base, **kw})
+
+
+def _half_right(monkeypatch):
+    """Make every group informative: alternate trajectories are scored right and wrong, whatever they answer."""
+    calls = itertools.count(1)
+    monkeypatch.setattr(
+        grpo, "score_rules", lambda prediction, sample: Score(correct=next(calls) % 2 == 0, method="exact")
+    )
+
+
+def test_train_rl_updates_logs_and_resumes(memorised, tmp_path, monkeypatch):
+    _half_right(monkeypatch)
+    out = tmp_path / "rl"
+    before = {n: p.clone() for n, p in HFBackend(str(memorised)).model.named_parameters()}
+    Trainer(_cfg(memorised, out)).run()
+    lines = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2]
+    for x in lines:
+        # every trajectory trains, except over-turn ones (masked)
+        assert x["groups_kept"] == 1 and x["trained"] == 4 - round(4 * x["over_turn"])
+        assert x["reward"] == 0.5 and x["turns"] > 1 and x["entropy"] >= 0
+        assert set(x) >= {"accuracy", "tool_errors", "loss", "grad_norm", "clip_frac", "lr", "stop_reasons"}
+    assert lines[0]["trained"] and lines[0]["trained_tokens"] > 0
+    after = HFBackend(str(out / "model"))
+    assert any(not torch.equal(before[n], p) for n, p in after.model.named_parameters())
+    assert (out / "model" / PROMPT_FILE).exists() and after.default_prompt_file  # prompted as it was trained
+    assert json.loads((out / "config.json").read_text())["mask_over_turn"] is True
+    # Resume: the same OUT with more steps continues from the newest checkpoint.
+    trainer = Trainer(_cfg(memorised, out, steps=3))
+    assert trainer.step == 2 and trainer.draws == 2
+    trainer.run()
+    assert [json.loads(x)["step"] for x in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+    with pytest.raises(ConfigError, match="different settings"):
+        Trainer(_cfg(memorised, out, steps=4, group=8))
+
+
+def test_over_turn_trajectories_train_only_without_the_mask(memorised, tmp_path, monkeypatch):
+    """With a 1-turn cap the memorised search (its first reply is a zoom) is always cut off: masked, nothing trains."""
+    _half_right(monkeypatch)
+    masked = Trainer(_cfg(memorised, tmp_path / "a", steps=1, max_turns=1, dynamic_sampling=False))
+    stats, _ = masked.one_step()
+    assert stats.over_turn == 1.0 and stats.trained == 0 and stats.loss == 0
+    plain = Trainer(_cfg(memorised, tmp_path / "b", steps=1, max_turns=1, dynamic_sampling=False, mask_over_turn=False))
+    stats, _ = plain.one_step()
+    assert stats.over_turn == 1.0 and stats.trained == 4 and stats.trained_tokens > 0
+
+
+def test_dynamic_sampling_drops_uninformative_groups(memorised, tmp_path):
+    """The memorised model answers right every time at temperature 0: no group teaches anything."""
+    trainer = Trainer(_cfg(memorised, tmp_path / "c", steps=1, temperature=0.0, max_draws=3))
+    stats, kept = trainer.one_step()
+    assert stats.groups_drawn == 3 and stats.groups_kept == 0 and not kept and stats.trained == 0
+    assert stats.accuracy == 1.0
+
+
+def test_bad_settings_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="--model"):
+        Trainer(RLConfig(out=str(tmp_path)))
+    with pytest.raises(ConfigError, match="group"):
+        Trainer(RLConfig(model="x", group=1, out=str(tmp_path)))
+
+
+def test_turn_scaling_repro_runs_arm_by_arm_and_reports(memorised, tmp_path):
+    from glimpse.config import ReproConfig
+    from glimpse.train.repro import run_repro
+
+    base = dict(
+        model=str(memorised),
+        out=str(tmp_path / "repro"),
+        steps=1,
+        prompts=1,
+        group=2,
+        eval_n=2,
+        caps="2,6",
+        max_new_tokens=48,
+        device="cpu",
+    )
+    run_repro(ReproConfig(**base, arms="sft"), say=lambda _: None)
+    report = run_repro(ReproConfig(**base, arms="full,no-coldstart"), say=lambda _: None)
+    assert list(report["arms"]) == ["sft", "full", "no-coldstart"]  # the earlier arm is kept
+    for arm in report["arms"].values():
+        assert set(arm["caps"]) == {2, 6} and 0 <= arm["caps"][6]["accuracy"] <= 1
+    assert report["arms"]["full"]["train"]["steps"] == 1 and report["arms"]["sft"]["train"] is None
+    # no-coldstart starts from a fresh model of the same architecture, with the checkpoint's prompts
+    init = tmp_path / "repro" / "no-coldstart" / "init"
+    assert (init / PROMPT_FILE).exists()
+    assert json.loads((init / "config.json").read_text())["model_type"] == "glimpse_vl"
+    md = (tmp_path / "repro" / "turn_scaling.md").read_text()
+    assert "| full |" in md and "| no-coldstart |" in md and (tmp_path / "repro" / "turn_scaling.png").exists()
