@@ -358,3 +358,19 @@ def test_fuzz_any_text_parses_without_raising(text, finish):
     kind, error_kind, error = outcome(text, finish)
     assert kind in ("zoom", "answer", "error", "none")
     assert (kind == "error") == (error is not None) == (error_kind is not None)
+
+
+def test_a_closing_tag_is_put_back_only_where_the_server_cut_one():
+    """OpenAI's API does not say which stop string it cut: an unclosed call is taken to have been cut at
+    </grounding>. vLLM / SGLang / the hf backend say; a reply that ended on its own keeps exactly its text."""
+    from glimpse.models.openai_compat import _matched_stop
+
+    tags = make_protocol("tags", Coords.RELATIVE)
+    cut = '<grounding>{"bbox_2d": [0.1, 0.1, 0.5, 0.5], "source": "original_image"}'
+    assert tags.parse(Completion(text=cut)).kind == "zoom"  # unknown: put back
+    assert tags.parse(Completion(text=cut, matched_stop="</grounding>")).kind == "zoom"
+    ended = tags.parse(Completion(text="<grounding>H</answer>", matched_stop=""))
+    assert ended.text == "<grounding>H</answer>" and ended.kind == "error"  # nothing the model did not write
+    assert _matched_stop({"stop_reason": "</grounding>"}) == "</grounding>"
+    assert _matched_stop({"stop_reason": None}) == "" and _matched_stop({"stop_reason": 151645}) == ""
+    assert _matched_stop({"matched_stop": 151645}) == "" and _matched_stop({}) is None
