@@ -203,9 +203,21 @@ def test_over_turn_trajectories_train_only_without_the_mask(memorised, tmp_path,
     masked = Trainer(_cfg(memorised, tmp_path / "a", steps=1, max_turns=1, dynamic_sampling=False))
     stats, _ = masked.one_step()
     assert stats.over_turn == 1.0 and stats.trained == 0 and stats.loss == 0
-    plain = Trainer(_cfg(memorised, tmp_path / "b", steps=1, max_turns=1, dynamic_sampling=False, mask_over_turn=False))
-    stats, _ = plain.one_step()
+    # (a probe made for the step: its image is deleted once the update has re-rendered it)
+    plain = Trainer(
+        _cfg(
+            memorised,
+            tmp_path / "b",
+            steps=1,
+            max_turns=1,
+            dynamic_sampling=False,
+            mask_over_turn=False,
+            data="stream:easy",
+        )
+    )
+    stats, groups = plain.one_step()
     assert stats.over_turn == 1.0 and stats.trained == 4 and stats.trained_tokens > 0
+    assert not Path(groups[0][0].trajectory.sample.images[0]).exists()
 
 
 def test_dynamic_sampling_drops_uninformative_groups(memorised, tmp_path):

@@ -356,6 +356,7 @@ class Trainer:
         t0 = time.perf_counter()
         self.model.eval()
         kept: list[list[Rollout]] = []
+        used: list[Sample] = []
         drawn = 0
         while len(kept) < cfg.prompts and drawn < cfg.prompts * cfg.max_draws:
             want = cfg.prompts - len(kept) if cfg.dynamic_sampling else cfg.prompts
@@ -363,7 +364,7 @@ class Trainer:
             self.draws += want
             drawn += want
             groups = asyncio.run(self._rollouts(samples))
-            self.prompts.done_with(samples)
+            used += samples
             for group in groups:
                 scored = score_group(group, mask_over_turn=cfg.mask_over_turn)
                 _describe(group, stats)
@@ -376,7 +377,10 @@ class Trainer:
         n = max(1, stats.trajectories)
         for name in ("reward", "accuracy", "turns", "over_turn", "tool_errors"):
             setattr(stats, name, getattr(stats, name) / n)
-        self.update(kept, stats)
+        try:
+            self.update(kept, stats)
+        finally:
+            self.prompts.done_with(used)  # the update re-renders the images from the originals: delete after it
         stats.seconds = time.perf_counter() - t0
         return stats, kept
 
