@@ -67,7 +67,6 @@ def test_unreadable_image_exits_3_naming_the_file(tmp_path, write_script):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        ([], "choose a model with --model"),
         (["--model", "gpt:4"], "unknown model backend"),
         (["--model", "scripted:x.json", "--protocol", "xml"], "Invalid value"),
         (["--model", "scripted:/no/such/file.json"], "cannot read script file"),
@@ -121,3 +120,19 @@ def test_the_scripted_demo_replays_the_runtime_tour(tmp_path):
     (traj,) = load_jsonl(tmp_path / "demo" / "trajectory.jsonl")
     assert f"gold answer: {traj.answer}" in proc.stdout
     assert traj.metrics["zooms"] == 2 and traj.metrics["tool_errors"] == 1
+
+
+def test_without_a_model_the_builtin_default_answers(make_image, tmp_path, monkeypatch):
+    """No --model: the best offline policy (the expert until a learned model ships), said plainly."""
+    from glimpse.models import load_backend
+    from glimpse.models.builtin import learned_available
+
+    proc = glimpse("ask", str(make_image()), "How many dots?", "--max-turns", "1", "--save", str(tmp_path / "t.jsonl"))
+    assert proc.returncode in (0, 1), proc.stderr
+    record = json.loads((tmp_path / "t.jsonl").read_text().splitlines()[0])
+    if learned_available():
+        assert "learned built-in model" in proc.stdout and record["settings"]["model"].startswith("hf:")
+    else:
+        assert "the expert: no learned model ships yet" in proc.stdout and record["settings"]["model"] == "expert"
+    monkeypatch.setattr("glimpse.models.builtin.WEIGHTS", tmp_path / "none")  # an install without the weights
+    assert load_backend("builtin").name == "expert"

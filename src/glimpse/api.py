@@ -19,9 +19,8 @@ from glimpse.agent import AgentLoop, OnTurn
 from glimpse.answers import Vote, majority_vote
 from glimpse.config import AskConfig, resolve
 from glimpse.effort import effort_budget
-from glimpse.errors import ConfigError
 from glimpse.images import ImageCache
-from glimpse.models import Backend, load_backend
+from glimpse.models import DEFAULT_MODEL, Backend, load_backend
 from glimpse.trajectory import Sample, Trajectory
 
 
@@ -38,18 +37,13 @@ class AskResult:
 
 
 def backend_from_config(config: AskConfig) -> Backend:
-    """The backend a config names.
+    """The backend a config names (no model: the built-in default, ``DEFAULT_MODEL``).
 
     Raises:
-        ConfigError: no model was chosen, or the backend cannot be created.
+        ConfigError: the backend cannot be created.
     """
-    if not config.model:
-        raise ConfigError(
-            "choose a model with --model: openai:NAME for any OpenAI-compatible server (vLLM, SGLang, OpenAI), "
-            "hf:FOLDER for a local Qwen-VL checkpoint, or scripted:FILE.json to replay written turns"
-        )
     return load_backend(
-        config.model,
+        config.model or DEFAULT_MODEL,
         base_url=config.base_url,
         api_key=config.api_key,
         max_concurrency=config.max_concurrency,

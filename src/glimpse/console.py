@@ -104,12 +104,24 @@ def summary(result: AskResult, console: Console) -> None:
         console.print(f"[bold green]Answer:[/] [bold]{escape(result.answer)}[/]  [dim]{facts}[/]")
 
 
+def default_model_label() -> str:
+    """What answers when no --model is given, said plainly."""
+    from glimpse.models.builtin import learned_available
+
+    return (
+        "builtin (the learned built-in model)"
+        if learned_available()
+        else "builtin (the expert: no learned model ships yet)"
+    )
+
+
 def run_ask(cfg: AskConfig, image: str, question: str, *, overwrite: bool = False) -> int:
     """``glimpse ask``: run, print, save. Returns the exit code."""
     console = Console(stderr=cfg.json or cfg.quiet, highlight=False, soft_wrap=True)
     if not cfg.quiet:
         console.print(
-            f"[bold]glimpse ask[/] · {escape(cfg.model or '')} · effort {cfg.effort} · {cfg.protocol} protocol"
+            f"[bold]glimpse ask[/] · {escape(cfg.model or default_model_label())} · effort {cfg.effort} · "
+            f"{cfg.protocol} protocol"
         )
     printer = None if cfg.quiet else TurnPrinter(console, cfg.samples)
     result = asyncio.run(ask_async(image, question, cfg, on_turn=printer))

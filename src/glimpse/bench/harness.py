@@ -44,7 +44,7 @@ from glimpse.bench.scoring import score
 from glimpse.config import EvalConfig, public_dict
 from glimpse.errors import ConfigError, GlimpseError
 from glimpse.images import ImageCache, PixelLimits
-from glimpse.models import Backend, load_backend, native_limits, native_settings
+from glimpse.models import DEFAULT_MODEL, Backend, load_backend, native_limits, native_settings
 from glimpse.trajectory import Sample, Score, Trajectory
 
 RESULTS, CONFIG, SUMMARY, TABLE, SWEEP_CSV, SWEEP_PNG = (
@@ -222,12 +222,8 @@ def _check_config(out: Path, cfg: EvalConfig, dataset: Dataset) -> None:
 def _backend(cfg: EvalConfig) -> Backend | None:
     if cfg.model in POLICIES:
         return None
-    if not cfg.model:
-        raise ConfigError(
-            f"choose a model with --model: openai:NAME, scripted:FILE, or a policy ({', '.join(POLICIES)})"
-        )
     return load_backend(
-        cfg.model,
+        cfg.model or DEFAULT_MODEL,
         base_url=cfg.base_url,
         api_key=cfg.api_key,
         max_concurrency=cfg.concurrency,
@@ -291,6 +287,8 @@ async def run_eval(
     if cfg.k < 1:
         raise ConfigError(f"k must be at least 1, got {cfg.k}")
     caps = parse_caps(cfg.max_turns)
+    if not cfg.model:  # no --model: the built-in default, named in the run's config and summary
+        cfg = dataclasses.replace(cfg, model=DEFAULT_MODEL)
     owned = backend is None
     backend = _backend(cfg) if owned else backend
     coords, factor = native_settings(backend)

@@ -26,7 +26,10 @@ BACKENDS: dict[str, tuple[str, str]] = {
     "scripted": ("glimpse.models.scripted", "a JSON file of assistant turns, e.g. scripted:turns.json"),
     "hf": ("glimpse.models.hf", "a local Qwen-VL checkpoint folder, e.g. hf:/models/Qwen2.5-VL-7B-Instruct"),
     "expert": ("glimpse.models.expert", ""),  # no argument: the training-free policy (image analysis and OCR)
+    "builtin": ("glimpse.models.builtin", ""),  # no argument: the learned built-in model if shipped, else expert
 }
+# What ask and eval use when no --model is given: offline, nothing to download.
+DEFAULT_MODEL = "builtin"
 
 
 def load_backend(spec: str, **options: Any) -> Backend:
@@ -71,6 +74,7 @@ def native_limits(backend: Backend | None) -> tuple[int, int]:
 
 __all__ = [
     "BACKENDS",
+    "DEFAULT_MODEL",
     "Backend",
     "Completion",
     "GenerateParams",
