@@ -75,14 +75,15 @@ def test_the_cells_reassemble_to_the_image(builtin):
 
     def spy(x: torch.Tensor) -> torch.Tensor:
         seen["x"] = x
-        return torch.zeros(gh * gw, 1)
+        return torch.zeros(x.shape[0], gh * gw, model.config.text_config.hidden_size)
 
     model.visual.forward = spy
     model.image_features(torch.from_numpy(rows), torch.tensor([[1, gh, gw]]))
     import numpy as np
 
     expected = (np.asarray(image, np.float32) / 255 - 0.5) / 0.25
-    assert np.allclose(seen["x"].permute(1, 2, 0).numpy(), expected, atol=1e-5)
+    assert seen["x"].shape[0] == 1  # images of one grid size go through the encoder as one batch
+    assert np.allclose(seen["x"][0].permute(1, 2, 0).numpy(), expected, atol=1e-5)
 
 
 def test_location_tokens_decode_to_protocol_json_and_are_single_tokens(builtin):
@@ -155,3 +156,26 @@ def test_cards_are_legible_single_signs():
             assert s.answer and "border" in s.question
             assert s.id == card_sample(i, 0, Path(d)).id  # deterministic
         assert kinds >= {"read_code", "count"}
+
+
+def test_drawn_views_match_the_full_scene_resized():
+    """Training draws only the views a trajectory shows: crops are the full-resolution scene's pixels, and the
+    downscaled full view is within a few grey levels of it."""
+    import numpy as np
+
+    from glimpse.bench.synth import make_probe
+
+    probe = make_probe("medium", 5, seed=11)
+    w, h = probe.image.size
+    x0, y0, x1, y1 = probe.record["boxes"][0]
+    cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
+    limits = PixelLimits(65_536, 147_456, 32)
+    for box, tolerance in (
+        ((0, 0, w, h), 2.0),
+        ((max(0, cx - w // 16), max(0, cy - h // 16), max(0, cx - w // 16) + w // 8, max(0, cy - h // 16) + h // 8), 0),
+        ((cx - w // 64, cy - h // 64, cx + w // 64, cy + h // 64), 0),
+    ):
+        size = smart_resize(box[2] - box[0], box[3] - box[1], limits)
+        want = np.asarray(probe.image.resize(size, Image.Resampling.BICUBIC, box=box), dtype=np.int16)
+        got = np.asarray(probe.scene.view(box, size), dtype=np.int16)
+        assert np.abs(want - got).mean() <= tolerance, box

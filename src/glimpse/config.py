@@ -474,3 +474,13 @@ class BuiltinConfig:
     threads: int = opt(2, "torch threads of the training process")
     seed: int = opt(0, "seed of the initial weights and of the probe stream")
     save_every_min: float = opt(5.0, "minutes between saves of OUT/model")
+    device: str = opt(
+        "auto", "where the model trains: cpu, cuda, or auto (cuda when there is one)", choices=("auto", "cpu", "cuda")
+    )
+    pointing: bool = opt(True, "share one function of position between image tokens and coordinate tokens")
+    only: str = opt(
+        "curriculum",
+        "train on one kind of example alone instead of the curriculum (a skill checked alone): card "
+        "(reading a legible sign), easy (finding a salient sign, then reading it), medium or hard",
+        choices=("curriculum", "card", "easy", "medium", "hard"),
+    )

@@ -110,10 +110,121 @@ LEVELS = {
 
 @dataclass
 class Probe:
-    """A generated scene and its record."""
+    """A generated scene and its record (``image`` is ``None`` when made with ``render=False``)."""
 
-    image: Image.Image
+    image: Image.Image | None
     record: dict[str, Any]
+    scene: Scene | None = None
+
+
+# How much finer than it is shown a region is drawn before the final resize (``Scene.view``): at 3× the
+# shown resolution the resize averages each shown pixel over about 9 drawn ones, which tests check is close to
+# the full-resolution scene resized.
+VIEW_OVERSAMPLE = 3.0
+
+
+@dataclass
+class _Op:
+    """One recorded drawing call: the ``ImageDraw`` method, its arguments, and its bounding box (for culling)."""
+
+    name: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    bbox: tuple[float, float, float, float]
+
+
+class _Recorder:
+    """Stands in for ``ImageDraw.Draw``: records the calls the scene makes, in order, to replay them later."""
+
+    def __init__(self) -> None:
+        self.ops: list[_Op] = []
+
+    def _add(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], pts: list[tuple[float, float]]) -> None:
+        pad = kwargs.get("width") or 1
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        self.ops.append(_Op(name, args, kwargs, (min(xs) - pad, min(ys) - pad, max(xs) + pad, max(ys) + pad)))
+
+    def rectangle(self, xy: Any, **kw: Any) -> None:
+        self._add("rectangle", (xy,), kw, [(xy[0], xy[1]), (xy[2], xy[3])])
+
+    def ellipse(self, xy: Any, **kw: Any) -> None:
+        self._add("ellipse", (xy,), kw, [(xy[0], xy[1]), (xy[2], xy[3])])
+
+    def line(self, xy: Any, **kw: Any) -> None:
+        self._add("line", (xy,), kw, [(xy[0], xy[1]), (xy[2], xy[3])])
+
+    def polygon(self, xy: Any, **kw: Any) -> None:
+        self._add("polygon", (xy,), kw, list(xy))
+
+    def text(self, xy: Any, text: str, **kw: Any) -> None:
+        x0, y0, x1, y1 = kw["font"].getbbox(text)
+        self._add("text", (xy, text), kw, [(xy[0] + x0, xy[1] + y0), (xy[0] + x1, xy[1] + y1)])
+
+
+@dataclass
+class Scene:
+    """A probe's scene as drawing instructions, so any region can be drawn without drawing the rest.
+
+    ``render()`` draws the whole canvas exactly as ``make_probe`` does (the same calls in the same order);
+    ``view(box, size)`` gives what resizing ``box`` of the full-resolution scene to ``size`` gives (bicubic, as the
+    zoom tool does), drawing only the region and at most ``VIEW_OVERSAMPLE`` times finer than it is shown. That is
+    what makes training examples cheap: a trajectory shows a few hundred thousand pixels of a 10–50-megapixel
+    scene.
+    """
+
+    width: int
+    height: int
+    background_seed: int
+    ops: list[_Op]
+
+    def render(self, region: tuple[int, int, int, int] | None = None, scale: float = 1.0) -> Image.Image:
+        """The pixels of ``region`` (full-resolution pixels; default the whole canvas) drawn at ``scale``."""
+        region = region or (0, 0, self.width, self.height)
+        x0, y0, x1, y1 = region
+        image = _background_region(self.background_seed, self.width, self.height, region, scale)
+        draw = ImageDraw.Draw(image)
+        whole = region == (0, 0, self.width, self.height) and scale == 1.0
+        for op in self.ops:
+            b = op.bbox
+            if not whole and (b[2] < x0 or b[0] > x1 or b[3] < y0 or b[1] > y1):
+                continue
+            args, kwargs = op.args, op.kwargs
+            if not whole:
+                args, kwargs = _moved(op, x0, y0, scale)
+            getattr(draw, op.name)(*args, **kwargs)
+        return image
+
+    def view(self, box: tuple[int, int, int, int], size: tuple[int, int]) -> Image.Image:
+        """``box`` of the full-resolution scene resized to ``size`` (bicubic), drawing only what it needs."""
+        x0, y0, x1, y1 = box
+        shown = size[0] / (x1 - x0)
+        r = min(1.0, VIEW_OVERSAMPLE * shown)
+        margin = math.ceil(2 / min(shown, 1.0)) + 4  # the bicubic kernel's reach, in full-resolution pixels
+        region = (max(0, x0 - margin), max(0, y0 - margin), min(self.width, x1 + margin), min(self.height, y1 + margin))
+        canvas = self.render(region, r)
+        sx, sy = canvas.width / (region[2] - region[0]), canvas.height / (region[3] - region[1])
+        inner = ((x0 - region[0]) * sx, (y0 - region[1]) * sy, (x1 - region[0]) * sx, (y1 - region[1]) * sy)
+        return canvas.resize(size, Image.Resampling.BICUBIC, box=inner)
+
+
+def _moved(op: _Op, ox: int, oy: int, r: float) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """An op's arguments with its coordinates moved to a region's origin and scaled by ``r``."""
+
+    def pt(x: float, y: float) -> tuple[float, float]:
+        return (x - ox) * r, (y - oy) * r
+
+    kwargs = dict(op.kwargs)
+    if r != 1.0:
+        if "width" in kwargs:
+            kwargs["width"] = max(1, round(kwargs["width"] * r))
+        if "font" in kwargs:
+            kwargs["font"] = _font(max(1, round(kwargs["font"].size * r)))
+    xy = op.args[0]
+    if op.name == "polygon":
+        return ([pt(*p) for p in xy],), kwargs
+    if op.name == "text":
+        return (pt(*xy), op.args[1]), kwargs
+    return ((*pt(xy[0], xy[1]), *pt(xy[2], xy[3])),), kwargs
 
 
 @lru_cache(maxsize=64)
@@ -128,13 +239,34 @@ def _cap_height(size: int) -> int:
 
 def _background(rng: random.Random, w: int, h: int) -> Image.Image:
     """A smooth random colour field with fine grain."""
-    nrng = np.random.default_rng(rng.randrange(2**32))
+    return _background_region(rng.randrange(2**32), w, h, (0, 0, w, h), 1.0)
+
+
+def _background_region(seed: int, w: int, h: int, region: tuple[int, int, int, int], r: float) -> Image.Image:
+    """The part ``region`` (full-resolution pixels) of the ``w × h`` background of ``seed``, drawn at scale ``r``.
+
+    At ``r = 1`` and the whole canvas this is the probes' background pixel for pixel; at a smaller scale the
+    colour field is the same function sampled more sparsely and the grain tile is shrunk with it.
+    """
+    nrng = np.random.default_rng(seed)
     coarse = nrng.integers(60, 200, size=(max(2, h // 256), max(2, w // 256), 3), dtype=np.uint8)
-    img = Image.fromarray(coarse).resize((w, h), Image.Resampling.BILINEAR)
     tile = Image.fromarray(nrng.normal(128, 8, size=(256, 256)).clip(0, 255).astype(np.uint8)).convert("RGB")
-    grain = Image.new("RGB", (w, h))
-    for y in range(0, h, 256):
-        for x in range(0, w, 256):
+    x0, y0, x1, y1 = region
+    size = (max(1, round((x1 - x0) * r)), max(1, round((y1 - y0) * r)))
+    sx, sy = coarse.shape[1] / w, coarse.shape[0] / h
+    field = Image.fromarray(coarse)
+    if region == (0, 0, w, h) and r == 1.0:
+        img = field.resize((w, h), Image.Resampling.BILINEAR)
+    else:
+        img = field.resize(size, Image.Resampling.BILINEAR, box=(x0 * sx, y0 * sy, x1 * sx, y1 * sy))
+    period = 256
+    if r != 1.0:
+        period = max(1, round(256 * r))
+        tile = tile.resize((period, period), Image.Resampling.BOX)
+    ox, oy = round(x0 * r) % period, round(y0 * r) % period
+    grain = Image.new("RGB", size)
+    for y in range(-oy, size[1], period):
+        for x in range(-ox, size[0], period):
             grain.paste(tile, (x, y))
     return ImageChops.add(img, grain, 1.0, -128)
 
@@ -293,9 +425,18 @@ def _code(rng: random.Random, n: int, taken: set[str]) -> str:
 
 
 def make_probe(
-    level: str, index: int, seed: int = 0, kind: str | None = None, limits: PixelLimits | None = None
+    level: str,
+    index: int,
+    seed: int = 0,
+    kind: str | None = None,
+    limits: PixelLimits | None = None,
+    *,
+    render: bool = True,
 ) -> Probe:
-    """Generate probe ``index`` of a level. The same (level, seed, index, kind) always gives the same probe."""
+    """Generate probe ``index`` of a level. The same (level, seed, index, kind) always gives the same probe.
+
+    With ``render=False`` the image is not drawn: the probe's ``scene`` can draw any part of it on request.
+    """
     if level not in LEVELS:
         raise ConfigError(f"unknown level {level!r}; choose one of {', '.join(LEVELS)}")
     spec = LEVELS[level]
@@ -316,8 +457,8 @@ def make_probe(
     font_px = max(_MIN_FONT_PX, min(28, math.floor(SHOWN_MAX_PX / (_CAP_RATIO * scale))))
     while _cap_height(font_px) * scale > SHOWN_MAX_PX and font_px > _MIN_FONT_PX:
         font_px -= 1
-    image = _background(rng, w, h)
-    draw = ImageDraw.Draw(image)
+    background_seed = rng.randrange(2**32)
+    draw = _Recorder()
     _clutter(draw, rng, w, h, spec.clutter, font_px)
 
     # 2. Candidates: the signs a search must tell apart.
@@ -386,6 +527,7 @@ def make_probe(
         others.append(sign)
     for sign in [*others, *candidates]:
         _draw_sign(draw, sign, font_px, rng)
+    scene = Scene(w, h, background_seed, draw.ops)
 
     # 4. The question and its exact answer.
     if marked:
@@ -449,7 +591,7 @@ def make_probe(
         "shown_cap_px": round(cap * scale, 2),
         "zoomed_cap_px": round(cap * zoomed_scale, 2),
     }
-    return Probe(image=image, record=record)
+    return Probe(image=scene.render() if render else None, record=record, scene=scene)
 
 
 def _describe(sign: _Sign, target: bool) -> dict[str, Any]:

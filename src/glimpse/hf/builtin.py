@@ -53,6 +53,8 @@ class GlimpseVLConfig(PretrainedConfig):
         max_grid: most rows or columns of cells an image may have (size of the position embeddings).
         image_token_id: id of ``<|image_pad|>``.
         min_pixels / max_pixels: the pixel limits the model was trained with (its native limits).
+        coordinate_ids / coordinate_values: the location tokens that write one coordinate, and the relative
+            position each writes; with them the model points (``Pointer``). Empty: plain token embeddings.
     """
 
     model_type = MODEL_TYPE
@@ -67,6 +69,8 @@ class GlimpseVLConfig(PretrainedConfig):
         cell: int = 32,
         min_pixels: int = 65_536,
         max_pixels: int = 196_608,
+        coordinate_ids: list[int] | None = None,
+        coordinate_values: list[float] | None = None,
         **kwargs: Any,
     ):
         if isinstance(text_config, dict):
@@ -77,6 +81,8 @@ class GlimpseVLConfig(PretrainedConfig):
         self.image_token_id = image_token_id
         self.cell = cell
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        self.coordinate_ids = list(coordinate_ids or [])
+        self.coordinate_values = list(coordinate_values or [])
         kwargs.setdefault("tie_word_embeddings", self.text_config.tie_word_embeddings)
         super().__init__(**kwargs)
 
@@ -107,16 +113,50 @@ class ConvEncoder(nn.Module):
         self.cols = nn.Embedding(max_grid, hidden)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        """(3, H, W) → (H/32 · W/32, hidden), row-major."""
-        x = image.unsqueeze(0)
+        """(3, H, W) → (H/32 · W/32, hidden), or (N, 3, H, W) → (N, H/32 · W/32, hidden); cells row-major."""
+        x = image.unsqueeze(0) if image.dim() == 3 else image
         for stage in self.stages:
             x = stage["down"](x)
             x = x + stage["body"](x)
         _, _, gh, gw = x.shape
-        feats = self.project(x[0].flatten(1).transpose(0, 1))
-        r = torch.arange(gh, device=x.device).repeat_interleave(gw)
-        c = torch.arange(gw, device=x.device).repeat(gh)
-        return feats + self.rows(r) + self.cols(c)
+        feats = self.project(x.flatten(2).transpose(1, 2))
+        # An image longer than max_grid cells on a side (a very elongated zoom) shares the last position.
+        last = self.rows.num_embeddings - 1
+        r = torch.arange(gh, device=x.device).clamp(max=last).repeat_interleave(gw)
+        c = torch.arange(gw, device=x.device).clamp(max=last).repeat(gh)
+        feats = feats + self.rows(r) + self.cols(c)
+        return feats[0] if image.dim() == 3 else feats
+
+
+class Pointer(nn.Module):
+    """One learned function of a relative position (0–1) shared by image tokens and coordinate tokens.
+
+    An image token at cell centre (x, y) gets ``x_map(f(x)) + y_map(f(y))`` added to its features; a coordinate
+    token writing the value v gets ``x_map(f(v))`` added to its input embedding and, since the head is tied, to
+    its output embedding. ``f`` is a fixed Fourier code, so a shift (a window's edge is its centre less half its
+    side) is a rotation of it, which a linear map learns. Writing a coordinate then means attending to the image
+    token where the target is and copying its position, instead of learning 256 arbitrary token meanings.
+    """
+
+    FREQUENCIES = 16  # 1 to 32 cycles over the image: finer than the 16-window grid
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.x_map = nn.Linear(2 * self.FREQUENCIES, hidden, bias=False)
+        self.y_map = nn.Linear(2 * self.FREQUENCIES, hidden, bias=False)
+
+    def code(self, v: torch.Tensor) -> torch.Tensor:
+        # Computed, not a buffer: transformers builds models on the meta device and loads only saved tensors.
+        freqs = torch.pi * 2.0 ** torch.linspace(0, 5, self.FREQUENCIES, device=v.device)
+        angle = v.float().unsqueeze(-1) * freqs
+        return torch.cat([angle.sin(), angle.cos()], -1)
+
+    def cells(self, rows: int, cols: int) -> torch.Tensor:
+        """(rows · cols, hidden): the position term of an image's tokens, row-major."""
+        device = self.x_map.weight.device
+        y = (torch.arange(rows, device=device) + 0.5) / rows
+        x = (torch.arange(cols, device=device) + 0.5) / cols
+        return (self.y_map(self.code(y))[:, None, :] + self.x_map(self.code(x))[None, :, :]).reshape(rows * cols, -1)
 
 
 class GlimpseVLPreTrainedModel(PreTrainedModel):
@@ -149,7 +189,15 @@ class GlimpseVLForConditionalGeneration(GlimpseVLPreTrainedModel, GenerationMixi
         self.visual = ConvEncoder(config.channels, text.hidden_size, config.max_grid)
         self.model = Qwen2Model(text)
         self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
+        self.pointer = Pointer(text.hidden_size) if config.coordinate_ids else None
         self.post_init()
+
+    def _coordinates(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The coordinate tokens' ids and (coordinate tokens, hidden) what pointing adds to their embeddings."""
+        assert self.pointer is not None
+        ids = torch.tensor(self.config.coordinate_ids, device=device)
+        values = torch.tensor(self.config.coordinate_values, device=device)
+        return ids, self.pointer.x_map(self.pointer.code(values))
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.embed_tokens
@@ -163,13 +211,21 @@ class GlimpseVLForConditionalGeneration(GlimpseVLPreTrainedModel, GenerationMixi
     def image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
         """Rows of cells (as the processor returns them) → one feature vector per image token."""
         cell = self.config.cell
-        out, start = [], 0
-        for _, gh, gw in image_grid_thw.tolist():
-            rows = pixel_values[start : start + gh * gw]
-            start += gh * gw
-            image = rows.view(gh, gw, 3, cell, cell).permute(2, 0, 3, 1, 4).reshape(3, gh * cell, gw * cell)
-            out.append(self.visual(image))
-        return torch.cat(out)
+        grids = [tuple(g) for g in image_grid_thw.tolist()]
+        starts = np.cumsum([0] + [gh * gw for _, gh, gw in grids]).tolist()
+        out: list[torch.Tensor | None] = [None] * len(grids)
+        # Images of one grid size go through the encoder together (its norms are per image).
+        for grid in dict.fromkeys(grids):
+            _, gh, gw = grid
+            which = [i for i, g in enumerate(grids) if g == grid]
+            rows = torch.stack([pixel_values[starts[i] : starts[i + 1]] for i in which])
+            images = rows.view(-1, gh, gw, 3, cell, cell).permute(0, 3, 1, 4, 2, 5).reshape(-1, 3, gh * cell, gw * cell)
+            feats = self.visual(images)
+            if self.pointer is not None:
+                feats = feats + self.pointer.cells(gh, gw).to(feats.dtype)
+            for i, f in zip(which, feats, strict=True):
+                out[i] = f
+        return torch.cat(out)  # type: ignore[arg-type]
 
     def forward(
         self,
@@ -186,8 +242,15 @@ class GlimpseVLForConditionalGeneration(GlimpseVLPreTrainedModel, GenerationMixi
         mm_token_type_ids: torch.Tensor | None = None,  # accepted as Qwen's models accept it; unused
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
+        coordinate_ids, table = self._coordinates(self.lm_head.weight.device) if self.pointer else (None, None)
         if inputs_embeds is None:
             inputs_embeds = self.model.embed_tokens(input_ids)
+            if table is not None:
+                lookup = torch.full((self.config.text_config.vocab_size,), -1, device=input_ids.device)
+                lookup[coordinate_ids] = torch.arange(len(coordinate_ids), device=input_ids.device)
+                row = lookup[input_ids]
+                extra = table[row.clamp(min=0)] * (row >= 0).unsqueeze(-1)
+                inputs_embeds = inputs_embeds + extra.to(inputs_embeds.dtype)
         if pixel_values is not None and input_ids is not None:
             feats = self.image_features(pixel_values.to(inputs_embeds.dtype), image_grid_thw)
             where = input_ids == self.config.image_token_id
@@ -207,6 +270,9 @@ class GlimpseVLForConditionalGeneration(GlimpseVLPreTrainedModel, GenerationMixi
         hidden = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, keep, :])
+        if table is not None:  # the tied head: a coordinate token's output embedding carries its position too
+            point = hidden[:, keep, :] @ table.to(hidden.dtype).T
+            logits = logits.index_add(-1, coordinate_ids, point)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
@@ -375,9 +441,18 @@ error: |-
 
 
 def build_builtin(
-    out_dir: Any, *, size: str = "base", seed: int = 0, min_pixels: int = 65_536, max_pixels: int = 147_456
+    out_dir: Any,
+    *,
+    size: str = "base",
+    seed: int = 0,
+    min_pixels: int = 65_536,
+    max_pixels: int = 147_456,
+    pointing: bool = True,
 ) -> Any:
-    """Write a randomly initialised built-in model (config, weights, tokenizer, processor) to ``out_dir``."""
+    """Write a randomly initialised built-in model (config, weights, tokenizer, processor) to ``out_dir``.
+
+    ``pointing`` shares one function of position between image tokens and coordinate tokens (``Pointer``).
+    """
     from pathlib import Path
 
     from glimpse.hf.processor import quiet_progress
@@ -413,8 +488,11 @@ def build_builtin(
         eos_token_id=ids("<|im_end|>"),
         bos_token_id=None,
     )
+    coordinates = coordinate_tokens()
     config = GlimpseVLConfig(
         text_config=text,
+        coordinate_ids=[ids(t) for t in coordinates] if pointing else [],
+        coordinate_values=[float(t.rstrip(", ]")) for t in coordinates] if pointing else [],
         channels=spec["channels"],
         image_token_id=ids("<|image_pad|>"),
         min_pixels=min_pixels,
