@@ -44,8 +44,8 @@ class AskConfig:
 
     model: str | None = opt(
         None,
-        "model backend: openai:NAME (any OpenAI-compatible server), hf:FOLDER (a local Qwen-VL checkpoint) "
-        "or scripted:FILE.json",
+        "model backend: openai:NAME (any OpenAI-compatible server), hf:FOLDER (a local Qwen-VL checkpoint), "
+        "scripted:FILE.json, expert, or builtin (the default: the learned built-in model if it ships, else expert)",
     )
     base_url: str | None = opt(
         None, "OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (else $GLIMPSE_BASE_URL, $OPENAI_BASE_URL)"
@@ -112,7 +112,9 @@ class EvalConfig:
         "mme-realworld[-lite]:DIR, treebench:FILE.tsv, minio3:FILE.json",
     )
     model: str | None = opt(
-        None, "backend (openai:NAME, hf:FOLDER, scripted:FILE) or a reference policy: oracle, direct"
+        None,
+        "backend (openai:NAME, hf:FOLDER, scripted:FILE, expert, builtin) or a reference policy: oracle, direct "
+        "(default: builtin, the learned built-in model if it ships, else expert)",
     )
     out: str | None = opt(None, "run folder; the same folder resumes a run (default: runs/<data>--<model>)")
     fresh: bool = opt(False, "delete the run folder's earlier results instead of resuming")
@@ -344,9 +346,10 @@ class ReproConfig:
         "sft,full,no-mask,no-coldstart,no-hard",
         "arms to run now, comma-separated (sft: the checkpoint itself, evaluated only); finished ones are reused",
     )
-    steps: int = opt(60, "RL steps per arm")
+    steps: int = opt(40, "RL steps per arm")
     prompts: int = opt(4, "prompts per RL step")
     group: int = opt(8, "samples per prompt")
+    max_draws: int = opt(2, "dynamic sampling draws at most this many times --prompts prompts per step")
     lr: float = opt(2e-5, "RL learning rate")
     train_turns: int = opt(6, "turn cap while training (Mini-o3: 6)")
     max_new_tokens: int = opt(256, "most tokens per reply")

@@ -78,6 +78,7 @@ def rl_config(cfg: ReproConfig, arm: str, out: Path) -> RLConfig:
         steps=cfg.steps,
         prompts=cfg.prompts,
         group=cfg.group,
+        max_draws=cfg.max_draws,
         mask_over_turn=spec["mask_over_turn"],
         lr=cfg.lr,
         max_turns=cfg.train_turns,
