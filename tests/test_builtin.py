@@ -86,6 +86,21 @@ def test_the_cells_reassemble_to_the_image(builtin):
     assert np.allclose(seen["x"][0].permute(1, 2, 0).numpy(), expected, atol=1e-5)
 
 
+def test_an_elongated_zoom_longer_than_the_position_table_still_encodes(builtin):
+    """A zoom of aspect ratio 100 (the zoom tool's limit) shown at the model's minimum area is wider than
+    max_grid cells; the encoder must take it (it once raised "index out of range" mid-rollout)."""
+    from transformers import AutoModelForImageTextToText
+
+    processor = load_processor(builtin)
+    model = AutoModelForImageTextToText.from_pretrained(builtin)
+    image = Image.effect_noise((3000, 30), 60).convert("RGB")
+    rows, (gh, gw) = processor.image_processor.cells(image)
+    assert gw > model.config.max_grid
+    with torch.no_grad():
+        feats = model.image_features(torch.from_numpy(rows), torch.tensor([[1, gh, gw]]))
+    assert feats.shape == (gh * gw, model.config.text_config.hidden_size) and torch.isfinite(feats).all()
+
+
 def test_location_tokens_decode_to_protocol_json_and_are_single_tokens(builtin):
     tok = load_processor(builtin).tokenizer
     for side in WINDOW_SIDES:
