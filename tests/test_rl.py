@@ -137,7 +137,7 @@ def test_rollout_tokens_and_images_are_what_the_model_saw(memorised):
     rollout = score_group([traj])[0]
     item = trajectory_inputs(rollout, backend.processor)
     assert item.image_grid_thw.shape[0] == len(traj.turns)  # the original and one image per zoom
-    batch = _batch([item], 0, "cpu", torch.float32)
+    batch = _batch([item], [rollout.advantage], 0, backend.image_token_id, "cpu", torch.float32)
     with torch.no_grad():
         _, mask, logits = sampled_logprobs(backend.model, batch)
     target = batch["labels"][:, 1:]
@@ -212,6 +212,7 @@ def test_over_turn_trajectories_train_only_without_the_mask(memorised, tmp_path,
             max_turns=1,
             dynamic_sampling=False,
             mask_over_turn=False,
+            mini_batches=2,  # two updates: the second's ratio is against the sampling policy's log-probabilities
             data="stream:easy",
         )
     )

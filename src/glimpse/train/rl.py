@@ -39,13 +39,16 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from glimpse.config import RLConfig, public_dict
 from glimpse.errors import ConfigError, GlimpseError
 from glimpse.images import ImageCache
 from glimpse.train.grpo import Rollout, informative, policy_loss, score_group, token_entropy
 from glimpse.trajectory import Sample, Trajectory, render_image
+
+if TYPE_CHECKING:
+    from glimpse.train.sft import Example
 
 IGNORE = -100
 # Settings a resumed run must share with the run that wrote the checkpoint.
@@ -135,20 +138,10 @@ class Prompts:
 
 
 # -------------------------------------------------------------------------------------------------- tensors
-@dataclass
-class _Tokens:
-    """A trajectory as model inputs: its token view, labels on sampled tokens, and its images."""
-
-    ids: list[int]
-    labels: list[int]
-    advantage: float
-    pixel_values: Any = None
-    image_grid_thw: Any = None
-
-
-def trajectory_inputs(rollout: Rollout, processor: Any, cache: ImageCache | None = None) -> _Tokens:
-    """The token view of a trajectory with the images it showed, processed as the backend processed them."""
-    from glimpse.train.sft import hf_chat
+def trajectory_inputs(rollout: Rollout, processor: Any, cache: ImageCache | None = None) -> Example:
+    """The token view of a trajectory (labels on its sampled tokens) with the images it showed, processed as the
+    backend processed them."""
+    from glimpse.train.sft import Example, hf_chat
 
     traj = rollout.trajectory
     view = traj.token_view
@@ -157,33 +150,26 @@ def trajectory_inputs(rollout: Rollout, processor: Any, cache: ImageCache | None
     _, order = hf_chat(traj)
     images = [render_image(traj, k, cache=cache) for k in order]
     labels = [t if m else IGNORE for t, m in zip(view.ids, view.mask, strict=True)]
-    out = _Tokens(list(view.ids), labels, rollout.advantage)
+    out = Example(traj.id, list(view.ids), labels)
     if images:
         enc = processor.image_processor(images=images, return_tensors="pt")
         out.pixel_values, out.image_grid_thw = enc["pixel_values"], enc["image_grid_thw"]
     return out
 
 
-def _batch(items: list[_Tokens], pad: int, device: str, dtype: Any) -> dict[str, Any]:
+def _batch(
+    items: list[Example], advantages: list[float], pad: int, image_token: int, device: str, dtype: Any
+) -> dict[str, Any]:
+    """SFT's right-padded batch on the device, with one advantage per trajectory."""
     import torch
 
-    width = max(len(t.ids) for t in items)
-    ids = torch.full((len(items), width), pad, dtype=torch.long)
-    labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
-    attention = torch.zeros((len(items), width), dtype=torch.long)
-    for row, t in enumerate(items):
-        ids[row, : len(t.ids)] = torch.tensor(t.ids)
-        labels[row, : len(t.labels)] = torch.tensor(t.labels)
-        attention[row, : len(t.ids)] = 1
-    batch: dict[str, Any] = {"input_ids": ids.to(device), "attention_mask": attention.to(device)}
-    pixels = [t.pixel_values for t in items if t.pixel_values is not None]
-    if pixels:
-        batch["pixel_values"] = torch.cat(pixels).to(device, dtype)
-        batch["image_grid_thw"] = torch.cat([t.image_grid_thw for t in items if t.image_grid_thw is not None]).to(
-            device
-        )
-    advantages = torch.tensor([t.advantage for t in items], device=device)
-    return {"inputs": batch, "labels": labels.to(device), "advantages": advantages}
+    from glimpse.train.sft import collate
+
+    inputs = {k: v.to(device) for k, v in collate(items, pad, image_token).items()}
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    labels = inputs.pop("labels")
+    return {"inputs": inputs, "labels": labels, "advantages": torch.tensor(advantages, device=device)}
 
 
 def sampled_logprobs(model: Any, batch: dict[str, Any]) -> tuple[Any, Any, Any]:
@@ -297,6 +283,7 @@ class Trainer:
         self.cache = ImageCache()
         tok = self.backend.processor.tokenizer
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        self.image_token = self.model.config.image_token_id
 
     # ------------------------------------------------------------------------------------------------
     def run(self) -> Path:
@@ -406,16 +393,19 @@ class Trainer:
         if not trained:
             return  # nothing to learn from this step (the warm-up counts updates, so it does not advance)
         self.model.train()
-        items = [trajectory_inputs(r, self.backend.processor, self.cache) for r in trained]
+        items = [(trajectory_inputs(r, self.backend.processor, self.cache), r.advantage) for r in trained]
         shares = [items[i :: cfg.mini_batches] for i in range(cfg.mini_batches)]
-        shares = [s for s in shares if s]
+        batches = [
+            _batch([e for e, _ in s], [a for _, a in s], self.pad, self.image_token, self.device, self.dtype)
+            for s in shares
+            if s
+        ]
         old: list[Any] = []
-        if len(shares) > 1:  # the policy changes between updates: keep the sampling policy's log-probabilities
+        if len(batches) > 1:  # the policy changes between updates: keep the sampling policy's log-probabilities
             with torch.no_grad():
-                old = [sampled_logprobs(self.model, _batch(s, self.pad, self.device, self.dtype))[0] for s in shares]
+                old = [sampled_logprobs(self.model, b)[0] for b in batches]
         losses, clips, entropies, norms, tokens = [], [], [], [], 0
-        for k, share in enumerate(shares):
-            batch = _batch(share, self.pad, self.device, self.dtype)
+        for k, batch in enumerate(batches):
             logp, mask, logits = sampled_logprobs(self.model, batch)
             old_logp = old[k] if old else logp.detach()
             loss, info = policy_loss(
