@@ -263,3 +263,21 @@ def test_turn_scaling_repro_runs_arm_by_arm_and_reports(memorised, tmp_path):
     assert json.loads((init / "config.json").read_text())["model_type"] == "glimpse_vl"
     md = (tmp_path / "repro" / "turn_scaling.md").read_text()
     assert "| full |" in md and "| no-coldstart |" in md and (tmp_path / "repro" / "turn_scaling.png").exists()
+
+
+def test_the_command_line_trains_and_says_where_the_model_is(memorised, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "cli"
+    args = ["train", "rl", "--model", str(memorised), "--data", DATA, "--steps", "1", "--prompts", "1"]
+    args += ["--group", "2", "--max-new-tokens", "48", "--device", "cpu", "--out", str(out)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "glimpse", *args], capture_output=True, text=True, timeout=300, env=os.environ.copy()
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "over-turn masking" in proc.stdout and "step 1/1" in proc.stdout and "hf:" in proc.stdout
+    assert (out / "model" / "config.json").exists() and len((out / "log.jsonl").read_text().splitlines()) == 1
+    proc = subprocess.run([sys.executable, "-m", "glimpse", *args[:-2], "--group", "1"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "group must be at least 2" in proc.stderr
