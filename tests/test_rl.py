@@ -281,3 +281,17 @@ def test_the_command_line_trains_and_says_where_the_model_is(memorised, tmp_path
     assert (out / "model" / "config.json").exists() and len((out / "log.jsonl").read_text().splitlines()) == 1
     proc = subprocess.run([sys.executable, "-m", "glimpse", *args[:-2], "--group", "1"], capture_output=True, text=True)
     assert proc.returncode == 2 and "group must be at least 2" in proc.stderr
+
+
+def test_a_fresh_copy_of_the_built_in_model_needs_no_earlier_import(memorised, tmp_path):
+    """In a new interpreter (nothing has registered glimpse_vl with transformers yet), as the command runs it."""
+    import subprocess
+    import sys
+
+    code = (
+        "from pathlib import Path; from glimpse.train.repro import fresh_copy; "
+        f"fresh_copy({str(memorised)!r}, Path({str(tmp_path / 'init')!r}), 0)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "init" / "model.safetensors").exists() and (tmp_path / "init" / PROMPT_FILE).exists()

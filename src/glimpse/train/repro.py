@@ -57,11 +57,12 @@ def fresh_copy(source: str, target: Path, seed: int) -> Path:
 
     if (target / "config.json").exists():
         return target
+    processor = load_processor(source)  # first: it registers the built-in model's classes with the Auto ones
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(source))
     target.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(target)
-    load_processor(source).save_pretrained(target)
+    processor.save_pretrained(target)
     if (Path(source) / PROMPT_FILE).exists():
         shutil.copyfile(Path(source) / PROMPT_FILE, target / PROMPT_FILE)
     return target
