@@ -217,6 +217,16 @@ def read_image(path: str | os.PathLike[str]) -> Original:
         raise ImageInputError(p, "is a directory, not an image file") from None
     except OSError as exc:
         raise ImageInputError(p, f"cannot read the file ({exc.strerror or exc})") from None
+    return image_from_bytes(data, p)
+
+
+def image_from_bytes(data: bytes, name: str) -> Original:
+    """Hash and decode an image held in memory (``name`` stands for its path in messages and records).
+
+    Raises:
+        ImageInputError: not a decodable image, or an aspect ratio beyond what the resize rule accepts.
+    """
+    p = name
     image = decode_image(data, p)
     ratio = max(image.size) / min(image.size)
     if ratio >= MAX_ASPECT_RATIO:
@@ -333,8 +343,20 @@ class ImageCache:
         self._bytes = 0
         self._lock = threading.Lock()
         self._key_locks: dict[tuple[str, int, int], threading.Lock] = {}
+        self._held: dict[str, Original] = {}
         self.hits = 0
         self.misses = 0
+
+    def hold(self, original: Original) -> None:
+        """Serve ``original`` under its path until ``release``: an image that is not a file (bytes from a
+        training dataset) goes through the loop like one. Held images are not counted in the budget."""
+        with self._lock:
+            self._held[original.path] = original
+
+    def release(self, path: str) -> None:
+        """Stop serving a held image."""
+        with self._lock:
+            self._held.pop(path, None)
 
     @staticmethod
     def _key(path: str) -> tuple[str, int, int]:
@@ -349,6 +371,9 @@ class ImageCache:
     def peek(self, path: str | os.PathLike[str]) -> Original | None:
         """The cached image at ``path`` if the file is unchanged since it was cached, else ``None`` (no decoding)."""
         p = str(path)
+        held = self._held.get(p)
+        if held is not None:
+            return held
         try:
             key = self._key(p)
         except ImageInputError:
@@ -364,6 +389,9 @@ class ImageCache:
     def get(self, path: str | os.PathLike[str]) -> Original:
         """The decoded image at ``path``, from the cache when the file is unchanged."""
         p = str(path)
+        held = self._held.get(p)
+        if held is not None:
+            return held
         key = self._key(p)
         with self._lock:
             found = self._items.get(key)

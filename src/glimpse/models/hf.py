@@ -144,7 +144,7 @@ class HFBackend:
     # ----------------------------------------------------------------------------------------------------
     def _prompt(self, messages: list[Message], tools: list[dict[str, Any]] | None) -> tuple[str, _Prefix]:
         """The prompt text and its ids: a remembered prefix's ids plus the rest, tokenised with its images."""
-        hf_messages, images = _to_hf(messages)
+        hf_messages, images = to_hf(messages)
         text = self.processor.apply_chat_template(hf_messages, tokenize=False, add_generation_prompt=True, tools=tools)
         with self._prefix_lock:
             known = max((k for k in self._prefixes if text.startswith(k)), key=len, default="")
@@ -218,15 +218,8 @@ class HFBackend:
         sampled = row[: row.index(eos) + 1] if eos in row else list(row)
         while eos not in sampled and sampled and sampled[-1] == pad:  # rows that stopped early are padded
             sampled.pop()
-        raw = self.tokenizer.decode(sampled, skip_special_tokens=False)
-        if eos not in sampled:  # stopped by a stop string: keep the tokens up to its end
-            cut = min((raw.find(s) + len(s) for s in params.stop if s in raw), default=None)
-            if cut is not None:
-                while sampled and len(self.tokenizer.decode(sampled[:-1], skip_special_tokens=False)) >= cut:
-                    sampled = sampled[:-1]
-                raw = self.tokenizer.decode(sampled, skip_special_tokens=False)
+        sampled, raw, stopped = trim_at_stop(self.tokenizer, sampled, params.stop)
         text = self.tokenizer.decode(sampled, skip_special_tokens=True)
-        stopped = (eos in sampled) or any(s in raw for s in params.stop)
         finish = "stop" if stopped else "length"
         with self._prefix_lock:
             self._prefixes[req.text + raw] = _Prefix(
@@ -234,22 +227,10 @@ class HFBackend:
             )
             while len(self._prefixes) > _PREFIXES:
                 self._prefixes.popitem(last=False)
-        calls = []
+        calls: list[ToolCall] = []
         if params.tools:
-            for k, m in enumerate(_TOOL_CALL.finditer(text)):
-                try:
-                    payload = json.loads(m.group(1))
-                    calls.append(
-                        ToolCall(
-                            id=f"call_{k}",
-                            name=str(payload.get("name", "")),
-                            arguments=json.dumps(payload.get("arguments", {})),
-                        )
-                    )
-                except (ValueError, AttributeError):
-                    continue
+            text, calls = split_tool_calls(text)
             if calls:
-                text = text[: text.find("<tool_call>")]
                 finish = "tool_calls"
         return Completion(
             text=text,
@@ -261,6 +242,44 @@ class HFBackend:
             prompt_token_ids=list(req.prefix.ids),
             matched_stop="",  # the text keeps any stop string: nothing to put back
         )
+
+
+def trim_at_stop(tokenizer: Any, sampled: list[int], stop: list[str]) -> tuple[list[int], str, bool]:
+    """Cut sampled tokens after the first stop string, keeping the tokens up to its end (a server that cannot
+    stop on a string, such as verl's token-in/token-out servers, samples on to the end-of-turn token).
+
+    Returns:
+        The kept tokens, their text with special tokens, and whether the reply stopped (at the end-of-turn
+        token or a stop string) rather than running out of tokens.
+    """
+    raw = tokenizer.decode(sampled, skip_special_tokens=False)
+    cut = min((raw.find(s) + len(s) for s in stop if s in raw), default=None)
+    if cut is None:
+        return sampled, raw, tokenizer.eos_token_id in sampled
+    while sampled and len(tokenizer.decode(sampled[:-1], skip_special_tokens=False)) >= cut:
+        sampled = sampled[:-1]
+    return sampled, tokenizer.decode(sampled, skip_special_tokens=False), True
+
+
+def split_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
+    """The text before the first ``<tool_call>``, and the calls (Qwen's Hermes format); unreadable calls are
+    left out, and with none readable the text is returned whole."""
+    calls = []
+    for k, m in enumerate(_TOOL_CALL.finditer(text)):
+        try:
+            payload = json.loads(m.group(1))
+            calls.append(
+                ToolCall(
+                    id=f"call_{k}",
+                    name=str(payload.get("name", "")),
+                    arguments=json.dumps(payload.get("arguments", {})),
+                )
+            )
+        except (ValueError, AttributeError):
+            continue
+    if calls:
+        text = text[: text.find("<tool_call>")]
+    return text, calls
 
 
 def _batch_key(params: GenerateParams) -> tuple[Any, ...]:
@@ -286,8 +305,9 @@ def _widen_pixel_limits(image_processor: Any, factor: int) -> None:
             setattr(image_processor, name, value)
 
 
-def _to_hf(messages: list[Message]) -> tuple[list[dict[str, Any]], list[Any]]:
-    """Messages in transformers' chat format, and the images in order of appearance."""
+def to_hf(messages: list[Message], inline_images: bool = False) -> tuple[list[dict[str, Any]], list[Any]]:
+    """Messages in transformers' chat format, and the images in order of appearance (``inline_images``: also
+    inside their parts, as ``{"type": "image", "image": PIL}``, the form verl's token builders read)."""
     out, images = [], []
     for m in messages:
         item: dict[str, Any] = {"role": m.role}
@@ -297,7 +317,7 @@ def _to_hf(messages: list[Message]) -> tuple[list[dict[str, Any]], list[Any]]:
             parts = []
             for p in m.content:
                 if isinstance(p, ImagePart):
-                    parts.append({"type": "image"})
+                    parts.append({"type": "image", "image": p.pil()} if inline_images else {"type": "image"})
                     images.append(p.pil())
                 elif isinstance(p, TextPart):
                     parts.append({"type": "text", "text": p.text})

@@ -485,7 +485,8 @@ class _TrlWriter(_Writer):
         super().abort()
 
 
-def _pyarrow() -> tuple[Any, Any]:
+def require_pyarrow() -> tuple[Any, Any]:
+    """pyarrow and pyarrow.parquet, or a ConfigError saying how to install them."""
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -526,7 +527,7 @@ def _verl_schema(pa: Any) -> Any:
 class _VerlWriter(_Writer):
     def __init__(self, path: Path, name: str):
         super().__init__(path, name)
-        self.pa, self.pq = _pyarrow()
+        self.pa, self.pq = require_pyarrow()
         self.schema = _verl_schema(self.pa)
         self.out = self.pq.ParquetWriter(self.tmp, self.schema)
         self.batch: list[dict[str, Any]] = []
@@ -813,7 +814,7 @@ def validate_verl(path: str | os.PathLike[str], limits: PixelLimits | None = Non
     Raises:
         GlimpseError: the first broken rule, naming the row and trajectory.
     """
-    pa, pq = _pyarrow()
+    pa, pq = require_pyarrow()
     file = Path(path)
     factor = _export_limits(file, limits).factor
     try:

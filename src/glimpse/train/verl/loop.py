@@ -1,0 +1,367 @@
+"""``GlimpseAgentLoop``: Glimpse's agent loop as a verl agent loop, with over-turn masking.
+
+verl runs one agent-loop coroutine per sampled trajectory and trains on what it returns: the prompt ids, the
+response ids (sampled tokens and injected observation tokens), a response mask (1 = sampled, trained on) and
+the images. This class gets there by running ``glimpse.agent.AgentLoop``, the loop of ``glimpse ask``, with a
+one-trajectory backend (``VerlBackend``) that speaks token ids to verl's server manager:
+
+* the first prompt and every injected message are tokenized by verl's Continuous Token builder (the helpers
+  of ``AgentLoopBase``), so the ids are exactly what verl's own tool loop would produce for that template;
+  sampled ids are never decoded and re-encoded;
+* a reply cut at a stop string (``</grounding>``) has the template's end-of-turn tokens added after it, as
+  injected tokens (mask 0), before the observation follows;
+* the trajectory stops where ``glimpse ask`` would stop it (answer, nothing, turn cap, image cap, context);
+  a reply or observation that would not fit ``rollout.response_length`` stops it as ``context_full``, the
+  observation left out;
+* an over-turn trajectory (a cap stopped it while the model was still calling the tool) keeps its reward in
+  the group statistics but gets a response mask of zeros, so it adds no loss (Mini-o3's masking), and is
+  flagged ``extra_fields["over_turn"]``.
+
+Register it with ``actor_rollout_ref.rollout.agent.agent_loop_config_path`` (see
+``examples/verl/agent_loop.yaml``); the keys there besides ``name`` and ``_target_`` are the constructor
+arguments below.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopOutput
+from verl.utils.tokenizer import get_processor_token_id
+
+from glimpse.agent import CONTEXT_RESERVE, AgentLoop
+from glimpse.errors import ConfigError, ContextLengthError
+from glimpse.hf.processor import FAMILIES, PROMPT_FILE
+from glimpse.images import MAX_PIXELS, MIN_PIXELS, ImageCache, Original, image_from_bytes, image_tokens, to_rgb
+from glimpse.models.base import Completion, GenerateParams, Message
+from glimpse.models.hf import split_tool_calls, to_hf, trim_at_stop
+from glimpse.trajectory import Sample, Trajectory
+
+# Text that stands for an assistant reply when finding what the chat template writes after one.
+_MARKER = "\u2063glimpse-marker\u2063"
+
+
+class GlimpseAgentLoop(AgentLoopBase):
+    """Glimpse's zoom loop inside verl's rollout.
+
+    Args (besides verl's own, which the worker passes):
+        protocol: ``tags`` (Mini-o3's tags) or ``tools`` (native function calling).
+        coords: box convention; ``None``: the model family's native one (``pixels`` for Qwen2.5-VL).
+        prompt_file: prompts to use instead of the defaults; ``None``: the checkpoint's
+            ``glimpse_prompts.yaml`` when it has one.
+        max_turns: the turn cap (Mini-o3 trains with 6).
+        max_images: most images in the conversation, the original included (``None``: no cap but turns).
+        max_new_tokens: most tokens per reply (``None``: whatever is left of ``rollout.response_length``).
+        min_pixels, max_pixels: image area limits; ``None``: ``data.mm_processor_kwargs`` if it sets them, else
+            Mini-o3's 40,000 and 2,000,000.
+        mask_over_turn: zero the response mask of over-turn trajectories (turn off for the ablation).
+        code: offer the Python code tool.
+        record: put the Glimpse trajectory record (JSON) in ``extra_fields["glimpse_trajectory"]``.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        protocol: str = "tags",
+        coords: str | None = None,
+        prompt_file: str | None = None,
+        max_turns: int = 6,
+        max_images: int | None = None,
+        max_new_tokens: int | None = None,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        mask_over_turn: bool = True,
+        code: bool = False,
+        record: bool = True,
+        **kwargs: Any,
+    ):
+        kwargs.pop("tools", None)  # verl's tool list: this loop brings its own tools
+        super().__init__(*args, **kwargs)
+        if self.processor is None:
+            raise ConfigError("GlimpseAgentLoop needs a vision-language model: verl gave it no processor")
+        self.prompt_length = int(self.rollout_config.prompt_length)
+        self.response_length = int(self.rollout_config.response_length)
+        _, _, factor, native_coords = FAMILIES.get(str(kwargs.get("hf_model_type")), ("", "", 28, "relative"))
+        merge = getattr(self.processor.image_processor, "merge_size", None)
+        patch = getattr(self.processor.image_processor, "patch_size", None)
+        if merge and patch:
+            factor = int(merge) * int(patch)
+        mm = dict(self.mm_processor_kwargs or {})
+        self.limits = (
+            int(min_pixels or mm.get("min_pixels") or MIN_PIXELS),
+            int(max_pixels or mm.get("max_pixels") or MAX_PIXELS),
+        )
+        self.factor = factor
+        if prompt_file is None:
+            path = self.config.actor_rollout_ref.model.get("path")
+            if path and (Path(str(path)) / PROMPT_FILE).is_file():
+                prompt_file = str(Path(str(path)) / PROMPT_FILE)
+        self.options = {
+            "protocol": protocol,
+            "coords": coords or native_coords,
+            "prompt_file": prompt_file,
+            "max_turns": int(max_turns),
+            "max_images": max_images,
+            "max_new_tokens": int(max_new_tokens or self.response_length),
+            "max_context_tokens": self.prompt_length + self.response_length + CONTEXT_RESERVE,
+            "code": bool(code),
+        }
+        self.mask_over_turn = bool(mask_over_turn)
+        self.record = bool(record)
+        self.image_token_id = get_processor_token_id(self.processor, "image")
+        self.turn_close = self._turn_close()
+
+    def _turn_close(self) -> list[int]:
+        """The token ids the chat template writes after an assistant reply (``<|im_end|>\\n`` for Qwen)."""
+        chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _MARKER}]
+        text = self.processor.apply_chat_template(chat, tokenize=False, **self.apply_chat_template_kwargs)
+        tail = text[text.rindex(_MARKER) + len(_MARKER) :]
+        return list(self.tokenizer.encode(tail, add_special_tokens=False))
+
+    async def run(self, sampling_params: dict[str, Any], **kwargs: Any) -> AgentLoopOutput:
+        sample, original = _sample(kwargs)
+        backend = VerlBackend(self, sampling_params)
+        loop = AgentLoop(
+            backend,
+            min_pixels=self.limits[0],
+            max_pixels=self.limits[1],
+            resize_factor=self.factor,
+            temperature=sampling_params.get("temperature"),
+            top_p=sampling_params.get("top_p"),
+            return_token_ids=True,
+            image_cache=ImageCache(max_bytes=0),
+            **self.options,
+        )
+        loop.cache.hold(original)
+        traj = (await loop.run(sample))[0]
+        if not backend.ids:
+            raise ValueError(f"sample {sample.id!r} stopped before its first turn: {traj.error}")
+        return self.output(traj, backend)
+
+    def output(self, traj: Trajectory, backend: VerlBackend) -> AgentLoopOutput:
+        """What verl trains on: ids, mask (zeros when over-turn), sampled logprobs, images, flags."""
+        cut = backend.prompt_len
+        response = backend.ids[cut:][: self.response_length]
+        mask = backend.mask[: self.response_length]
+        if traj.over_turn and self.mask_over_turn:
+            mask = [0] * len(mask)
+        logprobs = backend.logprobs[: self.response_length] if backend.logprobs is not None else None
+        injected = sum(1 for t in traj.turns if t.injected)
+        extra: dict[str, Any] = {
+            "over_turn": bool(traj.over_turn),
+            "stop_reason": str(traj.stop_reason),
+            "glimpse_answer": traj.answer or "",
+            "answered": traj.answer is not None,
+            "turns": len(traj.turns),
+            "zooms": sum(1 for t in traj.turns if t.observation_index is not None),
+            "tool_errors": sum(1 for t in traj.turns if t.kind == "error"),
+        }
+        if self.record:
+            extra["glimpse_trajectory"] = traj.model_dump_json(exclude={"token_view"})  # verl holds the ids
+        return AgentLoopOutput(
+            prompt_ids=backend.ids[:cut],
+            response_ids=response,
+            response_mask=mask,
+            response_logprobs=logprobs,
+            multi_modal_data={"images": list(backend.images)},
+            mm_processor_kwargs=backend.mm_processor_kwargs,
+            num_turns=1 + len(traj.turns) + injected,
+            metrics={
+                "generate_sequences": backend.generate_s,
+                "tool_calls": sum(t.tool_s or 0.0 for t in traj.turns),
+                "num_preempted": -1,
+            },
+            extra_fields=extra,
+        )
+
+
+class VerlBackend:
+    """One trajectory's backend: messages in, token ids to verl's server manager, completions out.
+
+    It keeps the trajectory's running token ids, response mask and sampled logprobs. Each call after the
+    first tokenizes only the messages the loop added since (the end-of-turn tokens after a cut reply, then
+    the observation), so the ids of earlier turns, sampled ones included, never change.
+    """
+
+    def __init__(self, owner: GlimpseAgentLoop, sampling_params: dict[str, Any]):
+        self.owner = owner
+        self.name = f"verl:{owner.config.actor_rollout_ref.model.get('path', 'model')}"
+        self.default_coords = owner.options["coords"]
+        self.resize_factor = owner.factor
+        self.default_limits = owner.limits
+        self.sampling_params = dict(sampling_params)
+        self.request_id = hashlib.sha1(f"{id(self)}/{time.time_ns()}".encode()).hexdigest()
+        self.mm_processor_kwargs = owner._get_mm_processor_kwargs()
+        self.ids: list[int] = []
+        self.mask: list[int] = []
+        self.logprobs: list[float] | None = [] if sampling_params.get("logprobs") else None
+        self.prompt_len = 0
+        self.messages: list[dict[str, Any]] = []
+        self.images: list[Image.Image] = []
+        self.generate_s = 0.0
+
+    async def generate(self, messages: list[Message], params: GenerateParams) -> list[Completion]:
+        if params.n != 1:
+            raise ValueError(f"VerlBackend samples one trajectory; asked for n={params.n}")
+        chat, images = to_hf(messages, inline_images=True)
+        if not self.ids:
+            await self._start(chat, images, params.tools)
+        else:
+            await self._extend(chat, images, params.tools)
+        room = self.owner.response_length - len(self.mask)
+        if room <= 0:
+            raise ContextLengthError(f"the response holds {len(self.mask)} of {self.owner.response_length} tokens")
+        sampling = dict(self.sampling_params, max_tokens=min(params.max_new_tokens, room))
+        stop_ids = self._stop_token_ids(params.stop)
+        if stop_ids:
+            sampling["stop_token_ids"] = sorted(set(sampling.get("stop_token_ids") or []) | set(stop_ids))
+        started = time.perf_counter()
+        out = await self.owner.server_manager.generate(
+            request_id=self.request_id,
+            prompt_ids=self.ids,
+            sampling_params=sampling,
+            image_data=list(self.images) or None,
+            mm_processor_kwargs=self.mm_processor_kwargs or None,
+        )
+        self.generate_s += time.perf_counter() - started
+        tokenizer = self.owner.tokenizer
+        sampled, _, stopped = trim_at_stop(tokenizer, list(out.token_ids), params.stop)
+        logprobs = None
+        if self.logprobs is not None and out.log_probs is not None:
+            logprobs = list(out.log_probs)[: len(sampled)]
+        else:
+            self.logprobs = None  # not asked for, or a server that does not return them
+        prompt = list(self.ids)
+        merged, self.mask, kept = await self.owner.ct_merge_assistant_token(
+            self.ids, sampled, self.mask, self.logprobs, assistant_logprobs=logprobs
+        )
+        self.ids = merged.token_ids
+        if self.logprobs is not None:
+            self.logprobs = kept
+        text = tokenizer.decode(sampled, skip_special_tokens=True)
+        calls = []
+        if params.tools:
+            text, calls = split_tool_calls(text)
+        return [
+            Completion(
+                text=text,
+                tool_calls=calls,
+                finish_reason="tool_calls" if calls else ("stop" if stopped else "length"),
+                prompt_tokens=len(prompt),
+                completion_tokens=len(sampled),
+                token_ids=sampled,
+                prompt_token_ids=prompt,
+                matched_stop="",  # the text keeps any stop string
+            )
+        ]
+
+    async def _start(self, chat: list[dict[str, Any]], images: list[Image.Image], tools: Any) -> None:
+        ids = await self.owner.ct_build_initial_tokens(chat, tools=tools, images=images)
+        self._check_images(ids, images)
+        self.ids, self.prompt_len = list(ids), len(ids)
+        self.messages, self.images = chat, list(images)
+
+    async def _extend(self, chat: list[dict[str, Any]], images: list[Image.Image], tools: Any) -> None:
+        """Close the last reply and add the messages after it (as injected tokens)."""
+        reply, added = chat[len(self.messages)], chat[len(self.messages) + 1 :]
+        if reply.get("role") != "assistant" or not added:
+            raise ValueError("the agent loop must add its reply and then at least one message before asking again")
+        close = self.owner.turn_close
+        tail = close[1:] if close and self.ids and self.ids[-1] == close[0] else close
+        ids = self.ids + tail
+        mask = self.mask + [0] * len(tail)
+        logprobs = self.logprobs + [0.0] * len(tail) if self.logprobs is not None else None
+        previous = [*self.messages, reply]
+        merged, mask, logprobs = await self.owner.ct_merge_context_msg(
+            previous, previous + added, ids, mask, logprobs, tools=tools
+        )
+        new_images = images[len(self.images) :]
+        self._check_images(merged.token_ids[len(ids) :], new_images)
+        if len(mask) >= self.owner.response_length:
+            raise ContextLengthError(
+                f"the observation would bring the response to {len(mask)} tokens, over rollout.response_length "
+                f"{self.owner.response_length}"
+            )
+        self.ids, self.mask, self.logprobs = merged.token_ids, mask, logprobs
+        self.messages = previous + added
+        self.images.extend(new_images)
+
+    def _check_images(self, ids: list[int], images: list[Image.Image]) -> None:
+        """Each image must take the tokens its shown size implies; else the processor resized it again, and
+        the boxes the model writes would not be in the pixels it saw."""
+        got = sum(1 for t in ids if t == self.owner.image_token_id)
+        want = sum(image_tokens(*im.size, self.owner.factor) for im in images)
+        if got != want:
+            raise ConfigError(
+                f"the processor turned {len(images)} image(s) into {got} image tokens where {want} were expected: "
+                f"its pixel limits differ from the loop's ({self.owner.limits[0]:,}–{self.owner.limits[1]:,}); "
+                "set the same min_pixels/max_pixels in data.mm_processor_kwargs and the agent loop"
+            )
+
+    def _stop_token_ids(self, stop: list[str]) -> list[int]:
+        """Stop strings that are single tokens (the server can stop on those; the rest are cut afterwards)."""
+        out = []
+        for s in stop:
+            ids = self.owner.tokenizer.encode(s, add_special_tokens=False)
+            if len(ids) == 1:
+                out.append(int(ids[0]))
+        return out
+
+
+def _sample(kwargs: dict[str, Any]) -> tuple[Sample, Original]:
+    """The Glimpse sample of a verl row, and its original image (from the row's image bytes, path or pixels).
+
+    Rows written by ``glimpse train verl-data`` carry the sample in ``extra_info["glimpse_sample"]``; other
+    verl datasets work too: the question is the text of the last user message, the gold answer
+    ``reward_model.ground_truth``.
+    """
+    raw_prompt = list(kwargs.get("raw_prompt") or [])
+    extra = kwargs.get("extra_info") or {}
+    index = kwargs.get("index", extra.get("index", 0))
+    block = next(
+        (
+            b
+            for m in raw_prompt
+            if isinstance(m.get("content"), list)
+            for b in m["content"]
+            if isinstance(b, dict) and b.get("type") == "image"
+        ),
+        None,
+    )
+    if block is None:
+        raise ValueError(f"row {index} has no image in its prompt; Glimpse's loop needs one")
+    stored = extra.get("glimpse_sample")
+    fields = json.loads(stored) if isinstance(stored, str) else dict(stored or {})
+    name = (fields.get("images") or [f"verl-row-{index}"])[0]
+    if block.get("bytes"):
+        original = image_from_bytes(bytes(block["bytes"]), name)
+    elif isinstance(block.get("image"), Image.Image):
+        pixels = to_rgb(block["image"])
+        buffer = io.BytesIO()
+        pixels.save(buffer, format="PNG")
+        original = Original(name, hashlib.sha256(buffer.getvalue()).hexdigest(), pixels)
+    elif isinstance(block.get("image"), str):
+        from glimpse.images import read_image
+
+        original = read_image(block["image"])
+        name = original.path
+    else:
+        raise ValueError(f"row {index}: cannot read its image block (keys {sorted(block)})")
+    if not fields:
+        user = next((m for m in reversed(raw_prompt) if m.get("role") == "user"), {})
+        content = user.get("content")
+        question = (
+            content
+            if isinstance(content, str)
+            else "".join(b.get("text", "") for b in content or [] if isinstance(b, dict) and b.get("type") == "text")
+        )
+        truth = (kwargs.get("reward_model") or {}).get("ground_truth")
+        fields = {"id": f"row-{index}", "question": question.strip(), "answer": None if truth is None else str(truth)}
+    fields["images"] = [name]
+    return Sample.model_validate(fields), original

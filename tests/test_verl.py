@@ -1,0 +1,283 @@
+"""The verl plugin on CPU: ``GlimpseAgentLoop`` with a stand-in for verl's server manager, the tiny Qwen2.5-VL
+checkpoint's real tokenizer and processor, and verl's own classes (agent-loop base, dataset, worker helpers).
+
+verl pins an older transformers than Glimpse's hf extra, so it is not a dependency: ``scripts/test.sh`` installs
+verl without its dependencies plus the few the agent loop imports. Without verl these tests are skipped, unless
+``GLIMPSE_REQUIRE_VERL=1`` (set by CI) makes that a failure. The reward function and the converter need no verl.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from glimpse.images import image_tokens
+from glimpse.trajectory import Sample, Trajectory
+
+
+def _require_verl() -> None:
+    try:
+        import verl.experimental.agent_loop.agent_loop  # noqa: F401
+    except ImportError as exc:
+        if os.environ.get("GLIMPSE_REQUIRE_VERL") == "1":
+            pytest.fail(f"GLIMPSE_REQUIRE_VERL=1 but verl cannot be imported ({exc}); see scripts/test.sh")
+        pytest.skip(f"verl is not installed ({exc})")
+
+
+CALL = '<grounding>{"bbox_2d": [0.1, 0.1, 0.5, 0.5], "source": "original_image"}</grounding>'
+
+
+class StandIn:
+    """verl's server manager, replaying scripted replies; records every request."""
+
+    def __init__(self, tokenizer: Any, replies: list[list[int]]):
+        self.tokenizer, self.replies, self.calls = tokenizer, list(replies), []
+
+    async def generate(self, request_id: str, *, prompt_ids: list[int], sampling_params: dict, **kw: Any):
+        from verl.workers.rollout.replica import TokenOutput
+
+        self.calls.append({"request_id": request_id, "prompt_ids": list(prompt_ids), "sampling": sampling_params, **kw})
+        ids = self.replies[min(len(self.calls), len(self.replies)) - 1]
+        ids = ids[: sampling_params["max_tokens"]]
+        return TokenOutput(token_ids=ids, log_probs=[-0.01 * (i + 1) for i in range(len(ids))])
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_qwen: Path):
+    from glimpse.hf.processor import load_processor
+
+    return load_processor(tiny_qwen)
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory) -> Sample:
+    from glimpse.bench.datasets import load_minio3
+    from glimpse.bench.synth import write_probes
+
+    folder = tmp_path_factory.mktemp("probes")
+    write_probes(folder, "easy", 2, seed=3)
+    return load_minio3(folder / "val.json").samples[0]
+
+
+def _encode(processor: Any, text: str, eos: bool = True) -> list[int]:
+    tok = processor.tokenizer
+    return tok.encode(text, add_special_tokens=False) + ([tok.convert_tokens_to_ids("<|im_end|>")] if eos else [])
+
+
+def _loop(processor: Any, tiny_qwen: Path, server: StandIn, response_length: int = 8192, **options: Any):
+    from omegaconf import OmegaConf
+    from verl.experimental.agent_loop.agent_loop import DictConfigWrap
+    from verl.utils.dataset.rl_dataset import RLHFDataset
+
+    from glimpse.train.verl.loop import GlimpseAgentLoop
+
+    config = OmegaConf.create(
+        {
+            "actor_rollout_ref": {
+                "rollout": {"prompt_length": 4096, "response_length": response_length},
+                "model": {"path": str(tiny_qwen)},
+            }
+        }
+    )
+    data = OmegaConf.create({"apply_chat_template_kwargs": {}, "mm_processor_kwargs": {}})
+    return GlimpseAgentLoop(
+        trainer_config=DictConfigWrap(config),
+        server_manager=server,
+        tokenizer=processor.tokenizer,
+        processor=processor,
+        dataset_cls=RLHFDataset,
+        data_config=DictConfigWrap(data),
+        hf_model_type="qwen2_5_vl",
+        coords="relative",
+        **options,
+    )
+
+
+def _run(processor: Any, tiny_qwen: Path, server: StandIn, row: dict, sampling: dict, **options: Any):
+    """Build the loop inside the event loop, as verl's worker does (the base class keeps the running loop)."""
+
+    async def go():
+        return await _loop(processor, tiny_qwen, server, **options).run(sampling, **row)
+
+    return asyncio.run(go())
+
+
+def _row(sample: Sample) -> dict[str, Any]:
+    """A row as verl's dataset hands it to the agent loop (raw_prompt with the decoded image)."""
+    from glimpse.train.verl.data import row
+
+    out = row(sample, 0, "probes")
+    data = out["images"][0]["bytes"]
+    from io import BytesIO
+
+    from PIL import Image
+
+    out["raw_prompt"] = [
+        {"role": "user", "content": [{"type": "image", "bytes": data, "image": Image.open(BytesIO(data))}]}
+    ]
+    return out
+
+
+def _rerender(processor: Any, traj: Trajectory, images: list[Any]) -> list[int]:
+    """The whole conversation of a record rendered from scratch by the processor (no incremental tokens)."""
+    chat = list(traj.prompt)
+    for turn in traj.turns:
+        chat.append({"role": "assistant", "content": turn.text})
+        chat.extend(turn.injected)
+    hf = []
+    for m in chat:
+        content = m["content"]
+        if isinstance(content, list):
+            content = [{"type": "image"} if p["type"] == "image" else p for p in content]
+        hf.append({"role": m["role"], "content": content})
+    text = processor.apply_chat_template(hf, tokenize=False)
+    return processor(text=[text], images=images, return_tensors="pt")["input_ids"][0].tolist()
+
+
+def test_zoom_then_answer_token_by_token(processor, tiny_qwen, sample):
+    _require_verl()
+    tok = processor.tokenizer
+    # The first reply runs past its stop string without an end-of-turn token: the loop must cut it there.
+    first = _encode(processor, f"<think>look closer</think>{CALL}", eos=False) + _encode(processor, " and more")
+    kept = _encode(processor, f"<think>look closer</think>{CALL}", eos=False)
+    second = _encode(processor, f"<think>found it</think><answer>{sample.answer}</answer>")
+    server = StandIn(tok, [first, second])
+    out = _run(processor, tiny_qwen, server, _row(sample), {"temperature": 1.0, "logprobs": True})
+
+    traj = Trajectory.model_validate_json(out.extra_fields["glimpse_trajectory"])
+    assert traj.stop_reason == "answer" and traj.answer == sample.answer and not traj.over_turn
+    assert [t.kind for t in traj.turns] == ["zoom", "answer"]
+    images = out.multi_modal_data["images"]
+    assert [list(im.size) for im in images] == [traj.shown_size, traj.turns[0].observation_size]
+
+    # ids: exactly the processor's rendering of the whole conversation from scratch
+    full = out.prompt_ids + out.response_ids
+    expected = _rerender(processor, traj, images)
+    newline = tok.encode("\n", add_special_tokens=False)
+    assert expected == full + newline  # the template ends the last reply with <|im_end|>\n
+    # the prompt is the first request, and every request extends the last one with the reply it got
+    assert server.calls[0]["prompt_ids"] == out.prompt_ids
+    assert server.calls[1]["prompt_ids"][: len(out.prompt_ids) + len(kept)] == out.prompt_ids + kept
+    assert [len(c["image_data"]) for c in server.calls] == [1, 2]
+    assert server.calls[1]["image_data"][1] is images[1]
+    stop_id = tok.convert_tokens_to_ids("</grounding>")
+    assert stop_id in server.calls[0]["sampling"]["stop_token_ids"]
+    assert server.calls[0]["request_id"] == server.calls[1]["request_id"]  # sticky session
+
+    # mask: 1 on the sampled tokens (the cut first reply, the second reply), 0 on everything injected
+    mask = out.response_mask
+    assert len(mask) == len(out.response_ids)
+    assert [t for t, m in zip(out.response_ids, mask, strict=True) if m] == kept + second
+    assert mask[: len(kept)] == [1] * len(kept) and mask[-len(second) :] == [1] * len(second)
+    injected = out.response_ids[len(kept) : -len(second)]
+    assert set(mask[len(kept) : -len(second)]) == {0}
+    assert injected[:2] == [tok.convert_tokens_to_ids("<|im_end|>"), *newline]  # the cut reply closed
+    pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert injected.count(pad) == image_tokens(*images[1].size, 28)
+    assert out.prompt_ids.count(pad) == image_tokens(*images[0].size, 28)
+    assert tok.decode(injected, skip_special_tokens=True).startswith("\nuser\n")  # an observation user turn
+
+    # logprobs: the server's on sampled tokens, 0 on injected ones
+    lp = out.response_logprobs
+    assert lp[: len(kept)] == pytest.approx([-0.01 * (i + 1) for i in range(len(kept))])
+    assert lp[-len(second) :] == pytest.approx([-0.01 * (i + 1) for i in range(len(second))])
+    assert set(lp[len(kept) : -len(second)]) == {0.0}
+
+    # verl's training side runs the processor on these images for pixel values and grids: they must agree
+    grids = processor.image_processor(images=images, return_tensors="pt")["image_grid_thw"]
+    assert (grids.prod(dim=1) // 4).tolist() == [image_tokens(*im.size, 28) for im in images]
+
+    assert out.extra_fields["over_turn"] is False and out.extra_fields["zooms"] == 1
+    assert out.num_turns == 4  # prompt, reply, observation, reply
+
+
+def test_over_turn_masks_the_whole_response(processor, tiny_qwen, sample):
+    _require_verl()
+    zoom = _encode(processor, f"<think>again</think>{CALL}")
+    for masked in (True, False):
+        server = StandIn(processor.tokenizer, [zoom])
+        sampling = {"temperature": 1.0, "logprobs": True}
+        out = _run(processor, tiny_qwen, server, _row(sample), sampling, max_turns=3, mask_over_turn=masked)
+        assert out.extra_fields["over_turn"] is True and out.extra_fields["stop_reason"] == "max_turns"
+        assert len(server.calls) == 3 and len(out.multi_modal_data["images"]) == 3  # the third zoom never ran
+        ones = sum(out.response_mask)
+        assert ones == (0 if masked else 3 * (len(zoom) - 1))  # each reply ends at </grounding>
+        assert len(out.response_mask) == len(out.response_ids)
+
+
+def test_observation_that_does_not_fit_stops_context_full(processor, tiny_qwen, sample):
+    _require_verl()
+    zoom = _encode(processor, f"<think>again</think>{CALL}", eos=False)
+    server = StandIn(processor.tokenizer, [zoom])
+    out = _run(processor, tiny_qwen, server, _row(sample), {"temperature": 1.0}, response_length=len(zoom) + 20)
+    assert out.extra_fields["stop_reason"] == "context_full" and out.extra_fields["over_turn"] is True
+    assert out.response_ids == zoom and out.response_mask == [0] * len(zoom)  # masked, observation left out
+    assert out.response_logprobs is None and len(out.multi_modal_data["images"]) == 1
+
+
+def test_parquet_rows_through_verl_dataset_loop_and_reward(processor, tiny_qwen, sample, tmp_path):
+    _require_verl()
+    from omegaconf import OmegaConf
+    from verl.utils.dataset.rl_dataset import RLHFDataset
+
+    from glimpse.train.verl import data
+    from glimpse.train.verl.reward import compute_score
+
+    path = tmp_path / "train.parquet"
+    assert data.write([sample, sample], path, "probes") == 2
+    config = OmegaConf.create({"max_prompt_length": 4096, "filter_overlong_prompts": False, "cache_dir": str(tmp_path)})
+    dataset = RLHFDataset([str(path)], processor.tokenizer, config, processor)
+    row = dataset[1]
+    assert row["extra_info"]["index"] == 1 and row["reward_model"]["ground_truth"] == sample.answer
+
+    for answer, reward in ((sample.answer, 1.0), ("not it", 0.0)):
+        reply = _encode(processor, f"<answer>{answer}</answer>")
+        fields = {k: v for k, v in row.items() if k != "dummy_tensor"}
+        out = _run(processor, tiny_qwen, StandIn(processor.tokenizer, [reply]), fields, {"temperature": 1.0})
+        traj = Trajectory.model_validate_json(out.extra_fields["glimpse_trajectory"])
+        assert traj.sample.id == sample.id and traj.image.width == sample_width(sample)
+        got = compute_score(
+            data_source=row["data_source"],
+            solution_str=processor.tokenizer.decode(out.response_ids, skip_special_tokens=True),
+            ground_truth=row["reward_model"]["ground_truth"],
+            extra_info={**row["extra_info"], **out.extra_fields},
+        )
+        assert got == {"score": reward, "acc": reward, "over_turn": False, "answered": True}
+
+
+def sample_width(sample: Sample) -> int:
+    from PIL import Image
+
+    with Image.open(sample.images[0]) as im:
+        return im.width
+
+
+def test_reward_without_the_glimpse_loop(sample):
+    from glimpse.train.verl.reward import compute_score
+
+    info = {"index": 0, "glimpse_sample": sample.model_dump_json()}
+    right = compute_score("glimpse/probes", f"<think>x</think><answer>{sample.answer}</answer>", sample.answer, info)
+    assert right["score"] == 1.0 and right["answered"]
+    none = compute_score("glimpse/probes", "no answer here", sample.answer, dict(info))
+    assert none["score"] == 0.0 and not none["answered"]
+    # a plain verl row: gold from ground_truth only
+    assert compute_score("other", "<answer>B</answer>", "B", {})["score"] == 1.0
+
+
+def test_converter_refuses_samples_it_cannot_reward(sample, tmp_path):
+    from glimpse.errors import ConfigError
+    from glimpse.train.verl import data
+
+    with pytest.raises(ConfigError, match="no gold answer"):
+        data.write([sample.model_copy(update={"answer": None})], tmp_path / "x.parquet", "probes")
+    with pytest.raises(ConfigError, match="cannot read"):
+        data.write([sample.model_copy(update={"images": [str(tmp_path / "gone.png")]})], tmp_path / "x.parquet", "p")
+    with pytest.raises(ConfigError, match="no samples"):
+        data.write([], tmp_path / "x.parquet", "probes")
+    assert not (tmp_path / "x.parquet").exists() and not (tmp_path / "x.parquet.tmp").exists()
+    json.dumps(data.row(sample, 0, "probes")["extra_info"])  # plain JSON-able
