@@ -37,6 +37,12 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
       ;;
   esac
   .venv/bin/python -m pip install --quiet --editable "$spec"
+  case ",$extras," in
+    *,dev,*)  # the verl plugin's tests: verl without its dependencies (see scripts/verl-test-requirements.txt)
+      .venv/bin/python -m pip install --quiet --no-deps "verl==0.9.1"
+      .venv/bin/python -m pip install --quiet -r scripts/verl-test-requirements.txt
+      ;;
+  esac
   touch "$stamp"
 fi
 export PATH="$root/.venv/bin:$PATH"

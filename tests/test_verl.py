@@ -9,8 +9,11 @@ verl without its dependencies plus the few the agent loop imports. Without verl 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import os
+import shlex
+import string
 from pathlib import Path
 from typing import Any
 
@@ -70,12 +73,15 @@ def _encode(processor: Any, text: str, eos: bool = True) -> list[int]:
 
 
 def _loop(processor: Any, tiny_qwen: Path, server: StandIn, response_length: int = 8192, **options: Any):
+    """The loop as verl's worker builds it: Hydra instantiates the packaged YAML entry with verl's arguments."""
+    import hydra
     from omegaconf import OmegaConf
-    from verl.experimental.agent_loop.agent_loop import DictConfigWrap
+    from verl.experimental.agent_loop.agent_loop import DictConfigWrap, ToolListWrap
     from verl.utils.dataset.rl_dataset import RLHFDataset
 
-    from glimpse.train.verl.loop import GlimpseAgentLoop
-
+    entries = OmegaConf.load(Path(importlib.import_module("glimpse.train.verl").__file__).parent / "agent_loop.yaml")
+    name = options.pop("agent", "glimpse")
+    entry = next(e for e in entries if e.name == name)
     config = OmegaConf.create(
         {
             "actor_rollout_ref": {
@@ -85,15 +91,17 @@ def _loop(processor: Any, tiny_qwen: Path, server: StandIn, response_length: int
         }
     )
     data = OmegaConf.create({"apply_chat_template_kwargs": {}, "mm_processor_kwargs": {}})
-    return GlimpseAgentLoop(
+    return hydra.utils.instantiate(
+        config={k: v for k, v in entry.items() if k != "name"},
         trainer_config=DictConfigWrap(config),
         server_manager=server,
         tokenizer=processor.tokenizer,
         processor=processor,
+        hf_model_type="qwen2_5_vl",
         dataset_cls=RLHFDataset,
         data_config=DictConfigWrap(data),
-        hf_model_type="qwen2_5_vl",
-        coords="relative",
+        tools=ToolListWrap([]),
+        coords="relative",  # the stand-in's calls use relative boxes (Qwen2.5-VL's native ones are pixels)
         **options,
     )
 
@@ -202,7 +210,8 @@ def test_over_turn_masks_the_whole_response(processor, tiny_qwen, sample):
     for masked in (True, False):
         server = StandIn(processor.tokenizer, [zoom])
         sampling = {"temperature": 1.0, "logprobs": True}
-        out = _run(processor, tiny_qwen, server, _row(sample), sampling, max_turns=3, mask_over_turn=masked)
+        agent = "glimpse" if masked else "glimpse_no_mask"
+        out = _run(processor, tiny_qwen, server, _row(sample), sampling, max_turns=3, agent=agent)
         assert out.extra_fields["over_turn"] is True and out.extra_fields["stop_reason"] == "max_turns"
         assert len(server.calls) == 3 and len(out.multi_modal_data["images"]) == 3  # the third zoom never ran
         ones = sum(out.response_mask)
@@ -230,8 +239,10 @@ def test_parquet_rows_through_verl_dataset_loop_and_reward(processor, tiny_qwen,
 
     path = tmp_path / "train.parquet"
     assert data.write([sample, sample], path, "probes") == 2
-    config = OmegaConf.create({"max_prompt_length": 4096, "filter_overlong_prompts": False, "cache_dir": str(tmp_path)})
-    dataset = RLHFDataset([str(path)], processor.tokenizer, config, processor)
+    # (verl's prompt-length filter needs qwen_vl_utils and torchvision, which are not installed here)
+    config = {"max_prompt_length": 4096, "filter_overlong_prompts": False, "cache_dir": str(tmp_path)}
+    dataset = RLHFDataset([str(path)], processor.tokenizer, OmegaConf.create(config), processor)
+    assert len(dataset) == 2
     row = dataset[1]
     assert row["extra_info"]["index"] == 1 and row["reward_model"]["ground_truth"] == sample.answer
 
@@ -281,3 +292,41 @@ def test_converter_refuses_samples_it_cannot_reward(sample, tmp_path):
         data.write([], tmp_path / "x.parquet", "probes")
     assert not (tmp_path / "x.parquet").exists() and not (tmp_path / "x.parquet.tmp").exists()
     json.dumps(data.row(sample, 0, "probes")["extra_info"])  # plain JSON-able
+
+
+@pytest.mark.parametrize("script", ["mini_o3_qwen25vl7b.sh", "single_node_lora.sh"])
+def test_example_runs_compose_with_verls_config(script):
+    """Every override in the example scripts names a real key of verl's trainer config, with a valid value."""
+    _require_verl()
+    import verl
+    from hydra import compose, initialize_config_dir
+    from verl.utils.config import omega_conf_to_dataclass
+    from verl.utils.import_utils import load_extern_object
+
+    text = (Path(__file__).parents[1] / "examples" / "verl" / script).read_text()
+    body = text[text.index("verl.trainer.main_ppo") :].split("\n")[1:]
+    plugin = Path(importlib.import_module("glimpse.train.verl").__file__).parent
+    values = {"PLUGIN": str(plugin), "MODEL": "/ckpt", "TRAIN": "t.parquet", "VAL": "v.parquet", "AGENT": "glimpse"}
+    values["NODES"] = "8"
+    overrides = []
+    for line in body:
+        line = line.strip().rstrip("\\").strip()
+        if line and line != '"$@"':
+            overrides += [string.Template(tok).substitute(values) for tok in shlex.split(line)]
+    assert len(overrides) > 30
+    with initialize_config_dir(config_dir=str(Path(verl.__file__).parent / "trainer" / "config"), version_base=None):
+        cfg = compose(config_name="ppo_trainer", overrides=overrides)
+    rollout = omega_conf_to_dataclass(cfg.actor_rollout_ref.rollout)
+    assert rollout.multi_turn.enable and rollout.agent.default_agent_loop == "glimpse" and rollout.limit_images == 12
+    assert Path(rollout.agent.agent_loop_config_path) == plugin / "agent_loop.yaml"
+    actor = cfg.actor_rollout_ref.actor
+    assert (actor.clip_ratio_low, actor.clip_ratio_high, actor.use_kl_loss) == (0.2, 0.3, False)
+    assert cfg.algorithm.adv_estimator == "grpo" and cfg.algorithm.filter_groups.enable
+    assert not cfg.algorithm.use_kl_in_reward and actor.loss_agg_mode == "token-mean"
+    if script.startswith("mini_o3"):  # the paper's numbers
+        assert (rollout.n, cfg.data.train_batch_size, actor.ppo_mini_batch_size) == (16, 256, 32)
+        assert actor.optim.lr == 1e-6 and cfg.trainer.nnodes == 8
+    else:
+        assert cfg.actor_rollout_ref.model.lora_rank == 64 and cfg.trainer.nnodes == 1
+    reward = cfg.reward.custom_reward_function
+    assert load_extern_object(reward.path, reward.name).__module__ == "glimpse.train.verl.reward"

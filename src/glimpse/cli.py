@@ -242,7 +242,7 @@ def export_command(
 
 train_app = typer.Typer(
     help="Train a checkpoint: sft (supervised, on trajectories), rl (GRPO with over-turn masking), "
-    "builtin (the built-in model from scratch).",
+    "builtin (the built-in model from scratch); verl-data (RL data for the verl plugin).",
     no_args_is_help=True,
 )
 app.add_typer(train_app, name="train")
@@ -287,6 +287,20 @@ def rl_command(cfg: RLConfig) -> int:
     from glimpse.train.console import run_rl
 
     return run_rl(cfg)
+
+
+@train_app.command("verl-data")
+def verl_data_command(
+    dataset: Annotated[str, typer.Argument(help="dataset spec, as for eval: probes:hard:2000:5, minio3:FILE.json, …")],
+    out: Annotated[str, typer.Option(help="parquet file to write")],
+    min_pixels: Annotated[int, typer.Option(help="the agent loop's smallest image area")] = 40_000,
+    max_pixels: Annotated[int, typer.Option(help="the agent loop's largest image area")] = 2_000_000,
+) -> None:
+    """Write a dataset as verl RL parquet rows for the verl plugin (original image bytes inline, the Glimpse
+    sample beside them); then run examples/verl/*.sh."""
+    from glimpse.train.console import run_verl_data
+
+    raise typer.Exit(run_verl_data(dataset, out, min_pixels, max_pixels))
 
 
 repro_app = typer.Typer(help="Reproduce a paper's claim, measured: turn-scaling (Mini-o3).", no_args_is_help=True)

@@ -233,3 +233,22 @@ def run_rl(cfg: RLConfig) -> int:
     model = trainer.run()
     console.print(f"[bold]done[/]: model → {escape(str(model))}  (use it with --model hf:{escape(str(model))})")
     return EXIT_OK
+
+
+def run_verl_data(spec: str, out: str, min_pixels: int, max_pixels: int) -> int:
+    """``glimpse train verl-data``: convert, then say how to train on it."""
+    from glimpse.bench.datasets import load_dataset
+    from glimpse.train.verl import data
+
+    console = Console(highlight=False, soft_wrap=True)
+    dataset = load_dataset(spec)
+    count = data.write(dataset.samples, out, dataset.name, min_pixels, max_pixels)
+    size = Path(out).stat().st_size
+    console.print(f"wrote {count:,} rows of {escape(dataset.name)} to {escape(out)} ({size / 1e6:,.1f} MB)")
+    console.print(
+        escape(
+            f"train on it with the verl plugin: MODEL=<checkpoint> TRAIN={out} bash examples/verl/single_node_lora.sh "
+            "(or mini_o3_qwen25vl7b.sh on a Ray cluster), where pip install 'glimpse[verl]' is done"
+        )
+    )
+    return 0

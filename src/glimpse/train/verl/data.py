@@ -6,7 +6,10 @@ A row is what verl's ``RLHFDataset`` reads and ``GlimpseAgentLoop`` needs:
   log; the agent loop builds the real prompt itself, with the protocol's system prompt and the image shown at
   the loop's pixel limits.
 * ``images``: the original file's bytes (no resize, no re-encoding), so every node of a Ray cluster has the
-  image without a shared file system; the zoom tool crops from these pixels.
+  image without a shared file system; the zoom tool crops from these pixels. Beside them ``min_pixels`` and
+  ``max_pixels``, which verl's prompt-length filter resizes by: set them to the agent loop's limits (the
+  defaults are both's, Mini-o3's 40,000 and 2,000,000), or the filter counts a 4K image at its full size and
+  drops every row.
 * ``reward_model.ground_truth``: the gold answer; ``data_source``: ``glimpse/<dataset>``.
 * ``extra_info``: ``index`` and ``glimpse_sample`` (the sample as JSON: options, target boxes, meta), which
   the agent loop and the reward function read.
@@ -23,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from glimpse.errors import ConfigError
+from glimpse.images import MAX_PIXELS, MIN_PIXELS
 from glimpse.trajectory import Sample
 
 # Rows per parquet row group: images are inline, so a group stays within tens of megabytes.
@@ -35,7 +39,10 @@ def schema(pa: Any) -> Any:
         [
             ("data_source", pa.string()),
             ("prompt", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
-            ("images", pa.list_(pa.struct([("bytes", pa.binary())]))),
+            (
+                "images",
+                pa.list_(pa.struct([("bytes", pa.binary()), ("min_pixels", pa.int64()), ("max_pixels", pa.int64())])),
+            ),
             ("ability", pa.string()),
             ("reward_model", pa.struct([("style", pa.string()), ("ground_truth", pa.string())])),
             ("extra_info", pa.struct([("index", pa.int64()), ("glimpse_sample", pa.string())])),
@@ -43,7 +50,9 @@ def schema(pa: Any) -> Any:
     )
 
 
-def row(sample: Sample, index: int, source: str) -> dict[str, Any]:
+def row(
+    sample: Sample, index: int, source: str, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS
+) -> dict[str, Any]:
     """One parquet row for a sample.
 
     Raises:
@@ -61,14 +70,20 @@ def row(sample: Sample, index: int, source: str) -> dict[str, Any]:
     return {
         "data_source": f"glimpse/{source}",
         "prompt": [{"role": "user", "content": f"<image>\n{question}"}],
-        "images": [{"bytes": data}],
+        "images": [{"bytes": data, "min_pixels": min_pixels, "max_pixels": max_pixels}],
         "ability": "visual_search",
         "reward_model": {"style": "rule", "ground_truth": sample.answer},
         "extra_info": {"index": index, "glimpse_sample": sample.model_dump_json(exclude_none=True)},
     }
 
 
-def write(samples: Iterable[Sample], out: str | os.PathLike[str], source: str) -> int:
+def write(
+    samples: Iterable[Sample],
+    out: str | os.PathLike[str],
+    source: str,
+    min_pixels: int = MIN_PIXELS,
+    max_pixels: int = MAX_PIXELS,
+) -> int:
     """Write the rows to a parquet file (atomically); returns how many.
 
     Raises:
@@ -76,6 +91,8 @@ def write(samples: Iterable[Sample], out: str | os.PathLike[str], source: str) -
     """
     from glimpse.train.export import require_pyarrow
 
+    if not 0 < min_pixels <= max_pixels:
+        raise ConfigError(f"pixel limits must satisfy 0 < min_pixels <= max_pixels, got {min_pixels}, {max_pixels}")
     pa, pq = require_pyarrow()
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -86,7 +103,7 @@ def write(samples: Iterable[Sample], out: str | os.PathLike[str], source: str) -
     try:
         with pq.ParquetWriter(tmp, table_schema) as writer:
             for sample in samples:
-                batch.append(row(sample, count, source))
+                batch.append(row(sample, count, source, min_pixels, max_pixels))
                 count += 1
                 if len(batch) >= ROWS_PER_GROUP:
                     writer.write_table(pa.Table.from_pylist(batch, schema=table_schema))
