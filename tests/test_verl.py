@@ -204,6 +204,25 @@ def test_zoom_then_answer_token_by_token(processor, tiny_qwen, sample):
     assert out.num_turns == 4  # prompt, reply, observation, reply
 
 
+def test_function_calling_protocol(processor, tiny_qwen, sample):
+    """The ``tools`` protocol: a Hermes call, a tool reply and a user turn with the crop, then the answer."""
+    _require_verl()
+    tok = processor.tokenizer
+    call = {"name": "zoom_in", "arguments": {"bbox_2d": [0.1, 0.1, 0.5, 0.5], "source": "original_image"}}
+    first = _encode(processor, f"Let me look.<tool_call>{json.dumps(call)}</tool_call>")
+    second = _encode(processor, f"<answer>{sample.answer}</answer>")
+    server = StandIn(tok, [first, second])
+    out = _run(processor, tiny_qwen, server, _row(sample), {"temperature": 1.0}, protocol="tools")
+    assert out.extra_fields["stop_reason"] == "answer" and out.extra_fields["zooms"] == 1
+    assert [t for t, m in zip(out.response_ids, out.response_mask, strict=True) if m] == first + second
+    injected = tok.decode(out.response_ids[len(first) : -len(second)], skip_special_tokens=True)
+    assert "<tool_response>" in injected and "observation_1" in injected
+    pad = tok.convert_tokens_to_ids("<|image_pad|>")
+    images = out.multi_modal_data["images"]
+    assert out.response_ids.count(pad) == image_tokens(*images[1].size, 28)
+    assert server.calls[0]["prompt_ids"].count(tok.convert_tokens_to_ids("<tool_call>")) >= 1  # tools listed
+
+
 def test_over_turn_masks_the_whole_response(processor, tiny_qwen, sample):
     _require_verl()
     zoom = _encode(processor, f"<think>again</think>{CALL}")
