@@ -24,6 +24,7 @@ arguments below.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import json
@@ -125,7 +126,8 @@ class GlimpseAgentLoop(AgentLoopBase):
         return list(self.tokenizer.encode(tail, add_special_tokens=False))
 
     async def run(self, sampling_params: dict[str, Any], **kwargs: Any) -> AgentLoopOutput:
-        sample, original = _sample(kwargs)
+        # decoding a large original takes a while: off the event loop, which the other trajectories share
+        sample, original = await asyncio.to_thread(_sample, kwargs)
         backend = VerlBackend(self, sampling_params)
         loop = AgentLoop(
             backend,
