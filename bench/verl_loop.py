@@ -64,8 +64,7 @@ def main() -> None:
     tok = processor.tokenizer
     sample = load_dataset("probes:easy:1:4").samples[0]
     data = row(sample, 0, "probes")
-    image = data["images"][0]["bytes"]
-    kwargs = {**data, "raw_prompt": [{"role": "user", "content": [{"type": "image", "bytes": image}]}]}
+    kwargs = {**data, "raw_prompt": data["prompt"]}
     end = [tok.convert_tokens_to_ids("<|im_end|>")]
     boxes = [[0.05 * k, 0.05 * k, 0.05 * k + 0.3, 0.05 * k + 0.3] for k in range(1, 32)]
 

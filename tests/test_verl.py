@@ -12,8 +12,6 @@ import asyncio
 import importlib
 import json
 import os
-import shlex
-import string
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +36,8 @@ CALL = '<grounding>{"bbox_2d": [0.1, 0.1, 0.5, 0.5], "source": "original_image"}
 class StandIn:
     """verl's server manager, replaying scripted replies; records every request."""
 
-    def __init__(self, tokenizer: Any, replies: list[list[int]]):
-        self.tokenizer, self.replies, self.calls = tokenizer, list(replies), []
+    def __init__(self, tokenizer: Any, replies: list[list[int]], logprobs: bool = True):
+        self.tokenizer, self.replies, self.calls, self.logprobs = tokenizer, list(replies), [], logprobs
 
     async def generate(self, request_id: str, *, prompt_ids: list[int], sampling_params: dict, **kw: Any):
         from verl.workers.rollout.replica import TokenOutput
@@ -47,7 +45,13 @@ class StandIn:
         self.calls.append({"request_id": request_id, "prompt_ids": list(prompt_ids), "sampling": sampling_params, **kw})
         ids = self.replies[min(len(self.calls), len(self.replies)) - 1]
         ids = ids[: sampling_params["max_tokens"]]
-        return TokenOutput(token_ids=ids, log_probs=[-0.01 * (i + 1) for i in range(len(ids))])
+        steps = {"min_global_steps": 7, "max_global_steps": 7 + len(self.calls)}  # as verl's client reports them
+        return TokenOutput(
+            token_ids=ids,
+            log_probs=[-0.01 * (i + 1) for i in range(len(ids))] if self.logprobs else None,
+            num_preempted=1,
+            extra_fields=steps,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -81,11 +85,12 @@ def _loop(processor: Any, tiny_qwen: Path, server: StandIn, response_length: int
 
     entries = OmegaConf.load(Path(importlib.import_module("glimpse.train.verl").__file__).parent / "agent_loop.yaml")
     name = options.pop("agent", "glimpse")
+    engine = options.pop("engine", "sglang")
     entry = next(e for e in entries if e.name == name)
     config = OmegaConf.create(
         {
             "actor_rollout_ref": {
-                "rollout": {"prompt_length": 4096, "response_length": response_length},
+                "rollout": {"name": engine, "prompt_length": 4096, "response_length": response_length},
                 "model": {"path": str(tiny_qwen)},
             }
         }
@@ -115,19 +120,12 @@ def _run(processor: Any, tiny_qwen: Path, server: StandIn, row: dict, sampling: 
     return asyncio.run(go())
 
 
-def _row(sample: Sample) -> dict[str, Any]:
-    """A row as verl's dataset hands it to the agent loop (raw_prompt with the decoded image)."""
+def _row(sample: Sample, **options: Any) -> dict[str, Any]:
+    """A row of ``glimpse train verl-data`` as verl's dataset hands it to the agent loop."""
     from glimpse.train.verl.data import row
 
-    out = row(sample, 0, "probes")
-    data = out["images"][0]["bytes"]
-    from io import BytesIO
-
-    from PIL import Image
-
-    out["raw_prompt"] = [
-        {"role": "user", "content": [{"type": "image", "bytes": data, "image": Image.open(BytesIO(data))}]}
-    ]
+    out = row(sample, 0, "probes", **options)
+    out["raw_prompt"] = out["prompt"]
     return out
 
 
@@ -174,7 +172,7 @@ def test_zoom_then_answer_token_by_token(processor, tiny_qwen, sample):
     assert [len(c["image_data"]) for c in server.calls] == [1, 2]
     assert server.calls[1]["image_data"][1] is images[1]
     stop_id = tok.convert_tokens_to_ids("</grounding>")
-    assert stop_id in server.calls[0]["sampling"]["stop_token_ids"]
+    assert stop_id in server.calls[0]["sampling"]["stop_token_ids"] and "stop" not in server.calls[0]["sampling"]
     assert server.calls[0]["request_id"] == server.calls[1]["request_id"]  # sticky session
 
     # mask: 1 on the sampled tokens (the cut first reply, the second reply), 0 on everything injected
@@ -202,6 +200,9 @@ def test_zoom_then_answer_token_by_token(processor, tiny_qwen, sample):
 
     assert out.extra_fields["over_turn"] is False and out.extra_fields["zooms"] == 1
     assert out.num_turns == 4  # prompt, reply, observation, reply
+    # what verl's client reports goes on, as its own loops pass it: the first call's, the last max_global_steps
+    assert (out.extra_fields["min_global_steps"], out.extra_fields["max_global_steps"]) == (7, 9)
+    assert out.metrics.num_preempted == 2
 
 
 def test_function_calling_protocol(processor, tiny_qwen, sample):
@@ -221,6 +222,48 @@ def test_function_calling_protocol(processor, tiny_qwen, sample):
     images = out.multi_modal_data["images"]
     assert out.response_ids.count(pad) == image_tokens(*images[1].size, 28)
     assert server.calls[0]["prompt_ids"].count(tok.convert_tokens_to_ids("<tool_call>")) >= 1  # tools listed
+
+
+def test_vllm_gets_the_stop_strings_and_missing_logprobs_fail(processor, tiny_qwen, sample):
+    _require_verl()
+    zoom = _encode(processor, f"<think>again</think>{CALL}", eos=False)
+    answer = _encode(processor, f"<answer>{sample.answer}</answer>")
+    server = StandIn(processor.tokenizer, [zoom, answer])
+    out = _run(processor, tiny_qwen, server, _row(sample), {"temperature": 1.0}, engine="vllm")
+    assert out.extra_fields["stop_reason"] == "answer"
+    assert server.calls[0]["sampling"]["stop"] == ["</grounding>"]
+    assert server.calls[0]["sampling"]["include_stop_str_in_output"] is True
+    broken = StandIn(processor.tokenizer, [answer], logprobs=False)
+    with pytest.raises(RuntimeError, match="no logprobs"):
+        _run(processor, tiny_qwen, broken, _row(sample), {"temperature": 1.0, "logprobs": True})
+
+
+def test_image_sources_other_than_inline_bytes(processor, tiny_qwen, sample):
+    """Rows written with --image-paths, and a plain verl row with the image in its prompt."""
+    _require_verl()
+    from PIL import Image
+
+    answer = _encode(processor, f"<answer>{sample.answer}</answer>")
+    by_path = _row(sample, image_paths=True)
+    assert by_path["extra_info"]["glimpse_image"] is None
+    out = _run(processor, tiny_qwen, StandIn(processor.tokenizer, [answer]), by_path, {"temperature": 1.0})
+    traj = Trajectory.model_validate_json(out.extra_fields["glimpse_trajectory"])
+    assert traj.image.path == str(Path(sample.images[0]).resolve()) and traj.answer == sample.answer
+
+    with Image.open(sample.images[0]) as im:
+        pixels = im.convert("RGB")
+    plain = {
+        "raw_prompt": [
+            {"role": "user", "content": [{"type": "image", "image": pixels}, {"type": "text", "text": "Q?"}]}
+        ],
+        "reward_model": {"ground_truth": "B"},
+        "extra_info": {"index": 3},
+        "index": 3,
+    }
+    out = _run(processor, tiny_qwen, StandIn(processor.tokenizer, [answer]), plain, {"temperature": 1.0})
+    traj = Trajectory.model_validate_json(out.extra_fields["glimpse_trajectory"])
+    assert (traj.sample.question, traj.sample.answer, traj.sample.id) == ("Q?", "B", "row-3")
+    assert [traj.image.width, traj.image.height] == list(pixels.size)
 
 
 def test_over_turn_masks_the_whole_response(processor, tiny_qwen, sample):
@@ -258,12 +301,13 @@ def test_parquet_rows_through_verl_dataset_loop_and_reward(processor, tiny_qwen,
 
     path = tmp_path / "train.parquet"
     assert data.write([sample, sample], path, "probes") == 2
-    # (verl's prompt-length filter needs qwen_vl_utils and torchvision, which are not installed here)
-    config = {"max_prompt_length": 4096, "filter_overlong_prompts": False, "cache_dir": str(tmp_path)}
+    config = {"max_prompt_length": 4096, "filter_overlong_prompts": True, "cache_dir": str(tmp_path)}
+    config["filter_overlong_prompts_workers"] = 1
     dataset = RLHFDataset([str(path)], processor.tokenizer, OmegaConf.create(config), processor)
-    assert len(dataset) == 2
+    assert len(dataset) == 2  # the text prompts pass verl's length filter
     row = dataset[1]
     assert row["extra_info"]["index"] == 1 and row["reward_model"]["ground_truth"] == sample.answer
+    assert row["extra_info"]["glimpse_image"] == Path(sample.images[0]).read_bytes()
 
     for answer, reward in ((sample.answer, 1.0), ("not it", 0.0)):
         reply = _encode(processor, f"<answer>{answer}</answer>")
@@ -310,29 +354,41 @@ def test_converter_refuses_samples_it_cannot_reward(sample, tmp_path):
     with pytest.raises(ConfigError, match="no samples"):
         data.write([], tmp_path / "x.parquet", "probes")
     assert not (tmp_path / "x.parquet").exists() and not (tmp_path / "x.parquet.tmp").exists()
-    json.dumps(data.row(sample, 0, "probes")["extra_info"])  # plain JSON-able
+    row = data.row(sample, 0, "probes")
+    assert row["extra_info"]["glimpse_image"] == Path(sample.images[0]).read_bytes()
+    assert Sample.model_validate_json(row["extra_info"]["glimpse_sample"]) == sample
 
 
 @pytest.mark.parametrize("script", ["mini_o3_qwen25vl7b.sh", "single_node_lora.sh"])
-def test_example_runs_compose_with_verls_config(script):
-    """Every override in the example scripts names a real key of verl's trainer config, with a valid value."""
+def test_example_runs_compose_with_verls_config(script, tmp_path):
+    """The example scripts, run by bash with a stand-in ``python`` that records what verl would get: every
+    override names a real key of verl's trainer config, with a valid value."""
     _require_verl()
+    import subprocess
+    import sys
+
     import verl
     from hydra import compose, initialize_config_dir
     from verl.utils.config import omega_conf_to_dataclass
     from verl.utils.import_utils import load_extern_object
 
-    text = (Path(__file__).parents[1] / "examples" / "verl" / script).read_text()
-    body = text[text.index("verl.trainer.main_ppo") :].split("\n")[1:]
+    got = tmp_path / "argv.json"
+    shim = tmp_path / "bin" / "python"
+    shim.parent.mkdir()
+    shim.write_text(
+        "#!/bin/sh\n"
+        f'if [ "$2" = glimpse.train.verl ]; then exec {sys.executable} -m glimpse.train.verl; fi\n'
+        f'if [ "$2" = verl.trainer.main_ppo ]; then shift 2; exec {sys.executable} -c '
+        f'\'import json, sys; json.dump(sys.argv[1:], open("{got}", "w"))\' "$@"; fi\n'
+        "exit 99\n"
+    )
+    shim.chmod(0o755)
+    env = {**os.environ, "PATH": f"{shim.parent}:{os.environ['PATH']}", "MODEL": "/ckpt"}
+    examples = Path(__file__).parents[1] / "examples" / "verl"
+    subprocess.run(["bash", str(examples / script), "trainer.total_epochs=2"], env=env, check=True, timeout=60)
+    overrides = json.loads(got.read_text())
+    assert overrides[-1] == "trainer.total_epochs=2" and len(overrides) > 40  # extra overrides pass through
     plugin = Path(importlib.import_module("glimpse.train.verl").__file__).parent
-    values = {"PLUGIN": str(plugin), "MODEL": "/ckpt", "TRAIN": "t.parquet", "VAL": "v.parquet", "AGENT": "glimpse"}
-    values["NODES"] = "8"
-    overrides = []
-    for line in body:
-        line = line.strip().rstrip("\\").strip()
-        if line and line != '"$@"':
-            overrides += [string.Template(tok).substitute(values) for tok in shlex.split(line)]
-    assert len(overrides) > 30
     with initialize_config_dir(config_dir=str(Path(verl.__file__).parent / "trainer" / "config"), version_base=None):
         cfg = compose(config_name="ppo_trainer", overrides=overrides)
     rollout = omega_conf_to_dataclass(cfg.actor_rollout_ref.rollout)

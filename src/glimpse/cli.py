@@ -293,14 +293,15 @@ def rl_command(cfg: RLConfig) -> int:
 def verl_data_command(
     dataset: Annotated[str, typer.Argument(help="dataset spec, as for eval: probes:hard:2000:5, minio3:FILE.json, …")],
     out: Annotated[str, typer.Option(help="parquet file to write")],
-    min_pixels: Annotated[int, typer.Option(help="the agent loop's smallest image area")] = 40_000,
-    max_pixels: Annotated[int, typer.Option(help="the agent loop's largest image area")] = 2_000_000,
+    image_paths: Annotated[
+        bool, typer.Option(help="store each image's absolute path instead of its bytes (a file system all nodes share)")
+    ] = False,
 ) -> None:
-    """Write a dataset as verl RL parquet rows for the verl plugin (original image bytes inline, the Glimpse
-    sample beside them); then run examples/verl/*.sh."""
+    """Write a dataset as verl RL parquet rows for the verl plugin (the question, the original image's bytes or
+    path and the Glimpse sample); then run examples/verl/*.sh."""
     from glimpse.train.console import run_verl_data
 
-    raise typer.Exit(run_verl_data(dataset, out, min_pixels, max_pixels))
+    raise typer.Exit(run_verl_data(dataset, out, image_paths))
 
 
 repro_app = typer.Typer(help="Reproduce a paper's claim, measured: turn-scaling (Mini-o3).", no_args_is_help=True)

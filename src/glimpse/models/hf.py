@@ -256,9 +256,17 @@ def trim_at_stop(tokenizer: Any, sampled: list[int], stop: list[str]) -> tuple[l
     cut = min((raw.find(s) + len(s) for s in stop if s in raw), default=None)
     if cut is None:
         return sampled, raw, tokenizer.eos_token_id in sampled
-    while sampled and len(tokenizer.decode(sampled[:-1], skip_special_tokens=False)) >= cut:
-        sampled = sampled[:-1]
-    return sampled, tokenizer.decode(sampled, skip_special_tokens=False), True
+    # the shortest prefix whose text reaches the cut (text length grows with the prefix): a binary search, so a
+    # reply that ran thousands of tokens past its stop string costs a dozen decodes, not thousands
+    low, high = 0, len(sampled)
+    while low < high:
+        mid = (low + high) // 2
+        if len(tokenizer.decode(sampled[:mid], skip_special_tokens=False)) >= cut:
+            high = mid
+        else:
+            low = mid + 1
+    kept = sampled[:low]
+    return kept, tokenizer.decode(kept, skip_special_tokens=False), True
 
 
 def split_tool_calls(text: str) -> tuple[str, list[ToolCall]]:

@@ -235,14 +235,14 @@ def run_rl(cfg: RLConfig) -> int:
     return EXIT_OK
 
 
-def run_verl_data(spec: str, out: str, min_pixels: int, max_pixels: int) -> int:
+def run_verl_data(spec: str, out: str, image_paths: bool) -> int:
     """``glimpse train verl-data``: convert, then say how to train on it."""
     from glimpse.bench.datasets import load_dataset
     from glimpse.train.verl import data
 
     console = Console(highlight=False, soft_wrap=True)
     dataset = load_dataset(spec)
-    count = data.write(dataset.samples, out, dataset.name, min_pixels, max_pixels)
+    count = data.write(dataset.samples, out, dataset.name, image_paths)
     size = Path(out).stat().st_size
     console.print(f"wrote {count:,} rows of {escape(dataset.name)} to {escape(out)} ({size / 1e6:,.1f} MB)")
     console.print(

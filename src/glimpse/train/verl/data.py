@@ -2,17 +2,17 @@
 
 A row is what verl's ``RLHFDataset`` reads and ``GlimpseAgentLoop`` needs:
 
-* ``prompt``: one user message, ``<image>`` and the question. verl uses it to filter over-long prompts and to
-  log; the agent loop builds the real prompt itself, with the protocol's system prompt and the image shown at
-  the loop's pixel limits.
-* ``images``: the original file's bytes (no resize, no re-encoding), so every node of a Ray cluster has the
-  image without a shared file system; the zoom tool crops from these pixels. Beside them ``min_pixels`` and
-  ``max_pixels``, which verl's prompt-length filter resizes by: set them to the agent loop's limits (the
-  defaults are both's, Mini-o3's 40,000 and 2,000,000), or the filter counts a 4K image at its full size and
-  drops every row.
-* ``reward_model.ground_truth``: the gold answer; ``data_source``: ``glimpse/<dataset>``.
-* ``extra_info``: ``index`` and ``glimpse_sample`` (the sample as JSON: options, target boxes, meta), which
-  the agent loop and the reward function read.
+* ``prompt``: one user message, the question as text. verl logs it and filters prompts by its length; the
+  agent loop builds the real prompt itself (system prompt, the image at the loop's pixel limits, the question).
+  The image is deliberately not a verl image column: verl would decode it into every trajectory's record
+  (a 9-megapixel probe is 27 MB of pixels there, times the group size) and count it at full size when it
+  filters long prompts. The loop checks instead that its first prompt fits ``data.max_prompt_length``.
+* ``extra_info.glimpse_image``: the original file's bytes (no resize, no re-encoding), so every node of a Ray
+  cluster has the image without a shared file system; the zoom tool crops from these pixels. With
+  ``image_paths=True`` (``--image-paths``) rows carry the image's absolute path instead, for clusters that share
+  a file system: much smaller batches.
+* ``extra_info.glimpse_sample``: the sample as JSON (options, target boxes, meta), which the loop and the
+  reward function read; ``reward_model.ground_truth`` the gold answer; ``data_source`` ``glimpse/<dataset>``.
 
 The rows carry no ``agent_name``: the run picks the loop with ``rollout.agent.default_agent_loop`` (so the
 same file serves the masked and the unmasked arm).
@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from glimpse.errors import ConfigError
-from glimpse.images import MAX_PIXELS, MIN_PIXELS
 from glimpse.trajectory import Sample
 
 # Rows per parquet row group: images are inline, so a group stays within tens of megabytes.
@@ -39,20 +38,17 @@ def schema(pa: Any) -> Any:
         [
             ("data_source", pa.string()),
             ("prompt", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
-            (
-                "images",
-                pa.list_(pa.struct([("bytes", pa.binary()), ("min_pixels", pa.int64()), ("max_pixels", pa.int64())])),
-            ),
             ("ability", pa.string()),
             ("reward_model", pa.struct([("style", pa.string()), ("ground_truth", pa.string())])),
-            ("extra_info", pa.struct([("index", pa.int64()), ("glimpse_sample", pa.string())])),
+            (
+                "extra_info",
+                pa.struct([("index", pa.int64()), ("glimpse_sample", pa.string()), ("glimpse_image", pa.binary())]),
+            ),
         ]
     )
 
 
-def row(
-    sample: Sample, index: int, source: str, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS
-) -> dict[str, Any]:
+def row(sample: Sample, index: int, source: str, image_paths: bool = False) -> dict[str, Any]:
     """One parquet row for a sample.
 
     Raises:
@@ -62,28 +58,28 @@ def row(
         raise ConfigError(f"sample {sample.id!r} has {len(sample.images)} images; exactly one is supported")
     if sample.answer is None:
         raise ConfigError(f"sample {sample.id!r} has no gold answer, so it cannot be rewarded")
+    path = Path(sample.images[0])
     try:
-        data = Path(sample.images[0]).read_bytes()
+        data = None if image_paths else path.read_bytes()
+        if image_paths and not path.is_file():
+            raise FileNotFoundError(2, "no such file")
     except OSError as exc:
         raise ConfigError(f"sample {sample.id!r}: cannot read {sample.images[0]} ({exc.strerror or exc})") from None
-    question = sample.question.replace("<image>", "< image>")  # verl splits prompts on "<image>"
+    stored = sample.model_copy(update={"images": [str(path.resolve())]}) if image_paths else sample
     return {
         "data_source": f"glimpse/{source}",
-        "prompt": [{"role": "user", "content": f"<image>\n{question}"}],
-        "images": [{"bytes": data, "min_pixels": min_pixels, "max_pixels": max_pixels}],
+        "prompt": [{"role": "user", "content": sample.question}],
         "ability": "visual_search",
         "reward_model": {"style": "rule", "ground_truth": sample.answer},
-        "extra_info": {"index": index, "glimpse_sample": sample.model_dump_json(exclude_none=True)},
+        "extra_info": {
+            "index": index,
+            "glimpse_sample": stored.model_dump_json(exclude_none=True),
+            "glimpse_image": data,
+        },
     }
 
 
-def write(
-    samples: Iterable[Sample],
-    out: str | os.PathLike[str],
-    source: str,
-    min_pixels: int = MIN_PIXELS,
-    max_pixels: int = MAX_PIXELS,
-) -> int:
+def write(samples: Iterable[Sample], out: str | os.PathLike[str], source: str, image_paths: bool = False) -> int:
     """Write the rows to a parquet file (atomically); returns how many.
 
     Raises:
@@ -91,8 +87,6 @@ def write(
     """
     from glimpse.train.export import require_pyarrow
 
-    if not 0 < min_pixels <= max_pixels:
-        raise ConfigError(f"pixel limits must satisfy 0 < min_pixels <= max_pixels, got {min_pixels}, {max_pixels}")
     pa, pq = require_pyarrow()
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -103,7 +97,7 @@ def write(
     try:
         with pq.ParquetWriter(tmp, table_schema) as writer:
             for sample in samples:
-                batch.append(row(sample, count, source, min_pixels, max_pixels))
+                batch.append(row(sample, count, source, image_paths))
                 count += 1
                 if len(batch) >= ROWS_PER_GROUP:
                     writer.write_table(pa.Table.from_pylist(batch, schema=table_schema))

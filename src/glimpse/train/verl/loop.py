@@ -39,7 +39,16 @@ from verl.utils.tokenizer import get_processor_token_id
 from glimpse.agent import CONTEXT_RESERVE, AgentLoop
 from glimpse.errors import ConfigError, ContextLengthError
 from glimpse.hf.processor import FAMILIES, PROMPT_FILE
-from glimpse.images import MAX_PIXELS, MIN_PIXELS, ImageCache, Original, image_from_bytes, image_tokens, to_rgb
+from glimpse.images import (
+    MAX_PIXELS,
+    MIN_PIXELS,
+    ImageCache,
+    Original,
+    image_from_bytes,
+    image_tokens,
+    read_image,
+    to_rgb,
+)
 from glimpse.models.base import Completion, GenerateParams, Message
 from glimpse.models.hf import split_tool_calls, to_hf, trim_at_stop
 from glimpse.trajectory import Sample, Trajectory
@@ -156,6 +165,7 @@ class GlimpseAgentLoop(AgentLoopBase):
         logprobs = backend.logprobs[: self.response_length] if backend.logprobs is not None else None
         injected = sum(1 for t in traj.turns if t.injected)
         extra: dict[str, Any] = {
+            **backend.server_fields,  # e.g. min/max_global_steps, which verl's trainer reads per trajectory
             "over_turn": bool(traj.over_turn),
             "stop_reason": str(traj.stop_reason),
             "glimpse_answer": traj.answer or "",
@@ -177,7 +187,7 @@ class GlimpseAgentLoop(AgentLoopBase):
             metrics={
                 "generate_sequences": backend.generate_s,
                 "tool_calls": sum(t.tool_s or 0.0 for t in traj.turns),
-                "num_preempted": -1,
+                "num_preempted": backend.preempted,
             },
             extra_fields=extra,
         )
@@ -207,6 +217,10 @@ class VerlBackend:
         self.messages: list[dict[str, Any]] = []
         self.images: list[Image.Image] = []
         self.generate_s = 0.0
+        self.server_fields: dict[str, Any] = {}
+        self.preempted = -1
+        # vLLM (verl starts it with its tokenizer) stops on strings; SGLang there runs token-in/token-out only
+        self.stop_strings = str(owner.rollout_config.get("name", "")) == "vllm"
 
     async def generate(self, messages: list[Message], params: GenerateParams) -> list[Completion]:
         if params.n != 1:
@@ -223,6 +237,8 @@ class VerlBackend:
         stop_ids = self._stop_token_ids(params.stop)
         if stop_ids:
             sampling["stop_token_ids"] = sorted(set(sampling.get("stop_token_ids") or []) | set(stop_ids))
+        if self.stop_strings and params.stop:
+            sampling.update(stop=list(params.stop), include_stop_str_in_output=True)
         started = time.perf_counter()
         out = await self.owner.server_manager.generate(
             request_id=self.request_id,
@@ -232,13 +248,14 @@ class VerlBackend:
             mm_processor_kwargs=self.mm_processor_kwargs or None,
         )
         self.generate_s += time.perf_counter() - started
+        self._note_server_fields(out)
         tokenizer = self.owner.tokenizer
         sampled, _, stopped = trim_at_stop(tokenizer, list(out.token_ids), params.stop)
         logprobs = None
-        if self.logprobs is not None and out.log_probs is not None:
+        if self.logprobs is not None:
+            if out.log_probs is None:
+                raise RuntimeError("verl's server returned no logprobs although the sampling parameters asked for them")
             logprobs = list(out.log_probs)[: len(sampled)]
-        else:
-            self.logprobs = None  # not asked for, or a server that does not return them
         prompt = list(self.ids)
         merged, self.mask, kept = await self.owner.ct_merge_assistant_token(
             self.ids, sampled, self.mask, self.logprobs, assistant_logprobs=logprobs
@@ -262,6 +279,17 @@ class VerlBackend:
                 matched_stop="",  # the text keeps any stop string
             )
         ]
+
+    def _note_server_fields(self, out: Any) -> None:
+        """Carry what the server reports as verl's own loops do: the first call's fields, the latest
+        ``max_global_steps``, and preemptions summed."""
+        fields = dict(getattr(out, "extra_fields", None) or {})
+        if not self.server_fields:
+            self.server_fields = fields
+        elif fields.get("max_global_steps") is not None:
+            self.server_fields["max_global_steps"] = fields["max_global_steps"]
+        if out.num_preempted is not None:
+            self.preempted = max(self.preempted, 0) + int(out.num_preempted)
 
     async def _start(self, chat: list[dict[str, Any]], images: list[Image.Image], tools: Any) -> None:
         ids = await self.owner.ct_build_initial_tokens(chat, tools=tools, images=images)
@@ -317,15 +345,41 @@ class VerlBackend:
 
 
 def _sample(kwargs: dict[str, Any]) -> tuple[Sample, Original]:
-    """The Glimpse sample of a verl row, and its original image (from the row's image bytes, path or pixels).
+    """The Glimpse sample of a verl row, and its original image.
 
-    Rows written by ``glimpse train verl-data`` carry the sample in ``extra_info["glimpse_sample"]``; other
-    verl datasets work too: the question is the text of the last user message, the gold answer
-    ``reward_model.ground_truth``.
+    Rows written by ``glimpse train verl-data`` carry the sample in ``extra_info["glimpse_sample"]`` and the
+    image's bytes in ``extra_info["glimpse_image"]`` (or, written with ``--image-paths``, a path in the sample).
+    Other verl datasets work too: the image is the prompt's first image, the question the text of the last user
+    message, the gold answer ``reward_model.ground_truth``.
     """
     raw_prompt = list(kwargs.get("raw_prompt") or [])
     extra = kwargs.get("extra_info") or {}
     index = kwargs.get("index", extra.get("index", 0))
+    stored = extra.get("glimpse_sample")
+    fields = json.loads(stored) if isinstance(stored, str) else dict(stored or {})
+    name = (fields.get("images") or [f"verl-row-{index}"])[0]
+    if extra.get("glimpse_image"):
+        original = image_from_bytes(bytes(extra["glimpse_image"]), name)
+    elif fields.get("images"):
+        original = read_image(name)
+    else:
+        original = _prompt_image(raw_prompt, index, name)
+    if not fields:
+        user = next((m for m in reversed(raw_prompt) if m.get("role") == "user"), {})
+        content = user.get("content")
+        question = (
+            content
+            if isinstance(content, str)
+            else "".join(b.get("text", "") for b in content or [] if isinstance(b, dict) and b.get("type") == "text")
+        )
+        truth = (kwargs.get("reward_model") or {}).get("ground_truth")
+        fields = {"id": f"row-{index}", "question": question.strip(), "answer": None if truth is None else str(truth)}
+    fields["images"] = [original.path]
+    return Sample.model_validate(fields), original
+
+
+def _prompt_image(raw_prompt: list[dict[str, Any]], index: Any, name: str) -> Original:
+    """The first image of a verl prompt (as ``RLHFDataset`` builds it: bytes, pixels or a path)."""
     block = next(
         (
             b
@@ -337,33 +391,14 @@ def _sample(kwargs: dict[str, Any]) -> tuple[Sample, Original]:
         None,
     )
     if block is None:
-        raise ValueError(f"row {index} has no image in its prompt; Glimpse's loop needs one")
-    stored = extra.get("glimpse_sample")
-    fields = json.loads(stored) if isinstance(stored, str) else dict(stored or {})
-    name = (fields.get("images") or [f"verl-row-{index}"])[0]
+        raise ValueError(f"row {index} has no image (no glimpse_image, no image path, none in its prompt)")
     if block.get("bytes"):
-        original = image_from_bytes(bytes(block["bytes"]), name)
-    elif isinstance(block.get("image"), Image.Image):
+        return image_from_bytes(bytes(block["bytes"]), name)
+    if isinstance(block.get("image"), Image.Image):
         pixels = to_rgb(block["image"])
         buffer = io.BytesIO()
         pixels.save(buffer, format="PNG")
-        original = Original(name, hashlib.sha256(buffer.getvalue()).hexdigest(), pixels)
-    elif isinstance(block.get("image"), str):
-        from glimpse.images import read_image
-
-        original = read_image(block["image"])
-        name = original.path
-    else:
-        raise ValueError(f"row {index}: cannot read its image block (keys {sorted(block)})")
-    if not fields:
-        user = next((m for m in reversed(raw_prompt) if m.get("role") == "user"), {})
-        content = user.get("content")
-        question = (
-            content
-            if isinstance(content, str)
-            else "".join(b.get("text", "") for b in content or [] if isinstance(b, dict) and b.get("type") == "text")
-        )
-        truth = (kwargs.get("reward_model") or {}).get("ground_truth")
-        fields = {"id": f"row-{index}", "question": question.strip(), "answer": None if truth is None else str(truth)}
-    fields["images"] = [name]
-    return Sample.model_validate(fields), original
+        return Original(name, hashlib.sha256(buffer.getvalue()).hexdigest(), pixels)
+    if isinstance(block.get("image"), str):
+        return read_image(block["image"])
+    raise ValueError(f"row {index}: cannot read its image block (keys {sorted(block)})")
