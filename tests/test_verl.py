@@ -405,3 +405,22 @@ def test_example_runs_compose_with_verls_config(script, tmp_path):
         assert cfg.actor_rollout_ref.model.lora_rank == 64 and cfg.trainer.nnodes == 1
     reward = cfg.reward.custom_reward_function
     assert load_extern_object(reward.path, reward.name).__module__ == "glimpse.train.verl.reward"
+
+
+def test_verl_data_from_the_command_line(tmp_path):
+    import subprocess
+    import sys
+
+    import pyarrow.parquet as pq
+
+    def glimpse(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "glimpse", *args], capture_output=True, text=True, timeout=120)
+
+    out = tmp_path / "data" / "train.parquet"
+    done = glimpse("train", "verl-data", "probes:easy:3:9", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "wrote 3 rows of probes-easy" in done.stdout and "examples/verl/single_node_lora.sh" in done.stdout
+    table = pq.read_table(out)
+    assert table.num_rows == 3 and table.column("data_source")[0].as_py() == "glimpse/probes-easy"
+    bad = glimpse("train", "verl-data", "nope:x", "--out", str(tmp_path / "x.parquet"))
+    assert bad.returncode != 0 and "unknown dataset 'nope'" in bad.stderr and not (tmp_path / "x.parquet").exists()
