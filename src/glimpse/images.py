@@ -226,16 +226,15 @@ def image_from_bytes(data: bytes, name: str) -> Original:
     Raises:
         ImageInputError: not a decodable image, or an aspect ratio beyond what the resize rule accepts.
     """
-    p = name
-    image = decode_image(data, p)
+    image = decode_image(data, name)
     ratio = max(image.size) / min(image.size)
     if ratio >= MAX_ASPECT_RATIO:
         raise ImageInputError(
-            p,
+            name,
             f"aspect ratio {image.width}×{image.height} ({ratio:.0f}:1) is at or above the {MAX_ASPECT_RATIO}:1 "
             "limit of the Qwen-VL resize rule; split the panorama into tiles",
         )
-    return Original(path=p, sha256=hashlib.sha256(data).hexdigest(), image=image)
+    return Original(path=name, sha256=hashlib.sha256(data).hexdigest(), image=image)
 
 
 def oriented_size(path: str | os.PathLike[str]) -> tuple[int, int]:
@@ -348,15 +347,10 @@ class ImageCache:
         self.misses = 0
 
     def hold(self, original: Original) -> None:
-        """Serve ``original`` under its path until ``release``: an image that is not a file (bytes from a
+        """Serve ``original`` under its path for the cache's lifetime: an image that is not a file (bytes from a
         training dataset) goes through the loop like one. Held images are not counted in the budget."""
         with self._lock:
             self._held[original.path] = original
-
-    def release(self, path: str) -> None:
-        """Stop serving a held image."""
-        with self._lock:
-            self._held.pop(path, None)
 
     @staticmethod
     def _key(path: str) -> tuple[str, int, int]:

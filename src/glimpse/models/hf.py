@@ -256,6 +256,8 @@ def trim_at_stop(tokenizer: Any, sampled: list[int], stop: list[str]) -> tuple[l
     cut = min((raw.find(s) + len(s) for s in stop if s in raw), default=None)
     if cut is None:
         return sampled, raw, tokenizer.eos_token_id in sampled
+    if cut == len(raw):  # the server stopped on the string itself
+        return sampled, raw, True
     # the shortest prefix whose text reaches the cut (text length grows with the prefix): a binary search, so a
     # reply that ran thousands of tokens past its stop string costs a dozen decodes, not thousands
     low, high = 0, len(sampled)
@@ -325,8 +327,9 @@ def to_hf(messages: list[Message], inline_images: bool = False) -> tuple[list[di
             parts = []
             for p in m.content:
                 if isinstance(p, ImagePart):
-                    parts.append({"type": "image", "image": p.pil()} if inline_images else {"type": "image"})
-                    images.append(p.pil())
+                    pixels = p.pil()
+                    parts.append({"type": "image", "image": pixels} if inline_images else {"type": "image"})
+                    images.append(pixels)
                 elif isinstance(p, TextPart):
                     parts.append({"type": "text", "text": p.text})
             item["content"] = parts

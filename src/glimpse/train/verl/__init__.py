@@ -3,7 +3,7 @@
 Three pieces, each named in a verl config:
 
 * ``glimpse.train.verl.loop.GlimpseAgentLoop``: an ``AgentLoopBase`` subclass, registered through
-  ``actor_rollout_ref.rollout.agent.agent_loop_config_path`` (``examples/verl/agent_loop.yaml``). It runs
+  ``actor_rollout_ref.rollout.agent.agent_loop_config_path`` (``agent_loop.yaml``, in this package). It runs
   Glimpse's own agent loop (the one behind ``glimpse ask``: protocol, zoom tool, caps, error messages)
   against verl's inference servers, token ids in and token ids out, and zeroes the response mask of
   over-turn trajectories, flagging them in ``extra_fields["over_turn"]``.

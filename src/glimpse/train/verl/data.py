@@ -59,10 +59,10 @@ def row(sample: Sample, index: int, source: str, image_paths: bool = False) -> d
     if sample.answer is None:
         raise ConfigError(f"sample {sample.id!r} has no gold answer, so it cannot be rewarded")
     path = Path(sample.images[0])
+    if image_paths and not path.is_file():
+        raise ConfigError(f"sample {sample.id!r}: cannot read {sample.images[0]} (no such file)")
     try:
         data = None if image_paths else path.read_bytes()
-        if image_paths and not path.is_file():
-            raise FileNotFoundError(2, "no such file")
     except OSError as exc:
         raise ConfigError(f"sample {sample.id!r}: cannot read {sample.images[0]} ({exc.strerror or exc})") from None
     stored = sample.model_copy(update={"images": [str(path.resolve())]}) if image_paths else sample

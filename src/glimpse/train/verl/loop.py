@@ -17,16 +17,14 @@ one-trajectory backend (``VerlBackend``) that speaks token ids to verl's server 
   the group statistics but gets a response mask of zeros, so it adds no loss (Mini-o3's masking), and is
   flagged ``extra_fields["over_turn"]``.
 
-Register it with ``actor_rollout_ref.rollout.agent.agent_loop_config_path`` (see
-``examples/verl/agent_loop.yaml``); the keys there besides ``name`` and ``_target_`` are the constructor
-arguments below.
+Register it with ``actor_rollout_ref.rollout.agent.agent_loop_config_path`` (see ``agent_loop.yaml``, in this
+package); the keys there besides ``name`` and ``_target_`` are the constructor arguments below.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import io
 import json
 import time
 from pathlib import Path
@@ -256,7 +254,7 @@ class VerlBackend:
             if out.log_probs is None:
                 raise RuntimeError("verl's server returned no logprobs although the sampling parameters asked for them")
             logprobs = list(out.log_probs)[: len(sampled)]
-        prompt = list(self.ids)
+        prompt = self.ids  # never changed in place: merges build new lists
         merged, self.mask, kept = await self.owner.ct_merge_assistant_token(
             self.ids, sampled, self.mask, self.logprobs, assistant_logprobs=logprobs
         )
@@ -394,11 +392,9 @@ def _prompt_image(raw_prompt: list[dict[str, Any]], index: Any, name: str) -> Or
         raise ValueError(f"row {index} has no image (no glimpse_image, no image path, none in its prompt)")
     if block.get("bytes"):
         return image_from_bytes(bytes(block["bytes"]), name)
-    if isinstance(block.get("image"), Image.Image):
+    if isinstance(block.get("image"), Image.Image):  # pixels with no file behind them: hash the pixels
         pixels = to_rgb(block["image"])
-        buffer = io.BytesIO()
-        pixels.save(buffer, format="PNG")
-        return Original(name, hashlib.sha256(buffer.getvalue()).hexdigest(), pixels)
+        return Original(name, hashlib.sha256(pixels.tobytes()).hexdigest(), pixels)
     if isinstance(block.get("image"), str):
         return read_image(block["image"])
     raise ValueError(f"row {index}: cannot read its image block (keys {sorted(block)})")
