@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from glimpse.hf.builtin import build_builtin
-from glimpse.train.builtin import ExampleMaker
+from glimpse.builtin.model import build_builtin
+from glimpse.builtin.train import ExampleMaker
 
 
 def main() -> None:

@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from glimpse.bench.synth import make_probe
-from glimpse.hf.builtin import ConvEncoder
+from glimpse.builtin.model import ConvEncoder
 from glimpse.images import PixelLimits, smart_resize
+from glimpse.probes.synth import make_probe
 
 CELL = 32
 CHANNELS = [24, 48, 96, 160, 256]  # the built-in model's encoder stages

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import httpx
 
-from glimpse.bench.harness import RESULTS, ResultStore, Unit, run_eval
-from glimpse.bench.options import present
-from glimpse.bench.synth import write_probes
 from glimpse.config import EvalConfig
+from glimpse.eval.harness import RESULTS, ResultStore, Unit, run_eval
+from glimpse.eval.options import present
+from glimpse.probes.synth import write_probes
 from harness_overhead import SCRIPT, TURNS, free_port, ideal_rate, make_images, steady_rate
 
 
@@ -122,7 +122,7 @@ def probes(n: int) -> None:
 
 
 def resume(total: int) -> None:
-    from glimpse.bench.datasets import load_dataset
+    from glimpse.eval.datasets import load_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

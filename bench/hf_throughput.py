@@ -23,8 +23,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from glimpse.bench.datasets import load_dataset
 from glimpse.config import SFTConfig
+from glimpse.eval.datasets import load_dataset
 from glimpse.hf.tiny import build_tiny_qwen
 from glimpse.models.base import GenerateParams, ImagePart, Message, TextPart
 from glimpse.models.hf import HFBackend

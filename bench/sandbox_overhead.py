@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 
-from glimpse.sandbox import PythonSession, SandboxLimits, SessionPool, bwrap_available
+from glimpse.tools.sandbox import PythonSession, SandboxLimits, SessionPool, bwrap_available
 
 
 def timed(fn, runs: int) -> float:

@@ -51,7 +51,7 @@ def main() -> None:
     from verl.experimental.agent_loop.agent_loop import DictConfigWrap
     from verl.utils.dataset.rl_dataset import RLHFDataset
 
-    from glimpse.bench.datasets import load_dataset
+    from glimpse.eval.datasets import load_dataset
     from glimpse.hf.processor import load_processor
     from glimpse.hf.tiny import build_tiny_qwen
     from glimpse.train.verl.data import row

@@ -17,8 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from glimpse.bench.harness import run_eval
 from glimpse.config import EvalConfig
+from glimpse.eval.harness import run_eval
 from glimpse.view import build_report
 
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from glimpse.bench.datasets import load_dataset
-from glimpse.bench.harness import run_eval
 from glimpse.config import EvalConfig
+from glimpse.eval.datasets import load_dataset
+from glimpse.eval.harness import run_eval
 from glimpse.images import oriented_size
 from glimpse.models.scripted import ScriptedBackend
 from glimpse.view import build_report

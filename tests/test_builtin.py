@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from glimpse.agent import AgentLoop
-from glimpse.hf.builtin import (
+from glimpse.builtin.model import (
     GRID,
     WINDOW_SIDES,
     box_token,
@@ -21,13 +21,13 @@ from glimpse.hf.builtin import (
     source_token,
     window,
 )
+from glimpse.builtin.train import card_sample, grid_turns, probe_sample
 from glimpse.hf.processor import load_processor
 from glimpse.images import PixelLimits, smart_resize
 from glimpse.models.hf import HFBackend
 from glimpse.models.scripted import ScriptedBackend
 from glimpse.protocol.base import parse_call_payload
-from glimpse.train.builtin import card_sample, grid_turns, probe_sample
-from glimpse.train.sft import ASSISTANT_HEADER, END, encode
+from glimpse.train.common import ASSISTANT_HEADER, END, encode
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +178,7 @@ def test_drawn_views_match_the_full_scene_resized():
     downscaled full view is within a few grey levels of it."""
     import numpy as np
 
-    from glimpse.bench.synth import make_probe
+    from glimpse.probes.synth import make_probe
 
     probe = make_probe("medium", 5, seed=11)
     w, h = probe.image.size

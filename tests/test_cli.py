@@ -124,8 +124,8 @@ def test_the_scripted_demo_replays_the_runtime_tour(tmp_path):
 
 def test_without_a_model_the_builtin_default_answers(make_image, tmp_path, monkeypatch):
     """No --model: the best offline policy (the expert until a learned model ships), said plainly."""
+    from glimpse.builtin.backend import learned_available
     from glimpse.models import load_backend
-    from glimpse.models.builtin import learned_available
 
     proc = glimpse("ask", str(make_image()), "How many dots?", "--max-turns", "1", "--save", str(tmp_path / "t.jsonl"))
     assert proc.returncode in (0, 1), proc.stderr
@@ -134,5 +134,5 @@ def test_without_a_model_the_builtin_default_answers(make_image, tmp_path, monke
         assert "learned built-in model" in proc.stdout and record["settings"]["model"].startswith("hf:")
     else:
         assert "the expert: no learned model ships yet" in proc.stdout and record["settings"]["model"] == "expert"
-    monkeypatch.setattr("glimpse.models.builtin.WEIGHTS", tmp_path / "none")  # an install without the weights
+    monkeypatch.setattr("glimpse.builtin.backend.WEIGHTS", tmp_path / "none")  # an install without the weights
     assert load_backend("builtin").name == "expert"

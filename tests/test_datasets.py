@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from glimpse.bench.datasets import load_dataset
 from glimpse.errors import ConfigError
+from glimpse.eval.datasets import load_dataset
 
 
 def jpeg(color=(200, 30, 30), size=(64, 48)) -> bytes:

@@ -12,12 +12,12 @@ import pytest
 from PIL import Image, ImageDraw
 
 from glimpse.agent import AgentLoop
-from glimpse.bench.datasets import load_dataset
-from glimpse.bench.scoring import score
-from glimpse.bench.synth import MARKER_COLORS, MARKER_SHAPES, _shape, make_probe
+from glimpse.eval.datasets import load_dataset
+from glimpse.eval.scoring import score
 from glimpse.images import PixelLimits, smart_resize
 from glimpse.models import load_backend
-from glimpse.models.expert import _hue_name, _shape_of, components, parse_question, read_sign, tesseract_available
+from glimpse.probes.expert import _hue_name, _shape_of, components, parse_question, read_sign, tesseract_available
+from glimpse.probes.synth import MARKER_COLORS, MARKER_SHAPES, draw_shape, make_probe
 
 
 def need_ocr() -> None:
@@ -43,7 +43,7 @@ def test_marker_shapes_and_colours(radius):
             if name == "black":
                 continue
             image = Image.new("RGB", (4 * radius, 4 * radius), (248, 248, 244))
-            _shape(ImageDraw.Draw(image), shape, 2 * radius, 2 * radius, radius, rgb, max(1, radius // 8))
+            draw_shape(ImageDraw.Draw(image), shape, 2 * radius, 2 * radius, radius, rgb, max(1, radius // 8))
             image = image.resize((6 * radius, 6 * radius), Image.Resampling.BICUBIC)
             a = np.asarray(image, np.int16)
             sat = a.max(-1) - a.min(-1)

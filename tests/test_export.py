@@ -19,8 +19,8 @@ import pytest
 from PIL import Image
 
 from glimpse.agent import AgentLoop
-from glimpse.bench.datasets import load_probes
 from glimpse.errors import ConfigError, GlimpseError
+from glimpse.eval.datasets import load_probes
 from glimpse.geometry import Coords
 from glimpse.images import PixelLimits
 from glimpse.models.scripted import ScriptedBackend

@@ -15,10 +15,10 @@ import pytest
 from PIL import Image
 
 from conftest import glimpse_server
-from glimpse.bench.harness import RESULTS, ResultStore, run_eval
-from glimpse.bench.metrics import summarize, truncate
 from glimpse.config import EvalConfig
 from glimpse.errors import BackendError, ConfigError
+from glimpse.eval.harness import RESULTS, ResultStore, run_eval
+from glimpse.eval.metrics import summarize, truncate
 from glimpse.models.scripted import ScriptedBackend
 from glimpse.trajectory import RunSettings, Sample, Score, Trajectory, Turn
 

@@ -21,7 +21,7 @@ from glimpse.hf.tiny import build_tiny_qwen
 from glimpse.models import load_backend
 from glimpse.models.base import GenerateParams, ImagePart, Message, TextPart
 from glimpse.models.hf import HFBackend, _Prefix, _Request
-from glimpse.train.sft import hf_chat
+from glimpse.train.common import hf_chat
 from glimpse.trajectory import Sample, load_jsonl, render_image
 
 SMALL = {"min_pixels": 20_000, "max_pixels": 120_000}  # a few hundred image tokens: fast on CPU

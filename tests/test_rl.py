@@ -13,18 +13,18 @@ import pytest
 import torch
 
 from glimpse.agent import AgentLoop
-from glimpse.bench.datasets import load_dataset
+from glimpse.builtin.model import build_builtin
+from glimpse.builtin.train import grid_turns
 from glimpse.config import RLConfig
 from glimpse.errors import ConfigError
-from glimpse.hf.builtin import build_builtin
+from glimpse.eval.datasets import load_dataset
 from glimpse.hf.processor import PROMPT_FILE, load_processor
 from glimpse.models.hf import HFBackend
 from glimpse.models.scripted import ScriptedBackend
 from glimpse.train import grpo
-from glimpse.train.builtin import grid_turns
+from glimpse.train.common import ASSISTANT_HEADER, END, collate, encode
 from glimpse.train.grpo import group_advantages, informative, keeps_loss, policy_loss, score_group
 from glimpse.train.rl import Trainer, _batch, sampled_logprobs, trajectory_inputs
-from glimpse.train.sft import ASSISTANT_HEADER, END, collate, encode
 from glimpse.trajectory import Score, TokenView
 
 DATA = "probes:easy:1:9"

@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 
 from glimpse.agent import AgentLoop
 from glimpse.models.scripted import ScriptedBackend
-from glimpse.sandbox import PythonSession, SandboxLimits, bwrap_available
+from glimpse.tools.sandbox import PythonSession, SandboxLimits, bwrap_available
 from glimpse.trajectory import Sample, render_image
 
 pytestmark = pytest.mark.slow
@@ -301,7 +301,7 @@ def test_process_isolation_still_limits_resources():
 
 
 def test_bwrap_missing_is_a_clear_error(monkeypatch):
-    import glimpse.sandbox as sandbox
+    import glimpse.tools.sandbox as sandbox
 
     monkeypatch.setattr(sandbox, "bwrap_available", lambda: False)
     from glimpse.errors import ConfigError
@@ -315,7 +315,7 @@ def test_bwrap_missing_is_a_clear_error(monkeypatch):
 def test_site_packages_under_tmp_stay_visible(tmp_path, monkeypatch):
     """A virtual environment under /tmp (a fresh clone there) must not be hidden by the sandbox's own /tmp."""
     require_bwrap()
-    import glimpse.sandbox as sandbox
+    import glimpse.tools.sandbox as sandbox
 
     packages = tmp_path / "site-packages"
     packages.mkdir()

@@ -7,10 +7,10 @@ from collections import Counter
 
 import pytest
 
-from glimpse.bench.judge import LLMJudge
-from glimpse.bench.options import option_order, present
-from glimpse.bench.scoring import extract_choice, reward, score, score_rules
 from glimpse.errors import BackendError
+from glimpse.eval.judge import LLMJudge
+from glimpse.eval.options import option_order, present
+from glimpse.eval.scoring import extract_choice, reward, score, score_rules
 from glimpse.models.scripted import ScriptedBackend
 from glimpse.trajectory import RunSettings, Sample, Trajectory
 

@@ -14,14 +14,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from glimpse.bench.datasets import load_dataset
 from glimpse.config import SFTConfig
 from glimpse.errors import ConfigError
+from glimpse.eval.datasets import load_dataset
 from glimpse.hf.processor import load_processor
 from glimpse.images import PixelLimits
 from glimpse.models.scripted import ScriptedBackend
 from glimpse.train.coldstart import few_shot, programmatic, teacher_turns
-from glimpse.train.sft import IGNORE, TrajectoryData, assistant_labels, train
+from glimpse.train.common import IGNORE, assistant_labels
+from glimpse.train.sft import TrajectoryData, train
 from glimpse.trajectory import Sample, load_jsonl
 
 SMALL = PixelLimits(20_000, 120_000)

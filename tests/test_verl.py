@@ -63,8 +63,8 @@ def processor(tiny_qwen: Path):
 
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory) -> Sample:
-    from glimpse.bench.datasets import load_minio3
-    from glimpse.bench.synth import write_probes
+    from glimpse.eval.datasets import load_minio3
+    from glimpse.probes.synth import write_probes
 
     folder = tmp_path_factory.mktemp("probes")
     write_probes(folder, "easy", 2, seed=3)

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from glimpse.bench.harness import run_eval
 from glimpse.config import EvalConfig
 from glimpse.errors import ConfigError
+from glimpse.eval.harness import run_eval
 from glimpse.view import build_report
-from glimpse.view.serve import make_server
+from glimpse.view.server import make_server
 
 pytestmark = pytest.mark.slow
 

@@ -43,8 +43,8 @@ from glimpse.models import native_limits, native_settings
 from glimpse.models.base import Backend, Completion, GenerateParams, ImagePart, Message, TextPart
 from glimpse.protocol import Protocol, make_protocol
 from glimpse.protocol.base import Action
-from glimpse.sandbox import PythonSession, SandboxLimits
 from glimpse.tools.python import PythonTool
+from glimpse.tools.sandbox import PythonSession, SandboxLimits
 from glimpse.tools.zoom import MIN_BOX_SIDE, ZOOM_MAX_ASPECT_RATIO, ImageState, ZoomTool
 from glimpse.trajectory import (
     ImageRef,
@@ -119,7 +119,7 @@ class AgentLoop:
         return_token_ids: ask the backend for token ids and record the token view.
         image_cache: decoded originals shared between runs.
         code: offer the Python code tool (each trajectory gets its own sandboxed session).
-        sandbox: the code tool's isolation: ``auto``, ``bwrap`` or ``process`` (see ``glimpse.sandbox``).
+        sandbox: the code tool's isolation: ``auto``, ``bwrap`` or ``process`` (see ``glimpse.tools.sandbox``).
         code_timeout_s: wall-clock seconds one code call may take.
         code_memory_mb: memory (address space) the code's processes may use.
     """

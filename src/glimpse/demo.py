@@ -102,8 +102,8 @@ class ProbeDemo:
 def make_probe_demo(out_dir: str | Path) -> ProbeDemo:
     """Write the live demo's probe: a medium probe (look-alike candidates) asking for a code, or, where
     Tesseract is missing, for a count of dots. A fixed probe, so the demo is the same on every machine."""
-    from glimpse.bench.synth import make_probe
-    from glimpse.models.expert import tesseract_available
+    from glimpse.probes.expert import tesseract_available
+    from glimpse.probes.synth import make_probe
 
     ocr = tesseract_available()
     probe = make_probe("medium", 0 if ocr else 1, seed=2026, kind="read_code" if ocr else "count")

@@ -152,7 +152,7 @@ class Turn(BaseModel):
 
 
 class Score(BaseModel):
-    """How a final answer was scored (see ``glimpse.bench.scoring``).
+    """How a final answer was scored (see ``glimpse.eval.scoring``).
 
     Attributes:
         correct: the verdict; ``None`` when it could not be decided (a judge failed, or there is no gold).

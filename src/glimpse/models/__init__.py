@@ -25,8 +25,8 @@ BACKENDS: dict[str, tuple[str, str]] = {
     "openai": ("glimpse.models.openai_compat", "the model name the server knows, e.g. openai:gpt-4.1"),
     "scripted": ("glimpse.models.scripted", "a JSON file of assistant turns, e.g. scripted:turns.json"),
     "hf": ("glimpse.models.hf", "a local Qwen-VL checkpoint folder, e.g. hf:/models/Qwen2.5-VL-7B-Instruct"),
-    "expert": ("glimpse.models.expert", ""),  # no argument: the training-free policy (image analysis and OCR)
-    "builtin": ("glimpse.models.builtin", ""),  # no argument: the learned built-in model if shipped, else expert
+    "expert": ("glimpse.probes.expert", ""),  # no argument: the training-free policy (image analysis and OCR)
+    "builtin": ("glimpse.builtin.backend", ""),  # no argument: the learned built-in model if shipped, else expert
 }
 # What ask and eval use when no --model is given: offline, nothing to download.
 DEFAULT_MODEL = "builtin"

@@ -1,4 +1,4 @@
-"""The code tool: the model runs Python in its trajectory's sandboxed session (see ``glimpse.sandbox``).
+"""The code tool: the model runs Python in its trajectory's sandboxed session (see ``glimpse.tools.sandbox``).
 
 Before each call the images the model has are written, at full resolution, into the session's read-only
 ``/images`` folder (the original once per session). The answer for the model is the code's printed output and
@@ -20,7 +20,7 @@ from PIL import Image
 from glimpse.errors import ImageInputError
 from glimpse.images import decode_image
 from glimpse.paths import glimpse_home
-from glimpse.sandbox import CodeResult, PythonSession, SandboxLimits, SessionPool, resolve_isolation
+from glimpse.tools.sandbox import CodeResult, PythonSession, SandboxLimits, SessionPool, resolve_isolation
 
 
 @dataclass

@@ -35,7 +35,7 @@ from typing import Any
 import yaml
 
 from glimpse.agent import AgentLoop
-from glimpse.bench.scoring import score
+from glimpse.eval.scoring import score
 from glimpse.geometry import Box, Coords, from_relative
 from glimpse.images import PixelLimits, oriented_size, smart_resize
 from glimpse.models.base import Backend

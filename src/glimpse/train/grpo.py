@@ -15,7 +15,7 @@ Every RL engine Glimpse runs on (its own single-machine loop, ``glimpse.train.rl
   every sampled token of the batch and divided by their number, so long trajectories weigh by their tokens;
   prompt and observation tokens (mask 0) carry none.
 
-The reward is the evaluation's scoring (``glimpse.bench.scoring.reward``): accuracy, nothing else.
+The reward is the evaluation's scoring (``glimpse.eval.scoring.reward``): accuracy, nothing else.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from glimpse.bench.scoring import score_rules
+from glimpse.eval.scoring import score_rules
 from glimpse.trajectory import Trajectory
 
 EPS = 1e-6

@@ -108,7 +108,7 @@ def eval_config(cfg: ReproConfig, model: str, out: Path) -> EvalConfig:
 
 def run_repro(cfg: ReproConfig, *, say: Callable[[str], None] = print) -> dict[str, Any]:
     """Train and evaluate the chosen arms (resuming what exists), then write the report from every finished arm."""
-    from glimpse.bench.harness import run_eval
+    from glimpse.eval.harness import run_eval
     from glimpse.train.rl import train_rl
 
     if not cfg.model:
@@ -144,7 +144,7 @@ def _step_line(arm: str, s: Any, say: Callable[[str], None]) -> None:
 
 
 def parse_caps(text: str) -> list[int]:
-    from glimpse.bench.harness import parse_caps as caps
+    from glimpse.eval.harness import parse_caps as caps
 
     return caps(text)
 
@@ -152,7 +152,7 @@ def parse_caps(text: str) -> list[int]:
 def collect(root: Path, caps: list[int]) -> dict[str, Any]:
     """Per arm with a finished evaluation: accuracy, mean turns, over-turn rate per cap, and the turn counts of
     correct answers at the largest cap."""
-    from glimpse.bench.harness import RESULTS, ResultStore, trajectories_for_cap
+    from glimpse.eval.harness import RESULTS, ResultStore, trajectories_for_cap
 
     arms: dict[str, Any] = {}
     for arm in ARMS:
@@ -209,7 +209,7 @@ def _train_summary(steps: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 def write_report(root: Path, report: dict[str, Any]) -> None:
     """turn_scaling.json, .md (table, turns of correct answers, training summary) and .png (one line per arm)."""
-    from glimpse.bench.report import plot_lines
+    from glimpse.eval.report import plot_lines
 
     (root / "turn_scaling.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     arms, caps = report["arms"], report["caps"]

@@ -48,7 +48,7 @@ from glimpse.train.grpo import Rollout, informative, policy_loss, score_group, t
 from glimpse.trajectory import Sample, Trajectory, render_image
 
 if TYPE_CHECKING:
-    from glimpse.train.sft import Example
+    from glimpse.train.common import Example
 
 IGNORE = -100
 # Settings a resumed run must share with the run that wrote the checkpoint.
@@ -85,7 +85,7 @@ class Prompts:
         self.levels: tuple[str, ...] = ()
         self.samples: list[Sample] = []
         if spec.startswith("stream:"):
-            from glimpse.bench.synth import LEVELS
+            from glimpse.probes.synth import LEVELS
 
             levels, _, stream_seed = spec[len("stream:") :].partition(":")
             self.levels = tuple(x for x in levels.split("+") if x)
@@ -100,7 +100,7 @@ class Prompts:
             self._pool = ThreadPoolExecutor(1)
             self._pending: dict[int, Future[Sample]] = {}
         else:
-            from glimpse.bench.datasets import load_dataset
+            from glimpse.eval.datasets import load_dataset
 
             self.samples = load_dataset(spec).samples
             if not self.samples:
@@ -119,7 +119,7 @@ class Prompts:
         return self._pending.pop(i).result()
 
     def _make(self, i: int) -> Sample:
-        from glimpse.train.builtin import probe_sample
+        from glimpse.builtin.train import probe_sample
 
         level = self.levels[i % len(self.levels)]
         return probe_sample(level, i, self.stream_seed, self.folder)
@@ -141,7 +141,7 @@ class Prompts:
 def trajectory_inputs(rollout: Rollout, processor: Any, cache: ImageCache | None = None) -> Example:
     """The token view of a trajectory (labels on its sampled tokens) with the images it showed, processed as the
     backend processed them."""
-    from glimpse.train.sft import Example, hf_chat
+    from glimpse.train.common import Example, hf_chat
 
     traj = rollout.trajectory
     view = traj.token_view
@@ -163,7 +163,7 @@ def _batch(
     """SFT's right-padded batch on the device, with one advantage per trajectory."""
     import torch
 
-    from glimpse.train.sft import collate
+    from glimpse.train.common import collate
 
     inputs = {k: v.to(device) for k, v in collate(items, pad, image_token).items()}
     if "pixel_values" in inputs:
@@ -231,7 +231,7 @@ class Trainer:
 
         from glimpse.agent import AgentLoop
         from glimpse.models.hf import HFBackend, resolve_checkpoint
-        from glimpse.train.sft import _device, _dtype, _resume, prepare_model, trainable
+        from glimpse.train.common import prepare_model, resolve_device, resolve_dtype, resume, trainable
 
         _check(cfg)
         self.cfg, self.on_step = cfg, on_step
@@ -242,13 +242,13 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
-        self.device = _device(cfg.device)
-        self.dtype = getattr(torch, _dtype(cfg.dtype, self.device))
-        self.source = resolve_checkpoint(cfg.model)  # type: ignore[arg-type]
+        self.device = resolve_device(cfg.device)
+        self.dtype = getattr(torch, resolve_dtype(cfg.dtype, self.device))
+        self.source = resolve_checkpoint(cfg.model)
         self.backend = HFBackend(
-            self.source, device=self.device, dtype=_dtype(cfg.dtype, self.device), max_batch=cfg.max_batch
+            self.source, device=self.device, dtype=resolve_dtype(cfg.dtype, self.device), max_batch=cfg.max_batch
         )
-        self.model = prepare_model(self.backend.model, cfg)  # type: ignore[arg-type]
+        self.model = prepare_model(self.backend.model, cfg)
         self.backend.model = self.model  # rollouts sample from the weights being trained
         self.params = trainable(self.model)
         if not self.params:
@@ -274,7 +274,7 @@ class Trainer:
         self.step, extra = (
             (0, {})
             if cfg.fresh
-            else _resume(self.out, settings, self.model, self.optimizer, self.scheduler, keys=_RESUME_KEYS)
+            else resume(self.out, settings, self.model, self.optimizer, self.scheduler, keys=_RESUME_KEYS)
         )
         self.draws = int(extra.get("draws", 0))
         (self.out / "config.json").write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
@@ -288,7 +288,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------
     def run(self) -> Path:
         """Train until ``cfg.steps``; save ``OUT/model``; return its path."""
-        from glimpse.train.sft import _save_checkpoint
+        from glimpse.train.common import save_checkpoint
 
         cfg = self.cfg
         log = (self.out / "log.jsonl").open("a", encoding="utf-8")
@@ -308,7 +308,7 @@ class Trainer:
                     self.on_step(stats)
                 # The last step is saved too, so a finished run can be extended with more --steps.
                 if cfg.save_every and (self.step % cfg.save_every == 0 or self.step == cfg.steps):
-                    _save_checkpoint(
+                    save_checkpoint(
                         self.out,
                         self.step,
                         self.model,
@@ -328,11 +328,11 @@ class Trainer:
 
     def save(self) -> Path:
         from glimpse.hf.processor import load_processor
-        from glimpse.train.sft import _save_final
+        from glimpse.train.common import save_final
 
         self.model.eval()
         # The processor as the checkpoint shipped it (the backend's copy has its pixel limits widened).
-        _save_final(self.out, self.model, load_processor(self.source), self.cfg, source=self.source)  # type: ignore[arg-type]
+        save_final(self.out, self.model, load_processor(self.source), self.cfg, source=self.source)
         return self.out / "model"
 
     # ------------------------------------------------------------------------------------------------

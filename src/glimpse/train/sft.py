@@ -36,88 +36,24 @@ from pathlib import Path
 from typing import Any
 
 from glimpse.config import SFTConfig, public_dict
-from glimpse.errors import ConfigError, GlimpseError
-from glimpse.hf.processor import PROMPT_FILE
+from glimpse.errors import ConfigError
 from glimpse.images import ImageCache
-from glimpse.trajectory import Trajectory, conversation, iter_jsonl, render_image
-
-IGNORE = -100
-# ChatML, the chat format of every Qwen-VL family: an assistant message runs from this header to END.
-ASSISTANT_HEADER = "<|im_start|>assistant\n"
-END = "<|im_end|>"
-TRAINABLE_FILE, STATE_FILE = "trainable.safetensors", "state.pt"
-LORA_LINEARS = r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-VISION_LINEARS = r"(attn\.qkv|attn\.proj|mlp\.gate_proj|mlp\.up_proj|mlp\.down_proj|mlp\.linear_fc1|mlp\.linear_fc2)"
-
-
-# ------------------------------------------------------------------------------------------------------ data
-def hf_chat(trajectory: Trajectory) -> tuple[list[dict[str, Any]], list[int]]:
-    """The trajectory's conversation in transformers' chat format, and the image index of each image part."""
-    messages, order = [], []
-    for m in conversation(trajectory):
-        item: dict[str, Any] = {"role": m["role"]}
-        content = m.get("content", "")
-        if isinstance(content, str):
-            item["content"] = content
-        else:
-            parts = []
-            for p in content:
-                if p["type"] == "image":
-                    parts.append({"type": "image"})
-                    order.append(int(p["index"]))
-                else:
-                    parts.append({"type": "text", "text": p["text"]})
-            item["content"] = parts
-        if m.get("tool_calls"):
-            item["tool_calls"] = [
-                {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
-                for c in m["tool_calls"]
-            ]
-        if m.get("tool_call_id") is not None:
-            item["tool_call_id"] = m["tool_call_id"]
-        messages.append(item)
-    return messages, order
-
-
-def _tools(trajectory: Trajectory) -> list[dict[str, Any]] | None:
-    """The function schemas the model was offered (``tools`` protocol), as the backend passed them."""
-    from glimpse.protocol import make_protocol
-
-    s = trajectory.settings
-    return make_protocol(s.protocol, s.coords, None, "python" in s.tools).tools
-
-
-def assistant_labels(ids: list[int], header: list[int], end: int) -> list[int]:
-    """Labels that keep the tokens of every assistant message (its end token included) and mask the rest."""
-    labels = [IGNORE] * len(ids)
-    i, n = 0, len(header)
-    while i <= len(ids) - n:
-        if ids[i : i + n] != header:
-            i += 1
-            continue
-        j = i + n
-        while j < len(ids) and ids[j] != end:
-            labels[j] = ids[j]
-            j += 1
-        if j < len(ids):
-            labels[j] = ids[j]
-        i = j + 1
-    return labels
-
-
-@dataclass
-class Example:
-    """One trajectory, tokenised: ids, labels, and its processed images."""
-
-    id: str
-    input_ids: list[int]
-    labels: list[int]
-    pixel_values: Any = None
-    image_grid_thw: Any = None
-
-    @property
-    def trained(self) -> int:
-        return sum(1 for x in self.labels if x != IGNORE)
+from glimpse.train.common import (
+    ASSISTANT_HEADER,
+    END,
+    IGNORE,
+    Example,
+    collate,
+    encode,
+    prepare_model,
+    resolve_device,
+    resolve_dtype,
+    resume,
+    save_checkpoint,
+    save_final,
+    trainable,
+)
+from glimpse.trajectory import iter_jsonl
 
 
 class TrajectoryData:
@@ -172,86 +108,6 @@ class TrajectoryData:
             self.skipped[traj.id] = f"{len(ex.input_ids)} tokens > max_length {self.max_length}"
             return None
         return ex
-
-
-def encode(
-    traj: Trajectory,
-    processor: Any,
-    header: list[int],
-    end: int,
-    *,
-    cache: ImageCache | None = None,
-    base_dir: str | None = None,
-) -> Example:
-    """A trajectory as the exact conversation the model saw, tokenised, with labels on its replies only."""
-    messages, order = hf_chat(traj)
-    images = [render_image(traj, k, cache=cache, base_dir=base_dir) for k in order]
-    text = processor.apply_chat_template(messages, tokenize=False, tools=_tools(traj))
-    if images:
-        enc = processor(text=[text], images=images, return_tensors="pt")
-    else:
-        enc = processor(text=[text], return_tensors="pt")
-    ids = enc["input_ids"][0].tolist()
-    labels = assistant_labels(ids, header, end)
-    return Example(traj.id, ids, labels, enc.get("pixel_values"), enc.get("image_grid_thw"))
-
-
-def collate(examples: list[Example], pad_id: int, image_token_id: int) -> dict[str, Any]:
-    """A right-padded batch: ids, attention mask, labels, images, and the image-token map."""
-    import torch
-
-    width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, e in enumerate(examples):
-        ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
-        labels[row, : len(e.labels)] = torch.tensor(e.labels)
-        mask[row, : len(e.input_ids)] = 1
-    batch: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    pixels = [e.pixel_values for e in examples if e.pixel_values is not None]
-    if pixels:
-        batch["pixel_values"] = torch.cat(pixels)
-        batch["image_grid_thw"] = torch.cat([e.image_grid_thw for e in examples if e.image_grid_thw is not None])
-        batch["mm_token_type_ids"] = (ids == image_token_id).long()
-    return batch
-
-
-# ----------------------------------------------------------------------------------------------------- model
-def prepare_model(model: Any, cfg: SFTConfig) -> Any:
-    """Freeze what does not train, or wrap in LoRA adapters; return the model to train."""
-    visual = [n for n, _ in model.named_parameters() if ".visual." in f".{n}"]
-    if cfg.lora:
-        from peft import LoraConfig, get_peft_model
-
-        targets = rf".*language_model.*\.{LORA_LINEARS}"
-        if not cfg.freeze_vision:
-            targets = rf"({targets})|(.*visual\.blocks.*\.{VISION_LINEARS})"
-        lora = LoraConfig(
-            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets
-        )
-        model = get_peft_model(model, lora)
-        if not cfg.freeze_projector:
-            for n, p in model.named_parameters():
-                if _is_projector(n):
-                    p.requires_grad_(True)
-    else:
-        for n, p in model.named_parameters():
-            if n in visual and (cfg.freeze_projector if _is_projector(n) else cfg.freeze_vision):
-                p.requires_grad_(False)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if cfg.lora:
-            model.enable_input_require_grads()
-    return model
-
-
-def _is_projector(name: str) -> bool:
-    return ".merger." in name or "deepstack_merger" in name
-
-
-def trainable(model: Any) -> dict[str, Any]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
 def _schedule(optimizer: Any, cfg: SFTConfig, total: int) -> Any:
@@ -382,8 +238,8 @@ def train(cfg: SFTConfig, *, on_step: Callable[[StepLog], None] | None = None) -
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    device = _device(cfg.device)
-    dtype = getattr(torch, _dtype(cfg.dtype, device))
+    device = resolve_device(cfg.device)
+    dtype = getattr(torch, resolve_dtype(cfg.dtype, device))
     source = resolve_checkpoint(cfg.model)
     processor = load_processor(source)
     data = TrajectoryData(cfg.data, processor, max_length=cfg.max_length, base_dir=cfg.image_root)
@@ -401,7 +257,8 @@ def train(cfg: SFTConfig, *, on_step: Callable[[StepLog], None] | None = None) -
     scheduler = _schedule(optimizer, cfg, total)
 
     settings = {**public_dict(cfg), "data_sha256": data.digest(), "total_steps": total}
-    done = _resume(out, settings, model, optimizer, scheduler)[0] if not cfg.fresh else 0
+    keys = (*_RESUME_KEYS, "data_sha256")
+    done = 0 if cfg.fresh else resume(out, settings, model, optimizer, scheduler, keys=keys)[0]
     (out / "config.json").write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
     result = SFTResult(
         out,
@@ -455,7 +312,7 @@ def train(cfg: SFTConfig, *, on_step: Callable[[StepLog], None] | None = None) -
             if on_step is not None:
                 on_step(entry)
             if cfg.save_every and step % cfg.save_every == 0 and step < total:
-                _save_checkpoint(out, step, model, optimizer, scheduler, cfg.keep_checkpoints)
+                save_checkpoint(out, step, model, optimizer, scheduler, cfg.keep_checkpoints)
     finally:
         log.close()
     result.skipped = dict(data.skipped)
@@ -464,7 +321,7 @@ def train(cfg: SFTConfig, *, on_step: Callable[[StepLog], None] | None = None) -
             f"nothing was trained: all {len(data)} trajectories are longer than max_length {cfg.max_length} "
             "tokens (or hold no assistant reply); raise --max-length or show images smaller"
         )
-    _save_final(out, model, processor, cfg, source)
+    save_final(out, model, processor, cfg, source)
     (out / "result.json").write_text(json.dumps(result.as_dict(), indent=2) + "\n", encoding="utf-8")
     return result
 
@@ -485,113 +342,3 @@ def _check(cfg: SFTConfig) -> None:
         raise ConfigError(f"lr must be positive, got {cfg.lr}")
 
 
-def _device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {name} was asked for, but torch sees no CUDA device here")
-    return name
-
-
-def _dtype(name: str, device: str) -> str:
-    if name == "auto":
-        return "bfloat16" if device.startswith("cuda") else "float32"
-    return name
-
-
-# ------------------------------------------------------------------------------------------------- saving
-def _checkpoints(out: Path) -> list[tuple[int, Path]]:
-    found = []
-    for p in (out / "checkpoints").glob("step-*"):
-        if p.name[5:].isdigit() and (p / STATE_FILE).exists():
-            found.append((int(p.name[5:]), p))
-    return sorted(found)
-
-
-def _save_checkpoint(
-    out: Path, step: int, model: Any, optimizer: Any, scheduler: Any, keep: int, extra: dict[str, Any] | None = None
-) -> None:
-    """Save the trainable weights, optimizer, schedule, step, random state and ``extra`` (a loop's own state)."""
-    import torch
-    from safetensors.torch import save_file
-
-    final = out / "checkpoints" / f"step-{step}"
-    partial = final.with_name(final.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    save_file({n: p.detach().contiguous().cpu() for n, p in trainable(model).items()}, partial / TRAINABLE_FILE)
-    state = {
-        "step": step,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "extra": extra or {},
-    }
-    torch.save(state, partial / STATE_FILE)
-    partial.rename(final)  # a checkpoint is either whole or absent
-    for _, old in _checkpoints(out)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _resume(
-    out: Path,
-    settings: dict[str, Any],
-    model: Any,
-    optimizer: Any,
-    scheduler: Any,
-    keys: tuple[str, ...] = (*_RESUME_KEYS, "data_sha256"),
-) -> tuple[int, dict[str, Any]]:
-    """Load the newest checkpoint of an earlier run in ``out``: the step it reached (0: none) and its ``extra``.
-
-    Raises:
-        ConfigError: the earlier run's settings differ from ``settings`` in one of ``keys``.
-    """
-    import torch
-    from safetensors.torch import load_file
-
-    checkpoints = _checkpoints(out)
-    if not checkpoints:
-        return 0, {}
-    previous = json.loads((out / "config.json").read_text(encoding="utf-8")) if (out / "config.json").exists() else {}
-    changed = [k for k in keys if k in previous and previous[k] != settings.get(k)]
-    if changed:
-        raise ConfigError(
-            f"{out} holds a run with different settings ({', '.join(changed)}); use another --out, or --fresh "
-            "to start over"
-        )
-    _, folder = checkpoints[-1]
-    weights = load_file(str(folder / TRAINABLE_FILE))
-    params = trainable(model)
-    if set(weights) != set(params):
-        raise GlimpseError(f"{folder} does not hold the trainable weights of this model")
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value.to(params[name].device, params[name].dtype))
-    state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    if state.get("cuda_rng") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return int(state["step"]), state.get("extra", {})
-
-
-def _save_final(out: Path, model: Any, processor: Any, cfg: SFTConfig, source: str | None = None) -> None:
-    """Write ``OUT/model``: the weights (LoRA merged), processor, generation config, and the prompt file of a
-    checkpoint that ships one (``source``), so the trained model is prompted as it was trained."""
-    target = out / "model"
-    if cfg.lora:
-        model.save_pretrained(out / "adapter")
-        model = model.merge_and_unload()
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_disable()
-    model.save_pretrained(target)
-    processor.save_pretrained(target)
-    gen = getattr(model, "generation_config", None)
-    if gen is not None:
-        gen.save_pretrained(target)
-    if source is not None and (Path(source) / PROMPT_FILE).exists():
-        shutil.copyfile(Path(source) / PROMPT_FILE, target / PROMPT_FILE)

@@ -30,8 +30,8 @@ from typing import Any
 
 from PIL import Image
 
-from glimpse.bench.metrics import summarize
 from glimpse.errors import ConfigError, ImageInputError
+from glimpse.eval.metrics import summarize
 from glimpse.images import read_image
 from glimpse.trajectory import Trajectory, iter_jsonl
 

@@ -1,4 +1,4 @@
-"""verl's custom reward function: Glimpse's rule scorer (``glimpse.bench.scoring``), the same as evaluation.
+"""verl's custom reward function: Glimpse's rule scorer (``glimpse.eval.scoring``), the same as evaluation.
 
 In a verl config::
 
@@ -19,7 +19,7 @@ import json
 import re
 from typing import Any
 
-from glimpse.bench.scoring import score_rules
+from glimpse.eval.scoring import score_rules
 from glimpse.trajectory import Sample
 
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S)

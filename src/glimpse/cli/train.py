@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.markup import escape
 
+from glimpse.cli.exits import EXIT_OK
 from glimpse.config import ColdStartConfig, RLConfig, SFTConfig, write_resolved
 from glimpse.errors import ConfigError
 from glimpse.images import PixelLimits
@@ -19,7 +20,6 @@ from glimpse.train.coldstart import ColdStartStats
 if TYPE_CHECKING:
     from glimpse.train.export import ExportResult
 
-EXIT_OK = 0
 FORMATS = ("llamafactory", "trl", "verl")
 
 
@@ -40,7 +40,7 @@ def parse_formats(spec: str) -> list[str]:
 
 def run_coldstart(cfg: ColdStartConfig) -> int:
     """``glimpse coldstart``: make trajectories, print the acceptance statistics, export them."""
-    from glimpse.bench.datasets import load_dataset
+    from glimpse.eval.datasets import load_dataset
     from glimpse.train import coldstart
 
     console = Console(highlight=False, soft_wrap=True)
@@ -237,7 +237,7 @@ def run_rl(cfg: RLConfig) -> int:
 
 def run_verl_data(spec: str, out: str, image_paths: bool) -> int:
     """``glimpse train verl-data``: convert, then say how to train on it."""
-    from glimpse.bench.datasets import load_dataset
+    from glimpse.eval.datasets import load_dataset
     from glimpse.train.verl import data
 
     console = Console(highlight=False, soft_wrap=True)

@@ -38,9 +38,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from glimpse.bench.synth import BORDER_COLORS, MARKER_COLORS
 from glimpse.models.base import GenerateParams, ImagePart, Message
 from glimpse.models.scripted import ScriptedBackend
+from glimpse.probes.synth import BORDER_COLORS, MARKER_COLORS
 
 SIGN_FILL = np.array((248, 248, 244), np.int16)
 # Characters Tesseract may read: the probes' code alphabet (no look-alike pairs) plus the other digits.

@@ -1,6 +1,6 @@
 """The ``builtin`` backend, the default model: the best policy that runs offline with nothing to download.
 
-That is the learned built-in model when the package ships its weights (``glimpse/models/builtin_weights``, a
+That is the learned built-in model when the package ships its weights (``glimpse/builtin/weights``, a
 ``glimpse_vl`` checkpoint, run by the ``hf`` backend; needs ``glimpse[hf]``), and otherwise the training-free
 ``expert``. The trajectory record names which one answered (``expert`` or ``hf:builtin_weights``).
 """
@@ -12,7 +12,7 @@ from typing import Any
 
 from glimpse.models.base import Backend
 
-WEIGHTS = Path(__file__).with_name("builtin_weights")
+WEIGHTS = Path(__file__).with_name("weights")
 
 
 def learned_available() -> bool:
@@ -33,6 +33,6 @@ def create(arg: str = "", **options: Any) -> Backend:
         from glimpse.models.hf import HFBackend
 
         return HFBackend(str(WEIGHTS), device=options.get("device", "cpu"), dtype=options.get("dtype", "auto"))
-    from glimpse.models.expert import create as expert
+    from glimpse.probes.expert import create as expert
 
     return expert()

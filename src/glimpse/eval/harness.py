@@ -5,7 +5,7 @@ A run evaluates every (question, repeat, turn cap) *unit* of a dataset and write
 * ``config.json``: the resolved settings (no secrets), dataset name, size and source, seeds, backend, and
   package versions; a resumed run must match the settings that change results;
 * ``trajectories.jsonl``: one scored trajectory per unit, appended as each finishes;
-* ``summary.json`` and ``summary.md``: the metrics of ``glimpse.bench.metrics`` per turn cap;
+* ``summary.json`` and ``summary.md``: the metrics of ``glimpse.eval.metrics`` per turn cap;
 * ``sweep.csv`` and ``sweep.png`` when several turn caps were asked for.
 
 **Resuming.** Running the same command again (same ``--out``) reads the results file, drops a line cut short
@@ -35,14 +35,14 @@ from typing import Any
 
 from glimpse.agent import AgentLoop
 from glimpse.api import loop_options
-from glimpse.bench.datasets import Dataset, load_dataset
-from glimpse.bench.judge import LLMJudge
-from glimpse.bench.metrics import summarize, truncate
-from glimpse.bench.options import present
-from glimpse.bench.policies import POLICIES, policy_backend
-from glimpse.bench.scoring import score
 from glimpse.config import EvalConfig, public_dict
 from glimpse.errors import ConfigError, GlimpseError
+from glimpse.eval.datasets import Dataset, load_dataset
+from glimpse.eval.judge import LLMJudge
+from glimpse.eval.metrics import summarize, truncate
+from glimpse.eval.options import present
+from glimpse.eval.policies import POLICIES, policy_backend
+from glimpse.eval.scoring import score
 from glimpse.images import ImageCache, PixelLimits
 from glimpse.models import DEFAULT_MODEL, Backend, load_backend, native_limits, native_settings
 from glimpse.trajectory import Sample, Score, Trajectory
@@ -391,7 +391,7 @@ def write_summaries(
     out: Path, trajectories: list[Trajectory], caps: list[int], cfg: EvalConfig, name: str
 ) -> dict[int, dict[str, Any]]:
     """Compute the metrics for every cap and write summary.json, summary.md and, for sweeps, the CSV and plot."""
-    from glimpse.bench.report import markdown_summary, write_sweep
+    from glimpse.eval.report import markdown_summary, write_sweep
 
     summaries = {
         cap: summarize(trajectories_for_cap(trajectories, cap, cfg.sweep, caps[-1]), cfg.faithfulness) for cap in caps

@@ -237,7 +237,7 @@ def _cap_height(size: int) -> int:
     return bottom - top
 
 
-def _background(rng: random.Random, w: int, h: int) -> Image.Image:
+def background(rng: random.Random, w: int, h: int) -> Image.Image:
     """A smooth random colour field with fine grain."""
     return _background_region(rng.randrange(2**32), w, h, (0, 0, w, h), 1.0)
 
@@ -322,7 +322,7 @@ def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int], margin:
     return not (a[2] + margin <= b[0] or b[2] + margin <= a[0] or a[3] + margin <= b[1] or b[3] + margin <= a[1])
 
 
-def _shape(
+def draw_shape(
     draw: ImageDraw.ImageDraw,
     shape: str,
     cx: float,
@@ -357,7 +357,7 @@ def _shape(
 
 
 @dataclass
-class _Sign:
+class Sign:
     box: tuple[int, int, int, int]
     border: str
     code: str | None = None
@@ -367,7 +367,7 @@ class _Sign:
     red_dot: bool = False
 
 
-def _sign_size(content: str, font_px: int, text_len: int) -> tuple[int, int]:
+def sign_size(content: str, font_px: int, text_len: int) -> tuple[int, int]:
     pad = max(3, font_px // 2)
     if content == "code":
         tw = _font(font_px).getbbox("M" * text_len)[2]
@@ -377,7 +377,7 @@ def _sign_size(content: str, font_px: int, text_len: int) -> tuple[int, int]:
     return int(1.6 * font_px) + 2 * pad + font_px // 2, int(1.4 * font_px) + 2 * pad
 
 
-def _draw_sign(draw: ImageDraw.ImageDraw, sign: _Sign, font_px: int, rng: random.Random) -> None:
+def draw_sign(draw: ImageDraw.ImageDraw, sign: Sign, font_px: int, rng: random.Random) -> None:
     x0, y0, x1, y1 = sign.box
     border = max(2, font_px // 6)
     draw.rectangle(sign.box, fill=(248, 248, 244), outline=BORDER_COLORS[sign.border], width=border)
@@ -389,7 +389,7 @@ def _draw_sign(draw: ImageDraw.ImageDraw, sign: _Sign, font_px: int, rng: random
     if sign.marker is not None:
         color, shape = sign.marker
         r = font_px * 0.6
-        _shape(draw, shape, (left + x1 - pad) / 2, (y0 + y1) / 2, r, MARKER_COLORS[color], max(1, font_px // 8))
+        draw_shape(draw, shape, (left + x1 - pad) / 2, (y0 + y1) / 2, r, MARKER_COLORS[color], max(1, font_px // 8))
     if sign.dots:
         cells = [(i, j) for i in range(3) for j in range(3)]
         rng.shuffle(cells)
@@ -400,7 +400,7 @@ def _draw_sign(draw: ImageDraw.ImageDraw, sign: _Sign, font_px: int, rng: random
             draw.ellipse((cx - d, cy - d, cx + d, cy + d), fill=ink)
     if sign.corner:
         r = font_px * 0.28
-        _shape(
+        draw_shape(
             draw,
             sign.corner if sign.corner == "star" else "circle",
             x0 + border + r + 1,
@@ -416,7 +416,7 @@ def _draw_sign(draw: ImageDraw.ImageDraw, sign: _Sign, font_px: int, rng: random
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=MARKER_COLORS["red"])
 
 
-def _code(rng: random.Random, n: int, taken: set[str]) -> str:
+def random_code(rng: random.Random, n: int, taken: set[str]) -> str:
     while True:
         code = "".join(rng.choice(CODE_ALPHABET) for _ in range(n))
         if code not in taken:
@@ -470,7 +470,7 @@ def make_probe(
         n_cand = 2
     content = {"marker_color": "marker", "marker_shape": "marker", "count": "dots"}.get(kind, "code")
     code_len = 2 if kind == "which_marked" else rng.choice((3, 4))
-    cw, ch = _sign_size(content, font_px, code_len)
+    cw, ch = sign_size(content, font_px, code_len)
     layout = _Layout(w, h, rng)
     cand_border = rng.choice(list(BORDER_COLORS))
     cols = math.ceil(math.sqrt(n_cand * w / h))
@@ -481,7 +481,7 @@ def make_probe(
     candidates = []
     for c, r in cells[:n_cand]:  # spread over the scene: one candidate per cell of a grid
         region = (c * w // cols, r * h // rows, (c + 1) * w // cols, (r + 1) * h // rows)
-        candidates.append(_Sign(layout.place(cw, ch, region), cand_border))
+        candidates.append(Sign(layout.place(cw, ch, region), cand_border))
     target = candidates[0]
     marked = level != "easy" and kind not in ("which_marked", "relative_position")
     for sign in candidates:
@@ -491,7 +491,7 @@ def make_probe(
                 sign.code = str(rng.randint(10, 99))
             taken.add(sign.code)
         elif content == "code":
-            sign.code = _code(rng, code_len, taken)
+            sign.code = random_code(rng, code_len, taken)
         elif content == "marker":
             sign.marker = (rng.choice(list(MARKER_COLORS)), rng.choice(MARKER_SHAPES))
         else:
@@ -516,17 +516,17 @@ def make_probe(
     others = []
     for _ in range(spec.other_signs):
         other_content = rng.choice(("code", "marker", "dots"))
-        ow, oh = _sign_size(other_content, font_px, rng.choice((2, 3, 4)))
-        sign = _Sign(layout.place(ow, oh), rng.choice(others_border))
+        ow, oh = sign_size(other_content, font_px, rng.choice((2, 3, 4)))
+        sign = Sign(layout.place(ow, oh), rng.choice(others_border))
         if other_content == "code":
-            sign.code = _code(rng, rng.choice((3, 4)), taken)
+            sign.code = random_code(rng, rng.choice((3, 4)), taken)
         elif other_content == "marker":
             sign.marker = (rng.choice(list(MARKER_COLORS)), rng.choice(MARKER_SHAPES))
         else:
             sign.dots = rng.randint(2, 9)
         others.append(sign)
     for sign in [*others, *candidates]:
-        _draw_sign(draw, sign, font_px, rng)
+        draw_sign(draw, sign, font_px, rng)
     scene = Scene(w, h, background_seed, draw.ops)
 
     # 4. The question and its exact answer.
@@ -594,7 +594,7 @@ def make_probe(
     return Probe(image=scene.render() if render else None, record=record, scene=scene)
 
 
-def _describe(sign: _Sign, target: bool) -> dict[str, Any]:
+def _describe(sign: Sign, target: bool) -> dict[str, Any]:
     """What a candidate shows when zoomed into (used to write truthful cold-start reasoning)."""
     return {
         "box": list(sign.box),

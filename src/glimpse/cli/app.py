@@ -17,6 +17,7 @@ from typing import Annotated, Any
 
 import typer
 
+from glimpse.cli.exits import EXIT_BACKEND, EXIT_INTERRUPTED, EXIT_USAGE
 from glimpse.config import (
     AskConfig,
     BuiltinConfig,
@@ -32,8 +33,6 @@ from glimpse.config import (
     resolve,
 )
 from glimpse.errors import ConfigError, GlimpseError
-
-EXIT_OK, EXIT_NO_ANSWER, EXIT_USAGE, EXIT_INPUT, EXIT_BACKEND, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
 app = typer.Typer(
     name="glimpse",
@@ -152,7 +151,7 @@ def _positional(name: str, help: str) -> inspect.Parameter:
     help="Ask a question about an image; the model zooms, turn by turn, until it answers.",
 )
 def ask_command(cfg: AskConfig, image: str, question: str) -> int:
-    from glimpse.console import run_ask
+    from glimpse.cli.commands import run_ask
 
     return run_ask(cfg, image, question)
 
@@ -166,7 +165,7 @@ def demo_command(
     ] = False,
 ) -> None:
     """Offline demo: the built-in policy searches a generated high-resolution scene, live, with no download."""
-    from glimpse.console import run_demo
+    from glimpse.cli.commands import run_demo
 
     raise typer.Exit(run_demo(out, quiet=quiet, scripted=scripted))
 
@@ -177,7 +176,7 @@ def demo_command(
     help="Generate visual-search probes with known answers (easy / medium / hard) in VisualProbe's format.",
 )
 def synth_command(cfg: SynthConfig) -> int:
-    from glimpse.console import run_synth
+    from glimpse.cli.commands import run_synth
 
     return run_synth(cfg)
 
@@ -188,7 +187,7 @@ def synth_command(cfg: SynthConfig) -> int:
     help="Evaluate a model on a benchmark or on probes: resumable, with Avg@k, sweeps over turn caps, faithfulness.",
 )
 def eval_command(cfg: EvalConfig) -> int:
-    from glimpse.console import run_eval_command
+    from glimpse.cli.commands import run_eval_command
 
     return run_eval_command(cfg)
 
@@ -200,7 +199,7 @@ def eval_command(cfg: EvalConfig) -> int:
     help="Build an HTML report of a run (every turn, box and crop) that opens from disk; --serve serves it.",
 )
 def view_command(cfg: ViewConfig, run: str) -> int:
-    from glimpse.console import run_view
+    from glimpse.cli.commands import run_view
 
     return run_view(cfg, run)
 
@@ -211,7 +210,7 @@ def view_command(cfg: ViewConfig, run: str) -> int:
     help="Serve a backend behind an OpenAI-compatible /v1/chat/completions endpoint (loopback by default).",
 )
 def serve_command(cfg: ServeConfig) -> int:
-    from glimpse.console import run_serve
+    from glimpse.cli.commands import run_serve
 
     return run_serve(cfg)
 
@@ -223,7 +222,7 @@ def serve_command(cfg: ServeConfig) -> int:
     "with Glimpse's exemplars), keep the correct ones, export them for LLaMA-Factory, TRL and verl.",
 )
 def coldstart_command(cfg: ColdStartConfig) -> int:
-    from glimpse.train.console import run_coldstart
+    from glimpse.cli.train import run_coldstart
 
     return run_coldstart(cfg)
 
@@ -235,7 +234,7 @@ def export_command(
     formats: Annotated[str, typer.Option(help="comma-separated: llamafactory, trl, verl")] = "llamafactory,trl,verl",
 ) -> None:
     """Export trajectories as training data: LLaMA-Factory ShareGPT JSON, TRL messages JSONL, verl parquet."""
-    from glimpse.train.console import run_export
+    from glimpse.cli.train import run_export
 
     raise typer.Exit(run_export(data, out, formats))
 
@@ -256,7 +255,7 @@ app.add_typer(train_app, name="train")
     "resumable; the result loads as hf:OUT/model.",
 )
 def sft_command(cfg: SFTConfig) -> int:
-    from glimpse.train.console import run_sft
+    from glimpse.cli.train import run_sft
 
     return run_sft(cfg)
 
@@ -269,7 +268,7 @@ def sft_command(cfg: SFTConfig) -> int:
     "logs held-out accuracy per step; the result loads as hf:OUT/model.",
 )
 def builtin_command(cfg: BuiltinConfig) -> int:
-    from glimpse.train.builtin import train_builtin
+    from glimpse.builtin.train import train_builtin
 
     train_builtin(cfg)
     return 0
@@ -284,7 +283,7 @@ def builtin_command(cfg: BuiltinConfig) -> int:
     "accuracy, turns, over-turn and tool-error rates and entropy per step; the result loads as hf:OUT/model.",
 )
 def rl_command(cfg: RLConfig) -> int:
-    from glimpse.train.console import run_rl
+    from glimpse.cli.train import run_rl
 
     return run_rl(cfg)
 
@@ -299,7 +298,7 @@ def verl_data_command(
 ) -> None:
     """Write a dataset as verl RL parquet rows for the verl plugin (the question, the original image's bytes or
     path and the Glimpse sample); then run examples/verl/*.sh."""
-    from glimpse.train.console import run_verl_data
+    from glimpse.cli.train import run_verl_data
 
     raise typer.Exit(run_verl_data(dataset, out, image_paths))
 

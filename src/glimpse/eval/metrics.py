@@ -24,7 +24,7 @@ from collections import Counter, defaultdict
 from typing import Any
 
 from glimpse.answers import normalize_answer
-from glimpse.bench.policies import chance
+from glimpse.eval.policies import chance
 from glimpse.geometry import Box
 from glimpse.trajectory import Score, Trajectory
 

@@ -15,10 +15,10 @@ from rich.console import Console
 from rich.markup import escape
 
 from glimpse.api import AskResult, ask_async
+from glimpse.cli.exits import EXIT_BACKEND, EXIT_INPUT, EXIT_NO_ANSWER, EXIT_OK
 from glimpse.config import AskConfig, EvalConfig, ServeConfig, SynthConfig, ViewConfig, write_resolved
 from glimpse.trajectory import Trajectory, Turn, save_jsonl
 
-EXIT_OK, EXIT_NO_ANSWER, EXIT_USAGE, EXIT_INPUT, EXIT_BACKEND = 0, 1, 2, 3, 4
 _THOUGHT_CHARS = 240
 
 
@@ -106,7 +106,7 @@ def summary(result: AskResult, console: Console) -> None:
 
 def default_model_label() -> str:
     """What answers when no --model is given, said plainly."""
-    from glimpse.models.builtin import learned_available
+    from glimpse.builtin.backend import learned_available
 
     return (
         "builtin (the learned built-in model)"
@@ -223,7 +223,7 @@ def run_synth(cfg: SynthConfig) -> int:
     """``glimpse synth``: generate probes and say where they are."""
     import time
 
-    from glimpse.bench.synth import LEVELS, write_probes
+    from glimpse.probes.synth import LEVELS, write_probes
 
     console = Console(highlight=False, soft_wrap=True)
     levels = list(LEVELS) if cfg.level == "all" else [cfg.level]
@@ -280,7 +280,7 @@ def run_eval_command(cfg: EvalConfig) -> int:
     """``glimpse eval``: run with a progress bar, then print the summary and where the files are."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from glimpse.bench.harness import run_eval
+    from glimpse.eval.harness import run_eval
 
     console = Console(highlight=False, soft_wrap=True)
     progress = Progress(
@@ -323,7 +323,7 @@ def run_view(cfg: ViewConfig, run: str) -> int:
     import time
 
     from glimpse.view import build_report
-    from glimpse.view.serve import make_server
+    from glimpse.view.server import make_server
 
     console = Console(highlight=False, soft_wrap=True)
     started = time.perf_counter()

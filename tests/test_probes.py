@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from glimpse.bench.synth import KINDS, LEVELS, MIN_CAP_PX, SHOWN_MAX_PX, make_probe, write_probes
 from glimpse.errors import ConfigError
 from glimpse.geometry import Box
 from glimpse.images import PixelLimits, smart_resize
+from glimpse.probes.synth import KINDS, LEVELS, MIN_CAP_PX, SHOWN_MAX_PX, make_probe, write_probes
 
 CASES = [(level, kind) for level in LEVELS for kind in KINDS]
 

@@ -13,7 +13,7 @@ Rules, in order:
   number word up to twenty), within ``sample.meta["tolerance"]`` (default: exact).
 * **Normalised exact match** against the gold answer and any ``sample.meta["synonyms"]``: case, punctuation,
   quotes, articles and spacing are ignored.
-* Otherwise a judge, if one is given (``glimpse.bench.judge``); a judge failure scores ``correct=None``
+* Otherwise a judge, if one is given (``glimpse.eval.judge``); a judge failure scores ``correct=None``
   (``judge_error``), never a silent 0. Without a judge: ``no_match`` (wrong).
 """
 

@@ -1,6 +1,6 @@
 """The Python session inside the sandbox: runs the model's code, one request at a time, keeping its state.
 
-Started by ``glimpse.sandbox`` as ``python -I -S sandbox_worker.py SITE_PACKAGES...`` inside the sandbox; it
+Started by ``glimpse.tools.sandbox`` as ``python -I -S sandbox_worker.py SITE_PACKAGES...`` inside the sandbox; it
 imports nothing from Glimpse. Requests arrive on stdin as JSON lines ``{"code": "..."}``; each answer is one
 JSON line on the original stdout, which the worker keeps to itself before pointing file descriptors 1 and 2
 at a capture file, so everything the code prints (from Python or from C) is captured and truncated.

@@ -19,7 +19,7 @@ spec                                   reads
 =====================================  ===========================================================================
 
 Multiple-choice samples keep their options in the file's order with the gold *letter* in that order;
-``glimpse.bench.options`` decides how each repeat presents them. Images stored inside TSV files are written
+``glimpse.eval.options`` decides how each repeat presents them. Images stored inside TSV files are written
 once to ``$GLIMPSE_HOME/datasets/`` (one file per distinct image) so trajectories can refer to them by path.
 
 A missing file raises ``ConfigError`` naming the path expected. A row that cannot be read (bad JSON, an
@@ -427,7 +427,7 @@ def load_mme_realworld(root: str | Path, lite: bool = False) -> Dataset:
 # ----------------------------------------------------------------------------------------------------- probes
 def load_probes(level: str, n: int = 100, seed: int = 0) -> Dataset:
     """``n`` generated probes of a level, generated once into ``$GLIMPSE_HOME/probes/``."""
-    from glimpse.bench.synth import GENERATOR_VERSION, LEVELS, write_probes
+    from glimpse.probes.synth import GENERATOR_VERSION, LEVELS, write_probes
 
     if level not in LEVELS:
         raise ConfigError(f"unknown probe level {level!r}; choose one of {', '.join(LEVELS)}")

@@ -1,6 +1,6 @@
 """Training the built-in model from scratch on a CPU, on probes streamed from the generator.
 
-The built-in model (``glimpse.hf.builtin``) answers in the ordinary protocol, but its zoom windows are the
+The built-in model (``glimpse.builtin.model``) answers in the ordinary protocol, but its zoom windows are the
 location tokens: windows of 1/8 of the original or 1/4 of an observation, centred on a 16 × 16 grid. A teacher
 that knows each probe writes the search a model of that vocabulary can make:
 
@@ -58,7 +58,7 @@ CURRICULUM = (
 # ----------------------------------------------------------------------------------------------------- teacher
 def _best_window(box: list[float], side: float) -> list[float]:
     """The grid window of this side that contains ``box`` (relative) with its centre nearest the box's."""
-    from glimpse.hf.builtin import GRID, window
+    from glimpse.builtin.model import GRID, window
 
     cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
     best, key = None, None
@@ -75,14 +75,14 @@ def _best_window(box: list[float], side: float) -> list[float]:
 
 
 def _grounding(box: list[float], source: int) -> str:
-    from glimpse.hf.builtin import box_token, source_token
+    from glimpse.builtin.model import box_token, source_token
 
     return f"<grounding>{box_token(box)}{source_token(source)}</grounding>"
 
 
 def grid_turns(sample: Sample) -> list[str]:
     """The teacher's replies for a probe, in the built-in model's vocabulary (see the module docstring)."""
-    from glimpse.hf.builtin import WINDOW_SIDES
+    from glimpse.builtin.model import WINDOW_SIDES
 
     width, height = sample.meta["size"]
     candidates = sample.meta["candidates"]
@@ -124,21 +124,21 @@ def card_sample(index: int, seed: int, folder: Path) -> Sample:
     """
     from PIL import ImageDraw
 
-    from glimpse.bench import synth
+    from glimpse.probes import synth
 
     rng = random.Random(f"glimpse-card/{seed}/{index}")
     kind = rng.choice(("read_code", "read_code", "marker_color", "marker_shape", "count"))
     font_px = rng.randint(10, 28)
     content = {"marker_color": "marker", "marker_shape": "marker", "count": "dots"}.get(kind, "code")
-    sw, sh = synth._sign_size(content, font_px, 4)
+    sw, sh = synth.sign_size(content, font_px, 4)
     w, h = int(sw * rng.uniform(1.3, 2.5)), int(sh * rng.uniform(1.6, 3.5))
-    image = synth._background(rng, w, h)
+    image = synth.background(rng, w, h)
     draw = ImageDraw.Draw(image)
     x, y = rng.randint(0, w - sw), rng.randint(0, h - sh)
     border = rng.choice(list(synth.BORDER_COLORS))
-    sign = synth._Sign((x, y, x + sw, y + sh), border)
+    sign = synth.Sign((x, y, x + sw, y + sh), border)
     if content == "code":
-        sign.code = synth._code(rng, rng.choice((3, 4)), set())
+        sign.code = synth.random_code(rng, rng.choice((3, 4)), set())
         answer = sign.code
     elif content == "marker":
         sign.marker = (rng.choice(list(synth.MARKER_COLORS)), rng.choice(synth.MARKER_SHAPES))
@@ -146,7 +146,7 @@ def card_sample(index: int, seed: int, folder: Path) -> Sample:
     else:
         sign.dots = rng.randint(2, 9)
         answer = str(sign.dots)
-    synth._draw_sign(draw, sign, font_px, rng)
+    synth.draw_sign(draw, sign, font_px, rng)
     where = f"the small sign with a {border} border"
     question = {
         "read_code": f"What is the code written on {where}? Answer with the code only.",
@@ -231,7 +231,7 @@ def probe_sample(level: str, index: int, seed: int, folder: Path, *, scenes: Sce
     With ``scenes``, the probe is not drawn: its scene is registered there and drawn view by view as the loop
     zooms (what training uses). Without, its image is written to ``folder`` as a JPEG for any loop to read.
     """
-    from glimpse.bench.synth import make_probe
+    from glimpse.probes.synth import make_probe
 
     probe = make_probe(level, index, seed=seed, render=scenes is None)
     rec = probe.record
@@ -265,7 +265,7 @@ class ExampleMaker:
     def __init__(self, model_dir: str | Path, seed: int, folder: Path, *, draw_views: bool = True):
         from glimpse.hf.processor import load_processor
         from glimpse.images import PixelLimits
-        from glimpse.train.sft import ASSISTANT_HEADER, END
+        from glimpse.train.common import ASSISTANT_HEADER, END
 
         self.model_dir, self.seed, self.folder = Path(model_dir), seed, folder
         self.processor = load_processor(model_dir)
@@ -279,9 +279,9 @@ class ExampleMaker:
     def __call__(self, level: str, index: int) -> tuple[Any, str | None]:
         """(example, None), or (None, why it was skipped)."""
         from glimpse.agent import AgentLoop
-        from glimpse.hf.builtin import PROMPT_FILE
+        from glimpse.builtin.model import PROMPT_FILE
         from glimpse.models.scripted import ScriptedBackend
-        from glimpse.train.sft import encode
+        from glimpse.train.common import encode
 
         if level == "card":
             sample = card_sample(index, self.seed, self.folder)
@@ -371,9 +371,9 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
     """Train a fresh built-in model for ``cfg.minutes`` on streamed probes; write ``OUT/model``."""
     import torch
 
-    from glimpse.hf.builtin import build_builtin
+    from glimpse.builtin.model import build_builtin
     from glimpse.hf.processor import load_processor
-    from glimpse.train.sft import collate
+    from glimpse.train.common import collate
 
     torch.set_num_threads(cfg.threads)
     device = torch.device(
