@@ -98,3 +98,26 @@ def test_bad_arguments():
         make_probe("impossible", 0)
     with pytest.raises(ConfigError, match="unknown probe kind"):
         make_probe("easy", 0, kind="riddle")
+
+
+def test_every_question_kind_reads_back_as_written():
+    """The wording is written and read in one module (``probes.questions``): every kind round-trips."""
+    from glimpse.probes.palette import BORDER_COLORS
+    from glimpse.probes.questions import parse_question, question
+
+    for kind in KINDS:
+        for border in BORDER_COLORS:
+            for marked in (False, True):
+                text = question(kind, border, marked=marked, choices=["a", "b"], codes=("K3F", "XY7"))
+                q = parse_question(text)
+                assert q.kind == ("read" if kind == "read_code" else kind)
+                assert q.border == border
+                assert q.starred == (marked and kind not in ("which_marked", "relative_position"))
+                assert q.codes == (["K3F", "XY7"] if kind == "relative_position" else [])
+
+
+def test_reading_order_goes_by_rows_then_left_to_right():
+    from glimpse.probes.questions import reading_order
+
+    boxes = [(500, 10, 520, 20), (10, 12, 30, 22), (10, 900, 30, 910), (300, 400, 320, 410)]
+    assert reading_order(boxes, 1000) == [1, 0, 3, 2]

@@ -1,28 +1,21 @@
-"""The offline demo: a generated 4K scene with a code too small to read in the downscaled view, and a
-scripted model that searches for it.
+"""The offline demos: generated probes (``glimpse.probes``) searched live by the expert, or by a replayed script.
 
-This demo exercises the whole runtime (loading, resizing, nested zooms cut from full-resolution pixels, a
-model mistake turned into an error observation, the trajectory record) with no server and no download. The
-model's turns are written in advance by ``make_demo`` from the scene's known geometry: it is a replay, not a
-model that learned anything.
+``make_probe_demo`` writes the live demo's probe. ``make_demo`` writes the scripted tour of the runtime: an easy
+probe whose code is too small to read in the downscaled view, and a model whose turns are written in advance from
+the probe's known target box (a coarse zoom, a nested zoom that overshoots the edge and is answered with an error
+observation, a nested zoom onto the sign, the answer). It is a replay, not a model that learned anything.
 """
 
 from __future__ import annotations
 
 import json
-import random
-import string
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
-
 from glimpse.images import MAX_PIXELS, PixelLimits, smart_resize
 
-WIDTH, HEIGHT = 3840, 2160
-# The code's text height in original pixels; at the default 2 MP limit the full view shows it at about
-# half that, 6 pixels: not legible without zooming.
-TEXT_PX = 12
+# The scripted tour's probe: fixed, so the demo is the same on every machine.
+TOUR_LEVEL, TOUR_SEED, TOUR_INDEX = "easy", 7, 0
 
 
 @dataclass
@@ -34,50 +27,32 @@ class Demo:
     question: str
     answer: str
     target_box: list[int]
+    size: tuple[int, int]
+    text_px: float  # the code's cap height in original pixels
 
 
-def _scene(rng: random.Random, code: str) -> tuple[Image.Image, list[int]]:
-    img = Image.linear_gradient("L").resize((WIDTH, HEIGHT)).convert("RGB")
-    img = Image.blend(img, Image.new("RGB", img.size, (70, 110, 90)), 0.75)
-    draw = ImageDraw.Draw(img)
-    palette = [(200, 60, 50), (60, 90, 200), (230, 230, 230), (40, 40, 40), (150, 90, 160), (80, 170, 80)]
-    for _ in range(140):
-        x, y = rng.randrange(WIDTH - 200), rng.randrange(HEIGHT - 200)
-        w, h = rng.randrange(30, 200), rng.randrange(30, 200)
-        shape = draw.rectangle if rng.random() < 0.5 else draw.ellipse
-        shape((x, y, x + w, y + h), fill=rng.choice(palette))
-    font = ImageFont.load_default(size=TEXT_PX)
-    for _ in range(25):  # look-alike signs in other colours, with other codes
-        x, y = rng.randrange(WIDTH - 100), rng.randrange(HEIGHT - 60)
-        draw.rectangle((x, y, x + 64, y + 28), fill=(240, 240, 240), outline=(30, 30, 30))
-        other = "".join(rng.choice(string.ascii_uppercase + string.digits) for _ in range(4))
-        draw.text((x + 8, y + 6), other, fill=(30, 30, 30), font=font)
-    x, y = int(WIDTH * 0.781), int(HEIGHT * 0.744)
-    draw.rectangle((x, y, x + 64, y + 28), fill=(250, 215, 40), outline=(30, 30, 30))
-    draw.text((x + 8, y + 6), code, fill=(20, 20, 20), font=font)
-    return img, [x, y, x + 65, y + 29]
-
-
-def _turns(target: list[int], code: str) -> list[str]:
+def _turns(target: list[int], width: int, height: int, code: str) -> list[str]:
     x0, y0, x1, y1 = target
-    cx, cy = (x0 + x1) / 2 / WIDTH, (y0 + y1) / 2 / HEIGHT
-    # A first window of a fifth of each side around where the yellow speck is, then the sign within it.
-    win = [round(cx - 0.1, 3), round(cy - 0.1, 3), round(cx + 0.1, 3), round(cy + 0.1, 3)]
-    wx0, wy0 = win[0] * WIDTH, win[1] * HEIGHT
-    ww, wh = 0.2 * WIDTH, 0.2 * HEIGHT
+    cx, cy = (x0 + x1) / 2 / width, (y0 + y1) / 2 / height
+    # A first window of a fifth of each side around the sign (kept inside the image), then the sign within it.
+    left, top = min(max(cx - 0.1, 0.0), 0.8), min(max(cy - 0.1, 0.0), 0.8)
+    win = [round(left, 3), round(top, 3), round(left + 0.2, 3), round(top + 0.2, 3)]
+    wx0, wy0 = win[0] * width, win[1] * height
+    ww, wh = (win[2] - win[0]) * width, (win[3] - win[1]) * height
+    pad_x, pad_y = (x1 - x0) / 3, (y1 - y0) / 3
     sign = [
-        round((x0 - 20 - wx0) / ww, 3),
-        round((y0 - 12 - wy0) / wh, 3),
-        round((x1 + 20 - wx0) / ww, 3),
-        round((y1 + 12 - wy0) / wh, 3),
+        round(max(0.0, (x0 - pad_x - wx0) / ww), 3),
+        round(max(0.0, (y0 - pad_y - wy0) / wh), 3),
+        round(min(1.0, (x1 + pad_x - wx0) / ww), 3),
+        round(min(1.0, (y1 + pad_y - wy0) / wh), 3),
     ]
     call = '<grounding>{{"bbox_2d": {box}, "source": "{src}"}}</grounding>'
     return [
-        "<think>I need the code on the small yellow sign. In the full view there is a yellow speck in the "
-        "lower right, but it is only a few pixels across and I cannot read anything on it. I will zoom into "
-        "that area first.</think>\n" + call.format(box=json.dumps(win), src="original_image"),
-        "<think>The yellow sign is in the middle of this view. I can make out four dark characters, but they "
-        "are small and I am not sure of them. I will zoom closer into observation 1.</think>\n"
+        "<think>I need the code on the small sign. In the full view I can see where it is, but it is only a few "
+        "pixels across and I cannot read anything on it. I will zoom into that area first.</think>\n"
+        + call.format(box=json.dumps(win), src="original_image"),
+        "<think>The sign is in this view. I can make out dark characters, but they are small and I am not sure "
+        "of them. I will zoom closer into observation 1.</think>\n"
         + call.format(box=json.dumps([sign[0], sign[1], sign[2] + 1.0, sign[3]]), src="observation_1"),
         "<think>That box went past the right edge of the image; relative coordinates stop at 1. Zooming into "
         "just the sign instead.</think>\n" + call.format(box=json.dumps(sign), src="observation_1"),
@@ -123,21 +98,26 @@ def make_probe_demo(out_dir: str | Path) -> ProbeDemo:
     )
 
 
-def make_demo(out_dir: str | Path, seed: int = 7) -> Demo:
-    """Write ``scene.png`` and ``script.json`` into ``out_dir`` and describe them."""
-    rng = random.Random(seed)
-    code = "".join(rng.choice("ABCDEFGHJKLMNPQRSTUVWXYZ") for _ in range(2)) + str(rng.randrange(10, 100))
-    image, target = _scene(rng, code)
+def make_demo(out_dir: str | Path) -> Demo:
+    """Write the scripted tour's probe (``scene.png``) and script (``script.json``) into ``out_dir``."""
+    from glimpse.probes.synth import make_probe
+
+    probe = make_probe(TOUR_LEVEL, TOUR_INDEX, seed=TOUR_SEED, kind="read_code")
+    rec = probe.record
+    width, height = rec["size"]
+    target = [int(v) for v in rec["boxes"][0]]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     image_path, script_path = out / "scene.png", out / "script.json"
-    image.save(image_path, optimize=False, compress_level=3)
-    script_path.write_text(json.dumps(_turns(target, code), indent=2) + "\n", encoding="utf-8")
-    return Demo(image_path, script_path, "What is the code on the small yellow sign?", code, target)
+    probe.image.save(image_path, optimize=False, compress_level=3)
+    script = _turns(target, width, height, rec["solution"])
+    script_path.write_text(json.dumps(script, indent=2) + "\n", encoding="utf-8")
+    question = rec["problem"].replace("<image>", "").strip()
+    return Demo(image_path, script_path, question, rec["solution"], target, (width, height), rec["cap_px"])
 
 
-def shown_text_height(limits: PixelLimits | None = None) -> float:
-    """Height in pixels of the demo's code in the downscaled full view."""
+def shown_text_height(demo: Demo, limits: PixelLimits | None = None) -> float:
+    """Height in pixels of the tour's code in the downscaled full view."""
     limits = limits or PixelLimits(max_pixels=MAX_PIXELS)
-    w, _ = smart_resize(WIDTH, HEIGHT, limits)
-    return TEXT_PX * w / WIDTH
+    w, _ = smart_resize(demo.size[0], demo.size[1], limits)
+    return demo.text_px * w / demo.size[0]

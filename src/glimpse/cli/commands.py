@@ -174,12 +174,12 @@ def _run_scripted_demo(out: str, *, quiet: bool = False) -> int:
     console = Console(highlight=False, soft_wrap=True)
     if not quiet:
         console.print(
-            "[bold]Glimpse demo[/]: a 3840×2160 scene with a small yellow sign. The model first sees it at about "
-            f"2 megapixels, where the sign's code is {shown_text_height():.0f} pixels tall and unreadable, so it "
-            "has to zoom.\n[yellow]The model in this demo is scripted[/]: its turns were written in advance from "
-            "the scene's geometry, to show the runtime (nested zooms, an invalid box answered with an error "
-            "observation, the trajectory record). Use [bold]glimpse ask IMAGE QUESTION --model openai:NAME "
-            "--base-url URL[/] for a real model.\n"
+            f"[bold]Glimpse demo[/]: a generated {demo.size[0]}×{demo.size[1]} scene with a small sign. The model "
+            f"first sees it at about 2 megapixels, where the sign's code is {shown_text_height(demo):.0f} pixels tall "
+            "and unreadable, so it has to zoom.\n[yellow]The model in this demo is scripted[/]: its turns were "
+            "written in advance from the scene's known geometry, to show the runtime (nested zooms, an invalid box "
+            "answered with an error observation, the trajectory record). Use [bold]glimpse ask IMAGE QUESTION "
+            "--model openai:NAME --base-url URL[/] for a real model.\n"
         )
     cfg = AskConfig(model=f"scripted:{demo.script}", save=str(Path(out) / "trajectory.jsonl"), quiet=quiet)
     code = run_ask(cfg, str(demo.image), demo.question, overwrite=True)

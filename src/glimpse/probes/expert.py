@@ -40,7 +40,8 @@ from PIL import Image
 
 from glimpse.models.base import GenerateParams, ImagePart, Message
 from glimpse.models.scripted import ScriptedBackend
-from glimpse.probes.synth import BORDER_COLORS, MARKER_COLORS
+from glimpse.probes.palette import BORDER_COLORS, MARKER_COLORS
+from glimpse.probes.questions import Question, parse_question, reading_order
 
 SIGN_FILL = np.array((248, 248, 244), np.int16)
 # Characters Tesseract may read: the probes' code alphabet (no look-alike pairs) plus the other digits.
@@ -350,33 +351,6 @@ def read_sign(
 
 
 # ------------------------------------------------------------------------------------------------------- policy
-@dataclass
-class Question:
-    kind: str
-    border: str | None
-    codes: list[str]
-    starred: bool
-
-
-def parse_question(text: str) -> Question:
-    low = text.lower()
-    border = next((c for c in BORDER_COLORS if f"{c} border" in low), None)
-    codes = re.findall(r"reads ([A-Z0-9]{2,6})", text)
-    if "left or" in low and len(codes) >= 2:
-        kind = "relative_position"
-    elif "red dot" in low and "number" in low:
-        kind = "which_marked"
-    elif "what colour" in low or "what color" in low:
-        kind = "marker_color"
-    elif "what shape" in low:
-        kind = "marker_shape"
-    elif "how many" in low:
-        kind = "count"
-    else:
-        kind = "read"
-    return Question(kind, border, codes[:2], "star" in low)
-
-
 class ExpertPolicy:
     """The policy behind the ``expert`` backend (see the module docstring)."""
 
@@ -422,8 +396,7 @@ class ExpertPolicy:
         if not regions:  # a photo: tiles, most detailed first
             return _detailed_tiles(view)
         if not q.border:
-            band = max(1, view.height // 8)
-            return sorted((r.box for r in regions), key=lambda b: ((b[1] + b[3]) // 2 // band, b[0]))
+            return [regions[i].box for i in reading_order([r.box for r in regions], view.height)]
         # Colours of a one-pixel border in the downscaled view are unreliable: check the likeliest first, then
         # the others, and let each zoom confirm the border.
         likely = sorted((r for r in regions if r.matches(q.border)), key=lambda r: r.distance(q.border))

@@ -56,6 +56,8 @@ from PIL import Image, ImageChops, ImageDraw, ImageFont
 
 from glimpse.errors import ConfigError
 from glimpse.images import PixelLimits, smart_resize
+from glimpse.probes import questions
+from glimpse.probes.palette import BORDER_COLORS, CODE_ALPHABET, MARKER_COLORS, MARKER_SHAPES
 
 # The legibility rule: decisive detail at most this tall in the default full view, at least MIN_CAP_PX in the
 # original (below about 7 px the default font is not readable even when zoomed).
@@ -68,26 +70,6 @@ _MIN_FONT_PX = 10
 # Bumped whenever the generator's output changes, so cached probes are never stale.
 GENERATOR_VERSION = 2
 KINDS = ("read_code", "marker_color", "marker_shape", "which_marked", "count", "relative_position")
-CODE_ALPHABET = "ACEFHJKLMNPRTUVWXY34679"  # no look-alike pairs such as O/0, I/1, S/5, B/8
-MARKER_COLORS = {
-    "red": (215, 30, 30),
-    "green": (20, 150, 50),
-    "blue": (30, 70, 220),
-    "orange": (245, 130, 0),
-    "purple": (130, 40, 170),
-    "black": (20, 20, 20),
-}
-MARKER_SHAPES = ("circle", "square", "triangle", "diamond", "cross", "hexagon")
-BORDER_COLORS = {
-    "blue": (35, 85, 215),
-    "red": (205, 35, 35),
-    "green": (35, 150, 65),
-    "orange": (240, 135, 15),
-    "purple": (135, 55, 175),
-    "teal": (0, 140, 145),
-    "brown": (125, 75, 35),
-    "pink": (225, 95, 165),
-}
 ASPECTS = ((16, 9), (4, 3), (3, 2), (2, 1), (1, 1), (3, 4))
 
 
@@ -530,42 +512,25 @@ def make_probe(
     scene = Scene(w, h, background_seed, draw.ops)
 
     # 4. The question and its exact answer.
-    if marked:
-        where = f"the sign with a {cand_border} border and a small star in its top-left corner"
-    else:
-        where = f"the small sign with a {cand_border} border"
     choices: list[str] | None = None
     targets = [target]
+    codes: tuple[str, ...] = ()
     if kind == "read_code":
-        question, answer = f"What is the code written on {where}? Answer with the code only.", target.code
+        answer = target.code
     elif kind == "marker_color":
-        choices = list(MARKER_COLORS)
-        question = f"What colour is the small outlined marker on {where}? Answer with one of: {', '.join(choices)}."
-        answer = target.marker[0]
+        choices, answer = list(MARKER_COLORS), target.marker[0]
     elif kind == "marker_shape":
-        choices = list(MARKER_SHAPES)
-        question = f"What shape is the small outlined marker on {where}? Answer with one of: {', '.join(choices)}."
-        answer = target.marker[1]
+        choices, answer = list(MARKER_SHAPES), target.marker[1]
     elif kind == "count":
-        choices = [str(n) for n in range(2, 10)]
-        question = f"How many small black dots are on {where}? Answer with a number."
-        answer = str(target.dots)
+        choices, answer = [str(n) for n in range(2, 10)], str(target.dots)
     elif kind == "which_marked":
-        question = (
-            f"Several signs with a {cand_border} border show a number. Exactly one of them has a small red "
-            "dot in its bottom-right corner. What is that sign's number? Answer with the number only."
-        )
         answer = target.code
     else:
         other = max(candidates[1:], key=lambda s: abs((s.box[0] + s.box[2]) - (target.box[0] + target.box[2])))
-        targets = [target, other]
+        targets, codes = [target, other], (target.code, other.code)
         choices = ["left", "right"]
-        question = (
-            f"Among the signs with a {cand_border} border, one reads {target.code} and one reads "
-            f"{other.code}. Is the sign reading {target.code} to the left or to the right of the sign "
-            f"reading {other.code}? Answer left or right."
-        )
         answer = "left" if target.box[0] + target.box[2] < other.box[0] + other.box[2] else "right"
+    question = questions.question(kind, cand_border, marked=marked, choices=choices, codes=codes)
 
     cap = _cap_height(font_px)
     zoom_w, zoom_h = 2 * (target.box[2] - target.box[0]), 2 * (target.box[3] - target.box[1])

@@ -40,6 +40,7 @@ from glimpse.geometry import Box, Coords, from_relative
 from glimpse.images import PixelLimits, oriented_size, smart_resize
 from glimpse.models.base import Backend
 from glimpse.models.scripted import ScriptedBackend
+from glimpse.probes.questions import reading_order
 from glimpse.protocol.prompts import DEFAULT_PROMPTS
 from glimpse.tools.zoom import MIN_BOX_SIDE
 from glimpse.trajectory import Sample, Trajectory, save_jsonl
@@ -177,7 +178,7 @@ def teacher_turns(
         if len(candidates) > 1 and pattern == "direct":
             pattern = "search"
     border = candidates[0]["border"]
-    order = sorted(candidates, key=lambda c: (round(c["box"][1] / max(1, height) * 4), c["box"][0]))
+    order = [candidates[i] for i in reading_order([c["box"] for c in candidates], height)]
     if pattern == "direct" and len(candidates) == 1:
         order = targets
     turns: list[tuple[str, dict[str, Any] | None]] = []  # (thought, call)
