@@ -16,13 +16,13 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
 from conftest import app_server, free_port, glimpse_server
 from glimpse.agent import AgentLoop
 from glimpse.errors import BackendError, ContextLengthError
-from glimpse.models.base import GenerateParams, Message
+from glimpse.models.base import GenerateParams, Message, TextDelta
 from glimpse.models.openai_compat import OpenAIBackend
 from glimpse.trajectory import Sample, load_jsonl
 
@@ -158,7 +158,6 @@ def test_server_limits_give_clear_4xx(tmp_path, write_script):
         assert httpx.post(url, json=ok).status_code == 200
         cases = [
             ({**ok, "n": 5}, 400, "above this server's limit of 4"),
-            ({**ok, "stream": True}, 400, "streaming"),
             ({"model": "m", "messages": []}, 400, "non-empty"),
             (
                 {
@@ -433,3 +432,216 @@ def test_several_servers_share_the_load_and_keep_conversations_sticky(make_image
         for q in set(questions):
             assert questions.count(q) == 3
     assert {t.answer for (t,) in results} == {"a", "b"}
+
+
+# ------------------------------------------------------------------------------------------------- streaming
+class Listener:
+    """Collects streamed pieces with their arrival times; ``text(i)`` is what choice ``i`` shows now."""
+
+    def __init__(self):
+        self.started = time.perf_counter()
+        self.deltas: list[tuple[float, TextDelta]] = []
+
+    def __call__(self, delta: TextDelta) -> None:
+        self.deltas.append((time.perf_counter() - self.started, delta))
+
+    def text(self, index: int = 0) -> str:
+        out = ""
+        for _, d in self.deltas:
+            if d.index == index:
+                out = d.text if d.restart else out + d.text
+        return out
+
+
+def stream_and_plain(base: str, messages: list[Message], **params):
+    """The same request streamed (with a listener) and plain, on one backend."""
+
+    async def go():
+        backend = OpenAIBackend("scripted", base_url=base, backoff=0.01)
+        try:
+            listener = Listener()
+            streamed = await backend.generate(messages, GenerateParams(on_text=listener, **params))
+            plain = await backend.generate(messages, GenerateParams(**params))
+            return listener, streamed, plain
+        finally:
+            await backend.aclose()
+
+    return run(go())
+
+
+def test_streamed_replies_arrive_in_pieces_and_equal_plain_ones(tmp_path):
+    long = "<think>" + " ".join(f"word{i}" for i in range(60)) + "</think>" + zoom([0.1, 0.2, 0.6, 0.7])
+    script = tmp_path / "s.json"
+    script.write_text(json.dumps({"scripts": [[long, "<answer>a</answer>"], [long + " ", "<answer>b</answer>"]]}))
+    with glimpse_server("--model", f"scripted:{script}", "--latency", "0.6") as base:
+        listener, streamed, plain = stream_and_plain(
+            base, [Message("user", "hi")], n=2, stop=["</grounding>"], temperature=0.0
+        )
+        # The raw events, as vLLM sends them: chunks, usage when asked for, then [DONE].
+        body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+        with_usage = httpx.post(base + "/chat/completions", json={**body, "stream_options": {"include_usage": True}})
+        without = httpx.post(base + "/chat/completions", json=body)
+    assert [c.text for c in streamed] == [c.text for c in plain] and streamed[0].text.endswith("}")
+    assert [c.finish_reason for c in streamed] == [c.finish_reason for c in plain] == ["stop", "stop"]
+    assert streamed[0].prompt_tokens == plain[0].prompt_tokens > 0  # usage from the final chunk
+    assert streamed[0].completion_tokens == plain[0].completion_tokens
+    assert listener.text(0) == streamed[0].text and listener.text(1) == streamed[1].text
+    times = [t for t, _ in listener.deltas]
+    assert len(times) > 40 and times[-1] - times[0] > 0.4  # many pieces, spread over the simulated latency
+    assert times[len(times) // 2] < times[-1] - 0.2  # half the text was shown well before the reply ended
+    events = [line for line in with_usage.text.splitlines() if line.startswith("data: ")]
+    assert with_usage.headers["content-type"].startswith("text/event-stream") and events[-1] == "data: [DONE]"
+    assert json.loads(events[-2][6:])["usage"]["completion_tokens"] > 0
+    assert json.loads(events[0][6:])["object"] == "chat.completion.chunk"
+    assert "usage" not in without.text
+
+
+def test_streamed_tool_call_arguments_are_assembled(served):
+    base, _ = served
+    messages = [Message("user", "?")]
+    listener, streamed, plain = stream_and_plain(base, messages, n=3, tools=[{"type": "function"}])
+    assert [c.tool_calls for c in streamed] == [c.tool_calls for c in plain]
+    (call,) = streamed[2].tool_calls
+    assert call.id == "c1" and json.loads(call.arguments)["bbox_2d"] == [0.1, 0.1, 0.6, 0.6]
+    assert streamed[2].finish_reason == "tool_calls" and listener.text(0) == streamed[0].text
+
+
+def sse(*chunks, done: bool = True) -> list[bytes]:
+    out = [b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks]
+    return out + ([b"data: [DONE]\n\n"] if done else [])
+
+
+def piece(text=None, finish=None, index=0, **extra) -> dict:
+    delta = {} if text is None else {"content": text}
+    return {
+        "object": "chat.completion.chunk",
+        "choices": [{"index": index, "delta": delta, "finish_reason": finish, **extra}],
+    }
+
+
+def test_stream_reports_the_stop_string_the_server_cut():
+    async def handler(attempt, body):
+        assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+        chunks = sse(
+            piece("<grounding>", stop_reason=None),
+            piece("{}", stop_reason=None),
+            piece(finish="stop", stop_reason="</grounding>"),
+            {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 2}},
+        )
+        return StreamingResponse(iter(chunks), media_type="text/event-stream")
+
+    with app_server(scripted_app(handler)) as base:
+        listener, (c,), _ = stream_and_plain_app(base)
+    assert c.text == "<grounding>{}" and c.matched_stop == "</grounding>" and c.prompt_tokens == 7
+    assert listener.text() == c.text
+
+
+def stream_and_plain_app(base: str, **backend_options):
+    async def go():
+        backend = OpenAIBackend("m", base_url=base, backoff=0.01, **backend_options)
+        try:
+            listener = Listener()
+            return listener, await backend.generate([Message("user", "hi")], GenerateParams(on_text=listener)), backend
+        finally:
+            await backend.aclose()
+
+    return run(go())
+
+
+def test_a_dropped_stream_is_retried_and_the_reply_restarts():
+    async def handler(attempt, body):
+        if attempt == 1:  # two pieces, then the connection ends without a finish or [DONE]
+            return StreamingResponse(
+                iter(sse(piece("Hel"), piece("lo wo"), done=False)), media_type="text/event-stream"
+            )
+        return StreamingResponse(iter(sse(piece("Hello"), piece(" world", "stop"))), media_type="text/event-stream")
+
+    app = scripted_app(handler)
+    with app_server(app) as base:
+        listener, (c,), _ = stream_and_plain_app(base)
+    assert c.text == "Hello world" and len(app.state.seen) == 2
+    assert [d.restart for _, d in listener.deltas] == [False, False, True, False, False]
+    assert listener.text() == "Hello world"
+
+
+def test_a_server_refusing_streams_gets_plain_requests_after_one_warning(caplog):
+    async def handler(attempt, body):
+        if body.get("stream"):
+            return JSONResponse({"error": {"message": "Streaming is not supported"}}, status_code=400)
+        return JSONResponse(_reply())
+
+    app = scripted_app(handler)
+    with app_server(app) as base:
+
+        async def go():
+            backend = OpenAIBackend("m", base_url=base)
+            try:
+                for _ in range(3):
+                    await backend.generate([Message("user", "hi")], GenerateParams(on_text=lambda d: None))
+            finally:
+                await backend.aclose()
+            return backend
+
+        with caplog.at_level("WARNING"):
+            backend = run(go())
+    assert backend.dropped == {"stream"}
+    assert [bool(b.get("stream")) for b in app.state.seen] == [True, False, False, False]
+    assert sum("refused a streamed reply" in r.message for r in caplog.records) == 1
+
+
+def test_token_ids_are_never_streamed():
+    async def handler(attempt, body):
+        assert "stream" not in body
+        reply = _reply(prompt_token_ids=[1])
+        reply["choices"][0]["token_ids"] = [2]
+        return JSONResponse(reply)
+
+    with app_server(scripted_app(handler)) as base:
+
+        async def go():
+            backend = OpenAIBackend("m", base_url=base)
+            try:
+                params = GenerateParams(return_token_ids=True, on_text=lambda d: None)
+                return await backend.generate([Message("user", "hi")], params)
+            finally:
+                await backend.aclose()
+
+        (c,) = run(go())
+    assert c.token_ids == [2]
+
+
+def test_cancelling_closes_the_stream():
+    state = {"sent": 0, "closed": False}
+
+    async def handler(attempt, body):
+        async def events():
+            try:
+                for i in range(100):
+                    state["sent"] += 1
+                    yield sse(piece(f"w{i} "), done=False)[0]
+                    await asyncio.sleep(0.05)
+                yield b"data: [DONE]\n\n"
+            finally:
+                state["closed"] = True
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    with app_server(scripted_app(handler)) as base:
+
+        async def go():
+            backend = OpenAIBackend("m", base_url=base)
+            first = asyncio.Event()
+            task = asyncio.create_task(
+                backend.generate([Message("user", "hi")], GenerateParams(on_text=lambda d: first.set()))
+            )
+            await first.wait()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await backend.aclose()
+
+        run(go())
+        deadline = time.monotonic() + 3
+        while not state["closed"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert state["closed"] and state["sent"] < 40, state  # the server stopped well before its 100 pieces

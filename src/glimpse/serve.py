@@ -6,10 +6,13 @@ harness benchmark. The same server will front local checkpoints on machines with
 
 Endpoints: ``POST /v1/chat/completions`` (images as base64 data URLs, ``n``, ``stop``, ``tools``, sampling
 parameters, ``max_completion_tokens`` / ``max_tokens``, vLLM's ``return_token_ids``), ``GET /v1/models``,
-``GET /health``. Requests beyond the server's limits get a 4xx with a message saying which limit; streaming
-is not supported (a request with ``stream: true`` gets a 400). With a simulated latency, each response says
-how long it was held in the header ``x-glimpse-simulated-latency`` (seconds), so a benchmark can separate
-model time from harness time.
+``GET /health``. Requests beyond the server's limits get a 4xx with a message saying which limit. With
+``stream: true`` the reply comes as server-sent events in vLLM's format (``chat.completion.chunk`` deltas of
+about one token, tool-call arguments in pieces, ``stop_reason`` and ``finish_reason`` in each choice's last
+chunk, usage in a final chunk when ``stream_options.include_usage`` asks, then ``data: [DONE]``); the backend
+still makes the whole reply first, so only the simulated latency is spread over the chunks. A client that
+disconnects ends its stream. With a simulated latency, each response says how long it was held in the header
+``x-glimpse-simulated-latency`` (seconds), so a benchmark can separate model time from harness time.
 """
 
 from __future__ import annotations
@@ -19,13 +22,14 @@ import itertools
 import json
 import logging
 import random
+import re
 import time
 import uuid
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from glimpse.errors import BackendError, ContextLengthError, ScriptExhaustedError
@@ -40,6 +44,9 @@ MAX_N = 64
 MAX_NEW_TOKENS = 32768
 # Request bodies larger than this are JSON-decoded in a worker thread.
 _INLINE_JSON_BYTES = 256 * 1024
+# Streamed text goes in pieces of about one token: a word with its leading space, long words cut at 4 characters
+# (the scripted backend's characters per token).
+_PIECE = re.compile(r"\s*[^\s]{1,4}|\s+")
 
 
 class _BadRequest(Exception):
@@ -152,6 +159,40 @@ def _choice(index: int, c: Completion, with_ids: bool) -> dict[str, Any]:
     return out
 
 
+def _pieces(text: str) -> list[str]:
+    return _PIECE.findall(text)
+
+
+def _chunk_events(completions: list[Completion], with_ids: bool) -> list[list[dict[str, Any]]]:
+    """Each completion as the ``choices`` entries of its stream chunks: the role, text pieces, tool calls with
+    their arguments in pieces, and a last entry with ``finish_reason`` and ``stop_reason`` (vLLM's order)."""
+    out = []
+    for i, c in enumerate(completions):
+        events: list[dict[str, Any]] = [{"index": i, "delta": {"role": "assistant", "content": ""}}]
+        if c.reasoning:
+            events += [{"index": i, "delta": {"reasoning_content": p}} for p in _pieces(c.reasoning)]
+        events += [{"index": i, "delta": {"content": p}} for p in _pieces(c.text)]
+        for k, t in enumerate(c.tool_calls):
+            head = {"index": k, "id": t.id, "type": "function", "function": {"name": t.name, "arguments": ""}}
+            events.append({"index": i, "delta": {"tool_calls": [head]}})
+            events += [
+                {"index": i, "delta": {"tool_calls": [{"index": k, "function": {"arguments": p}}]}}
+                for p in _pieces(t.arguments)
+            ]
+        last: dict[str, Any] = {"index": i, "delta": {}, "finish_reason": c.finish_reason or "stop"}
+        if c.matched_stop is not None:
+            last["stop_reason"] = c.matched_stop or None
+        if with_ids and c.token_ids is not None:
+            last["token_ids"] = c.token_ids
+        events.append(last)
+        out.append(events)
+    return out
+
+
+def _sse(data: dict[str, Any] | str) -> bytes:
+    return b"data: " + (data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)).encode() + b"\n\n"
+
+
 def build_app(
     backend: Backend,
     *,
@@ -186,7 +227,7 @@ def build_app(
     async def models(_: Request) -> JSONResponse:
         return JSONResponse({"object": "list", "data": [{"id": name, "object": "model", "owned_by": "glimpse"}]})
 
-    async def chat(request: Request) -> JSONResponse:
+    async def chat(request: Request) -> Response:
         started = time.perf_counter()
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > max_body_bytes:
@@ -203,8 +244,7 @@ def build_app(
             return _error(f"the body is not valid JSON: {exc}")
         if not isinstance(body, dict):
             return _error("the body must be a JSON object")
-        if body.get("stream"):
-            return _error("streaming is not supported by glimpse serve; send stream=false")
+        stream = bool(body.get("stream"))
         try:
             messages = _parse_messages(body.get("messages"), max_images)
             params = _params(body, max_n, max_new_tokens)
@@ -219,25 +259,33 @@ def build_app(
             return _error(f"the backend failed: {exc}", 502, "server_error")
         simulated = latency + (random.uniform(0, jitter) if jitter else 0.0)
         wait = simulated - (time.perf_counter() - started)
-        if wait > 0:
-            await asyncio.sleep(wait)
         prompt_tokens = completions[0].prompt_tokens if completions else 0
         completion_tokens = sum(c.completion_tokens or 0 for c in completions)
-        payload: dict[str, Any] = {
-            "id": f"chatcmpl-{uuid.uuid4().hex}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": name,
-            "choices": [_choice(i, c, params.return_token_ids) for i, c in enumerate(completions)],
-            "usage": {
-                "prompt_tokens": prompt_tokens or 0,
-                "completion_tokens": completion_tokens,
-                "total_tokens": (prompt_tokens or 0) + completion_tokens,
-            },
+        usage = {
+            "prompt_tokens": prompt_tokens or 0,
+            "completion_tokens": completion_tokens,
+            "total_tokens": (prompt_tokens or 0) + completion_tokens,
         }
-        if params.return_token_ids and completions and completions[0].prompt_token_ids is not None:
-            payload["prompt_token_ids"] = completions[0].prompt_token_ids
+        head: dict[str, Any] = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name}
+        prompt_ids = completions[0].prompt_token_ids if params.return_token_ids and completions else None
         headers = {"x-glimpse-simulated-latency": f"{simulated:.6f}"} if simulated else None
+        if stream:
+            options = body.get("stream_options")
+            with_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+            events = _stream(
+                head, completions, params.return_token_ids, usage if with_usage else None, prompt_ids, wait
+            )
+            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+        if wait > 0:
+            await asyncio.sleep(wait)
+        payload: dict[str, Any] = {
+            **head,
+            "object": "chat.completion",
+            "choices": [_choice(i, c, params.return_token_ids) for i, c in enumerate(completions)],
+            "usage": usage,
+        }
+        if prompt_ids is not None:
+            payload["prompt_token_ids"] = prompt_ids
         return JSONResponse(payload, headers=headers)
 
     return Starlette(
@@ -247,6 +295,32 @@ def build_app(
             Route("/v1/chat/completions", chat, methods=["POST"]),
         ]
     )
+
+
+async def _stream(
+    head: dict[str, Any],
+    completions: list[Completion],
+    with_ids: bool,
+    usage: dict[str, Any] | None,
+    prompt_ids: list[int] | None,
+    wait: float,
+) -> Any:
+    """The server-sent events of a streamed reply; ``wait`` seconds of simulated latency are spread evenly over
+    the chunks, so a reply arrives piece by piece and ends when a plain one would have."""
+    per_choice = _chunk_events(completions, with_ids)
+    order = [e for round_ in itertools.zip_longest(*per_choice) for e in round_ if e is not None]
+    pause = wait / len(order) if wait > 0 and order else 0.0
+    chunk = {**head, "object": "chat.completion.chunk"}
+    for k, event in enumerate(order):
+        if pause:
+            await asyncio.sleep(pause)
+        out: dict[str, Any] = {**chunk, "choices": [event]}
+        if k == 0 and prompt_ids is not None:
+            out["prompt_token_ids"] = prompt_ids
+        yield _sse(out)
+    if usage is not None:
+        yield _sse({**chunk, "choices": [], "usage": usage})
+    yield _sse("[DONE]")
 
 
 def serve(backend: Backend, *, host: str = "127.0.0.1", port: int = 8000, **app_options: Any) -> None:

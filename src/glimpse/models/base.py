@@ -15,6 +15,7 @@ backend encodes each image once and a local model never encodes at all.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -108,6 +109,25 @@ class Message:
 
 
 @dataclass
+class TextDelta:
+    """A piece of a reply's text, as a streaming backend receives it.
+
+    Attributes:
+        index: which of the request's ``n`` completions it belongs to.
+        text: the new text.
+        restart: the reply starts over (its stream dropped and the request was retried): forget the earlier
+            pieces of this completion before adding ``text``.
+    """
+
+    index: int
+    text: str
+    restart: bool = False
+
+
+OnText = Callable[[TextDelta], None]
+
+
+@dataclass
 class GenerateParams:
     """What to generate. ``None`` sampling values are left to the server's defaults.
 
@@ -120,6 +140,8 @@ class GenerateParams:
         seed: sampling seed, where the server supports one.
         tools: OpenAI function schemas, for native function calling.
         return_token_ids: ask for prompt and completion token ids (vLLM's ``return_token_ids``).
+        on_text: called with each piece of text as it arrives, by backends that stream (``openai``); the others
+            return whole replies and never call it. The returned completions are the same either way.
     """
 
     n: int = 1
@@ -130,6 +152,7 @@ class GenerateParams:
     seed: int | None = None
     tools: list[dict[str, Any]] | None = None
     return_token_ids: bool = False
+    on_text: OnText | None = None
 
 
 @dataclass

@@ -12,11 +12,18 @@
   emulated with parallel requests.
 * A prompt that no longer fits the model's context raises ``ContextLengthError``, which the agent loop turns
   into the ``context_full`` stop.
+* Replies stream (``stream: true``, server-sent events) when the caller listens for text (``GenerateParams.on_text``)
+  and has not asked for token ids: text and tool-call pieces are assembled into the same ``Completion`` a plain
+  request returns, with the usage of the final chunk (``stream_options.include_usage``) and the stop string the
+  server cut (vLLM's ``stop_reason``). A stream that drops is retried like a dropped request (the caller is told
+  to restart that reply); a server that refuses streaming gets plain requests from then on, after one warning.
+  Cancelling the caller's task closes the stream, which stops generation on servers that watch the connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -32,7 +39,7 @@ from typing import Any
 import httpx
 
 from glimpse.errors import BackendError, ConfigError, ContextLengthError
-from glimpse.models.base import Completion, GenerateParams, ImagePart, Message, TextPart, ToolCall
+from glimpse.models.base import Completion, GenerateParams, ImagePart, Message, OnText, TextDelta, TextPart, ToolCall
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +59,7 @@ _OPTIONAL_PARAMS = (
     "parallel_tool_calls",
     "return_token_ids",
     "reasoning_effort",
+    "stream_options",
 )
 # Stands for an image's data URL while the body is JSON-encoded; json.dumps writes it as \u001fimg<nonce>:<k>\u001f,
 # and the random nonce keeps any real text from matching.
@@ -144,7 +152,9 @@ class OpenAIBackend:
     # ----------------------------------------------------------------------------------------------------
     async def generate(self, messages: list[Message], params: GenerateParams) -> list[Completion]:
         if params.n > 1 and "n" in self.dropped:
-            batches = await asyncio.gather(*(self._request(messages, params, n=1) for _ in range(params.n)))
+            batches = await asyncio.gather(
+                *(self._request(messages, _as_choice(params, j), n=1) for j in range(params.n))
+            )
             return [c for batch in batches for c in batch]
         return await self._request(messages, params, n=params.n)
 
@@ -200,10 +210,11 @@ class OpenAIBackend:
             self._sticky.move_to_end(key)
         return server
 
-    async def _post(self, server: _Server, payload: bytes) -> httpx.Response:
+    async def _post(self, server: _Server, payload: bytes, stream: _Stream | None) -> _Reply:
         """POST a body on the server's least busy client (which, under the gate, has a free connection).
 
-        The caller has counted the request in `server.waiting` when it chose the server.
+        With ``stream``, an event-stream answer is read to its end and assembled (a JSON answer, such as an
+        error, is read whole). The caller has counted the request in `server.waiting` when it chose the server.
         """
         try:
             await server.gate.acquire()
@@ -213,7 +224,14 @@ class OpenAIBackend:
             i = min(range(len(server.clients)), key=server.busy.__getitem__)
             server.busy[i] += 1
             try:
-                return await server.clients[i].post("/chat/completions", content=payload)
+                client = server.clients[i]
+                if stream is None:
+                    return _Reply(await client.post("/chat/completions", content=payload))
+                async with client.stream("POST", "/chat/completions", content=payload) as response:
+                    if response.status_code >= 400 or not _is_event_stream(response):
+                        await response.aread()
+                        return _Reply(response)
+                    return _Reply(response, await stream.read(response))
             finally:
                 server.busy[i] -= 1
         finally:
@@ -223,30 +241,39 @@ class OpenAIBackend:
         self._ensure_servers()
         key = _conversation_key(messages)
         attempt = 0
+        stream: _Stream | None = None
         while True:
             server = self._server_for(key)
             server.waiting += 1  # counted from now, so conversations starting together spread out
+            streaming = self._streams(params)
             try:
                 if self._all_encoded(messages):  # splicing cached URLs takes a few ms: no thread hand-off
-                    body, payload = self._encode(messages, params, n)
+                    body, payload = self._encode(messages, params, n, streaming)
                 else:
-                    body, payload = await asyncio.to_thread(self._encode, messages, params, n)
+                    body, payload = await asyncio.to_thread(self._encode, messages, params, n, streaming)
             except BaseException:
                 server.waiting -= 1
                 raise
             if "n" not in body and n > 1:  # the server refused n: emulate it
                 server.waiting -= 1
                 return await self.generate(messages, params)
+            if stream is not None:  # an earlier attempt streamed some text: the caller starts those replies over
+                for index in sorted(stream.started):
+                    stream.on_text(TextDelta(index, "", restart=True))
+            stream = _Stream(params.on_text) if streaming and params.on_text is not None else None
             response: httpx.Response | None = None
             try:
-                response = await self._post(server, payload)
+                reply = await self._post(server, payload, stream)
+                response = reply.response
             except (httpx.TimeoutException, httpx.TransportError) as exc:
                 error = BackendError(f"{type(exc).__name__} talking to {server.url}: {exc}", retryable=True)
+            except _StreamError as exc:
+                error = BackendError(f"the stream from {server.url} broke off: {exc}", retryable=True)
             else:
                 error = self._check(response, server.url)
                 if error is None:
                     try:
-                        return self._parse(response.json(), n)
+                        return self._parse(reply.data if reply.data is not None else response.json(), n)
                     except (ValueError, KeyError, TypeError, IndexError) as exc:
                         error = BackendError(
                             f"unreadable response from {server.url}: {exc}; body starts {response.text[:200]!r}",
@@ -281,9 +308,18 @@ class OpenAIBackend:
         message = f"HTTP {status} from {url}: {detail}" + (f" ({hint})" if hint else "")
         return BackendError(message, status=status)
 
+    def _streams(self, params: GenerateParams) -> bool:
+        """Whether to ask for a stream: someone listens for text, the server streams, and no token ids are
+        wanted (they are read from whole replies, so the token view does not depend on streaming)."""
+        return params.on_text is not None and not params.return_token_ids and "stream" not in self.dropped
+
     def _drop_rejected(self, text: str, body: dict[str, Any], url: str) -> bool:
         """If the server rejected one of the optional parameters we sent, stop sending it."""
         lowered = text.lower()
+        if body.get("stream") and "stream" in lowered and "stream_options" not in lowered:
+            self.dropped.add("stream")
+            log.warning("%s refused a streamed reply; replies will come whole from now on", url)
+            return True
         if not any(
             w in lowered
             for w in (
@@ -330,7 +366,9 @@ class OpenAIBackend:
         key = (self.image_format, self.image_quality)
         return all(p.has_url(*key) for m in messages for p in m.images())
 
-    def _encode(self, messages: list[Message], params: GenerateParams, n: int) -> tuple[dict[str, Any], bytes]:
+    def _encode(
+        self, messages: list[Message], params: GenerateParams, n: int, stream: bool = False
+    ) -> tuple[dict[str, Any], bytes]:
         """The request body, and its JSON bytes with each image's data URL spliced in.
 
         Data URLs hold only base64 characters, so they need no JSON escaping: the body is encoded with short
@@ -339,6 +377,10 @@ class OpenAIBackend:
         """
         urls: list[bytes] = []
         body = self._body(messages, params, n, urls)
+        if stream:
+            body["stream"] = True
+            if "stream_options" not in self.dropped:
+                body["stream_options"] = {"include_usage": True}
         skeleton = body_bytes(body)
         if not urls:
             return body, skeleton
@@ -441,6 +483,122 @@ class OpenAIBackend:
                 )
             )
         return out
+
+
+@dataclass
+class _Reply:
+    """A server's answer: the HTTP response, and for a stream the reply assembled from its events."""
+
+    response: httpx.Response
+    data: dict[str, Any] | None = None
+
+
+class _StreamError(Exception):
+    """An event stream that ended early or carried something unreadable (retried like a dropped request)."""
+
+
+class _Stream:
+    """Reads one streamed reply: passes text pieces to the caller and assembles the chunks into the shape of a
+    plain chat completion (``choices[i].message``, ``usage``), so one parser reads both.
+
+    Args:
+        on_text: the caller's listener.
+    """
+
+    def __init__(self, on_text: OnText):
+        self.on_text = on_text
+        self.started: set[int] = set()
+        self.choices: dict[int, dict[str, Any]] = {}
+        self.usage: dict[str, Any] | None = None
+        self.prompt_token_ids: list[int] | None = None
+
+    async def read(self, response: httpx.Response) -> dict[str, Any]:
+        done = False
+        async for line in response.aiter_lines():
+            if not line.startswith("data:"):
+                continue  # comments, event names and the blank lines between events
+            data = line[5:].strip()
+            if data == "[DONE]":
+                done = True
+                break
+            try:
+                chunk = json.loads(data)
+            except json.JSONDecodeError as exc:
+                raise _StreamError(f"an event is not JSON ({exc}): {data[:200]!r}") from None
+            self._add(chunk)
+        if not self.choices:
+            raise _StreamError("it ended before any reply")
+        if not done and any(c["finish_reason"] is None for c in self.choices.values()):
+            raise _StreamError("it ended before [DONE] with a reply unfinished")
+        out: dict[str, Any] = {"choices": [self.choices[i] for i in sorted(self.choices)]}
+        for c in out["choices"]:
+            c["message"]["content"] = "".join(c["message"]["content"])
+            reasoning = "".join(c.pop("reasoning"))
+            if reasoning:
+                c["message"]["reasoning_content"] = reasoning
+            by_index = c.pop("calls")
+            calls = [by_index[k] for k in sorted(by_index)]
+            if calls:
+                c["message"]["tool_calls"] = calls
+        if self.usage is not None:
+            out["usage"] = self.usage
+        if self.prompt_token_ids is not None:
+            out["prompt_token_ids"] = self.prompt_token_ids
+        return out
+
+    def _add(self, chunk: Any) -> None:
+        if not isinstance(chunk, dict):
+            raise _StreamError(f"an event is not a JSON object: {str(chunk)[:200]!r}")
+        if "error" in chunk:  # vLLM reports failures inside the stream
+            err = chunk["error"]
+            raise _StreamError(str(err.get("message", err) if isinstance(err, dict) else err)[:500])
+        if chunk.get("usage"):
+            self.usage = chunk["usage"]
+        if chunk.get("prompt_token_ids") is not None:
+            self.prompt_token_ids = chunk["prompt_token_ids"]
+        for raw in chunk.get("choices") or []:
+            index = int(raw.get("index", 0))
+            choice = self.choices.setdefault(
+                index,
+                {"index": index, "message": {"content": []}, "reasoning": [], "calls": {}, "finish_reason": None},
+            )
+            delta = raw.get("delta") or {}
+            text = delta.get("content")
+            if text:
+                choice["message"]["content"].append(text)
+                self.started.add(index)
+                self.on_text(TextDelta(index, text))
+            thought = delta.get("reasoning_content") or delta.get("reasoning")
+            if thought:
+                choice["reasoning"].append(thought)
+            for k, piece in enumerate(delta.get("tool_calls") or []):
+                call = choice["calls"].setdefault(
+                    int(piece.get("index", k)),
+                    {"id": None, "type": "function", "function": {"name": "", "arguments": ""}},
+                )
+                call["id"] = piece.get("id") or call["id"]
+                fn = piece.get("function") or {}
+                call["function"]["name"] += fn.get("name") or ""
+                call["function"]["arguments"] += fn.get("arguments") or ""
+            if raw.get("token_ids"):
+                choice.setdefault("token_ids", []).extend(raw["token_ids"])
+            if raw.get("finish_reason") is not None:
+                choice["finish_reason"] = raw["finish_reason"]
+            for key in ("stop_reason", "matched_stop"):
+                if key in raw and (raw[key] is not None or raw.get("finish_reason") is not None):
+                    choice[key] = raw[key]
+
+
+def _is_event_stream(response: httpx.Response) -> bool:
+    return response.headers.get("content-type", "").startswith("text/event-stream")
+
+
+def _as_choice(params: GenerateParams, index: int) -> GenerateParams:
+    """Params of one request standing in for choice ``index`` of an emulated ``n`` (its text keeps its index)."""
+    on_text = params.on_text
+    if on_text is None:
+        return dataclasses.replace(params, n=1)
+    return dataclasses.replace(params, n=1, on_text=lambda d: on_text(TextDelta(index, d.text, d.restart)))
 
 
 @dataclass(eq=False)
