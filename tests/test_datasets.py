@@ -6,6 +6,7 @@ import base64
 import csv
 import io
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -49,14 +50,18 @@ def test_visualprobe(tmp_path):
         for i in range(3)
     ]
     rows.append({"images": ["VisualProbe_Hard/data/x.jpg"], "data_source": "visual_probe_hard"})  # corrupt: no problem
+    missing = {**rows[0], "images": ["VisualProbe_Hard/data/visual_probe_hard_9.jpg"], "doc_id": "visual_probe_hard_9"}
+    rows.append(missing)
     (folder / "val.json").write_text(json.dumps(rows))
     data = load_dataset(f"visualprobe:hard:{base}")
-    assert data.name == "visualprobe-hard" and len(data) == 4
+    assert data.name == "visualprobe-hard" and len(data) == 5
     s = data.samples[0]
     assert s.id == "visualprobe-hard/visual_probe_hard_0" and s.answer == "White."
     assert s.question == "What colour is item 0?" and Path(s.images[0]).exists()
     assert s.meta["level"] == "hard" and s.options is None
     assert "lacks 'problem'" in data.samples[3].meta["input_error"]
+    # a missing image is expected where it would be, not under a doubled VisualProbe_Hard/VisualProbe_Hard/
+    assert data.samples[4].images == [str(folder / "data" / "visual_probe_hard_9.jpg")]
     with pytest.raises(
         ConfigError, match=r"VisualProbe_Easy/val\.json.*huggingface-cli download Mini-o3/VisualProbe_Easy"
     ):
@@ -136,8 +141,74 @@ def test_hrbench_tsv(tmp_path):
     assert "cells" in broken.meta["input_error"]
     again = load_dataset(f"hrbench:{path}")
     assert again.samples[0].images == a.images  # images are written once
-    with pytest.raises(ConfigError, match="HR-Bench TSV not found"):
+    with pytest.raises(ConfigError, match="HR-Bench file not found"):
         load_dataset(f"hrbench:{tmp_path / 'hr_bench_8k.tsv'}")
+
+
+HRBENCH_COLUMNS = ["index", "question", "answer", "category", "A", "B", "C", "D", "cycle_category", "image"]
+
+
+def write_hrbench_parquet(path: Path, rows: list[list], *, cycle_type=None) -> None:
+    """HR-Bench's parquet table: the TSV's columns, ``index`` int64, ``image`` base64 JPEG text."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    columns = list(zip(*rows, strict=True))
+    types = [pa.int64()] + [pa.string()] * 7 + [cycle_type or pa.string(), pa.string()]
+    table = pa.table({n: pa.array(list(c), type=t) for n, c, t in zip(HRBENCH_COLUMNS, columns, types, strict=True)})
+    pq.write_table(table, path)
+
+
+def test_hrbench_parquet_loads_like_the_tsv(tmp_path):
+    img = b64(jpeg(size=(80, 40)))
+    rows = [
+        [0, "What number is above the door?", "A", "single", "27B", "37B", "27D", "27E", "0", img],
+        [1, "What number is above the door?", "B", "single", "27E", "27B", "37B", "27D", "1", img],
+        [2, "Which way is the arrow?", "Z", "cross", "left", "right", "up", "down", "0", img],
+        [3, "Broken image", "A", "cross", "a", "b", "c", "d", "2", "%%%not base64%%%" * 10],
+    ]
+    path = tmp_path / "hr_bench_4k.parquet"
+    write_hrbench_parquet(path, rows)
+    data = load_dataset(f"hrbench:{path}")
+    assert data.name == "hrbench4k" and len(data) == 4
+    a, b, bad, broken = data.samples
+    assert a.id == "hrbench4k/0" and a.answer == "A" and a.options == ["27B", "37B", "27D", "27E"]
+    assert a.meta == {"category": "single", "cycle": "0"} and b.answer == "B"
+    assert b.images == a.images and Image.open(a.images[0]).size == (80, 40)  # one file per distinct image
+    assert "not one of the 4 option letters" in bad.meta["input_error"]
+    assert "not valid base64" in broken.meta["input_error"]
+    # cycle_category is an integer in some copies; a parquet file named .tsv is still read as parquet
+    pa = pytest.importorskip("pyarrow")
+    renamed = tmp_path / "hr_bench_8k.tsv"
+    write_hrbench_parquet(renamed, [[r[0], *r[1:8], int(r[8]), r[9]] for r in rows[:2]], cycle_type=pa.int64())
+    data = load_dataset(f"hrbench:{renamed}")
+    assert data.name == "hrbench8k" and [s.meta["cycle"] for s in data.samples] == ["0", "1"]
+
+
+def test_hrbench_parquet_errors_name_the_file_and_the_fix(tmp_path, monkeypatch):
+    img = b64(jpeg())
+    good = tmp_path / "hr_bench_4k.parquet"
+    write_hrbench_parquet(good, [[0, "Q?", "A", "single", "a", "b", "c", "d", "0", img]])
+    torn = tmp_path / "torn.parquet"
+    torn.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(ConfigError, match=r"torn\.parquet is not a readable parquet file.*download it again"):
+        load_dataset(f"hrbench:{torn}")
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.table({"index": [0], "question": ["Q?"]}), tmp_path / "other.parquet")
+    with pytest.raises(ConfigError, match=r"other\.parquet lacks the column\(s\) answer, A, B, image"):
+        load_dataset(f"hrbench:{tmp_path / 'other.parquet'}")
+    binary = tmp_path / "hr_bench_4k.tsv"
+    binary.write_bytes(b"index\tquestion\tanswer\tA\tB\timage\n" + bytes(range(128, 256)) * 50)
+    with pytest.raises(ConfigError, match=r"hr_bench_4k\.tsv is not UTF-8 text"):
+        load_dataset(f"hrbench:{binary}")
+    with pytest.raises(ConfigError, match=r"is a folder: name HR-Bench's file, e\.g\. hrbench:.*hr_bench_4k\.parquet"):
+        load_dataset(f"hrbench:{tmp_path}")
+    with pytest.raises(ConfigError, match=r"--include 'hr_bench_8k\.parquet'"):
+        load_dataset(f"hrbench:{tmp_path / 'hr_bench_8k.parquet'}")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # an install without pyarrow
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(ConfigError, match=r"needs pyarrow: pip install pyarrow.*glimpse\[hf\].*\.tsv"):
+        load_dataset(f"hrbench:{good}")
 
 
 def test_treebench_tsv(tmp_path):
@@ -203,7 +274,7 @@ def test_mme_realworld_full_and_lite(tmp_path):
     data = load_dataset(f"mme-realworld:{full}")
     s = data.samples[0]
     assert s.options[2] == "3" and s.options[4] == "The image does not feature the cars." and s.answer == "C"
-    assert s.meta == {"task": "Perception", "subtask": "Monitoring", "category": "vehicle/counting"}
+    assert s.meta == {"task": "Perception", "subtask": "Monitoring", "category": "Vehicle/Counting"}  # as written
     assert Path(s.images[0]).exists() and "input_error" in data.samples[1].meta
     lite = tmp_path / "lite"
     (lite / "data" / "imgs").mkdir(parents=True)
@@ -213,6 +284,78 @@ def test_mme_realworld_full_and_lite(tmp_path):
     assert Path(s.images[0]).exists() and s.id.startswith("mme-realworld-lite/")
     with pytest.raises(ConfigError, match=r"MME-RealWorld-Lite\.json"):
         load_dataset(f"mme-realworld-lite:{tmp_path / 'nowhere'}")
+
+
+def o3bench_record(file_name: str, **changes) -> dict:
+    """One line of O3-Bench's test/metadata.jsonl, with its fields as published."""
+    record = {
+        "file_name": file_name,
+        "subset": "map",
+        "question": "Which station provides long-term and free daily parking?",
+        "options": "A. Doraville\nB. North Springs\nC. Arts Center\nD. Lindbergh Center\nE. Airport\n"
+        "F. No right choice",
+        "answer": "C",
+        "explanation": "Step 1. In layout 2, locate the icons for long-term parking ...",
+        "target_layouts": [1, 3],
+        "layout_infos": {
+            "1": {"layout_id": 1, "bbox": [19.5, 50.5, 120.25, 80.0]},
+            "2": {"layout_id": 2, "bbox": [10.0, 10.0, 50.0, 50.0]},
+            "3": {"layout_id": 3, "bbox": [200.0, 100.0, 320.7, 240.4]},
+        },
+        "img_width": 320,
+        "img_height": 240,
+    }
+    return {**record, **changes}
+
+
+def test_o3bench_metadata_jsonl(tmp_path):
+    from glimpse.eval.options import present
+
+    test = tmp_path / "O3-Bench" / "test"
+    (test / "images" / "map").mkdir(parents=True)
+    (test / "images" / "chart").mkdir(parents=True)
+    Image.new("RGB", (320, 240), (200, 200, 200)).save(test / "images" / "map" / "subway.png")
+    (test / "images" / "chart" / "1-3.png").write_bytes((test / "images" / "map" / "subway.png").read_bytes())
+    lines = [
+        json.dumps(o3bench_record("images/map/subway.png")),
+        json.dumps(o3bench_record("images/chart/1-3.png", subset="chart", answer="A", target_layouts=[2])),
+        json.dumps(o3bench_record("images/map/subway.png", target_layouts=[7])),  # no such layout
+        json.dumps(
+            o3bench_record("images/map/subway.png", layout_infos={"1": {"layout_id": 1, "bbox": [200, 100, 50, 40]}})
+        ),  # [x, y, w, h], not [xmin, ymin, xmax, ymax]
+        json.dumps(
+            o3bench_record("images/map/subway.png", layout_infos={"1": {"layout_id": 1, "bbox": [400, 10, 500, 20]}})
+        ),  # outside the 320 x 240 image
+        "{not json",
+        json.dumps(o3bench_record("images/map/subway.png", options="", answer="Doraville", target_layouts=[])),
+        "",
+    ]
+    (test / "metadata.jsonl").write_text("\n".join(lines), encoding="utf-8")
+    data = load_dataset(f"o3bench:{tmp_path / 'O3-Bench'}")
+    assert data.name == "o3bench" and len(data) == 7
+    first, chart, unknown, xywh, outside, broken, open_ended = data.samples
+    assert first.id == "o3bench/0" and first.images == [str(test / "images" / "map" / "subway.png")]
+    assert first.options[0] == "Doraville" and first.options[5] == "No right choice" and first.answer == "C"
+    assert first.question.startswith("Which station") and first.meta["category"] == "map"
+    assert first.target_boxes == [[19, 50, 121, 80], [200, 100, 320, 240]]  # pixel xyxy, clipped to the image
+    assert chart.meta["category"] == "chart" and chart.target_boxes == [[10, 10, 50, 50]] and chart.answer == "A"
+    assert "target layout 7 is not in layout_infos" in unknown.meta["input_error"]
+    assert "metadata.jsonl line 3" in unknown.meta["input_error"]
+    assert "not pixel [xmin, ymin, xmax, ymax]" in xywh.meta["input_error"]
+    assert "outside the 320×240 image" in outside.meta["input_error"]
+    assert "line 6 is unreadable" in broken.meta["input_error"]
+    assert open_ended.options is None and open_ended.answer == "Doraville" and open_ended.target_boxes is None
+    # options are shuffled per repeat like every benchmark's, the gold letter following its option
+    shown = [present(first, r, mode="shuffle", seed=0) for r in range(6)]
+    assert len({tuple(s.options) for s in shown}) > 1
+    assert all(s.options["ABCDEF".index(s.answer)] == "Arts Center" for s in shown)
+    # the test folder and the file itself name the same data
+    assert len(load_dataset(f"o3bench:{test}")) == len(load_dataset(f"o3bench:{test / 'metadata.jsonl'}")) == 7
+    with pytest.raises(ConfigError, match=r"test/metadata\.jsonl.*huggingface-cli download m-Just/O3-Bench"):
+        load_dataset(f"o3bench:{tmp_path / 'nowhere'}")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ConfigError, match="holds no questions"):
+        load_dataset(f"o3bench:{tmp_path / 'empty.jsonl'}")
 
 
 def test_probes_spec_generates_once():

@@ -12,19 +12,22 @@ spec                                   reads
 ``visualprobe:LEVEL:BASE``             ``BASE/VisualProbe_<Level>/val.json`` (LEVEL: easy, medium, hard, train)
 ``vstar:DIR``                          V* Bench: per-image JSON in ``direct_attributes/`` and ``relative_position/``
                                        (with target boxes); ``vstar-jsonl:DIR`` reads ``test_questions.jsonl``
-``hrbench:FILE.tsv``                   HR-Bench 4K or 8K (VLMEvalKit TSV, images in base64)
+``hrbench:FILE``                       HR-Bench 4K or 8K: ``hr_bench_4k.tsv`` (VLMEvalKit TSV) or
+                                       ``hr_bench_4k.parquet`` (the same table; needs pyarrow), images in base64
 ``mme-realworld:DIR``                  ``DIR/MME_RealWorld.json`` with its image folders under ``DIR``
 ``mme-realworld-lite:DIR``             ``DIR/data/MME-RealWorld-Lite.json`` and ``DIR/data/imgs/``
 ``treebench:FILE.tsv``                 TreeBench (VLMEvalKit TSV, base64 images, target boxes)
+``o3bench:DIR``                        O3-Bench: ``DIR/test/metadata.jsonl`` and its images (target layouts' boxes
+                                       as target boxes)
 =====================================  ===========================================================================
 
 Multiple-choice samples keep their options in the file's order with the gold *letter* in that order;
 ``glimpse.eval.options`` decides how each repeat presents them. Images stored inside TSV files are written
 once to ``$GLIMPSE_HOME/datasets/`` (one file per distinct image) so trajectories can refer to them by path.
 
-A missing file raises ``ConfigError`` naming the path expected. A row that cannot be read (bad JSON, an
-unknown answer format, an image that does not decode) becomes a sample marked ``meta.input_error`` with the
-reason: the evaluation records it as an input error and goes on.
+A missing or unreadable file raises ``ConfigError`` naming the path expected and the fix. A row that cannot be
+read (bad JSON, an unknown answer format, an image that does not decode) becomes a sample marked
+``meta.input_error`` with the reason: the evaluation records it as an input error and goes on.
 """
 
 from __future__ import annotations
@@ -127,12 +130,7 @@ def load_minio3(path: str | Path, name: str | None = None) -> Dataset:
         images = row.get("images") or []
         if isinstance(images, str):
             images = [images]
-        resolved = []
-        for img in images:
-            candidate = p.parent / img
-            if not candidate.exists() and (p.parent.parent / img).exists():
-                candidate = p.parent.parent / img
-            resolved.append(str(candidate))
+        resolved = [str(_image_path(p.parent, str(img))) for img in images]
         question = row["problem"].replace("<image>", "").strip()
         source = str(row.get("data_source", ""))
         meta: dict[str, Any] = {"data_source": source}
@@ -164,6 +162,16 @@ def load_minio3(path: str | Path, name: str | None = None) -> Dataset:
             f"every multiple-choice answer in {p.name} is 'A': options were never shuffled; keep --options shuffle"
         )
     return dataset
+
+
+def _image_path(folder: Path, image: str) -> Path:
+    """Where an image a Mini-o3-format file names is: against the file's folder, or against its parent when the
+    path starts with the folder's own name (VisualProbe's ``VisualProbe_Hard/data/…`` in ``VisualProbe_Hard/``).
+    A missing image gets the path it was expected at, so the error names a path that could exist."""
+    here, above = folder / image, folder.parent / image
+    if here.exists() or not (above.exists() or Path(image).parts[:1] == (folder.name,)):
+        return here
+    return above
 
 
 def _options_in_text(text: str) -> tuple[list[str], str]:
@@ -259,25 +267,95 @@ def _vstar_item(ann: Path, category: str) -> Sample:
     )
 
 
-# --------------------------------------------------------------------------------------------- TSV benchmarks
-def _tsv_rows(path: Path) -> Iterator[tuple[int, dict[str, str] | str]]:
-    """(line, row) pairs; a row that does not parse comes back as an error string."""
+# ------------------------------------------------------------------------------------- TSV and parquet tables
+# Rows read from a parquet file at a time: HR-Bench 8K's rows hold a base64 8K image each (megabytes), so a
+# small batch keeps memory flat on a 2.8 GB file.
+_PARQUET_BATCH = 16
+_IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF8", b"RIFF", b"BM", b"II*\x00", b"MM\x00*")
+
+Row = dict[str, Any]
+
+
+def _table_rows(path: Path, required: tuple[str, ...]) -> Iterator[tuple[str, Row | str]]:
+    """(row label, row) pairs of a VLMEvalKit TSV or a parquet file of the same table (told apart by the
+    file's first bytes, whatever its name); a row that does not parse comes back as an error string.
+
+    Raises:
+        ConfigError: the file is empty, not UTF-8 text (TSV) or not readable (parquet), or lacks a column.
+    """
+    with path.open("rb") as fh:
+        magic = fh.read(4)
+    if magic == b"PAR1":
+        return _parquet_rows(path, required)
+    return _tsv_rows(path, required)
+
+
+def _missing_columns(path: Path, header: list[str], required: tuple[str, ...]) -> None:
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise ConfigError(
+            f"{path} lacks the column(s) {', '.join(missing)} (it has {', '.join(header[:20]) or 'none'}): "
+            "is it the benchmark's own file? Download it again"
+        )
+
+
+def _tsv_rows(path: Path, required: tuple[str, ...]) -> Iterator[tuple[str, Row | str]]:
     csv.field_size_limit(sys.maxsize)
-    with path.open(encoding="utf-8", newline="") as fh:
-        reader = csv.reader(fh, delimiter="\t")
-        try:
-            header = next(reader)
-        except StopIteration:
-            raise ConfigError(f"{path} is empty") from None
-        for n, cells in enumerate(reader, 2):
-            if len(cells) != len(header):
-                yield n, f"row {n} has {len(cells)} cells, the header has {len(header)}"
-                continue
-            yield n, dict(zip(header, cells, strict=True))
+    n = 1
+    try:
+        with path.open(encoding="utf-8", newline="") as fh:
+            reader = csv.reader(fh, delimiter="\t")
+            try:
+                header = next(reader)
+            except StopIteration:
+                raise ConfigError(f"{path} is empty; download it again") from None
+            _missing_columns(path, header, required)
+            for n, cells in enumerate(reader, 2):
+                if len(cells) != len(header):
+                    yield f"line{n}", f"row {n} has {len(cells)} cells, the header has {len(header)}"
+                    continue
+                yield f"line{n}", dict(zip(header, cells, strict=True))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path} is not UTF-8 text (after line {n}: {exc.reason}), so not a TSV table; if it is a parquet "
+            "file cut short, or another binary file, download the .tsv or .parquet again"
+        ) from None
+
+
+def _parquet_rows(path: Path, required: tuple[str, ...]) -> Iterator[tuple[str, Row | str]]:
+    try:
+        import pyarrow
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ConfigError(
+            f"reading {path} needs pyarrow: pip install pyarrow (the 'hf' extra brings it: "
+            "pip install 'glimpse[hf]'), or download the .tsv version of the file instead"
+        ) from None
+    n = 0
+    try:
+        table = pq.ParquetFile(path)
+        _missing_columns(path, table.schema_arrow.names, required)
+        for batch in table.iter_batches(batch_size=_PARQUET_BATCH):
+            for row in batch.to_pylist():
+                yield f"row{n}", row
+                n += 1
+    except (OSError, pyarrow.ArrowException) as exc:
+        raise ConfigError(f"{path} is not a readable parquet file (at row {n}: {exc}); download it again") from None
+
+
+def _text(value: Any) -> str:
+    """A table cell as text: TSV cells are text already, parquet gives numbers, and nulls or pandas' NaN for an
+    empty cell."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    text = str(value).strip()
+    return "" if text.lower() == "nan" else text
 
 
 class _ImageStore:
-    """Writes base64 images from a table to files, one per distinct image."""
+    """Writes the images of a table to files, one per distinct image."""
 
     def __init__(self, name: str, source: Path):
         digest = hashlib.sha1(str(source.resolve()).encode()).hexdigest()[:10]
@@ -285,20 +363,39 @@ class _ImageStore:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.by_index: dict[str, str] = {}
 
-    def put(self, index: str, payload: str) -> str:
-        """The file path of this row's image (a payload of 64 characters or less names another row's index)."""
-        if len(payload) <= 64:
-            if payload in self.by_index:
-                self.by_index[index] = self.by_index[payload]
-                return self.by_index[payload]
-            raise ValueError(f"image refers to row {payload!r}, which has no image")
-        name = hashlib.sha1(payload.encode()).hexdigest()[:20]
+    def put(self, index: str, payload: Any) -> str:
+        """The file path of this row's image.
+
+        ``payload`` is base64 text (VLMEvalKit's TSVs, HR-Bench's parquet), raw image bytes, or a Hugging Face
+        ``Image`` cell (``{"bytes": …, "path": …}``); text of 64 characters or less names another row's index.
+
+        Raises:
+            ValueError: the cell holds no image.
+        """
+        if isinstance(payload, dict):
+            payload = payload.get("bytes")
+        if isinstance(payload, str) and len(payload.strip()) <= 64:
+            key = _text(payload)
+            if key in self.by_index:
+                self.by_index[index] = self.by_index[key]
+                return self.by_index[key]
+            raise ValueError(f"image refers to row {key!r}, which has no image")
+        if isinstance(payload, (bytes, bytearray)):
+            raw = bytes(payload)
+            encoded = None if raw.startswith(_IMAGE_MAGIC) else raw
+        elif isinstance(payload, str):
+            raw, encoded = payload.encode(), payload.encode()
+        else:
+            raise ValueError(f"the image cell holds {type(payload).__name__}, not base64 text or image bytes")
+        name = hashlib.sha1(raw).hexdigest()[:20]
         existing = next(iter(self.folder.glob(name + ".*")), None)
         if existing is None:
-            try:
-                data = base64.b64decode(payload, validate=False)
-            except (binascii.Error, ValueError) as exc:
-                raise ValueError(f"the image is not valid base64 ({exc})") from None
+            data = raw
+            if encoded is not None:
+                try:
+                    data = base64.b64decode(encoded, validate=False)
+                except (binascii.Error, ValueError) as exc:
+                    raise ValueError(f"the image is not valid base64 ({exc})") from None
             ext = ".png" if data[:8] == b"\x89PNG\r\n\x1a\n" else ".webp" if data[8:12] == b"WEBP" else ".jpg"
             existing = self.folder / (name + ext)
             tmp = existing.with_suffix(".part")
@@ -308,41 +405,54 @@ class _ImageStore:
         return str(existing)
 
 
-def _row_options(row: dict[str, str]) -> list[str]:
+def _row_options(row: Row) -> list[str]:
     options = []
     for letter in LETTERS:
-        value = row.get(letter)
-        if value is None or not value.strip() or value.strip().lower() == "nan":
+        value = _text(row.get(letter))
+        if not value:
             break
-        options.append(value.strip())
+        options.append(value)
     return options
 
 
 def load_hrbench(path: str | Path) -> Dataset:
-    """HR-Bench 4K/8K TSV: 800 rows, 200 questions × the correct option in each of 4 positions."""
-    p = _require(
-        Path(path),
-        "HR-Bench TSV",
+    """HR-Bench 4K/8K, the TSV or the parquet file (the same table): 800 rows, 200 questions × the correct
+    option in each of 4 positions."""
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(
+            f"{p} is a folder: name HR-Bench's file, e.g. hrbench:{p / 'hr_bench_4k.parquet'} or "
+            f"hrbench:{p / 'hr_bench_4k.tsv'}"
+        )
+    _require(
+        p,
+        "HR-Bench file",
         "download it with: huggingface-cli download DreamMr/HR-Bench --repo-type dataset "
-        f"--include '*.tsv' --local-dir {Path(path).parent}",
+        f"--include '{p.name}' --local-dir {p.parent}",
     )
     name = "hrbench8k" if "8k" in p.name.lower() else "hrbench4k"
     store = _ImageStore(name, p)
     samples = []
-    for line, row in _tsv_rows(p):
+    for label, row in _table_rows(p, ("question", "answer", "A", "B", "image")):
         if isinstance(row, str):
-            samples.append(_bad(name, f"line{line}", row))
+            samples.append(_bad(name, label, row))
             continue
-        index = row.get("index", str(line))
+        index = _text(row.get("index")) or label
         try:
             image = store.put(index, row["image"])
         except (KeyError, ValueError) as exc:
             samples.append(_bad(name, index, f"image: {exc}"))
             continue
-        meta = {"category": row.get("category", ""), "cycle": row.get("cycle_category", "")}
+        # cycle_category is an int in some copies and a string in others
+        meta = {"category": _text(row.get("category")), "cycle": _text(row.get("cycle_category"))}
         samples.append(
             _mc_sample(
-                f"{name}/{index}", [image], row.get("question", ""), _row_options(row), row.get("answer", ""), meta
+                f"{name}/{index}",
+                [image],
+                _text(row.get("question")),
+                _row_options(row),
+                _text(row.get("answer")),
+                meta,
             )
         )
     return Dataset(name=name, samples=samples, source=str(p))
@@ -358,23 +468,30 @@ def load_treebench(path: str | Path) -> Dataset:
     )
     store = _ImageStore("treebench", p)
     samples = []
-    for line, row in _tsv_rows(p):
+    for label, row in _table_rows(p, ("question", "answer", "image")):
         if isinstance(row, str):
-            samples.append(_bad("treebench", f"line{line}", row))
+            samples.append(_bad("treebench", label, row))
             continue
-        index = row.get("index", str(line))
+        index = _text(row.get("index")) or label
         try:
             image = store.put(index, row["image"])
-            options = _row_options(row) or _options_in_text("x\n" + row.get("multi-choice options", ""))[0]
-            raw = row.get("target_instances", "").strip()
-            boxes = [_int_box(b) for b in ast.literal_eval(raw)] if raw else None
+            options = _row_options(row) or _options_in_text("x\n" + _text(row.get("multi-choice options")))[0]
+            raw = row.get("target_instances")
+            listed = ast.literal_eval(raw.strip()) if isinstance(raw, str) and raw.strip() else raw
+            boxes = [_int_box(b) for b in listed] if listed else None
         except (KeyError, ValueError, SyntaxError, TypeError) as exc:
             samples.append(_bad("treebench", index, f"unreadable row: {exc}"))
             continue
-        meta = {"category": row.get("category", "")}
+        meta = {"category": _text(row.get("category"))}
         samples.append(
             _mc_sample(
-                f"treebench/{index}", [image], row.get("question", ""), options, row.get("answer", ""), meta, boxes
+                f"treebench/{index}",
+                [image],
+                _text(row.get("question")),
+                options,
+                _text(row.get("answer")),
+                meta,
+                boxes,
             )
         )
     return Dataset(name="treebench", samples=samples, source=str(p))
@@ -405,6 +522,8 @@ def load_mme_realworld(root: str | Path, lite: bool = False) -> Dataset:
         rows = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(rows, list):
+        raise ConfigError(f"{path} must hold a JSON list of questions (Question_id, Image, Text, …); download it again")
     samples = []
     for i, row in enumerate(rows):
         key = str(row.get("Question_id", i)) if isinstance(row, dict) else str(i)
@@ -413,7 +532,7 @@ def load_mme_realworld(root: str | Path, lite: bool = False) -> Dataset:
             meta = {
                 "task": row.get("Task", ""),
                 "subtask": row.get("Subtask", ""),
-                "category": str(row.get("Category", "")).lower(),
+                "category": str(row.get("Category", "")),
             }
             image = image_root / (Path(row["Image"]).name if lite else row["Image"])
             samples.append(
@@ -422,6 +541,106 @@ def load_mme_realworld(root: str | Path, lite: bool = False) -> Dataset:
         except (KeyError, TypeError, AttributeError) as exc:
             samples.append(_bad(name, key, f"unreadable record: missing {exc}"))
     return Dataset(name=name, samples=samples, source=str(path))
+
+
+# ----------------------------------------------------------------------------------------------------- O3-Bench
+def load_o3bench(root: str | Path) -> Dataset:
+    """O3-Bench (InSight-o3): ``test/metadata.jsonl`` with images under ``test/``, 345 multiple-choice questions
+    on charts and maps; the boxes of each question's ``target_layouts`` become its target boxes.
+
+    ``root`` is the downloaded folder (holding ``test/``), the ``test`` folder, or the JSONL file itself.
+    """
+    base = Path(root)
+    if base.suffix == ".jsonl":
+        path = base
+    elif (base / "metadata.jsonl").exists():  # the test folder itself
+        path = base / "metadata.jsonl"
+    else:
+        path = base / "test" / "metadata.jsonl"
+    _require(
+        path,
+        "O3-Bench metadata.jsonl",
+        f"download it with: huggingface-cli download m-Just/O3-Bench --repo-type dataset --local-dir {base}",
+    )
+    samples = []
+    with path.open(encoding="utf-8") as fh:
+        try:
+            lines = fh.read().splitlines()
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path} is not UTF-8 text ({exc.reason}); download it again") from None
+    for n, line in enumerate(lines, 1):
+        if line.strip():
+            samples.append(_o3bench_item(path, n, line))
+    if not samples:
+        raise ConfigError(f"{path} holds no questions; download it again")
+    return Dataset(name="o3bench", samples=samples, source=str(path))
+
+
+def _o3bench_item(path: Path, n: int, line: str) -> Sample:
+    key = f"line{n}"
+    try:
+        row = json.loads(line)
+        if not isinstance(row, dict):
+            raise ValueError("the line is not a JSON object")
+        image = row.get("file_name") or row.get("image")  # the official evaluator accepts either name
+        question, answer = row["question"], row["answer"]
+        if not isinstance(image, str) or not isinstance(question, str) or not isinstance(answer, str):
+            raise ValueError("file_name (or image), question and answer must be strings")
+        boxes = _o3bench_boxes(row)
+    except (ValueError, KeyError, TypeError) as exc:
+        detail = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
+        return _bad("o3bench", key, f"{path.name} line {n} is unreadable: {detail}")
+    meta: dict[str, Any] = {
+        "category": str(row.get("subset") or row.get("category") or ""),
+        "target_layouts": list(row.get("target_layouts") or []),
+    }
+    sid, images = f"o3bench/{n - 1}", [str(path.parent / image)]
+    raw_options = row.get("options")
+    if not raw_options:  # the official evaluator's open-answer path
+        return Sample(id=sid, images=images, question=question, answer=answer, target_boxes=boxes, meta=meta)
+    if not isinstance(raw_options, str):
+        return _bad("o3bench", key, f"{path.name} line {n}: options must be one string 'A. …\\nB. …'")
+    options, _ = _options_in_text("x\n" + raw_options)
+    if not options:
+        return _bad("o3bench", key, f"{path.name} line {n}: options {raw_options[:60]!r} are not 'A. …' lines")
+    letter = re.match(r"^\(?([A-Z])\b", answer.strip())
+    return _mc_sample(sid, images, question, options, letter.group(1) if letter else answer, meta, boxes)
+
+
+def _o3bench_boxes(row: dict[str, Any]) -> list[list[int]] | None:
+    """The target layouts' boxes in original pixels.
+
+    ``layout_infos[id]["bbox"]`` is absolute pixel ``[xmin, ymin, xmax, ymax]`` (floats): InSight-o3's
+    ``notebooks/visualize_o3_bench.ipynb`` (m-Just/InSight-o3) annotates it so and draws it as
+    ``Rectangle((bbox[0], bbox[1]), bbox[2] - bbox[0], bbox[3] - bbox[1])``. Keys are string ids, while
+    ``target_layouts`` holds ints.
+    """
+    targets = row.get("target_layouts") or []
+    infos = row.get("layout_infos") or {}
+    if not targets:
+        return None
+    if not isinstance(targets, list) or not isinstance(infos, dict):
+        raise ValueError("target_layouts must be a list of ids and layout_infos an object keyed by id")
+    width, height = row.get("img_width"), row.get("img_height")
+    boxes = []
+    for lid in targets:
+        info = infos.get(str(lid)) or next(
+            (v for v in infos.values() if isinstance(v, dict) and v.get("layout_id") == lid), None
+        )
+        if not isinstance(info, dict) or "bbox" not in info:
+            raise ValueError(f"target layout {lid} is not in layout_infos")
+        box = info["bbox"]
+        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
+            raise ValueError(f"layout {lid}'s bbox {box!r} is not four numbers [xmin, ymin, xmax, ymax]")
+        x0, y0, x1, y1 = (float(v) for v in box)
+        if not all(math.isfinite(v) for v in box) or min(x0, y0) < 0 or x1 <= x0 or y1 <= y0:
+            raise ValueError(f"layout {lid}'s bbox {box!r} is not pixel [xmin, ymin, xmax, ymax] with xmin < xmax")
+        if isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0:
+            if x0 >= width or y0 >= height:
+                raise ValueError(f"layout {lid}'s bbox {box!r} lies outside the {width}×{height} image")
+            x1, y1 = min(x1, float(width)), min(y1, float(height))  # annotation rounding can pass the edge
+        boxes.append(_int_box([x0, y0, x1, y1]))
+    return boxes
 
 
 # ----------------------------------------------------------------------------------------------------- probes
@@ -449,6 +668,7 @@ LOADERS = (
     "mme-realworld",
     "mme-realworld-lite",
     "treebench",
+    "o3bench",
 )
 
 
@@ -483,6 +703,7 @@ def load_dataset(spec: str) -> Dataset:
         "treebench": load_treebench,
         "mme-realworld": load_mme_realworld,
         "mme-realworld-lite": lambda r: load_mme_realworld(r, lite=True),
+        "o3bench": load_o3bench,
     }
     if name not in simple:
         raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(LOADERS)}")
