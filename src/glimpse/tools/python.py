@@ -66,12 +66,12 @@ class PythonTool:
 
     def __init__(self, limits: SandboxLimits | None = None, isolation: str = "auto", warm: int = 0):
         self.limits = limits or SandboxLimits()
-        self.isolation = resolve_isolation(isolation)
-        self.pool = SessionPool(warm, self.limits, self.isolation) if warm else None
+        self.isolation = resolve_isolation(isolation)  # warns here, once per tool, if it is ``process``
+        self.pool = SessionPool(warm, self.limits, self.isolation, warn=False) if warm else None
 
     def session(self) -> PythonSession:
         """A fresh session for one trajectory (close it when the trajectory ends)."""
-        return self.pool.acquire() if self.pool else PythonSession(self.limits, self.isolation)
+        return self.pool.acquire() if self.pool else PythonSession(self.limits, self.isolation, warn=False)
 
     def run(self, code: str, session: PythonSession, images: dict[str, Image.Image]) -> PythonResult:
         """Make ``images`` visible to the code, run it, and turn the result into text and observations."""

@@ -1,7 +1,7 @@
 """Isolated Python sessions for the code tool, shared by inference, evaluation and training.
 
 Each trajectory gets its own session: a Python process that keeps the model's variables and imports between
-calls and is killed when the trajectory ends. The strongest isolation available is used:
+calls and is killed when the trajectory ends. Two isolations exist; ``auto`` takes ``bwrap`` where it works.
 
 ``bwrap`` (bubblewrap, the sandbox Flatpak uses; ``apt-get install bubblewrap``):
 
@@ -9,9 +9,10 @@ calls and is killed when the trajectory ends. The strongest isolation available 
   host), the parent and every other process invisible and unreachable by signals, an unprivileged uid
   (65534) with no capabilities;
 * a minimal read-only filesystem: the Python installation and its site-packages (so Pillow and NumPy import),
-  system libraries, and the current images under ``/images``; the only writable places are ``/scratch`` (the
-  working directory) and ``/tmp``, size-limited in-memory file systems that vanish with the session; the home
-  folder, the project, credentials and everything else on the host are absent;
+  system libraries, and the current images under ``/images``; the root and ``/dev`` are remounted read-only
+  after the mounts, so the only writable places are ``/scratch`` (the working directory), ``/tmp`` (each
+  ``scratch_mb``) and ``/dev/shm`` (``SHM_MB``), size-limited in-memory file systems that vanish with the
+  session; the home folder, the project, credentials and everything else on the host are absent;
 * an empty environment: API keys and every other variable of the parent are not visible;
 * limits: address space per process (``memory_mb``), CPU seconds per session (``cpu_s``), the size of any one
   file (``file_mb``), open files, and, where cgroups can be written (as root, or with delegation), the number
@@ -19,9 +20,22 @@ calls and is killed when the trajectory ends. The strongest isolation available 
   (``wall_s``) is enforced by the parent, which kills the whole session;
 * output: at most ``output_chars`` characters of what the code prints come back, with a marker for the rest.
 
-``process`` (the fallback where bubblewrap cannot run): a separate process with the same resource limits, an
-empty environment and a scratch folder as working directory, but **no file-system or network isolation**. It
-is for trusted code and development only; ``glimpse`` warns when it is used.
+``process`` (the fallback where bubblewrap cannot run; a one-line warning is logged every time it is chosen):
+the same worker with the same resource limits and an empty environment, in its own session and process group,
+working in a scratch folder of its own. Run as root, each session also gets **a uid and gid of its own**
+(``SESSION_UID_BASE`` upward, no supplementary groups, no capabilities): it cannot signal or trace the parent
+or other sessions, read the parent's environment, or read or write files that are not world-readable or
+world-writable, and ``RLIMIT_NPROC`` caps its processes even without a cgroup. It has **no file-system or
+network isolation**: world-readable host files (``/etc/passwd``, the project), the host's network, DNS and
+loopback listeners, and world-writable folders (``/tmp``, ``/dev/shm``) are reachable, and the scratch folder
+has no size cap beyond ``file_mb`` per file. Run as another user, the worker keeps that user's uid and can
+read that user's files, read the parent's environment and signal the parent. ``tests/test_sandbox.py`` runs
+every attack against both isolations and records which ones process isolation does not contain.
+
+Nothing is left behind: each session keeps its files in its own folder under ``sandbox_state_dir()`` with a
+note of the process that owns it; a process-mode worker kills its session's processes when its parent dies;
+and the first session of a new process removes what sessions of dead processes left (their processes,
+cgroups, folders, and files their uid left at the top of ``SHARED_TMP``).
 
 Not covered by either: side channels and CPU-cache attacks, kernel exploits, and denial of service through
 the machine's shared disk or memory bandwidth beyond the limits above.
@@ -34,12 +48,15 @@ import contextlib
 import json
 import logging
 import os
+import pwd
 import queue
 import resource
+import secrets
 import select
 import shutil
 import signal
 import site
+import stat
 import subprocess
 import sys
 import tempfile
@@ -56,6 +73,19 @@ log = logging.getLogger(__name__)
 
 WORKER = Path(__file__).with_name("sandbox_worker.py")
 NOBODY = 65534
+# Each process-mode session run as root gets its own uid (and gid of the same number), claimed by creating a
+# folder named after it. The range lies far above people's uids (1000 up), nobody (65534), systemd's dynamic
+# users (61184-65519) and the usual /etc/subuid ranges (100000 up, 65536 per user), so no host file is
+# owned by one of them.
+SESSION_UID_BASE = 2_000_000_000
+SESSION_UID_SPAN = 1_000_000
+# /dev/shm inside bubblewrap: room for multiprocessing's semaphores and small shared arrays.
+SHM_MB = 64
+# Host folders any uid may write to: what a process-mode session's uid leaves at their top level is removed
+# when the session ends (deeper world-writable folders are not searched).
+SHARED_TMP = ("/tmp", "/var/tmp", "/dev/shm")
+# A session folder with no owner note this old is debris of a process that died while making it.
+_UNOWNED_GRACE_S = 60.0
 # Largest answer line accepted from a worker: the text output and up to four PNG images.
 _MAX_REPLY_BYTES = 96 * 1024 * 1024
 
@@ -114,8 +144,20 @@ def bwrap_available() -> bool:
         return False
 
 
-def resolve_isolation(isolation: str) -> str:
-    """``auto`` becomes ``bwrap`` where it works, else ``process`` (with a warning)."""
+_PROCESS_WARNING = (
+    "the code tool runs with --sandbox process: model code gets resource limits, an empty environment{uid} but "
+    "no file-system or network isolation (see the README's sandbox table)"
+)
+
+
+def resolve_isolation(isolation: str, *, warn: bool = True) -> str:
+    """``auto`` becomes ``bwrap`` where it works, else ``process``.
+
+    Args:
+        isolation: ``auto``, ``bwrap`` or ``process``.
+        warn: log a one-line warning when the result is ``process`` (a tool that makes many sessions warns
+            once, when it is made, and passes ``warn=False`` to them).
+    """
     if isolation not in ("auto", "bwrap", "process"):
         raise ConfigError(f"sandbox isolation must be auto, bwrap or process, got {isolation!r}")
     if isolation == "bwrap" and not bwrap_available():
@@ -124,39 +166,201 @@ def resolve_isolation(isolation: str) -> str:
             "--sandbox process, which does not isolate files or network"
         )
     if isolation == "auto":
-        if bwrap_available():
-            return "bwrap"
-        log.warning(
-            "bubblewrap is not available: the code tool runs with resource limits only, without file "
-            "or network isolation (apt-get install bubblewrap)"
-        )
-        return "process"
+        isolation = "bwrap" if bwrap_available() else "process"
+        fallback = "bubblewrap cannot run here (apt-get install bubblewrap), so "
+    else:
+        fallback = ""
+    if isolation == "process" and warn:
+        uid = " and a uid of its own" if os.getuid() == 0 else ", and the uid of this user"
+        log.warning(fallback + _PROCESS_WARNING.format(uid=uid))
     return isolation
 
 
-class _PidsCgroup:
-    """A cgroup that caps the session's processes and threads (v2 or v1 pids controller), if one can be made."""
+# ------------------------------------------------------------------------------------------ host-side state
+def sandbox_state_dir() -> Path:
+    """The folder where sessions keep their files on the host (one folder per session), owned by this user."""
+    path = Path(tempfile.gettempdir()) / f"glimpse-sandbox-{os.getuid()}"
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o711)
+    info = path.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
+        raise ConfigError(f"{path} is not a folder that only this user can write; remove it and try again")
+    return path
 
-    def __init__(self, limit: int):
-        self.path: Path | None = None
-        name = f"glimpse-{uuid.uuid4().hex[:12]}"
-        for base in (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/pids")):
-            max_file = "pids.max"
-            if base == Path("/sys/fs/cgroup") and not (base / "cgroup.controllers").exists():
-                continue  # not cgroup v2
+
+def _start_time(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot), which tells a live process from a reused pid."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text.rpartition(")")[2].split()[19]
+
+
+def _write_owner(folder: Path) -> None:
+    note = {"pid": os.getpid(), "started": _start_time(os.getpid())}
+    tmp = folder / "owner.part"
+    tmp.write_text(json.dumps(note))
+    tmp.replace(folder / "owner.json")
+
+
+def _claim_folder(own_uid: bool) -> tuple[Path, int | None]:
+    """A new session folder, and the uid it claims when ``own_uid`` (its name is the uid)."""
+    state = sandbox_state_dir()
+    for _ in range(100):
+        uid = SESSION_UID_BASE + secrets.randbelow(SESSION_UID_SPAN) if own_uid else None
+        if uid is not None:
             try:
-                path = base / name
+                pwd.getpwuid(uid)
+                continue  # a named user: not ours to take
+            except KeyError:
+                pass
+        folder = state / (str(uid) if uid is not None else uuid.uuid4().hex[:16])
+        try:
+            folder.mkdir(mode=0o711 if own_uid else 0o700)
+        except FileExistsError:
+            continue
+        _write_owner(folder)
+        return folder, uid
+    raise RuntimeError(f"no free sandbox session folder under {state} after 100 tries; is it full of debris?")
+
+
+def _session_uid(folder: Path) -> int | None:
+    name = folder.name
+    if name.isdigit() and SESSION_UID_BASE <= int(name) < SESSION_UID_BASE + SESSION_UID_SPAN:
+        return int(name)
+    return None
+
+
+def _kill_uid(uid: int) -> None:
+    """SIGKILL every live process whose real, effective or saved uid is ``uid``, until none is left."""
+    for _ in range(50):
+        found = False
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                status = Path(entry.path, "status").read_text()
+            except OSError:
+                continue
+            fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+            if str(uid) in fields.get("Uid", "").split() and not fields.get("State", "").strip().startswith("Z"):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(int(entry.name), signal.SIGKILL)
+                    found = True
+        if not found:
+            return
+        time.sleep(0.02)
+
+
+def _remove_files_of(uid: int) -> None:
+    """Remove what ``uid`` left at the top of the shared world-writable folders."""
+    for top in SHARED_TMP:
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(top):
+                with contextlib.suppress(OSError):
+                    if entry.stat(follow_symlinks=False).st_uid != uid:
+                        continue
+                    if entry.is_dir(follow_symlinks=False):
+                        shutil.rmtree(entry.path, ignore_errors=True)
+                    else:
+                        os.unlink(entry.path)
+
+
+def _remove_session(folder: Path) -> None:
+    """Kill a session's processes and remove its cgroup, its folder and the files its uid left."""
+    uid = _session_uid(folder)
+    cgroup = _PidsCgroup.find(f"glimpse-{folder.name}")
+    if cgroup is not None:
+        cgroup.kill_members()
+    if uid is not None:
+        _kill_uid(uid)
+        _remove_files_of(uid)
+    if cgroup is not None:
+        cgroup.remove()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+_cleaned_pid: int | None = None
+_clean_lock = threading.Lock()
+
+
+def clean_stale_sessions() -> int:
+    """Remove what sessions of processes that died without closing them left behind.
+
+    Runs once per process, before its first session. Returns how many sessions were cleaned.
+    """
+    global _cleaned_pid
+    with _clean_lock:
+        if _cleaned_pid == os.getpid():
+            return 0
+        _cleaned_pid = os.getpid()
+        cleaned = 0
+        for folder in sandbox_state_dir().iterdir():
+            try:
+                note = json.loads((folder / "owner.json").read_text())
+                alive = _start_time(int(note["pid"])) == note["started"]
+            except (OSError, ValueError, KeyError, TypeError):
+                with contextlib.suppress(OSError):
+                    if time.time() - folder.lstat().st_mtime < _UNOWNED_GRACE_S:
+                        continue  # being made by a live process right now
+                alive = False
+            if not alive:
+                _remove_session(folder)
+                cleaned += 1
+        if cleaned:
+            log.info("removed what %d sandbox sessions of ended processes left behind", cleaned)
+        return cleaned
+
+
+class _PidsCgroup:
+    """A cgroup that caps a session's processes and threads (v2 or v1 pids controller), if one can be made."""
+
+    BASES = (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/pids"))
+
+    def __init__(self, path: Path | None):
+        self.path = path
+
+    @classmethod
+    def make(cls, name: str, limit: int) -> _PidsCgroup:
+        for base in cls.BASES:
+            if base == cls.BASES[0] and not (base / "cgroup.controllers").exists():
+                continue  # not cgroup v2
+            path = base / name
+            try:
                 path.mkdir()
-                (path / max_file).write_text(str(limit))
-                self.path = path
-                return
+                (path / "pids.max").write_text(str(limit))
+                return cls(path)
             except OSError:
                 with contextlib.suppress(OSError):
-                    (base / name).rmdir()
+                    path.rmdir()
+        return cls(None)
+
+    @classmethod
+    def find(cls, name: str) -> _PidsCgroup | None:
+        for base in cls.BASES:
+            if (base / name / "cgroup.procs").exists():
+                return cls(base / name)
+        return None
 
     @property
     def procs(self) -> str | None:
         return str(self.path / "cgroup.procs") if self.path else None
+
+    def kill_members(self) -> None:
+        if self.path is None:
+            return
+        for _ in range(50):
+            try:
+                pids = [int(p) for p in (self.path / "cgroup.procs").read_text().split()]
+            except OSError:
+                return
+            if not pids:
+                return
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.02)
 
     def remove(self) -> None:
         if self.path is not None:
@@ -175,7 +379,8 @@ def _site_packages() -> list[str]:
 
 def _bwrap_command(limits: SandboxLimits, image_dir: Path) -> list[str]:
     """The bubblewrap command line. Mounts apply in order: the in-memory ``/scratch`` and ``/tmp`` come first,
-    so binds below them (a virtual environment under ``/tmp``, say) stay visible."""
+    so binds below them (a virtual environment under ``/tmp``, say) stay visible; the root and ``/dev`` are
+    remounted read-only last, so that only the size-limited file systems can be written."""
     size = str(limits.scratch_mb * 1024 * 1024)
     cmd = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL"]
     cmd += ["--uid", str(NOBODY), "--gid", str(NOBODY)]
@@ -193,7 +398,8 @@ def _bwrap_command(limits: SandboxLimits, image_dir: Path) -> list[str]:
         if not path.startswith("/usr"):
             cmd += ["--ro-bind", path, path]
     cmd += ["--ro-bind", str(WORKER), "/sandbox/worker.py", "--ro-bind", str(image_dir), "/images"]
-    cmd += ["--proc", "/proc", "--dev", "/dev", "--clearenv"]
+    cmd += ["--proc", "/proc", "--dev", "/dev", "--size", str(SHM_MB * 1024 * 1024), "--tmpfs", "/dev/shm"]
+    cmd += ["--remount-ro", "/dev", "--remount-ro", "/", "--clearenv"]
     env = {
         "HOME": "/scratch",
         "PATH": "/usr/bin:/bin",
@@ -215,12 +421,19 @@ class PythonSession:
     Args:
         limits: resource limits.
         isolation: ``auto``, ``bwrap`` or ``process`` (see the module docstring).
+        warn: log the warning when the isolation is ``process`` (see ``resolve_isolation``).
     """
 
-    def __init__(self, limits: SandboxLimits | None = None, isolation: str = "auto"):
+    def __init__(self, limits: SandboxLimits | None = None, isolation: str = "auto", *, warn: bool = True):
         self.limits = limits or SandboxLimits()
-        self.isolation = resolve_isolation(isolation)
-        self.image_dir = Path(tempfile.mkdtemp(prefix="glimpse-images-"))
+        self.isolation = resolve_isolation(isolation, warn=warn)
+        clean_stale_sessions()
+        own_uid = self.isolation == "process" and os.getuid() == 0
+        self.folder, self.uid = _claim_folder(own_uid)
+        self.image_dir = self.folder / "images"
+        self.image_dir.mkdir(mode=0o750 if own_uid else 0o700)
+        if self.uid is not None:
+            os.chown(self.image_dir, -1, self.uid)  # the session may read the images, not change them
         self._scratch: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._cgroup: _PidsCgroup | None = None
@@ -235,8 +448,9 @@ class PythonSession:
         if self._proc is not None and self._proc.poll() is None:
             return
         limits = self.limits
-        self._cgroup = _PidsCgroup(limits.processes)
+        self._cgroup = _PidsCgroup.make(f"glimpse-{self.folder.name}", limits.processes)
         procs = self._cgroup.procs
+        own_uid = self.uid is not None
 
         def preexec() -> None:  # runs in the child before exec: limits that bwrap and its children inherit
             if procs:
@@ -248,13 +462,18 @@ class PythonSession:
             resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_mb * mb,) * 2)
             resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
             resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-            if not procs and os.getuid() != 0:  # without a cgroup, a non-root user can still cap its processes
+            if own_uid:  # the session's own uid has no other process: the cap is exact, cgroup or not
+                resource.setrlimit(resource.RLIMIT_NPROC, (limits.processes,) * 2)
+            elif not procs and os.getuid() != 0:  # without a cgroup, a non-root user can still cap its processes
                 resource.setrlimit(resource.RLIMIT_NPROC, (limits.processes + _own_processes(),) * 2)
 
         if self.isolation == "bwrap":
             cmd, cwd, env = _bwrap_command(limits, self.image_dir), None, {"PATH": "/usr/bin:/bin"}
         else:
-            self._scratch = Path(tempfile.mkdtemp(prefix="glimpse-scratch-"))
+            self._scratch = self.folder / "scratch"
+            self._scratch.mkdir(mode=0o700, exist_ok=True)
+            if self.uid is not None:
+                os.chown(self._scratch, self.uid, self.uid)
             cmd = [sys.executable, "-I", "-S", "-B", str(WORKER), *_site_packages()]
             cwd = str(self._scratch)
             env = {
@@ -262,6 +481,7 @@ class PythonSession:
                 "HOME": cwd,
                 "LANG": "C.UTF-8",
                 "GLIMPSE_SCRATCH": cwd,
+                "MPLCONFIGDIR": cwd,
                 "OPENBLAS_NUM_THREADS": "1",
                 "OMP_NUM_THREADS": "1",
                 "GLIMPSE_IMAGES": str(self.image_dir),
@@ -281,6 +501,10 @@ class PythonSession:
             "output_chars": limits.output_chars,
             "images_per_call": limits.images_per_call,
             "image_pixels": limits.image_pixels,
+            # process isolation: the worker drops to the session's uid before it reads any code, and ends
+            # its session's processes if this process dies
+            "uid": self.uid,
+            "watch_parent": self.isolation == "process",
         }
         self._send(json.dumps(settings))
 
@@ -348,11 +572,16 @@ class PythonSession:
         )
 
     def kill(self) -> None:
-        """Kill the session's process group (everything it started)."""
+        """Kill the session's processes: its process group, and every process of its cgroup or its own uid."""
         proc, self._proc = self._proc, None
         if proc is not None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
+        if self._cgroup is not None:
+            self._cgroup.kill_members()
+        if self.uid is not None:
+            _kill_uid(self.uid)  # children that left the process group (setsid) or the cgroup-less case
+        if proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=10)
             for stream in (proc.stdin, proc.stdout):
@@ -364,11 +593,11 @@ class PythonSession:
             self._cgroup = None
 
     def close(self) -> None:
-        """End the session and remove its files."""
+        """End the session and remove its files, and those its uid left in the shared temporary folders."""
         self.kill()
-        shutil.rmtree(self.image_dir, ignore_errors=True)
-        if self._scratch is not None:
-            shutil.rmtree(self._scratch, ignore_errors=True)
+        if self.uid is not None:
+            _remove_files_of(self.uid)
+        shutil.rmtree(self.folder, ignore_errors=True)
 
     def __enter__(self) -> PythonSession:
         return self
@@ -389,6 +618,8 @@ class PythonSession:
         if self._scratch is not None:
             shutil.rmtree(self._scratch, ignore_errors=True)
             self._scratch = None
+        if self.uid is not None:
+            _remove_files_of(self.uid)
 
     def _send(self, line: str) -> None:
         assert self._proc is not None and self._proc.stdin is not None
@@ -447,10 +678,12 @@ class SessionPool:
     Sessions are never reused: each one serves one trajectory and is closed after it.
     """
 
-    def __init__(self, size: int, limits: SandboxLimits | None = None, isolation: str = "auto"):
+    def __init__(
+        self, size: int, limits: SandboxLimits | None = None, isolation: str = "auto", *, warn: bool = True
+    ):
         self.size = size
         self.limits = limits or SandboxLimits()
-        self.isolation = resolve_isolation(isolation)
+        self.isolation = resolve_isolation(isolation, warn=warn)
         self._ready: queue.Queue[PythonSession] = queue.Queue()
         self._lock = threading.Lock()
         self._closed = False
@@ -459,7 +692,7 @@ class SessionPool:
 
     def _refill(self) -> None:
         def start() -> None:
-            session = PythonSession(self.limits, self.isolation)
+            session = PythonSession(self.limits, self.isolation, warn=False)
             try:
                 session.start()
             except OSError:
@@ -477,7 +710,7 @@ class SessionPool:
         try:
             session = self._ready.get_nowait()
         except queue.Empty:
-            session = PythonSession(self.limits, self.isolation)
+            session = PythonSession(self.limits, self.isolation, warn=False)
         if self.size:
             self._refill()
         return session

@@ -8,15 +8,25 @@ at a capture file, so everything the code prints (from Python or from C) is capt
 In the code's namespace: ``images`` (the current images as PIL images, by name: ``original_image``,
 ``observation_1`` …, at full resolution, loaded on first use from ``/images``) and ``show(image)``, which
 returns an image to the model as a new observation. A final bare expression is printed, as in a notebook.
+
+The first line on stdin holds the session's settings. Under process isolation run as root, they name the
+session's own uid: the worker drops to it (and to the gid of the same number, with no supplementary groups)
+before it reads any code, keeping the Python installation importable through open folder descriptors where
+that uid could not reach it (an interpreter under ``/root``, say). Under process isolation the worker also
+watches its parent: if the parent dies, it kills its session's processes and exits.
 """
 
 import ast
 import base64
+import importlib
 import io
 import json
 import os
 import signal
+import stat
 import sys
+import threading
+import time
 import traceback
 
 IMAGE_DIR = os.environ.get("GLIMPSE_IMAGES", "/images")
@@ -27,6 +37,11 @@ def main() -> None:
     sys.path[:0] = [p for p in sys.argv[1:] if p]
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a file grown past the limit raises instead of killing us
     limits = json.loads(sys.stdin.readline() or "{}")
+    own_uid = limits.get("uid") is not None
+    if own_uid:
+        _drop_to(int(limits["uid"]))
+    if limits.get("watch_parent"):
+        threading.Thread(target=_watch_parent, args=(os.getppid(), own_uid), daemon=True).start()
     max_chars = int(limits.get("output_chars", 20000))
     max_images = int(limits.get("images_per_call", 4))
     max_pixels = int(limits.get("image_pixels", 8_000_000))
@@ -110,6 +125,62 @@ def main() -> None:
             + "\n"
         )
         proto.flush()
+    if limits.get("watch_parent"):  # stdin closed: the parent is gone
+        _end_session(own_uid)
+
+
+def _drop_to(uid: int) -> None:
+    """Become ``uid`` for good, keeping every folder on ``sys.path`` (and of the packages loaded so far)
+    reachable: those this uid could not reach are opened now and read through ``/proc/self/fd`` from then on."""
+    moved = {}
+    for i, entry in enumerate(sys.path):
+        if entry and os.path.isdir(entry) and not _open_to_others(entry):
+            fd = os.open(entry, os.O_RDONLY | os.O_DIRECTORY)
+            moved[entry] = sys.path[i] = f"/proc/self/fd/{fd}"
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__path__", None)
+        if isinstance(path, list):
+            for i, entry in enumerate(path):
+                for old, new in moved.items():
+                    if entry == old or entry.startswith(old + "/"):
+                        path[i] = new + entry[len(old) :]
+    os.setgroups([])
+    os.setgid(uid)
+    os.setuid(uid)
+    if (os.getuid(), os.geteuid(), os.getgid(), os.getegid()) != (uid, uid, uid, uid):
+        raise SystemExit(f"could not become uid {uid}")
+    importlib.invalidate_caches()
+
+
+def _open_to_others(path: str) -> bool:
+    """Whether a uid that owns nothing and belongs to no group can list ``path`` and reach it."""
+    path = os.path.abspath(path)
+    if not os.stat(path).st_mode & stat.S_IROTH:
+        return False
+    while True:
+        if not os.stat(path).st_mode & stat.S_IXOTH:
+            return False
+        if path == "/":
+            return True
+        path = os.path.dirname(path)
+
+
+def _watch_parent(parent: int, own_uid: bool) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    _end_session(own_uid)
+
+
+def _end_session(own_uid: bool) -> None:
+    """Kill this session's processes (all of its own uid's, or its process group) and exit."""
+    try:
+        if own_uid:
+            os.kill(-1, signal.SIGKILL)  # every process this uid may signal, which is this session's, but us
+        else:
+            os.killpg(0, signal.SIGKILL)
+    except OSError:
+        pass
+    os._exit(0)
 
 
 def _png(item, max_pixels: int) -> str:
