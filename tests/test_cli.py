@@ -53,15 +53,37 @@ def test_no_answer_exits_1_and_reports_the_cap(make_image, write_script):
     assert "No answer" in proc.stdout and "max_turns (over-turn)" in proc.stdout
 
 
-def test_unreadable_image_exits_3_naming_the_file(tmp_path, write_script):
+def test_unreadable_image_exits_3_naming_the_file_on_stderr(tmp_path, write_script):
     script = write_script([ANSWER])
     missing = tmp_path / "nope.jpg"
     proc = glimpse("ask", str(missing), "?", "--model", f"scripted:{script}")
-    assert proc.returncode == 3 and "nope.jpg: no such file" in proc.stdout
+    assert proc.returncode == 3 and "nope.jpg: no such file" in proc.stderr
+    assert "no such file" not in proc.stdout  # errors never go to stdout
     empty = tmp_path / "empty.png"
     empty.write_bytes(b"")
-    proc = glimpse("ask", str(empty), "?", "--model", f"scripted:{script}")
-    assert proc.returncode == 3 and "empty (0 bytes)" in proc.stdout
+    for quiet in ([], ["--quiet"], ["--json"]):  # --quiet and --json silence progress, not errors
+        proc = glimpse("ask", str(empty), "?", "--model", f"scripted:{script}", *quiet)
+        assert proc.returncode == 3 and "error:" in proc.stderr and "empty (0 bytes)" in proc.stderr, quiet
+        assert quiet == ["--json"] or "empty (0 bytes)" not in proc.stdout  # --json's stdout is the record
+
+
+def test_backend_failure_exits_4_with_the_error_on_stderr(make_image):
+    from conftest import free_port
+
+    url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+    args = ("--model", "openai:m", "--base-url", url, "--max-retries", "0", "--quiet")
+    proc = glimpse("ask", str(make_image()), "?", *args)
+    assert proc.returncode == 4 and "error:" in proc.stderr and proc.stdout.strip() == ""
+
+
+def test_the_live_view_shows_a_code_turn_with_its_output(make_image, write_script):
+    code = "img = images['original_image']\nprint('size', img.size)\nprint('second line')"
+    script = write_script([f"<python>{code}</python>", ANSWER])
+    args = ("--model", f"scripted:{script}", "--code", "--sandbox", "process")
+    proc = glimpse("ask", str(make_image(640, 480)), "?", *args)
+    assert proc.returncode == 0, proc.stderr
+    assert "turn 1 code (3 lines) → size (640, 480)" in proc.stdout
+    assert "no zoom and no answer" not in proc.stdout
 
 
 @pytest.mark.parametrize(
@@ -110,6 +132,8 @@ def test_demo_runs_offline_and_the_expert_searches_live(tmp_path):
     (traj,) = load_jsonl(tmp_path / "demo" / "trajectory.jsonl")
     assert f"gold answer: {traj.answer}" in proc.stdout  # found it
     assert traj.settings.model == "expert" and traj.metrics["zooms"] >= 1
+    # the saved sample carries the gold answer and box, so the viewer scores it
+    assert traj.sample.answer == traj.answer and traj.score.correct is True and traj.sample.target_boxes
     assert time.perf_counter() - started < 60
 
 
@@ -120,6 +144,11 @@ def test_the_scripted_demo_replays_the_runtime_tour(tmp_path):
     (traj,) = load_jsonl(tmp_path / "demo" / "trajectory.jsonl")
     assert f"gold answer: {traj.answer}" in proc.stdout
     assert traj.metrics["zooms"] == 2 and traj.metrics["tool_errors"] == 1
+    assert traj.sample.answer == traj.answer and traj.score.correct is True
+    from glimpse.view.build import load_run
+
+    (summary,) = load_run(tmp_path / "demo" / "trajectory.jsonl").summary["caps"].values()
+    assert summary["accuracy"]["avg"] == 1.0 and summary["scored"] == 1
 
 
 def test_without_a_model_the_builtin_default_answers(make_image, tmp_path, monkeypatch):

@@ -19,6 +19,7 @@ from glimpse.config import EvalConfig
 from glimpse.errors import BackendError, ConfigError
 from glimpse.eval.harness import RESULTS, ResultStore, run_eval
 from glimpse.eval.metrics import summarize, truncate
+from glimpse.eval.report import markdown_summary, write_sweep
 from glimpse.models.scripted import ScriptedBackend
 from glimpse.trajectory import RunSettings, Sample, Score, Trajectory, Turn
 
@@ -123,7 +124,11 @@ def test_backend_failures_are_recorded_then_redone_on_resume(tmp_path):
         raise BackendError("HTTP 503: overloaded")
 
     first = evaluate(tmp_path, ScriptedBackend(down), data=data, model="scripted:x", options="fixed")
-    assert first.summaries[12]["backend_errors"] == 5 and first.summaries[12]["accuracy"]["avg"] == 0
+    s = first.summaries[12]
+    assert s["backend_errors"] == 5 and s["ran"] == 0 and s["questions_failed"] == 5
+    assert s["accuracy"] == {"avg": None, "pass": None, "majority": None}  # nothing ran: no accuracy, not 0 %
+    table = (tmp_path / "run" / "summary.md").read_text()
+    assert "| 12 | 0 | 0 of 5 | – | – | – |" in table
     second = evaluate(tmp_path, ScriptedBackend(varied_policy), data=data, model="scripted:x", options="fixed")
     assert second.ran == 5 and second.summaries[12]["backend_errors"] == 0
     assert second.summaries[12]["accuracy"]["avg"] == 1.0
@@ -254,6 +259,54 @@ def test_avg_pass_majority_by_hand():
     assert acc["avg"] == pytest.approx((2 / 3 + 1 / 3 + 0) / 3)
     assert acc["pass"] == pytest.approx(2 / 3)
     assert acc["majority"] == pytest.approx(1 / 3)
+
+
+def _failed(sid: str, repeat: int, level: str = "easy") -> Trajectory:
+    """A unit whose backend failed after retries: the image was read, the server never answered."""
+    t = _traj(sid, repeat, None, False, turns=0)
+    return t.model_copy(
+        update={
+            "stop_reason": "error",
+            "error": "BackendError: HTTP 503",
+            "score": Score(correct=None, method="backend_error"),
+            "sample": t.sample.model_copy(update={"meta": {"level": level}}),
+        }
+    )
+
+
+def test_backend_failures_are_counted_apart_from_accuracy():
+    """61 of 80 failing once showed 11.2 %: accuracy is over the units that ran, failures beside it."""
+    ran = [_traj(f"q{i}", 0, "yes" if i < 9 else "no", i < 9) for i in range(19)]  # 9 of 19 answered right
+    failed = [_failed(f"f{i}", 0, level="hard" if i < 40 else "easy") for i in range(61)]
+    s = summarize(ran + failed)
+    assert s["accuracy"]["avg"] == pytest.approx(9 / 19) and s["accuracy"]["pass"] == pytest.approx(9 / 19)
+    assert s["accuracy"]["majority"] == pytest.approx(9 / 19)
+    assert (s["questions"], s["ran"], s["trajectories"], s["backend_errors"]) == (19, 19, 80, 61)
+    assert s["backend_error_rate"] == pytest.approx(61 / 80) and s["questions_failed"] == 61
+    assert s["stop_reasons"]["error"] == 61 and s["turns_mean"] == 1.0  # failures do not drag turns to 0
+    assert s["by"]["level"]["easy"]["avg"] == pytest.approx(9 / 19) and s["by"]["level"]["easy"]["n"] == 19
+    assert s["by"]["level"]["easy"]["backend_errors"] == 21
+    assert s["by"]["level"]["hard"] == {"avg": None, "pass": None, "majority": None, "n": 0, "backend_errors": 40}
+    # a question with one repeat failed is scored over the repeats that ran
+    mixed = summarize([_traj("q", 0, "yes", True), _traj("q", 1, "no", False), _failed("q", 2)])
+    assert mixed["accuracy"]["avg"] == 0.5 and mixed["questions"] == 1 and mixed["questions_failed"] == 0
+    table = markdown_summary("d", "m", 1, {8: s})
+    assert "| 8 | 19 | 19 of 80 | 47.4 | 47.4 | 47.4 |" in table and "| hard | 0 | – | – | – | 40 |" in table
+
+
+def test_units_without_gold_are_not_scored(tmp_path):
+    """A glimpse ask file has no gold answers: its overview says "not scored", not 0.0 %."""
+    asked = [
+        _traj(f"q{i}", 0, "yes", False).model_copy(
+            update={"sample": Sample(id=f"q{i}", images=["x"], question="?"), "score": None}
+        )
+        for i in range(3)
+    ]
+    s = summarize(asked)
+    assert s["ran"] == 3 and s["scored"] == 0 and s["accuracy"]["avg"] is None and s["chance"] is None
+    assert "| 8 | 0 | 3 | not scored | not scored | not scored |" in markdown_summary("d", "m", 1, {8: s})
+    write_sweep(tmp_path / "s.csv", tmp_path / "s.png", {4: s, 8: s}, title="t")  # no accuracy: empty cells
+    assert (tmp_path / "s.csv").read_text().splitlines()[1].startswith("4,,,,")
 
 
 def test_truncate():

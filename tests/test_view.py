@@ -218,3 +218,35 @@ def test_code_turns_in_the_report(browser, tmp_path):
     page.wait_for_function("document.querySelector('img.made') && document.querySelector('img.made').complete")
     assert page.evaluate("document.querySelector('img.made').naturalWidth") == 480
     assert errors == []
+
+
+def test_overview_of_unscored_and_failed_runs(browser, tmp_path):
+    """A file with no gold answers (glimpse ask --save) says "not scored", never 0.0 %; a run whose every backend
+    call failed shows no accuracy ("–") with the units that ran beside it."""
+    from glimpse.agent import AgentLoop
+    from glimpse.models.scripted import ScriptedBackend
+    from glimpse.trajectory import Sample, Score, save_jsonl
+
+    Image.new("RGB", (320, 240), (30, 120, 200)).save(tmp_path / "img.png")
+    loop = AgentLoop(ScriptedBackend([["<answer>blue</answer>"]]))
+    with ThreadPoolExecutor(1) as pool:  # Playwright's sync API keeps an event loop running in this thread
+        sample = Sample(id="a", images=[str(tmp_path / "img.png")], question="?")
+        (asked,) = pool.submit(asyncio.run, loop.run(sample)).result()
+    save_jsonl([asked], tmp_path / "ask.jsonl")
+    failed = asked.model_copy(
+        update={
+            "sample": asked.sample.model_copy(update={"answer": "blue"}),
+            "turns": [],
+            "answer": None,
+            "stop_reason": "error",
+            "error": "BackendError: HTTP 503",
+            "score": Score(correct=None, method="backend_error"),
+        }
+    )
+    save_jsonl([failed, failed.model_copy(update={"sample_index": 1})], tmp_path / "down.jsonl")
+    for name, cells in (("ask", ["1", "not scored", "not scored", "not scored"]), ("down", ["0 of 2", "–", "–", "–"])):
+        folder = build_report(tmp_path / f"{name}.jsonl", tmp_path / f"report-{name}")
+        page, errors = open_page(browser, (folder / "index.html").resolve().as_uri())
+        row = page.locator("table.summary tbody tr").first.locator("td").all_inner_texts()
+        assert row[2:6] == cells, (name, row)
+        assert errors == []

@@ -72,6 +72,7 @@ class ProbeDemo:
     candidates: int
     shown_px: float
     ocr: bool
+    target_boxes: list[list[int]]  # the gold boxes, in original pixels, recorded with the gold answer
 
 
 def make_probe_demo(out_dir: str | Path) -> ProbeDemo:
@@ -95,6 +96,7 @@ def make_probe_demo(out_dir: str | Path) -> ProbeDemo:
         candidates=len(rec["candidates"]),
         shown_px=rec["shown_cap_px"],
         ocr=ocr,
+        target_boxes=[list(b) for b in rec["boxes"]],
     )
 
 

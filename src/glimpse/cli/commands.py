@@ -20,6 +20,7 @@ from glimpse.config import AskConfig, EvalConfig, ServeConfig, SynthConfig, View
 from glimpse.trajectory import Trajectory, Turn, save_jsonl
 
 _THOUGHT_CHARS = 240
+_OUTPUT_CHARS = 160  # of a code turn's first output line in the live view
 
 
 def describe_turn(traj: Trajectory, turn: Turn) -> str:
@@ -39,6 +40,15 @@ def describe_turn(traj: Trajectory, turn: Turn) -> str:
         return f"[bold green]{head}[/] answer: [bold]{escape(turn.answer or '')}[/] [dim]({turn.latency_s:.2f} s)[/]"
     if turn.kind == "error":
         return f"[bold yellow]{head}[/] mistake ({turn.error_kind}): {escape(turn.error or '')}"
+    if turn.kind == "code":
+        lines = len((turn.code or "").strip().splitlines())
+        said = [ln.strip() for ln in (turn.code_output or "").splitlines() if ln.strip()]
+        first = next((ln for ln in said if ln not in ("Output:", "Error:")), "no output")
+        if len(first) > _OUTPUT_CHARS:
+            first = first[: _OUTPUT_CHARS - 1] + "…"
+        made = "".join(f" · showed observation_{m.observation_index}" for m in turn.made)
+        label = f"code ({_count(lines, 'line')}{', ' + turn.error_kind if turn.error_kind else ''})"
+        return f"[bold blue]{head}[/] {label} → {escape(first)}{made} [dim]({turn.latency_s + turn.tool_s:.2f} s)[/]"
     return f"[bold magenta]{head}[/] no zoom and no answer"
 
 
@@ -83,8 +93,7 @@ def summary(result: AskResult, console: Console) -> None:
     trajs = result.trajectories
     if len(trajs) == 1:
         t = trajs[0]
-        if t.stop_reason == "error":
-            console.print(f"[bold red]failed:[/] {escape(t.error or '')}")
+        if t.stop_reason == "error":  # said on stderr by report_failures
             return
         m = t.metrics
         facts = (
@@ -115,16 +124,54 @@ def default_model_label() -> str:
     )
 
 
-def run_ask(cfg: AskConfig, image: str, question: str, *, overwrite: bool = False) -> int:
-    """``glimpse ask``: run, print, save. Returns the exit code."""
+def report_failures(trajectories: list[Trajectory], errors: Console) -> None:
+    """Say on stderr why trajectories failed (an unreadable image, a backend down): always, even with --quiet
+    or --json, which silence progress, never errors."""
+    for message in dict.fromkeys(t.error for t in trajectories if t.stop_reason == "error" and t.error):
+        errors.print(f"[bold red]error:[/] {escape(message)}")
+
+
+async def _ask_scored(
+    image: str, question: str, cfg: AskConfig, on_turn: Any, gold: str | None, target_boxes: list[list[int]] | None
+) -> AskResult:
+    """Ask, then, when the gold answer is known (the demo's probe), record it in each trajectory's sample and
+    score the answer with the evaluation's scorer. The gold is added after the run: the model never sees it."""
+    result = await ask_async(image, question, cfg, on_turn=on_turn)
+    if gold is None:
+        return result
+    from glimpse.eval.scoring import score
+
+    for t in result.trajectories:
+        t.sample = t.sample.model_copy(update={"answer": gold, "target_boxes": target_boxes})
+        if t.stop_reason != "error":
+            t.score = await score(t.answer, t.sample)
+    return result
+
+
+def run_ask(
+    cfg: AskConfig,
+    image: str,
+    question: str,
+    *,
+    overwrite: bool = False,
+    gold: str | None = None,
+    target_boxes: list[list[int]] | None = None,
+) -> int:
+    """``glimpse ask``: run, print, save. Returns the exit code.
+
+    Progress and the answer go to stdout (stderr with ``--json``, whose stdout holds only records); errors go
+    to stderr always. ``gold`` and ``target_boxes`` (the demo's) are recorded in the saved trajectories.
+    """
     console = Console(stderr=cfg.json or cfg.quiet, highlight=False, soft_wrap=True)
+    errors = Console(stderr=True, highlight=False, soft_wrap=True)
     if not cfg.quiet:
         console.print(
             f"[bold]glimpse ask[/] · {escape(cfg.model or default_model_label())} · effort {cfg.effort} · "
             f"{cfg.protocol} protocol"
         )
     printer = None if cfg.quiet else TurnPrinter(console, cfg.samples)
-    result = asyncio.run(ask_async(image, question, cfg, on_turn=printer))
+    result = asyncio.run(_ask_scored(image, question, cfg, printer, gold, target_boxes))
+    report_failures(result.trajectories, errors)
     if cfg.save:
         save_jsonl(result.trajectories, cfg.save, append=not overwrite)
         write_resolved(cfg, Path(cfg.save).with_suffix(".config.json"))
@@ -160,7 +207,9 @@ def run_demo(out: str, *, quiet: bool = False, scripted: bool = False) -> int:
             "trained (see the README); on fresh probes the expert's accuracy is in the README's tables.\n"
         )
     cfg = AskConfig(model="expert", save=str(Path(out) / "trajectory.jsonl"), quiet=quiet, max_turns=8)
-    code = run_ask(cfg, str(demo.image), demo.question, overwrite=True)
+    code = run_ask(
+        cfg, str(demo.image), demo.question, overwrite=True, gold=demo.answer, target_boxes=demo.target_boxes
+    )
     if not quiet:
         console.print(f"[dim]gold answer: {demo.answer} · scene: {demo.image}[/]")
         console.print(f"[dim]see every turn, box and crop: glimpse view {Path(out) / 'trajectory.jsonl'}[/]")
@@ -182,7 +231,9 @@ def _run_scripted_demo(out: str, *, quiet: bool = False) -> int:
             "--model openai:NAME --base-url URL[/] for a real model.\n"
         )
     cfg = AskConfig(model=f"scripted:{demo.script}", save=str(Path(out) / "trajectory.jsonl"), quiet=quiet)
-    code = run_ask(cfg, str(demo.image), demo.question, overwrite=True)
+    code = run_ask(
+        cfg, str(demo.image), demo.question, overwrite=True, gold=demo.answer, target_boxes=[demo.target_box]
+    )
     if not quiet:
         console.print(f"[dim]gold answer: {demo.answer} · scene: {demo.image}[/]")
         console.print(f"[dim]see every turn, box and crop: glimpse view {Path(out) / 'trajectory.jsonl'}[/]")
@@ -243,9 +294,12 @@ def run_synth(cfg: SynthConfig) -> int:
 def _eval_table(run: Any) -> Any:
     from rich.table import Table
 
+    from glimpse.eval.report import accuracy_cell, ran_cell
+
     table = Table(title=f"{run.dataset.name}: {len(run.dataset)} questions", title_justify="left")
     for col in (
         "turn cap",
+        "units ran",
         "Avg@k",
         "pass@k",
         "maj@k",
@@ -262,10 +316,11 @@ def _eval_table(run: Any) -> Any:
         a, f = s["accuracy"], s["faithfulness"]["covered_rate"]
         table.add_row(
             str(cap),
-            f"{100 * a['avg']:.1f}",
-            f"{100 * a['pass']:.1f}",
-            f"{100 * a['majority']:.1f}",
-            f"{100 * s['chance']:.1f}",
+            ran_cell(s),
+            accuracy_cell(s, a["avg"]),
+            accuracy_cell(s, a["pass"]),
+            accuracy_cell(s, a["majority"]),
+            "–" if s["chance"] is None else f"{100 * s['chance']:.1f}",
             f"{s['turns_mean']:.2f}",
             f"{100 * s['over_turn_rate']:.1f}",
             f"{100 * s['tool_error_rate']:.1f}",

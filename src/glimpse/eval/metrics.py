@@ -4,11 +4,16 @@ Per turn cap:
 
 * **Avg@k**: mean over questions of the share of its k repeats that are correct; **pass@k**: share of
   questions with at least one correct repeat; **majority@k**: share whose majority-vote answer is correct.
-  Questions whose input could not be read are left out of these and counted as ``input_errors``; a judge
-  failure counts as not correct and is counted as ``judge_errors``.
-* The same accuracies per level, category, task, subtask and HR-Bench cycle, when samples carry them.
-* Turns: mean and histogram; stop reasons; over-turn rate; tool-error rate (mistakes per tool call);
-  tokens and latency per trajectory.
+  Accuracy is over the units that **ran**, with the counts beside it: a unit whose backend failed after
+  retries (stop reason ``error`` on a readable image) is counted in ``backend_errors`` and left out, never
+  scored wrong; a question none of whose repeats ran is left out (``questions_failed``); when nothing ran, or
+  nothing that ran has a gold answer (``scored`` is 0), the accuracies are ``None``. Questions whose input
+  could not be read are left out too and counted as ``input_errors``; a judge failure counts as not correct
+  and is counted as ``judge_errors``.
+* The same accuracies per level, category, task, subtask and HR-Bench cycle, when samples carry them, each
+  with its question count ``n`` and its ``backend_errors``.
+* Turns: mean and histogram; over-turn rate; tool-error rate (mistakes per tool call); tokens and latency
+  per trajectory, over the units that ran; stop reasons of every unit (backend failures as ``error``).
 * **Faithfulness**: among correct answers to questions with known target boxes, the share whose zooms
   actually covered every target (some zoom box holding at least ``threshold`` of the target's area), and
   the mean best IoU of a zoom with a target.
@@ -108,9 +113,10 @@ def _correct(traj: Trajectory) -> bool:
     return bool(traj.score and traj.score.correct)
 
 
-def _accuracy(groups: dict[str, list[Trajectory]]) -> dict[str, float]:
+def _accuracy(groups: dict[str, list[Trajectory]]) -> dict[str, float | None]:
+    """Avg@k, pass@k and majority@k of questions → their scored repeats; ``None`` without any."""
     if not groups:
-        return {"avg": 0.0, "pass": 0.0, "majority": 0.0}
+        return {"avg": None, "pass": None, "majority": None}
     avg = statistics.fmean(statistics.fmean(_correct(t) for t in ts) for ts in groups.values())
     passed = statistics.fmean(any(_correct(t) for t in ts) for ts in groups.values())
     majority = []
@@ -128,13 +134,21 @@ def _accuracy(groups: dict[str, list[Trajectory]]) -> dict[str, float]:
     return {"avg": avg, "pass": passed, "majority": statistics.fmean(majority)}
 
 
+def backend_failed(traj: Trajectory) -> bool:
+    """The backend failed after retries: the unit did not run, so it is counted apart from accuracy."""
+    return traj.stop_reason == "error" and traj.image is not None and not traj.sample.meta.get("input_error")
+
+
 def summarize(trajectories: list[Trajectory], threshold: float = 0.5) -> dict[str, Any]:
     """All metrics of trajectories that share one turn cap (see the module docstring)."""
     valid = [t for t in trajectories if not t.sample.meta.get("input_error") and t.image is not None]
     input_errors = {t.sample.id for t in trajectories} - {t.sample.id for t in valid}
+    failed = [t for t in valid if backend_failed(t)]
+    ran = [t for t in valid if not backend_failed(t)]
     groups: dict[str, list[Trajectory]] = defaultdict(list)
-    for t in valid:
-        groups[t.sample.id].append(t)
+    for t in ran:
+        if t.sample.answer is not None:
+            groups[t.sample.id].append(t)
     by: dict[str, dict[str, dict[str, Any]]] = {}
     for field in BREAKDOWN_FIELDS:
         split: dict[str, dict[str, list[Trajectory]]] = defaultdict(dict)
@@ -142,37 +156,44 @@ def summarize(trajectories: list[Trajectory], threshold: float = 0.5) -> dict[st
             value = ts[0].sample.meta.get(field)
             if value:
                 split[str(value)][sid] = ts
-        if split:
-            by[field] = {v: {**_accuracy(g), "n": len(g)} for v, g in sorted(split.items())}
-    turns = [len(t.turns) for t in valid]
-    calls = sum(t.metrics["tool_calls"] for t in valid)
-    faithful = [found_targets(t, threshold) for t in valid if _correct(t)]
+        failures = Counter(str(t.sample.meta[field]) for t in failed if t.sample.meta.get(field))
+        if split or failures:
+            by[field] = {
+                v: {**_accuracy(split.get(v, {})), "n": len(split.get(v, {})), "backend_errors": failures[v]}
+                for v in sorted(set(split) | set(failures))
+            }
+    turns = [len(t.turns) for t in ran]
+    calls = sum(t.metrics["tool_calls"] for t in ran)
+    faithful = [found_targets(t, threshold) for t in ran if _correct(t)]
     faithful = [f for f in faithful if f is not None]
-    backend_errors = sum(1 for t in valid if t.stop_reason == "error")
     return {
         "questions": len(groups),
+        "questions_failed": len({t.sample.id for t in failed} - {t.sample.id for t in ran}),
         "trajectories": len(valid),
+        "ran": len(ran),
+        "scored": sum(len(ts) for ts in groups.values()),
         "accuracy": _accuracy(groups),
-        "chance": statistics.fmean(chance(ts[0].sample) for ts in groups.values()) if groups else 0.0,
+        "chance": statistics.fmean(chance(ts[0].sample) for ts in groups.values()) if groups else None,
         "by": by,
         "turns_mean": statistics.fmean(turns) if turns else 0.0,
         "turns_histogram": dict(sorted(Counter(turns).items())),
         "stop_reasons": dict(Counter(t.stop_reason or "running" for t in valid).most_common()),
-        "over_turn_rate": statistics.fmean(t.over_turn for t in valid) if valid else 0.0,
-        "tool_error_rate": sum(t.metrics["tool_errors"] for t in valid) / calls if calls else 0.0,
-        "errors_by_kind": dict(sum((Counter(t.metrics["errors_by_kind"]) for t in valid), Counter()).most_common()),
-        "prompt_tokens_mean": statistics.fmean(t.usage.prompt_tokens for t in valid) if valid else 0.0,
-        "completion_tokens_mean": statistics.fmean(t.usage.completion_tokens for t in valid) if valid else 0.0,
-        "latency_s_mean": statistics.fmean(t.wall_s for t in valid) if valid else 0.0,
+        "over_turn_rate": statistics.fmean(t.over_turn for t in ran) if ran else 0.0,
+        "tool_error_rate": sum(t.metrics["tool_errors"] for t in ran) / calls if calls else 0.0,
+        "errors_by_kind": dict(sum((Counter(t.metrics["errors_by_kind"]) for t in ran), Counter()).most_common()),
+        "prompt_tokens_mean": statistics.fmean(t.usage.prompt_tokens for t in ran) if ran else 0.0,
+        "completion_tokens_mean": statistics.fmean(t.usage.completion_tokens for t in ran) if ran else 0.0,
+        "latency_s_mean": statistics.fmean(t.wall_s for t in ran) if ran else 0.0,
         "faithfulness": {
             "checked": len(faithful),
             "covered_rate": statistics.fmean(c for c, _ in faithful) if faithful else None,
             "best_iou_mean": statistics.fmean(i for _, i in faithful) if faithful else None,
             "threshold": threshold,
         },
-        "search": search_behaviour(valid),
+        "search": search_behaviour(ran),
         "input_errors": len(input_errors),
-        "backend_errors": backend_errors,
-        "judge_errors": sum(1 for t in valid if t.score and t.score.method == "judge_error"),
-        "score_methods": dict(Counter(t.score.method for t in valid if t.score).most_common()),
+        "backend_errors": len(failed),
+        "backend_error_rate": len(failed) / len(valid) if valid else 0.0,
+        "judge_errors": sum(1 for t in ran if t.score and t.score.method == "judge_error"),
+        "score_methods": dict(Counter(t.score.method for t in ran if t.score).most_common()),
     }

@@ -20,18 +20,39 @@ def _pct(v: float | None) -> str:
     return "–" if v is None else f"{100 * v:.1f}"
 
 
+def accuracy_cell(summary: dict[str, Any], value: float | None) -> str:
+    """An accuracy as shown: a percentage, "not scored" when units ran but none had a gold answer, "–" when
+    none ran (every unit's backend failed, or there were none)."""
+    if value is None and summary.get("ran") and not summary.get("scored"):
+        return "not scored"
+    return _pct(value)
+
+
+def ran_cell(summary: dict[str, Any]) -> str:
+    """How many units the accuracy is over, of those attempted ("19 of 80" when backends failed)."""
+    ran, attempted = summary.get("ran", summary["trajectories"]), summary["trajectories"]
+    return str(ran) if ran == attempted else f"{ran} of {attempted}"
+
+
 def markdown_summary(dataset: str, model: str, k: int, summaries: dict[int, dict[str, Any]]) -> str:
     """The summary of every cap as Markdown."""
-    lines = [f"# {model} on {dataset}", "", f"k = {k} repeats per question. Accuracies in %.", ""]
+    lines = [
+        f"# {model} on {dataset}",
+        "",
+        f"k = {k} repeats per question. Accuracies in %, over the units that ran: a unit whose backend failed "
+        "after retries is counted under backend errors, not as wrong.",
+        "",
+    ]
     lines += [
-        "| turn cap | questions | Avg@k | pass@k | majority@k | chance | mean turns | over-turn | tool errors | "
-        "faithful | input errors | backend errors | judge errors |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| turn cap | questions | units ran | Avg@k | pass@k | majority@k | chance | mean turns | over-turn | "
+        "tool errors | faithful | input errors | backend errors | judge errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for cap, s in sorted(summaries.items()):
         acc = s["accuracy"]
         lines.append(
-            f"| {cap} | {s['questions']} | {_pct(acc['avg'])} | {_pct(acc['pass'])} | {_pct(acc['majority'])} | "
+            f"| {cap} | {s['questions']} | {ran_cell(s)} | {accuracy_cell(s, acc['avg'])} | "
+            f"{accuracy_cell(s, acc['pass'])} | {accuracy_cell(s, acc['majority'])} | "
             f"{_pct(s['chance'])} | {s['turns_mean']:.2f} | {_pct(s['over_turn_rate'])} | "
             f"{_pct(s['tool_error_rate'])} | "
             f"{_pct(s['faithfulness']['covered_rate'])} | {s['input_errors']} | {s['backend_errors']} | "
@@ -43,11 +64,14 @@ def markdown_summary(dataset: str, model: str, k: int, summaries: dict[int, dict
             "",
             f"## By {field} (turn cap {cap})",
             "",
-            f"| {field} | n | Avg@k | pass@k | majority@k |",
-            "|---|---|---|---|---|",
+            f"| {field} | n | Avg@k | pass@k | majority@k | backend errors |",
+            "|---|---|---|---|---|---|",
         ]
         for value, g in groups.items():
-            lines.append(f"| {value} | {g['n']} | {_pct(g['avg'])} | {_pct(g['pass'])} | {_pct(g['majority'])} |")
+            lines.append(
+                f"| {value} | {g['n']} | {_pct(g['avg'])} | {_pct(g['pass'])} | {_pct(g['majority'])} | "
+                f"{g.get('backend_errors', 0)} |"
+            )
     lines += [
         "",
         f"## Turns and stops (turn cap {cap})",
@@ -92,24 +116,21 @@ def write_sweep(csv_path: Path, png_path: Path, summaries: dict[int, dict[str, A
         )
         for cap in caps:
             s = summaries[cap]
-            writer.writerow(
-                [
-                    cap,
-                    s["accuracy"]["avg"],
-                    s["accuracy"]["pass"],
-                    s["accuracy"]["majority"],
-                    s["turns_mean"],
-                    s["over_turn_rate"],
-                    *[s["by"].get("level", {}).get(lv, {}).get("avg", "") for lv in levels],
-                ]
-            )
+            row = [
+                cap,
+                s["accuracy"]["avg"],
+                s["accuracy"]["pass"],
+                s["accuracy"]["majority"],
+                s["turns_mean"],
+                s["over_turn_rate"],
+                *[s["by"].get("level", {}).get(lv, {}).get("avg") for lv in levels],
+            ]
+            writer.writerow(["" if v is None else v for v in row])  # no accuracy where no unit ran
     lines = {"all": [(c, summaries[c]["accuracy"]["avg"]) for c in caps]}
     if len(levels) > 1:
         for lv in levels:
-            by_level = [
-                (c, summaries[c]["by"]["level"][lv]["avg"]) for c in caps if lv in summaries[c]["by"].get("level", {})
-            ]
-            lines[lv] = by_level
+            lines[lv] = [(c, summaries[c]["by"].get("level", {}).get(lv, {}).get("avg")) for c in caps]
+    lines = {label: [(c, v) for c, v in points if v is not None] for label, points in lines.items()}
     try:
         plot_lines(png_path, lines, title=title, ylabel="Avg@k (%)")
     except ConfigError as exc:
@@ -141,7 +162,8 @@ def plot_lines(path: Path, lines: dict[str, list[tuple[int, float]]], *, title: 
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
+    if any(lines.values()):
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

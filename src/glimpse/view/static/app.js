@@ -3,7 +3,8 @@
  * Data: data/run.js sets GLIMPSE.runs (config and summary of each run), data/index.js sets GLIMPSE.index (one
  * small row per trajectory), and data/traj/N.js calls GLIMPSE.loaded(N, trajectory) when a page needs it. Script
  * tags are used instead of fetch() because browsers refuse fetch() on file:// pages.
- * Routes: #/ (overview and list) and #/t/N (trajectory N).
+ * Routes: #/ (overview and list) and #/t/N (trajectory N). `glimpse ui` loads this file too, as a library of the
+ * trajectory drawing (GLIMPSE.view), without routing.
  */
 "use strict";
 
@@ -82,15 +83,28 @@ function loadImage(src) {
 }
 
 // ---------------------------------------------------------------------------------------------------- overview
+// An accuracy as shown: "not scored" when units ran but none had a gold answer (e.g. a glimpse ask file), "–" when
+// none ran (every backend call failed); accuracies are over the units that ran, never counting failures as wrong.
+function accuracy(s, v) {
+  if ((v === null || v === undefined) && s.ran && !s.scored) return "not scored";
+  return pct(v);
+}
+function ranCell(s) {
+  const ran = s.ran === undefined ? s.trajectories : s.ran;
+  return ran === s.trajectories ? ran : `${ran} of ${s.trajectories}`;
+}
+
 function summaryTable(run) {
   const rows = Object.entries(run.summary.caps || {}).sort((a, b) => Number(a[0]) - Number(b[0]));
-  const head = ["turn cap", "questions", "Avg@k", "pass@k", "majority@k", "chance", "mean turns", "over-turn %",
-    "tool errors %", "faithful %", "input errors", "backend errors", "judge errors"];
+  const head = ["turn cap", "questions", "units ran", "Avg@k", "pass@k", "majority@k", "chance", "mean turns",
+    "over-turn %", "tool errors %", "faithful %", "input errors", "backend errors", "judge errors"];
   return h("table", { class: "summary" },
     h("thead", {}, h("tr", {}, head.map((c, i) => h("th", { class: i ? "num" : "" }, c)))),
     h("tbody", {}, rows.map(([cap, s]) => h("tr", {},
-      h("td", {}, cap), h("td", { class: "num" }, s.questions), h("td", { class: "num" }, pct(s.accuracy.avg)),
-      h("td", { class: "num" }, pct(s.accuracy.pass)), h("td", { class: "num" }, pct(s.accuracy.majority)),
+      h("td", {}, cap), h("td", { class: "num" }, s.questions), h("td", { class: "num" }, ranCell(s)),
+      h("td", { class: "num" }, accuracy(s, s.accuracy.avg)),
+      h("td", { class: "num" }, accuracy(s, s.accuracy.pass)),
+      h("td", { class: "num" }, accuracy(s, s.accuracy.majority)),
       h("td", { class: "num" }, pct(s.chance)), h("td", { class: "num" }, fmt(s.turns_mean)),
       h("td", { class: "num" }, pct(s.over_turn_rate)), h("td", { class: "num" }, pct(s.tool_error_rate)),
       h("td", { class: "num" }, pct(s.faithfulness.covered_rate)), h("td", { class: "num" }, s.input_errors),
@@ -108,11 +122,11 @@ function bars(title, counts) {
 
 function breakdown(s) {
   return Object.entries(s.by || {}).map(([field, groups]) => h("div", { class: "panel" }, h("h3", {}, `By ${field}`),
-    h("table", {}, h("thead", {}, h("tr", {}, [field, "n", "Avg@k", "pass@k", "majority@k"].map((c, i) =>
-      h("th", { class: i ? "num" : "" }, c)))),
+    h("table", {}, h("thead", {}, h("tr", {}, [field, "n", "Avg@k", "pass@k", "majority@k", "backend errors"].map(
+      (c, i) => h("th", { class: i ? "num" : "" }, c)))),
     h("tbody", {}, Object.entries(groups).map(([name, g]) => h("tr", {}, h("td", {}, name),
       h("td", { class: "num" }, g.n), h("td", { class: "num" }, pct(g.avg)), h("td", { class: "num" }, pct(g.pass)),
-      h("td", { class: "num" }, pct(g.majority))))))));
+      h("td", { class: "num" }, pct(g.majority)), h("td", { class: "num" }, g.backend_errors || 0)))))));
 }
 
 function runSection(run, label) {
@@ -423,5 +437,9 @@ function route() {
   if (m) renderTrajectory(app, Number(m[1])).catch((e) => app.replaceChildren(h("p", { class: "error-text" }, String(e))));
   else renderOverview(app);
 }
-window.addEventListener("hashchange", route);
-route();
+// The live page of `glimpse ui` sets GLIMPSE.embedded and draws its turns with these same functions.
+G.view = { h, badge, kv, fmt, regions, originalPanel, turnCard, loadImage };
+if (!G.embedded) {
+  window.addEventListener("hashchange", route);
+  route();
+}
