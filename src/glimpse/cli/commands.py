@@ -347,7 +347,7 @@ def run_eval_command(cfg: EvalConfig) -> int:
         console=console,
         transient=False,
     )
-    state = {"task": None, "correct": 0, "scored": 0}
+    state = {"task": None, "correct": 0, "scored": 0, "failed": 0}
 
     def on_start(todo: int, done: int, dataset: Any) -> None:
         for note in dataset.notes:
@@ -357,11 +357,15 @@ def run_eval_command(cfg: EvalConfig) -> int:
         state["task"] = progress.add_task(f"{cfg.model} on {dataset.name}", total=todo, status="")
 
     def on_progress(finished: int, total: int, traj: Trajectory) -> None:
+        from glimpse.eval.metrics import backend_failed
+
         if traj.score and traj.score.correct is not None:
             state["scored"] += 1
             state["correct"] += bool(traj.score.correct)
-        acc = 100 * state["correct"] / state["scored"] if state["scored"] else 0.0
-        progress.update(state["task"], completed=finished, status=f"accuracy so far {acc:.1f} %")
+        state["failed"] += backend_failed(traj)
+        acc = f"{100 * state['correct'] / state['scored']:.1f} %" if state["scored"] else "–"
+        failed = f" · {state['failed']} backend errors" if state["failed"] else ""
+        progress.update(state["task"], completed=finished, status=f"accuracy so far {acc}{failed}")
 
     with progress:
         run = asyncio.run(run_eval(cfg, on_progress=on_progress, on_start=on_start))

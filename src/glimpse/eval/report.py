@@ -130,7 +130,6 @@ def write_sweep(csv_path: Path, png_path: Path, summaries: dict[int, dict[str, A
     if len(levels) > 1:
         for lv in levels:
             lines[lv] = [(c, summaries[c]["by"].get("level", {}).get(lv, {}).get("avg")) for c in caps]
-    lines = {label: [(c, v) for c, v in points if v is not None] for label, points in lines.items()}
     try:
         plot_lines(png_path, lines, title=title, ylabel="Avg@k (%)")
     except ConfigError as exc:
@@ -139,8 +138,9 @@ def write_sweep(csv_path: Path, png_path: Path, summaries: dict[int, dict[str, A
     return True
 
 
-def plot_lines(path: Path, lines: dict[str, list[tuple[int, float]]], *, title: str, ylabel: str) -> None:
-    """Accuracy against turn cap, one line per entry, log₂ x axis."""
+def plot_lines(path: Path, lines: dict[str, list[tuple[int, float | None]]], *, title: str, ylabel: str) -> None:
+    """Accuracy against turn cap, one line per entry, log₂ x axis; a cap without an accuracy (``None``: no unit
+    ran) is left out of its line."""
     try:
         import matplotlib
 
@@ -148,6 +148,7 @@ def plot_lines(path: Path, lines: dict[str, list[tuple[int, float]]], *, title: 
         import matplotlib.pyplot as plt
     except ImportError:
         raise ConfigError("writing the sweep plot needs matplotlib: pip install 'glimpse[plot]'") from None
+    lines = {label: [(x, y) for x, y in points if y is not None] for label, points in lines.items()}  # none ran
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     for label, points in lines.items():
         if not points:
