@@ -88,7 +88,8 @@ class OpenAIBackend:
         base_url: endpoint root ending in ``/v1``; default from the environment, else OpenAI's. Several URLs,
             comma-separated, are load-balanced: a conversation goes to the least busy server and stays there
             (so the server's prefix cache is reused), moving only if that server fails.
-        api_key: bearer token; default from the environment. Local servers usually need none.
+        api_key: bearer token; default (``None``) from the environment; ``""`` sends none, whatever the
+            environment says. Local servers usually need none.
         max_concurrency: most requests in flight at once, per server.
         timeout: seconds to wait for one response.
         max_retries: retries of a failed request before giving up.
@@ -128,7 +129,7 @@ class OpenAIBackend:
         if not self.base_urls:
             raise ConfigError(f"no server URL in base_url={base_url!r}")
         self.base_url = self.base_urls[0]
-        self.api_key = api_key or _env("GLIMPSE_API_KEY", "OPENAI_API_KEY")
+        self.api_key = api_key if api_key is not None else _env("GLIMPSE_API_KEY", "OPENAI_API_KEY")
         if OPENAI_URL in self.base_urls and not self.api_key:
             raise ConfigError(
                 "no API key for api.openai.com: set OPENAI_API_KEY, or point --base-url at your own server "
