@@ -1,19 +1,32 @@
 """The code tool's sandbox against attacks, and the scripted trajectories of the code tool.
 
-Every attack runs in its own bubblewrap session. After each one the test checks that the model got a clear
-message, that nothing reached the host (files, network, environment, processes), that this test process is
-alive, and that a new session still works. ``ATTACKS`` lists them; without bubblewrap they are skipped unless
-``GLIMPSE_REQUIRE_SANDBOX=1`` (set by CI) makes that a failure.
+Every attack in ``ATTACKS`` runs in a fresh session of each isolation, ``bwrap`` and ``process``. An attack is
+contained when nothing reached the host or the model that should not have (a secret, a connection, a file, a
+killed process: the evidence ``escape_signs`` looks for, including the word ESCAPED, which each attack prints
+once its forbidden step has succeeded) and the model got the expected message; after each one a new session
+must still work. ``NOT_CONTAINED`` lists the attacks an isolation is known not to contain: for those the test
+asserts that the attack does succeed, so the table in the README (made by ``bench/sandbox_attacks.py`` and
+checked against this file by ``test_readme_table_matches_the_suite``) is measured, not written by hand.
+Process isolation is measured as root, as CI runs (it then drops to a uid of its own). Without bubblewrap the
+bwrap tests are skipped unless ``GLIMPSE_REQUIRE_SANDBOX=1`` (set by CI) makes that a failure.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import os
+import re
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import textwrap
 import threading
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -27,6 +40,8 @@ from glimpse.trajectory import Sample, render_image
 pytestmark = pytest.mark.slow
 
 SECRET = "sk-glimpse-test-secret-7c1f"
+MODES = ("bwrap", "process")
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def require_bwrap() -> None:
@@ -37,10 +52,17 @@ def require_bwrap() -> None:
     pytest.skip("bubblewrap is not available (apt-get install bubblewrap); CI runs these tests")
 
 
+def require(mode: str) -> None:
+    if mode == "bwrap":
+        require_bwrap()
+    elif os.getuid() != 0:
+        # Without root the worker keeps this user's uid: `os.kill(-1, 9)` would kill every process of the user.
+        pytest.skip("process isolation is measured as root (as CI runs); as another user it contains less")
+
+
 @pytest.fixture
 def host(tmp_path, monkeypatch):
     """Things on the host an attack must not reach: a secret file, an API key, a listening TCP port."""
-    require_bwrap()
     secret_file = tmp_path / "credentials.txt"
     secret_file.write_text(SECRET)
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
@@ -62,50 +84,97 @@ def host(tmp_path, monkeypatch):
                 return
 
     threading.Thread(target=accept, daemon=True).start()
-    yield {"dir": tmp_path, "secret_file": secret_file, "port": server.getsockname()[1], "accepted": accepted}
+    token = uuid.uuid4().hex[:12]
+    yield {
+        "dir": tmp_path,
+        "secret_file": secret_file,
+        "port": server.getsockname()[1],
+        "accepted": accepted,
+        "token": token,
+        "host_tmp_file": Path(f"/tmp/glimpse-attack-{token}"),
+    }
     server.close()
 
 
-def attack(code: str, limits: SandboxLimits | None = None) -> tuple[str, object]:
-    """Run one attack in a fresh session; return the text the model would read, and the raw result."""
-    from glimpse.tools.python import describe
-
-    with PythonSession(limits or SandboxLimits(wall_s=10, cpu_s=20, memory_mb=1024, processes=32), "bwrap") as s:
-        result = s.run(textwrap.dedent(code))
-        text = describe(result, [])
-    return text, result
-
-
-def fresh_session_works() -> bool:
-    with PythonSession(SandboxLimits(wall_s=10), "bwrap") as s:
+def fresh_session_works(mode: str) -> bool:
+    with PythonSession(SandboxLimits(wall_s=10), mode) as s:
         return s.run("print(6 * 7)").stdout.strip() == "42"
 
 
-ATTACKS = {
+# 8 files of 50 MB: each under the file-size limit, together over the 256 MB of /scratch and /tmp.
+FILL = "for i in range(8):\n    with open(f'FOLDER/fill-{{i}}', 'wb') as f: f.write(b'x' * 50 * 1024**2)\n" + (
+    "print('ESCAPED: 400 MB written')"
+)
+
+# name: (code, a pattern the model's answer matches when the attack is contained; None: only the evidence counts)
+ATTACKS: dict[str, tuple[str, str | None]] = {
     # network
     "connect to the host": (
-        "import socket; socket.create_connection(('127.0.0.1', {port}), timeout=3)",
+        "import socket; socket.create_connection(('127.0.0.1', {port}), timeout=3); print('ESCAPED')",
         "Connection refused",
     ),  # the sandbox's own loopback: nothing listens there
-    "connect outside": ("import socket; socket.create_connection(('1.1.1.1', 80), timeout=3)", "unreachable"),
-    "resolve a name": ("import socket; socket.getaddrinfo('example.com', 80)", "Error"),
-    "fetch a URL": ("import urllib.request; urllib.request.urlopen('http://example.com', timeout=3)", "Error"),
-    "raw socket": ("import socket; socket.socket(socket.AF_PACKET, socket.SOCK_RAW)", "Error"),
+    "connect outside": (
+        "import socket, errno\ntry:\n    socket.create_connection(('1.1.1.1', 80), timeout=3)\n"
+        "    print('ESCAPED: connected')\nexcept OSError as e:\n"
+        "    print('unreachable' if e.errno == errno.ENETUNREACH else f'ESCAPED: the host network was used: {{e}}')",
+        "unreachable",
+    ),
+    "resolve a name": (
+        "import socket\ntry:\n    socket.getaddrinfo('example.com', 80)\n    print('ESCAPED: resolved')\n"
+        "except socket.gaierror as e:\n"
+        "    print('ESCAPED: a name server answered' if e.errno == socket.EAI_NONAME else e)",
+        "name resolution",
+    ),
+    "fetch a URL": (
+        "import urllib.request, urllib.error\ntry:\n    urllib.request.urlopen('http://1.1.1.1', timeout=3)\n"
+        "    print('ESCAPED: fetched')\nexcept urllib.error.HTTPError:\n    print('ESCAPED: a server answered')\n"
+        "except urllib.error.URLError as e:\n    print(e.reason)",
+        "unreachable",
+    ),
+    "list the network interfaces": (
+        "import socket; names = [n for _, n in socket.if_nameindex()]\n"
+        "print(f'ESCAPED: {{names}}' if set(names) - {{'lo'}} else names)",
+        r"\['lo'\]",
+    ),
+    "raw socket": ("import socket; socket.socket(socket.AF_PACKET, socket.SOCK_RAW)", "Operation not permitted"),
     # files
-    "read a host file": ("print(open({secret_file!r}).read())", "No such file"),
-    "list the host folder": ("import os; print(os.listdir({dir!r}))", "No such file"),
-    "read the home folder": ("import os; print(os.listdir(os.path.expanduser('~root')))", "Error"),
-    "read /etc/shadow": ("print(open('/etc/shadow').read())", "No such file"),
-    "write to a host folder": ("open({dir!r} + '/pwned', 'w').write('x')", "Error"),
-    "write into the system": ("open('/usr/lib/pwned', 'w').write('x')", "Read-only file system"),
-    "delete the images": ("import os; os.remove('/images/original_image.png')", "Read-only file system"),
-    "symlink out": ("import os; os.symlink('/etc/hostname', 'h'); print(open('h').read())", "No such file"),
-    "escape through /proc": ("print(open('/proc/1/root' + {secret_file!r}).read())", "No such file"),
-    "fill the disk": ("f = open('/scratch/big', 'wb')\nfor _ in range(2000): f.write(b'x' * 1024 * 1024)", "Error"),
-    "read a device": ("print(open('/dev/mem', 'rb').read(16))", "No such file"),
+    "read a host file": ("print(open({secret_file!r}).read())", "No such file|Permission denied"),
+    "read a world-readable host file": ("print('ESCAPED', open('/etc/passwd').read()[:40])", "No such file"),
+    "list the host folder": ("import os; print(os.listdir({dir!r}))", "No such file|Permission denied"),
+    "read the home folder": (
+        "import os; print(os.listdir(os.path.expanduser('~root')))",
+        "No such file|Permission denied",
+    ),
+    "read /etc/shadow": ("print(open('/etc/shadow').read())", "No such file|Permission denied"),
+    "write to a host folder": ("open({dir!r} + '/pwned', 'w').write('x')", "No such file|Permission denied"),
+    "write into the system": ("open('/usr/lib/pwned', 'w').write('x')", "Read-only file system|Permission denied"),
+    "write to the root folder": (
+        "open('/pwned', 'w').write('x'); print('ESCAPED')",
+        "Read-only file system|Permission denied",
+    ),
+    "write to /etc": (
+        "import os; os.makedirs('/etc/pwned', exist_ok=True); print('ESCAPED')",
+        "Read-only file system|Permission denied",
+    ),
+    "fill the root folder": (FILL.replace("FOLDER", ""), "Read-only file system|Permission denied"),
+    "fill the scratch space": (FILL.replace("FOLDER", "."), "No space left on device"),
+    "fill /dev/shm": (FILL.replace("FOLDER", "/dev/shm"), "No space left on device"),
+    "fill the disk": ("f = open('big', 'wb')\nfor _ in range(2000): f.write(b'x' * 1024 * 1024)", "File too large"),
+    "leave a file in the host's /tmp": ("open('/tmp/glimpse-attack-{token}', 'w').write('x'); print('written')", None),
+    "delete the images": (
+        "import os; os.remove('/images/original_image.png' if os.path.isdir('/images') else "
+        "os.environ['GLIMPSE_IMAGES'] + '/original_image.png')",
+        "Read-only file system|Permission denied",
+    ),
+    "symlink out": (
+        "import os; os.symlink('/etc/passwd', 'h'); print('ESCAPED', open('h').read()[:40])",
+        "No such file",
+    ),
+    "escape through /proc": ("print(open('/proc/1/root' + {secret_file!r}).read())", "No such file|Permission denied"),
+    "read a device": ("print(open('/dev/mem', 'rb').read(16))", "No such file|Permission denied"),
     # environment and credentials
     "read the environment": ("import os; print(dict(os.environ))", None),
-    "read the parent's environment": ("print(open('/proc/1/environ').read())", None),
+    "read the parent's environment": ("import os; print(open(f'/proc/{{os.getppid()}}/environ').read())", None),
     "search /proc for the key": (
         "import os, glob\nfor p in glob.glob('/proc/*/environ'):\n    try: print(open(p).read())\n"
         "    except OSError: pass",
@@ -122,9 +191,17 @@ ATTACKS = {
         "Error",
     ),
     "subprocess bomb": ("import subprocess\nwhile True: subprocess.Popen(['sleep', '60'])", "Error"),
-    "kill the parent": ("import os; os.kill(os.getppid(), 9); print('still here')", "still here"),
-    "kill every process": ("import os; os.kill(-1, 9)", "No such process"),
-    "signal a host process": ("import os; os.kill({pid}, 9)", "Error"),
+    "kill the parent": (
+        "import os\ntry: os.kill(os.getppid(), 9)\nexcept OSError as e: print(e)\nprint('still here')",
+        "still here",
+    ),
+    "kill the parent's process group": (
+        "import os\ntry: os.killpg(os.getpgid(os.getppid()), 9)\nexcept OSError as e: print(e)\nprint('still here')",
+        "still here",
+    ),
+    # kill(-1) succeeds when any process was tried, even if every one refused (process isolation)
+    "kill every process": ("import os; os.kill(-1, 9)", "No such process|printed nothing"),
+    "signal a host process": ("import os; os.kill({pid}, 9)", "No such process|Operation not permitted"),
     "ignore termination": ("import signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nwhile True: pass", "stopped"),
     # resources
     "infinite loop": ("while True: pass", "longer than"),
@@ -161,51 +238,150 @@ ATTACKS = {
     ),  # the forged line is skipped
 }
 
+# What process isolation (run as root: its own uid, no namespaces) does not contain. bwrap contains everything.
+NOT_CONTAINED: dict[str, frozenset[str]] = {
+    "bwrap": frozenset(),
+    "process": frozenset(
+        {
+            "connect to the host",
+            "connect outside",
+            "resolve a name",
+            "fetch a URL",
+            "list the network interfaces",
+            "read a world-readable host file",
+            "symlink out",
+            "fill the scratch space",
+            "fill /dev/shm",
+            "leave a file in the host's /tmp",
+        }
+    ),
+}
+# Escapes that need the host itself to reach the network: where it cannot, they cannot be shown.
+NEEDS_HOST_NETWORK = frozenset({"connect outside", "resolve a name", "fetch a URL", "list the network interfaces"})
 
+
+def attack_code(name: str, host: dict) -> str:
+    code, _ = ATTACKS[name]
+    fields = {"port": host["port"], "secret_file": str(host["secret_file"]), "dir": str(host["dir"])}
+    return textwrap.dedent(code.format(**fields, pid=os.getpid(), token=host["token"]))
+
+
+def escape_signs(text: str, host: dict) -> list[str]:
+    """Evidence that an attack got out: what reached the model or the host that should not have."""
+    signs = []
+    if "ESCAPED" in text:
+        signs.append("the attack's forbidden step succeeded")
+    if SECRET in text:
+        signs.append("the secret reached the model")
+    if host["accepted"]:
+        signs.append("a connection reached the host")
+    if host["host_tmp_file"].exists():
+        signs.append("a file appeared in the host's /tmp")
+    for path in (host["dir"] / "pwned", Path("/usr/lib/pwned"), Path("/pwned"), Path("/etc/pwned")):
+        if path.exists():
+            signs.append(f"{path} was written")
+    if host["secret_file"].read_text() != SECRET:
+        signs.append("a host file was changed")
+    return signs
+
+
+def run_attack(name: str, mode: str, host: dict) -> tuple[str, list[str]]:
+    """Run one attack in a fresh session; the text the model reads and the evidence, taken before the session
+    is closed (closing a process-mode session removes what its uid left in the shared folders)."""
+    from glimpse.tools.python import describe
+
+    limits = SandboxLimits(wall_s=8, cpu_s=20, memory_mb=1024, processes=32)
+    with PythonSession(limits, mode) as s:
+        (s.image_dir / "original_image.png").write_bytes(b"not really a png")
+        result = s.run(attack_code(name, host))
+        text = describe(result, [])
+        signs = escape_signs(text, host)
+        if name == "forge the tool's answer":
+            assert result.stdout.rstrip().endswith("real output")  # the answer came from the worker
+    assert not host["host_tmp_file"].exists(), "a closed session left a file in the host's /tmp"
+    return text, signs
+
+
+def host_can(code: str) -> bool:
+    """Whether the attack's forbidden step succeeds for an unsandboxed process on this host."""
+    done = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, timeout=60)
+    return "ESCAPED" in done.stdout
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", list(ATTACKS))
-def test_attack_is_contained(name, host):
-    code, expected = ATTACKS[name]
-    code = code.format(port=host["port"], secret_file=str(host["secret_file"]), dir=str(host["dir"]), pid=os.getpid())
-    text, result = attack(code)
-    assert SECRET not in text, f"{name}: the secret reached the model"
-    if expected is not None:
-        assert expected in text, f"{name}: unexpected answer {text[:500]!r}"
-    assert host["accepted"] == [], f"{name}: a connection reached the host"
-    assert not (host["dir"] / "pwned").exists()
-    assert not Path("/usr/lib/pwned").exists()
-    assert host["secret_file"].read_text() == SECRET
-    if name == "forge the tool's answer":
-        assert result.stdout.rstrip().endswith("real output")  # the answer came from the worker, not the forgery
-    assert fresh_session_works(), f"{name}: a new session no longer works"
+def test_attack(name, mode, host):
+    require(mode)
+    text, signs = run_attack(name, mode, host)
+    if name in NOT_CONTAINED[mode]:
+        if not signs and name in NEEDS_HOST_NETWORK and not host_can(attack_code(name, host)):
+            pytest.skip("this host cannot do it either, so the escape cannot be shown here")
+        assert signs, (
+            f"{mode} now contains {name!r} ({text[:300]!r}): take it out of NOT_CONTAINED and regenerate the "
+            "README's table with bench/sandbox_attacks.py"
+        )
+    else:
+        assert not signs, f"{name} escaped {mode}: {signs}; the model read {text[:500]!r}"
+        _, expected = ATTACKS[name]
+        if expected is not None:
+            assert re.search(expected, text), f"{name}: unexpected answer {text[:500]!r}"
+    assert fresh_session_works(mode), f"{name}: a new session no longer works"
+
+
+def attack_table() -> list[str]:
+    """The README's table rows, from ``ATTACKS`` and ``NOT_CONTAINED`` (which ``test_attack`` measures)."""
+    rows = ["| attack | bwrap | process (as root) |", "|---|---|---|"]
+    for name in ATTACKS:
+        cells = ["**not contained**" if name in NOT_CONTAINED[mode] else "contained" for mode in MODES]
+        rows.append(f"| {name} | {' | '.join(cells)} |")
+    return rows
+
+
+def test_readme_table_matches_the_suite():
+    text = README.read_text()
+    rows = attack_table()
+    assert rows[0] in text, "the README has no attack table; paste bench/sandbox_attacks.py's output"
+    published = text[text.index(rows[0]) :].splitlines()[: len(rows)]
+    assert published == rows, "the README's attack table differs from the suite: run bench/sandbox_attacks.py"
 
 
 def test_cpu_time_limit():
     require_bwrap()
-    text, result = attack("while True: pass", SandboxLimits(wall_s=30, cpu_s=2))
-    assert result.killed and "CPU time" in text
+    with PythonSession(SandboxLimits(wall_s=30, cpu_s=2), "bwrap") as s:
+        result = s.run("while True: pass")
+    assert result.killed and "CPU time" in result.error
 
 
-def test_sessions_do_not_see_each_other():
-    require_bwrap()
-    with PythonSession(SandboxLimits(), "bwrap") as a, PythonSession(SandboxLimits(), "bwrap") as b:
-        a.run("open('/scratch/mine.txt', 'w').write('A'); secret = 'only in a'")
-        assert "No such file" in (b.run("print(open('/scratch/mine.txt').read())").error or "")
+@pytest.mark.parametrize("mode", MODES)
+def test_sessions_do_not_see_each_other(mode):
+    require(mode)
+    with PythonSession(SandboxLimits(), mode) as a, PythonSession(SandboxLimits(), mode) as b:
+        a.run("import os; open('mine.txt', 'w').write('A'); secret = 'only in a'; where = os.getcwd()")
+        where = a.run("print(where)").stdout.strip()
+        assert re.search("No such file|Permission denied", b.run(f"print(open({where!r} + '/mine.txt').read())").error)
         assert "NameError" in (b.run("secret").error or "")
         assert a.run("secret").stdout.strip() == "'only in a'"
+        if mode == "process":  # different uids: neither can signal the other
+            pid_a = int(a.run("import os; print(os.getpid())").stdout)
+            assert "Operation not permitted" in (b.run(f"import os; os.kill({pid_a}, 9)").error or "")
 
 
-def test_processes_are_gone_after_close():
-    require_bwrap()
-    with PythonSession(SandboxLimits(wall_s=5), "bwrap") as s:
-        s.run("import subprocess; p = subprocess.Popen(['sleep', '300'])")
-        pid = s._proc.pid
-    assert s._proc is None
-    assert not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/status").read_text().find("zombie") >= 0
+@pytest.mark.parametrize("mode", MODES)
+def test_processes_are_gone_after_close(mode):
+    require(mode)
+    with PythonSession(SandboxLimits(wall_s=5), mode) as s:
+        out = s.run("import subprocess; p = subprocess.Popen(['sleep', '300'], start_new_session=True); print(p.pid)")
+        pid, folder = s._proc.pid, s.folder
+        child = int(out.stdout) if mode == "process" else None  # bwrap's pids are its namespace's own
+    assert s._proc is None and not folder.exists()
+    for gone in (pid, child):
+        if gone is not None and Path(f"/proc/{gone}").exists():
+            assert "zombie" in Path(f"/proc/{gone}/status").read_text()
 
 
 def test_attack_count():
-    """The suite's size, for the record: every attack above is a separate test."""
-    assert len(ATTACKS) == 41
+    """The suite's size, for the record: every attack above is a separate test in each isolation."""
+    assert len(ATTACKS) == 50
 
 
 # --------------------------------------------------------------------------------------- scripted trajectories
@@ -294,10 +470,62 @@ def test_code_tool_off_means_no_python(make_image):
 
 
 def test_process_isolation_still_limits_resources():
-    with PythonSession(SandboxLimits(wall_s=3, memory_mb=512), "process") as s:
+    limits = SandboxLimits(wall_s=3, memory_mb=512, processes=16, file_mb=8, cpu_s=30)
+    with PythonSession(limits, "process") as s:
         assert "MemoryError" in (s.run("x = bytearray(4 * 1024**3)").error or "")
         assert s.run("while True: pass").killed
         assert "OPENAI" not in s.run("import os; print(sorted(os.environ))").stdout
+        got = s.run(
+            "import os, resource\nprint([resource.getrlimit(getattr(resource, 'RLIMIT_' + n))[0] for n in "
+            "('AS', 'NPROC', 'FSIZE', 'CPU')], os.getsid(0) == os.getpid(), os.getpgrp() == os.getpid())"
+        ).stdout
+        nproc = 16 if os.getuid() == 0 else None  # a non-root user's cap also counts its other processes
+        mb = 1024 * 1024
+        limits_seen = json.loads(got.split("]")[0] + "]")
+        assert limits_seen[0] == 512 * mb and limits_seen[2] == 8 * mb and limits_seen[3] == 30
+        assert nproc is None or limits_seen[1] == nproc
+        assert got.split("]")[1].split() == ["True", "True"]  # its own session and process group
+
+
+def test_process_isolation_drops_root(tmp_path):
+    if os.getuid() != 0:
+        pytest.skip("the uid drop happens only when glimpse runs as root")
+    from glimpse.tools.sandbox import SESSION_UID_BASE
+
+    with PythonSession(SandboxLimits(wall_s=10), "process") as s:
+        ids = s.run("import os; print(os.getuid(), os.geteuid(), os.getgid(), os.getegid(), os.getgroups())")
+        assert ids.stdout.split()[:4] == [str(s.uid)] * 4 and s.uid >= SESSION_UID_BASE
+        assert ids.stdout.strip().endswith("[]")
+        # NumPy and Pillow import even when the interpreter lives where the uid cannot reach (/root here).
+        assert s.run("import numpy, PIL.Image; print(numpy.arange(4).sum())").stdout.strip() == "6"
+        private = tmp_path / "private.txt"
+        private.write_text(SECRET)
+        private.chmod(0o600)
+        assert "Permission denied" in (s.run(f"open({str(private)!r}).read()").error or "")
+
+
+def test_process_isolation_warns_every_time_it_is_chosen(caplog, monkeypatch):
+    import glimpse.tools.sandbox as sandbox
+    from glimpse.tools.python import PythonTool
+
+    caplog.set_level(logging.WARNING, logger="glimpse.tools.sandbox")
+    sandbox.resolve_isolation("process")
+    sandbox.resolve_isolation("process")
+    assert [r.getMessage().count("\n") for r in caplog.records] == [0, 0]  # one line each time
+    assert all("no file-system or network isolation" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    tool = PythonTool(SandboxLimits(wall_s=10), "process")
+    sessions = [tool.session(), tool.session()]
+    for session in sessions:
+        session.close()
+    assert len(caplog.records) == 1, "a tool warns once, when it is made, not once per trajectory"
+    caplog.clear()
+    monkeypatch.setattr(sandbox, "bwrap_available", lambda: False)
+    assert sandbox.resolve_isolation("auto") == "process"
+    assert len(caplog.records) == 1 and "bubblewrap cannot run here" in caplog.records[0].getMessage()
+    caplog.clear()
+    monkeypatch.setattr(sandbox, "bwrap_available", lambda: True)
+    assert sandbox.resolve_isolation("auto") == "bwrap" and not caplog.records
 
 
 def test_bwrap_missing_is_a_clear_error(monkeypatch):
@@ -310,6 +538,64 @@ def test_bwrap_missing_is_a_clear_error(monkeypatch):
         sandbox.resolve_isolation("bwrap")
     assert sandbox.resolve_isolation("auto") == "process"
     assert shutil.which("python3") is not None
+
+
+ORPHAN = """
+import json, sys, threading
+from glimpse.tools.sandbox import PythonSession, SandboxLimits
+sessions = [PythonSession(SandboxLimits(wall_s=600), mode) for mode in sys.argv[1:]]
+for s in sessions:
+    s.run("import subprocess; subprocess.Popen(['sleep', '600'], start_new_session=True)")
+notes = [{"folder": str(s.folder), "uid": s.uid, "pid": s._proc.pid,
+          "cgroup": str(s._cgroup.path) if s._cgroup.path else None} for s in sessions]
+print(json.dumps(notes), flush=True)
+for s in sessions:  # the workers are busy when this process is killed
+    threading.Thread(target=s.run, args=("import time; time.sleep(600)",), daemon=True).start()
+threading.Event().wait()
+"""
+
+
+def processes_of(uid: int) -> list[int]:
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                status = Path(entry.path, "status").read_text()
+            except OSError:
+                continue
+            if f"\t{uid}\t" in status.split("Uid:")[1].split("\n")[0] + "\t" and "(zombie)" not in status:
+                found.append(int(entry.name))
+    return found
+
+
+def test_nothing_is_left_after_the_parent_dies(monkeypatch):
+    """A killed glimpse leaves no processes; its folders and cgroups go when the next one starts."""
+    import glimpse.tools.sandbox as sandbox
+
+    modes = [m for m in MODES if m != "bwrap" or bwrap_available()]
+    if os.getuid() != 0:
+        pytest.skip("measured as root, as CI runs")
+    with PythonSession(SandboxLimits(wall_s=10), "process") as live:  # a live session must survive the cleanup
+        live.run("x = 1")
+        orphan = subprocess.Popen([sys.executable, "-c", ORPHAN, *modes], stdout=subprocess.PIPE, text=True)
+        notes = json.loads(orphan.stdout.readline())
+        time.sleep(0.5)
+        os.kill(orphan.pid, signal.SIGKILL)
+        orphan.wait()
+        process_note = notes[modes.index("process")]
+        deadline = time.monotonic() + 10
+        while (processes_of(process_note["uid"]) or any(Path(f"/proc/{n['pid']}").exists() for n in notes)) and (
+            time.monotonic() < deadline
+        ):
+            time.sleep(0.1)
+        assert processes_of(process_note["uid"]) == [], "the orphaned worker's processes are still running"
+        assert all(Path(n["folder"]).exists() for n in notes)  # nobody has cleaned up yet
+        monkeypatch.setattr(sandbox, "_cleaned_pid", None)
+        assert sandbox.clean_stale_sessions() >= len(notes)
+        for note in notes:
+            assert not Path(note["folder"]).exists()
+            assert note["cgroup"] is None or not Path(note["cgroup"]).exists()
+        assert live.folder.exists() and live.run("print(x)").stdout.strip() == "1"
 
 
 def test_site_packages_under_tmp_stay_visible(tmp_path, monkeypatch):
