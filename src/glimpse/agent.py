@@ -14,12 +14,13 @@ it stops:
 
 A cap that stops the loop while the model was still calling the tool marks the trajectory ``over_turn``,
 which RL uses to mask it. Backend failures end that trajectory with ``error``; unreadable images end it
-before the first turn. Neither stops the other trajectories of a batch. Every limit is an argument here.
+before the first turn. Neither stops the other trajectories of a batch. Every limit is a field of ``LoopOptions``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import time
 from collections import OrderedDict
@@ -30,6 +31,7 @@ from typing import Any
 
 from PIL import Image
 
+from glimpse.config import LoopSettings, loop_setting_names
 from glimpse.errors import BackendError, ConfigError, ContextLengthError, ImageInputError
 from glimpse.geometry import Box, Coords
 from glimpse.images import (
@@ -39,7 +41,7 @@ from glimpse.images import (
     fit,
     image_tokens,
 )
-from glimpse.models import native_limits, native_settings
+from glimpse.models import native_profile
 from glimpse.models.base import Backend, Completion, GenerateParams, ImagePart, Message, TextPart
 from glimpse.protocol import Protocol, make_protocol
 from glimpse.protocol.base import Action
@@ -92,117 +94,115 @@ class _Episode:
     session: PythonSession | None = None
 
 
+@dataclass
+class LoopOptions(LoopSettings):
+    """Every setting of the agent loop: the flags of ``glimpse.config.LoopSettings`` (protocol, coords, prompt
+    file, context and image limits, pixel limits, code tool, sampling) and these, which each command sets its own
+    way:
+
+    Attributes:
+        max_turns: most assistant turns.
+        max_new_tokens: most tokens per reply.
+        seed: sampling seed; sample ``i`` of a question uses ``seed + i``.
+        min_box_side: smallest zoom side, in original pixels.
+        max_aspect_ratio: most elongated zoom accepted.
+        code_memory_mb: memory (address space) the code tool's processes may use.
+        return_token_ids: ask the backend for token ids and record the token view.
+
+    Unset (``None``) coords, pixel limits, resize factor and prompt file are the backend's native ones
+    (``glimpse.models.native_profile``), filled in by ``native``.
+    """
+
+    max_turns: int = 12
+    max_new_tokens: int = 4096
+    seed: int | None = None
+    min_box_side: int = MIN_BOX_SIDE
+    max_aspect_ratio: float = ZOOM_MAX_ASPECT_RATIO
+    code_memory_mb: int = 2048
+    return_token_ids: bool = False
+
+    @classmethod
+    def of(cls, config: Any, **settings: Any) -> LoopOptions:
+        """The options of a config that has ``LoopSettings``' fields (``AskConfig``, ``EvalConfig``), with
+        ``settings`` (the per-command ones) on top."""
+        return cls(**{name: getattr(config, name) for name in loop_setting_names()}, **settings)
+
+    def native(self, backend: Backend | None) -> LoopOptions:
+        """These options with every unset setting filled in from ``backend``'s native profile."""
+        profile = native_profile(backend)
+        return dataclasses.replace(
+            self,
+            coords=self.coords or profile.coords,
+            prompt_file=self.prompt_file or profile.prompt_file,
+            resize_factor=self.resize_factor or profile.resize_factor,
+            min_pixels=self.min_pixels or profile.min_pixels,
+            max_pixels=self.max_pixels or profile.max_pixels,
+        )
+
+
 class AgentLoop:
     """Runs the zoom loop of one model.
 
     Args:
         backend: the model.
-        protocol: ``tags`` (Mini-o3's tags), ``tools`` (native function calling), or a ``Protocol``.
-        coords: box convention: ``relative`` [0, 1], ``pixels`` of the shown image, or ``thousand`` (0–1000);
-            ``None``: the backend's native one (``default_coords``), else ``relative``.
-        prompt_file: YAML/TOML/text file replacing the default prompts (see ``glimpse.protocol.prompts``).
-        max_turns: most assistant turns.
-        max_images: most images in the conversation, the original included (``None``: no cap but turns).
-        max_new_tokens: most tokens per reply.
-        max_context_tokens: the model's context window; the loop stops before overflowing it.
-        min_pixels: smallest area an image is shown at (``None``: the backend's own, else 40,000).
-        max_pixels: largest area an image is shown at (``None``: the backend's own, else 2,000,000).
-        resize_factor: sides are multiples of this (28 for Qwen2/2.5-VL, 32 for Qwen3-VL); ``None``: the
-            backend's own, else 28.
-        min_box_side: smallest zoom side, in original pixels.
-        max_aspect_ratio: most elongated zoom accepted.
-        keep_images: keep only the last K observation images in the context, replacing older ones with a
-            text note (the original always stays); ``None`` keeps all.
-        temperature: sampling temperature sent to the backend (``None``: server default).
-        top_p: nucleus sampling (``None``: server default).
-        seed: sampling seed; sample ``i`` of a question uses ``seed + i``.
-        return_token_ids: ask the backend for token ids and record the token view.
+        options: the loop's settings (``LoopOptions``; default: all defaults).
+        protocol: a ``Protocol`` object to use instead of the one ``options.protocol`` names (a name here is
+            the ``protocol`` setting).
         image_cache: decoded originals shared between runs.
-        code: offer the Python code tool (each trajectory gets its own sandboxed session).
-        sandbox: the code tool's isolation: ``auto``, ``bwrap`` or ``process`` (see ``glimpse.tools.sandbox``).
-        code_timeout_s: wall-clock seconds one code call may take.
-        code_memory_mb: memory (address space) the code's processes may use.
+        **settings: fields of ``LoopOptions`` that override ``options`` (``AgentLoop(backend, max_turns=6)``).
+
+    Raises:
+        ConfigError: a setting that is not a ``LoopOptions`` field, or a value out of range.
     """
 
     def __init__(
         self,
         backend: Backend,
+        options: LoopOptions | None = None,
         *,
-        protocol: str | Protocol = "tags",
-        coords: str | None = None,
-        prompt_file: str | None = None,
-        max_turns: int = 12,
-        max_images: int | None = None,
-        max_new_tokens: int = 4096,
-        max_context_tokens: int = 32768,
-        min_pixels: int | None = None,
-        max_pixels: int | None = None,
-        resize_factor: int | None = None,
-        min_box_side: int = MIN_BOX_SIDE,
-        max_aspect_ratio: float = ZOOM_MAX_ASPECT_RATIO,
-        keep_images: int | None = None,
-        temperature: float | None = 1.0,
-        top_p: float | None = 1.0,
-        seed: int | None = None,
-        return_token_ids: bool = False,
+        protocol: str | Protocol | None = None,
         image_cache: ImageCache | None = None,
-        code: bool = False,
-        sandbox: str = "auto",
-        code_timeout_s: float = 30.0,
-        code_memory_mb: int = 2048,
+        **settings: Any,
     ):
-        _check_positive(max_turns=max_turns, max_new_tokens=max_new_tokens, max_context_tokens=max_context_tokens)
-        if max_images is not None and max_images < 1:
-            raise ConfigError(f"max_images must be at least 1 (the original), got {max_images}")
-        if keep_images is not None and keep_images < 1:
-            raise ConfigError(f"keep_images must be at least 1 or unset (keep all), got {keep_images}")
-        self.backend = backend
-        native_coords, native_factor = native_settings(backend)
-        coords = coords or native_coords
-        prompt_file = prompt_file or getattr(backend, "default_prompt_file", None)
-        resize_factor = resize_factor or native_factor
-        self.protocol = (
-            protocol if isinstance(protocol, Protocol) else make_protocol(protocol, coords, prompt_file, code)
+        if isinstance(protocol, str):
+            settings["protocol"], protocol = protocol, None
+        known = {f.name for f in dataclasses.fields(LoopOptions)}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise ConfigError(f"unknown loop settings {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+        o = dataclasses.replace(options or LoopOptions(), **settings).native(backend)
+        _check_positive(
+            max_turns=o.max_turns, max_new_tokens=o.max_new_tokens, max_context_tokens=o.max_context_tokens
         )
+        if o.max_images is not None and o.max_images < 1:
+            raise ConfigError(f"max_images must be at least 1 (the original), got {o.max_images}")
+        if o.keep_images is not None and o.keep_images < 1:
+            raise ConfigError(f"keep_images must be at least 1 or unset (keep all), got {o.keep_images}")
+        self.backend = backend
+        self.options = o
+        self.protocol = protocol or make_protocol(o.protocol, o.coords, o.prompt_file, o.code)
         self.python = (
-            PythonTool(SandboxLimits(wall_s=code_timeout_s, memory_mb=code_memory_mb), sandbox)
+            PythonTool(SandboxLimits(wall_s=o.code_timeout_s, memory_mb=o.code_memory_mb), o.sandbox)
             if self.protocol.code
             else None
         )
-        native_min, native_max = native_limits(backend)
-        self.limits = PixelLimits(min_pixels or native_min, max_pixels or native_max, resize_factor)
+        self.limits = PixelLimits(o.min_pixels, o.max_pixels, o.resize_factor)
         self.tool = ZoomTool(
-            self.protocol.coords, self.limits, min_box_side=min_box_side, max_aspect_ratio=max_aspect_ratio
+            self.protocol.coords, self.limits, min_box_side=o.min_box_side, max_aspect_ratio=o.max_aspect_ratio
         )
-        self.max_turns = max_turns
-        self.max_images = max_images
-        self.max_new_tokens = max_new_tokens
-        self.max_context_tokens = max_context_tokens
-        self.keep_images = keep_images
-        self.temperature = temperature
-        self.top_p = top_p
-        self.seed = seed
-        self.return_token_ids = return_token_ids
         self.cache = image_cache or ImageCache()
+        recorded = {name: getattr(o, name) for name in RunSettings.model_fields if name in known}
         self.settings = RunSettings(
-            model=getattr(backend, "name", type(backend).__name__),
-            protocol=self.protocol.name,
-            coords=self.protocol.coords.value,
-            max_turns=max_turns,
-            max_images=max_images,
-            max_new_tokens=max_new_tokens,
-            max_context_tokens=max_context_tokens,
-            min_pixels=self.limits.min_pixels,
-            max_pixels=self.limits.max_pixels,
-            resize_factor=resize_factor,
-            min_box_side=min_box_side,
-            max_aspect_ratio=max_aspect_ratio,
-            keep_images=keep_images,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed,
-            prompt=self.protocol.prompts.name,
-            tools=["zoom", "python"] if self.python else ["zoom"],
+            **{
+                **recorded,
+                "model": getattr(backend, "name", type(backend).__name__),
+                "protocol": self.protocol.name,
+                "coords": self.protocol.coords.value,
+                "min_pixels": self.limits.min_pixels,
+                "max_pixels": self.limits.max_pixels,
+                "prompt": self.protocol.prompts.name,
+                "tools": ["zoom", "python"] if self.python else ["zoom"],
+            }
         )
         self._shown: OrderedDict[tuple[str, PixelLimits], ImagePart] = OrderedDict()
         self._shown_pending: dict[tuple[str, PixelLimits], asyncio.Future[Image.Image]] = {}
@@ -341,13 +341,13 @@ class AgentLoop:
                 self._stop(ep, "answer", answer=action.answer)
             elif action.kind == "none":
                 self._stop(ep, "no_action")
-            elif index + 1 >= self.max_turns:
+            elif index + 1 >= self.options.max_turns:
                 self._stop(ep, "max_turns", over_turn=action.tool_attempt)
             # 5. A mistake: tell the model.
             elif action.kind == "error":
                 ep.messages.extend(self.protocol.error(action, action.error or "", index))
             # 6. A zoom or code: run it, unless the image cap is reached.
-            elif self.max_images is not None and len(ep.images) >= self.max_images:
+            elif self.options.max_images is not None and len(ep.images) >= self.options.max_images:
                 self._stop(ep, "max_images", over_turn=True)
             elif action.kind == "code":
                 await self._code(ep, action, turn)
@@ -391,8 +391,8 @@ class AgentLoop:
         turn.code, turn.code_output, turn.error_kind = action.code, result.text, result.error_kind
         shown: list[tuple[int, ImagePart]] = []
         for made in result.images:
-            if self.max_images is not None and len(ep.images) >= self.max_images:
-                turn.code_output += f"\n(Images beyond the limit of {self.max_images} were not shown.)"
+            if self.options.max_images is not None and len(ep.images) >= self.options.max_images:
+                turn.code_output += f"\n(Images beyond the limit of {self.options.max_images} were not shown.)"
                 break
             index = len(ep.images)
             view = await asyncio.to_thread(fit, made.image, self.limits)
@@ -465,7 +465,7 @@ class AgentLoop:
             images=[ImageState(Box.full(width, height), *shown.size)],
             parts=[shown],
             messages=self.protocol.start(shown, sample.question),
-            seed=None if self.seed is None else self.seed + i,
+            seed=None if self.options.seed is None else self.options.seed + i,
             t0=t0,
             backend=backend or self.backend,
         )
@@ -501,7 +501,7 @@ class AgentLoop:
             return [None] * k
         try:
             got: list[Completion | BaseException | None] = list(
-                await self._generate(ep, n=k, max_new_tokens=budget, seed=self.seed)
+                await self._generate(ep, n=k, max_new_tokens=budget, seed=self.options.seed)
             )
         except BackendError as exc:
             return [exc] * k
@@ -514,12 +514,12 @@ class AgentLoop:
         params = GenerateParams(
             n=n,
             max_new_tokens=max_new_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
+            temperature=self.options.temperature,
+            top_p=self.options.top_p,
             stop=list(self.protocol.stop),
             seed=ep.seed if seed is None else seed,
             tools=self.protocol.tools,
-            return_token_ids=self.return_token_ids,
+            return_token_ids=self.options.return_token_ids,
         )
         completions = await ep.backend.generate(messages, params)
         if not completions:
@@ -532,9 +532,9 @@ class AgentLoop:
     def _visible_messages(self, ep: _Episode) -> list[Message]:
         """The conversation as sent: with ``keep_images``, older observations become text notes."""
         observations = len(ep.images) - 1
-        if self.keep_images is None or observations <= self.keep_images:
+        if self.options.keep_images is None or observations <= self.options.keep_images:
             return ep.messages
-        oldest_kept = observations - self.keep_images + 1
+        oldest_kept = observations - self.options.keep_images + 1
         out = []
         for message in ep.messages:
             parts = message.parts()
@@ -583,14 +583,14 @@ class AgentLoop:
     def _reply_budget(self, ep: _Episode) -> int | None:
         """Tokens the next reply may use, or ``None`` if too few are left in the context."""
         prompt = self._estimate(self._visible_messages(ep)) + ep.calibration
-        room = self.max_context_tokens - prompt
-        if room < min(self.max_new_tokens, CONTEXT_RESERVE):
+        room = self.options.max_context_tokens - prompt
+        if room < min(self.options.max_new_tokens, CONTEXT_RESERVE):
             return None
-        return min(self.max_new_tokens, room)
+        return min(self.options.max_new_tokens, room)
 
     def _record_tokens(self, ep: _Episode, completion: Completion) -> None:
         """Extend the flat token view with this turn's injected (0) and sampled (1) tokens."""
-        if not self.return_token_ids:
+        if not self.options.return_token_ids:
             return
         traj = ep.traj
         if completion.prompt_token_ids is None or completion.token_ids is None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from glimpse.agent import AgentLoop, OnTurn
+from glimpse.agent import AgentLoop, LoopOptions, OnTurn
 from glimpse.answers import Vote, majority_vote
 from glimpse.config import AskConfig, resolve
 from glimpse.effort import effort_budget
@@ -56,44 +56,19 @@ def backend_from_config(config: AskConfig) -> Backend:
     )
 
 
-# The agent-loop settings that ask and eval configs share, under the loop's own argument names.
-LOOP_FIELDS = (
-    "protocol",
-    "coords",
-    "prompt_file",
-    "max_images",
-    "max_context_tokens",
-    "min_pixels",
-    "max_pixels",
-    "resize_factor",
-    "keep_images",
-    "temperature",
-    "top_p",
-    "seed",
-    "code",
-    "sandbox",
-    "code_timeout_s",
-)
-
-
-def loop_options(config: Any) -> dict[str, Any]:
-    """The shared agent-loop settings of an ``AskConfig`` or ``EvalConfig``."""
-    return {name: getattr(config, name) for name in LOOP_FIELDS}
-
-
 def loop_from_config(
     config: AskConfig, backend: Backend | None = None, image_cache: ImageCache | None = None
 ) -> AgentLoop:
     """An agent loop with the config's limits (the effort preset filled in)."""
     budget = effort_budget(config.effort, config.max_turns, config.max_new_tokens)
-    return AgentLoop(
-        backend or backend_from_config(config),
+    options = LoopOptions.of(
+        config,
         max_turns=budget.max_turns,
         max_new_tokens=budget.max_new_tokens,
+        seed=config.seed,
         return_token_ids=config.token_ids,
-        image_cache=image_cache,
-        **loop_options(config),
     )
+    return AgentLoop(backend or backend_from_config(config), options, image_cache=image_cache)
 
 
 async def ask_async(

@@ -22,9 +22,12 @@ from typing import Any
 from glimpse.errors import ConfigError
 
 
-def opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None, secret: bool = False) -> Any:
-    """A config field with its help text, allowed values, and whether it must never be written to disk."""
-    return field(default=default, metadata={"help": help, "choices": choices, "secret": secret})
+def opt(
+    default: Any, help: str, *, choices: tuple[str, ...] | None = None, secret: bool = False, result: bool = True
+) -> Any:
+    """A config field with its help text, allowed values, whether it must never be written to disk, and (loop
+    settings) whether it changes an evaluation's results (those must match when a run resumes)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "secret": secret, "result": result})
 
 
 COORDS_HELP = (
@@ -39,8 +42,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
-class AskConfig:
-    """Settings of ``glimpse ask`` (and of ``glimpse.ask`` in Python)."""
+class BackendSettings:
+    """How to reach the model: the backend settings that ``glimpse ask`` and ``glimpse eval`` share."""
 
     model: str | None = opt(
         None,
@@ -48,23 +51,33 @@ class AskConfig:
         "scripted:FILE.json, expert, or builtin (the default: the learned built-in model if it ships, else expert)",
     )
     base_url: str | None = opt(
-        None, "OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (else $GLIMPSE_BASE_URL, $OPENAI_BASE_URL)"
+        None,
+        "OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1; several comma-separated URLs are "
+        "load-balanced client-side (else $GLIMPSE_BASE_URL, $OPENAI_BASE_URL)",
     )
     api_key: str | None = opt(None, "API key (else $GLIMPSE_API_KEY, $OPENAI_API_KEY); never saved", secret=True)
+    timeout: float = opt(600.0, "seconds to wait for one reply")
+    max_retries: int = opt(6, "retries of a failed request (429, 5xx, timeouts, dropped connections)")
+    image_format: str = opt("jpeg", "how images are sent: jpeg (quality 95) or png", choices=("jpeg", "png"))
+    device: str = opt("cpu", DEVICE_HELP)
+    dtype: str = opt("auto", DTYPE_HELP, choices=DTYPES)
+
+
+@dataclass
+class LoopSettings:
+    """The agent loop's settings, each defined once here.
+
+    ``AskConfig`` and ``EvalConfig`` inherit them as flags; ``glimpse.agent.LoopOptions`` (what ``AgentLoop`` is
+    built from) inherits them and adds the settings each command sets its own way (turn cap, token budget, seed).
+    A new loop setting is one field here and its use in the loop. Fields whose value changes an evaluation's
+    results must match when a run resumes, except those marked ``result=False``.
+    """
+
     protocol: str = opt(
         "tags", "tags: Mini-o3's <grounding> tags; tools: native function calling", choices=("tags", "tools")
     )
-    coords: str | None = opt(
-        None,
-        COORDS_HELP,
-        choices=("relative", "pixels", "thousand"),
-    )
+    coords: str | None = opt(None, COORDS_HELP, choices=("relative", "pixels", "thousand"))
     prompt_file: str | None = opt(None, "YAML/TOML/text file with the prompts a checkpoint was trained with")
-    effort: str = opt(
-        "medium", "turn and token budget preset: low 4 turns, medium 12, high 32", choices=("low", "medium", "high")
-    )
-    max_turns: int | None = opt(None, "most assistant turns (overrides --effort)")
-    max_new_tokens: int | None = opt(None, "most tokens per reply (overrides --effort)")
     max_context_tokens: int = opt(32768, "the model's context window; the loop stops before overflowing it")
     max_images: int | None = opt(None, "most images in the conversation, the original included (default: no cap)")
     min_pixels: int | None = opt(
@@ -80,41 +93,55 @@ class AskConfig:
         "auto",
         "code tool isolation: bwrap (namespaces), process (limits only), or auto",
         choices=("auto", "bwrap", "process"),
+        result=False,
     )
     code_timeout_s: float = opt(30.0, "wall-clock seconds one code call may take")
-    samples: int = opt(1, "trajectories per question, run in parallel and reconciled by --vote")
-    vote: str = opt("majority", "how several samples are reconciled", choices=("majority",))
     temperature: float | None = opt(1.0, "sampling temperature ('none': the server's default)")
     top_p: float | None = opt(1.0, "nucleus sampling ('none': the server's default)")
+
+
+def loop_setting_names(*, results_only: bool = False) -> tuple[str, ...]:
+    """The names of ``LoopSettings``' fields (only those that change results, with ``results_only``)."""
+    return tuple(
+        f.name for f in dataclasses.fields(LoopSettings) if not results_only or f.metadata["result"]
+    )
+
+
+@dataclass
+class AskConfig(LoopSettings, BackendSettings):
+    """Settings of ``glimpse ask`` (and of ``glimpse.ask`` in Python)."""
+
+    effort: str = opt(
+        "medium", "turn and token budget preset: low 4 turns, medium 12, high 32", choices=("low", "medium", "high")
+    )
+    max_turns: int | None = opt(None, "most assistant turns (overrides --effort)")
+    max_new_tokens: int | None = opt(None, "most tokens per reply (overrides --effort)")
+    samples: int = opt(1, "trajectories per question, run in parallel and reconciled by --vote")
+    vote: str = opt("majority", "how several samples are reconciled", choices=("majority",))
     seed: int | None = opt(None, "sampling seed; sample i uses seed + i")
     reasoning_effort: str | None = opt(
         None, "OpenAI reasoning models' own effort setting", choices=("low", "medium", "high")
     )
     token_ids: bool = opt(False, "ask the server for token ids and record the token view (vLLM)")
     max_concurrency: int = opt(64, "most requests in flight at once")
-    timeout: float = opt(600.0, "seconds to wait for one reply")
-    max_retries: int = opt(6, "retries of a failed request (429, 5xx, timeouts, dropped connections)")
-    image_format: str = opt("jpeg", "how images are sent: jpeg (quality 95) or png", choices=("jpeg", "png"))
-    device: str = opt("cpu", DEVICE_HELP)
-    dtype: str = opt("auto", DTYPE_HELP, choices=DTYPES)
     save: str | None = opt(None, "append the trajectories to this JSONL file")
     json: bool = opt(False, "print the trajectories as JSON lines on stdout instead of the live view")
     quiet: bool = opt(False, "print only the answer")
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(LoopSettings, BackendSettings):
     """Settings of ``glimpse eval``."""
 
-    data: str | None = opt(
-        None,
-        "dataset spec: probes:hard[:N[:SEED]], visualprobe:hard:BASE, vstar:DIR, hrbench:FILE.tsv, "
-        "mme-realworld[-lite]:DIR, treebench:FILE.tsv, minio3:FILE.json",
-    )
     model: str | None = opt(
         None,
         "backend (openai:NAME, hf:FOLDER, scripted:FILE, expert, builtin) or a reference policy: oracle, direct "
         "(default: builtin, the learned built-in model if it ships, else expert)",
+    )
+    data: str | None = opt(
+        None,
+        "dataset spec: probes:hard[:N[:SEED]], visualprobe:hard:BASE, vstar:DIR, hrbench:FILE.tsv, "
+        "mme-realworld[-lite]:DIR, treebench:FILE.tsv, minio3:FILE.json",
     )
     out: str | None = opt(None, "run folder; the same folder resumes a run (default: runs/<data>--<model>)")
     fresh: bool = opt(False, "delete the run folder's earlier results instead of resuming")
@@ -134,36 +161,7 @@ class EvalConfig:
     )
     seed: int = opt(0, "seed of option shuffles and sampling (repeat r samples with seed + r)")
     concurrency: int = opt(32, "questions in flight at once")
-    base_url: str | None = opt(None, "endpoint(s); several comma-separated URLs are load-balanced client-side")
-    api_key: str | None = opt(None, "API key (else $GLIMPSE_API_KEY, $OPENAI_API_KEY); never saved", secret=True)
-    protocol: str = opt("tags", "tags or tools (native function calling)", choices=("tags", "tools"))
-    coords: str | None = opt(
-        None,
-        COORDS_HELP,
-        choices=("relative", "pixels", "thousand"),
-    )
-    prompt_file: str | None = opt(None, "YAML/TOML/text file with the prompts a checkpoint was trained with")
     max_new_tokens: int = opt(4096, "most tokens per reply")
-    max_context_tokens: int = opt(32768, "the model's context window")
-    max_images: int | None = opt(None, "most images in a conversation, the original included")
-    min_pixels: int | None = opt(None, "smallest area an image is shown at (default: the model's own, else 40,000)")
-    max_pixels: int | None = opt(None, "largest area an image is shown at (default: the model's own, else 2,000,000)")
-    resize_factor: int | None = opt(None, FACTOR_HELP)
-    keep_images: int | None = opt(None, "keep only the last K zoom images in the context")
-    code: bool = opt(False, "offer the Python code tool (a sandboxed session per trajectory)")
-    sandbox: str = opt(
-        "auto",
-        "code tool isolation: bwrap (namespaces), process (limits only), or auto",
-        choices=("auto", "bwrap", "process"),
-    )
-    code_timeout_s: float = opt(30.0, "wall-clock seconds one code call may take")
-    temperature: float | None = opt(1.0, "sampling temperature ('none': the server's default)")
-    top_p: float | None = opt(1.0, "nucleus sampling ('none': the server's default)")
-    timeout: float = opt(600.0, "seconds to wait for one reply")
-    max_retries: int = opt(6, "retries of a failed request")
-    image_format: str = opt("jpeg", "how images are sent: jpeg or png", choices=("jpeg", "png"))
-    device: str = opt("cpu", DEVICE_HELP)
-    dtype: str = opt("auto", DTYPE_HELP, choices=DTYPES)
     max_batch: int = opt(8, "hf backend: most requests generated together")
     judge: str | None = opt(None, "LLM judge for open answers the rules cannot decide, e.g. openai:gpt-4o-mini")
     judge_base_url: str | None = opt(None, "the judge's endpoint (default: the same as --base-url's environment)")
@@ -480,7 +478,6 @@ class BuiltinConfig:
     device: str = opt(
         "auto", "where the model trains: cpu, cuda, or auto (cuda when there is one)", choices=("auto", "cpu", "cuda")
     )
-    pointing: bool = opt(True, "share one function of position between image tokens and coordinate tokens")
     only: str = opt(
         "curriculum",
         "train on one kind of example alone instead of the curriculum (a skill checked alone): card "

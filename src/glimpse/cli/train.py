@@ -82,7 +82,7 @@ def run_coldstart(cfg: ColdStartConfig) -> int:
 
 
 async def _few_shot(cfg: ColdStartConfig, samples: list, limits_args: tuple[int, int]) -> ColdStartStats:
-    from glimpse.models import load_backend, native_settings
+    from glimpse.models import load_backend, native_profile
     from glimpse.train import coldstart
 
     if not cfg.model:
@@ -95,7 +95,7 @@ async def _few_shot(cfg: ColdStartConfig, samples: list, limits_args: tuple[int,
         device=cfg.device,
         dtype=cfg.dtype,
     )
-    factor = cfg.resize_factor or native_settings(backend)[1]
+    factor = cfg.resize_factor or native_profile(backend).resize_factor
     try:
         return await coldstart.few_shot(
             backend,

@@ -33,9 +33,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from glimpse.agent import AgentLoop
-from glimpse.api import loop_options
-from glimpse.config import EvalConfig, public_dict
+from glimpse.agent import AgentLoop, LoopOptions
+from glimpse.config import EvalConfig, loop_setting_names, public_dict
 from glimpse.errors import ConfigError, GlimpseError
 from glimpse.eval.datasets import Dataset, load_dataset
 from glimpse.eval.judge import LLMJudge
@@ -44,7 +43,7 @@ from glimpse.eval.options import present
 from glimpse.eval.policies import POLICIES, policy_backend
 from glimpse.eval.scoring import score
 from glimpse.images import ImageCache, PixelLimits
-from glimpse.models import DEFAULT_MODEL, Backend, load_backend, native_limits, native_settings
+from glimpse.models import DEFAULT_MODEL, Backend, load_backend
 from glimpse.trajectory import Sample, Score, Trajectory
 
 RESULTS, CONFIG, SUMMARY, TABLE, SWEEP_CSV, SWEEP_PNG = (
@@ -61,20 +60,10 @@ RESULT_SETTINGS = (
     "model",
     "options",
     "seed",
-    "protocol",
-    "coords",
-    "prompt_file",
     "max_new_tokens",
-    "max_context_tokens",
-    "max_images",
-    "min_pixels",
-    "max_pixels",
-    "resize_factor",
-    "keep_images",
-    "temperature",
-    "top_p",
     "sweep",
     "judge",
+    *loop_setting_names(results_only=True),
 )
 
 
@@ -238,9 +227,8 @@ def _backend(cfg: EvalConfig) -> Backend | None:
 
 def _loop(cfg: EvalConfig, backend: Backend | None, cap: int, cache: ImageCache) -> AgentLoop:
     placeholder = backend or _PolicyPlaceholder(cfg.model or "")
-    return AgentLoop(
-        placeholder, max_turns=cap, max_new_tokens=cfg.max_new_tokens, image_cache=cache, **loop_options(cfg)
-    )
+    options = LoopOptions.of(cfg, max_turns=cap, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    return AgentLoop(placeholder, options, image_cache=cache)
 
 
 class _PolicyPlaceholder:
@@ -291,14 +279,13 @@ async def run_eval(
         cfg = dataclasses.replace(cfg, model=DEFAULT_MODEL)
     owned = backend is None
     backend = _backend(cfg) if owned else backend
-    coords, factor = native_settings(backend)
-    low, high = native_limits(backend)
+    native = LoopOptions.of(cfg).native(backend)
     cfg = dataclasses.replace(
         cfg,
-        coords=cfg.coords or coords,
-        resize_factor=cfg.resize_factor or factor,
-        min_pixels=cfg.min_pixels or low,
-        max_pixels=cfg.max_pixels or high,
+        coords=native.coords,
+        resize_factor=native.resize_factor,
+        min_pixels=native.min_pixels,
+        max_pixels=native.max_pixels,
     )
     dataset = load_dataset(cfg.data)
     samples = dataset.samples[: cfg.limit] if cfg.limit is not None else dataset.samples

@@ -7,6 +7,7 @@ dependencies stay optional; each exposes ``create(arg, **options)`` and ignores 
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from typing import Any
 
 from glimpse.errors import ConfigError
@@ -58,18 +59,34 @@ def load_backend(spec: str, **options: Any) -> Backend:
     return module.create(arg, **options)
 
 
-def native_settings(backend: Backend | None) -> tuple[str, int]:
-    """The box convention and resize factor a backend's model was trained with (``relative``, 28 if unknown)."""
-    from glimpse.images import RESIZE_FACTOR
+@dataclass(frozen=True)
+class NativeProfile:
+    """What a backend's model was trained with: the defaults of every loop setting the user leaves unset.
 
-    return getattr(backend, "default_coords", "relative"), getattr(backend, "resize_factor", RESIZE_FACTOR)
+    A backend declares any of ``default_coords``, ``resize_factor``, ``default_limits`` (min, max pixels) and
+    ``default_prompt_file``; what it does not declare is Mini-o3's (relative boxes, 28, 40,000–2,000,000 pixels,
+    Glimpse's default prompts). This is the one place that reads them.
+    """
+
+    coords: str
+    resize_factor: int
+    min_pixels: int
+    max_pixels: int
+    prompt_file: str | None
 
 
-def native_limits(backend: Backend | None) -> tuple[int, int]:
-    """The pixel limits a backend's model was trained with (Mini-o3's 40,000–2,000,000 if unknown)."""
-    from glimpse.images import MAX_PIXELS, MIN_PIXELS
+def native_profile(backend: Backend | None) -> NativeProfile:
+    """The native profile of ``backend`` (``None``: a backend-less policy, Mini-o3's defaults)."""
+    from glimpse.images import MAX_PIXELS, MIN_PIXELS, RESIZE_FACTOR
 
-    return getattr(backend, "default_limits", (MIN_PIXELS, MAX_PIXELS))
+    low, high = getattr(backend, "default_limits", (MIN_PIXELS, MAX_PIXELS))
+    return NativeProfile(
+        coords=getattr(backend, "default_coords", "relative"),
+        resize_factor=getattr(backend, "resize_factor", RESIZE_FACTOR),
+        min_pixels=low,
+        max_pixels=high,
+        prompt_file=getattr(backend, "default_prompt_file", None),
+    )
 
 
 __all__ = [
@@ -80,9 +97,9 @@ __all__ = [
     "GenerateParams",
     "ImagePart",
     "Message",
+    "NativeProfile",
     "TextPart",
     "ToolCall",
     "load_backend",
-    "native_limits",
-    "native_settings",
+    "native_profile",
 ]

@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from glimpse.agent import AgentLoop
+from glimpse.agent import AgentLoop, LoopOptions
 from glimpse.eval.scoring import score
 from glimpse.geometry import Box, Coords, from_relative
 from glimpse.images import PixelLimits, oriented_size, smart_resize
@@ -326,8 +326,7 @@ async def programmatic(
 ) -> ColdStartStats:
     """Run the teacher on probes; keep the trajectories that end with the right answer and no mistakes."""
     limits = limits or PixelLimits()
-    loop = AgentLoop(
-        ScriptedBackend([["<answer>unused</answer>"]], name="teacher"),
+    options = LoopOptions(
         protocol=protocol,
         coords=coords,
         max_turns=max_turns,
@@ -335,6 +334,7 @@ async def programmatic(
         max_pixels=limits.max_pixels,
         resize_factor=limits.factor,
     )
+    loop = AgentLoop(ScriptedBackend([["<answer>unused</answer>"]], name="teacher"), options)
     rng = random.Random(f"glimpse-coldstart/{seed}")
     stats = ColdStartStats()
     kept: list[Trajectory] = []
@@ -357,12 +357,6 @@ async def programmatic(
     await asyncio.gather(*(one(s, random.Random(rng.random())) for s in samples))
     _write(out, kept, stats, {"method": "programmatic", "seed": seed, "coords": coords, "protocol": protocol})
     return stats
-
-
-def _limit_args(limits: PixelLimits | None) -> dict[str, Any]:
-    if limits is None:
-        return {}
-    return {"min_pixels": limits.min_pixels, "max_pixels": limits.max_pixels, "resize_factor": limits.factor}
 
 
 def exemplar_prompt(path: str | Path = EXEMPLARS, protocol: str = "tags") -> str:
@@ -403,8 +397,7 @@ async def few_shot(
     folder.mkdir(parents=True, exist_ok=True)
     prompt_file = folder / "fewshot_prompt.yaml"
     prompt_file.write_text(yaml.safe_dump({"system": exemplar_prompt(exemplars, protocol)}), encoding="utf-8")
-    loop = AgentLoop(
-        backend,
+    options = LoopOptions(
         protocol=protocol,
         coords=coords,
         prompt_file=str(prompt_file),
@@ -412,8 +405,11 @@ async def few_shot(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         seed=seed,
-        **_limit_args(limits),
+        min_pixels=limits.min_pixels if limits else None,
+        max_pixels=limits.max_pixels if limits else None,
+        resize_factor=limits.factor if limits else None,
     )
+    loop = AgentLoop(backend, options)
     stats = ColdStartStats()
     kept: list[Trajectory] = []
     gate = asyncio.Semaphore(concurrency)

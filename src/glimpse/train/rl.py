@@ -229,7 +229,7 @@ class Trainer:
     def __init__(self, cfg: RLConfig, *, on_step: Callable[[StepStats], None] | None = None):
         import torch
 
-        from glimpse.agent import AgentLoop
+        from glimpse.agent import AgentLoop, LoopOptions
         from glimpse.models.hf import HFBackend, resolve_checkpoint
         from glimpse.train.common import prepare_model, resolve_device, resolve_dtype, resume, trainable
 
@@ -257,8 +257,7 @@ class Trainer:
         from transformers import get_constant_schedule_with_warmup
 
         self.scheduler = get_constant_schedule_with_warmup(self.optimizer, cfg.warmup_steps)
-        self.loop = AgentLoop(
-            self.backend,
+        options = LoopOptions(
             protocol=cfg.protocol,
             coords=cfg.coords,
             prompt_file=cfg.prompt_file,
@@ -270,6 +269,7 @@ class Trainer:
             top_p=1.0,
             return_token_ids=True,
         )
+        self.loop = AgentLoop(self.backend, options)
         settings = public_dict(cfg)
         self.step, extra = (
             (0, {})

@@ -24,6 +24,7 @@ package); the keys there besides ``name`` and ``_target_`` are the constructor a
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import time
@@ -34,7 +35,7 @@ from PIL import Image
 from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopOutput
 from verl.utils.tokenizer import get_processor_token_id
 
-from glimpse.agent import CONTEXT_RESERVE, AgentLoop
+from glimpse.agent import CONTEXT_RESERVE, AgentLoop, LoopOptions
 from glimpse.errors import ConfigError, ContextLengthError
 from glimpse.hf.processor import FAMILIES, PROMPT_FILE
 from glimpse.images import (
@@ -110,16 +111,20 @@ class GlimpseAgentLoop(AgentLoopBase):
             path = self.config.actor_rollout_ref.model.get("path")
             if path and (Path(str(path)) / PROMPT_FILE).is_file():
                 prompt_file = str(Path(str(path)) / PROMPT_FILE)
-        self.options = {
-            "protocol": protocol,
-            "coords": coords or native_coords,
-            "prompt_file": prompt_file,
-            "max_turns": int(max_turns),
-            "max_images": max_images,
-            "max_new_tokens": int(max_new_tokens or self.response_length),
-            "max_context_tokens": self.prompt_length + self.response_length + CONTEXT_RESERVE,
-            "code": bool(code),
-        }
+        self.options = LoopOptions(
+            protocol=protocol,
+            coords=coords or native_coords,
+            prompt_file=prompt_file,
+            max_turns=int(max_turns),
+            max_images=max_images,
+            max_new_tokens=int(max_new_tokens or self.response_length),
+            max_context_tokens=self.prompt_length + self.response_length + CONTEXT_RESERVE,
+            code=bool(code),
+            min_pixels=self.limits[0],
+            max_pixels=self.limits[1],
+            resize_factor=self.factor,
+            return_token_ids=True,
+        )
         self.mask_over_turn = bool(mask_over_turn)
         self.record = bool(record)
         self.image_token_id = get_processor_token_id(self.processor, "image")
@@ -136,17 +141,10 @@ class GlimpseAgentLoop(AgentLoopBase):
         # decoding a large original takes a while: off the event loop, which the other trajectories share
         sample, original = await asyncio.to_thread(_sample, kwargs)
         backend = VerlBackend(self, sampling_params)
-        loop = AgentLoop(
-            backend,
-            min_pixels=self.limits[0],
-            max_pixels=self.limits[1],
-            resize_factor=self.factor,
-            temperature=sampling_params.get("temperature"),
-            top_p=sampling_params.get("top_p"),
-            return_token_ids=True,
-            image_cache=ImageCache(max_bytes=0),
-            **self.options,
+        options = dataclasses.replace(
+            self.options, temperature=sampling_params.get("temperature"), top_p=sampling_params.get("top_p")
         )
+        loop = AgentLoop(backend, options, image_cache=ImageCache(max_bytes=0))
         loop.cache.hold(original)
         traj = (await loop.run(sample))[0]
         if not backend.ids:
@@ -202,7 +200,7 @@ class VerlBackend:
     def __init__(self, owner: GlimpseAgentLoop, sampling_params: dict[str, Any]):
         self.owner = owner
         self.name = f"verl:{owner.config.actor_rollout_ref.model.get('path', 'model')}"
-        self.default_coords = owner.options["coords"]
+        self.default_coords = owner.options.coords
         self.resize_factor = owner.factor
         self.default_limits = owner.limits
         self.sampling_params = dict(sampling_params)
