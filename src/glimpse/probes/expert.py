@@ -71,11 +71,6 @@ def components(mask: np.ndarray, min_size: int = 1) -> list[tuple[int, int, int,
     return out
 
 
-def _nearest(rgb: np.ndarray, palette: dict[str, tuple[int, int, int]]) -> tuple[str, float]:
-    name = min(palette, key=lambda k: float(np.sum((rgb - np.array(palette[k])) ** 2)))
-    return name, float(np.sqrt(np.sum((rgb - np.array(palette[name])) ** 2)))
-
-
 def _ring(a: np.ndarray, box: tuple[int, int, int, int], pad: int) -> np.ndarray:
     """Pixels in a band ``pad`` wide just outside a box."""
     x0, y0, x1, y1 = box

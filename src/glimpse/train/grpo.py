@@ -15,7 +15,8 @@ Every RL engine Glimpse runs on (its own single-machine loop, ``glimpse.train.rl
   every sampled token of the batch and divided by their number, so long trajectories weigh by their tokens;
   prompt and observation tokens (mask 0) carry none.
 
-The reward is the evaluation's scoring (``glimpse.eval.scoring.reward``): accuracy, nothing else.
+The reward is the evaluation's rule scorer (``glimpse.eval.scoring.score_rules``, which ``glimpse eval`` applies
+before any judge): accuracy, nothing else.
 """
 
 from __future__ import annotations

@@ -50,6 +50,7 @@ from glimpse.images import (
 )
 from glimpse.models.base import Completion, GenerateParams, Message
 from glimpse.models.hf import split_tool_calls, to_hf, trim_at_stop
+from glimpse.train.grpo import keeps_loss
 from glimpse.trajectory import Sample, Trajectory
 
 # Text that stands for an assistant reply when finding what the chat template writes after one.
@@ -156,7 +157,7 @@ class GlimpseAgentLoop(AgentLoopBase):
         cut = backend.prompt_len
         response = backend.ids[cut:][: self.response_length]
         mask = backend.mask[: self.response_length]
-        if traj.over_turn and self.mask_over_turn:
+        if not keeps_loss(traj.over_turn, self.mask_over_turn):  # Mini-o3's over-turn masking, defined once
             mask = [0] * len(mask)
         logprobs = backend.logprobs[: self.response_length] if backend.logprobs is not None else None
         injected = sum(1 for t in traj.turns if t.injected)
