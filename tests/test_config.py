@@ -1,41 +1,12 @@
-"""Answer normalisation, majority vote, effort presets and config resolution."""
+"""Effort presets and config resolution: precedence, validation, secrets, and the shared loop settings."""
 
 from __future__ import annotations
 
 import pytest
 
-from glimpse.answers import majority_vote, normalize_answer
 from glimpse.config import AskConfig, public_dict, resolve, write_resolved
 from glimpse.effort import effort_budget
 from glimpse.errors import ConfigError
-
-
-@pytest.mark.parametrize(
-    ("a", "b"),
-    [
-        ("B", "(b)"),
-        ("B.", "Option B"),
-        ("**C**", "c"),
-        ("1,000", "1000.0"),
-        ("The red car.", "red car"),
-        ("  Yes ", "yes"),
-        ("3", "3.0"),
-    ],
-)
-def test_normalisation_merges_variants(a, b):
-    assert normalize_answer(a) == normalize_answer(b)
-
-
-@pytest.mark.parametrize(("a", "b"), [("Blue", "b"), ("A car", "a"), ("7", "1"), ("red", "read")])
-def test_normalisation_keeps_different_answers_apart(a, b):
-    assert normalize_answer(a) != normalize_answer(b)
-
-
-def test_majority_vote_breaks_ties_by_first_answer():
-    vote = majority_vote(["B", None, "c", "(B)", "C"])
-    assert vote.answer == "B" and vote.key == "b" and vote.counts == {"b": 2, "c": 2}
-    assert vote.answered == 4 and vote.total == 5 and vote.agreement == pytest.approx(0.4)
-    assert majority_vote([None, None]).answer is None
 
 
 def test_effort_presets():
@@ -70,3 +41,24 @@ def test_secrets_are_never_written(tmp_path):
     assert "api_key" not in public_dict(cfg)
     write_resolved(cfg, tmp_path / "c.json")
     assert "sk-secret" not in (tmp_path / "c.json").read_text()
+
+
+def test_ask_and_eval_share_each_loop_setting_and_the_loop_takes_them():
+    """A loop setting is defined once (LoopSettings): both commands have it as a flag with the same help, and
+    LoopOptions.of carries every one of them into the loop."""
+    import dataclasses
+
+    from glimpse.agent import LoopOptions
+    from glimpse.config import EvalConfig, LoopSettings, loop_setting_names
+
+    names = loop_setting_names()
+    assert names and set(names) == {f.name for f in dataclasses.fields(LoopSettings)}
+    for cls in (AskConfig, EvalConfig):
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        shared = {f.name: f for f in dataclasses.fields(LoopSettings)}
+        assert all(fields[n].metadata["help"] == shared[n].metadata["help"] for n in names)
+    cfg = resolve(AskConfig, flags={"keep_images": 2, "protocol": "tools", "max_pixels": 300_000})
+    options = LoopOptions.of(cfg, max_turns=5)
+    assert (options.keep_images, options.protocol, options.max_pixels, options.max_turns) == (2, "tools", 300_000, 5)
+    assert "sandbox" not in loop_setting_names(results_only=True)  # the isolation does not change results
+
