@@ -29,7 +29,7 @@ def timed(fn, runs: int) -> float:
 
 
 def first_call(isolation: str) -> None:
-    with PythonSession(SandboxLimits(), isolation) as s:
+    with PythonSession(SandboxLimits(), isolation, warn=False) as s:  # the process-mode warning, once is enough
         s.run("x = 1")
 
 
@@ -44,7 +44,7 @@ def main() -> None:
     bwrap = timed(lambda: first_call("bwrap"), args.runs)
     calls = {}
     for isolation in ("process", "bwrap"):
-        with PythonSession(SandboxLimits(), isolation) as s:
+        with PythonSession(SandboxLimits(), isolation, warn=False) as s:
             s.run("x = 0")
             calls[isolation] = timed(lambda s=s: s.run("x += 1"), args.runs * 5)
     pool = SessionPool(4, SandboxLimits(), "bwrap")

@@ -250,7 +250,7 @@ def _kill_uid(uid: int) -> None:
                     found = True
         if not found:
             return
-        time.sleep(0.02)
+        time.sleep(0.005)
 
 
 def _remove_files_of(uid: int) -> None:
@@ -360,7 +360,7 @@ class _PidsCgroup:
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, signal.SIGKILL)
-            time.sleep(0.02)
+            time.sleep(0.005)
 
     def remove(self) -> None:
         if self.path is not None:
@@ -572,16 +572,16 @@ class PythonSession:
         )
 
     def kill(self) -> None:
-        """Kill the session's processes: its process group, and every process of its cgroup or its own uid."""
+        """Kill the session's processes: its process group, and every process in its cgroup or, without one,
+        of its own uid (children that left the group with ``setsid``)."""
         proc, self._proc = self._proc, None
         if proc is not None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
-        if self._cgroup is not None:
-            self._cgroup.kill_members()
-        if self.uid is not None:
-            _kill_uid(self.uid)  # children that left the process group (setsid) or the cgroup-less case
-        if proc is not None:
+            if self._cgroup is not None and self._cgroup.path is not None:
+                self._cgroup.kill_members()
+            elif self.uid is not None:
+                _kill_uid(self.uid)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=10)
             for stream in (proc.stdin, proc.stdout):
