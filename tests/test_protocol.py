@@ -374,3 +374,139 @@ def test_a_closing_tag_is_put_back_only_where_the_server_cut_one():
     assert _matched_stop({"stop_reason": "</grounding>"}) == "</grounding>"
     assert _matched_stop({"stop_reason": None}) == "" and _matched_stop({"stop_reason": 151645}) == ""
     assert _matched_stop({"matched_stop": 151645}) == "" and _matched_stop({}) is None
+
+
+# ---------------------------------------------------------------------------------------- hostile replies
+HUGE = "1" + "0" * 400  # a 401-digit integer: int() reads it, float() cannot hold it
+
+
+def tool_call(arguments, name: str = "zoom_in") -> list[ToolCall]:
+    return [ToolCall("c1", name, arguments if isinstance(arguments, str) else json.dumps(arguments))]
+
+
+@pytest.mark.parametrize("protocol", ["tags", "tools"])
+@pytest.mark.parametrize(
+    ("box", "kind"),
+    [
+        (f"[0, 0, {HUGE}, 1]", "out_of_range"),
+        (f"[-{HUGE}, 0, 1, 1]", "out_of_range"),
+        (f"[0, 0, 1{'0' * 5000}, 1]", "out_of_range"),  # past Python's 4,300-digit limit on int()
+        ("[0, 0, 1e999, 1]", "out_of_range"),
+        ("[0, 0, 1E+400, 1]", "out_of_range"),
+        ("[0, 0, 0.5, NaN]", "not_a_number"),
+        ("[0, 0, -Infinity, 1]", "not_a_number"),
+        ("[0, 0, true, 1]", "not_a_number"),
+        ('[0, 0, "1", 1]', "not_a_number"),
+        ("[[0, 0, 1, 1]]", "bad_box"),
+        ("[0, 0, [0.5], 1]", "not_a_number"),
+        ("[-0, -0.0, 0.5, 0.5]", None),
+        ("[0, 0, 0.5, 1e-999]", "inverted_box"),
+    ],
+)
+def test_numbers_no_float_holds_are_mistakes(box, kind, protocol):
+    payload = f'{{"bbox_2d": {box}, "source": "original_image"}}'
+    if protocol == "tags":
+        got = outcome(f"<grounding>{payload}</grounding>")
+    else:
+        got = outcome("", "tool_calls", TOOLS, tool_call(payload))
+    assert got[:2] == (("zoom", None) if kind is None else ("error", kind)), got
+    assert got[2] is None or len(got[2]) < 300  # the message quotes a long number briefly
+
+
+def test_the_zoom_tool_refuses_integers_too_large_for_a_float():
+    for value in (10**400, -(10**400), 10**5000, 2**53 + 1):
+        result = TOOL.resolve({"bbox_2d": [0, 0, value, 1], "source": "original_image"}, IMAGES)
+        assert result.error_kind == "out_of_range" and len(result.error) < 200, result.error
+    for value in ("9" * 10_000, ["x"] * 10_000, [[[[0.5]]]], {"x": 1}):
+        result = TOOL.resolve({"bbox_2d": [0, 0, value, 1], "source": "original_image"}, IMAGES)
+        assert result.error_kind == "not_a_number" and len(result.error) < 200, result.error
+
+
+@pytest.mark.parametrize(
+    ("source", "kind"),
+    [
+        ("observation_" + "9" * 5000, "unknown_source"),  # int() refuses over 4,300 digits
+        ("observation_١", "unknown_source"),  # an Arabic-Indic one is not observation_1
+        ("observation_１", "unknown_source"),
+        ("observation_1\n", None),
+        ("original_image\x00", "unknown_source"),
+        ("\ud800", "unknown_source"),
+    ],
+)
+def test_odd_sources(source, kind):
+    got = outcome(call([0.1, 0.1, 0.5, 0.5], source=source))
+    assert got[:2] == (("zoom", None) if kind is None else ("error", kind)), got
+    assert got[2] is None or len(got[2]) < 300
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        '{"bbox_2d": [0.1, 0.1, 0.5, 0.5], "bbox_2d": [0.2, 0.2, 0.6, 0.6]}',
+        '{"bbox_2d": [0.1, 0.1, 0.5, 0.5], "source": "original_image", "source": "observation_1"}',
+        '[{"bbox_2d": [0.1, 0.1, 0.5, 0.5], "label": "a", "label": "b"}]',
+    ],
+)
+def test_a_field_given_twice_is_a_mistake(payload):
+    tags = outcome(f"<grounding>{payload}</grounding>")
+    tools = outcome("", "tool_calls", TOOLS, tool_call(payload))
+    for kind, error_kind, error in (tags, tools):
+        assert (kind, error_kind) == ("error", "duplicate_key") and "more than once" in error
+    code = make_protocol("tools", code=True)
+    action = code.parse(Completion("", tool_calls=tool_call('{"code": "print(1)", "code": "x"}', "python")))
+    assert action.error_kind == "duplicate_key" and action.call_ids == ["c1"]
+
+
+@pytest.mark.parametrize(
+    ("text", "answer"),
+    [
+        ("<answer><answer>x</answer></answer>", "x"),
+        ("<answer><answer>x</answer>", "x"),
+        ("<answer>x</answer></answer>", "x"),
+        ("<think>so</think><answer> <answer> B </answer> </answer>", "B"),
+    ],
+)
+def test_nested_answer_tags_are_stripped(text, answer):
+    for protocol in (TAGS, TOOLS):
+        action = protocol.parse(Completion(text=text))
+        assert (action.kind, action.answer) == ("answer", answer)
+
+
+def test_tags_inside_code_are_code():
+    code = make_protocol("tags", code=True)
+    action = code.parse(Completion(text='<python>print("<answer>A</answer> <grounding>")</python>'))
+    assert action.kind == "code" and "<answer>A</answer>" in action.code
+    assert code.parse(Completion(text="<python>x = 1</python><answer>A</answer>")).error_kind == "multiple_actions"
+
+
+def test_lone_surrogates_are_replaced_so_the_record_can_be_saved():
+    action = TAGS.parse(Completion(text="<think>\ud800</think><answer>x\udfff\ud83d\ude00</answer>"))
+    assert action.answer == "x\ufffd\U0001f600" and action.thought == "\ufffd"
+    action.text.encode("utf-8")
+    code = make_protocol("tools", code=True)
+    action = code.parse(Completion("\ud800", tool_calls=tool_call('{"code": "\\ud800"}', "python")))
+    assert action.code == "\ufffd" and action.text == "\ufffd"
+
+
+def test_arguments_sent_as_an_object_are_read():
+    calls = [ToolCall("c1", "zoom_in", {"bbox_2d": [0.1, 0.1, 0.5, 0.5]})]  # type: ignore[arg-type]
+    action = TOOLS.parse(Completion("", tool_calls=calls))
+    assert action.kind == "zoom" and action.call["bbox_2d"] == [0.1, 0.1, 0.5, 0.5]
+    message = TOOLS.assistant_message(action, Completion("", tool_calls=calls))
+    assert json.loads(message.tool_calls[0].arguments) == {"bbox_2d": [0.1, 0.1, 0.5, 0.5]}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "<grounding>```" + " " * 200_000 + "x</grounding>",  # quadratic for a fence regex: hours
+        "<think>" * 100_000,
+        "<grounding>" * 100_000,
+        "<answer>" * 100_000 + "x",
+        "<python>" * 50_000 + "</python>" * 10,
+    ],
+)
+def test_enormous_replies_are_read_in_linear_time(text):
+    for protocol in (TAGS, make_protocol("tags", code=True), TOOLS):
+        action = protocol.parse(Completion(text=text))
+        assert action.kind in ("error", "answer", "none", "code")

@@ -8,7 +8,8 @@ becomes an ``Action``, and a malformed reply is an ``error`` action whose text g
 from __future__ import annotations
 
 import json
-import re
+import math
+import string
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -18,7 +19,11 @@ from glimpse.protocol.prompts import PromptSet, fill, split_on_image
 
 ActionKind = Literal["zoom", "code", "answer", "error", "none"]
 
-_FENCE = re.compile(r"^```[a-zA-Z]*\s*(.*?)\s*```$", re.S)
+# A JSON integer longer than this cannot be a float (the largest float is about 1.8e308); it is refused as
+# out of range when read, which also keeps Python's 4,300-digit limit on int() out of reach.
+_MAX_INT_DIGITS = 308
+# Longest piece of model output quoted back in an error message.
+QUOTE_LIMIT = 60
 
 
 @dataclass
@@ -56,28 +61,129 @@ def mistake(kind: str, message: str, *, tool_attempt: bool = True, **extra: Any)
     return Action(kind="error", error=message, error_kind=kind, tool_attempt=tool_attempt, **extra)
 
 
+def clean_text(text: str) -> str:
+    """``text`` as valid Unicode: surrogate pairs joined, lone surrogates (which no encoding can write, so a
+    trajectory holding one could not be saved) replaced by U+FFFD."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
+
+
+def quote(value: Any, limit: int = QUOTE_LIMIT, _depth: int = 0) -> str:
+    """A short ``repr`` of model output for an error message: long strings and deep or large containers are
+    cut, and integers too long for ``repr`` are described by their size. Never raises."""
+    if isinstance(value, bool) or value is None or isinstance(value, float):
+        text = repr(value)
+    elif isinstance(value, int):
+        digits = int(value.bit_length() * 0.30103) + 1  # log10(2): the digit count without converting
+        text = repr(value) if digits <= limit else f"an integer of about {digits} digits"
+    elif isinstance(value, str):
+        text = repr(value[: limit + 1])
+    elif isinstance(value, list):
+        if value and _depth:
+            text = "[…]"
+        elif len(value) > 8:
+            text = f"a list of {len(value)} values"
+        else:
+            text = "[" + ", ".join(quote(v, 12, _depth + 1) for v in value) + "]"
+    elif isinstance(value, dict):
+        text = ("{…}" if value else "{}") if _depth else f"an object with {len(value)} fields"
+    else:
+        text = type(value).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str):
+        self.key = key
+
+
+class _NumberTooLarge(Exception):
+    def __init__(self, literal: str):
+        self.literal = literal
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen[key] = value
+    return seen
+
+
+def _json_int(literal: str) -> int:
+    if len(literal.lstrip("-")) > _MAX_INT_DIGITS:
+        raise _NumberTooLarge(literal)
+    return int(literal)
+
+
+def _json_float(literal: str) -> float:
+    value = float(literal)
+    if math.isinf(value):  # a finite literal such as 1e999 that no float can hold
+        raise _NumberTooLarge(literal)
+    return value
+
+
+def unfence(text: str) -> str:
+    """``text`` stripped, without a Markdown code fence (```json … ```) around it."""
+    text = text.strip()
+    if len(text) >= 6 and text.startswith("```") and text.endswith("```"):
+        return text[3:-3].lstrip(string.ascii_letters).strip()
+    return text
+
+
+def load_json(text: str, what: str = "the call") -> Any:
+    """Read model-written JSON (in a Markdown fence or not), or say what is wrong with it.
+
+    Stricter than ``json.loads`` where Python's reading would hide the model's mistake: a key given twice
+    is a ``duplicate_key`` mistake (not the last one silently winning), and a number no float can hold (an
+    integer of hundreds of digits, ``1e999``) is an ``out_of_range`` mistake. ``NaN`` and ``Infinity`` are
+    read as floats; the zoom tool refuses them.
+
+    Returns:
+        The value, or an ``error`` action.
+    """
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys, parse_int=_json_int, parse_float=_json_float)
+    except _DuplicateKey as exc:
+        return mistake("duplicate_key", f"{what} gives the field {quote(exc.key)} more than once; give each field once")
+    except _NumberTooLarge as exc:
+        shown = exc.literal if len(exc.literal) <= 24 else exc.literal[:20] + "…"
+        return mistake(
+            "out_of_range",
+            f"{what} holds the number {shown} ({len(exc.literal)} characters long), far too large for any "
+            "coordinate; give values within the image",
+        )
+    except json.JSONDecodeError as exc:
+        return mistake("invalid_json", f"{what} is not valid JSON ({exc.msg} at character {exc.pos})")
+    except RecursionError:
+        return mistake("invalid_json", f"{what} is not valid JSON: it is nested too deeply")
+    except ValueError:
+        return mistake("invalid_json", f"{what} is not valid JSON")
+
+
 def parse_call_payload(payload: str) -> dict[str, Any] | Action:
     """Read the JSON of a zoom call: ``{"bbox_2d": [...], "source": ...}``.
 
     Also accepted: the object inside a one-element list (Qwen's grounding output style), a bare list of four
     numbers (source defaults to the original), and JSON wrapped in a Markdown code fence. ``source`` defaults
-    to ``original_image``. Values are checked later, by the zoom tool.
+    to ``original_image``. Values are checked later, by the zoom tool; what ``load_json`` refuses is a mistake
+    here.
 
     Returns:
         The call, or an ``error`` action explaining what is wrong.
     """
-    text = payload.strip()
-    fenced = _FENCE.match(text)
-    if fenced:
-        text = fenced.group(1).strip()
+    text = unfence(payload)
     if not text:
         return mistake("bad_call", 'the call is empty; write {"bbox_2d": [x0, y0, x1, y1], "source": ...}')
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as exc:
-        return mistake("invalid_json", f"the call is not valid JSON ({exc.msg} at character {exc.pos})")
-    except (ValueError, RecursionError):
-        return mistake("invalid_json", "the call is not valid JSON")
+    obj = load_json(text)
+    if isinstance(obj, Action):
+        return obj
     if isinstance(obj, list):
         if len(obj) == 1 and isinstance(obj[0], dict):
             obj = obj[0]
@@ -94,7 +200,7 @@ def parse_call_payload(payload: str) -> dict[str, Any] | Action:
         source = "original_image"
     if not isinstance(source, str):
         return mistake("bad_call", '"source" must be a string such as "original_image" or "observation_1"')
-    return {"bbox_2d": obj["bbox_2d"], "source": source}
+    return {"bbox_2d": obj["bbox_2d"], "source": clean_text(source)}
 
 
 class Protocol:

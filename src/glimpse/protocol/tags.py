@@ -3,26 +3,25 @@
 Generation stops at ``</grounding>``; OpenAI-compatible servers leave the stop string out of the text, so a
 reply that ends inside a call has its closing tag put back (the harness closes the turn itself). Observations
 and errors come back as user turns. Reasoning inside closed ``<think>`` blocks is never searched for calls or
-answers, so a model may mention the tags while thinking.
+answers, nor is the code inside a closed ``<python>`` block, so a model may mention the tags while thinking
+or in its code. Tags are found by plain string search, linear in a reply's length even when it is full of
+unclosed tags (a non-greedy regular expression is quadratic there).
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 from glimpse.geometry import Coords
 from glimpse.models.base import Completion, ImagePart, Message
-from glimpse.protocol.base import Action, Protocol, mistake, parse_call_payload
+from glimpse.protocol.base import Action, Protocol, clean_text, mistake, parse_call_payload
 from glimpse.protocol.prompts import PromptSet
 
 OPEN_CALL, CLOSE_CALL = "<grounding>", "</grounding>"
 OPEN_CODE, CLOSE_CODE = "<python>", "</python>"
 OPEN_ANSWER, CLOSE_ANSWER = "<answer>", "</answer>"
-_THINK_BLOCK = re.compile(r"<think>(.*?)</think>", re.S)
-_CALL = re.compile(r"<grounding>(.*?)</grounding>", re.S)
-_CODE = re.compile(r"<python>(.*?)</python>", re.S)
-_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S)
+OPEN_THINK, CLOSE_THINK = "<think>", "</think>"
 # Pieces that show the model meant to use a tag but did not write it properly.
 _CALL_DEBRIS = re.compile(r"</?\s*grounding\b|\"bbox_2d\"|'bbox_2d'")
 _ANSWER_DEBRIS = re.compile(r"</?\s*answer\b")
@@ -45,28 +44,58 @@ def restore_stop(text: str, finish_reason: str | None, matched_stop: str | None 
     return text
 
 
+class Blocks(NamedTuple):
+    """The closed blocks of one tag in a text, and the text outside them."""
+
+    inside: list[str]
+    outside: str
+
+
+def blocks(text: str, open_tag: str, close_tag: str) -> Blocks:
+    """Each closed ``open_tag … close_tag`` block of ``text``, left to right; a block ends at the first closing
+    tag after it opens (as a non-greedy ``open(.*?)close`` would match, but in linear time)."""
+    inside: list[str] = []
+    outside: list[str] = []
+    pos = 0
+    while (start := text.find(open_tag, pos)) >= 0:
+        end = text.find(close_tag, start + len(open_tag))
+        if end < 0:  # no later opening tag can be closed either
+            break
+        outside.append(text[pos:start])
+        inside.append(text[start + len(open_tag) : end])
+        pos = end + len(close_tag)
+    outside.append(text[pos:])
+    return Blocks(inside, "".join(outside))
+
+
 def thought_of(text: str) -> str | None:
     """The reasoning of a reply: its ``<think>`` blocks (an unclosed one runs to the first tag after it)."""
-    blocks = [b.strip() for b in _THINK_BLOCK.findall(text)]
-    rest = _THINK_BLOCK.sub("", text)
-    if "<think>" in rest:
-        tail = rest.split("<think>", 1)[1]
+    found, rest = blocks(text, OPEN_THINK, CLOSE_THINK)
+    parts = [b.strip() for b in found]
+    if OPEN_THINK in rest:
+        tail = rest.split(OPEN_THINK, 1)[1]
         cut = min((i for i in (tail.find(OPEN_CALL), tail.find(OPEN_ANSWER)) if i >= 0), default=len(tail))
-        blocks.append(tail[:cut].strip())
-    joined = "\n".join(b for b in blocks if b)
+        parts.append(tail[:cut].strip())
+    joined = "\n".join(b for b in parts if b)
     return joined or None
 
 
 def parse_tagged(text: str, finish_reason: str | None, code: bool = False) -> Action:
-    """Read a reply written with tags into an action (``code``: the Python tool is offered). Never raises."""
+    """Read a reply written with tags into an action (``code``: the Python tool is offered). Never raises.
+
+    Answer tags nested inside an answer are dropped: ``<answer><answer>x</answer></answer>`` answers ``x``.
+    """
+    text = clean_text(text)
     thought = thought_of(text)
-    body = _THINK_BLOCK.sub("", text).replace("<think>", "")
-    calls = _CALL.findall(body)
-    codes = _CODE.findall(body)
-    answers = _ANSWER.findall(body)
-    open_call = body.count(OPEN_CALL) > len(calls)
+    body = blocks(text, OPEN_THINK, CLOSE_THINK).outside.replace(OPEN_THINK, "")
+    codes, rest = blocks(body, OPEN_CODE, CLOSE_CODE)
+    calls = blocks(rest, OPEN_CALL, CLOSE_CALL).inside
+    answers = [
+        a.replace(OPEN_ANSWER, "").replace(CLOSE_ANSWER, "") for a in blocks(rest, OPEN_ANSWER, CLOSE_ANSWER).inside
+    ]
+    open_call = rest.count(OPEN_CALL) > len(calls)
     open_code = body.count(OPEN_CODE) > len(codes)
-    open_answer = body.count(OPEN_ANSWER) > len(answers)
+    open_answer = rest.count(OPEN_ANSWER) > len(answers)
     truncated = finish_reason == "length"
 
     def err(kind: str, message: str, tool_attempt: bool = True) -> Action:
@@ -113,9 +142,9 @@ def parse_tagged(text: str, finish_reason: str | None, code: bool = False) -> Ac
         if not answer:
             return err("empty_answer", "the answer tags are empty; put the answer between them", tool_attempt=False)
         return Action(kind="answer", text=text, thought=thought, answer=answer)
-    if open_answer or _ANSWER_DEBRIS.search(body):
+    if open_answer or _ANSWER_DEBRIS.search(rest):
         return err("unclosed_tag", f"write the answer as {OPEN_ANSWER}your answer{CLOSE_ANSWER}", tool_attempt=False)
-    if _CALL_DEBRIS.search(body):
+    if _CALL_DEBRIS.search(rest):
         return err(
             "missing_tag",
             f'write a zoom call as {OPEN_CALL}{{"bbox_2d": [x0, y0, x1, y1], "source": "original_image"}}{CLOSE_CALL}',
@@ -147,7 +176,7 @@ class TagProtocol(Protocol):
         text = restore_stop(completion.text, completion.finish_reason, completion.matched_stop)
         action = parse_tagged(text, completion.finish_reason, self.code)
         if action.thought is None and completion.reasoning:
-            action.thought = completion.reasoning.strip() or None
+            action.thought = clean_text(completion.reasoning).strip() or None
         return action
 
     def assistant_message(self, action: Action, completion: Completion) -> Message:

@@ -12,8 +12,8 @@ import json
 from typing import Any
 
 from glimpse.geometry import Coords
-from glimpse.models.base import Completion, ImagePart, Message
-from glimpse.protocol.base import Action, Protocol, mistake, parse_call_payload
+from glimpse.models.base import Completion, ImagePart, Message, ToolCall
+from glimpse.protocol.base import Action, Protocol, clean_text, load_json, mistake, parse_call_payload, quote
 from glimpse.protocol.prompts import PromptSet, fill
 from glimpse.protocol.tags import parse_tagged, thought_of
 
@@ -83,8 +83,8 @@ class ToolCallProtocol(Protocol):
         self.tools = [zoom_tool_schema(coords)] + ([code_tool_schema()] if code else [])
 
     def parse(self, completion: Completion) -> Action:
-        text = completion.text or ""
-        thought = (completion.reasoning or "").strip() or thought_of(text)
+        text = clean_text(completion.text or "")
+        thought = clean_text(completion.reasoning or "").strip() or thought_of(text)
         calls = completion.tool_calls
         ids = [c.id for c in calls]
         if len(calls) > 1:
@@ -97,18 +97,19 @@ class ToolCallProtocol(Protocol):
             )
         if calls:
             call = calls[0]
+            arguments = _arguments_text(call.arguments)
             if call.name == CODE_TOOL_NAME and self.code:
-                return self._code_call(call.arguments, text, thought, ids)
+                return self._code_call(arguments, text, thought, ids)
             if call.name != ZOOM_TOOL_NAME:
                 offered = ", ".join(t["function"]["name"] for t in self.tools or [])
                 return mistake(
                     "unknown_tool",
-                    f"there is no function {call.name!r}; the functions are {offered}",
+                    f"there is no function {quote(call.name)}; the functions are {offered}",
                     text=text,
                     thought=thought,
                     call_ids=ids,
                 )
-            payload = parse_call_payload(call.arguments)
+            payload = parse_call_payload(arguments)
             if isinstance(payload, Action):
                 payload.text, payload.thought, payload.call_ids = text, thought, ids
                 return payload
@@ -125,21 +126,23 @@ class ToolCallProtocol(Protocol):
 
     @staticmethod
     def _code_call(arguments: str, text: str, thought: str | None, ids: list[str]) -> Action:
-        try:
-            args = json.loads(arguments)
-        except (ValueError, RecursionError):
-            return mistake(
-                "invalid_json", "the arguments of python are not valid JSON", text=text, thought=thought, call_ids=ids
-            )
+        args = load_json(arguments, "the arguments of python")
+        if isinstance(args, Action):
+            args.text, args.thought, args.call_ids = text, thought, ids
+            return args
         code = args.get("code") if isinstance(args, dict) else None
         if not isinstance(code, str) or not code.strip():
             return mistake(
                 "bad_call", 'python needs a non-empty "code" string', text=text, thought=thought, call_ids=ids
             )
-        return Action(kind="code", text=text, thought=thought, code=code, tool_attempt=True, call_ids=ids)
+        return Action(kind="code", text=text, thought=thought, code=clean_text(code), tool_attempt=True, call_ids=ids)
 
     def assistant_message(self, action: Action, completion: Completion) -> Message:
-        return Message("assistant", completion.text or "", tool_calls=list(completion.tool_calls))
+        calls = [
+            ToolCall(clean_text(str(c.id)), clean_text(str(c.name)), clean_text(_arguments_text(c.arguments)))
+            for c in completion.tool_calls
+        ]
+        return Message("assistant", action.text, tool_calls=calls)
 
     def observation(
         self, action: Action, image: ImagePart, observation_index: int, action_turn: int, source: str
@@ -159,3 +162,13 @@ class ToolCallProtocol(Protocol):
         text = fill(self.prompts.code_result, output=output)
         replies = [Message("tool", text, tool_call_id=i) for i in action.call_ids]
         return [*replies, Message("user", self._image_parts(images))] if images else replies
+
+
+def _arguments_text(arguments: object) -> str:
+    """A call's arguments as JSON text: some servers send them as an object instead of a string."""
+    if isinstance(arguments, str):
+        return arguments
+    try:
+        return json.dumps(arguments)
+    except (TypeError, ValueError, RecursionError):
+        return str(type(arguments).__name__)

@@ -5,9 +5,11 @@ convention, relative to that source. The box is composed with the source's own b
 is still cut from the original's full-resolution pixels. Every problem with a call is a model mistake and
 comes back as a ``ZoomResult`` with an error message and kind; ``run`` never raises on model input.
 
-Checks, in order: the box is a list of four finite numbers; each lies within the convention's range (a
-whisker of float noise is clamped); ``x0 < x1`` and ``y0 < y1``; the source exists; in original pixels each
-side is at least ``min_box_side``; the long side is at most ``max_aspect_ratio`` times the short one.
+Checks, in order: the box is a list of four finite numbers (NaN, infinities, booleans and strings are
+``not_a_number``; an integer too large for a float is ``out_of_range`` without being converted); each lies
+within the convention's range (a whisker of float noise is clamped); ``x0 < x1`` and ``y0 < y1``; the source
+exists; in original pixels each side is at least ``min_box_side``; the long side is at most
+``max_aspect_ratio`` times the short one.
 """
 
 from __future__ import annotations
@@ -22,13 +24,17 @@ from PIL import Image
 from glimpse.errors import ConfigError
 from glimpse.geometry import Box, Coords, to_relative
 from glimpse.images import MAX_ASPECT_RATIO, PixelLimits, fit
+from glimpse.protocol.base import quote
 
 # Smallest side of a zoom, in original pixels: one 28-pixel Qwen image cell (the Mini-o3 recipe's minimum).
 MIN_BOX_SIDE = 28
 # Most elongated zoom accepted; verl's and DeepEyes' zoom tools use 100, Qwen's resize refuses 200.
 ZOOM_MAX_ASPECT_RATIO = 100.0
 
-_OBSERVATION = re.compile(r"^observation[_ ]?(\d+)$")
+# Integers beyond 2**53 are not exact as floats, and lie outside every image in every convention.
+_LARGEST_COORDINATE = 2**53
+# ASCII digits only (``\d`` would accept other scripts' digits), and few enough for ``int`` to read.
+_OBSERVATION = re.compile(r"observation[_ ]?([0-9]{1,9})", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -73,7 +79,7 @@ def source_index(source: str, count: int) -> int | None:
     name = source.strip().lower()
     if name == "original_image":
         return 0
-    match = _OBSERVATION.match(name)
+    match = _OBSERVATION.fullmatch(name)
     if match:
         index = int(match.group(1))
         if 1 <= index < count:
@@ -128,7 +134,8 @@ class ZoomTool:
 
     def resolve(self, call: dict[str, Any], images: list[ImageState]) -> ZoomResult:
         """Every check of ``run`` and the box in original pixels, without cutting the crop."""
-        source = str(call.get("source", "original_image"))
+        source = call.get("source", "original_image")
+        source = source if isinstance(source, str) else str(source)
         result = ZoomResult(source=source)
 
         def fail(kind: str, message: str) -> ZoomResult:
@@ -142,7 +149,12 @@ class ZoomTool:
             return fail("bad_box", f"bbox_2d has {len(values)} values; give exactly four: [x0, y0, x1, y1]")
         for v in values:
             if isinstance(v, bool) or not isinstance(v, (int, float)):
-                return fail("not_a_number", f"bbox_2d holds {v!r}, which is not a number")
+                return fail("not_a_number", f"bbox_2d holds {quote(v)}, which is not a number")
+            if isinstance(v, int) and abs(v) > _LARGEST_COORDINATE:  # float(v) could overflow
+                return fail(
+                    "out_of_range",
+                    f"bbox_2d holds {quote(v)}, far outside the image; give the region's corners within it",
+                )
             if not math.isfinite(v):
                 return fail("not_a_number", f"bbox_2d holds {v}, which is not a finite number")
         result.bbox = [float(v) for v in values]
@@ -155,7 +167,7 @@ class ZoomTool:
                 if len(names) <= 8
                 else f"original_image, observation_1 … observation_{len(images) - 1}"
             )
-            return fail("unknown_source", f"there is no image called {source!r}; you can zoom into: {listed}")
+            return fail("unknown_source", f"there is no image called {quote(source)}; you can zoom into: {listed}")
         result.source_index = index
         src = images[index]
         if src.box is None:
