@@ -1,25 +1,34 @@
-"""The built-in model's architecture: a small convolutional image encoder feeding a Qwen2 text decoder.
+"""The built-in model (``glimpse_vl``): region tokens, a small Qwen2 decoder, and a pointer that writes zooms.
 
-A vision transformer trained from scratch on a CPU does not learn to read a digit or find a saturated colour
-within the budget (two design studies measured it); a small convolutional network learns both in minutes. So
-the built-in model (``glimpse_vl``) encodes each image with a CNN whose output stride is the token cell
-(32 pixels): an image of ``h × w`` cells becomes ``h · w`` tokens, each the features of its cell plus learned
-row and column embeddings, spliced into the decoder's input where the prompt holds ``<|image_pad|>`` tokens.
+Two design studies (``shared/reference/tiny-policy-study*.md``) found that a vision transformer trained from
+scratch on a CPU learns nothing in budget, and a grid of 32-pixel cells hides a probe's 20-pixel sign; a third
+(``region-token-study.md``) found what does learn: perceive in objects. So:
 
-It is packaged like a Qwen-VL checkpoint so that every path that runs Qwen runs it unchanged: the config, the
-model, the image processor and the processor are registered with transformers' Auto classes (importing this
-module registers them); ``from_pretrained`` / ``save_pretrained`` / ``generate`` work; the processor expands
-each ``<|image_pad|>`` to one token per cell and returns ``pixel_values`` as rows of cells with an
-``image_grid_thw`` of ``(1, rows, columns)`` per image, exactly the shapes Qwen's processors return.
+* **Perception.** Every image the loop shows becomes region tokens (``glimpse.builtin.processing``): a
+  training-free proposer's boxes on that image, each crop through a small CNN whose flattened feature map keeps
+  where in the crop things are (a code's characters), plus an embedding of the box; a few coarse tiles give a
+  low-resolution view of the whole. The question precedes the image in the model's prompt, so region tokens
+  attend to it.
+* **Acting.** After ``{"bbox_2d": [`` the model writes a zoom by pointing: a query from the decoder's state
+  scores every region token of every image so far (keys from the decoder's states at those tokens), and the
+  logits of the location tokens become the log of the summed probability of the regions that spell each next
+  token (``Pointer``). The written JSON is the chosen region's zoom window and image (``source``), exactly; a
+  zoom cannot be malformed.
+* **Reading** is the decoder's: answer tokens read the region tokens of the observation.
+
+It is a transformers ``PreTrainedModel`` registered with the Auto classes (importing this module registers
+them), so the ``hf`` backend, ``glimpse serve``, SFT and ``glimpse train rl`` run it unchanged. During
+``generate`` the region keys and the open zoom are kept on the cache object, so decoding with transformers'
+``DynamicCache`` computes image features on the prefill only and points the same way as a full forward pass.
 """
 
 from __future__ import annotations
 
+import inspect
+from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -32,29 +41,44 @@ from transformers import (
     Qwen2Config,
     Qwen2Model,
 )
-from transformers.feature_extraction_utils import BatchFeature
-from transformers.image_processing_utils import BaseImageProcessor
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.processing_utils import ProcessorMixin
 
-from glimpse.images import PixelLimits, smart_resize
+from glimpse.builtin.processing import (
+    BOX_OPEN,
+    BOX_VALUES,
+    CROP,
+    MAX_SOURCES,
+    STEPS,
+    GlimpseVLImageProcessor,
+    GlimpseVLProcessor,
+    coordinate_text,
+    location_tokens,
+    source_text,
+)
 
 MODEL_TYPE = "glimpse_vl"
-MEAN = (0.5, 0.5, 0.5)
-STD = (0.25, 0.25, 0.25)
+# The pixel limits the model is shown images at: the default first view of the Mini-o3 recipe (2,000,000
+# pixels, where a probe's sign spans about 19 × 11 pixels) and a zoom no smaller than 256 × 256.
+MIN_PIXELS, MAX_PIXELS = 65_536, 2_000_000
+# The decoder's cache argument and the output's cache field: ``cache`` in recent transformers, ``past_key_values``
+# before (both are accepted here, so the model runs on either).
+_CACHE_ARG = "cache" if "cache" in inspect.signature(Qwen2Model.forward).parameters else "past_key_values"
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+NEG = -1e4  # the logit of a location token no consistent region spells (finite: safe in bfloat16)
 
 
 class GlimpseVLConfig(PretrainedConfig):
-    """Config of the built-in model: the text decoder's ``Qwen2Config`` and the image encoder's sizes.
+    """Config of the built-in model: the text decoder's ``Qwen2Config`` and the region encoder's sizes.
 
     Args:
         text_config: the decoder (a ``Qwen2Config`` or its dict).
-        channels: output channels of the encoder's five stride-2 stages (stride 32 in all).
-        max_grid: most rows or columns of cells an image may have (size of the position embeddings).
+        channels: output channels of the region encoder's stride-2 stages.
+        pointer_dim: width of the pointer's queries and keys.
         image_token_id: id of ``<|image_pad|>``.
+        box_open_id: id of the token that opens a zoom's box (``{"bbox_2d": [``).
+        coordinate_ids: ids of the tokens writing grid value k (0..STEPS) before a comma, then before ']'.
+        source_ids: ids of the source tokens (original_image, observation_1, …).
         min_pixels / max_pixels: the pixel limits the model was trained with (its native limits).
-        coordinate_ids / coordinate_values: the location tokens that write one coordinate, and the relative
-            position each writes; with them the model points (``Pointer``). Empty: plain token embeddings.
     """
 
     model_type = MODEL_TYPE
@@ -63,100 +87,80 @@ class GlimpseVLConfig(PretrainedConfig):
     def __init__(
         self,
         text_config: dict[str, Any] | Qwen2Config | None = None,
-        channels: list[int] | tuple[int, ...] = (24, 48, 96, 160, 256),
-        max_grid: int = 64,
+        channels: list[int] | tuple[int, ...] = (24, 48, 96, 128),
+        pointer_dim: int = 128,
         image_token_id: int | None = None,
-        cell: int = 32,
-        min_pixels: int = 65_536,
-        max_pixels: int = 196_608,
+        box_open_id: int | None = None,
         coordinate_ids: list[int] | None = None,
-        coordinate_values: list[float] | None = None,
+        source_ids: list[int] | None = None,
+        min_pixels: int = MIN_PIXELS,
+        max_pixels: int = MAX_PIXELS,
+        cell: int = 32,
         **kwargs: Any,
     ):
         if isinstance(text_config, dict):
             text_config = Qwen2Config(**text_config)
         self.text_config = text_config if text_config is not None else Qwen2Config()
         self.channels = list(channels)
-        self.max_grid = max_grid
+        self.pointer_dim = pointer_dim
         self.image_token_id = image_token_id
-        self.cell = cell
-        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        self.box_open_id = box_open_id
         self.coordinate_ids = list(coordinate_ids or [])
-        self.coordinate_values = list(coordinate_values or [])
+        self.source_ids = list(source_ids or [])
+        self.min_pixels, self.max_pixels, self.cell = min_pixels, max_pixels, cell
         kwargs.setdefault("tie_word_embeddings", self.text_config.tie_word_embeddings)
         super().__init__(**kwargs)
 
 
-class ConvEncoder(nn.Module):
-    """Five stride-2 stages (conv, norm, GELU, conv, norm, GELU with a residual): a 32-pixel cell per vector."""
+def fourier(v: torch.Tensor, frequencies: int = 8) -> torch.Tensor:
+    """A fixed Fourier code of values in 0–1 (…, n) → (…, n · 2 · frequencies)."""
+    freqs = torch.pi * 2.0 ** torch.arange(frequencies, device=v.device, dtype=torch.float32)
+    angle = v.float().unsqueeze(-1) * freqs
+    return torch.cat([angle.sin(), angle.cos()], -1).flatten(-2)
 
-    def __init__(self, channels: list[int], hidden: int, max_grid: int):
+
+class RegionEncoder(nn.Module):
+    """A region's crop and box → one token: stride-2 conv stages, the flattened feature map (it keeps where in the
+    crop each feature is, which reading needs), and a Fourier embedding of the box."""
+
+    def __init__(self, channels: list[int], hidden: int):
         super().__init__()
-        stages, c_in = [], 3
+        layers: list[nn.Module] = []
+        c_in = 3
         for c in channels:
-            stages.append(
-                nn.ModuleDict(
-                    {
-                        "down": nn.Sequential(
-                            nn.Conv2d(c_in, c, 3, stride=2, padding=1), nn.GroupNorm(min(8, c // 4), c), nn.GELU()
-                        ),
-                        "body": nn.Sequential(
-                            nn.Conv2d(c, c, 3, padding=1), nn.GroupNorm(min(8, c // 4), c), nn.GELU()
-                        ),
-                    }
-                )
-            )
+            layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), nn.GroupNorm(min(8, c // 4), c), nn.GELU()]
+            layers += [nn.Conv2d(c, c, 3, padding=1), nn.GroupNorm(min(8, c // 4), c), nn.GELU()]
             c_in = c
-        self.stages = nn.ModuleList(stages)
-        self.project = nn.Linear(c_in, hidden)
-        self.rows = nn.Embedding(max_grid, hidden)
-        self.cols = nn.Embedding(max_grid, hidden)
+        self.cnn = nn.Sequential(*layers)
+        cells = (CROP[0] >> len(channels)) * (CROP[1] >> len(channels))
+        self.project = nn.Linear(c_in * cells, hidden)
+        self.box = nn.Linear(4 * 2 * 8, hidden)
+        self.norm = nn.LayerNorm(hidden)
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        """(3, H, W) → (H/32 · W/32, hidden), or (N, 3, H, W) → (N, H/32 · W/32, hidden); cells row-major."""
-        x = image.unsqueeze(0) if image.dim() == 3 else image
-        for stage in self.stages:
-            x = stage["down"](x)
-            x = x + stage["body"](x)
-        _, _, gh, gw = x.shape
-        feats = self.project(x.flatten(2).transpose(1, 2))
-        # An image longer than max_grid cells on a side (a very elongated zoom) shares the last position.
-        last = self.rows.num_embeddings - 1
-        r = torch.arange(gh, device=x.device).clamp(max=last).repeat_interleave(gw)
-        c = torch.arange(gw, device=x.device).clamp(max=last).repeat(gh)
-        feats = feats + self.rows(r) + self.cols(c)
-        return feats[0] if image.dim() == 3 else feats
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        """(tokens, ROW) → (tokens, hidden)."""
+        pixels = rows[:, :-BOX_VALUES].reshape(-1, 3, *CROP)
+        feats = self.cnn(pixels).flatten(1)
+        return self.norm(self.project(feats) + self.box(fourier(rows[:, -BOX_VALUES : -BOX_VALUES + 4])))
 
 
-class Pointer(nn.Module):
-    """One learned function of a relative position (0–1) shared by image tokens and coordinate tokens.
+@dataclass
+class PointerState:
+    """Per sequence of a batch: the region keys and spellings seen so far, images seen, the zoom being written.
 
-    An image token at cell centre (x, y) gets ``x_map(f(x)) + y_map(f(y))`` added to its features; a coordinate
-    token writing the value v gets ``x_map(f(v))`` added to its input embedding and, since the head is tied, to
-    its output embedding. ``f`` is a fixed Fourier code, so a shift (a window's edge is its centre less half its
-    side) is a rotation of it, which a linear map learns. Writing a coordinate then means attending to the image
-    token where the target is and copying its position, instead of learning 256 arbitrary token meanings.
-    """
+    Lives on the generation cache between decoding steps (``generate``) or for one forward pass (training)."""
 
-    FREQUENCIES = 16  # 1 to 32 cycles over the image: finer than the 16-window grid
+    keys: list[list[torch.Tensor]] = field(default_factory=list)
+    spells: list[list[torch.Tensor]] = field(default_factory=list)
+    images: list[int] = field(default_factory=list)
+    open_box: list[list[int] | None] = field(default_factory=list)
 
-    def __init__(self, hidden: int):
-        super().__init__()
-        self.x_map = nn.Linear(2 * self.FREQUENCIES, hidden, bias=False)
-        self.y_map = nn.Linear(2 * self.FREQUENCIES, hidden, bias=False)
-
-    def code(self, v: torch.Tensor) -> torch.Tensor:
-        # Computed, not a buffer: transformers builds models on the meta device and loads only saved tensors.
-        freqs = torch.pi * 2.0 ** torch.linspace(0, 5, self.FREQUENCIES, device=v.device)
-        angle = v.float().unsqueeze(-1) * freqs
-        return torch.cat([angle.sin(), angle.cos()], -1)
-
-    def cells(self, rows: int, cols: int) -> torch.Tensor:
-        """(rows · cols, hidden): the position term of an image's tokens, row-major."""
-        device = self.x_map.weight.device
-        y = (torch.arange(rows, device=device) + 0.5) / rows
-        x = (torch.arange(cols, device=device) + 0.5) / cols
-        return (self.y_map(self.code(y))[:, None, :] + self.x_map(self.code(x))[None, :, :]).reshape(rows * cols, -1)
+    def grow(self, batch: int) -> None:
+        while len(self.images) < batch:
+            self.keys.append([])
+            self.spells.append([])
+            self.images.append(0)
+            self.open_box.append(None)
 
 
 class GlimpseVLPreTrainedModel(PreTrainedModel):
@@ -173,31 +177,25 @@ class GlimpseVLPreTrainedModel(PreTrainedModel):
             nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.GroupNorm):
+        elif isinstance(module, nn.GroupNorm | nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 
 
 class GlimpseVLForConditionalGeneration(GlimpseVLPreTrainedModel, GenerationMixin):
-    """The built-in model: ``ConvEncoder`` → image tokens → ``Qwen2Model`` → tied LM head."""
+    """The built-in model: ``RegionEncoder`` → region tokens → ``Qwen2Model`` → tied LM head and the pointer."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}  # noqa: RUF012
 
     def __init__(self, config: GlimpseVLConfig):
         super().__init__(config)
         text = config.text_config
-        self.visual = ConvEncoder(config.channels, text.hidden_size, config.max_grid)
+        self.visual = RegionEncoder(config.channels, text.hidden_size)
         self.model = Qwen2Model(text)
         self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
-        self.pointer = Pointer(text.hidden_size) if config.coordinate_ids else None
+        self.query = nn.Linear(text.hidden_size, config.pointer_dim)
+        self.key = nn.Linear(text.hidden_size, config.pointer_dim)
         self.post_init()
-
-    def _coordinates(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The coordinate tokens' ids and (coordinate tokens, hidden) what pointing adds to their embeddings."""
-        assert self.pointer is not None
-        ids = torch.tensor(self.config.coordinate_ids, device=device)
-        values = torch.tensor(self.config.coordinate_values, device=device)
-        return ids, self.pointer.x_map(self.pointer.code(values))
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.embed_tokens
@@ -208,30 +206,18 @@ class GlimpseVLForConditionalGeneration(GlimpseVLPreTrainedModel, GenerationMixi
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
 
-    def image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
-        """Rows of cells (as the processor returns them) → one feature vector per image token."""
-        cell = self.config.cell
-        grids = [tuple(g) for g in image_grid_thw.tolist()]
-        starts = np.cumsum([0] + [gh * gw for _, gh, gw in grids]).tolist()
-        out: list[torch.Tensor | None] = [None] * len(grids)
-        # Images of one grid size go through the encoder together (its norms are per image).
-        for grid in dict.fromkeys(grids):
-            _, gh, gw = grid
-            which = [i for i, g in enumerate(grids) if g == grid]
-            rows = torch.stack([pixel_values[starts[i] : starts[i + 1]] for i in which])
-            images = rows.view(-1, gh, gw, 3, cell, cell).permute(0, 3, 1, 4, 2, 5).reshape(-1, 3, gh * cell, gw * cell)
-            feats = self.visual(images)
-            if self.pointer is not None:
-                feats = feats + self.pointer.cells(gh, gw).to(feats.dtype)
-            for i, f in zip(which, feats, strict=True):
-                out[i] = f
-        return torch.cat(out)  # type: ignore[arg-type]
+    def spellings(self, rows: torch.Tensor, source: int) -> torch.Tensor:
+        """(tokens, 5) ids: the four coordinate tokens and the source token a zoom into each region writes."""
+        window = rows[:, -4:].round().long().clamp(0, STEPS)
+        ids = torch.tensor(self.config.coordinate_ids, device=rows.device)
+        coords = torch.stack([ids[window[:, i] + (STEPS + 1) * (i == 3)] for i in range(4)], 1)
+        src = torch.full_like(coords[:, :1], self.config.source_ids[min(source, len(self.config.source_ids) - 1)])
+        return torch.cat([coords, src], 1)
 
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
         past_key_values: Any = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
@@ -240,123 +226,122 @@ class GlimpseVLForConditionalGeneration(GlimpseVLPreTrainedModel, GenerationMixi
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         mm_token_type_ids: torch.Tensor | None = None,  # accepted as Qwen's models accept it; unused
+        cache: Any = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
-        coordinate_ids, table = self._coordinates(self.lm_head.weight.device) if self.pointer else (None, None)
+        """A forward pass; ``position_ids`` (in ``kwargs``) go to the decoder. They are not a named argument on
+        purpose: the pointer's region keys live on the generation cache (``PointerState``), which a cache rebuilt
+        from bare key/value layers would lose, and the ``hf`` backend continues from such caches only for models
+        that name explicit positions; this one's short prompts are computed whole each turn instead."""
+        cache = cache if cache is not None else past_key_values
         if inputs_embeds is None:
             inputs_embeds = self.model.embed_tokens(input_ids)
-            if table is not None:
-                lookup = torch.full((self.config.text_config.vocab_size,), -1, device=input_ids.device)
-                lookup[coordinate_ids] = torch.arange(len(coordinate_ids), device=input_ids.device)
-                row = lookup[input_ids]
-                extra = table[row.clamp(min=0)] * (row >= 0).unsqueeze(-1)
-                inputs_embeds = inputs_embeds + extra.to(inputs_embeds.dtype)
-        if pixel_values is not None and input_ids is not None:
-            feats = self.image_features(pixel_values.to(inputs_embeds.dtype), image_grid_thw)
-            where = input_ids == self.config.image_token_id
+        where = input_ids == self.config.image_token_id if input_ids is not None else None
+        has_images = pixel_values is not None and where is not None and bool(where.any())
+        if has_images:
+            feats = self.visual(pixel_values.to(inputs_embeds.dtype))
             if int(where.sum()) != feats.shape[0]:
                 raise ValueError(
-                    f"{int(where.sum())} image tokens in the prompt but {feats.shape[0]} image cells in pixel_values"
+                    f"{int(where.sum())} image tokens in the prompt but {feats.shape[0]} region rows in pixel_values"
                 )
             inputs_embeds = inputs_embeds.masked_scatter(where.unsqueeze(-1), feats.to(inputs_embeds.dtype))
         outputs = self.model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
+            **{_CACHE_ARG: cache},
             use_cache=use_cache,
             **kwargs,
         )
         hidden = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, keep, :])
-        if table is not None:  # the tied head: a coordinate token's output embedding carries its position too
-            point = hidden[:, keep, :] @ table.to(hidden.dtype).T
-            logits = logits.index_add(-1, coordinate_ids, point)
+        returned = getattr(outputs, "cache", None) or getattr(outputs, "past_key_values", None)
+        if input_ids is not None and self.config.coordinate_ids:
+            # the decoder makes the cache on the prefill when none is passed in: the state goes with it
+            state = getattr(returned, "glimpse_pointer", None) if returned is not None else None
+            if state is None:
+                state = PointerState()
+                if returned is not None:
+                    returned.glimpse_pointer = state
+            state.grow(input_ids.shape[0])
+            if has_images:
+                self._add_regions(state, input_ids, hidden, pixel_values, image_grid_thw)
+            logits = self._point(state, input_ids, hidden, logits, logits_to_keep)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: returned})
 
-
-class GlimpseVLImageProcessor(BaseImageProcessor):
-    """Resize to the cell grid (within the pixel limits), normalise, and cut into rows of 32×32 cells."""
-
-    model_input_names = ["pixel_values", "image_grid_thw"]  # noqa: RUF012
-
-    def __init__(
+    def _add_regions(
         self,
-        cell: int = 32,
-        min_pixels: int = 65_536,
-        max_pixels: int = 196_608,
-        image_mean: tuple[float, ...] = MEAN,
-        image_std: tuple[float, ...] = STD,
-        **kwargs: Any,
-    ):
-        super().__init__(**kwargs)
-        self.cell, self.min_pixels, self.max_pixels = cell, min_pixels, max_pixels
-        self.image_mean, self.image_std = list(image_mean), list(image_std)
+        state: PointerState,
+        input_ids: torch.Tensor,
+        hidden: torch.Tensor,
+        pixel_values: torch.Tensor,
+        image_grid_thw: torch.Tensor,
+    ) -> None:
+        """Record each image's region keys (the decoder's states at its tokens) and spellings, in order."""
+        sizes = [int(g[2]) for g in image_grid_thw.tolist()]
+        rows_of = pixel_values.split(sizes)
+        positions = (input_ids == self.config.image_token_id).nonzero().tolist()  # row-major: images in order
+        start = 0
+        for size, rows in zip(sizes, rows_of, strict=True):
+            b = positions[start][0]
+            cols = torch.tensor([p[1] for p in positions[start : start + size]], device=hidden.device)
+            start += size
+            state.keys[b].append(self.key(hidden[b, cols]))
+            state.spells[b].append(self.spellings(rows, state.images[b]))
+            state.images[b] += 1
 
-    def cells(self, image: Image.Image) -> tuple[np.ndarray, tuple[int, int]]:
-        """One image → (rows·columns, 3·cell·cell) float32 and its grid (rows, columns)."""
-        image = image.convert("RGB")
-        w, h = smart_resize(image.width, image.height, PixelLimits(self.min_pixels, self.max_pixels, self.cell))
-        if (w, h) != image.size:
-            image = image.resize((w, h), Image.Resampling.BICUBIC)
-        a = np.asarray(image, dtype=np.float32) / 255.0
-        a = (a - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std, np.float32)
-        gh, gw, c = h // self.cell, w // self.cell, self.cell
-        rows = a.reshape(gh, c, gw, c, 3).transpose(0, 2, 4, 1, 3).reshape(gh * gw, 3 * c * c)
-        return rows, (gh, gw)
-
-    def preprocess(self, images: Any, return_tensors: Any = None, **kwargs: Any) -> BatchFeature:
-        if isinstance(images, Image.Image):
-            images = [images]
-        rows, grids = [], []
-        for image in images:
-            r, (gh, gw) = self.cells(image)
-            rows.append(r)
-            grids.append((1, gh, gw))
-        data = {"pixel_values": np.concatenate(rows), "image_grid_thw": np.asarray(grids, dtype=np.int64)}
-        return BatchFeature(data=data, tensor_type=return_tensors)
-
-
-class GlimpseVLProcessor(ProcessorMixin):
-    """The image processor and the tokenizer; ``<|image_pad|>`` is expanded to one token per image cell."""
-
-    image_token = "<|image_pad|>"
-
-    def __init__(self, image_processor: Any = None, tokenizer: Any = None, chat_template: str | None = None, **kw: Any):
-        super().__init__(image_processor, tokenizer, chat_template=chat_template)
-
-    def __call__(
+    def _point(
         self,
-        images: Any = None,
-        text: str | list[str] | None = None,
-        return_tensors: Any = None,
-        padding: bool | str = False,
-        **kwargs: Any,
-    ) -> BatchFeature:
-        texts = [text] if isinstance(text, str) else list(text or [])
-        data: dict[str, Any] = {}
-        if images:
-            images = images if isinstance(images, list | tuple) else [images]
-            flat = [im for item in images for im in (item if isinstance(item, list | tuple) else [item])]
-            image_inputs = self.image_processor(flat, return_tensors="np")
-            counts = iter(int(g[1] * g[2]) for g in image_inputs["image_grid_thw"])
-            expanded = []
-            for t in texts:
-                parts = t.split(self.image_token)
-                expanded.append(parts[0] + "".join(self.image_token * next(counts) + part for part in parts[1:]))
-            texts = expanded
-            data.update(image_inputs)
-        enc = self.tokenizer(texts, padding=padding, add_special_tokens=False)
-        data.update(enc)
-        return BatchFeature(data=data, tensor_type=return_tensors)
+        state: PointerState,
+        input_ids: torch.Tensor,
+        hidden: torch.Tensor,
+        logits: torch.Tensor,
+        logits_to_keep: int | torch.Tensor,
+    ) -> torch.Tensor:
+        """Replace the logits at every position that writes part of a zoom by the pointer's (module docstring)."""
+        length = input_ids.shape[1]
+        first_kept = length - logits.shape[1]
+        if not isinstance(logits_to_keep, int):
+            return logits  # an explicit index set: not used by Glimpse's callers
+        box_open = self.config.box_open_id
+        where_b, where_t, rows = [], [], []
+        for b, seq in enumerate(input_ids.tolist()):
+            written = state.open_box[b]
+            for t, token in enumerate(seq):
+                if token == box_open:
+                    written = []
+                elif written is not None:
+                    written = [*written, token] if len(written) < 4 else None
+                if written is None or t < first_kept or not state.keys[b]:
+                    continue
+                row = self._pointer_row(state, b, hidden[b, t], written, logits.shape[-1])
+                if row is not None:
+                    where_b.append(b)
+                    where_t.append(t - first_kept)
+                    rows.append(row)
+            state.open_box[b] = written
+        if not rows:
+            return logits
+        index = (torch.tensor(where_b, device=logits.device), torch.tensor(where_t, device=logits.device))
+        return logits.index_put(index, torch.stack(rows).to(logits.dtype))
 
-    @property
-    def model_input_names(self) -> list[str]:
-        return ["input_ids", "attention_mask", "pixel_values", "image_grid_thw"]
+    def _pointer_row(
+        self, state: PointerState, b: int, h: torch.Tensor, written: list[int], vocab: int
+    ) -> torch.Tensor | None:
+        keys, spells = torch.cat(state.keys[b]), torch.cat(state.spells[b])
+        j = len(written)
+        if j:
+            ok = (spells[:, :j] == torch.tensor(written, device=spells.device)).all(1)
+            if not bool(ok.any()):
+                return None  # a box no region spells (not the model's own): leave the LM head's logits
+            keys, spells = keys[ok], spells[ok]
+        scores = (keys @ self.query(h)).float() / self.config.pointer_dim**0.5
+        top = scores.max()
+        mass = torch.zeros(vocab, device=h.device).index_add(0, spells[:, j], (scores - top).exp())
+        return torch.where(mass > 0, mass.clamp(min=1e-30).log() + top, torch.full_like(mass, NEG))
 
 
 def register() -> None:
@@ -370,68 +355,25 @@ def register() -> None:
 register()
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Location tokens: zoom windows on a coarse grid, written with added tokens whose text is ordinary protocol JSON,
-# so a reply of a handful of tokens decodes to `<grounding>{"bbox_2d": [...], "source": "..."}</grounding>`.
-# Each coordinate is one token ("0.406, "), so choosing a window is a 16-way choice of column, then of row (the
-# far corner follows from the window's side), each learned from every example.
-GRID = 16  # window centres per side
-WINDOW_SIDES = (1 / 8, 1 / 4)  # relative side of a window: 1/8 of the original, 1/4 of an observation
-MAX_SOURCES = 40  # observation_1 … observation_40
-
-
-def window(side: float, row: int, col: int) -> list[float]:
-    """The window of relative side ``side`` centred on grid cell (row, col), shifted inside the image."""
-
-    def span(i: int) -> tuple[float, float]:
-        c = (i + 0.5) / GRID
-        lo = min(max(c - side / 2, 0.0), 1.0 - side)
-        return round(lo, 3), round(lo + side, 3)
-
-    x1, x2 = span(col)
-    y1, y2 = span(row)
-    return [x1, y1, x2, y2]
-
-
-BOX_OPEN = '{"bbox_2d": ['
-
-
-def box_token(box: list[float]) -> str:
-    """The box as protocol JSON text (tokenised as BOX_OPEN and four coordinate tokens)."""
-    return BOX_OPEN + ", ".join(f"{v:g}" for v in box) + "]"
-
-
-def coordinate_tokens() -> list[str]:
-    """Every coordinate of every grid window, as written before a comma and (for the last) before ']'."""
-    values = sorted({v for s in WINDOW_SIDES for r in range(GRID) for v in window(s, r, r)})
-    return [*(f"{v:g}, " for v in values), *(f"{v:g}]" for v in values)]
-
-
-def source_token(source: int) -> str:
-    name = "original_image" if source == 0 else f"observation_{source}"
-    return f', "source": "{name}"}}'
-
-
-def location_tokens() -> list[str]:
-    """The box opening, every coordinate token and every source token."""
-    return [BOX_OPEN, *coordinate_tokens(), *(source_token(i) for i in range(MAX_SOURCES + 1))]
-
-
 SIZES: dict[str, dict[str, Any]] = {
-    # decoder: hidden, layers, heads, kv heads, MLP; encoder: channels of the five stages
-    "base": {"hidden": 256, "layers": 4, "heads": 4, "kv": 2, "mlp": 768, "channels": (8, 16, 32, 96, 256)},
-    "tiny": {"hidden": 64, "layers": 2, "heads": 2, "kv": 1, "mlp": 128, "channels": (8, 8, 16, 16, 32)},
+    # decoder: hidden, layers, heads, kv heads, MLP; region encoder: channels of its four stages
+    "base": {"hidden": 256, "layers": 4, "heads": 4, "kv": 2, "mlp": 768, "channels": (24, 48, 96, 128)},
+    "tiny": {"hidden": 64, "layers": 2, "heads": 2, "kv": 1, "mlp": 128, "channels": (8, 8, 16, 16)},
 }
 
 
-# The built-in model's own prompts, short because every prompt token costs training time on a CPU. Saved with
-# the checkpoint; the hf backend offers them as the default prompt file (see glimpse.protocol.prompts).
+# The built-in model's own prompts, short because every prompt token costs training time on a CPU; the question
+# comes before the image so that the region tokens can attend to it. Saved with the checkpoint; the hf backend
+# offers them as the default prompt file (see glimpse.protocol.prompts).
 PROMPT_FILE = "glimpse_prompts.yaml"
 PROMPTS = """\
 system: |-
   Answer the question about the image. To look closer, zoom with
   <grounding>{"bbox_2d": [x0, y0, x1, y1], "source": "original_image"}</grounding>
   in {coords}; the source may also be "observation_N". Answer with <answer>...</answer>.
+user: |-
+  {question}
+  {image}
 observation: |-
   Observation {observation_turn}, of {source}:
   {image}
@@ -440,39 +382,37 @@ error: |-
 """
 
 
+def tokenizer_corpus(seed: int, per_level: int = 4) -> list[str]:
+    """Text the built-in tokenizer's merges are learned from: the prompts and questions of generated probes
+    (read from the generator, so the vocabulary follows its wording without this module knowing it)."""
+    from glimpse.probes.synth import KINDS, make_probe
+    from glimpse.protocol.prompts import DEFAULT_PROMPTS
+
+    texts = [p.system + p.user + p.observation + p.error + p.code for p in DEFAULT_PROMPTS.values()] * 4
+    for level in ("easy", "medium", "hard"):
+        for i in range(per_level):
+            for kind in KINDS:
+                rec = make_probe(level, 5_000_000 + i, seed=seed, kind=kind, render=False).record
+                texts.append(rec["problem"].replace("<image>", "") + " " + str(rec["solution"]).lower())
+    return texts
+
+
 def build_builtin(
     out_dir: Any,
     *,
     size: str = "base",
     seed: int = 0,
-    min_pixels: int = 65_536,
-    max_pixels: int = 147_456,
-    pointing: bool = True,
+    min_pixels: int = MIN_PIXELS,
+    max_pixels: int = MAX_PIXELS,
 ) -> Any:
-    """Write a randomly initialised built-in model (config, weights, tokenizer, processor) to ``out_dir``.
-
-    ``pointing`` shares one function of position between image tokens and coordinate tokens (``Pointer``).
-    """
+    """Write a randomly initialised built-in model (config, weights, tokenizer, processor, prompts) to ``out_dir``."""
     from pathlib import Path
 
     from glimpse.hf.processor import quiet_progress
     from glimpse.hf.tiny import CHAT_TEMPLATE, build_tokenizer
-    from glimpse.protocol.prompts import DEFAULT_PROMPTS
 
     spec = SIZES[size]
-    texts = [p.system + p.user + p.observation + p.error + p.code for p in DEFAULT_PROMPTS.values()] * 4
-    texts += [
-        f"What is the code written on the small sign with a {c} border? Answer with the code only. "
-        f"the sign with a {c} border and a small star in its top-left corner. What colour is the small outlined "
-        f"marker? What shape is the small outlined marker? Answer with one of: red, green, blue, orange, purple, "
-        f"black, circle, square, triangle, diamond, cross, hexagon. How many small black dots are on? Answer with a "
-        "number. Several signs with a border show a number. Exactly one of them has a small red dot in its "
-        "bottom-right corner. What is that sign's number? Answer with the number only. Among the signs with a "
-        "border, one reads and one reads. Is the sign reading to the left or to the right of the sign reading? "
-        "Answer left or right."
-        for c in ("red", "green", "blue", "orange", "purple", "yellow", "cyan", "magenta", "brown", "teal")
-    ]
-    tokenizer = build_tokenizer(1200, seed, texts=texts, extra_tokens=tuple(location_tokens()))
+    tokenizer = build_tokenizer(1200, seed, texts=tokenizer_corpus(seed), extra_tokens=tuple(location_tokens()))
     ids = tokenizer.convert_tokens_to_ids
     text = Qwen2Config(
         vocab_size=len(tokenizer),
@@ -488,13 +428,14 @@ def build_builtin(
         eos_token_id=ids("<|im_end|>"),
         bos_token_id=None,
     )
-    coordinates = coordinate_tokens()
+    coordinates = [coordinate_text(k, last) for last in (False, True) for k in range(STEPS + 1)]
     config = GlimpseVLConfig(
         text_config=text,
-        coordinate_ids=[ids(t) for t in coordinates] if pointing else [],
-        coordinate_values=[float(t.rstrip(", ]")) for t in coordinates] if pointing else [],
         channels=spec["channels"],
         image_token_id=ids("<|image_pad|>"),
+        box_open_id=ids(BOX_OPEN),
+        coordinate_ids=[ids(t) for t in coordinates],
+        source_ids=[ids(source_text(i)) for i in range(MAX_SOURCES + 1)],
         min_pixels=min_pixels,
         max_pixels=max_pixels,
         eos_token_id=ids("<|im_end|>"),

@@ -119,7 +119,7 @@ class Prompts:
         return self._pending.pop(i).result()
 
     def _make(self, i: int) -> Sample:
-        from glimpse.builtin.train import probe_sample
+        from glimpse.probes.stream import probe_sample
 
         level = self.levels[i % len(self.levels)]
         return probe_sample(level, i, self.stream_seed, self.folder)

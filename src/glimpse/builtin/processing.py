@@ -1,0 +1,181 @@
+"""What the built-in model is given and what it writes: region tokens in, protocol JSON out.
+
+**In.** Each image the loop shows (the first view, every observation) becomes region tokens: the proposer's
+boxes on that image (``glimpse.builtin.proposer``), each cut from the image's own pixels with a margin and
+resized to ``CROP`` (height, width), flattened, followed by its box relative to the image. The processor
+returns them as Qwen's processors return cells: ``pixel_values`` with one row per token and an
+``image_grid_thw`` of ``(1, 1, tokens)`` per image, and expands each ``<|image_pad|>`` to that many tokens, so
+the ``hf`` backend, SFT and RL handle them unchanged. The processor resizes an image only when it lies outside
+the pixel limits, and crops only what it is given: the model sees nothing the loop did not show.
+
+**Out.** A zoom is a choice of one region token; its box is written as ordinary protocol JSON,
+``{"bbox_2d": [x0, y0, x1, y1], "source": "observation_2"}``, one added token per coordinate (values on a grid
+of 1/``STEPS``) and one per source, so a zoom is six tokens and the trajectory, the viewer and the token view
+stay as they are. ``zoom_window`` turns a region's box into the box written: grown to show the object with
+some context, snapped outward to the grid.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.image_processing_utils import BaseImageProcessor
+from transformers.processing_utils import ProcessorMixin
+
+from glimpse.builtin.proposer import TILES, regions
+from glimpse.images import PixelLimits, smart_resize
+
+CROP = (32, 64)  # height, width of a region token's crop: a sign's four characters at about 12 pixels each
+MARGIN = 1.25  # a crop shows its box grown by this factor, so a sign's border and surroundings are in it
+# After the crop's pixels, each row holds the region's box relative to the image (x0, y0, x1, y1) and the grid
+# window a zoom into it writes (zoom_window): what the model embeds and what its pointer spells.
+BOX_VALUES = 8
+ROW = 3 * CROP[0] * CROP[1] + BOX_VALUES
+MEAN, STD = 0.5, 0.25
+
+STEPS = 256  # coordinate grid: 1/256 of a side (about 7 view pixels on a 1,900-pixel-wide view)
+ZOOM_CONTEXT = 2.6  # a zoom shows the object's box grown 2.6 times (the region-token study's observation)
+ZOOM_ASPECT = 2.0  # and at least half as tall as wide
+MAX_SOURCES = 40  # observation_1 … observation_40
+BOX_OPEN = '{"bbox_2d": ['
+
+
+# ------------------------------------------------------------------------------------------------- vocabulary
+def coordinate_text(k: int, last: bool) -> str:
+    """The token writing grid value ``k``/STEPS, before a comma or (the last coordinate) before ']'."""
+    return f"{round(k / STEPS, 3):g}" + ("]" if last else ", ")
+
+
+def source_text(source: int) -> str:
+    name = "original_image" if source == 0 else f"observation_{source}"
+    return f', "source": "{name}"}}'
+
+
+def location_tokens() -> list[str]:
+    """The added tokens a zoom is written with: the box opening, every coordinate, every source."""
+    return [
+        BOX_OPEN,
+        *(coordinate_text(k, False) for k in range(STEPS + 1)),
+        *(coordinate_text(k, True) for k in range(STEPS + 1)),
+        *(source_text(i) for i in range(MAX_SOURCES + 1)),
+    ]
+
+
+def zoom_window(box: tuple[float, float, float, float], width: int, height: int, *, grow: bool = True) -> list[int]:
+    """The grid window (four values in 0..STEPS) a zoom into ``box`` (pixels of a ``width`` × ``height`` image)
+    writes: the box grown ``ZOOM_CONTEXT`` times (at least ``1/ZOOM_ASPECT`` as tall as wide, in pixels), moved
+    inside the image, snapped outward to the grid. ``grow=False`` (a tile) snaps the box as it is."""
+    x0, y0, x1, y1 = box
+    if grow:
+        w = (x1 - x0) * ZOOM_CONTEXT
+        h = max((y1 - y0) * ZOOM_CONTEXT, w / ZOOM_ASPECT)
+        w, h = min(w, width), min(h, height)
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        x0 = min(max(cx - w / 2, 0.0), width - w)
+        y0 = min(max(cy - h / 2, 0.0), height - h)
+        x1, y1 = x0 + w, y0 + h
+    g = [
+        math.floor(x0 / width * STEPS + 1e-6),
+        math.floor(y0 / height * STEPS + 1e-6),
+        math.ceil(x1 / width * STEPS - 1e-6),
+        math.ceil(y1 / height * STEPS - 1e-6),
+    ]
+    g[2], g[3] = max(g[2], g[0] + 1), max(g[3], g[1] + 1)
+    return [min(max(v, 0), STEPS) for v in g]
+
+
+def zoom_text(window: list[int], source: int) -> str:
+    """A zoom into a grid window of an image, as the protocol's JSON (what the location tokens spell)."""
+    return BOX_OPEN + "".join(coordinate_text(k, i == 3) for i, k in enumerate(window)) + source_text(source)
+
+
+# -------------------------------------------------------------------------------------------------- processor
+def region_rows(image: Image.Image) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
+    """One image → (tokens, ROW) float32 rows (crop pixels normalised, relative box, zoom window) and the boxes
+    (pixels; the coarse tiles first, then the proposals)."""
+    image = image.convert("RGB")
+    boxes = regions(image)
+    rows = np.empty((len(boxes), ROW), np.float32)
+    ch, cw = CROP
+    for i, (x0, y0, x1, y1) in enumerate(boxes):
+        gx, gy = (x1 - x0) * (MARGIN - 1) / 2, (y1 - y0) * (MARGIN - 1) / 2
+        cut = (
+            max(0, math.floor(x0 - gx)),
+            max(0, math.floor(y0 - gy)),
+            min(image.width, math.ceil(x1 + gx)),
+            min(image.height, math.ceil(y1 + gy)),
+        )
+        crop = image.crop(cut).resize((cw, ch), Image.Resampling.BILINEAR)
+        a = (np.asarray(crop, np.float32) / 255.0 - MEAN) / STD
+        rows[i, :-BOX_VALUES] = a.transpose(2, 0, 1).reshape(-1)
+        rel = (x0 / image.width, y0 / image.height, x1 / image.width, y1 / image.height)
+        window = zoom_window((x0, y0, x1, y1), image.width, image.height, grow=i >= TILES[0] * TILES[1])
+        rows[i, -BOX_VALUES:] = (*rel, *window)
+    return rows, boxes
+
+
+class GlimpseVLImageProcessor(BaseImageProcessor):
+    """Images → region-token rows (see the module docstring); resizes only images outside the pixel limits."""
+
+    model_input_names = ["pixel_values", "image_grid_thw"]  # noqa: RUF012
+
+    def __init__(self, min_pixels: int = 65_536, max_pixels: int = 2_000_000, factor: int = 32, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.min_pixels, self.max_pixels, self.factor = min_pixels, max_pixels, factor
+
+    def preprocess(self, images: Any, return_tensors: Any = None, **kwargs: Any) -> BatchFeature:
+        if isinstance(images, Image.Image):
+            images = [images]
+        rows, grids = [], []
+        for image in images:
+            if not self.min_pixels <= image.width * image.height <= self.max_pixels:
+                limits = PixelLimits(self.min_pixels, self.max_pixels, self.factor)
+                size = smart_resize(image.width, image.height, limits)
+                image = image.convert("RGB").resize(size, Image.Resampling.BICUBIC)
+            r, _ = region_rows(image)
+            rows.append(r)
+            grids.append((1, 1, len(r)))
+        data = {"pixel_values": np.concatenate(rows), "image_grid_thw": np.asarray(grids, dtype=np.int64)}
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+
+class GlimpseVLProcessor(ProcessorMixin):
+    """The image processor and the tokenizer; ``<|image_pad|>`` is expanded to one token per region."""
+
+    image_token = "<|image_pad|>"
+
+    def __init__(self, image_processor: Any = None, tokenizer: Any = None, chat_template: str | None = None, **kw: Any):
+        super().__init__(image_processor, tokenizer, chat_template=chat_template)
+
+    def __call__(
+        self,
+        images: Any = None,
+        text: str | list[str] | None = None,
+        return_tensors: Any = None,
+        padding: bool | str = False,
+        **kwargs: Any,
+    ) -> BatchFeature:
+        texts = [text] if isinstance(text, str) else list(text or [])
+        data: dict[str, Any] = {}
+        if images:
+            images = images if isinstance(images, list | tuple) else [images]
+            flat = [im for item in images for im in (item if isinstance(item, list | tuple) else [item])]
+            image_inputs = self.image_processor(flat, return_tensors="np")
+            counts = iter(int(g[2]) for g in image_inputs["image_grid_thw"])
+            expanded = []
+            for t in texts:
+                parts = t.split(self.image_token)
+                expanded.append(parts[0] + "".join(self.image_token * next(counts) + part for part in parts[1:]))
+            texts = expanded
+            data.update(image_inputs)
+        enc = self.tokenizer(texts, padding=padding, add_special_tokens=False)
+        data.update(enc)
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask", "pixel_values", "image_grid_thw"]

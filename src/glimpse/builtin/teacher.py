@@ -1,0 +1,78 @@
+"""The teacher of the built-in model: searches a student that sees only the views can follow.
+
+The teacher knows everything about a probe (where each sign is, which is the target); the student sees the
+shown view's region tokens. So the teacher zooms by pointing at a region token exactly as the student must: for
+each sign it needs (the target; both signs of a ``relative_position`` question), the proposal on the first view
+that best covers the sign and whose zoom window shows all of it, written with the student's own spelling
+(``processing.zoom_window``); then the answer. It goes straight to the target: on medium and hard probes the
+student can see the star that marks it in the first view, and on easy ones the border colour the question
+names, so checking look-alikes in some fixed order would teach turns the student has no reason to take.
+A probe whose target no proposal covers is skipped (and counted): the student could not point at it either.
+"""
+
+from __future__ import annotations
+
+from PIL import Image
+
+from glimpse.builtin.processing import STEPS, zoom_text, zoom_window
+from glimpse.builtin.proposer import TILES, regions
+from glimpse.images import PixelLimits, fit
+from glimpse.trajectory import Sample
+
+COVER = 0.3  # a proposal points at a sign when it covers at least this share of the sign's box
+
+
+def pointed_region(view: Image.Image, box: tuple[float, float, float, float]) -> list[int] | None:
+    """The zoom window (grid values) of the proposal on ``view`` that best covers ``box`` (view pixels), or None."""
+    best, key = None, 0.0
+    area = (box[2] - box[0]) * (box[3] - box[1])
+    for i, b in enumerate(regions(view)):
+        if i < TILES[0] * TILES[1]:
+            continue
+        win = zoom_window(b, view.width, view.height)
+        x0, y0 = win[0] * view.width / STEPS, win[1] * view.height / STEPS
+        x1, y1 = win[2] * view.width / STEPS, win[3] * view.height / STEPS
+        if not (x0 <= box[0] and y0 <= box[1] and x1 >= box[2] and y1 >= box[3]):
+            continue
+        iw = max(0.0, min(b[2], box[2]) - max(b[0], box[0]))
+        ih = max(0.0, min(b[3], box[3]) - max(b[1], box[1]))
+        inter = iw * ih
+        if inter < COVER * area:
+            continue
+        iou = inter / ((b[2] - b[0]) * (b[3] - b[1]) + area - inter)
+        if iou > key:
+            best, key = win, iou
+    return best
+
+
+def teacher_turns(sample: Sample, view: Image.Image) -> list[str] | None:
+    """The teacher's replies for a probe whose first view (as the loop shows it) is ``view``; None when a sign
+    it needs is not among the proposals. A card (no search needed) is answered at once."""
+    answer = f"<answer>{sample.answer}</answer>"
+    if sample.meta.get("level") == "card":
+        return [answer]
+    width, height = sample.meta["size"]
+    sx, sy = view.width / width, view.height / height
+    turns = []
+    targets = sorted((c for c in sample.meta["candidates"] if c["target"]), key=lambda c: c["box"][0])
+    for c in targets:
+        x0, y0, x1, y1 = c["box"]
+        window = pointed_region(view, (x0 * sx, y0 * sy, x1 * sx, y1 * sy))
+        if window is None:
+            return None
+        turns.append(f"<grounding>{zoom_text(window, 0)}</grounding>")
+    return [*turns, answer]
+
+
+def grid_turns(sample: Sample, limits: PixelLimits | None = None) -> list[str]:
+    """The teacher's replies for a sample whose image is a file, seen at ``limits`` (default: the built-in model's
+    native limits); for tests and for RL's cold start. Raises if no proposal covers the target."""
+    from glimpse.builtin.model import MAX_PIXELS, MIN_PIXELS
+
+    limits = limits or PixelLimits(MIN_PIXELS, MAX_PIXELS, 32)
+    with Image.open(sample.images[0]) as image:
+        view = fit(image.convert("RGB"), limits)
+    turns = teacher_turns(sample, view)
+    if turns is None:
+        raise ValueError(f"{sample.id}: no proposal on its first view covers the target; pick another sample")
+    return turns

@@ -1,0 +1,162 @@
+"""Probes streamed to a trainer: generated on request, drawn only where a trajectory looks, never stored.
+
+A trainer (the built-in model's, ``glimpse train rl``) asks for probe ``index`` of a level and gets a ``Sample``.
+With a ``SceneCache`` the probe is not drawn at all: its scene (``synth.Scene``, the drawing calls) stands in
+for the decoded original, and the agent loop's zoom tool and SFT's encoder draw just the views they show
+(``Scene.view``), about ten times cheaper than drawing a whole 4–8K scene (``bench/builtin_examples.py``).
+Without one, the probe is written as a JPEG for any loop to read.
+
+``card_sample`` makes a cheaper example still: one legible sign on a small patch of scene, with the probes'
+question for it (reading without searching). Everything that knows the probes' palette and wording lives in
+``glimpse.probes``; a model reads the question's text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+from glimpse.errors import ImageInputError
+from glimpse.images import ImageCache, Original
+from glimpse.trajectory import Sample
+
+
+class SceneImage:
+    """A probe's scene standing in for its decoded original.
+
+    The agent loop's zoom tool and SFT's encoder only ever resize a box of the original (``images.fit``) or crop
+    it, so this draws just that box at the resolution it is shown (``Scene.view``) instead of the whole
+    10–50-megapixel scene. Views are kept, since the encoder asks again for every image the loop showed.
+    """
+
+    mode = "RGB"
+
+    def __init__(self, scene: Any):
+        self.scene = scene
+        self.size = (scene.width, scene.height)
+        self._views: dict[tuple[Any, ...], Any] = {}
+
+    @property
+    def width(self) -> int:
+        return self.size[0]
+
+    @property
+    def height(self) -> int:
+        return self.size[1]
+
+    def resize(self, size: tuple[int, int], resample: Any = None, box: Any = None) -> Any:
+        box = tuple(int(v) for v in box) if box is not None else (0, 0, *self.size)
+        key = (box, tuple(size))
+        if key not in self._views:
+            self._views[key] = self.scene.view(box, tuple(size))
+        return self._views[key]
+
+    def crop(self, box: Any) -> Any:
+        return self.scene.render(tuple(int(v) for v in box))
+
+
+class SceneCache(ImageCache):
+    """An image cache whose originals are probe scenes drawn on request (``scene:`` paths), never files."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._scenes: dict[str, Original] = {}
+
+    def add(self, name: str, scene: Any) -> str:
+        """Register a scene under ``scene:NAME``; returns that path, for a sample's ``images``."""
+        path = f"scene:{name}"
+        digest = hashlib.sha256(f"{path}/{scene.background_seed}/{len(scene.ops)}".encode()).hexdigest()
+        self._scenes[path] = Original(path, digest, SceneImage(scene))  # type: ignore[arg-type]
+        return path
+
+    def discard(self, path: str) -> None:
+        self._scenes.pop(path, None)
+
+    def peek(self, path: str | os.PathLike[str]) -> Original | None:
+        return self._scenes.get(str(path))
+
+    def get(self, path: str | os.PathLike[str]) -> Original:
+        found = self._scenes.get(str(path))
+        if found is None:
+            raise ImageInputError(str(path), "no such scene in this cache")
+        return found
+
+
+def probe_sample(level: str, index: int, seed: int, folder: Path, *, scenes: SceneCache | None = None) -> Sample:
+    """Generate one probe and return it as a sample.
+
+    With ``scenes``, the probe is not drawn: its scene is registered there and drawn view by view as the loop
+    zooms (what training uses). Without, its image is written to ``folder`` as a JPEG for any loop to read.
+    """
+    from glimpse.probes.synth import make_probe
+
+    probe = make_probe(level, index, seed=seed, render=scenes is None)
+    rec = probe.record
+    if scenes is not None:
+        path: Path | str = scenes.add(rec["doc_id"], probe.scene)
+    else:
+        path = folder / f"{rec['doc_id']}.jpg"
+        probe.image.save(path, quality=92)
+    meta = {"level": level, "category": rec["kind"], "candidates": rec["candidates"], "size": rec["size"]}
+    return Sample(
+        id=rec["doc_id"],
+        images=[str(path)],
+        question=rec["problem"].replace("<image>", "").strip(),
+        answer=rec["solution"],
+        target_boxes=[list(b) for b in rec["boxes"]],
+        meta=meta,
+    )
+
+
+def card_sample(index: int, seed: int, folder: Path) -> Sample:
+    """A cheap reading example: one sign, legible, on a small patch of scene.
+
+    The sign is drawn with the probes' own code (font, border, marker, dots) at a random font size, on a canvas
+    1.3–2.5 times its size with the probes' background, as a nested zoom would show it; the question
+    is the probes' question for that sign, and the answer needs no zoom. ``meta["candidates"]`` holds the sign
+    (the whole card's one candidate, the target), as a probe's does.
+    """
+    from PIL import ImageDraw
+
+    from glimpse.probes import synth
+
+    rng = random.Random(f"glimpse-card/{seed}/{index}")
+    kind = rng.choice(("read_code", "read_code", "marker_color", "marker_shape", "count"))
+    font_px = rng.randint(10, 28)
+    content = {"marker_color": "marker", "marker_shape": "marker", "count": "dots"}.get(kind, "code")
+    sw, sh = synth.sign_size(content, font_px, 4)
+    w, h = int(sw * rng.uniform(1.3, 2.5)), int(sh * rng.uniform(1.6, 3.5))
+    image = synth.background(rng, w, h)
+    draw = ImageDraw.Draw(image)
+    x, y = rng.randint(0, w - sw), rng.randint(0, h - sh)
+    border = rng.choice(list(synth.BORDER_COLORS))
+    sign = synth.Sign((x, y, x + sw, y + sh), border)
+    if content == "code":
+        sign.code = synth.random_code(rng, rng.choice((3, 4)), set())
+        answer = sign.code
+    elif content == "marker":
+        sign.marker = (rng.choice(list(synth.MARKER_COLORS)), rng.choice(synth.MARKER_SHAPES))
+        answer = sign.marker[0] if kind == "marker_color" else sign.marker[1]
+    else:
+        sign.dots = rng.randint(2, 9)
+        answer = str(sign.dots)
+    synth.draw_sign(draw, sign, font_px, rng)
+    where = f"the small sign with a {border} border"
+    question = {
+        "read_code": f"What is the code written on {where}? Answer with the code only.",
+        "marker_color": f"What colour is the small outlined marker on {where}? Answer with one of: "
+        + ", ".join(synth.MARKER_COLORS)
+        + ".",
+        "marker_shape": f"What shape is the small outlined marker on {where}? Answer with one of: "
+        + ", ".join(synth.MARKER_SHAPES)
+        + ".",
+        "count": f"How many small black dots are on {where}? Answer with a number.",
+    }[kind]
+    path = folder / f"card_{index}.png"
+    image.save(path)
+    candidate = {"box": [x, y, x + sw, y + sh], "target": True}
+    meta = {"level": "card", "category": kind, "candidates": [candidate], "size": [w, h]}
+    return Sample(id=f"card_{index}", images=[str(path)], question=question, answer=answer, meta=meta)
