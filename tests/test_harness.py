@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import glimpse_server
+from conftest import free_port, glimpse_server
 from glimpse.config import EvalConfig
 from glimpse.errors import BackendError, ConfigError
 from glimpse.eval.harness import RESULTS, ResultStore, run_eval
@@ -114,6 +114,7 @@ def test_input_errors_are_recorded_and_counted(tmp_path):
     assert len(lines) == 14
     errors = [json.loads(x) for x in lines if json.loads(x)["stop_reason"] == "error"]
     assert len(errors) == 6 and any("gone.jpg: no such file" in e["error"] for e in errors)
+    assert {e["score"]["method"] for e in errors} == {"input_error"}  # an image that did not load too
     assert any("lacks 'problem'" in e["error"] for e in errors)
 
 
@@ -129,9 +130,43 @@ def test_backend_failures_are_recorded_then_redone_on_resume(tmp_path):
     assert s["accuracy"] == {"avg": None, "pass": None, "majority": None}  # nothing ran: no accuracy, not 0 %
     table = (tmp_path / "run" / "summary.md").read_text()
     assert "| 12 | 0 | 0 of 5 | – | – | – |" in table
+    assert (first.attempted, first.backend_errors, first.backend_error_share) == (5, 5, 1.0)
+    assert {json.loads(x)["score"]["method"] for x in (tmp_path / "run" / RESULTS).read_text().splitlines()} == {
+        "backend_error"
+    }
     second = evaluate(tmp_path, ScriptedBackend(varied_policy), data=data, model="scripted:x", options="fixed")
     assert second.ran == 5 and second.summaries[12]["backend_errors"] == 0
-    assert second.summaries[12]["accuracy"]["avg"] == 1.0
+    assert second.summaries[12]["accuracy"]["avg"] == 1.0 and second.backend_errors == 0
+
+
+def test_eval_exits_4_on_backend_failures_and_0_once_a_resume_completes_them(tmp_path, write_script):
+    data = mc_dataset(tmp_path / "d", 4)
+    out = tmp_path / "run"
+
+    def run(base: str, *extra: str) -> subprocess.CompletedProcess:
+        cmd = ["eval", "--data", data, "--model", "openai:scripted", "--base-url", base, "--out", str(out)]
+        return subprocess.run(
+            [sys.executable, "-m", "glimpse", *cmd, "--max-retries", "0", "--options", "fixed", *extra],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "COLUMNS": "200"},
+        )
+
+    dead = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+    failed = run(dead)
+    assert failed.returncode == 4, failed.stdout + failed.stderr
+    assert "error: 4 of 4 units (100.0 %) failed in the backend after retries" in failed.stderr
+    assert "0 of 4" in failed.stdout and "0.0" not in failed.stdout.split("0 of 4")[1].splitlines()[0]
+    tolerated = run(dead, "--max-backend-errors", "100")
+    assert tolerated.returncode == 0 and "warning: 4 of 4 units" in tolerated.stderr
+    with glimpse_server("--model", f"scripted:{write_script(['<answer>A</answer>'])}") as base:
+        done = run(base)
+    assert done.returncode == 0 and "error" not in done.stderr, done.stdout + done.stderr
+    summary = json.loads((out / "summary.json").read_text())["caps"]["12"]
+    assert summary["backend_errors"] == 0 and summary["ran"] == 4 and summary["accuracy"]["avg"] == 0.25
+    bad = run(dead, "--max-backend-errors", "150")
+    assert bad.returncode == 2 and "give 0 to 100" in bad.stderr
 
 
 def test_resuming_with_other_settings_is_refused(tmp_path):

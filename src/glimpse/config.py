@@ -140,8 +140,8 @@ class EvalConfig(LoopSettings, BackendSettings):
     )
     data: str | None = opt(
         None,
-        "dataset spec: probes:hard[:N[:SEED]], visualprobe:hard:BASE, vstar:DIR, hrbench:FILE.tsv, "
-        "mme-realworld[-lite]:DIR, treebench:FILE.tsv, minio3:FILE.json",
+        "dataset spec: probes:hard[:N[:SEED]], visualprobe:hard:BASE, vstar:DIR, hrbench:FILE.parquet|.tsv, "
+        "mme-realworld[-lite]:DIR, treebench:FILE.tsv, o3bench:DIR, minio3:FILE.json",
     )
     out: str | None = opt(None, "run folder; the same folder resumes a run (default: runs/<data>--<model>)")
     fresh: bool = opt(False, "delete the run folder's earlier results instead of resuming")
@@ -167,6 +167,11 @@ class EvalConfig(LoopSettings, BackendSettings):
     judge_base_url: str | None = opt(None, "the judge's endpoint (default: the same as --base-url's environment)")
     faithfulness: float = opt(0.5, "share of a target box a zoom must cover for the answer to count as found there")
     redo_errors: bool = opt(True, "on resume, run again the questions whose backend failed")
+    max_backend_errors: float = opt(
+        0.0,
+        "largest share of units, in %, whose backend may fail after retries before glimpse eval exits with "
+        "code 4 (0: any failure does)",
+    )
 
 
 @dataclass

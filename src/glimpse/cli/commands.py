@@ -294,7 +294,7 @@ def run_synth(cfg: SynthConfig) -> int:
 def _eval_table(run: Any) -> Any:
     from rich.table import Table
 
-    from glimpse.eval.report import accuracy_cell, ran_cell
+    from glimpse.eval.report import accuracy_cell, pct, ran_cell, ran_only, turns_cell
 
     table = Table(title=f"{run.dataset.name}: {len(run.dataset)} questions", title_justify="left")
     for col in (
@@ -320,11 +320,11 @@ def _eval_table(run: Any) -> Any:
             accuracy_cell(s, a["avg"]),
             accuracy_cell(s, a["pass"]),
             accuracy_cell(s, a["majority"]),
-            "–" if s["chance"] is None else f"{100 * s['chance']:.1f}",
-            f"{s['turns_mean']:.2f}",
-            f"{100 * s['over_turn_rate']:.1f}",
-            f"{100 * s['tool_error_rate']:.1f}",
-            "–" if f is None else f"{100 * f:.1f}",
+            pct(s["chance"]),
+            turns_cell(s),
+            pct(ran_only(s, "over_turn_rate")),
+            pct(ran_only(s, "tool_error_rate")),
+            pct(f),
             str(s["input_errors"]),
             str(s["backend_errors"]),
         )
@@ -374,6 +374,24 @@ def run_eval_command(cfg: EvalConfig) -> int:
     console.print(
         f"[dim]{run.ran} units run, {run.skipped} already done, {run.elapsed_s:.1f} s · {run.out}/: {files}[/]"
     )
+    return eval_exit_code(run, cfg.max_backend_errors, Console(stderr=True, highlight=False, soft_wrap=True))
+
+
+def eval_exit_code(run: Any, max_backend_errors: float, errors: Console) -> int:
+    """0, or 4 when more than ``max_backend_errors`` % of the units failed in the backend after retries (said on
+    stderr with the counts and how to retry them; failures within the limit are said too)."""
+    if not run.backend_errors:
+        return EXIT_OK
+    share = 100 * run.backend_error_share
+    counts = (
+        f"{run.backend_errors} of {run.attempted} units ({share:.1f} %) failed in the backend after retries; "
+        f"the accuracies above are over the {run.attempted - run.backend_errors} that ran. Run the same command "
+        "again to retry them"
+    )
+    if share > max_backend_errors:
+        errors.print(f"[bold red]error:[/] {counts} (--max-backend-errors {max_backend_errors:g} %)")
+        return EXIT_BACKEND
+    errors.print(f"[yellow]warning:[/] {counts} (within --max-backend-errors {max_backend_errors:g} %)")
     return EXIT_OK
 
 

@@ -11,8 +11,12 @@ A run evaluates every (question, repeat, turn cap) *unit* of a dataset and write
 **Resuming.** Running the same command again (same ``--out``) reads the results file, drops a line cut short
 by a crash and any duplicate, drops units whose backend failed (``--redo-errors``, on by default), rewrites
 the file compacted, and runs only what is missing. So a run killed at any point (even ``kill -9``) completes
-with nothing lost and nothing twice. Questions whose input cannot be read are recorded as input errors and
-counted; they are never retried.
+with nothing lost and nothing twice. Questions whose input cannot be read (a corrupt row, an image that does
+not load) are recorded as input errors (score ``input_error``) and counted; they are never retried.
+
+**Backend failures.** A unit whose backend failed after retries is recorded (score ``backend_error``) and
+counted apart from accuracy; ``EvalRun.backend_errors`` over the whole results file (a resume that completes
+them brings it to 0) is what ``glimpse eval`` compares with ``--max-backend-errors`` to exit with code 4.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from glimpse.config import EvalConfig, loop_setting_names, public_dict
 from glimpse.errors import ConfigError, GlimpseError
 from glimpse.eval.datasets import Dataset, load_dataset
 from glimpse.eval.judge import LLMJudge
-from glimpse.eval.metrics import summarize, truncate
+from glimpse.eval.metrics import backend_failed, summarize, truncate
 from glimpse.eval.options import present
 from glimpse.eval.policies import POLICIES, policy_backend
 from glimpse.eval.scoring import score
@@ -154,7 +158,13 @@ class ResultStore:
 
 @dataclass
 class EvalRun:
-    """What an evaluation produced."""
+    """What an evaluation produced.
+
+    Attributes:
+        ran: units run by this call; ``skipped``: units found done in the results file.
+        attempted: units in the results file whose input could be read (run, or failed in the backend).
+        backend_errors: of those, units whose backend failed after retries (counted apart from accuracy).
+    """
 
     out: Path
     dataset: Dataset
@@ -162,6 +172,13 @@ class EvalRun:
     ran: int
     skipped: int
     elapsed_s: float
+    attempted: int = 0
+    backend_errors: int = 0
+
+    @property
+    def backend_error_share(self) -> float:
+        """The share of attempted units whose backend failed, in [0, 1]."""
+        return self.backend_errors / self.attempted if self.attempted else 0.0
 
 
 def _versions() -> dict[str, Any]:
@@ -274,6 +291,8 @@ async def run_eval(
         raise ConfigError("choose a dataset with --data, e.g. probes:hard:200 or vstar:/data/vstar_bench")
     if cfg.k < 1:
         raise ConfigError(f"k must be at least 1, got {cfg.k}")
+    if not 0 <= cfg.max_backend_errors <= 100:
+        raise ConfigError(f"max_backend_errors={cfg.max_backend_errors} is a share in %: give 0 to 100")
     caps = parse_caps(cfg.max_turns)
     if not cfg.model:  # no --model: the built-in default, named in the run's config and summary
         cfg = dataclasses.replace(cfg, model=DEFAULT_MODEL)
@@ -340,7 +359,9 @@ async def run_eval(
                         seed=cfg.seed,
                     )
                 (traj,) = await loop.run(unit.sample, first_index=unit.repeat, backend=own)
-                if traj.stop_reason == "error" and traj.image is not None:
+                if traj.image is None:  # the image did not load: an input error, like a missing row
+                    traj.score = Score(correct=None, method="input_error", detail=traj.error)
+                elif traj.stop_reason == "error":
                     traj.score = Score(correct=None, method="backend_error", detail=traj.error)
                 else:
                     traj.score = await score(traj.answer, traj.sample, judge)
@@ -356,7 +377,9 @@ async def run_eval(
             if b is not None and hasattr(b, "aclose"):
                 await b.aclose()
 
-    summaries = write_summaries(out, store.load(), caps, cfg, dataset.name)
+    done = store.load()
+    summaries = write_summaries(out, done, caps, cfg, dataset.name)
+    attempted = [t for t in done if t.image is not None and not t.sample.meta.get("input_error")]
     return EvalRun(
         out=out,
         dataset=dataset,
@@ -364,6 +387,8 @@ async def run_eval(
         ran=len(pending),
         skipped=len(units) - len(pending),
         elapsed_s=time.perf_counter() - started,
+        attempted=len(attempted),
+        backend_errors=sum(backend_failed(t) for t in attempted),
     )
 
 

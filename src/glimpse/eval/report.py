@@ -16,7 +16,8 @@ from glimpse.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
-def _pct(v: float | None) -> str:
+def pct(v: float | None) -> str:
+    """A share as a percentage with one decimal, "–" for None."""
     return "–" if v is None else f"{100 * v:.1f}"
 
 
@@ -25,13 +26,23 @@ def accuracy_cell(summary: dict[str, Any], value: float | None) -> str:
     none ran (every unit's backend failed, or there were none)."""
     if value is None and summary.get("ran") and not summary.get("scored"):
         return "not scored"
-    return _pct(value)
+    return pct(value)
 
 
 def ran_cell(summary: dict[str, Any]) -> str:
     """How many units the accuracy is over, of those attempted ("19 of 80" when backends failed)."""
     ran, attempted = summary.get("ran", summary["trajectories"]), summary["trajectories"]
     return str(ran) if ran == attempted else f"{ran} of {attempted}"
+
+
+def ran_only(summary: dict[str, Any], key: str) -> float | None:
+    """A per-trajectory figure, or ``None`` when no unit ran (the summary then holds a vacuous 0)."""
+    return None if summary.get("ran", 1) == 0 else summary[key]
+
+
+def turns_cell(summary: dict[str, Any]) -> str:
+    turns = ran_only(summary, "turns_mean")
+    return "–" if turns is None else f"{turns:.2f}"
 
 
 def markdown_summary(dataset: str, model: str, k: int, summaries: dict[int, dict[str, Any]]) -> str:
@@ -53,9 +64,9 @@ def markdown_summary(dataset: str, model: str, k: int, summaries: dict[int, dict
         lines.append(
             f"| {cap} | {s['questions']} | {ran_cell(s)} | {accuracy_cell(s, acc['avg'])} | "
             f"{accuracy_cell(s, acc['pass'])} | {accuracy_cell(s, acc['majority'])} | "
-            f"{_pct(s['chance'])} | {s['turns_mean']:.2f} | {_pct(s['over_turn_rate'])} | "
-            f"{_pct(s['tool_error_rate'])} | "
-            f"{_pct(s['faithfulness']['covered_rate'])} | {s['input_errors']} | {s['backend_errors']} | "
+            f"{pct(s['chance'])} | {turns_cell(s)} | {pct(ran_only(s, 'over_turn_rate'))} | "
+            f"{pct(ran_only(s, 'tool_error_rate'))} | "
+            f"{pct(s['faithfulness']['covered_rate'])} | {s['input_errors']} | {s['backend_errors']} | "
             f"{s['judge_errors']} |"
         )
     cap, s = max(summaries.items())
@@ -69,7 +80,7 @@ def markdown_summary(dataset: str, model: str, k: int, summaries: dict[int, dict
         ]
         for value, g in groups.items():
             lines.append(
-                f"| {value} | {g['n']} | {_pct(g['avg'])} | {_pct(g['pass'])} | {_pct(g['majority'])} | "
+                f"| {value} | {g['n']} | {pct(g['avg'])} | {pct(g['pass'])} | {pct(g['majority'])} | "
                 f"{g.get('backend_errors', 0)} |"
             )
     lines += [
@@ -83,15 +94,15 @@ def markdown_summary(dataset: str, model: str, k: int, summaries: dict[int, dict
         f"- tokens per trajectory: {s['prompt_tokens_mean']:.0f} prompt, {s['completion_tokens_mean']:.0f} generated",
         f"- seconds per trajectory: {s['latency_s_mean']:.2f}",
         f"- faithfulness: {s['faithfulness']['checked']} correct answers with known targets; covered "
-        f"{_pct(s['faithfulness']['covered_rate'])} % (coverage ≥ {s['faithfulness']['threshold']}), "
+        f"{pct(s['faithfulness']['covered_rate'])} % (coverage ≥ {s['faithfulness']['threshold']}), "
         f"mean best IoU {s['faithfulness']['best_iou_mean'] or 0:.2f}",
     ]
     if "search" in s:  # summaries written before these metrics existed lack them
         q = s["search"]
         lines.append(
             f"- search: {q['distinct_answers']} distinct answers, {q['distinct_first_zooms']} distinct first zooms, "
-            f"zoomed in {_pct(q['zoomed_rate'])} %, first zoom (capped at a quarter of the image) on the target "
-            f"in {_pct(q['first_zoom_hit_rate'])} % of {q['first_zoom_checked']}"
+            f"zoomed in {pct(q['zoomed_rate'])} %, first zoom (capped at a quarter of the image) on the target "
+            f"in {pct(q['first_zoom_hit_rate'])} % of {q['first_zoom_checked']}"
         )
     lines.append("")
     return "\n".join(lines)
