@@ -10,6 +10,7 @@ Inside a running event loop (a notebook with async cells, a server), use ``await
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 
 from glimpse.agent import AgentLoop, LoopOptions, OnTurn
 from glimpse.answers import Vote, majority_vote
-from glimpse.config import AskConfig, resolve
+from glimpse.config import AskConfig, BackendSettings, resolve
 from glimpse.effort import effort_budget
 from glimpse.images import ImageCache
 from glimpse.models import DEFAULT_MODEL, Backend, load_backend
@@ -36,24 +37,17 @@ class AskResult:
         return self.vote.answer
 
 
-def backend_from_config(config: AskConfig) -> Backend:
-    """The backend a config names (no model: the built-in default, ``DEFAULT_MODEL``).
+def backend_from_config(config: BackendSettings, **options: Any) -> Backend:
+    """The backend a config names (no model: the built-in default, ``DEFAULT_MODEL``), with every backend setting
+    of ``BackendSettings`` and the command's own ``options`` (each backend ignores what it has no use for).
 
     Raises:
         ConfigError: the backend cannot be created.
     """
-    return load_backend(
-        config.model or DEFAULT_MODEL,
-        base_url=config.base_url,
-        api_key=config.api_key,
-        max_concurrency=config.max_concurrency,
-        timeout=config.timeout,
-        max_retries=config.max_retries,
-        image_format=config.image_format,
-        reasoning_effort=config.reasoning_effort,
-        device=config.device,
-        dtype=config.dtype,
-    )
+    settings = {f.name: getattr(config, f.name) for f in dataclasses.fields(BackendSettings) if f.name != "model"}
+    if isinstance(config, AskConfig):
+        options.setdefault("max_concurrency", config.max_concurrency)
+    return load_backend(config.model or DEFAULT_MODEL, **settings, **options)
 
 
 def loop_from_config(

@@ -61,6 +61,9 @@ class BackendSettings:
     image_format: str = opt("jpeg", "how images are sent: jpeg (quality 95) or png", choices=("jpeg", "png"))
     device: str = opt("cpu", DEVICE_HELP)
     dtype: str = opt("auto", DTYPE_HELP, choices=DTYPES)
+    reasoning_effort: str | None = opt(
+        None, "OpenAI reasoning models' own effort setting", choices=("low", "medium", "high")
+    )
 
 
 @dataclass
@@ -119,9 +122,6 @@ class AskConfig(LoopSettings, BackendSettings):
     samples: int = opt(1, "trajectories per question, run in parallel and reconciled by --vote")
     vote: str = opt("majority", "how several samples are reconciled", choices=("majority",))
     seed: int | None = opt(None, "sampling seed; sample i uses seed + i")
-    reasoning_effort: str | None = opt(
-        None, "OpenAI reasoning models' own effort setting", choices=("low", "medium", "high")
-    )
     token_ids: bool = opt(False, "ask the server for token ids and record the token view (vLLM)")
     max_concurrency: int = opt(64, "most requests in flight at once")
     save: str | None = opt(None, "append the trajectories to this JSONL file")
@@ -488,4 +488,9 @@ class BuiltinConfig:
         "train on one kind of example alone instead of the curriculum (a skill checked alone): card "
         "(reading a legible sign), easy (finding a salient sign, then reading it), medium or hard",
         choices=("curriculum", "card", "easy", "medium", "hard"),
+    )
+    replay: int = opt(
+        1,
+        "gradient steps per fresh batch: the first on the fresh batch (its held-out accuracy is logged), the rest on "
+        "batches drawn from the last 2,048 examples, for when the example makers cannot keep up (a GPU)",
     )

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from glimpse.agent import AgentLoop, LoopOptions
+from glimpse.api import backend_from_config
 from glimpse.config import EvalConfig, loop_setting_names, public_dict
 from glimpse.errors import ConfigError, GlimpseError
 from glimpse.eval.datasets import Dataset, load_dataset
@@ -228,18 +229,7 @@ def _check_config(out: Path, cfg: EvalConfig, dataset: Dataset) -> None:
 def _backend(cfg: EvalConfig) -> Backend | None:
     if cfg.model in POLICIES:
         return None
-    return load_backend(
-        cfg.model or DEFAULT_MODEL,
-        base_url=cfg.base_url,
-        api_key=cfg.api_key,
-        max_concurrency=cfg.concurrency,
-        timeout=cfg.timeout,
-        max_retries=cfg.max_retries,
-        image_format=cfg.image_format,
-        device=cfg.device,
-        dtype=cfg.dtype,
-        max_batch=cfg.max_batch,
-    )
+    return backend_from_config(cfg, max_concurrency=cfg.concurrency, max_batch=cfg.max_batch)
 
 
 def _loop(cfg: EvalConfig, backend: Backend | None, cap: int, cache: ImageCache) -> AgentLoop:
@@ -298,14 +288,9 @@ async def run_eval(
         cfg = dataclasses.replace(cfg, model=DEFAULT_MODEL)
     owned = backend is None
     backend = _backend(cfg) if owned else backend
-    native = LoopOptions.of(cfg).native(backend)
-    cfg = dataclasses.replace(
-        cfg,
-        coords=native.coords,
-        resize_factor=native.resize_factor,
-        min_pixels=native.min_pixels,
-        max_pixels=native.max_pixels,
-    )
+    native = LoopOptions.of(cfg).native(backend)  # recorded resolved, so a resume compares like with like
+    resolved = ("coords", "resize_factor", "min_pixels", "max_pixels")
+    cfg = dataclasses.replace(cfg, **{name: getattr(native, name) for name in resolved})
     dataset = load_dataset(cfg.data)
     samples = dataset.samples[: cfg.limit] if cfg.limit is not None else dataset.samples
     out = Path(cfg.out) if cfg.out else default_out(cfg)

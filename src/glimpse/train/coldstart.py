@@ -134,18 +134,19 @@ def _shows(c: dict[str, Any], kind: str) -> str:
     return " and ".join(bits) if bits else "nothing that answers the question"
 
 
+# What the teacher concludes once it has seen what a question of each kind needs.
+_CONCLUSIONS = {
+    "read_code": "The sign reads {answer}.",
+    "marker_color": "Its marker is drawn in {answer}.",
+    "marker_shape": "Its marker is a {answer}.",
+    "count": "I count {answer} dots on it.",
+    "which_marked": "The sign with the red dot shows {answer}.",
+    "relative_position": "Comparing where the two signs are, the first one is to the {answer} of the second.",
+}
+
+
 def _conclusion(kind: str, answer: str) -> str:
-    if kind == "read_code":
-        return f"The sign reads {answer}."
-    if kind == "marker_color":
-        return f"Its marker is drawn in {answer}."
-    if kind == "marker_shape":
-        return f"Its marker is a {answer}."
-    if kind == "count":
-        return f"I count {answer} dots on it."
-    if kind == "which_marked":
-        return f"The sign with the red dot shows {answer}."
-    return f"Comparing where the two signs are, the first one is to the {answer} of the second."
+    return _CONCLUSIONS.get(kind, _CONCLUSIONS["relative_position"]).format(answer=answer)
 
 
 def teacher_turns(
