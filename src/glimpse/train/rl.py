@@ -39,16 +39,31 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from glimpse.agent import AgentLoop, LoopOptions
 from glimpse.config import RLConfig, public_dict
 from glimpse.errors import ConfigError, GlimpseError
+from glimpse.eval.datasets import load_dataset
+from glimpse.hf.processor import load_processor
 from glimpse.images import ImageCache
+from glimpse.models.hf import HFBackend, resolve_checkpoint
+from glimpse.probes.stream import probe_sample
+from glimpse.probes.synth import LEVELS
+from glimpse.train.common import (
+    Example,
+    collate,
+    hf_chat,
+    prepare_model,
+    resolve_device,
+    resolve_dtype,
+    resume,
+    save_checkpoint,
+    save_final,
+    trainable,
+)
 from glimpse.train.grpo import Rollout, informative, policy_loss, score_group, token_entropy
 from glimpse.trajectory import Sample, Trajectory, render_image
-
-if TYPE_CHECKING:
-    from glimpse.train.common import Example
 
 IGNORE = -100
 # Settings a resumed run must share with the run that wrote the checkpoint.
@@ -85,7 +100,6 @@ class Prompts:
         self.levels: tuple[str, ...] = ()
         self.samples: list[Sample] = []
         if spec.startswith("stream:"):
-            from glimpse.probes.synth import LEVELS
 
             levels, _, stream_seed = spec[len("stream:") :].partition(":")
             self.levels = tuple(x for x in levels.split("+") if x)
@@ -100,7 +114,6 @@ class Prompts:
             self._pool = ThreadPoolExecutor(1)
             self._pending: dict[int, Future[Sample]] = {}
         else:
-            from glimpse.eval.datasets import load_dataset
 
             self.samples = load_dataset(spec).samples
             if not self.samples:
@@ -119,7 +132,6 @@ class Prompts:
         return self._pending.pop(i).result()
 
     def _make(self, i: int) -> Sample:
-        from glimpse.probes.stream import probe_sample
 
         level = self.levels[i % len(self.levels)]
         return probe_sample(level, i, self.stream_seed, self.folder)
@@ -141,7 +153,6 @@ class Prompts:
 def trajectory_inputs(rollout: Rollout, processor: Any, cache: ImageCache | None = None) -> Example:
     """The token view of a trajectory (labels on its sampled tokens) with the images it showed, processed as the
     backend processed them."""
-    from glimpse.train.common import Example, hf_chat
 
     traj = rollout.trajectory
     view = traj.token_view
@@ -163,7 +174,6 @@ def _batch(
     """SFT's right-padded batch on the device, with one advantage per trajectory."""
     import torch
 
-    from glimpse.train.common import collate
 
     inputs = {k: v.to(device) for k, v in collate(items, pad, image_token).items()}
     if "pixel_values" in inputs:
@@ -229,9 +239,6 @@ class Trainer:
     def __init__(self, cfg: RLConfig, *, on_step: Callable[[StepStats], None] | None = None):
         import torch
 
-        from glimpse.agent import AgentLoop, LoopOptions
-        from glimpse.models.hf import HFBackend, resolve_checkpoint
-        from glimpse.train.common import prepare_model, resolve_device, resolve_dtype, resume, trainable
 
         _check(cfg)
         self.cfg, self.on_step = cfg, on_step
@@ -288,7 +295,6 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------
     def run(self) -> Path:
         """Train until ``cfg.steps``; save ``OUT/model``; return its path."""
-        from glimpse.train.common import save_checkpoint
 
         cfg = self.cfg
         log = (self.out / "log.jsonl").open("a", encoding="utf-8")
@@ -327,8 +333,6 @@ class Trainer:
         return self.save()
 
     def save(self) -> Path:
-        from glimpse.hf.processor import load_processor
-        from glimpse.train.common import save_final
 
         self.model.eval()
         # The processor as the checkpoint shipped it (the backend's copy has its pixel limits widened).
