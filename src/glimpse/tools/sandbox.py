@@ -144,10 +144,14 @@ def bwrap_available() -> bool:
         return False
 
 
-_PROCESS_WARNING = (
-    "the code tool runs with --sandbox process: model code gets resource limits, an empty environment{uid} but "
-    "no file-system or network isolation (see the README's sandbox table)"
-)
+# One line each; as root the worker gets a uid of its own, as another user it keeps that user's.
+_PROCESS_WARNING = {
+    True: "the code tool runs with --sandbox process: model code gets resource limits, an empty environment and "
+    "a uid of its own, but no file-system or network isolation (see the README's sandbox table)",
+    False: "the code tool runs with --sandbox process as this user: model code gets resource limits only; it can "
+    "read this user's files and glimpse's environment (API keys), signal glimpse and use the network "
+    "(see the README's sandbox table)",
+}
 
 
 def resolve_isolation(isolation: str, *, warn: bool = True) -> str:
@@ -171,8 +175,7 @@ def resolve_isolation(isolation: str, *, warn: bool = True) -> str:
     else:
         fallback = ""
     if isolation == "process" and warn:
-        uid = " and a uid of its own" if os.getuid() == 0 else ", and the uid of this user"
-        log.warning(fallback + _PROCESS_WARNING.format(uid=uid))
+        log.warning(fallback + _PROCESS_WARNING[os.getuid() == 0])
     return isolation
 
 
