@@ -353,3 +353,7 @@ def test_truncate():
     assert same.answer == "yes" and same.stop_reason == "answer"
     with pytest.raises(ValueError):
         truncate(long, 9)
+    # a backend that failed asking for turn 4 ran fine under cap 3, and failed under cap 4
+    down = _failed("q", 0).model_copy(update={"turns": long.turns[:3]})
+    assert truncate(down, 3).stop_reason == "max_turns" and truncate(down, 3).over_turn
+    assert truncate(down, 4).stop_reason == "error" and truncate(down, 2).stop_reason == "max_turns"

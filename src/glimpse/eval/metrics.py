@@ -42,12 +42,14 @@ def truncate(traj: Trajectory, cap: int) -> Trajectory:
     """The trajectory as a run with the smaller turn cap ``cap`` would have ended.
 
     Up to the cap both runs take the same turns; one that ended within ``cap`` turns ends the same way, and one
-    that went on is stopped at ``cap`` with ``max_turns`` (over-turn if the last kept turn called the tool).
+    that went on is stopped at ``cap`` with ``max_turns`` (over-turn if the last kept turn called the tool). A
+    backend that failed asking for turn ``cap + 1`` would never have been asked under the smaller cap, so that
+    unit ran there.
     """
     if cap > traj.settings.max_turns:
         raise ValueError(f"cannot extend a trajectory run with cap {traj.settings.max_turns} to cap {cap}")
     settings = traj.settings.model_copy(update={"max_turns": cap})
-    if len(traj.turns) <= cap:
+    if len(traj.turns) < cap or (len(traj.turns) == cap and not backend_failed(traj)):
         return traj.model_copy(update={"settings": settings})
     turns = traj.turns[:cap]
     return traj.model_copy(
