@@ -645,3 +645,47 @@ def test_cancelling_closes_the_stream():
         while not state["closed"] and time.monotonic() < deadline:
             time.sleep(0.02)
     assert state["closed"] and state["sent"] < 40, state  # the server stopped well before its 100 pieces
+
+
+def test_the_loop_hands_streamed_text_to_each_trajectory(served, make_image):
+    base, _ = served
+    got: dict[tuple[int, int], str] = {}
+
+    def on_text(traj, delta):
+        key = (traj.sample_index, len(traj.turns))
+        got[key] = delta.text if delta.restart else got.get(key, "") + delta.text
+
+    loop = AgentLoop(OpenAIBackend("scripted", base_url=base))
+    sample = Sample(id="s", images=[str(make_image())], question="?")
+    trajs = run(_run_and_close(loop, sample, samples=2, on_text=on_text))
+    assert [t.answer for t in trajs] == ["42", "41"]
+    for t in trajs:  # every turn's text came in pieces, to the right trajectory (n=2 first, then one by one)
+        for turn in t.turns:  # the record puts back the stop string the server cut
+            assert turn.text in (got[(t.sample_index, turn.index)], got[(t.sample_index, turn.index)] + "</grounding>")
+
+
+def test_cancelling_a_run_ends_its_trajectories_with_cancelled(make_image, write_script):
+    script = write_script([zoom([0.1, 0.1, 0.6, 0.6]), zoom([0.2, 0.2, 0.7, 0.7]), "<answer>7</answer>"])
+    seen = {}
+    with glimpse_server("--model", f"scripted:{script}", "--latency", "0.5") as base:
+
+        async def go():
+            loop = AgentLoop(OpenAIBackend("scripted", base_url=base))
+            first_turn = asyncio.Event()
+
+            def on_turn(traj, turn):
+                seen["traj"] = traj
+                first_turn.set()
+
+            task = asyncio.create_task(
+                loop.run(Sample(id="c", images=[str(make_image())], question="?"), on_turn=on_turn)
+            )
+            await first_turn.wait()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await loop.backend.aclose()
+
+        run(go())
+    traj = seen["traj"]
+    assert traj.stop_reason == "cancelled" and len(traj.turns) == 1 and traj.wall_s > 0

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import math
 import time
 from collections import OrderedDict
@@ -42,7 +43,7 @@ from glimpse.images import (
     image_tokens,
 )
 from glimpse.models import native_profile
-from glimpse.models.base import Backend, Completion, GenerateParams, ImagePart, Message, TextPart
+from glimpse.models.base import Backend, Completion, GenerateParams, ImagePart, Message, OnText, TextDelta, TextPart
 from glimpse.protocol import Protocol, make_protocol
 from glimpse.protocol.base import Action
 from glimpse.tools.python import PythonTool
@@ -74,6 +75,9 @@ _IMAGE_OVERHEAD = 2
 _SHOWN_CACHE = 64
 
 OnTurn = Callable[[Trajectory, Turn], None]
+# Called with each piece of a reply as a streaming backend receives it, and the trajectory it belongs to (the
+# turn being written is ``len(traj.turns)``).
+OnReplyText = Callable[[Trajectory, TextDelta], None]
 
 
 @dataclass
@@ -92,6 +96,7 @@ class _Episode:
     part_index: dict[int, int] = field(default_factory=dict)
     made: dict[int, Image.Image] = field(default_factory=dict)
     session: PythonSession | None = None
+    on_text: OnText | None = None
 
 
 @dataclass
@@ -216,6 +221,7 @@ class AgentLoop:
         first_index: int = 0,
         backend: Backend | None = None,
         on_turn: OnTurn | None = None,
+        on_text: OnReplyText | None = None,
     ) -> list[Trajectory]:
         """Run ``samples`` trajectories of one question, concurrently.
 
@@ -225,10 +231,13 @@ class AgentLoop:
             first_index: ``sample_index`` of the first one (the repeat number, when repeats run apart).
             backend: answer with this backend instead of the loop's own (a per-sample policy).
             on_turn: called after every turn.
+            on_text: called with each piece of a reply as it is generated, by backends that stream (``openai``).
 
         Returns:
             The trajectories, in sample order. An unreadable image gives trajectories that stopped with
-            ``error`` before the first turn.
+            ``error`` before the first turn. Cancelling the task ends every unfinished trajectory with
+            ``cancelled`` (the caller holding them through ``on_turn`` or ``on_text`` sees it) and closes the
+            requests in flight.
         """
         if samples < 1:
             raise ConfigError(f"samples must be at least 1, got {samples}")
@@ -239,9 +248,18 @@ class AgentLoop:
         except ImageInputError as exc:
             return [self._failed(sample, i, str(exc), t0) for i in indices]
         episodes = [self._start(sample, i, original, shown, t0, backend) for i in indices]
+        if on_text is not None:
+            for ep in episodes:
+                ep.on_text = functools.partial(_tell, on_text, ep.traj)
         first: list[Completion | BaseException | None] = [None] * samples
         if samples > 1:
-            first = await self._first_replies(episodes[0], samples)
+            listener = None if on_text is None else functools.partial(_tell_choice, on_text, episodes)
+            try:
+                first = await self._first_replies(episodes[0], samples, listener)
+            except asyncio.CancelledError:
+                for ep in episodes:
+                    self._stop(ep, "cancelled")
+                raise
             for ep in episodes[1:]:
                 ep.calibration = episodes[0].calibration
         return list(
@@ -275,6 +293,10 @@ class AgentLoop:
     ) -> Trajectory:
         try:
             return await self._steps(ep, prefetched, on_turn)
+        except asyncio.CancelledError:
+            if ep.traj.stop_reason is None:  # stopped from outside (Ctrl-C, Stop in glimpse ui): said in the record
+                self._stop(ep, "cancelled")
+            raise
         finally:
             if ep.session is not None:
                 await asyncio.to_thread(ep.session.close)
@@ -494,21 +516,23 @@ class AgentLoop:
         traj.wall_s = round(time.perf_counter() - ep.t0, 4)
 
     # ----------------------------------------------------------------------------------------------------
-    async def _first_replies(self, ep: _Episode, k: int) -> list[Completion | BaseException | None]:
+    async def _first_replies(
+        self, ep: _Episode, k: int, on_text: OnText | None
+    ) -> list[Completion | BaseException | None]:
         """The first reply of all ``k`` samples in one request (their prompts are identical)."""
         budget = self._reply_budget(ep)
         if budget is None:
             return [None] * k
         try:
             got: list[Completion | BaseException | None] = list(
-                await self._generate(ep, n=k, max_new_tokens=budget, seed=self.options.seed)
+                await self._generate(ep, n=k, max_new_tokens=budget, seed=self.options.seed, on_text=on_text)
             )
         except BackendError as exc:
             return [exc] * k
         return (got + [None] * k)[:k]  # a server that returned fewer than n: the rest ask on their own
 
     async def _generate(
-        self, ep: _Episode, *, n: int, max_new_tokens: int, seed: int | None = None
+        self, ep: _Episode, *, n: int, max_new_tokens: int, seed: int | None = None, on_text: OnText | None = None
     ) -> list[Completion]:
         messages = self._visible_messages(ep)
         params = GenerateParams(
@@ -520,6 +544,7 @@ class AgentLoop:
             seed=ep.seed if seed is None else seed,
             tools=self.protocol.tools,
             return_token_ids=self.options.return_token_ids,
+            on_text=on_text if n > 1 else ep.on_text,
         )
         completions = await ep.backend.generate(messages, params)
         if not completions:
@@ -616,6 +641,16 @@ class AgentLoop:
         view.mask.extend([1] * len(completion.token_ids))
 
 
+def _tell(on_text: OnReplyText, traj: Trajectory, delta: TextDelta) -> None:
+    on_text(traj, delta)
+
+
+def _tell_choice(on_text: OnReplyText, episodes: list[_Episode], delta: TextDelta) -> None:
+    """A piece of the first replies of ``k`` samples, asked for in one request: choice ``i`` is sample ``i``."""
+    if 0 <= delta.index < len(episodes):
+        on_text(episodes[delta.index].traj, delta)
+
+
 def _chat_form(messages: list[Message], part_index: dict[int, int]) -> list[dict[str, Any]]:
     """Messages as the record keeps them: text parts, and images by observation index."""
     out = []
@@ -656,4 +691,4 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-__all__ = ["CONTEXT_RESERVE", "AgentLoop", "Coords", "OnTurn"]
+__all__ = ["CONTEXT_RESERVE", "AgentLoop", "Coords", "OnReplyText", "OnTurn"]

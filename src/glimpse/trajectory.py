@@ -23,7 +23,8 @@ from glimpse.images import ImageCache, PixelLimits, fit
 
 SCHEMA_VERSION = 1
 
-StopReason = Literal["answer", "max_turns", "max_images", "context_full", "no_action", "error"]
+# ``cancelled``: stopped from outside (Ctrl-C in glimpse ask, Stop in glimpse ui) before it ended.
+StopReason = Literal["answer", "max_turns", "max_images", "context_full", "no_action", "error", "cancelled"]
 # Stop reasons where a cap, not the model, ended the trajectory.
 CAP_STOPS: frozenset[str] = frozenset({"max_turns", "max_images", "context_full"})
 TurnKind = Literal["zoom", "code", "answer", "error", "none"]

@@ -48,7 +48,7 @@ from starlette.routing import Route
 from glimpse.api import backend_from_config, loop_from_config
 from glimpse.config import AskConfig, public_dict
 from glimpse.errors import ConfigError, GlimpseError, ImageInputError
-from glimpse.images import image_from_bytes
+from glimpse.images import ImageCache, image_from_bytes
 from glimpse.models import BACKENDS
 from glimpse.trajectory import Sample
 from glimpse.ui.live import LiveRun
@@ -120,6 +120,7 @@ def build_app(
     roots = [Path(a).expanduser().resolve() for a in (allow or [])]
     max_upload = max_upload_mb * 1024 * 1024
     live: dict[str, LiveRun] = {}
+    images = ImageCache()  # shared by every run: an image asked about again is decoded once
 
     def defaults() -> dict[str, Any]:
         return {
@@ -183,7 +184,7 @@ def build_app(
             return _error("the body must be JSON")
         try:
             image, config, question, samples = _run_request(body)
-            loop = await asyncio.to_thread(loop_from_config, config, backend_from_config(config))
+            loop = await asyncio.to_thread(loop_from_config, config, backend_from_config(config), images)
             original = await asyncio.to_thread(loop.cache.get, str(image))
         except _Refused as exc:
             return _error(str(exc), exc.status)

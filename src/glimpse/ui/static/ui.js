@@ -10,7 +10,7 @@
   const V = window.GLIMPSE.view;
   const h = V.h; // the viewer's element builder: children become text nodes
   const $ = (id) => document.getElementById(id);
-  const ui = { defaults: null, upload: null, run: null, source: null, image: null };
+  const ui = { defaults: null, upload: null, run: null, source: null, decoding: null };
 
   // ---------------------------------------------------------------------------------------------------- the form
   async function api(path, options) {
@@ -86,7 +86,7 @@
   function follow(id) {
     if (ui.source) ui.source.close();
     ui.run = { id, columns: {}, trajectories: {}, done: false };
-    ui.image = null;
+    ui.decoding = null;
     $("run").disabled = true;
     $("stop").disabled = false;
     const source = (ui.source = new EventSource(`/api/runs/${id}/events`));
@@ -105,7 +105,7 @@
     run.width = ev.width;
     run.height = ev.height;
     run.src = `/api/runs/${ev.id}/image`;
-    V.loadImage(run.src).then((img) => { ui.image = img; }).catch(() => null);
+    ui.decoding = decoded(run.src);
     const s = ev.settings;
     const columns = h("div", { class: "columns" });
     for (let i = 0; i < ev.samples; i++) {
@@ -122,6 +122,17 @@
             + ` · ${ev.width}×${ev.height} px`)),
         h("h2", {}, "Question"), h("div", { class: "question" }, ev.question)),
       columns, h("div", { id: "vote" }));
+  }
+
+  async function decoded(src) {
+    /* The original decoded once and kept: crops are cut from it on every turn, and a large image drawn from its
+     * <img> may be decoded again for each canvas. The expandos let the viewer's drawRegion read its size. */
+    const img = await V.loadImage(src);
+    const bitmap = await createImageBitmap(img).catch(() => null);
+    if (!bitmap) return img;
+    bitmap.naturalWidth = bitmap.width;
+    bitmap.naturalHeight = bitmap.height;
+    return bitmap;
   }
 
   function liveCard(sample, index) {
@@ -153,8 +164,7 @@
     const col = ui.run.columns[sample];
     const version = (col.version = (col.version || 0) + 1);
     t.view = { src: ui.run.src, made: {} };
-    let img = ui.image;
-    if (!img) img = await V.loadImage(ui.run.src).catch(() => null);
+    const img = await (ui.decoding || Promise.reject(new Error("no image"))).catch(() => null);
     if (col.version !== version) return; // a later turn has been drawn meanwhile
     const head = h("div", { class: "panel" },
       h("h3", {}, ui.run.samples > 1 ? `Sample ${sample + 1} ` : "Trajectory ",
@@ -163,7 +173,8 @@
         ["error", t.error]]));
     const live = col.querySelector(".turn.live");
     const regs = V.regions(t);
-    const cards = t.turns.map((turn) => V.turnCard(t, turn, img, regs));
+    col.cards = col.cards || []; // a finished turn never changes: each card is drawn once
+    const cards = t.turns.map((turn) => col.cards[turn.index] || (col.cards[turn.index] = V.turnCard(t, turn, img, regs)));
     const parts = [head, img ? V.originalPanel(t, ui.run.src) : null, ...cards];
     if (live && Number(live.dataset.turn) >= t.turns.length && !t.stop_reason) parts.push(live);
     col.replaceChildren(...parts.filter((p) => p));

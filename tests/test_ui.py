@@ -1,0 +1,327 @@
+"""``glimpse ui``: its HTTP API and safety rules on loopback, and the live page in a real headless Chromium.
+
+The model behind the page is the expert, or a scripted model behind ``glimpse serve`` with a simulated latency,
+so turns arrive over time and the tests can look at the page while a run is in progress. The browser tests use
+Debian's ``chromium`` through Playwright, like the viewer's, and are skipped without it unless
+``GLIMPSE_REQUIRE_BROWSER=1``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.routing import Route
+
+from conftest import app_server, glimpse_server
+from glimpse.config import AskConfig
+from glimpse.trajectory import load_jsonl
+from glimpse.ui import build_app
+from test_view import chromium
+
+pytestmark = pytest.mark.slow
+
+HOSTILE = '<img src=x onerror="window.__pwned=1"><script>window.__pwned=2</script>'
+
+
+def zoom(box, thought="I look closer.", source="original_image") -> str:
+    return f"<think>{thought}</think><grounding>{json.dumps({'bbox_2d': box, 'source': source})}</grounding>"
+
+
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory) -> Path:
+    from glimpse.probes.synth import make_probe
+
+    folder = tmp_path_factory.mktemp("probe")
+    made = make_probe("easy", 3, seed=7)
+    path = folder / "probe.jpg"
+    made.image.save(path, quality=90)
+    (folder / "question.txt").write_text(made.record["problem"].replace("<image>", "").strip())
+    return path
+
+
+@pytest.fixture(scope="module")
+def scripted_server(tmp_path_factory):
+    """glimpse serve with a scripted model: two zooms then an answer, 0.8 s per reply, thoughts streamed."""
+    folder = tmp_path_factory.mktemp("ui-script")
+    long = " ".join(f"step{i}" for i in range(30))
+    script = [
+        zoom([0.1, 0.1, 0.6, 0.6], f"First I scan the left part. {long} {HOSTILE}"),
+        zoom([0.2, 0.2, 0.8, 0.8], f"Now closer. {long}", "observation_1"),
+        f"<think>{long}</think><answer>{HOSTILE}</answer>",
+    ]
+    (folder / "script.json").write_text(json.dumps([script]))
+    with glimpse_server("--model", f"scripted:{folder / 'script.json'}", "--latency", "0.8") as base:
+        yield base
+
+
+@pytest.fixture
+def ui(tmp_path, probe):
+    """The UI app on loopback with the probe's folder allowed; yields (base URL, runs folder)."""
+    runs = tmp_path / "runs"
+    app = build_app(AskConfig(model="expert", max_turns=6), runs=runs, allow=[probe.parent], max_upload_mb=8)
+    with app_server(app) as base:
+        yield base.removesuffix("/v1"), runs
+
+
+def follow(base: str, run_id: str, timeout: float = 120) -> list[dict]:
+    """Every event of a run, read as the page reads them (server-sent events) until the stream ends."""
+    events = []
+    with httpx.stream("GET", f"{base}/api/runs/{run_id}/events", timeout=timeout) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: {}":
+                events.append(json.loads(line[6:]))
+    return events
+
+
+def start(base: str, **body) -> str:
+    r = httpx.post(f"{base}/api/runs", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()["id"]
+
+
+# ------------------------------------------------------------------------------------------------ the HTTP API
+def test_expert_run_streams_events_and_is_saved(ui, probe):
+    base, runs = ui
+    upload = httpx.post(f"{base}/api/images", content=probe.read_bytes(), headers={"content-type": "image/jpeg"})
+    from PIL import Image
+
+    width, height = Image.open(probe).size
+    assert upload.status_code == 200 and (upload.json()["width"], upload.json()["height"]) == (width, height)
+    question = (probe.parent / "question.txt").read_text()
+    run_id = start(base, image=upload.json()["id"], question=question, samples=2)
+    events = follow(base, run_id)
+    kinds = [e["type"] for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "done" and kinds.count("turn") >= 2
+    assert events[0]["width"] == width and events[0]["samples"] == 2
+    turns = [e for e in events if e["type"] == "turn"]
+    for sample in (0, 1):  # each sample's turns arrive in order, each with the record so far
+        mine = [len(e["trajectory"]["turns"]) for e in turns if e["sample"] == sample]
+        assert mine == list(range(1, len(mine) + 1))
+    done = events[-1]
+    assert done["status"] == "finished" and done["vote"]["total"] == 2
+    saved = load_jsonl(done["saved"])
+    assert len(saved) == 2 and [t.stop_reason for t in saved] == [t["stop_reason"] for t in done["trajectories"]]
+    assert Path(done["saved"]).parent == runs.resolve()
+    (row,) = httpx.get(f"{base}/api/history").json()
+    assert row["id"] == run_id and row["question"] == question and row["url"].startswith(f"/history/{run_id}/")
+    page = httpx.get(f"{base}/history/{run_id}/")
+    assert page.status_code == 200 and "app.js" in page.text  # the viewer's report of the run
+    assert httpx.get(f"{base}/history/{run_id}/data/traj/1.js").text.startswith("GLIMPSE.loaded(1, ")
+    assert httpx.get(f"{base}/history/{run_id}/../../{run_id}.json").status_code == 404
+
+
+def test_stop_cancels_the_request_and_saves_the_stop(tmp_path, probe, scripted_server):
+    app = build_app(
+        AskConfig(model="openai:scripted", base_url=scripted_server), runs=tmp_path / "runs", allow=[probe.parent]
+    )
+    with app_server(app) as base:
+        base = base.removesuffix("/v1")
+        run_id = start(base, path=str(probe), question="?")
+        seen: list[dict] = []
+        with httpx.stream("GET", f"{base}/api/runs/{run_id}/events", timeout=60) as r:
+            for line in r.iter_lines():
+                if not line.startswith("data: ") or line == "data: {}":
+                    continue
+                seen.append(json.loads(line[6:]))
+                if seen[-1]["type"] == "turn":  # the first turn is done, the second is being written
+                    assert httpx.post(f"{base}/api/runs/{run_id}/stop").json() == {"stopped": True}
+    done = seen[-1]
+    assert done["type"] == "done" and done["status"] == "stopped"
+    (traj,) = load_jsonl(done["saved"])
+    assert traj.stop_reason == "cancelled" and len(traj.turns) == 1
+    assert any(e["type"] == "text" for e in seen)  # the thought came in pieces
+
+
+def test_uploads_are_limited_in_bytes_and_pixels(ui, monkeypatch):
+    from PIL import Image
+
+    base, _ = ui
+    big = httpx.post(f"{base}/api/images", content=b"\0" * (9 * 1024 * 1024))
+    assert big.status_code == 413 and "at most" in big.json()["error"]
+    junk = httpx.post(f"{base}/api/images", content=b"not an image")
+    assert junk.status_code == 400 and "not a recognised image" in junk.json()["error"]
+    import io
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (400, 300)).save(buffer, "PNG")
+    monkeypatch.setenv("GLIMPSE_MAX_IMAGE_PIXELS", "50000")  # the same rule as every image Glimpse reads
+    try:
+        bomb = httpx.post(f"{base}/api/images", content=buffer.getvalue())
+    finally:
+        monkeypatch.delenv("GLIMPSE_MAX_IMAGE_PIXELS")
+        Image.MAX_IMAGE_PIXELS = 89_478_485
+    assert bomb.status_code == 400 and "decompression bomb" in bomb.json()["error"]
+
+
+def test_no_path_outside_the_allowed_folders_is_read(ui, probe, tmp_path):
+    base, _ = ui
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(probe.read_bytes())
+    link = probe.parent / "link.jpg"
+    if not link.exists():
+        link.symlink_to(outside)
+    for body in (
+        {"path": str(outside)},
+        {"path": str(link)},  # a link inside pointing outside
+        {"path": str(probe.parent / ".." / outside.parent.name / "secret.png")},
+        {"path": str(probe), "model": f"scripted:{outside}"},
+        {"path": str(probe), "model": f"hf:{tmp_path}"},
+    ):
+        r = httpx.post(f"{base}/api/runs", json={"question": "?", **body})
+        assert r.status_code in (400, 403), (body, r.text)
+        if r.status_code == 403:
+            assert "outside the folders" in r.json()["error"]
+    bad = httpx.post(f"{base}/api/runs", json={"question": "?", "image": "../../etc/passwd"})
+    assert bad.status_code == 404
+    remote = build_app(AskConfig(model="expert"), runs=tmp_path / "r2", allow=[probe.parent], local_paths=False)
+    with app_server(remote) as other:
+        r = httpx.post(other.removesuffix("/v1") + "/api/runs", json={"question": "?", "path": str(probe)})
+    assert r.status_code == 403 and "upload" in r.json()["error"]
+
+
+def test_cross_site_requests_are_refused(ui):
+    base, _ = ui
+    assert httpx.get(f"{base}/api/defaults").status_code == 200
+    evil = httpx.post(f"{base}/api/runs", json={"question": "?"}, headers={"Origin": "http://evil.example"})
+    assert evil.status_code == 403
+    rebound = httpx.get(f"{base}/api/defaults", headers={"Host": "evil.example"})
+    assert rebound.status_code == 403
+
+
+def test_the_api_key_stays_on_the_server(tmp_path, probe):
+    seen: list[dict] = []
+
+    async def chat(request: Request):
+        seen.append(dict(request.headers))
+        return JSONResponse(
+            {
+                "choices": [{"index": 0, "message": {"content": "<answer>x</answer>"}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1},
+            }
+        )
+
+    fake = Starlette(
+        routes=[
+            Route("/v1/chat/completions", chat, methods=["POST"]),
+            Route("/health", lambda _: PlainTextResponse("ok")),
+        ]
+    )
+    with app_server(fake) as configured, app_server(fake) as typed:
+        cfg = AskConfig(model="openai:m", base_url=configured, api_key="sk-very-secret")
+        with app_server(build_app(cfg, runs=tmp_path / "runs", allow=[probe.parent])) as base:
+            base = base.removesuffix("/v1")
+            defaults = httpx.get(f"{base}/api/defaults").text
+            first = follow(base, start(base, path=str(probe), question="?"))
+            second = follow(base, start(base, path=str(probe), question="?", base_url=typed))
+            page = httpx.get(base + "/").text + httpx.get(base + "/static/ui.js").text
+    assert seen[0]["authorization"] == "Bearer sk-very-secret"
+    assert "authorization" not in seen[1]  # a URL typed in the page never gets the server's key
+    for text in (defaults, json.dumps(first), json.dumps(second), page):
+        assert "sk-very-secret" not in text
+    assert first[-1]["vote"]["answer"] == second[-1]["vote"]["answer"] == "x"
+    saved = (tmp_path / "runs").glob("*.json")
+    assert all("sk-very-secret" not in p.read_text() for p in saved)
+
+
+# ------------------------------------------------------------------------------------------- in a real browser
+@pytest.fixture(scope="module")
+def browser():
+    path = chromium()
+    if path is None:
+        pytest.skip("no chromium on this machine (apt-get install chromium); CI runs these tests")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=path, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+def open_ui(browser, base):
+    page = browser.new_page(viewport={"width": 1500, "height": 1100})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("dialog", lambda d: errors.append(f"dialog: {d.message}"))
+    page.goto(base + "/")
+    page.wait_for_function("document.getElementById('model').value !== ''")
+    return page, errors
+
+
+def test_live_page_shows_turns_as_they_happen(browser, tmp_path, probe, scripted_server):
+    cfg = AskConfig(model="expert")
+    with app_server(build_app(cfg, runs=tmp_path / "runs", allow=[probe.parent])) as base:
+        page, errors = open_ui(browser, base.removesuffix("/v1"))
+        page.set_input_files("#file", str(probe))
+        page.wait_for_selector("#drop-label img")
+        page.fill("#question", "What does the sign say?")
+        page.fill("#model", "openai:scripted")
+        page.fill("#base-url", scripted_server)
+        page.click("#run")
+        # 1. The first thought streams in before its turn is done.
+        page.wait_for_function(
+            "(() => { const p = document.querySelector('.column .turn.live pre.stream');"
+            " return p && p.textContent.length > 10; })()"
+        )
+        assert page.locator(".column .turn.zoom").count() == 0
+        partial = page.inner_text(".turn.live pre.stream")
+        assert partial.startswith("<think>First I scan") and "step29" not in partial  # the thought so far
+        # 2. Turn 1 arrives: its box on the image it was taken from, the crop and the chain, while turn 2 streams.
+        page.wait_for_selector(".column .turn.zoom[data-turn='0'] figure.crop canvas")
+        assert page.inner_text("#status") == "running…"
+        assert page.locator(".column .turn[data-turn='1']:not(.live)").count() == 0
+        assert page.locator(".original-wrap svg rect.zoom-box").count() == 1
+        assert page.inner_text(".turn.zoom[data-turn='0'] .chain") == "original → observation 1"
+        page.wait_for_selector(".column .turn.live[data-turn='1']")
+        # 3. The nested zoom, then the answer and the vote.
+        page.wait_for_selector(".column .turn.zoom[data-turn='1'] figure.crop canvas")
+        assert page.inner_text(".turn.zoom[data-turn='1'] .chain") == "original → observation 1 → observation 2"
+        page.wait_for_selector("#vote .vote", timeout=30_000)
+        assert page.inner_text("#status") == "finished"
+        assert page.inner_text("#answer") == HOSTILE  # shown as text, never run
+        assert page.locator(".turn.live").count() == 0 and page.locator(".column .turn").count() == 3
+        assert page.evaluate("window.__pwned === undefined") and page.locator("img[src='x']").count() == 0
+        size = page.evaluate(
+            "(() => { const c = document.querySelector('.turn.zoom figure.crop canvas');"
+            " return [c.width, c.height]; })()"
+        )
+        assert min(size) > 50
+        # 4. The saved run reopens in the viewer's trajectory page.
+        page.wait_for_selector("#history li a")
+        with page.context.expect_page() as opened:
+            page.click("#history li a")
+        viewer = opened.value
+        viewer.wait_for_selector(".turn.zoom figure.crop canvas")
+        assert viewer.locator(".turn").count() == 3
+        if os.environ.get("GLIMPSE_UI_SCREENSHOT"):
+            page.screenshot(path=os.environ["GLIMPSE_UI_SCREENSHOT"], full_page=True)
+        assert errors == []
+
+
+def test_stop_in_the_page_and_samples_in_columns(browser, tmp_path, probe, scripted_server):
+    cfg = AskConfig(model="openai:scripted", base_url=scripted_server)
+    runs = tmp_path / "runs"
+    with app_server(build_app(cfg, runs=runs, allow=[probe.parent])) as base:
+        page, errors = open_ui(browser, base.removesuffix("/v1"))
+        page.fill("#path", str(probe))
+        page.fill("#question", "?")
+        page.fill("#samples", "2")
+        page.click("#run")
+        page.wait_for_selector(".column[data-sample='1'] .turn.zoom[data-turn='0']")
+        assert page.locator(".columns > .column").count() == 2
+        page.click("#stop")
+        page.wait_for_function("document.getElementById('status').textContent === 'stopped'")
+        (saved,) = runs.glob("*.jsonl")
+        trajs = load_jsonl(saved)
+        assert [t.stop_reason for t in trajs] == ["cancelled", "cancelled"] and all(len(t.turns) < 3 for t in trajs)
+        page.wait_for_selector("#history li")
+        assert "stopped" in page.inner_text("#history li")
+        time.sleep(0.2)
+        assert errors == []
