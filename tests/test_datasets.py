@@ -131,11 +131,12 @@ def test_hrbench_tsv(tmp_path):
         ["3", "Broken row", "A"],
     ]
     path = tmp_path / "hr_bench_4k.tsv"
-    write_tsv(path, header, rows)
+    write_tsv(path, ["\ufeffindex", *header[1:]], rows)  # a byte-order mark before the header
     data = load_dataset(f"hrbench:{path}")
     assert data.name == "hrbench4k" and len(data) == 4
     a, b, bad, broken = data.samples
-    assert a.answer == "A" and a.options == ["27B", "37B", "27D", "27E"] and a.meta["cycle"] == "0"
+    assert a.id == "hrbench4k/0" and a.answer == "A" and a.options == ["27B", "37B", "27D", "27E"]
+    assert a.meta["cycle"] == "0"
     assert b.images == a.images and Image.open(a.images[0]).size == (64, 48)
     assert "not one of the 4 option letters" in bad.meta["input_error"]
     assert "cells" in broken.meta["input_error"]
@@ -327,13 +328,21 @@ def test_o3bench_metadata_jsonl(tmp_path):
             o3bench_record("images/map/subway.png", layout_infos={"1": {"layout_id": 1, "bbox": [400, 10, 500, 20]}})
         ),  # outside the 320 x 240 image
         "{not json",
+        json.dumps(  # as some pandas-saved copies store them: text
+            o3bench_record(
+                "images/map/subway.png",
+                target_layouts="[3]",
+                layout_infos=str({"3": {"layout_id": 3, "bbox": [200.0, 100.0, 300.0, 200.0]}}),
+            )
+        ),
+        "[" * 100_000 + "]" * 100_000,  # hostile nesting
         json.dumps(o3bench_record("images/map/subway.png", options="", answer="Doraville", target_layouts=[])),
         "",
     ]
-    (test / "metadata.jsonl").write_text("\n".join(lines), encoding="utf-8")
+    (test / "metadata.jsonl").write_text("\ufeff" + "\n".join(lines), encoding="utf-8")  # with a byte-order mark
     data = load_dataset(f"o3bench:{tmp_path / 'O3-Bench'}")
-    assert data.name == "o3bench" and len(data) == 7
-    first, chart, unknown, xywh, outside, broken, open_ended = data.samples
+    assert data.name == "o3bench" and len(data) == 9
+    first, chart, unknown, xywh, outside, broken, as_text, nested, open_ended = data.samples
     assert first.id == "o3bench/0" and first.images == [str(test / "images" / "map" / "subway.png")]
     assert first.options[0] == "Doraville" and first.options[5] == "No right choice" and first.answer == "C"
     assert first.question.startswith("Which station") and first.meta["category"] == "map"
@@ -344,13 +353,14 @@ def test_o3bench_metadata_jsonl(tmp_path):
     assert "not pixel [xmin, ymin, xmax, ymax]" in xywh.meta["input_error"]
     assert "outside the 320×240 image" in outside.meta["input_error"]
     assert "line 6 is unreadable" in broken.meta["input_error"]
+    assert as_text.target_boxes == [[200, 100, 300, 200]] and "nests too deeply" in nested.meta["input_error"]
     assert open_ended.options is None and open_ended.answer == "Doraville" and open_ended.target_boxes is None
     # options are shuffled per repeat like every benchmark's, the gold letter following its option
     shown = [present(first, r, mode="shuffle", seed=0) for r in range(6)]
     assert len({tuple(s.options) for s in shown}) > 1
     assert all(s.options["ABCDEF".index(s.answer)] == "Arts Center" for s in shown)
     # the test folder and the file itself name the same data
-    assert len(load_dataset(f"o3bench:{test}")) == len(load_dataset(f"o3bench:{test / 'metadata.jsonl'}")) == 7
+    assert len(load_dataset(f"o3bench:{test}")) == len(load_dataset(f"o3bench:{test / 'metadata.jsonl'}")) == 9
     with pytest.raises(ConfigError, match=r"test/metadata\.jsonl.*huggingface-cli download m-Just/O3-Bench"):
         load_dataset(f"o3bench:{tmp_path / 'nowhere'}")
     (tmp_path / "empty.jsonl").write_text("\n")

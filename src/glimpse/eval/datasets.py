@@ -303,7 +303,7 @@ def _tsv_rows(path: Path, required: tuple[str, ...]) -> Iterator[tuple[str, Row 
     csv.field_size_limit(sys.maxsize)
     n = 1
     try:
-        with path.open(encoding="utf-8", newline="") as fh:
+        with path.open(encoding="utf-8-sig", newline="") as fh:  # -sig: a byte-order mark is not a column name
             reader = csv.reader(fh, delimiter="\t")
             try:
                 header = next(reader)
@@ -479,8 +479,8 @@ def load_treebench(path: str | Path) -> Dataset:
             raw = row.get("target_instances")
             listed = ast.literal_eval(raw.strip()) if isinstance(raw, str) and raw.strip() else raw
             boxes = [_int_box(b) for b in listed] if listed else None
-        except (KeyError, ValueError, SyntaxError, TypeError) as exc:
-            samples.append(_bad("treebench", index, f"unreadable row: {exc}"))
+        except (KeyError, ValueError, SyntaxError, TypeError, RecursionError, MemoryError) as exc:
+            samples.append(_bad("treebench", index, f"unreadable row: {exc!r}"[:300]))
             continue
         meta = {"category": _text(row.get("category"))}
         samples.append(
@@ -563,7 +563,7 @@ def load_o3bench(root: str | Path) -> Dataset:
         f"download it with: huggingface-cli download m-Just/O3-Bench --repo-type dataset --local-dir {base}",
     )
     samples = []
-    with path.open(encoding="utf-8") as fh:
+    with path.open(encoding="utf-8-sig") as fh:
         try:
             lines = fh.read().splitlines()
         except UnicodeDecodeError as exc:
@@ -579,7 +579,10 @@ def load_o3bench(root: str | Path) -> Dataset:
 def _o3bench_item(path: Path, n: int, line: str) -> Sample:
     key = f"line{n}"
     try:
-        row = json.loads(line)
+        try:
+            row = json.loads(line)
+        except RecursionError:
+            raise ValueError("the line nests too deeply to be a record") from None
         if not isinstance(row, dict):
             raise ValueError("the line is not a JSON object")
         image = row.get("file_name") or row.get("image")  # the official evaluator accepts either name
@@ -607,6 +610,16 @@ def _o3bench_item(path: Path, n: int, line: str) -> Sample:
     return _mc_sample(sid, images, question, options, letter.group(1) if letter else answer, meta, boxes)
 
 
+def _literal(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        try:
+            return ast.literal_eval(text)
+        except (ValueError, SyntaxError, RecursionError, MemoryError):
+            raise ValueError(f"{text[:60]!r} is neither JSON nor a Python literal") from None
+
+
 def _o3bench_boxes(row: dict[str, Any]) -> list[list[int]] | None:
     """The target layouts' boxes in original pixels.
 
@@ -615,8 +628,9 @@ def _o3bench_boxes(row: dict[str, Any]) -> list[list[int]] | None:
     ``Rectangle((bbox[0], bbox[1]), bbox[2] - bbox[0], bbox[3] - bbox[1])``. Keys are string ids, while
     ``target_layouts`` holds ints.
     """
-    targets = row.get("target_layouts") or []
-    infos = row.get("layout_infos") or {}
+    targets, infos = row.get("target_layouts") or [], row.get("layout_infos") or {}
+    # copies saved through pandas can hold these as their text (JSON, or a Python literal)
+    targets, infos = (_literal(v) if isinstance(v, str) else v for v in (targets, infos))
     if not targets:
         return None
     if not isinstance(targets, list) or not isinstance(infos, dict):
