@@ -504,6 +504,22 @@ def test_process_isolation_drops_root(tmp_path):
         assert "Permission denied" in (s.run(f"open({str(private)!r}).read()").error or "")
 
 
+def test_process_isolation_as_root_of_a_small_user_namespace_is_a_clear_error():
+    """Root of a rootless container has no uid 2,000,000,000 to give a session: say so before any code runs."""
+    if shutil.which("unshare") is None or os.getuid() != 0:
+        pytest.skip("needs util-linux's unshare, run as root")
+    code = (
+        "from glimpse.errors import ConfigError\nfrom glimpse.tools.sandbox import PythonSession\n"
+        "try:\n    PythonSession(isolation='process', warn=False)\nexcept ConfigError as e:\n    print(e)"
+    )
+    done = subprocess.run(
+        ["unshare", "--user", "--map-root-user", sys.executable, "-c", code], capture_output=True, text=True
+    )
+    if done.stderr.startswith("unshare:"):
+        pytest.skip(f"no user namespaces here: {done.stderr.strip()}")
+    assert "does not map those ids" in done.stdout, done.stderr
+
+
 def test_process_isolation_warns_every_time_it_is_chosen(caplog, monkeypatch):
     import glimpse.tools.sandbox as sandbox
     from glimpse.tools.python import PythonTool

@@ -228,6 +228,20 @@ def _claim_folder(own_uid: bool) -> tuple[Path, int | None]:
     raise RuntimeError(f"no free sandbox session folder under {state} after 100 tries; is it full of debris?")
 
 
+def _session_ids_mapped() -> bool:
+    """Whether the session uids and gids exist here (not so in a user namespace that maps only a few ids, as a
+    rootless container does)."""
+    last = SESSION_UID_BASE + SESSION_UID_SPAN - 1
+    for kind in ("uid_map", "gid_map"):
+        try:
+            ranges = [[int(x) for x in line.split()] for line in Path(f"/proc/self/{kind}").read_text().splitlines()]
+        except (OSError, ValueError):
+            return False
+        if not any(start <= SESSION_UID_BASE and last < start + count for start, _, count in ranges):
+            return False
+    return True
+
+
 def _session_uid(folder: Path) -> int | None:
     name = folder.name
     if name.isdigit() and SESSION_UID_BASE <= int(name) < SESSION_UID_BASE + SESSION_UID_SPAN:
@@ -432,6 +446,12 @@ class PythonSession:
         self.isolation = resolve_isolation(isolation, warn=warn)
         clean_stale_sessions()
         own_uid = self.isolation == "process" and os.getuid() == 0
+        if own_uid and not _session_ids_mapped():
+            raise ConfigError(
+                f"--sandbox process run as root gives each session its own uid from {SESSION_UID_BASE:,}, but this "
+                "user namespace does not map those ids (see /proc/self/uid_map): run glimpse as an ordinary user, "
+                "or make bubblewrap usable"
+            )
         self.folder, self.uid = _claim_folder(own_uid)
         self.image_dir = self.folder / "images"
         self.image_dir.mkdir(mode=0o750 if own_uid else 0o700)
