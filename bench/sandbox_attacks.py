@@ -29,7 +29,8 @@ def outcomes() -> dict[tuple[str, str], str]:
         report = Path(tmp) / "report.xml"
         cmd = [sys.executable, "-m", "pytest", "tests/test_sandbox.py::test_attack", "-q"]
         cmd += ["-p", "no:cacheprovider", f"--junitxml={report}"]
-        subprocess.run(cmd, cwd=ROOT, check=False)
+        done = subprocess.run(cmd, cwd=ROOT, check=False, capture_output=True, text=True)
+        print(done.stdout.strip().splitlines()[-1], file=sys.stderr)
         found = {}
         for case in ET.parse(report).iter("testcase"):
             name = case.get("name", "")
