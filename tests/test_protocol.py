@@ -1,25 +1,35 @@
 """Reading model replies: every mistake becomes an error observation, and nothing raises.
 
-Property-based fuzzing sends 15,000+ generated malformed replies through the parser and the zoom tool's
-checks (``MALFORMED_EXAMPLES`` plus the tool-call and free-text runs below).
+Property-based fuzzing sends 4,000 generated malformed replies through the parser and the zoom tool's checks
+(``MALFORMED_EXAMPLES`` plus the tool-call and free-text runs below), and 400 hostile replies per protocol
+through the real agent loop (huge numbers, fields given twice, deep nesting, lone surrogates, enormous
+replies …); ``bench/fuzz_replies.py`` runs 100,000 of those per protocol with the same strategies.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import gradient_image
+from glimpse.agent import AgentLoop
 from glimpse.geometry import Box, Coords
 from glimpse.images import PixelLimits
 from glimpse.models.base import Completion, ToolCall
+from glimpse.models.scripted import ScriptedBackend
 from glimpse.protocol import make_protocol
 from glimpse.tools.zoom import ImageState, ZoomTool
+from glimpse.trajectory import Sample
 
-MALFORMED_EXAMPLES = 10_000
+MALFORMED_EXAMPLES = 2_000
 
 TAGS = make_protocol("tags", "relative")
 TOOLS = make_protocol("tools", "relative")
@@ -313,7 +323,7 @@ def test_fuzz_malformed_replies_become_error_observations(case):
     st.sampled_from(["zoom_in", "zoom", "python"]),
     st.integers(1, 3),
 )
-@settings(max_examples=3000, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 def test_fuzz_tool_calls_never_raise(arguments, name, n):
     calls = [ToolCall(f"c{i}", name, arguments) for i in range(n)]
     kind, error_kind, error = outcome("", "tool_calls", TOOLS, calls)
@@ -353,7 +363,7 @@ fragments = st.sampled_from(
     st.lists(st.one_of(fragments, st.text(max_size=10)), max_size=25).map("".join),
     st.sampled_from(["stop", "length", None]),
 )
-@settings(max_examples=3000, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 def test_fuzz_any_text_parses_without_raising(text, finish):
     kind, error_kind, error = outcome(text, finish)
     assert kind in ("zoom", "answer", "error", "none")
@@ -510,3 +520,268 @@ def test_enormous_replies_are_read_in_linear_time(text):
     for protocol in (TAGS, make_protocol("tags", code=True), TOOLS):
         action = protocol.parse(Completion(text=text))
         assert action.kind in ("error", "answer", "none", "code")
+
+
+# ------------------------------------------------------------------- hostile-reply fuzzing through the loop
+# Strategies for replies a hostile or broken model might send, shared with bench/fuzz_replies.py (which runs
+# 100,000 of them per protocol). Sizes of long pieces are drawn as numbers, so that Hypothesis can make
+# payloads far beyond its own per-example data limit.
+NAN_SPELLINGS = ["NaN", "nan", "-NaN", "+NaN", "NAN", "Infinity", "-Infinity", "+Infinity", "inf", "-inf", "Inf"]
+NAN_SPELLINGS += ["INF", "infinity", "1e999", "-1e999", '"NaN"', '"Infinity"', "null", "NaN0", "Nan", "∞", "-∞"]
+ODD_NUMBERS = ["-0", "-0.0", "0e0", "-0e-0", "true", "false", '"0.5"', '"1"', '"١"', "[0.5]", "[[]]", "{}", "0x10"]
+ODD_NUMBERS += ["007", ".5", "5.", "+1", "1_000", "1,5", "½", "²", "Ⅻ", "1e", "--1", "0.1.2", '"\\u0000"', '"\\ud800"']
+UNICODE_DIGITS = "0123456789٠١٢٣٤٥٦٧٨٩۰۱۲０１２３４５６７８９𝟎𝟏𝟐𝟗߀१२३.-eE+"
+TAG_FRAGMENTS = ["<think>", "</think>", "<grounding>", "</grounding>", "<answer>", "</answer>", "<python>"]
+TAG_FRAGMENTS += ["</python>", "<grounding >", "</ answer>", "<ANSWER>", '{"bbox_2d": ', "```", "```json\n", "\x00"]
+TAG_FRAGMENTS += ["<tool_call>", '"source": "observation_1"', "<|im_end|>", "\ud800", "\udfff", "\ud83d\ude00", "‮"]
+
+# Any character, lone surrogates and NUL included.
+hostile_char = st.one_of(
+    st.characters(), st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF), st.sampled_from(["\x00", "\n"])
+)
+hostile_prose = st.text(alphabet=hostile_char, max_size=30)
+
+
+def _long(piece: str, low: int, high: int) -> st.SearchStrategy[str]:
+    return st.integers(low, high).map(lambda n: piece * n)
+
+
+hostile_number = st.one_of(
+    finite.map(json.dumps),
+    st.integers(-(10**6), 10**6).map(str),
+    st.integers(300, 20_000).map(lambda k: "1" + "0" * k),  # huge integers
+    st.integers(300, 20_000).map(lambda k: "-9" + "9" * k),
+    st.tuples(  # big exponents
+        st.sampled_from(["1", "-2.5", "9.99", "0", "1e", "0.0"]),
+        st.sampled_from(["e", "E"]),
+        st.sampled_from(["", "+", "-"]),
+        st.integers(300, 10**12).map(str),
+    ).map("".join),
+    st.sampled_from(NAN_SPELLINGS),
+    st.sampled_from(ODD_NUMBERS),
+    st.sampled_from(["NaN", "Infinity", "-Infinity", "true", "false", "null", '"0.5"', "[0.5]"]),  # valid JSON
+    st.text(alphabet=UNICODE_DIGITS, min_size=1, max_size=12),  # digits of other scripts, mixed
+)
+
+
+@st.composite
+def one_bad_number(draw) -> str:
+    """A good box with one of its four numbers replaced."""
+    box = ["0.1", "0.1", "0.6", "0.6"]
+    box[draw(st.integers(0, 3))] = draw(hostile_number)
+    return "[" + ", ".join(box) + "]"
+
+
+hostile_box = st.one_of(
+    one_bad_number(),
+    one_bad_number(),
+    st.lists(hostile_number, max_size=6).map(lambda xs: "[" + ", ".join(xs) + "]"),
+    st.lists(hostile_number, min_size=4, max_size=4).map(lambda xs: "[" + ", ".join(xs) + "]"),
+    st.integers(1, 50_000).map(lambda d: "[" * d + "0.5" + "]" * d),  # deep nesting
+    st.integers(5, 100_000).map(lambda n: "[" + "0.5, " * n + "0.5]"),  # very long
+    st.sampled_from(['"0.1, 0.1, 0.5, 0.5"', "null", "{}", '{"x0": 0.1}', "[0.1, 0.1, 0.5, 0.5]"]),
+)
+hostile_source = st.one_of(
+    st.sampled_from(["original_image", "observation_1", "observation_2", "observation_0", "Observation_1"]),
+    st.sampled_from(["observation 1", "observation_١", "observation_１", "observation_01", "observation_-1", ""]),
+    st.integers(0, 20_000).map(lambda n: "observation_" + "9" * n),
+    st.text(alphabet=hostile_char, max_size=20),
+).map(json.dumps)
+hostile_key = st.sampled_from(["bbox_2d", "bbox_2d", "source", "label", "BBOX_2D", "bbox_2d\x00", "code"])
+
+
+@st.composite
+def hostile_call(draw) -> str:
+    """The JSON (or not) inside a zoom call: odd numbers and sources, fields given twice, odd wrappings."""
+    keys = draw(st.lists(hostile_key, max_size=4))
+    if draw(st.integers(0, 3)):
+        keys.insert(0, "bbox_2d")
+    fields = []
+    for key in keys:
+        if key.startswith("bbox"):
+            value = draw(hostile_box)
+        elif key == "source":
+            value = draw(hostile_source)
+        else:
+            value = json.dumps(draw(hostile_prose))
+        fields.append(f"{json.dumps(key)}: {value}")
+    body = "{" + ", ".join(fields) + "}"
+    wrap = draw(st.sampled_from(["plain", "plain", "list", "fence", "bare", "cut", "padded", "text"]))
+    if wrap == "list":
+        body = f"[{body}]"
+    elif wrap == "fence":
+        body = f"```json\n{body}\n```"
+    elif wrap == "bare":
+        body = draw(hostile_box)
+    elif wrap == "cut":
+        body = body[: draw(st.integers(0, len(body)))]
+    elif wrap == "padded":
+        pad = " " * draw(st.integers(0, 200_000))
+        body = f"```{pad}{body}{pad}```"
+    elif wrap == "text":
+        body = draw(hostile_prose)
+    return body
+
+
+@st.composite
+def hostile_segment(draw) -> str:
+    kind = draw(st.integers(0, 11))
+    if kind == 0:
+        return draw(hostile_prose)
+    if kind == 1:
+        return f"<think>{draw(hostile_prose)}{draw(st.sampled_from(TAG_FRAGMENTS))}{draw(hostile_prose)}</think>"
+    if kind in (2, 3):
+        closing = draw(st.sampled_from(["</grounding>", "</grounding>", "", "</answer>"]))
+        return f"<grounding>{draw(hostile_call())}{closing}"
+    if kind == 4:
+        inner = draw(st.one_of(hostile_prose, hostile_prose.map(lambda s: f"<answer>{s}</answer>")))
+        return f"<answer>{inner}{draw(st.sampled_from(['</answer>', '</answer>', '', '</answer></answer>']))}"
+    if kind == 5:
+        return f"<python>{draw(hostile_prose)}{draw(st.sampled_from(TAG_FRAGMENTS))}</python>"
+    if kind == 6:  # tags inside a Markdown code block
+        return f"```\n{draw(st.sampled_from(TAG_FRAGMENTS))}{draw(hostile_prose)}</answer>\n```"
+    if kind == 7:
+        return draw(st.sampled_from(TAG_FRAGMENTS))
+    if kind == 8:  # enormous replies
+        piece = draw(st.sampled_from(["<think>", "<grounding>", "<answer>", "a", " ", "[", "{", "\ud800", "١"]))
+        return draw(_long(piece, 1, 150_000))
+    if kind == 9:
+        return draw(st.sampled_from(NAN_SPELLINGS + ODD_NUMBERS))
+    if kind == 10:
+        return '<grounding>{"bbox_2d": [0.1, 0.1, 0.6, 0.6], "source": "original_image"}</grounding>'
+    return "<answer>B</answer>"
+
+
+finish_reasons = st.sampled_from(["stop", "stop", "length", None, "tool_calls", "content_filter", ""])
+
+
+@st.composite
+def hostile_tagged_reply(draw) -> dict:
+    """A reply for the ``tags`` protocol, as a scripted turn: one call with hostile contents, or a mix."""
+    if draw(st.booleans()):
+        think = draw(st.sampled_from(["", "<think>zooming</think>", "<think>"]))
+        content = f"{think}<grounding>{draw(hostile_call())}</grounding>"
+    else:
+        content = "".join(draw(st.lists(hostile_segment(), max_size=5)))
+    return {"content": content, "finish_reason": draw(finish_reasons)}
+
+
+@st.composite
+def hostile_tool_reply(draw) -> dict:
+    """A reply for the ``tools`` protocol: one zoom call with hostile arguments, or text and calls with
+    hostile names and arguments."""
+    if draw(st.booleans()):
+        content = draw(st.sampled_from(["", "Zooming in.", "<think>zoom</think>"]))
+        call = {"id": "call_0", "name": "zoom_in", "arguments": draw(hostile_call())}
+        return {"content": content, "tool_calls": [call], "finish_reason": "tool_calls"}
+    content = "".join(draw(st.lists(hostile_segment(), max_size=3)))
+    calls: list[dict] = []
+    for i in range(draw(st.integers(0, 2))):
+        name = draw(st.one_of(st.sampled_from(["zoom_in", "python", "zoom", "ZOOM_IN", ""]), hostile_prose))
+        arguments = draw(
+            st.one_of(
+                hostile_call(),
+                st.tuples(hostile_prose, hostile_prose).map(lambda c: f'{{"code": {json.dumps(c[0])}}}'),
+                st.just('{"code": "print(1)", "code": "print(2)"}'),
+                hostile_prose,
+            )
+        )
+        calls.append({"id": draw(st.one_of(st.just(f"call_{i}"), hostile_prose)), "name": name, "arguments": arguments})
+    return {"content": content, "tool_calls": calls, "finish_reason": draw(finish_reasons)}
+
+
+HOSTILE_REPLIES = {"tags": hostile_tagged_reply(), "tools": hostile_tool_reply()}
+# What the model says after its hostile reply, so that a mistake's message and a zoom's crop are sent back.
+FOLLOW_UP = {"tags": "<answer>B</answer>", "tools": "B"}
+TURN_KINDS = {"zoom", "code", "answer", "error", "none"}
+
+
+@dataclass
+class FuzzRun:
+    """Replies sent through the agent loop: how many, and what escaped (reply, exception) or broke a rule."""
+
+    replies: int = 0
+    escapes: list[tuple[str, str]] = field(default_factory=list)
+    violations: list[tuple[str, str]] = field(default_factory=list)
+    kinds: Counter = field(default_factory=Counter)
+
+
+def run_replies(protocol: str, replies: list[dict], image: Path, concurrency: int = 32) -> FuzzRun:
+    """Send each reply as the first turn of its own trajectory through the real ``AgentLoop`` (the scripted
+    backend replays it, then answers), save each trajectory as JSON, and read it also with the code tool on.
+
+    An escape is any exception out of the loop or the record; a violation is a trajectory that broke the
+    loop's contract (a backend error, a turn kind outside the five, an error without its kind).
+    """
+    run = FuzzRun()
+    loop = AgentLoop(
+        ScriptedBackend([["unused"]], record=0),
+        protocol=protocol,
+        max_turns=2,
+        max_new_tokens=2**22,  # never cut a reply: the parser must read it whole
+        max_context_tokens=2**26,
+    )
+    with_code = make_protocol(protocol, code=True)
+
+    def replay(reply: dict) -> ScriptedBackend:
+        def policy(messages, params):
+            return reply if not any(m.role == "assistant" for m in messages) else FOLLOW_UP[protocol]
+
+        return ScriptedBackend(policy, record=0)
+
+    async def one(i: int, reply: dict) -> None:
+        shown = repr(reply)[:300]
+        try:
+            (traj,) = await loop.run(Sample(id=str(i), images=[str(image)], question="Q"), backend=replay(reply))
+            traj.model_dump_json()
+            completion = Completion(
+                reply["content"], [ToolCall(**c) for c in reply.get("tool_calls", [])], reply["finish_reason"]
+            )
+            with_code.parse(completion)
+        except Exception as exc:  # what the fuzzing is for: count it, keep going
+            run.escapes.append((shown, f"{type(exc).__name__}: {str(exc)[:200]}"))
+            return
+        first = traj.turns[0] if traj.turns else None
+        if traj.stop_reason == "error" or first is None:
+            run.violations.append((shown, f"stopped with {traj.stop_reason}: {traj.error}"))
+        elif first.kind not in TURN_KINDS or (first.kind == "error") != bool(first.error and first.error_kind):
+            run.violations.append((shown, f"turn kind {first.kind!r}, error_kind {first.error_kind!r}"))
+        else:
+            run.kinds[first.error_kind or first.kind] += 1
+
+    async def all_of() -> None:
+        gate = asyncio.Semaphore(concurrency)
+
+        async def gated(i: int, reply: dict) -> None:
+            async with gate:
+                await one(i, reply)
+
+        await asyncio.gather(*(gated(i, r) for i, r in enumerate(replies)))
+
+    asyncio.run(all_of())
+    run.replies = len(replies)
+    return run
+
+
+@pytest.fixture(scope="module")
+def small_image(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("fuzz") / "image.png"
+    gradient_image(320, 240).save(path)
+    return path
+
+
+@pytest.mark.parametrize("protocol", ["tags", "tools"])
+def test_fuzz_hostile_replies_through_the_loop(protocol, small_image):
+    """The suite's subset of bench/fuzz_replies.py: every reply ends as an answer or a specific mistake."""
+    replies: list[dict] = []
+
+    @given(HOSTILE_REPLIES[protocol])
+    @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    def collect(reply):
+        replies.append(reply)
+
+    collect()
+    run = run_replies(protocol, replies, small_image)
+    assert run.replies >= 400 and not run.escapes and not run.violations, (run.escapes or run.violations)[:3]
+    # The strategies reach the mistakes they were written for, and some replies are accepted.
+    assert {"out_of_range", "not_a_number", "duplicate_key", "invalid_json", "answer"} <= set(run.kinds), run.kinds
