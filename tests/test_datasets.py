@@ -368,6 +368,45 @@ def test_o3bench_metadata_jsonl(tmp_path):
         load_dataset(f"o3bench:{tmp_path / 'empty.jsonl'}")
 
 
+def test_malformed_files_and_rows_never_raise_a_traceback(tmp_path):
+    """A file that is not what it should be is a ConfigError naming it; a bad row is that question's input error."""
+    (tmp_path / "MME_RealWorld.json").write_bytes(b'[{"Text": "\xff\xfe"}]')
+    with pytest.raises(ConfigError, match=r"MME_RealWorld\.json is not UTF-8 text.*download it again"):
+        load_dataset(f"mme-realworld:{tmp_path}")
+    (tmp_path / "folder.json").mkdir()
+    with pytest.raises(ConfigError, match=r"cannot read .*folder\.json"):
+        load_dataset(f"minio3:{tmp_path / 'folder.json'}")
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ConfigError, match=r"deep\.json is not valid JSON"):
+        load_dataset(f"minio3:{tmp_path / 'deep.json'}")
+    rows = [
+        {"images": ["a.jpg"], "problem": "Q?", "solution": "x", "boxes": [["left", 2, 3, 4]]},
+        {"images": ["a.jpg"], "problem": "Q?", "solution": "x", "boxes": [[1, 2, 3]]},
+        {"images": ["a\x00.jpg"], "problem": "Q?", "solution": "x"},
+    ]
+    (tmp_path / "val.json").write_text(json.dumps(rows))
+    samples = load_dataset(f"minio3:{tmp_path / 'val.json'}").samples
+    assert all("unreadable record" in s.meta["input_error"] for s in samples)
+    full = tmp_path / "mme"
+    full.mkdir()
+    records = [{**mme_record(0, "x.jpg"), "Answer choices": "(A) 1"}, mme_record(1, "x\x00.jpg")]
+    (full / "MME_RealWorld.json").write_text(json.dumps(records))
+    bad, nul = load_dataset(f"mme-realworld:{full}").samples
+    assert "Answer choices is str, not a list" in bad.meta["input_error"]
+    assert "is not a file name" in nul.meta["input_error"]
+    (tmp_path / "direct_attributes").mkdir()
+    (tmp_path / "relative_position").mkdir()
+    ann = {"target_object": ["cup"], "bbox": [["5", "6", "10", "12"]], "question": "?", "options": ["a", "b"]}
+    (tmp_path / "direct_attributes" / "sa_1.json").write_text(json.dumps(ann))
+    (tmp_path / "direct_attributes" / "sa_2.json").write_bytes(b"\xff\xfe\x00")
+    (text_boxes, binary) = load_dataset(f"vstar:{tmp_path}").samples
+    assert "not [x, y, w, h] numbers" in text_boxes.meta["input_error"]
+    assert "unreadable annotation sa_2.json" in binary.meta["input_error"]
+    (tmp_path / "test_questions.jsonl").write_text('{"image": "a.jpg", "text": 5, "question_id": 1, "label": "A"}\n')
+    (row,) = load_dataset(f"vstar-jsonl:{tmp_path}").samples
+    assert "unreadable row" in row.meta["input_error"]
+
+
 def test_probes_spec_generates_once():
     data = load_dataset("probes:easy:3:11")
     assert len(data) == 3 and data.name == "probes-easy"

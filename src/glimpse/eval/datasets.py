@@ -80,6 +80,38 @@ def _require(path: Path, what: str, hint: str = "") -> Path:
     return path
 
 
+def _read_text(path: Path) -> str:
+    """A file's UTF-8 text (a byte-order mark dropped).
+
+    Raises:
+        ConfigError: the file cannot be read (a folder, no permission) or is not UTF-8 text.
+    """
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text ({exc.reason}); download it again") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}; name the benchmark's file") from None
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(_read_text(path))
+    except (ValueError, RecursionError) as exc:
+        raise ConfigError(f"{path} is not valid JSON ({exc}); {what}; download it again") from None
+
+
+def _file_name(value: Any) -> str:
+    """An image path as a row gives it; one no file system accepts (a NUL character) is the row's error."""
+    if not isinstance(value, str) or not value.strip() or "\x00" in value:
+        raise ValueError(f"image path {str(value)[:80]!r} is not a file name")
+    return value
+
+
+def _why(exc: BaseException) -> str:
+    return f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
+
+
 def _bad(dataset: str, key: str, reason: str) -> Sample:
     return Sample(id=f"{dataset}/{key}", images=[], question="", meta={"input_error": reason})
 
@@ -114,10 +146,7 @@ def load_minio3(path: str | Path, name: str | None = None) -> Dataset:
     """A JSON list in Mini-o3's format; image paths resolve against the JSON's folder, else its parent
     (VisualProbe's paths start with the dataset folder's own name)."""
     p = _require(Path(path), "Mini-o3-format JSON file")
-    try:
-        rows = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{p} is not valid JSON: {exc}") from None
+    rows = _read_json(p, "it should hold a list of records with images, problem and solution")
     if not isinstance(rows, list):
         raise ConfigError(f"{p} must hold a JSON list of records with images, problem and solution")
     name = name or p.parent.name or p.stem
@@ -127,34 +156,10 @@ def load_minio3(path: str | Path, name: str | None = None) -> Dataset:
         if not isinstance(row, dict) or not isinstance(row.get("problem"), str) or "solution" not in row:
             samples.append(_bad(name, key, "record lacks 'problem' or 'solution'"))
             continue
-        images = row.get("images") or []
-        if isinstance(images, str):
-            images = [images]
-        resolved = [str(_image_path(p.parent, str(img))) for img in images]
-        question = row["problem"].replace("<image>", "").strip()
-        source = str(row.get("data_source", ""))
-        meta: dict[str, Any] = {"data_source": source}
-        level = row.get("level") or next(
-            (lv for lv in ("easy", "medium", "hard", "train") if source.endswith(lv)), None
-        )
-        if level:
-            meta["level"] = level
-        if row.get("kind"):
-            meta["category"] = row["kind"]
-        for extra in ("choices", "synonyms", "candidate_boxes", "candidates", "seed", "size", "shown_cap_px"):
-            if row.get(extra) is not None:
-                meta[extra] = row[extra]
-        boxes = [_int_box(b) for b in row["boxes"]] if row.get("boxes") else None
-        solution = str(row["solution"])
-        options, stem = _options_in_text(question)
-        sid = f"{name}/{key}"
-        if options and (solution.strip().strip("().").upper() in LETTERS[: len(options)] or solution in options):
-            gold = solution if solution not in options else LETTERS[options.index(solution)]
-            samples.append(_mc_sample(sid, resolved, stem, options, gold, meta, boxes))
-        else:
-            samples.append(
-                Sample(id=sid, images=resolved, question=question, answer=solution, target_boxes=boxes, meta=meta)
-            )
+        try:
+            samples.append(_minio3_item(p, name, key, row))
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            samples.append(_bad(name, key, f"unreadable record: {_why(exc)}"))
     dataset = Dataset(name=name, samples=samples, source=str(p))
     golds = [s.answer for s in samples if s.options]
     if len(golds) >= 10 and all(g == "A" for g in golds):
@@ -162,6 +167,32 @@ def load_minio3(path: str | Path, name: str | None = None) -> Dataset:
             f"every multiple-choice answer in {p.name} is 'A': options were never shuffled; keep --options shuffle"
         )
     return dataset
+
+
+def _minio3_item(p: Path, name: str, key: str, row: dict[str, Any]) -> Sample:
+    images = row.get("images") or []
+    if isinstance(images, str):
+        images = [images]
+    resolved = [str(_image_path(p.parent, _file_name(img))) for img in images]
+    question = row["problem"].replace("<image>", "").strip()
+    source = str(row.get("data_source", ""))
+    meta: dict[str, Any] = {"data_source": source}
+    level = row.get("level") or next((lv for lv in ("easy", "medium", "hard", "train") if source.endswith(lv)), None)
+    if level:
+        meta["level"] = level
+    if row.get("kind"):
+        meta["category"] = row["kind"]
+    for extra in ("choices", "synonyms", "candidate_boxes", "candidates", "seed", "size", "shown_cap_px"):
+        if row.get(extra) is not None:
+            meta[extra] = row[extra]
+    boxes = [_int_box(b) for b in row["boxes"]] if row.get("boxes") else None
+    solution = str(row["solution"])
+    options, stem = _options_in_text(question)
+    sid = f"{name}/{key}"
+    if options and (solution.strip().strip("().").upper() in LETTERS[: len(options)] or solution in options):
+        gold = solution if solution not in options else LETTERS[options.index(solution)]
+        return _mc_sample(sid, resolved, stem, options, gold, meta, boxes)
+    return Sample(id=sid, images=resolved, question=question, answer=solution, target_boxes=boxes, meta=meta)
 
 
 def _image_path(folder: Path, image: str) -> Path:
@@ -230,7 +261,7 @@ def load_vstar(root: str | Path, prefer: str = "json") -> Dataset:
         return Dataset(name="vstar", samples=samples, source=str(base))
     jsonl = _require(base / "test_questions.jsonl", "V* Bench test_questions.jsonl")
     samples = []
-    for i, line in enumerate(jsonl.read_text(encoding="utf-8").splitlines()):
+    for i, line in enumerate(_read_text(jsonl).splitlines()):
         if not line.strip():
             continue
         try:
@@ -238,9 +269,10 @@ def load_vstar(root: str | Path, prefer: str = "json") -> Dataset:
             options, stem = _options_in_text(row["text"])
             qid = str(row["question_id"])
             meta = {"category": row.get("category", "")}
-            samples.append(_mc_sample(f"vstar/{qid}", [str(base / row["image"])], stem, options, row["label"], meta))
-        except (ValueError, KeyError, TypeError) as exc:
-            samples.append(_bad("vstar", f"line{i + 1}", f"unreadable row: {exc}"))
+            image = str(base / _file_name(row["image"]))
+            samples.append(_mc_sample(f"vstar/{qid}", [image], stem, options, row["label"], meta))
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+            samples.append(_bad("vstar", f"line{i + 1}", f"unreadable row: {_why(exc)}"))
     return Dataset(name="vstar", samples=samples, source=str(jsonl))
 
 
@@ -251,11 +283,13 @@ def _natural(stem: str) -> tuple:
 def _vstar_item(ann: Path, category: str) -> Sample:
     key = f"{category}/{ann.stem}"
     try:
-        row = json.loads(ann.read_text(encoding="utf-8"))
+        row = json.loads(ann.read_text(encoding="utf-8-sig"))
         options = [str(o) for o in row["options"]]
-        boxes = [[x, y, x + w, y + h] for x, y, w, h in row.get("bbox", [])]
-    except (ValueError, KeyError, TypeError) as exc:
-        return _bad("vstar", key, f"unreadable annotation {ann.name}: {exc}")
+        boxes = [[x, y, x + w, y + h] for x, y, w, h in row.get("bbox", [])]  # [x, y, w, h] in pixels
+        if not all(isinstance(v, (int, float)) for b in boxes for v in b):
+            raise ValueError(f"bbox {row['bbox']!r} is not [x, y, w, h] numbers")
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError, OSError) as exc:
+        return _bad("vstar", key, f"unreadable annotation {ann.name}: {_why(exc)}")
     image = next(
         (ann.with_suffix(ext) for ext in (".jpg", ".jpeg", ".png", ".JPG") if ann.with_suffix(ext).exists()),
         ann.with_suffix(".jpg"),
@@ -518,28 +552,28 @@ def load_mme_realworld(root: str | Path, lite: bool = False) -> Dataset:
             "tar -xzf X.tar.gz",
         )
         image_root, name = base, "mme-realworld"
-    try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path} is not valid JSON: {exc}") from None
+    rows = _read_json(path, "it should hold a list of questions (Question_id, Image, Text, …)")
     if not isinstance(rows, list):
         raise ConfigError(f"{path} must hold a JSON list of questions (Question_id, Image, Text, …); download it again")
     samples = []
     for i, row in enumerate(rows):
         key = str(row.get("Question_id", i)) if isinstance(row, dict) else str(i)
         try:
+            if not isinstance(row["Answer choices"], list):
+                raise TypeError(f"Answer choices is {type(row['Answer choices']).__name__}, not a list")
             options = [re.sub(r"^\([A-Z]\)\s*", "", str(c)).strip() for c in row["Answer choices"]]
             meta = {
                 "task": row.get("Task", ""),
                 "subtask": row.get("Subtask", ""),
                 "category": str(row.get("Category", "")),
             }
-            image = image_root / (Path(row["Image"]).name if lite else row["Image"])
+            file = _file_name(row["Image"])
+            image = image_root / (Path(file).name if lite else file)
             samples.append(
                 _mc_sample(f"{name}/{key}", [str(image)], str(row["Text"]), options, str(row["Ground truth"]), meta)
             )
-        except (KeyError, TypeError, AttributeError) as exc:
-            samples.append(_bad(name, key, f"unreadable record: missing {exc}"))
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            samples.append(_bad(name, key, f"unreadable record: {_why(exc)}"))
     return Dataset(name=name, samples=samples, source=str(path))
 
 
@@ -563,12 +597,7 @@ def load_o3bench(root: str | Path) -> Dataset:
         f"download it with: huggingface-cli download m-Just/O3-Bench --repo-type dataset --local-dir {base}",
     )
     samples = []
-    with path.open(encoding="utf-8-sig") as fh:
-        try:
-            lines = fh.read().splitlines()
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"{path} is not UTF-8 text ({exc.reason}); download it again") from None
-    for n, line in enumerate(lines, 1):
+    for n, line in enumerate(_read_text(path).splitlines(), 1):
         if line.strip():
             samples.append(_o3bench_item(path, n, line))
     if not samples:
@@ -585,14 +614,13 @@ def _o3bench_item(path: Path, n: int, line: str) -> Sample:
             raise ValueError("the line nests too deeply to be a record") from None
         if not isinstance(row, dict):
             raise ValueError("the line is not a JSON object")
-        image = row.get("file_name") or row.get("image")  # the official evaluator accepts either name
+        image = _file_name(row.get("file_name") or row.get("image"))  # the official evaluator accepts either
         question, answer = row["question"], row["answer"]
-        if not isinstance(image, str) or not isinstance(question, str) or not isinstance(answer, str):
-            raise ValueError("file_name (or image), question and answer must be strings")
+        if not isinstance(question, str) or not isinstance(answer, str):
+            raise ValueError("question and answer must be strings")
         boxes = _o3bench_boxes(row)
     except (ValueError, KeyError, TypeError) as exc:
-        detail = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
-        return _bad("o3bench", key, f"{path.name} line {n} is unreadable: {detail}")
+        return _bad("o3bench", key, f"{path.name} line {n} is unreadable: {_why(exc)}")
     meta: dict[str, Any] = {
         "category": str(row.get("subset") or row.get("category") or ""),
         "target_layouts": list(row.get("target_layouts") or []),
