@@ -250,6 +250,8 @@ def test_treebench_tsv(tmp_path):
     assert good.meta["category"] == "Perception/Attributes"
     assert "unreadable row" in bad_boxes.meta["input_error"]
     assert "input_error" in bad_image.meta
+    with pytest.raises(ConfigError, match=r"cannot read .*: Is a directory"):
+        load_dataset(f"treebench:{tmp_path}")
 
 
 def mme_record(i: int, image: str) -> dict:

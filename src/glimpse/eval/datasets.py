@@ -317,8 +317,11 @@ def _table_rows(path: Path, required: tuple[str, ...]) -> Iterator[tuple[str, Ro
     Raises:
         ConfigError: the file is empty, not UTF-8 text (TSV) or not readable (parquet), or lacks a column.
     """
-    with path.open("rb") as fh:
-        magic = fh.read(4)
+    try:
+        with path.open("rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}; name the benchmark's file") from None
     if magic == b"PAR1":
         return _parquet_rows(path, required)
     return _tsv_rows(path, required)
