@@ -143,6 +143,7 @@ def test_cli_ask_against_the_server(served, make_image, tmp_path):
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "turn 1" in proc.stdout and "zoom original_image" in proc.stdout and "Answer: 42" in proc.stdout
+    assert '<think>zoom</think><grounding>{"bbox_2d"' in proc.stdout  # the reply was printed as it streamed
     (traj,) = load_jsonl(out)
     assert traj.answer == "42" and len(traj.turns) == 3
     assert json.loads(out.with_suffix(".config.json").read_text())["base_url"] == base

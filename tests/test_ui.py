@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
-from conftest import app_server, glimpse_server
+from conftest import app_server, free_port, glimpse_server, wait_healthy
 from glimpse.config import AskConfig
 from glimpse.trajectory import load_jsonl
 from glimpse.ui import build_app
@@ -229,6 +231,35 @@ def test_the_api_key_stays_on_the_server(tmp_path, probe):
     assert first[-1]["vote"]["answer"] == second[-1]["vote"]["answer"] == "x"
     saved = (tmp_path / "runs").glob("*.json")
     assert all("sk-very-secret" not in p.read_text() for p in saved)
+
+
+def test_glimpse_ui_command_takes_the_ask_config_and_warns_off_loopback(tmp_path):
+    config = tmp_path / "ask.yaml"
+    config.write_text("model: expert\neffort: high\nsamples: 3\nprotocol: tools\n")
+    for host, local in (("127.0.0.1", True), ("0.0.0.0", False)):
+        port = free_port()
+        args = ["ui", "--config", str(config), "--host", host, "--port", str(port), "--runs", str(tmp_path / "runs")]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "glimpse", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            wait_healthy(f"http://127.0.0.1:{port}", proc)
+            defaults = httpx.get(f"http://127.0.0.1:{port}/api/defaults").json()
+        finally:
+            proc.terminate()
+            output = proc.communicate(timeout=10)[0]
+        assert (defaults["model"], defaults["effort"], defaults["samples"], defaults["protocol"]) == (
+            "expert",
+            "high",
+            3,
+            "tools",
+        )
+        assert defaults["local_paths"] is local
+        assert f"glimpse ui at http://{host}:{port}/" in output
+        assert ("not on loopback" in output) is not local, output
 
 
 # ------------------------------------------------------------------------------------------- in a real browser

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from glimpse.agent import AgentLoop, LoopOptions, OnTurn
+from glimpse.agent import AgentLoop, LoopOptions, OnReplyText, OnTurn
 from glimpse.answers import Vote, majority_vote
 from glimpse.config import AskConfig, BackendSettings, resolve
 from glimpse.effort import effort_budget
@@ -72,12 +72,13 @@ async def ask_async(
     *,
     backend: Backend | None = None,
     on_turn: OnTurn | None = None,
+    on_text: OnReplyText | None = None,
 ) -> AskResult:
-    """Ask one question about one image; see ``ask``."""
+    """Ask one question about one image; see ``ask`` (``on_text``: see ``AgentLoop.run``)."""
     loop = loop_from_config(config, backend)
     sample = Sample(id=Path(image).stem or "image", images=[os.fspath(image)], question=question)
     try:
-        trajectories = await loop.run(sample, samples=config.samples, on_turn=on_turn)
+        trajectories = await loop.run(sample, samples=config.samples, on_turn=on_turn, on_text=on_text)
     finally:
         if backend is None and hasattr(loop.backend, "aclose"):
             await loop.backend.aclose()

@@ -224,6 +224,20 @@ class ServeConfig:
 
 
 @dataclass
+class UIConfig(AskConfig):
+    """Settings of ``glimpse ui``: those of ``glimpse ask`` (the form's defaults; the same --config file works),
+    and where and how the app is served."""
+
+    host: str = opt("127.0.0.1", "interface to listen on (loopback by default; elsewhere it warns and refuses paths)")
+    port: int = opt(8770, "port to listen on")
+    runs: str = opt("glimpse-runs", "folder where every run is saved as a trajectory record (the history)")
+    allow: str | None = opt(
+        None, "comma-separated folders whose files a run may read by path (default: the current folder)"
+    )
+    max_upload_mb: int = opt(64, "largest image upload accepted, in MB")
+
+
+@dataclass
 class ColdStartConfig:
     """Settings of ``glimpse coldstart``."""
 

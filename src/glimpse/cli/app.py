@@ -28,6 +28,7 @@ from glimpse.config import (
     ServeConfig,
     SFTConfig,
     SynthConfig,
+    UIConfig,
     ViewConfig,
     field_type,
     resolve,
@@ -213,6 +214,18 @@ def serve_command(cfg: ServeConfig) -> int:
     from glimpse.cli.commands import run_serve
 
     return run_serve(cfg)
+
+
+@config_command(
+    "ui",
+    UIConfig,
+    help="A local web app: choose an image and a question, watch each turn as it happens (thoughts streamed, "
+    "boxes and crops drawn), stop a run, reopen past runs in the viewer (loopback by default).",
+)
+def ui_command(cfg: UIConfig) -> int:
+    from glimpse.cli.commands import run_ui
+
+    return run_ui(cfg)
 
 
 @config_command(

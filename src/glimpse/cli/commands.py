@@ -16,7 +16,8 @@ from rich.markup import escape
 
 from glimpse.api import AskResult, ask_async
 from glimpse.cli.exits import EXIT_BACKEND, EXIT_INPUT, EXIT_NO_ANSWER, EXIT_OK
-from glimpse.config import AskConfig, EvalConfig, ServeConfig, SynthConfig, ViewConfig, write_resolved
+from glimpse.config import AskConfig, EvalConfig, ServeConfig, SynthConfig, UIConfig, ViewConfig, write_resolved
+from glimpse.models.base import TextDelta
 from glimpse.trajectory import Trajectory, Turn, save_jsonl
 
 _THOUGHT_CHARS = 240
@@ -53,22 +54,42 @@ def describe_turn(traj: Trajectory, turn: Turn) -> str:
 
 
 class TurnPrinter:
-    """Prints turns as the agent loop reports them."""
+    """Prints turns as the agent loop reports them; with one sample and a streaming backend, each reply token by
+    token as it is written (``text``), before the line saying what the turn did."""
 
     def __init__(self, console: Console, samples: int):
         self.console = console
         self.samples = samples
         self.seen: set[str] = set()
+        self.streamed = False
 
-    def __call__(self, traj: Trajectory, turn: Turn) -> None:
-        prefix = f"[dim]\\[{traj.sample_index}][/] " if self.samples > 1 else ""
+    def _header(self, traj: Trajectory) -> None:
         if not self.seen and traj.image and traj.shown_size:
             w, h = traj.shown_size
             self.console.print(
                 f"[dim]{escape(traj.image.path)}: {traj.image.width}×{traj.image.height} pixels, shown at {w}×{h}[/]"
             )
         self.seen.add(traj.id)
-        if turn.thought:
+
+    def text(self, traj: Trajectory, delta: TextDelta) -> None:
+        """A piece of the reply being written (several samples would interleave: they print per turn only)."""
+        if self.samples > 1:
+            return
+        self._header(traj)
+        if not self.streamed or delta.restart:
+            if delta.restart:
+                self.console.print(" [dim](the reply restarts: its stream dropped and was retried)[/]")
+            self.console.print("  ", end="")
+            self.streamed = True
+        self.console.print(delta.text, end="", style="dim italic", markup=False, highlight=False)
+
+    def __call__(self, traj: Trajectory, turn: Turn) -> None:
+        prefix = f"[dim]\\[{traj.sample_index}][/] " if self.samples > 1 else ""
+        self._header(traj)
+        if self.streamed:  # the reply is on screen already
+            self.console.print()
+            self.streamed = False
+        elif turn.thought:
             thought = " ".join(turn.thought.split())
             if len(thought) > _THOUGHT_CHARS:
                 thought = thought[: _THOUGHT_CHARS - 1] + "…"
@@ -136,7 +157,8 @@ async def _ask_scored(
 ) -> AskResult:
     """Ask, then, when the gold answer is known (the demo's probe), record it in each trajectory's sample and
     score the answer with the evaluation's scorer. The gold is added after the run: the model never sees it."""
-    result = await ask_async(image, question, cfg, on_turn=on_turn)
+    on_text = on_turn.text if isinstance(on_turn, TurnPrinter) else None
+    result = await ask_async(image, question, cfg, on_turn=on_turn, on_text=on_text)
     if gold is None:
         return result
     from glimpse.eval.scoring import score
@@ -267,6 +289,20 @@ def run_serve(cfg: ServeConfig) -> int:
         max_n=cfg.max_n,
         max_new_tokens=cfg.max_new_tokens,
     )
+    return EXIT_OK
+
+
+def run_ui(cfg: UIConfig) -> int:
+    """``glimpse ui``: serve the web app until interrupted (a non-loopback address is warned about by the app)."""
+    from glimpse.ui import serve_ui
+
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
+    host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+    console.print(
+        f"glimpse ui at http://{host}:{cfg.port}/ · runs saved in {escape(str(Path(cfg.runs).resolve()))} "
+        "(Ctrl-C stops)"
+    )
+    serve_ui(cfg)
     return EXIT_OK
 
 

@@ -46,7 +46,7 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from glimpse.api import backend_from_config, loop_from_config
-from glimpse.config import AskConfig, public_dict
+from glimpse.config import AskConfig, UIConfig, public_dict
 from glimpse.errors import ConfigError, GlimpseError, ImageInputError
 from glimpse.images import ImageCache, image_from_bytes
 from glimpse.models import BACKENDS
@@ -383,25 +383,24 @@ def _error(message: str, status: int = 400) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def serve_ui(
-    ask: AskConfig,
-    *,
-    host: str = "127.0.0.1",
-    port: int = 8770,
-    runs: str = "glimpse-runs",
-    allow: list[str] | None = None,
-    max_upload_mb: int = MAX_UPLOAD_MB,
-) -> None:
+def ask_settings(config: UIConfig) -> AskConfig:
+    """The ``glimpse ask`` part of a ``UIConfig``: the defaults of every run."""
+    return AskConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(AskConfig)})
+
+
+def serve_ui(config: UIConfig) -> None:
     """Run the app until interrupted (blocking). Away from loopback it warns, and paths typed in the page are off."""
     import uvicorn
 
-    local = is_loopback(host)
+    local = is_loopback(config.host)
     if not local:
         log.warning(
             "glimpse ui is listening on %s, not on loopback: anyone who can reach it can run models with this "
             "server's settings and key. Paths typed in the page are refused; uploads still work.",
-            host,
+            config.host,
         )
-    folders = allow if allow is not None else [os.getcwd()]
-    app = build_app(ask, runs=runs, allow=folders, local_paths=local, max_upload_mb=max_upload_mb)
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    allow = [a.strip() for a in config.allow.split(",") if a.strip()] if config.allow else [os.getcwd()]
+    app = build_app(
+        ask_settings(config), runs=config.runs, allow=allow, local_paths=local, max_upload_mb=config.max_upload_mb
+    )
+    uvicorn.run(app, host=config.host, port=config.port, log_level="warning", access_log=False)
