@@ -65,6 +65,39 @@ def test_oracle_scores_100_with_every_target_found(tmp_path):
     assert (tmp_path / "hard" / "run" / "summary.md").read_text().count("| 6 | 6 | 100.0 |") == 1
 
 
+def test_o3bench_target_layouts_make_faithfulness_work(tmp_path):
+    """O3-Bench's target layouts are the target boxes: the oracle, zooming into them, is 100 % faithful."""
+    test = tmp_path / "O3-Bench" / "test"
+    (test / "images" / "chart").mkdir(parents=True)
+    Image.new("RGB", (1600, 1200), (240, 240, 240)).save(test / "images" / "chart" / "1-3.png")
+    layouts = {
+        "1": {"layout_id": 1, "bbox": [100.5, 80.0, 420.0, 300.25]},
+        "2": {"layout_id": 2, "bbox": [900.0, 700.0, 1500.0, 1150.0]},
+    }
+    rows = [
+        {
+            "file_name": "images/chart/1-3.png",
+            "subset": "chart",
+            "question": f"Question {i}?",
+            "options": "A. 10\nB. 20\nC. 30\nD. No right choice",
+            "answer": "ABC"[i],
+            "explanation": "Step 1. Read [layout 1] ...",
+            "target_layouts": [[1], [2], [1, 2]][i],
+            "layout_infos": layouts,
+            "img_width": 1600,
+            "img_height": 1200,
+        }
+        for i in range(3)
+    ]
+    (test / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    run = evaluate(tmp_path, data=f"o3bench:{tmp_path / 'O3-Bench'}", model="oracle", k=2)
+    s = run.summaries[12]
+    assert s["accuracy"]["avg"] == 1.0 and s["questions"] == 3 and s["by"]["category"]["chart"]["n"] == 3
+    assert s["faithfulness"]["checked"] == 6 and s["faithfulness"]["covered_rate"] == 1.0
+    shown = [json.loads(x)["sample"] for x in (tmp_path / "run" / RESULTS).read_text().splitlines()]
+    assert len({tuple(x["options"]) for x in shown}) > 1  # shuffled per question and repeat
+
+
 def test_oracle_with_function_calls_and_pixel_coordinates(tmp_path):
     run = evaluate(tmp_path, data="probes:medium:4:5", model="oracle", protocol="tools", coords="pixels")
     assert run.summaries[12]["accuracy"]["avg"] == 1.0 and run.summaries[12]["faithfulness"]["covered_rate"] == 1.0
