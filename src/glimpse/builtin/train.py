@@ -35,6 +35,7 @@ from glimpse.images import ImageCache, fit
 # Cards (one legible sign, cheap to make) teach reading; easy probes teach finding the sign the question names;
 # medium and hard teach finding the starred sign among look-alikes.
 LEVELS = ("card", "easy", "medium", "hard")
+REPLAY_MEMORY = 2048  # examples kept for replay steps (--replay)
 CURRICULUM = (
     (0.0, (0.4, 0.3, 0.2, 0.1)),
     (0.3, (0.2, 0.3, 0.3, 0.2)),
@@ -220,6 +221,25 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
             jobs.put((level, 1_000_000 + counters[level]))  # indices from 1e6 up: never the eval's
             counters[level] += 1
 
+    def update(batch: list[Any]) -> tuple[Any, Any, Any, Any]:
+        """One gradient step; returns the loss, the logits and labels it was computed on, the gradient norm."""
+        inputs = collate(batch, tok.pad_token_id, model.config.image_token_id)
+        inputs.pop("mm_token_type_ids", None)
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        labels = inputs.pop("labels")
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(**inputs).logits[:, :-1].float()
+        target = labels[:, 1:]
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100
+        )
+        optimizer.zero_grad()
+        loss.backward()
+        grad = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        return loss, logits.detach(), target, grad
+
+    memory: list[Any] = []
     feed(2 * cfg.batch + 2 * cfg.workers)
     step, seen, skipped, last_save = 0, 0, 0, time.perf_counter()
     ids = {
@@ -245,10 +265,6 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
                     skipped += 1
                 elif kind == "error":
                     raise RuntimeError(f"the example generator failed: {payload}")
-            inputs = collate(batch, tok.pad_token_id, model.config.image_token_id)
-            inputs.pop("mm_token_type_ids", None)
-            inputs = {k: v.to(device) for k, v in inputs.items()}
-            labels = inputs.pop("labels")
             elapsed = time.perf_counter() - start
             lr = (
                 cfg.lr
@@ -257,16 +273,11 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
             )
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logits = model(**inputs).logits[:, :-1].float()
-            target = labels[:, 1:]
-            loss = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100
-            )
-            optimizer.zero_grad()
-            loss.backward()
-            grad = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
+            loss, logits, target, grad = update(batch)
+            for _ in range(cfg.replay - 1 if memory else 0):
+                update(rng.sample(memory, min(len(memory), cfg.batch)))
+            memory.extend(batch)
+            del memory[:-REPLAY_MEMORY]
             step += 1
             seen += len(batch)
             # Accuracy on this batch before training on it: fresh examples, so a held-out measurement.

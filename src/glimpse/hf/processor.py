@@ -30,7 +30,7 @@ FAMILIES: dict[str, tuple[str, str, int, str]] = {
     "qwen2_5_vl": ("qwen2_5_vl", "Qwen2_5_VLProcessor", 28, "pixels"),
     "qwen3_vl": ("qwen3_vl", "Qwen3VLProcessor", 32, "relative"),
     "qwen3_vl_moe": ("qwen3_vl", "Qwen3VLProcessor", 32, "relative"),
-    "glimpse_vl": ("glimpse_vl", "GlimpseVLProcessor", 32, "relative"),  # the built-in model (glimpse.builtin.model)
+    "glimpse_vl": ("glimpse_vl", "GlimpseVLProcessor", 32, "relative"),  # the built-in model (glimpse.builtin)
 }
 
 
@@ -102,8 +102,11 @@ def load_processor(path: str | os.PathLike[str]) -> Any:
     quiet_progress()
     kind = model_type(path)
     name = FAMILIES[kind][1]
-    if kind == "glimpse_vl":  # registers the built-in model's classes with the Auto classes
-        import glimpse.builtin.model  # noqa: F401
+    if kind == "glimpse_vl":  # the built-in model's own processor (no video processor to leave out)
+        import glimpse.builtin.model  # noqa: F401  (registers its classes with the Auto classes)
+        from glimpse.builtin.processing import GlimpseVLProcessor
+
+        return GlimpseVLProcessor.from_pretrained(path)
 
     try:
         from transformers import AutoProcessor
