@@ -26,12 +26,9 @@ export PYTHONPATH=$PWD/src:${PYTHONPATH:-}
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
 nproc
 
-echo "== preflight: a tiny model, a few seconds =="
-python3 -m glimpse train builtin --out /tmp/preflight --size tiny --minutes 0.2 --workers 2 --batch 4 --device cuda || exit 1
-
 echo "== training =="
 python3 -m glimpse train builtin --out /tmp/run --size base --minutes "$MINUTES" --workers "$WORKERS" --threads 2 \
-  --batch 32 --lr 1e-3 --warmup 20 --replay 6 --device cuda
+  --batch 32 --lr 1e-3 --warmup 20 --replay 6 --device cuda || exit 1
 tail -n 3 /tmp/run/log.jsonl | cut -c1-400
 python3 - <<'PY'
 # Ship-size weights: bfloat16 (half the bytes; the hf backend loads them in float32 on a CPU).
@@ -48,7 +45,7 @@ tar -C /tmp/run -cf "$OUT/run.tar" log.jsonl config.json result.json
 
 echo "== evaluation: $N probes per level =="
 for level in easy medium hard; do
-  timeout 200 python3 -m glimpse eval --data "probes:$level:$N" --model hf:/tmp/run/model --device cuda \
+  timeout "${EVAL_S:-170}" python3 -m glimpse eval --data "probes:$level:$N" --model hf:/tmp/run/model --device cuda \
     --max-turns 6 --concurrency 16 --out "/tmp/eval-$level" > "/tmp/eval-$level.log" 2>&1 &
 done
 wait
