@@ -120,8 +120,8 @@
         h("div", { class: "status" }, h("strong", { id: "status" }, "running…"),
           h("span", { class: "muted" }, `${s.model} · ${s.protocol} protocol · effort ${s.effort}`
             + ` · ${ev.width}×${ev.height} px`)),
-        h("h2", {}, "Question"), h("div", { class: "question" }, ev.question)),
-      columns, h("div", { id: "vote" }));
+        h("h2", {}, "Question"), h("div", { class: "question" }, ev.question), h("div", { id: "vote" })),
+      columns);
   }
 
   async function decoded(src) {
@@ -196,7 +196,7 @@
     for (const card of document.querySelectorAll(".turn.live")) card.remove();
     const v = ev.vote;
     const agree = v.answer === null ? "" : ` · ${v.counts[Object.keys(v.counts)[0]] || 0} of ${v.total} agree`;
-    $("vote").replaceChildren(h("div", { class: "panel vote" },
+    $("vote").replaceChildren(h("p", { class: "vote" },
       v.answer === null ? h("strong", {}, "No answer") : [h("strong", {}, "Answer: "), h("span", { id: "answer" }, v.answer)],
       h("span", { class: "muted" }, `${agree} · ${ev.status} · saved to ${ev.saved}`)));
     finish(ev.status === "stopped" ? "stopped" : "finished");
