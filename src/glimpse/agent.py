@@ -39,6 +39,7 @@ from glimpse.images import (
     ImageCache,
     Original,
     PixelLimits,
+    counterfactual_view,
     fit,
     image_tokens,
 )
@@ -113,6 +114,8 @@ class LoopOptions(LoopSettings):
         max_aspect_ratio: most elongated zoom accepted.
         code_memory_mb: memory (address space) the code tool's processes may use.
         return_token_ids: ask the backend for token ids and record the token view.
+        counterfactual: show every zoom's crop as ``black`` or ``noise`` of the same size instead of its content
+            (``glimpse eval --counterfactual``: did the answer depend on what the crops showed?); ``None``: the crops.
 
     Unset (``None``) coords, pixel limits, resize factor and prompt file are the backend's native ones
     (``glimpse.models.native_profile``), filled in by ``native``.
@@ -125,6 +128,7 @@ class LoopOptions(LoopSettings):
     max_aspect_ratio: float = ZOOM_MAX_ASPECT_RATIO
     code_memory_mb: int = 2048
     return_token_ids: bool = False
+    counterfactual: str | None = None
 
     @classmethod
     def of(cls, config: Any, **settings: Any) -> LoopOptions:
@@ -393,7 +397,10 @@ class AgentLoop:
             return
         assert result.box is not None and result.image is not None and result.source_index is not None
         index = len(ep.images)
-        part = ImagePart(image=result.image)
+        shown = result.image
+        if self.options.counterfactual:  # the content is withheld; size, position and the rest of the loop are not
+            shown = counterfactual_view(shown, self.options.counterfactual, f"{ep.traj.id}/{index}")
+        part = ImagePart(image=shown)
         ep.images.append(ImageState(result.box, result.image.width, result.image.height))
         ep.parts.append(part)
         ep.part_index[id(part)] = index
@@ -441,7 +448,13 @@ class AgentLoop:
         out: dict[str, Image.Image] = {"original_image": ep.original}
         for index, state in enumerate(ep.images[1:], 1):
             name = f"observation_{index}"
-            out[name] = ep.made[index] if state.box is None else ep.original.crop(state.box.as_tuple())
+            if state.box is None:
+                out[name] = ep.made[index]
+            elif self.options.counterfactual:  # code must not see what the model was not shown
+                crop = ep.original.crop(state.box.as_tuple())
+                out[name] = counterfactual_view(crop, self.options.counterfactual, f"{ep.traj.id}/{index}")
+            else:
+                out[name] = ep.original.crop(state.box.as_tuple())
         return out
 
     # ----------------------------------------------------------------------------------------------------

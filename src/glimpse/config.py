@@ -172,6 +172,12 @@ class EvalConfig(LoopSettings, BackendSettings):
         "largest share of units, in %, whose backend may fail after retries before glimpse eval exits with "
         "code 4 (0: any failure does)",
     )
+    counterfactual: str | None = opt(
+        None,
+        "also run every question with each zoom's crop replaced by black (or noise) of the same size, paired with "
+        "the normal run (in OUT/counterfactual-KIND/), and report how much accuracy depended on the crops",
+        choices=("black", "noise"),
+    )
 
 
 @dataclass

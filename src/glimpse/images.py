@@ -263,6 +263,31 @@ def fit(image: Image.Image, limits: PixelLimits, box: tuple[int, int, int, int] 
     return image.resize(size, Image.Resampling.BICUBIC, box=box)
 
 
+COUNTERFACTUALS = ("black", "noise")
+
+
+def counterfactual_view(image: Image.Image, kind: str, key: str) -> Image.Image:
+    """What a counterfactual evaluation shows instead of a crop: an image of the same size without its content.
+
+    ``black`` is all black (VisualNeedle's crop-black check); ``noise`` is uniform random pixels, the same for the
+    same ``key`` (a trajectory and observation), so a recorded trajectory can be rendered again exactly.
+
+    Raises:
+        ConfigError: an unknown ``kind``.
+    """
+    if kind == "black":
+        return Image.new("RGB", image.size, (0, 0, 0))
+    if kind == "noise":
+        import hashlib
+
+        import numpy as np
+
+        seed = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "little")
+        pixels = np.random.default_rng(seed).integers(0, 256, (image.height, image.width, 3), dtype=np.uint8)
+        return Image.fromarray(pixels, "RGB")
+    raise ConfigError(f"unknown counterfactual {kind!r}; choose one of {', '.join(COUNTERFACTUALS)}")
+
+
 def encode_image(image: Image.Image, fmt: str = "jpeg", quality: int = 95) -> bytes:
     """Encode an RGB image as JPEG (default, quality 95) or PNG."""
     buf = io.BytesIO()

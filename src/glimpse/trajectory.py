@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from glimpse.errors import GlimpseError
 from glimpse.geometry import Box
-from glimpse.images import ImageCache, PixelLimits, fit
+from glimpse.images import ImageCache, PixelLimits, counterfactual_view, fit
 
 SCHEMA_VERSION = 1
 
@@ -207,6 +207,7 @@ class RunSettings(BaseModel):
     seed: int | None
     prompt: str
     tools: list[str] = Field(default_factory=lambda: ["zoom"])
+    counterfactual: str | None = None  # crops shown as "black" or "noise" instead of their content
 
     @property
     def limits(self) -> PixelLimits:
@@ -393,9 +394,10 @@ def render_image(
         )
     assert observation.box_px is not None
     box = Box.from_list(observation.box_px).as_tuple()
-    if full_resolution:
-        return original.image.crop(box)
-    return fit(original.image, trajectory.settings.limits, box)
+    image = original.image.crop(box) if full_resolution else fit(original.image, trajectory.settings.limits, box)
+    if index and trajectory.settings.counterfactual:  # what the model was shown instead of the crop
+        return counterfactual_view(image, trajectory.settings.counterfactual, f"{trajectory.id}/{index}")
+    return image
 
 
 def save_jsonl(trajectories: Iterable[Trajectory], path: str | os.PathLike[str], *, append: bool = False) -> None:

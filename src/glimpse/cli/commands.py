@@ -403,9 +403,26 @@ def run_eval_command(cfg: EvalConfig) -> int:
         failed = f" · {state['failed']} backend errors" if state["failed"] else ""
         progress.update(state["task"], completed=finished, status=f"accuracy so far {acc}{failed}")
 
-    with progress:
-        run = asyncio.run(run_eval(cfg, on_progress=on_progress, on_start=on_start))
-    console.print(_eval_table(run))
+    if cfg.counterfactual:
+        from glimpse.eval.counterfactual import run_counterfactual
+        from glimpse.eval.report import pct
+
+        with progress:
+            paired = asyncio.run(run_counterfactual(cfg, on_progress=on_progress, on_start=on_start))
+        console.print(_eval_table(paired.normal))
+        cap, s = max(paired.pairs.items())
+        console.print(
+            f"counterfactual ({paired.kind} crops), turn cap {cap}, {s['n']} paired units: accuracy "
+            f"{pct(s['normal'])} % with the crops, {pct(s['counterfactual'])} % without their content "
+            f"(drop {pct(s['drop'])} points; right only without: {pct(s['right_only_without'])} %) · {paired.report}"
+        )
+        run = paired.normal
+        run.backend_errors += paired.counterfactual.backend_errors
+        run.attempted += paired.counterfactual.attempted
+    else:
+        with progress:
+            run = asyncio.run(run_eval(cfg, on_progress=on_progress, on_start=on_start))
+        console.print(_eval_table(run))
     files = "summary.md, summary.json, trajectories.jsonl" + (", sweep.png" if len(run.summaries) > 1 else "")
     console.print(
         f"[dim]{run.ran} units run, {run.skipped} already done, {run.elapsed_s:.1f} s · {run.out}/: {files}[/]"

@@ -68,6 +68,7 @@ RESULT_SETTINGS = (
     "max_new_tokens",
     "sweep",
     "judge",
+    "counterfactual",
     *loop_setting_names(results_only=True),
 )
 
@@ -234,7 +235,9 @@ def _backend(cfg: EvalConfig) -> Backend | None:
 
 def _loop(cfg: EvalConfig, backend: Backend | None, cap: int, cache: ImageCache) -> AgentLoop:
     placeholder = backend or _PolicyPlaceholder(cfg.model or "")
-    options = LoopOptions.of(cfg, max_turns=cap, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    options = LoopOptions.of(
+        cfg, max_turns=cap, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, counterfactual=cfg.counterfactual
+    )
     return AgentLoop(placeholder, options, image_cache=cache)
 
 
