@@ -25,10 +25,11 @@ the same worker with the same resource limits and an empty environment, in its o
 working in a scratch folder of its own. Run as root, each session also gets **a uid and gid of its own**
 (``SESSION_UID_BASE`` upward, no supplementary groups, no capabilities): it cannot signal or trace the parent
 or other sessions, read the parent's environment, or read or write files that are not world-readable or
-world-writable, and ``RLIMIT_NPROC`` caps its processes even without a cgroup. It has **no file-system or
-network isolation**: world-readable host files (``/etc/passwd``, the project), the host's network, DNS and
-loopback listeners, and world-writable folders (``/tmp``, ``/dev/shm``) are reachable, and the scratch folder
-has no size cap beyond ``file_mb`` per file. Run as another user, the worker keeps that user's uid and can
+world-writable, and ``RLIMIT_NPROC`` caps its processes even without a cgroup (where those ids are not mapped,
+as for root of a rootless container, a session refuses to start). It has **no file-system or network
+isolation**: world-readable host files (``/etc/passwd``, the project), the host's network, DNS and loopback
+listeners, and world-writable folders (``/tmp``, ``/dev/shm``) are reachable, and the scratch folder has no
+size cap beyond ``file_mb`` per file. Run as another user, the worker keeps that user's uid and can
 read that user's files, read the parent's environment and signal the parent. ``tests/test_sandbox.py`` runs
 every attack against both isolations and records which ones process isolation does not contain.
 
@@ -701,9 +702,7 @@ class SessionPool:
     Sessions are never reused: each one serves one trajectory and is closed after it.
     """
 
-    def __init__(
-        self, size: int, limits: SandboxLimits | None = None, isolation: str = "auto", *, warn: bool = True
-    ):
+    def __init__(self, size: int, limits: SandboxLimits | None = None, isolation: str = "auto", *, warn: bool = True):
         self.size = size
         self.limits = limits or SandboxLimits()
         self.isolation = resolve_isolation(isolation, warn=warn)
