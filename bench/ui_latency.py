@@ -7,7 +7,7 @@ which that reply's last text shows (``text``) and at which its finished turn car
 includes the zoom tool cutting the crop; ``turn - tool`` subtracts the tool time the record gives). One machine,
 one clock. The same measures with 1 run and with ``--runs`` runs started together, in one process.
 
-    python bench/ui_latency.py [--runs 8] [--latency 0.6]
+    python bench/ui_latency.py [--runs 8] [--latency 0.6] [--max-side 1920]
 """
 
 from __future__ import annotations
@@ -156,6 +156,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=8, help="runs started together in the second measurement")
     parser.add_argument("--latency", type=float, default=0.6, help="simulated seconds per reply")
+    parser.add_argument("--max-side", type=int, default=0, help="shrink the probe to this longest side (0: as made)")
     args = parser.parse_args()
     import sys
 
@@ -180,7 +181,11 @@ def main() -> None:
     ]
     with tempfile.TemporaryDirectory() as tmp:
         probe = Path(tmp) / "probe.jpg"
-        make_probe("medium", 0, seed=11).image.save(probe, quality=90)
+        image = make_probe("medium", 0, seed=11).image
+        if args.max_side:
+            image.thumbnail((args.max_side, args.max_side))
+        image.save(probe, quality=90)
+        size = image.size
         clock = LastChunkClock(serve_app(ScriptedBackend([script]), latency=args.latency))
         with app_server(clock) as model_url:
             ask = AskConfig(model="openai:scripted", base_url=model_url)
@@ -196,7 +201,10 @@ def main() -> None:
                             alone[k] += more[k]
                     together = measure(browser, ui, clock, probe, args.runs, "together")
                     browser.close()
-    print(f"glimpse ui: last token at the server -> shown in the page ({args.latency:.1f} s simulated per reply)")
+    print(
+        f"glimpse ui: last token at the server -> shown in the page ({args.latency:.1f} s simulated per reply, "
+        f"{size[0]}x{size[1]} image)"
+    )
     for name, got in (("1 run", alone), (f"{args.runs} runs at once", together)):
         print(f"  {name}")
         for k in MEASURES:
