@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from conftest import gradient_image
@@ -25,7 +25,8 @@ from glimpse.geometry import Box, Coords
 from glimpse.images import PixelLimits
 from glimpse.models.base import Completion, ToolCall
 from glimpse.models.scripted import ScriptedBackend
-from glimpse.protocol import make_protocol
+from glimpse.protocol import make_protocol, script_turn
+from glimpse.protocol.base import TAGS as PROTOCOL_TAGS
 from glimpse.tools.zoom import ImageState, ZoomTool
 from glimpse.trajectory import Sample
 
@@ -785,3 +786,84 @@ def test_fuzz_hostile_replies_through_the_loop(protocol, small_image):
     assert run.replies >= 400 and not run.escapes and not run.violations, (run.escapes or run.violations)[:3]
     # The strategies reach the mistakes they were written for, and some replies are accepted.
     assert {"out_of_range", "not_a_number", "duplicate_key", "invalid_json", "answer"} <= set(run.kinds), run.kinds
+
+
+# --------------------------------------------------------------------------------------------------- writing
+written_text = st.lists(
+    st.one_of(st.text(max_size=8), st.sampled_from(["<think>", "</think>", "```", "\n", " ", "{", '"', "\\"])),
+    max_size=6,
+).map("".join)
+tag_laden_text = st.lists(st.one_of(written_text, st.sampled_from(list(PROTOCOL_TAGS))), max_size=4).map("".join)
+numbers = st.one_of(st.floats(allow_nan=False, allow_infinity=False), st.integers(-(10**6), 10**6))
+
+
+@given(
+    st.sampled_from(["tags", "tools"]),
+    st.sampled_from(["zoom", "code", "answer"]),
+    st.lists(numbers, min_size=4, max_size=4),
+    written_text,
+    st.one_of(st.none(), tag_laden_text),
+    tag_laden_text,
+)
+@settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+def test_written_replies_read_back_as_the_same_action(name, kind, box, source, thought, text):
+    """write → parse → the same action, in both dialects; the writer refuses only what could not read back."""
+    protocol = make_protocol(name, code=True)
+    said = (thought or "").strip() or None
+    if said and ("<think>" in said or "</think>" in said):
+        with pytest.raises(ValueError, match="think"):
+            protocol.write_answer("x", thought)
+        return
+    if kind == "zoom":
+        action = protocol.parse(protocol.write_zoom(box, source, thought, call_id="c7"))
+        assert (action.kind, action.call, action.thought) == ("zoom", {"bbox_2d": box, "source": source}, said)
+        assert action.call_ids == (["c7"] if name == "tools" else [])
+    elif kind == "code":
+        code = text.strip("\n")
+        assume(name == "tools" or not code.startswith("```"))  # tags read a fenced block without its fence
+        tags = ("<python>", "</python>", "<think>", "</think>") if name == "tags" else ()
+        if not code.strip() or any(t in code for t in tags):
+            with pytest.raises(ValueError):
+                protocol.write_code(text, thought)
+            return
+        action = protocol.parse(protocol.write_code(text, thought))
+        assert (action.kind, action.code, action.thought) == ("code", code, said)
+    else:
+        answer = text.strip()
+        if not answer or any(t in answer for t in PROTOCOL_TAGS):
+            with pytest.raises(ValueError):
+                protocol.write_answer(text, thought)
+            return
+        action = protocol.parse(protocol.write_answer(text, thought))
+        assert (action.kind, action.answer, action.thought) == ("answer", answer, said)
+
+
+def test_writing_refuses_what_would_read_differently():
+    with pytest.raises(ValueError, match="four finite numbers"):
+        TAGS.write_zoom([0.1, 0.2, float("nan"), 0.5])
+    with pytest.raises(ValueError, match="four finite numbers"):
+        TOOLS.write_zoom([0.1, 0.2, 0.5])
+    with pytest.raises(ValueError, match="code tool"):
+        TAGS.write_code("print(1)")
+    with pytest.raises(ValueError, match="tag"):
+        TAGS.write_answer("<answer>x</answer>")
+    # A box the zoom tool refuses is still written: a scripted policy may show a mistake on purpose.
+    assert outcome(TAGS.write_zoom([0.1, 0.1, 1.5, 0.5]).text)[1] == "out_of_range"
+
+
+def test_script_turns_replay_as_written(make_image):
+    """What a scripted policy replays through the loop is read as the action that was written."""
+    for name in ("tags", "tools"):
+        protocol = make_protocol(name)
+        replies = [
+            protocol.write_zoom([0.2, 0.2, 0.6, 0.6], thought="first look", call_id="call_0"),
+            protocol.write_zoom([0.0, 0.0, 0.5, 0.5], "observation_1", thought="closer", call_id="call_1"),
+            protocol.write_answer("42", thought="it reads 42"),
+        ]
+        backend = ScriptedBackend([[script_turn(r) for r in replies]])
+        (traj,) = asyncio.run(
+            AgentLoop(backend, protocol=name).run(Sample(id="s", images=[str(make_image())], question="Q"))
+        )
+        assert [t.kind for t in traj.turns] == ["zoom", "zoom", "answer"] and traj.answer == "42"
+        assert traj.turns[1].call.source == "observation_1" and traj.turns[1].thought == "closer"
+        assert traj.turns[1].crop_box_px == [200, 160, 400, 320]  # a quarter of the first zoom

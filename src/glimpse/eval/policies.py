@@ -11,13 +11,13 @@ exactly the same agent loop as a model.
 
 from __future__ import annotations
 
-import json
 import random
 from typing import Any
 
 from glimpse.geometry import Box, Coords, from_relative
 from glimpse.images import PixelLimits, oriented_size, smart_resize
 from glimpse.models.scripted import ScriptedBackend
+from glimpse.protocol import make_protocol, script_turn
 from glimpse.tools.zoom import MIN_BOX_SIDE
 from glimpse.trajectory import Sample
 
@@ -46,6 +46,7 @@ def _zoom_box(target: list[int], width: int, height: int) -> Box:
 
 def oracle_turns(sample: Sample, protocol: str, coords: str, limits: PixelLimits) -> list[Any]:
     """Turns that zoom into each target of ``sample`` and then answer with its gold answer."""
+    writer = make_protocol(protocol, coords)
     turns: list[Any] = []
     if sample.target_boxes and sample.images:
         width, height = oriented_size(sample.images[0])
@@ -58,17 +59,10 @@ def oracle_turns(sample: Sample, protocol: str, coords: str, limits: PixelLimits
                 written: list[Any] = [round(v, 6) for v in rel]
             else:
                 written = from_relative(rel, convention, shown_w, shown_h)
-            call = {"bbox_2d": written, "source": "original_image"}
-            if protocol == "tools":
-                turns.append(
-                    {"content": "", "tool_calls": [{"id": f"oracle_{i}", "name": "zoom_in", "arguments": call}]}
-                )
-            else:
-                turns.append(
-                    f"<think>The target is at {target}; zooming there.</think><grounding>{json.dumps(call)}</grounding>"
-                )
-    answer = sample.answer if sample.answer is not None else "unknown"
-    turns.append({"content": f"<answer>{answer}</answer>"} if protocol == "tools" else f"<answer>{answer}</answer>")
+            thought = f"The target is at {target}; zooming there."
+            turns.append(script_turn(writer.write_zoom(written, "original_image", thought, call_id=f"oracle_{i}")))
+    answer = sample.answer if sample.answer and sample.answer.strip() else "unknown"
+    turns.append(script_turn(writer.write_answer(answer)))
     return turns
 
 
@@ -81,8 +75,8 @@ def direct_turns(sample: Sample, protocol: str, seed: int = 0) -> list[Any]:
         guess = rng.choice(sample.meta["choices"])
     else:
         guess = "unknown"
-    text = f"<think>Answering from the full view without zooming.</think><answer>{guess}</answer>"
-    return [{"content": text} if protocol == "tools" else text]
+    reply = make_protocol(protocol).write_answer(guess, "Answering from the full view without zooming.")
+    return [script_turn(reply)]
 
 
 def policy_backend(

@@ -1,8 +1,12 @@
-"""What a protocol does: build the messages of a conversation and read the model's replies.
+"""What a protocol does: build the messages of a conversation, read the model's replies, and write them.
 
 A protocol is the dialect a model speaks: how it is told about the zoom tool, how it writes a call and an
 answer, and how observations and errors come back to it. Parsing never raises: anything the model writes
 becomes an ``Action``, and a malformed reply is an ``error`` action whose text goes back to the model.
+
+Writing is the inverse, for policies that are programs (the oracle, the expert, the cold-start teacher, the
+demo): ``write_zoom``, ``write_code`` and ``write_answer`` return the ``Completion`` a backend would return,
+and ``parse`` reads it back as the same action. ``script_turn`` turns it into a scripted backend's turn.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import string
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -203,9 +208,45 @@ def parse_call_payload(payload: str) -> dict[str, Any] | Action:
     return {"bbox_2d": obj["bbox_2d"], "source": clean_text(source)}
 
 
+# The two calls a reply can make, as the writers name them.
+ZOOM_CALL, CODE_CALL = "zoom", "code"
+# Every tag the parsers read: text written inside a reply must not hold them, or it would be read differently.
+TAGS = ("<think>", "</think>", "<grounding>", "</grounding>", "<python>", "</python>", "<answer>", "</answer>")
+
+
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def refuse_tags(text: str, what: str, tags: Sequence[str] = TAGS) -> None:
+    found = [t for t in tags if t in text]
+    if found:
+        raise ValueError(f"{what} holds {found[0]}, which the parser would read as a tag: {text[:80]!r}")
+
+
+def _thought(thought: str | None) -> str:
+    thought = (thought or "").strip()
+    refuse_tags(thought, "the thought", ("<think>", "</think>"))
+    return thought
+
+
+def think_block(thought: str) -> str:
+    """The reasoning block that opens a written reply (nothing when there is no thought)."""
+    return f"<think>{thought}</think>\n" if thought else ""
+
+
+def script_turn(completion: Completion) -> str | dict[str, Any]:
+    """A written reply as a turn of the ``scripted`` backend: its text, or, with native calls, the text and
+    the calls (arguments as JSON objects, so that a script file stays readable)."""
+    if not completion.tool_calls:
+        return completion.text
+    calls = [{"id": c.id, "name": c.name, "arguments": json.loads(c.arguments)} for c in completion.tool_calls]
+    return {"content": completion.text, "tool_calls": calls}
+
+
 class Protocol:
     """Base of the two protocols. Subclasses implement ``parse``, ``assistant_message``, ``observation``,
-    ``error``, ``code_result`` and set ``name``, ``stop`` and ``tools``.
+    ``error``, ``code_result`` and ``_write_call``, and set ``name``, ``stop`` and ``tools``.
 
     Args:
         coords: how boxes are written.
@@ -269,6 +310,57 @@ class Protocol:
         return fill(self.prompts.error, error=error, action_turn=action_turn)
 
     def parse(self, completion: Completion) -> Action:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------------ writing
+    def write_zoom(
+        self, box: Sequence[float], source: str = "original_image", thought: str | None = None, *, call_id: str = ""
+    ) -> Completion:
+        """A reply that zooms into ``box`` (in this protocol's coordinates, relative to ``source``).
+
+        Args:
+            box: ``[x0, y0, x1, y1]``; written as given (a policy may write a box the tool refuses).
+            source: ``original_image`` or ``observation_N``.
+            thought: the reasoning before the call (``None``: none).
+            call_id: the native call's id (function calling only; default ``call_0``).
+
+        Raises:
+            ValueError: ``box`` is not four finite numbers, or ``thought`` holds a think tag.
+        """
+        values = list(box)
+        if len(values) != 4 or not all(_is_finite_number(v) for v in values):
+            raise ValueError(f"a zoom box is four finite numbers [x0, y0, x1, y1], got {box!r}")
+        return self._write_call(ZOOM_CALL, {"bbox_2d": values, "source": source}, _thought(thought), call_id)
+
+    def write_code(self, code: str, thought: str | None = None, *, call_id: str = "") -> Completion:
+        """A reply that runs ``code`` with the code tool (its leading and trailing newlines are not kept).
+
+        Raises:
+            ValueError: this protocol was made without the code tool, the code is empty or holds a tag that
+                would end it early, or ``thought`` holds a think tag.
+        """
+        if not self.code:
+            raise ValueError("this protocol does not offer the code tool; make it with code=True")
+        code = code.strip("\n")
+        if not code.strip():
+            raise ValueError("the code to write is empty")
+        return self._write_call(CODE_CALL, {"code": code}, _thought(thought), call_id)
+
+    def write_answer(self, answer: str, thought: str | None = None) -> Completion:
+        """A reply that gives the final ``answer`` (without surrounding whitespace).
+
+        Raises:
+            ValueError: the answer is empty or holds one of the protocol's tags, or ``thought`` holds a think
+                tag.
+        """
+        answer = answer.strip()
+        if not answer:
+            raise ValueError("the answer to write is empty")
+        refuse_tags(answer, "the answer")
+        text = think_block(_thought(thought)) + f"<answer>{answer}</answer>"
+        return Completion(text=text, finish_reason="stop", matched_stop="")
+
+    def _write_call(self, kind: str, arguments: dict[str, Any], thought: str, call_id: str) -> Completion:
         raise NotImplementedError
 
     def assistant_message(self, action: Action, completion: Completion) -> Message:

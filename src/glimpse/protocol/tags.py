@@ -10,12 +10,22 @@ unclosed tags (a non-greedy regular expression is quadratic there).
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any, NamedTuple
 
 from glimpse.geometry import Coords
 from glimpse.models.base import Completion, ImagePart, Message
-from glimpse.protocol.base import Action, Protocol, clean_text, mistake, parse_call_payload
+from glimpse.protocol.base import (
+    CODE_CALL,
+    Action,
+    Protocol,
+    clean_text,
+    mistake,
+    parse_call_payload,
+    refuse_tags,
+    think_block,
+)
 from glimpse.protocol.prompts import PromptSet
 
 OPEN_CALL, CLOSE_CALL = "<grounding>", "</grounding>"
@@ -181,6 +191,17 @@ class TagProtocol(Protocol):
 
     def assistant_message(self, action: Action, completion: Completion) -> Message:
         return Message("assistant", action.text)
+
+    def _write_call(self, kind: str, arguments: dict[str, Any], thought: str, call_id: str) -> Completion:
+        if kind == CODE_CALL:
+            code = arguments["code"]
+            refuse_tags(code, "the code", (OPEN_CODE, CLOSE_CODE, "<think>", "</think>"))
+            body = f"{OPEN_CODE}\n{code}\n{CLOSE_CODE}"
+        else:
+            # "<" escaped inside JSON strings, so that a source name cannot hold a tag the parser would read.
+            body = f"{OPEN_CALL}{json.dumps(arguments).replace('<', chr(92) + 'u003c')}{CLOSE_CALL}"
+        # The whole reply, closing tag included: nothing was cut off as a stop string.
+        return Completion(text=think_block(thought) + body, finish_reason="stop", matched_stop="")
 
     def observation(
         self, action: Action, image: ImagePart, observation_index: int, action_turn: int, source: str

@@ -13,7 +13,17 @@ from typing import Any
 
 from glimpse.geometry import Coords
 from glimpse.models.base import Completion, ImagePart, Message, ToolCall
-from glimpse.protocol.base import Action, Protocol, clean_text, load_json, mistake, parse_call_payload, quote
+from glimpse.protocol.base import (
+    CODE_CALL,
+    Action,
+    Protocol,
+    clean_text,
+    load_json,
+    mistake,
+    parse_call_payload,
+    quote,
+    think_block,
+)
 from glimpse.protocol.prompts import PromptSet, fill
 from glimpse.protocol.tags import parse_tagged, thought_of
 
@@ -143,6 +153,11 @@ class ToolCallProtocol(Protocol):
             for c in completion.tool_calls
         ]
         return Message("assistant", action.text, tool_calls=calls)
+
+    def _write_call(self, kind: str, arguments: dict[str, Any], thought: str, call_id: str) -> Completion:
+        name = CODE_TOOL_NAME if kind == CODE_CALL else ZOOM_TOOL_NAME
+        call = ToolCall(call_id or "call_0", name, json.dumps(arguments))
+        return Completion(text=think_block(thought).rstrip("\n"), tool_calls=[call], finish_reason="tool_calls")
 
     def observation(
         self, action: Action, image: ImagePart, observation_index: int, action_turn: int, source: str
