@@ -186,7 +186,11 @@ def test_no_path_outside_the_allowed_folders_is_read(ui, probe, tmp_path):
     remote = build_app(AskConfig(model="expert"), runs=tmp_path / "r2", allow=[probe.parent], local_paths=False)
     with app_server(remote) as other:
         r = httpx.post(other.removesuffix("/v1") + "/api/runs", json={"question": "?", "path": str(probe)})
-    assert r.status_code == 403 and "upload" in r.json()["error"]
+        assert r.status_code == 403 and "upload" in r.json()["error"]
+        uploaded = httpx.post(other.removesuffix("/v1") + "/api/images", content=probe.read_bytes()).json()["id"]
+        body = {"question": "?", "image": uploaded, "model": "openai:m", "base_url": "http://10.0.0.1/v1"}
+        r = httpx.post(other.removesuffix("/v1") + "/api/runs", json=body)
+    assert r.status_code == 403 and "configured base URL" in r.json()["error"]
 
 
 def test_cross_site_requests_are_refused(ui):

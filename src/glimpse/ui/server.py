@@ -59,6 +59,8 @@ log = logging.getLogger(__name__)
 MAX_UPLOAD_MB = 64
 # Samples one run may ask for from the page.
 MAX_SAMPLES = 16
+# Finished runs whose events stay in memory (a page may still be replaying them); the rest are on disk.
+_KEEP_FINISHED = 64
 _RUN_ID = re.compile(r"^[0-9]{8}-[0-9]{6}-[0-9a-f]{6}$")
 _UPLOAD_ID = re.compile(r"^[0-9a-f]{64}$")
 _STATIC = resources.files("glimpse.ui") / "static"
@@ -112,7 +114,8 @@ def build_app(
             the code tool); its API key is used only with its own base URL.
         runs: folder of the saved runs (created when the first run ends).
         allow: folders whose files runs may read by path (typed paths, scripted and hf models, prompt files).
-        local_paths: accept paths typed in the page (turn off when the server is reachable from elsewhere).
+        local_paths: accept paths and base URLs typed in the page (turn off when the server is reachable from
+            elsewhere).
         max_upload_mb: largest upload accepted.
     """
     out = Path(runs).resolve()
@@ -202,6 +205,9 @@ def build_app(
             out=out,
         )
         live[run_id] = run
+        finished = [k for k, r in live.items() if r.status != "running"]
+        for k in finished[: max(0, len(finished) - _KEEP_FINISHED)]:  # older runs live on in the history
+            del live[k]
         close = getattr(loop.backend, "aclose", None)
         run.start(loop, width=original.image.width, height=original.image.height, close=close)
         return JSONResponse({"id": run_id})
@@ -234,6 +240,8 @@ def build_app(
             changes["code"] = bool(body["code"])
         base_url = str(body.get("base_url") or "").strip()
         if base_url and base_url != (ask.base_url or ""):
+            if not local_paths:  # reachable from elsewhere: the page must not make this server call other hosts
+                raise _Refused("this server only uses its configured base URL; start it with --base-url", 403)
             # Another endpoint than the configured one: it gets no key (the server's key never leaves for a
             # URL typed in the page).
             changes.update(base_url=base_url, api_key="")
