@@ -360,3 +360,25 @@ def test_stop_in_the_page_and_samples_in_columns(browser, tmp_path, probe, scrip
         assert "stopped" in page.inner_text("#history li")
         time.sleep(0.2)
         assert errors == []
+
+
+def test_code_turns_and_the_images_code_made_show_live(browser, tmp_path, probe):
+    code = (
+        "img = images['original_image']\nshow(img.rotate(90, expand=True).resize((300, 200)))\nprint('made', img.size)"
+    )
+    script = probe.parent / "code-script.json"
+    script.write_text(json.dumps([[f"<python>{code}</python>", "<answer>done</answer>"]]))
+    cfg = AskConfig(model=f"scripted:{script}", code=True, sandbox="process")
+    with app_server(build_app(cfg, runs=tmp_path / "runs", allow=[probe.parent])) as base:
+        page, errors = open_ui(browser, base.removesuffix("/v1"))
+        page.fill("#path", str(probe))
+        page.fill("#question", "?")
+        assert page.is_checked("#code")
+        page.click("#run")
+        page.wait_for_selector(".turn.code pre.code-output")
+        assert "made (" in page.inner_text(".turn.code pre.code-output")
+        page.wait_for_function("document.querySelector('img.made') && document.querySelector('img.made').complete")
+        assert page.evaluate("document.querySelector('img.made').naturalWidth") == 300
+        page.wait_for_selector("#vote .vote")
+        assert page.inner_text("#answer") == "done"
+        assert errors == []

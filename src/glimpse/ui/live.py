@@ -95,6 +95,15 @@ class LiveRun:
         self.task.cancel()
         return True
 
+    def made_image(self, sample: int, index: int) -> str | None:
+        """The file of observation ``index`` of a sample, when the code tool made it (as the loop recorded it)."""
+        traj = self._seen.get(sample)
+        for turn in traj.turns if traj is not None else []:
+            for made in turn.made:
+                if made.observation_index == index:
+                    return made.path
+        return None
+
     # ----------------------------------------------------------------------------------------------------
     def _on_text(self, traj: Trajectory, delta: TextDelta) -> None:
         self._seen[traj.sample_index] = traj

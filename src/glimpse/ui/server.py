@@ -9,7 +9,8 @@ Endpoints (the page in ``static/`` uses them; nothing else is needed, no CDN, no
 * ``POST /api/runs``: start a run (JSON: ``question``, ``image`` (an uploaded id) or ``path``, ``model``,
   ``base_url``, ``protocol``, ``effort``, ``samples``, ``code``). ``GET /api/runs/ID/events``: its events as
   server-sent events (see ``glimpse.ui.live``). ``POST /api/runs/ID/stop``: stop it.
-  ``GET /api/runs/ID/image``: its original image.
+  ``GET /api/runs/ID/image``: its original image; ``GET /api/runs/ID/made/SAMPLE/N``: observation N of a sample
+  when the code tool made it.
 * ``GET /api/history``: the saved runs, newest first. ``GET /history/ID/``: a saved run in the viewer's
   trajectory page (the report ``glimpse view`` builds, made on first use).
 
@@ -292,6 +293,16 @@ def build_app(
             return _error(str(exc), exc.status)
         return FileResponse(run.sample.images[0])
 
+    async def made_image(request: Request) -> Response:
+        try:
+            run = _run(request)
+        except _Refused as exc:
+            return _error(str(exc), exc.status)
+        path = run.made_image(int(request.path_params["sample"]), int(request.path_params["index"]))
+        if path is None or not Path(path).is_file():
+            return _error("no such image", 404)
+        return FileResponse(path)
+
     async def history(_: Request) -> Response:
         return JSONResponse(await asyncio.to_thread(_history, out))
 
@@ -328,6 +339,7 @@ def build_app(
             Route("/api/runs/{run}/events", events),
             Route("/api/runs/{run}/stop", stop, methods=["POST"]),
             Route("/api/runs/{run}/image", run_image),
+            Route("/api/runs/{run}/made/{sample:int}/{index:int}", made_image),
             Route("/api/history", history),
             Route("/history/{run}/", saved),
             Route("/history/{run}/{rest:path}", saved),

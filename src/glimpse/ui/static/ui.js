@@ -163,7 +163,11 @@
     /* Redraw a column from its trajectory so far: the original with every zoom, then one card per turn. */
     const col = ui.run.columns[sample];
     const version = (col.version = (col.version || 0) + 1);
-    t.view = { src: ui.run.src, made: {} };
+    const made = {};
+    for (const turn of t.turns) {
+      for (const m of turn.made) made[m.observation_index] = `/api/runs/${ui.run.id}/made/${sample}/${m.observation_index}`;
+    }
+    t.view = { src: ui.run.src, made };
     const img = await (ui.decoding || Promise.reject(new Error("no image"))).catch(() => null);
     if (col.version !== version) return; // a later turn has been drawn meanwhile
     const head = h("div", { class: "panel" },
