@@ -84,6 +84,8 @@ def host(tmp_path, monkeypatch):
                 return
 
     threading.Thread(target=accept, daemon=True).start()
+    # A host process with the key on its command line, as `glimpse ask --api-key ...` would be.
+    keyed = subprocess.Popen(["sh", "-c", "sleep 600; :", "glimpse", "--api-key", SECRET])
     token = uuid.uuid4().hex[:12]
     yield {
         "dir": tmp_path,
@@ -94,6 +96,8 @@ def host(tmp_path, monkeypatch):
         "host_tmp_file": Path(f"/tmp/glimpse-attack-{token}"),
     }
     server.close()
+    keyed.kill()
+    keyed.wait()
 
 
 def fresh_session_works(mode: str) -> bool:
@@ -180,6 +184,11 @@ ATTACKS: dict[str, tuple[str, str | None]] = {
         "    except OSError: pass",
         None,
     ),
+    "read other processes' command lines": (
+        "import glob\nfor p in glob.glob('/proc/[0-9]*/cmdline'):\n    try: line = open(p, 'rb').read()\n"
+        "    except OSError: continue\n    if b'--api-key' in line: print(line.replace(bytes(1), b' ').decode())",
+        None,
+    ),
     # processes and signals
     "fork bomb": ("import os\nwhile True: os.fork()", "Resource temporarily unavailable"),
     "fork bomb that ignores errors": (
@@ -249,6 +258,7 @@ NOT_CONTAINED: dict[str, frozenset[str]] = {
             "fetch a URL",
             "list the network interfaces",
             "read a world-readable host file",
+            "read other processes' command lines",
             "symlink out",
             "fill the scratch space",
             "fill /dev/shm",
@@ -381,7 +391,7 @@ def test_processes_are_gone_after_close(mode):
 
 def test_attack_count():
     """The suite's size, for the record: every attack above is a separate test in each isolation."""
-    assert len(ATTACKS) == 50
+    assert len(ATTACKS) == 51
 
 
 # --------------------------------------------------------------------------------------- scripted trajectories
