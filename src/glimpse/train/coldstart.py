@@ -41,6 +41,7 @@ from glimpse.images import PixelLimits, oriented_size, smart_resize
 from glimpse.models.base import Backend
 from glimpse.models.scripted import ScriptedBackend
 from glimpse.probes.questions import reading_order
+from glimpse.protocol import make_protocol, script_turn
 from glimpse.protocol.prompts import DEFAULT_PROMPTS
 from glimpse.tools.zoom import MIN_BOX_SIDE
 from glimpse.trajectory import Sample, Trajectory, save_jsonl
@@ -182,7 +183,7 @@ def teacher_turns(
     order = [candidates[i] for i in reading_order([c["box"] for c in candidates], height)]
     if pattern == "direct" and len(candidates) == 1:
         order = targets
-    turns: list[tuple[str, dict[str, Any] | None]] = []  # (thought, call)
+    turns: list[tuple[str, dict[str, Any]]] = []  # (thought, call)
     seen: list[str] = []
     many = len(candidates) > 1
     opening = rng.choice(
@@ -268,25 +269,14 @@ def teacher_turns(
         seen.append(rng.choice(["The closer view confirms it.", "Closer up it is the same: confirmed."]))
         if pattern != "verify":
             pattern += "+verify"
-    final = "<think>" + " ".join(x for x in (seen[-1] if seen else "", _conclusion(kind, answer)) if x) + "</think>"
-    out: list[Any] = []
-    for k, (thought, call) in enumerate(turns):
-        out.append(_render(thought, call, protocol, k))
-    out.append(
-        {"content": f"{final}<answer>{answer}</answer>"}
-        if protocol == "tools"
-        else f"{final}\n<answer>{answer}</answer>"
-    )
+    final = " ".join(x for x in (seen[-1] if seen else "", _conclusion(kind, answer)) if x)
+    speaker = make_protocol(protocol, coords)
+    out: list[Any] = [
+        script_turn(speaker.write_zoom(call["bbox_2d"], call["source"], thought, call_id=f"call_{k}"))
+        for k, (thought, call) in enumerate(turns)
+    ]
+    out.append(script_turn(speaker.write_answer(answer, final)))
     return out, pattern
-
-
-def _render(thought: str, call: dict[str, Any] | None, protocol: str, k: int) -> Any:
-    if protocol == "tools":
-        return {
-            "content": f"<think>{thought}</think>",
-            "tool_calls": [{"id": f"call_{k}", "name": "zoom_in", "arguments": call}],
-        }
-    return f"<think>{thought}</think>\n<grounding>{json.dumps(call)}</grounding>"
 
 
 def _decoy(candidates: list[dict[str, Any]], writer: _Writer, rng: random.Random) -> Box:
