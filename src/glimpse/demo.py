@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from glimpse.images import MAX_PIXELS, PixelLimits, smart_resize
+from glimpse.protocol import make_protocol
 
 # The scripted tour's probe: fixed, so the demo is the same on every machine.
 TOUR_LEVEL, TOUR_SEED, TOUR_INDEX = "easy", 7, 0
@@ -46,19 +47,29 @@ def _turns(target: list[int], width: int, height: int, code: str) -> list[str]:
         round(min(1.0, (x1 + pad_x - wx0) / ww), 3),
         round(min(1.0, (y1 + pad_y - wy0) / wh), 3),
     ]
-    call = '<grounding>{{"bbox_2d": {box}, "source": "{src}"}}</grounding>'
-    return [
-        "<think>I need the code on the small sign. In the full view I can see where it is, but it is only a few "
-        "pixels across and I cannot read anything on it. I will zoom into that area first.</think>\n"
-        + call.format(box=json.dumps(win), src="original_image"),
-        "<think>The sign is in this view. I can make out dark characters, but they are small and I am not sure "
-        "of them. I will zoom closer into observation 1.</think>\n"
-        + call.format(box=json.dumps([sign[0], sign[1], sign[2] + 1.0, sign[3]]), src="observation_1"),
-        "<think>That box went past the right edge of the image; relative coordinates stop at 1. Zooming into "
-        "just the sign instead.</think>\n" + call.format(box=json.dumps(sign), src="observation_1"),
-        f"<think>The sign fills this view and its characters are clear: {' '.join(code)}.</think>\n"
-        f"<answer>{code}</answer>",
+    speaker = make_protocol("tags", "relative")
+    replies = [
+        speaker.write_zoom(
+            win,
+            "original_image",
+            "I need the code on the small sign. In the full view I can see where it is, but it is only a few "
+            "pixels across and I cannot read anything on it. I will zoom into that area first.",
+        ),
+        speaker.write_zoom(
+            [sign[0], sign[1], sign[2] + 1.0, sign[3]],
+            "observation_1",
+            "The sign is in this view. I can make out dark characters, but they are small and I am not sure "
+            "of them. I will zoom closer into observation 1.",
+        ),
+        speaker.write_zoom(
+            sign,
+            "observation_1",
+            "That box went past the right edge of the image; relative coordinates stop at 1. Zooming into "
+            "just the sign instead.",
+        ),
+        speaker.write_answer(code, f"The sign fills this view and its characters are clear: {' '.join(code)}."),
     ]
+    return [r.text for r in replies]
 
 
 @dataclass
