@@ -432,3 +432,36 @@ def test_cancelling_closes_the_stream():
         while not state["closed"] and time.monotonic() < deadline:
             time.sleep(0.02)
     assert state["closed"] and state["sent"] < 40, state  # the server stopped well before its 100 pieces
+
+
+def test_ctrl_c_in_glimpse_ask_closes_the_stream(make_image):
+    import signal
+
+    state = {"sent": 0, "closed": False}
+
+    async def handler(attempt, body):
+        async def events():
+            try:
+                for i in range(200):
+                    state["sent"] += 1
+                    yield sse(piece(f"w{i} "), done=False)[0]
+                    await asyncio.sleep(0.05)
+                yield b"data: [DONE]\n\n"
+            finally:
+                state["closed"] = True
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    with app_server(scripted_app(handler)) as base:
+        args = ["ask", str(make_image()), "?", "--model", "openai:m", "--base-url", base]
+        proc = subprocess.Popen([sys.executable, "-m", "glimpse", *args], stdout=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while state["sent"] < 5 and time.monotonic() < deadline:  # the reply is streaming
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        out = proc.communicate(timeout=30)[0]
+        deadline = time.monotonic() + 5
+        while not state["closed"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert proc.returncode == 130 and "w0 w1" in out  # the text so far was printed as it came
+    assert state["closed"] and state["sent"] < 150, state
