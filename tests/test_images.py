@@ -176,3 +176,11 @@ def test_cache_is_bounded_by_bytes(make_image):
         cache.get(p)
     assert len(cache._items) == 2
     assert cache._bytes <= cache.max_bytes
+
+
+def test_a_path_with_a_nul_byte_is_an_input_error_not_a_crash():
+    from glimpse.errors import ImageInputError
+    from glimpse.images import read_image
+
+    with pytest.raises(ImageInputError, match="NUL"):
+        read_image("photo\0.jpg")

@@ -217,6 +217,8 @@ def read_image(path: str | os.PathLike[str]) -> Original:
         raise ImageInputError(p, "is a directory, not an image file") from None
     except OSError as exc:
         raise ImageInputError(p, f"cannot read the file ({exc.strerror or exc})") from None
+    except ValueError:  # the OS cannot name such a file
+        raise ImageInputError(p.replace("\0", "\\0"), "the path holds a NUL byte") from None
     return image_from_bytes(data, p)
 
 

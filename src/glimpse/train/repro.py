@@ -209,7 +209,7 @@ def _train_summary(steps: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 def write_report(root: Path, report: dict[str, Any]) -> None:
     """turn_scaling.json, .md (table, turns of correct answers, training summary) and .png (one line per arm)."""
-    from glimpse.eval.report import plot_lines
+    from glimpse.eval.report import pct, plot_lines
 
     (root / "turn_scaling.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     arms, caps = report["arms"], report["caps"]
@@ -227,9 +227,10 @@ def write_report(root: Path, report: dict[str, Any]) -> None:
             "|---|" + "---|" * (len(caps) + 2),
         ]
         for arm, a in arms.items():
-            cells = " | ".join(f"{100 * a['caps'][c]['accuracy']:.1f}" for c in caps)
+            cells = " | ".join(pct(a["caps"][c]["accuracy"]) for c in caps)  # "–" where no unit ran
             last = a["caps"][top]
-            lines.append(f"| {arm} | {cells} | {last['turns_mean']:.2f} | {100 * last['over_turn_rate']:.0f} % |")
+            turns = "–" if last["turns_mean"] is None else f"{last['turns_mean']:.2f}"
+            lines.append(f"| {arm} | {cells} | {turns} | {pct(last['over_turn_rate'])} % |")
         lines += ["", f"Turns taken by correct answers at cap {top} (turns: count):", ""]
         for arm, a in arms.items():
             hist = ", ".join(f"{k}: {v}" for k, v in a["correct_turns"].items()) or "none correct"
