@@ -1,6 +1,7 @@
 """The hf backend on tiny random checkpoints of the real architectures: processor loading without torchvision,
 each family's native conventions, the token view checked token by token against the chat template, batching,
-stop strings, and ``glimpse serve`` over loopback driven by the openai backend."""
+stop strings, the KV cache across turns (the same outputs as recomputing, on Qwen2.5-VL and the built-in model),
+and ``glimpse serve`` over loopback driven by the openai backend."""
 
 from __future__ import annotations
 
@@ -9,18 +10,22 @@ import importlib.util
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 from conftest import glimpse_server, gradient_image
 from glimpse.agent import AgentLoop
+from glimpse.builtin.model import build_builtin
 from glimpse.errors import ConfigError
 from glimpse.hf.processor import load_processor, model_type
 from glimpse.hf.tiny import build_tiny_qwen
 from glimpse.models import load_backend
 from glimpse.models.base import GenerateParams, ImagePart, Message, TextPart
 from glimpse.models.hf import HFBackend, _Prefix, _Request
+from glimpse.models.kv_cache import KVCache, image_starts
 from glimpse.train.common import hf_chat
 from glimpse.trajectory import Sample, load_jsonl, render_image
 
@@ -30,6 +35,12 @@ SMALL = {"min_pixels": 20_000, "max_pixels": 120_000}  # a few hundred image tok
 @pytest.fixture(scope="module")
 def backend(tiny_qwen) -> HFBackend:
     return HFBackend(str(tiny_qwen), max_batch=8)
+
+
+@pytest.fixture(scope="module")
+def builtin(tmp_path_factory) -> Path:
+    """The built-in model's current architecture, randomly initialised."""
+    return build_builtin(tmp_path_factory.mktemp("builtin") / "model", size="tiny")
 
 
 def test_processor_loads_without_torchvision_and_saves_the_stock_class(tiny_qwen, tmp_path):
@@ -207,3 +218,195 @@ def test_glimpse_serve_hf_end_to_end_with_the_openai_backend(tiny_qwen, tmp_path
         body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "n": 2}
         r = httpx.post(f"{base}/chat/completions", json=body, timeout=60).json()
         assert len(r["choices"]) == 2 and r["usage"]["completion_tokens"] <= 8 and r["usage"]["prompt_tokens"] > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The KV cache across turns
+
+
+def _start(k: int) -> list[Message]:
+    image = gradient_image(28 * (8 + 2 * k), 28 * (6 + k))
+    return [Message("system", "You answer."), Message("user", [ImagePart(image=image), TextPart("Q" * (k + 1))])]
+
+
+def _converse(backend: HFBackend, conversations: list[list[Message]], turns: int, params) -> list[list[list[int]]]:
+    """Run the conversations concurrently turn by turn; after each reply the harness adds a new image. Returns the
+    sampled ids per turn and conversation (``params(turn)`` gives each turn's settings)."""
+    out = []
+
+    async def one_turn(p: GenerateParams) -> list:
+        return await asyncio.gather(*(backend.generate(m, p) for m in conversations))
+
+    for t in range(turns):
+        replies = asyncio.run(one_turn(params(t)))
+        out.append([r[0].token_ids for r in replies])
+        for k, (messages, r) in enumerate(zip(conversations, replies, strict=True)):
+            view = gradient_image(28 * (4 + t + k), 28 * (5 + t)).transpose(0)  # each view differs
+            messages.append(Message("assistant", r[0].text))
+            messages.append(Message("user", [TextPart(f"Observation {t + 1}:"), ImagePart(image=view)]))
+    return out
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_kv_cache_reuses_past_turns_with_the_same_greedy_outputs(family, tiny_qwen, tmp_path):
+    folder = str(tiny_qwen if family == "qwen2_5_vl" else build_tiny_qwen(tmp_path / family, family=family))
+    cached, plain = HFBackend(folder, kv_cache_gb=1), HFBackend(folder, kv_cache_gb=0)
+    greedy = lambda t: GenerateParams(max_new_tokens=10, temperature=0, seed=t)  # noqa: E731 (greedy batches)
+    with_cache = _converse(cached, [_start(k) for k in range(3)], 4, greedy)
+    assert with_cache == _converse(plain, [_start(k) for k in range(3)], 4, greedy)  # token for token
+    stats = cached.kv_cache.stats
+    assert stats["hits"] >= 9 and stats["reused_tokens"] > stats["computed_tokens"]  # turns 2-4 run what was added
+    assert max(cached.batch_sizes) > 1  # rows with cached prefixes of different lengths were decoded together
+    assert len(cached.kv_cache.entries) == 3  # one per conversation: each turn replaced the entry it extended
+
+
+def test_the_builtin_model_computes_every_turn_whole_with_the_same_outputs(builtin):
+    """The built-in model keeps its pointer's state on the generation cache and takes no explicit positions, so
+    the backend does not continue it from kept key/values (``GlimpseVLForConditionalGeneration.forward``)."""
+    cached, plain = HFBackend(str(builtin), kv_cache_gb=1), HFBackend(str(builtin), kv_cache_gb=0)
+    greedy = lambda t: GenerateParams(max_new_tokens=10, temperature=0)  # noqa: E731
+    assert _converse(cached, [_start(k) for k in range(2)], 3, greedy) == _converse(
+        plain, [_start(k) for k in range(2)], 3, greedy
+    )
+    assert not cached.kv_cache.stats and not cached.kv_cache.entries
+
+
+def test_sampled_tokens_have_the_log_probs_of_a_from_scratch_pass(tiny_qwen):
+    """Seeded sampling over turns with images between: the reused prefix gives each sampled token the log-prob
+    a from-scratch pass gives it (mrope positions with their image offsets included), and so the same draws."""
+    cached, plain = HFBackend(str(tiny_qwen), kv_cache_gb=1), HFBackend(str(tiny_qwen), kv_cache_gb=0)
+    sampled = lambda t: GenerateParams(max_new_tokens=12, temperature=1.0, seed=40 + t)  # noqa: E731
+    conversation = [_start(0)]
+    assert _converse(cached, conversation, 3, sampled) == _converse(plain, [_start(0)], 3, sampled)
+
+    # Turn 4 by hand: its prompt (with a new image) and sampled tokens through the kept prefix, and from scratch.
+    _, prefix = cached._prompt(conversation[0], None)
+    entry, reused = cached.kv_cache.match(prefix.ids, prefix.digests, limit=len(prefix.ids) - 1)
+    assert entry is not None and reused > len(prefix.ids) // 2
+    (reply,) = asyncio.run(cached.generate(conversation[0], sampled(3)))
+    ids = prefix.ids + reply.token_ids
+    model, full = cached.model, torch.tensor([ids])
+    images = {
+        "pixel_values": torch.cat(prefix.pixels),
+        "image_grid_thw": torch.stack(prefix.grids),
+        "mm_token_type_ids": (full == cached.image_token_id).long(),
+    }
+    with torch.no_grad():
+        scratch = model(input_ids=full, **images).logits[0].log_softmax(-1)  # the model's own positions
+        positions = model._prepare_position_ids_for_generation(
+            full, {"attention_mask": torch.ones_like(full), **images}
+        )
+        from transformers import DynamicCache
+
+        cache = DynamicCache(ddp_cache_data=[(k[:, :, :reused], v[:, :, :reused]) for k, v in entry.layers])
+        done = int((image_starts(full[0].numpy(), cached.image_token_id) < reused).sum())  # images in the prefix
+        rest = full[:, reused:]
+        continued = (
+            model(
+                input_ids=rest,
+                attention_mask=torch.ones_like(full),
+                position_ids=positions[..., reused:],
+                cache=cache,
+                pixel_values=torch.cat(prefix.pixels[done:]),
+                image_grid_thw=torch.stack(prefix.grids[done:]),
+                mm_token_type_ids=(rest == cached.image_token_id).long(),
+            )
+            .logits[0]
+            .log_softmax(-1)
+        )
+    n = len(prefix.ids)
+    targets = torch.tensor(reply.token_ids)
+    want = scratch[n - 1 : len(ids) - 1].gather(1, targets[:, None])
+    got = continued[n - 1 - reused : len(ids) - 1 - reused].gather(1, targets[:, None])
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+
+
+def test_conversations_that_differ_only_in_their_images_share_nothing(tiny_qwen):
+    """Two images of one size have the same token ids: the prefix caches must tell them apart."""
+    first, second = gradient_image(280, 224), gradient_image(280, 224).transpose(1)  # mirrored: same size
+    shared = HFBackend(str(tiny_qwen), kv_cache_gb=1)
+    fresh = HFBackend(str(tiny_qwen), kv_cache_gb=1)
+
+    def messages(image) -> list[Message]:
+        return [Message("system", "You answer."), Message("user", [ImagePart(image=image), TextPart("What?")])]
+
+    def ask(backend: HFBackend, image) -> list[int]:
+        params = GenerateParams(max_new_tokens=12, temperature=1.0, seed=5)
+        return asyncio.run(backend.generate(messages(image), params))[0].token_ids
+
+    ask(shared, first)
+    assert ask(shared, second) == ask(fresh, second)
+    _, prefix = shared._prompt(messages(second), None)
+    assert shared.kv_cache.stats["reused_tokens"] <= prefix.ids.index(shared.image_token_id)  # text before it only
+
+    # The token-id prefix: a remembered turn with the same text but the other image is not reused.
+    messages = [Message("user", [ImagePart(image=first), TextPart("What?")])]
+    text, prefix = shared._prompt(messages, None)
+    shared._prefixes[(text + "A reply", tuple(prefix.digests))] = _Prefix(
+        [*prefix.ids, 1, 2, 3], prefix.pixels, prefix.grids, prefix.digests
+    )
+    later = [Message("user", [ImagePart(image=second), TextPart("What?")]), Message("assistant", "A reply")]
+    _, got = shared._prompt([*later, Message("user", "More?")], None)
+    _, want = fresh._prompt([*later, Message("user", "More?")], None)
+    assert got.ids == want.ids and torch.equal(got.pixels[0], want.pixels[0])
+
+
+def test_changed_weights_drop_the_kept_key_values(tiny_qwen):
+    """RL updates the weights in place between steps: nothing computed with the old ones may be reused."""
+    cached, plain = HFBackend(str(tiny_qwen), kv_cache_gb=1), HFBackend(str(tiny_qwen), kv_cache_gb=0)
+    plain.model = cached.model
+    greedy = lambda t: GenerateParams(max_new_tokens=10, temperature=0)  # noqa: E731
+    conversation = [_start(1)]
+    _converse(cached, conversation, 1, greedy)
+    torch.manual_seed(0)
+    optimizer = torch.optim.SGD(cached.model.parameters(), lr=1.0)
+    for p in cached.model.parameters():
+        p.grad = torch.randn_like(p) * 0.2
+    optimizer.step()
+    (reply,) = asyncio.run(cached.generate(conversation[0], greedy(1)))
+    (recomputed,) = asyncio.run(plain.generate(conversation[0], greedy(1)))
+    assert reply.token_ids == recomputed.token_ids
+    assert cached.kv_cache.stats["requests"] == 2 and cached.kv_cache.stats["reused_tokens"] == 0
+
+
+def test_a_model_without_a_plain_dynamic_cache_runs_without_reuse(tiny_qwen, tmp_path):
+    """Sliding-window layers keep a different cache: the backend computes every turn whole, with the same outputs."""
+    folder = tmp_path / "sliding"
+    folder.mkdir()
+    for f in tiny_qwen.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    config = json.loads((folder / "config.json").read_text())
+    text = config["text_config"]
+    text.update(use_sliding_window=True, sliding_window=4096, max_window_layers=0)
+    text["layer_types"] = ["sliding_attention"] * text["num_hidden_layers"]
+    (folder / "config.json").write_text(json.dumps(config))
+    cached, plain = HFBackend(str(folder), kv_cache_gb=1), HFBackend(str(folder), kv_cache_gb=0)
+    greedy = lambda t: GenerateParams(max_new_tokens=8, temperature=0)  # noqa: E731
+    assert _converse(cached, [_start(k) for k in range(2)], 2, greedy) == _converse(
+        plain, [_start(k) for k in range(2)], 2, greedy
+    )
+    assert id(cached.model) in cached._unsupported and not cached.kv_cache.entries
+
+
+def test_kv_cache_matching_and_memory_bound():
+    """Prefix matching by ids and images, cut at the first differing image and never inside one; LRU by bytes."""
+    pad = 9
+    kv = KVCache(max_bytes=3 * 2 * 4 * 20, image_token_id=pad)  # room for three 20-token entries of one layer
+
+    def layers(n: int) -> list:
+        return [(torch.zeros(1, 1, n, 1), torch.zeros(1, 1, n, 1))]
+
+    a = [1, 2, 9, 9, 9, 3, 4, 9, 9, 5]  # two images
+    kv.put(a, [b"x", b"y"], layers(len(a)))
+    assert kv.match([*a, 6, 7], [b"x", b"y"], limit=11)[1] == 10
+    assert kv.match([*a, 6, 7], [b"x", b"z"], limit=11)[1] == 7  # the second image differs: up to its start
+    assert kv.match(a, [b"w", b"y"], limit=9)[1] == 2
+    assert kv.match([1, 2, 9, 9, 9, 9, 4], [b"x"], limit=6)[1] == 2  # ids part inside an image: back to its start
+    assert kv.match(a, [b"x", b"y"], limit=9)[1] == 9  # the limit leaves the last token to run
+    assert kv.match([7, 7], [], limit=1) == (None, 0)
+    kv.put([*a, 6, 7], [b"x", b"y"], layers(12))  # extends the first entry: it goes
+    assert len(kv.entries) == 1
+    for k in range(3):
+        kv.put([20 + k] * 20, [], layers(20))
+    assert kv.nbytes <= kv.max_bytes and kv.stats["evicted"] == 1 and len(kv.entries) == 3
+    assert kv.match([*a, 6, 7, 8], [b"x", b"y"], limit=13) == (None, 0)  # the oldest went first

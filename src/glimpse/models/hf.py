@@ -10,9 +10,18 @@
   backend remembers, per conversation prefix, the token ids it actually used. The next turn's prompt reuses
   those ids and tokenises only what the harness added, so the ids the agent loop records are the ids the model
   sampled, with 1 for sampled and 0 for injected tokens: what RL needs.
+* **KV cache across turns** (``glimpse.models.kv_cache``). The past keys and values of each conversation are
+  kept between its turns, so a turn runs only the tokens the harness added (and their new images) and the tokens
+  it samples; the ``n`` samples of a request share one pass over the prompt. Each request's new tokens are run
+  on their own against its cached prefix (no padding between prefix and new tokens); the decoding is batched,
+  every row left-padded to the longest cached length. Positions are the ones a from-scratch pass computes (the
+  model's own ``_prepare_position_ids_for_generation`` over the whole sequence: Qwen's mrope with its image
+  offsets), so outputs are those of a from-scratch run up to float rounding. Cleared when the weights change
+  (RL updates them in place). A model whose cache is not a plain ``DynamicCache`` (sliding windows, linear
+  attention) or whose forward takes no ``position_ids`` runs as before, without reuse.
 * **Batching.** Concurrent requests with the same sampling settings are generated together (left padding), up
-  to ``max_batch``; ``n`` samples use ``num_return_sequences``. A request with a ``seed`` runs alone, so it is
-  reproducible.
+  to ``max_batch``; ``n`` samples use ``num_return_sequences``. A request sampled with a ``seed`` runs alone, so
+  it is reproducible (a greedy one batches: its seed changes nothing).
 * Each model family's native box convention is the default (``default_coords``): absolute pixels of the
   resized input for Qwen2.5-VL, 0–1000 for Qwen2-VL, relative for Qwen3-VL; and its resize factor (28 or 32).
 """
@@ -20,7 +29,9 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
+import logging
 import re
 import threading
 from collections import Counter, OrderedDict
@@ -28,14 +39,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from glimpse.errors import BackendError, ConfigError, ContextLengthError
 from glimpse.models.base import Completion, GenerateParams, ImagePart, Message, TextPart, ToolCall
+from glimpse.models.kv_cache import ImageDigests, KVCache, image_starts
+
+log = logging.getLogger(__name__)
 
 _TOOL_CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.S)
 # Conversation prefixes whose token ids are remembered.
 _PREFIXES = 256
 # How large an image the processor may be handed without resizing it (the loop fits images before).
 _MAX_IMAGE_PIXELS = 16384 * 28 * 28
+# Default memory for kept past key/values: a 7B Qwen2.5-VL in bfloat16 holds 56 KiB per token, so 4 GiB keep
+# about 75,000 tokens (eight 9,000-token conversations).
+KV_CACHE_GB = 4.0
 
 
 @dataclass
@@ -45,6 +64,7 @@ class _Prefix:
     ids: list[int]
     pixels: list[Any] = field(default_factory=list)
     grids: list[Any] = field(default_factory=list)
+    digests: list[bytes] = field(default_factory=list)  # of the images, in order: ids alone do not tell them apart
 
 
 @dataclass
@@ -63,9 +83,18 @@ class HFBackend:
         device: ``cpu``, ``cuda``, ``cuda:1`` … or ``auto`` (CUDA when available).
         dtype: ``float32``, ``bfloat16``, ``float16`` or ``auto`` (bfloat16 on CUDA, float32 on CPU).
         max_batch: most requests generated together.
+        kv_cache_gb: memory for past key/values kept between turns; 0 turns the reuse off.
     """
 
-    def __init__(self, path: str, *, device: str = "cpu", dtype: str = "auto", max_batch: int = 8):
+    def __init__(
+        self,
+        path: str,
+        *,
+        device: str = "cpu",
+        dtype: str = "auto",
+        max_batch: int = 8,
+        kv_cache_gb: float = KV_CACHE_GB,
+    ):
         import torch
         from transformers import AutoModelForImageTextToText
 
@@ -82,6 +111,8 @@ class HFBackend:
             raise ConfigError(f"dtype must be float32, bfloat16, float16 or auto, got {dtype!r}")
         if max_batch < 1:
             raise ConfigError(f"max_batch must be at least 1, got {max_batch}")
+        if kv_cache_gb < 0:
+            raise ConfigError(f"kv_cache_gb must be 0 (no reuse) or more, got {kv_cache_gb}")
         self.name = f"hf:{folder.name}"
         self.device, self.max_batch = device, max_batch
         self.processor = load_processor(folder)
@@ -96,9 +127,14 @@ class HFBackend:
             self.default_prompt_file = str(folder / PROMPT_FILE)
         self.image_token_id = self.model.config.image_token_id
         self.context = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
-        self._prefixes: OrderedDict[str, _Prefix] = OrderedDict()
+        self._prefixes: OrderedDict[tuple[str, tuple[bytes, ...]], _Prefix] = OrderedDict()
         self._prefix_lock = threading.Lock()
         self._model_lock = threading.Lock()
+        self._digest = ImageDigests()
+        self.kv_cache = KVCache(int(kv_cache_gb * 2**30), self.image_token_id) if kv_cache_gb > 0 else None
+        self._weights: tuple[int, int] | None = None  # the model and parameter versions the cache was filled with
+        self._unsupported: set[int] = set()  # models (by id) that cannot continue from a cache
+        self._forward_args: dict[int, set[str]] = {}  # per model (by id): what its forward accepts
         self.batch_sizes: Counter[int] = Counter()  # how many requests each generate call served
         self._queue: list[_Request] = []
         self._worker: asyncio.Task[None] | None = None
@@ -121,12 +157,12 @@ class HFBackend:
         while self._queue:
             first = self._queue.pop(0)
             batch = [first]
-            if first.params.seed is None:
+            if not _seeded(first.params):
                 key = _batch_key(first.params)
                 for req in list(self._queue):
                     if len(batch) >= self.max_batch:
                         break
-                    if req.params.seed is None and _batch_key(req.params) == key:
+                    if not _seeded(req.params) and _batch_key(req.params) == key:
                         batch.append(req)
                         self._queue.remove(req)
             self.batch_sizes[len(batch)] += 1
@@ -145,13 +181,18 @@ class HFBackend:
     def _prompt(self, messages: list[Message], tools: list[dict[str, Any]] | None) -> tuple[str, _Prefix]:
         """The prompt text and its ids: a remembered prefix's ids plus the rest, tokenised with its images."""
         hf_messages, images = to_hf(messages)
+        digests = [self._digest(im) for im in images]
         text = self.processor.apply_chat_template(hf_messages, tokenize=False, add_generation_prompt=True, tools=tools)
         with self._prefix_lock:
-            known = max((k for k in self._prefixes if text.startswith(k)), key=len, default="")
-            base = self._prefixes.get(known, _Prefix(ids=[]))
+            known = max(
+                (k for k in self._prefixes if text.startswith(k[0]) and tuple(digests[: len(k[1])]) == k[1]),
+                key=lambda k: len(k[0]),
+                default=None,
+            )
+            base = self._prefixes[known] if known else _Prefix(ids=[])
             if known:
                 self._prefixes.move_to_end(known)
-        rest, rest_images = text[len(known) :], images[len(base.pixels) :]
+        rest, rest_images = text[len(known[0]) if known else 0 :], images[len(base.pixels) :]
         if rest_images:
             enc = self.processor(text=[rest], images=rest_images, return_tensors="pt")
             sizes = (enc["image_grid_thw"].prod(dim=1)).tolist()
@@ -161,25 +202,11 @@ class HFBackend:
             enc = self.processor.tokenizer([rest], return_tensors="pt", add_special_tokens=False)
             pixels, grids = [], []
         ids = base.ids + enc["input_ids"][0].tolist()
-        return text, _Prefix(ids=ids, pixels=base.pixels + pixels, grids=base.grids + grids)
+        return text, _Prefix(ids=ids, pixels=base.pixels + pixels, grids=base.grids + grids, digests=digests)
 
-    def _run(self, batch: list[_Request]) -> list[list[Completion]]:
-        import torch
-
-        params = batch[0].params
+    def _options(self, params: GenerateParams) -> tuple[dict[str, Any], int]:
+        """``generate``'s sampling options, and how many rows each prompt becomes."""
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        width = max(len(r.prefix.ids) for r in batch)
-        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        attention = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, r in enumerate(batch):  # left padding
-            input_ids[i, width - len(r.prefix.ids) :] = torch.tensor(r.prefix.ids)
-            attention[i, width - len(r.prefix.ids) :] = 1
-        inputs: dict[str, Any] = {"input_ids": input_ids.to(self.device), "attention_mask": attention.to(self.device)}
-        pixels = [p for r in batch for p in r.prefix.pixels]
-        if pixels:
-            inputs["pixel_values"] = torch.cat(pixels).to(self.device, self.model.dtype)
-            inputs["image_grid_thw"] = torch.stack([g for r in batch for g in r.prefix.grids]).to(self.device)
-            inputs["mm_token_type_ids"] = (input_ids == self.image_token_id).long().to(self.device)
         # temperature None: the checkpoint's generation_config decides (as vLLM does); 0: greedy.
         if params.temperature is None:
             sample = bool(self.model.generation_config.do_sample)
@@ -200,10 +227,58 @@ class HFBackend:
         if params.stop:
             options["stop_strings"] = list(params.stop)
             options["tokenizer"] = self.tokenizer
+        return options, copies
+
+    def _left_padded(self, batch: list[_Request], width: int) -> tuple[Any, Any]:
+        import torch
+
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, r in enumerate(batch):
+            input_ids[i, width - len(r.prefix.ids) :] = torch.tensor(r.prefix.ids)
+            attention[i, width - len(r.prefix.ids) :] = 1
+        return input_ids.to(self.device), attention.to(self.device)
+
+    def _run(self, batch: list[_Request]) -> list[list[Completion]]:
+        if self.kv_cache is None or id(self.model) in self._unsupported or not self._can_continue(self.model):
+            return self._run_from_scratch(batch)
+        with self._model_lock:
+            weights = (id(self.model), sum(p._version for p in self.model.parameters()))
+            if weights != self._weights:  # new or updated weights: every kept key/value is stale
+                self.kv_cache.clear()
+                self._weights = weights
+        try:
+            return self._run_cached(batch)
+        except _NoReuse as exc:
+            log.warning("%s: past key/values are not reused (%s); every turn is computed whole", self.name, exc)
+            self._unsupported.add(id(self.model))
+            self.kv_cache.clear()
+            return self._run_from_scratch(batch)
+
+    def _run_from_scratch(self, batch: list[_Request]) -> list[list[Completion]]:
+        """Every prompt computed whole (left padding), as a model without cache reuse runs."""
+        import torch
+
+        params = batch[0].params
+        options, copies = self._options(params)
+        width = max(len(r.prefix.ids) for r in batch)
+        input_ids, attention = self._left_padded(batch, width)
+        inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention}
+        pixels = [p for r in batch for p in r.prefix.pixels]
+        if pixels:
+            inputs["pixel_values"] = torch.cat(pixels).to(self.device, self.model.dtype)
+            inputs["image_grid_thw"] = torch.stack([g for r in batch for g in r.prefix.grids]).to(self.device)
+            inputs["mm_token_type_ids"] = (input_ids == self.image_token_id).long()
         with self._model_lock, torch.no_grad():
             if params.seed is not None:
                 torch.manual_seed(params.seed)
             out = self.model.generate(**inputs, **options)
+        return self._completions(batch, out, width, copies, params)
+
+    def _completions(
+        self, batch: list[_Request], out: Any, width: int, copies: int, params: GenerateParams
+    ) -> list[list[Completion]]:
         results: list[list[Completion]] = []
         for i, r in enumerate(batch):
             completions = []
@@ -212,6 +287,123 @@ class HFBackend:
                 completions.append(self._completion(r, row, params))
             results.append(completions)
         return results
+
+    # ----------------------------------------------------------------------------------------------------
+    def _can_continue(self, model: Any) -> bool:
+        """Whether the model takes explicit positions and generate can compute them (else: no reuse)."""
+        if id(model) not in self._forward_args:
+            base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper
+            accepted = set(inspect.signature(base.forward).parameters)
+            if not hasattr(base, "_prepare_position_ids_for_generation"):
+                accepted.discard("position_ids")
+            self._forward_args[id(model)] = accepted
+        return "position_ids" in self._forward_args[id(model)]
+
+    def _run_cached(self, batch: list[_Request]) -> list[list[Completion]]:
+        """1. Positions of every prompt token, as a from-scratch pass computes them. 2. Each prompt's tokens
+        past its cached prefix, but the last, run against that prefix (its new images encoded here). 3. The
+        rows left-padded into one cache (copied for ``n`` samples) and ``generate`` from the last prompt token.
+        4. Each row's key/values kept for its next turn."""
+        import torch
+        from transformers import DynamicCache
+
+        params = batch[0].params
+        options, copies = self._options(params)
+        width = max(len(r.prefix.ids) for r in batch)
+        if width < 2:
+            raise _NoReuse("a one-token prompt")
+        input_ids, attention = self._left_padded(batch, width)
+        kwargs: dict[str, Any] = {"attention_mask": attention}
+        grids = [g for r in batch for g in r.prefix.grids]
+        if grids:
+            kwargs["image_grid_thw"] = torch.stack(grids).to(self.device)
+            kwargs["mm_token_type_ids"] = (input_ids == self.image_token_id).long()
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        with self._model_lock, torch.no_grad():
+            positions = base._prepare_position_ids_for_generation(input_ids, dict(kwargs))
+            rows = []
+            for i, r in enumerate(batch):
+                start = width - len(r.prefix.ids)
+                rows.append(self._prefill(r, positions[..., i : i + 1, start : width - 1]))
+            layers = []
+            for k in range(len(rows[0])):
+                keys = torch.cat([_left_pad(row[k][0], width - 1) for row in rows])
+                values = torch.cat([_left_pad(row[k][1], width - 1) for row in rows])
+                layers.append((keys.repeat_interleave(copies, 0), values.repeat_interleave(copies, 0)))
+            cache = DynamicCache(ddp_cache_data=layers, config=self.model.config)
+            if params.seed is not None:
+                torch.manual_seed(params.seed)
+            out = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=attention,
+                position_ids=positions,
+                cache=cache,
+                return_dict_in_generate=True,
+                **options,
+            )
+        results = self._completions(batch, out.sequences, width, copies, params)
+        self._keep(batch, results, out, width, copies)
+        return results
+
+    def _prefill(self, req: _Request, positions: Any) -> list[tuple[Any, Any]]:
+        """Keys and values of all prompt tokens but the last: a cached prefix plus the rest run now."""
+        import torch
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        assert self.kv_cache is not None
+        ids = req.prefix.ids
+        entry, cached = self.kv_cache.match(ids, req.prefix.digests, limit=len(ids) - 1)
+        self.kv_cache.stats["requests"] += 1
+        self.kv_cache.stats["hits"] += int(cached > 0)
+        self.kv_cache.stats["reused_tokens"] += cached
+        self.kv_cache.stats["computed_tokens"] += len(ids) - 1 - cached
+        past = [(k[:, :, :cached], v[:, :, :cached]) for k, v in entry.layers] if entry and cached else None
+        cache = DynamicCache(ddp_cache_data=past, config=self.model.config)
+        new = torch.tensor([ids[cached:-1]], device=self.device)
+        if new.shape[1]:
+            inputs: dict[str, Any] = {
+                "input_ids": new,
+                "attention_mask": torch.ones((1, len(ids) - 1), dtype=torch.long, device=self.device),
+                "position_ids": positions[..., cached:],
+                "cache": cache,
+                "use_cache": True,
+            }
+            done = len(image_starts(np.asarray(ids[:cached]), self.image_token_id))  # images inside the prefix
+            if len(req.prefix.pixels) > done:
+                inputs["pixel_values"] = torch.cat(req.prefix.pixels[done:]).to(self.device, self.model.dtype)
+                inputs["image_grid_thw"] = torch.stack(req.prefix.grids[done:]).to(self.device)
+                inputs["mm_token_type_ids"] = (new == self.image_token_id).long()
+            if "logits_to_keep" in self._forward_args[id(self.model)]:
+                inputs["logits_to_keep"] = 1
+            self.model(**inputs)
+        if not all(type(layer) is DynamicLayer for layer in cache.layers):
+            raise _NoReuse(f"the model's cache has {type(cache.layers[0]).__name__} layers, not plain DynamicLayer")
+        if cache.get_seq_length() != len(ids) - 1:
+            raise _NoReuse("the model does not fill the cache it is given")
+        return [(layer.keys, layer.values) for layer in cache.layers]
+
+    def _keep(self, batch: list[_Request], results: list[list[Completion]], out: Any, width: int, copies: int) -> None:
+        """Keep each row's key/values (its prompt and the sampled tokens that went through the model)."""
+        assert self.kv_cache is not None
+        cache = out.cache if getattr(out, "cache", None) is not None else None
+        if cache is None:
+            raise _NoReuse("generate returned no cache")
+        fed = cache.get_seq_length() - width  # sampled tokens that went through the model (all but the last)
+        for i, r in enumerate(batch):
+            start = width - len(r.prefix.ids)
+            for j in range(copies):
+                sampled = results[i][j].token_ids or []
+                keep = min(len(sampled), fed)
+                row = i * copies + j
+                layers = [
+                    (
+                        layer.keys[row : row + 1, :, start : width + keep].clone(),
+                        layer.values[row : row + 1, :, start : width + keep].clone(),
+                    )
+                    for layer in cache.layers
+                ]
+                self.kv_cache.put(r.prefix.ids + sampled[:keep], r.prefix.digests, layers)
 
     def _completion(self, req: _Request, row: list[int], params: GenerateParams) -> Completion:
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
@@ -222,8 +414,8 @@ class HFBackend:
         text = self.tokenizer.decode(sampled, skip_special_tokens=True)
         finish = "stop" if stopped else "length"
         with self._prefix_lock:
-            self._prefixes[req.text + raw] = _Prefix(
-                ids=req.prefix.ids + sampled, pixels=req.prefix.pixels, grids=req.prefix.grids
+            self._prefixes[(req.text + raw, tuple(req.prefix.digests))] = _Prefix(
+                req.prefix.ids + sampled, req.prefix.pixels, req.prefix.grids, req.prefix.digests
             )
             while len(self._prefixes) > _PREFIXES:
                 self._prefixes.popitem(last=False)
@@ -242,6 +434,21 @@ class HFBackend:
             prompt_token_ids=list(req.prefix.ids),
             matched_stop="",  # the text keeps any stop string: nothing to put back
         )
+
+
+class _NoReuse(Exception):
+    """The model cannot continue from kept key/values; the backend computes every turn whole."""
+
+
+def _left_pad(tensor: Any, length: int) -> Any:
+    """``(1, heads, n, dim)`` → ``(1, heads, length, dim)`` with zeros before (masked out by the attention mask)."""
+    import torch
+
+    missing = length - tensor.shape[2]
+    if not missing:
+        return tensor
+    zeros = torch.zeros((*tensor.shape[:2], missing, tensor.shape[3]), dtype=tensor.dtype, device=tensor.device)
+    return torch.cat([zeros, tensor], dim=2)
 
 
 def trim_at_stop(tokenizer: Any, sampled: list[int], stop: list[str]) -> tuple[list[int], str, bool]:
@@ -290,6 +497,11 @@ def split_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
     if calls:
         text = text[: text.find("<tool_call>")]
     return text, calls
+
+
+def _seeded(params: GenerateParams) -> bool:
+    """Whether the request samples with a seed (and so runs alone); greedy decoding ignores its seed."""
+    return params.seed is not None and params.temperature != 0
 
 
 def _batch_key(params: GenerateParams) -> tuple[Any, ...]:
@@ -344,7 +556,15 @@ def to_hf(messages: list[Message], inline_images: bool = False) -> tuple[list[di
     return out, images
 
 
-def create(arg: str, *, device: str = "cpu", dtype: str = "auto", max_batch: int = 8, **_options: Any) -> HFBackend:
+def create(
+    arg: str,
+    *,
+    device: str = "cpu",
+    dtype: str = "auto",
+    max_batch: int = 8,
+    kv_cache_gb: float = KV_CACHE_GB,
+    **_options: Any,
+) -> HFBackend:
     """``hf:PATH``: a local checkpoint folder.
 
     Raises:
@@ -358,7 +578,7 @@ def create(arg: str, *, device: str = "cpu", dtype: str = "auto", max_batch: int
             f"the hf backend needs {exc.name}, which is not installed: pip install 'glimpse[hf]' "
             "(on a CPU-only machine install torch's CPU build first)"
         ) from None
-    return HFBackend(resolve_checkpoint(arg), device=device, dtype=dtype, max_batch=max_batch)
+    return HFBackend(resolve_checkpoint(arg), device=device, dtype=dtype, max_batch=max_batch, kv_cache_gb=kv_cache_gb)
 
 
 def resolve_checkpoint(arg: str) -> str:
