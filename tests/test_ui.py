@@ -8,6 +8,7 @@ Debian's ``chromium`` through Playwright, like the viewer's, and are skipped wit
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -381,4 +382,32 @@ def test_code_turns_and_the_images_code_made_show_live(browser, tmp_path, probe)
         assert page.evaluate("document.querySelector('img.made').naturalWidth") == 300
         page.wait_for_selector("#vote .vote")
         assert page.inner_text("#answer") == "done"
+        assert errors == []
+
+
+def test_expert_in_the_page_with_a_dropped_image_and_two_samples(browser, tmp_path, probe):
+    with app_server(build_app(AskConfig(model="expert", max_turns=6), runs=tmp_path / "runs", allow=[])) as base:
+        page, errors = open_ui(browser, base.removesuffix("/v1"))
+        data = base64.b64encode(probe.read_bytes()).decode()
+        page.evaluate(  # drag and drop, as a file dragged from the desktop arrives
+            """(b64) => {
+                const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+                const dt = new DataTransfer();
+                dt.items.add(new File([bytes], 'probe.jpg', { type: 'image/jpeg' }));
+                const drop = new DragEvent('drop', { dataTransfer: dt, bubbles: true });
+                document.getElementById('drop').dispatchEvent(drop);
+            }""",
+            data,
+        )
+        page.wait_for_selector("#drop-label img")
+        page.fill("#question", (probe.parent / "question.txt").read_text())
+        page.fill("#samples", "2")
+        page.click("#run")
+        page.wait_for_selector(".column[data-sample='1'] .turn.zoom figure.crop canvas", timeout=60_000)
+        page.wait_for_selector("#vote .vote", timeout=120_000)
+        assert page.locator(".columns > .column").count() == 2
+        answers = page.locator(".column .kv div:nth-child(2)").all_inner_texts()
+        vote = page.inner_text("#vote")
+        assert "of 2 agree" in vote or "No answer" in vote
+        assert len(answers) == 2 and all(a for a in answers)
         assert errors == []
