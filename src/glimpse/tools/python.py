@@ -20,7 +20,14 @@ from PIL import Image
 from glimpse.errors import ImageInputError
 from glimpse.images import decode_image
 from glimpse.paths import glimpse_home
-from glimpse.tools.sandbox import CodeResult, PythonSession, SandboxLimits, SessionPool, resolve_isolation
+from glimpse.tools.sandbox import (
+    CodeResult,
+    PythonSession,
+    SandboxLimits,
+    SessionPool,
+    clean_stale_sessions,
+    resolve_isolation,
+)
 
 
 @dataclass
@@ -67,6 +74,7 @@ class PythonTool:
     def __init__(self, limits: SandboxLimits | None = None, isolation: str = "auto", warm: int = 0):
         self.limits = limits or SandboxLimits()
         self.isolation = resolve_isolation(isolation)  # warns here, once per tool, if it is ``process``
+        clean_stale_sessions()  # what a killed earlier run left goes now, even if this run never calls code
         self.pool = SessionPool(warm, self.limits, self.isolation, warn=False) if warm else None
 
     def session(self) -> PythonSession:
