@@ -35,8 +35,8 @@ every attack against both isolations and records which ones process isolation do
 
 Nothing is left behind: each session keeps its files in its own folder under ``sandbox_state_dir()`` with a
 note of the process that owns it; a process-mode worker kills its session's processes when its parent dies;
-and the first session of a new process removes what sessions of dead processes left (their processes,
-cgroups, folders, and files their uid left at the top of ``SHARED_TMP``).
+and a new process, when it makes its code tool or first session, removes what sessions of dead processes left
+(their processes, cgroups, folders, and files their uid left at the top of ``SHARED_TMP``).
 
 Not covered by either: side channels and CPU-cache attacks, kernel exploits, and denial of service through
 the machine's shared disk or memory bandwidth beyond the limits above.
@@ -306,7 +306,8 @@ _clean_lock = threading.Lock()
 def clean_stale_sessions() -> int:
     """Remove what sessions of processes that died without closing them left behind.
 
-    Runs once per process, before its first session. Returns how many sessions were cleaned.
+    Runs once per process (``PythonTool`` and the first ``PythonSession`` call it). Returns how many sessions
+    were cleaned.
     """
     global _cleaned_pid
     with _clean_lock:
