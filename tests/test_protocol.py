@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import subprocess
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -867,3 +869,33 @@ def test_script_turns_replay_as_written(make_image):
         assert [t.kind for t in traj.turns] == ["zoom", "zoom", "answer"] and traj.answer == "42"
         assert traj.turns[1].call.source == "observation_1" and traj.turns[1].thought == "closer"
         assert traj.turns[1].crop_box_px == [200, 160, 400, 320]  # a quarter of the first zoom
+
+
+def test_the_expert_speaks_function_calling_end_to_end(tmp_path):
+    """``glimpse ask --model expert --protocol tools``: the expert zooms through native zoom_in calls and reaches
+    the same answer, through the same crops, as with tags (a count question: no OCR needed)."""
+    from glimpse.probes.synth import make_probe
+
+    probe = make_probe("medium", 0, seed=11, kind="count")  # three zooms before the answer
+    path = tmp_path / "probe.png"
+    probe.image.save(path)
+    question = probe.record["problem"].replace("<image>", "").strip()
+    runs = {}
+    for name in ("tags", "tools"):
+        command = ["ask", str(path), question, "--model", "expert", "--protocol", name, "--json"]
+        proc = subprocess.run(
+            [sys.executable, "-m", "glimpse", *command],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr
+        runs[name] = json.loads(proc.stdout)
+    tags, tools = runs["tags"], runs["tools"]
+    assert tools["settings"]["protocol"] == "tools" and tools["stop_reason"] == "answer"
+    assert tools["answer"] == tags["answer"] == probe.record["solution"]
+    assert [t["crop_box_px"] for t in tools["turns"]] == [t["crop_box_px"] for t in tags["turns"]]
+    zooms = [t for t in tools["turns"] if t["kind"] == "zoom"]
+    assert len(zooms) >= 2 and all(t["tool_calls"][0]["name"] == "zoom_in" for t in zooms)
+    assert all("<grounding>" not in t["text"] for t in tools["turns"])  # no tags in the function-calling dialect
+    assert tools["metrics"]["tool_errors"] == 0

@@ -27,7 +27,6 @@ read.
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import subprocess
@@ -42,6 +41,7 @@ from glimpse.models.base import GenerateParams, ImagePart, Message
 from glimpse.models.scripted import ScriptedBackend
 from glimpse.probes.palette import BORDER_COLORS, MARKER_COLORS
 from glimpse.probes.questions import Question, parse_question, reading_order
+from glimpse.protocol import make_protocol, script_turn
 
 SIGN_FILL = np.array((248, 248, 244), np.int16)
 # Characters Tesseract may read: the probes' code alphabet (no look-alike pairs) plus the other digits.
@@ -351,8 +351,10 @@ class ExpertPolicy:
 
     def __init__(self, charset: str = CODE_CHARSET) -> None:
         self.charset = charset
+        # It speaks the dialect it is addressed in: function calling when the request offers tools, else tags.
+        self.dialects = {name: make_protocol(name, "relative") for name in ("tags", "tools")}
 
-    def __call__(self, messages: list[Message], params: GenerateParams) -> str:
+    def __call__(self, messages: list[Message], params: GenerateParams) -> str | dict[str, Any]:
         images = [p for m in messages if m.role != "assistant" and not isinstance(m.content, str) for p in m.content]
         images = [p for p in images if isinstance(p, ImagePart)]
         question = next(m.text() for m in messages if m.role == "user")
@@ -364,17 +366,16 @@ class ExpertPolicy:
         for k, obs in enumerate(images[1:]):
             reading, _ = read_sign(obs.pil(), charset, q.starred)
             readings.append((proposals[k] if k < len(proposals) else None, reading))
+        speaker = self.dialects["tools" if params.tools else "tags"]
         answer, why = self._decide(q, readings, view.width)
         if answer is not None:
             seen = f"The last one shows {readings[-1][1].describe()}. " if readings else ""
-            return f"<think>{seen}{why}</think>\n<answer>{answer}</answer>"
+            return script_turn(speaker.write_answer(answer, f"{seen}{why}"))
         k = len(readings)
         if k >= len(proposals):
             guess = self._guess(q, readings)
-            return (
-                f"<think>I checked {k} candidate{'s' if k != 1 else ''} and none settles it; "
-                f"my best guess is {guess}.</think>\n<answer>{guess}</answer>"
-            )
+            thought = f"I checked {k} candidate{'s' if k != 1 else ''} and none settles it; my best guess is {guess}."
+            return script_turn(speaker.write_answer(guess, thought))
         box = self._window(proposals[k], view.width, view.height)
         seen = f"The last one shows {readings[-1][1].describe()}. " if readings else ""
         lead = (
@@ -382,8 +383,7 @@ class ExpertPolicy:
             + (f" (a light sign with a {q.border} border)" if q.border else "")
             + "."
         )
-        call = {"bbox_2d": box, "source": "original_image"}
-        return f"<think>{lead}</think>\n<grounding>{json.dumps(call)}</grounding>"
+        return script_turn(speaker.write_zoom(box, "original_image", lead, call_id=f"call_{k}"))
 
     def _proposals(self, view: Image.Image, q: Question) -> list[tuple[int, int, int, int]]:
         regions = light_regions(view)
