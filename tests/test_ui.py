@@ -352,6 +352,9 @@ def test_stop_in_the_page_and_samples_in_columns(browser, tmp_path, probe, scrip
         page.click("#run")
         page.wait_for_selector(".column[data-sample='1'] .turn.zoom[data-turn='0']")
         assert page.locator(".columns > .column").count() == 2
+        page.reload()  # the page follows the same run again: its events replay
+        page.wait_for_selector(".column[data-sample='1'] .turn.zoom[data-turn='0']")
+        assert page.inner_text("#status") == "running…"
         page.click("#stop")
         page.wait_for_function("document.getElementById('status').textContent === 'stopped'")
         (saved,) = runs.glob("*.jsonl")

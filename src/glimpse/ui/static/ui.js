@@ -87,6 +87,7 @@
     if (ui.source) ui.source.close();
     ui.run = { id, columns: {}, trajectories: {}, done: false };
     ui.decoding = null;
+    history.replaceState(null, "", `#run=${id}`); // a reload follows the same run (its events replay)
     $("run").disabled = true;
     $("stop").disabled = false;
     const source = (ui.source = new EventSource(`/api/runs/${id}/events`));
@@ -97,6 +98,11 @@
     on("done", done);
     on("failed", (ev) => finish(h("span", { class: "error-text" }, `The run failed: ${ev.error}`)));
     on("end", () => source.close());
+    source.onerror = () => {
+      if (source.readyState !== EventSource.CLOSED || ui.run.done) return; // a dropped connection reconnects itself
+      $("form-error").textContent = `Run ${id} is no longer on this server; past runs are in the history.`;
+      finish("gone");
+    };
   }
 
   function started(ev) {
@@ -236,4 +242,6 @@
   wireDrop();
   loadDefaults().catch((e) => { $("form-error").textContent = String(e.message || e); });
   loadHistory();
+  const resumed = location.hash.match(/^#run=([0-9a-f-]+)$/);
+  if (resumed) follow(resumed[1]);
 })();
