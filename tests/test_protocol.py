@@ -899,3 +899,23 @@ def test_the_expert_speaks_function_calling_end_to_end(tmp_path):
     assert len(zooms) >= 2 and all(t["tool_calls"][0]["name"] == "zoom_in" for t in zooms)
     assert all("<grounding>" not in t["text"] for t in tools["turns"])  # no tags in the function-calling dialect
     assert tools["metrics"]["tool_errors"] == 0
+
+
+def test_the_loop_records_a_call_no_float_can_hold_as_a_mistake(make_image):
+    """A protocol that passes a huge integer through (a user's own) still gets a mistake, not an OverflowError
+    from the loop's record of the call."""
+    from glimpse.protocol.base import Action
+    from glimpse.protocol.tags import TagProtocol
+
+    class Lenient(TagProtocol):
+        def parse(self, completion):
+            if "zoom" in completion.text:
+                call = {"bbox_2d": [0, 0, 10**400, 1], "source": "original_image"}
+                return Action(kind="zoom", text=completion.text, call=call, tool_attempt=True)
+            return super().parse(completion)
+
+    protocol = Lenient(Coords.RELATIVE, TAGS.prompts)
+    backend = ScriptedBackend([["zoom", "<answer>B</answer>"]])
+    sample = Sample(id="s", images=[str(make_image())], question="Q")
+    (traj,) = asyncio.run(AgentLoop(backend, protocol=protocol).run(sample))
+    assert traj.stop_reason == "answer" and traj.turns[0].error_kind == "out_of_range" and traj.turns[0].call is None

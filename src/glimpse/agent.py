@@ -689,9 +689,18 @@ def _written_call(call: dict[str, Any] | None) -> ZoomCall | None:
     box = call.get("bbox_2d") if call else None
     if not isinstance(box, list) or len(box) != 4:
         return None
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box):
-        return None
-    return ZoomCall(bbox_2d=[float(v) for v in box], source=str(call.get("source", "original_image")))
+    values = []
+    for v in box:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return None
+        try:
+            value = float(v)
+        except OverflowError:  # an integer no float can hold (the zoom tool reports it as out of range)
+            return None
+        if not math.isfinite(value):
+            return None
+        values.append(value)
+    return ZoomCall(bbox_2d=values, source=str(call.get("source", "original_image")))
 
 
 def _check_positive(**values: int) -> None:
