@@ -465,3 +465,18 @@ def test_ctrl_c_in_glimpse_ask_closes_the_stream(make_image):
             time.sleep(0.02)
     assert proc.returncode == 130 and "w0 w1" in out  # the text so far was printed as it came
     assert state["closed"] and state["sent"] < 150, state
+
+
+def test_stream_text_with_unicode_line_separators_is_read_whole():
+    text = "a\u2028b\u2029c\x85d\x1ce\u00e9\r\nf"
+
+    async def handler(attempt, body):
+        raw = [  # as vLLM writes them: UTF-8 JSON, line separators unescaped
+            b"data: " + json.dumps(c, ensure_ascii=False).encode() + b"\r\n\r\n"
+            for c in (piece(text[:5]), piece(text[5:], "stop"))
+        ]
+        return StreamingResponse(iter([*raw, b"data: [DONE]\r\n\r\n"]), media_type="text/event-stream")
+
+    with app_server(scripted_app(handler)) as base:
+        listener, (c,), _ = stream_and_plain_app(base)
+    assert c.text == text and listener.text() == text

@@ -190,7 +190,8 @@ def _chunk_events(completions: list[Completion], with_ids: bool) -> list[list[di
 
 
 def _sse(data: dict[str, Any] | str) -> bytes:
-    return b"data: " + (data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)).encode() + b"\n\n"
+    # ASCII JSON: a client that splits lines where str.splitlines does (at U+2028 …) still reads every event.
+    return b"data: " + (data if isinstance(data, str) else json.dumps(data)).encode() + b"\n\n"
 
 
 def build_app(

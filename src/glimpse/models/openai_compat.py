@@ -33,6 +33,7 @@ import re
 import secrets
 import ssl
 from collections import OrderedDict
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -515,7 +516,7 @@ class _Stream:
 
     async def read(self, response: httpx.Response) -> dict[str, Any]:
         done = False
-        async for line in response.aiter_lines():
+        async for line in _event_lines(response):
             if not line.startswith("data:"):
                 continue  # comments, event names and the blank lines between events
             data = line[5:].strip()
@@ -588,6 +589,22 @@ class _Stream:
             for key in ("stop_reason", "matched_stop"):
                 if key in raw and (raw[key] is not None or raw.get("finish_reason") is not None):
                     choice[key] = raw[key]
+
+
+async def _event_lines(response: httpx.Response) -> AsyncIterator[str]:
+    """The lines of an event stream, split where the SSE format splits them (LF, CRLF) and nowhere else.
+
+    httpx's ``aiter_lines`` also splits at U+2028, U+0085 and other characters ``str.splitlines`` treats as line
+    ends, which servers send unescaped inside JSON strings when a model writes them.
+    """
+    pending = b""
+    async for chunk in response.aiter_bytes():
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            yield line.removesuffix(b"\r").decode("utf-8", errors="replace")
+    if pending:
+        yield pending.removesuffix(b"\r").decode("utf-8", errors="replace")
 
 
 def _is_event_stream(response: httpx.Response) -> bool:
