@@ -389,6 +389,34 @@ def test_processes_are_gone_after_close(mode):
             assert "zombie" in Path(f"/proc/{gone}/status").read_text()
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_a_session_outlives_the_thread_that_started_it(mode):
+    """bubblewrap's --die-with-parent follows the starting thread: the pool's threads and asyncio's executor
+    threads come and go, the sessions they start must not."""
+    require(mode)
+    from glimpse.tools.sandbox import SessionPool
+
+    with PythonSession(SandboxLimits(wall_s=10), mode) as s:
+        starter = threading.Thread(target=s.run, args=("x = 5",))
+        starter.start()
+        starter.join()
+        time.sleep(0.5)
+        result = s.run("print(x)")
+        assert result.stdout.strip() == "5" and not result.notes, result
+    pool = SessionPool(2, SandboxLimits(wall_s=10), mode)
+    try:
+        deadline = time.monotonic() + 30
+        while pool._ready.qsize() < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)
+        session = pool.acquire()
+        result = session.run("print(6 * 7)")
+        session.close()
+        assert result.stdout.strip() == "42" and not result.notes, "a pooled session was dead when taken"
+    finally:
+        pool.close()
+
+
 def test_attack_count():
     """The suite's size, for the record: every attack above is a separate test in each isolation."""
     assert len(ATTACKS) == 51

@@ -64,6 +64,7 @@ import tempfile
 import threading
 import time
 import uuid
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -434,6 +435,38 @@ def _bwrap_command(limits: SandboxLimits, image_dir: Path) -> list[str]:
     return cmd + _site_packages()
 
 
+_launcher_jobs: queue.Queue[tuple[tuple, dict, Future]] = queue.Queue()
+_launcher_lock = threading.Lock()
+_launcher: threading.Thread | None = None
+
+
+def _launch(*args: object, **kwargs: object) -> subprocess.Popen[bytes]:
+    """``subprocess.Popen`` from a thread that lives as long as this process.
+
+    bubblewrap's ``--die-with-parent`` (``PR_SET_PDEATHSIG``) fires when the *thread* that started it exits,
+    so a session started from a short-lived thread (the pool's, an executor's) would be killed with it.
+    """
+    global _launcher
+    if threading.current_thread() is threading.main_thread():
+        return subprocess.Popen(*args, **kwargs)
+    with _launcher_lock:
+        if _launcher is None or not _launcher.is_alive():
+            _launcher = threading.Thread(target=_launch_forever, name="glimpse-sandbox-launcher", daemon=True)
+            _launcher.start()
+    done: Future = Future()
+    _launcher_jobs.put((args, kwargs, done))
+    return done.result()
+
+
+def _launch_forever() -> None:
+    while True:
+        args, kwargs, done = _launcher_jobs.get()
+        try:
+            done.set_result(subprocess.Popen(*args, **kwargs))
+        except BaseException as exc:  # handed to the caller, which raises it
+            done.set_exception(exc)
+
+
 class PythonSession:
     """One isolated, stateful Python process.
 
@@ -511,7 +544,7 @@ class PythonSession:
                 "OMP_NUM_THREADS": "1",
                 "GLIMPSE_IMAGES": str(self.image_dir),
             }
-        self._proc = subprocess.Popen(
+        self._proc = _launch(
             cmd,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
