@@ -480,3 +480,18 @@ def test_stream_text_with_unicode_line_separators_is_read_whole():
     with app_server(scripted_app(handler)) as base:
         listener, (c,), _ = stream_and_plain_app(base)
     assert c.text == text and listener.text() == text
+
+
+def test_events_are_read_as_the_sse_format_frames_them():
+    async def handler(attempt, body):
+        events = [
+            b": a comment, then an event whose JSON spans two data lines\n",
+            b'event: chunk\ndata: {"choices": [{"index": 0,\ndata: "delta": {"content": "Hel"}}]}\n\n',
+            b'data:{"choices":[{"index":0,"delta":{"content":"lo"},"finish_reason":"stop"}]}\n\n',
+            b"data: [DONE]",  # no blank line after the last event
+        ]
+        return StreamingResponse(iter(events), media_type="text/event-stream")
+
+    with app_server(scripted_app(handler)) as base:
+        listener, (c,), _ = stream_and_plain_app(base)
+    assert c.text == "Hello" and c.finish_reason == "stop" and listener.text() == "Hello"

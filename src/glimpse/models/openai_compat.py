@@ -516,11 +516,8 @@ class _Stream:
 
     async def read(self, response: httpx.Response) -> dict[str, Any]:
         done = False
-        async for line in _event_lines(response):
-            if not line.startswith("data:"):
-                continue  # comments, event names and the blank lines between events
-            data = line[5:].strip()
-            if data == "[DONE]":
+        async for data in _event_data(response):
+            if data.strip() == "[DONE]":
                 done = True
                 break
             try:
@@ -605,6 +602,23 @@ async def _event_lines(response: httpx.Response) -> AsyncIterator[str]:
             yield line.removesuffix(b"\r").decode("utf-8", errors="replace")
     if pending:
         yield pending.removesuffix(b"\r").decode("utf-8", errors="replace")
+
+
+async def _event_data(response: httpx.Response) -> AsyncIterator[str]:
+    """The data of each server-sent event: its ``data:`` lines joined by newlines, sent at the blank line that ends
+    the event (comments and other fields are skipped)."""
+    lines: list[str] = []
+    async for line in _event_lines(response):
+        if not line:
+            if lines:
+                yield "\n".join(lines)
+                lines = []
+            continue
+        name, _, value = line.partition(":")
+        if name == "data":
+            lines.append(value.removeprefix(" "))
+    if lines:  # a stream that ended without the blank line after its last event
+        yield "\n".join(lines)
 
 
 def _is_event_stream(response: httpx.Response) -> bool:
