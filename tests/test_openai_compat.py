@@ -495,3 +495,35 @@ def test_events_are_read_as_the_sse_format_frames_them():
     with app_server(scripted_app(handler)) as base:
         listener, (c,), _ = stream_and_plain_app(base)
     assert c.text == "Hello" and c.finish_reason == "stop" and listener.text() == "Hello"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"choices": [{"index": "first", "delta": {"content": "x"}}]},
+        {"choices": [{"index": 0, "delta": ["x"]}]},
+        {"choices": ["x"]},
+        {"choices": [{"index": 0, "delta": {"content": 7}}]},
+        {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": 5}}]}}]},
+    ],
+)
+def test_unreadable_chunks_are_retried_like_unreadable_responses(bad):
+    async def handler(attempt, body):
+        if attempt == 1:
+            return StreamingResponse(iter(sse(bad)), media_type="text/event-stream")
+        return StreamingResponse(iter(sse(piece("ok", "stop"))), media_type="text/event-stream")
+
+    app = scripted_app(handler)
+    with app_server(app) as base:
+        listener, (c,), _ = stream_and_plain_app(base)
+    assert c.text == "ok" and len(app.state.seen) == 2 and listener.text() == "ok"
+
+
+def test_a_reply_whose_text_is_not_text_is_retried():
+    async def handler(attempt, body):
+        return JSONResponse(_reply(7) if attempt == 1 else _reply())
+
+    app = scripted_app(handler)
+    with app_server(app) as base:
+        (completion,) = generate(base)
+    assert completion.text == "<answer>ok</answer>" and len(app.state.seen) == 2

@@ -456,6 +456,7 @@ class OpenAIBackend:
             content = message.get("content")
             if isinstance(content, list):
                 content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+            content = _text(content)
             calls = [
                 ToolCall(
                     id=str(c.get("id") or f"call_{i}"),
@@ -521,10 +522,11 @@ class _Stream:
                 done = True
                 break
             try:
-                chunk = json.loads(data)
+                self._add(json.loads(data))
             except json.JSONDecodeError as exc:
                 raise _StreamError(f"an event is not JSON ({exc}): {data[:200]!r}") from None
-            self._add(chunk)
+            except (ValueError, TypeError, AttributeError, KeyError) as exc:
+                raise _StreamError(f"an event does not read as a chunk ({exc}): {data[:200]!r}") from None
         if not self.choices:
             raise _StreamError("it ended before any reply")
         if not done and any(c["finish_reason"] is None for c in self.choices.values()):
@@ -562,12 +564,12 @@ class _Stream:
                 {"index": index, "message": {"content": []}, "reasoning": [], "calls": {}, "finish_reason": None},
             )
             delta = raw.get("delta") or {}
-            text = delta.get("content")
+            text = _text(delta.get("content"))
             if text:
                 choice["message"]["content"].append(text)
                 self.started.add(index)
                 self.on_text(TextDelta(index, text))
-            thought = delta.get("reasoning_content") or delta.get("reasoning")
+            thought = _text(delta.get("reasoning_content") or delta.get("reasoning"))
             if thought:
                 choice["reasoning"].append(thought)
             for k, piece in enumerate(delta.get("tool_calls") or []):
@@ -586,6 +588,12 @@ class _Stream:
             for key in ("stop_reason", "matched_stop"):
                 if key in raw and (raw[key] is not None or raw.get("finish_reason") is not None):
                     choice[key] = raw[key]
+
+
+def _text(value: Any) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"text must be a string, got {type(value).__name__}")
+    return value
 
 
 async def _event_lines(response: httpx.Response) -> AsyncIterator[str]:
