@@ -6,9 +6,11 @@ replies of up to a million characters, tags inside code blocks …), sends each 
 trajectory through ``AgentLoop`` (the scripted backend replays it, then answers), saves each trajectory as
 JSON, and reads each reply again with the code tool on. The suite runs 400 per protocol; this runs the full
 count. An escape is an exception out of any of that; a violation is a trajectory that broke the loop's
-contract (see ``run_replies``). Exit status 1 if there was either.
+contract (see ``run_replies``). Exit status 1 if there was either. With ``--workers W`` the replies are
+generated and run in W processes (seeds ``seed`` … ``seed + W - 1``, ``n / W`` each); replies/s is over the
+wall clock of all of them.
 
-    nice -n 10 python bench/fuzz_replies.py [--n 100000] [--seed 0] [--protocol tags tools]
+    nice -n 10 python bench/fuzz_replies.py [--n 100000] [--seed 0] [--workers 1] [--protocol tags tools]
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import tempfile
 import time
 import warnings
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from hypothesis import HealthCheck, Phase, given, seed, settings
@@ -34,27 +37,23 @@ from test_protocol import HOSTILE_REPLIES, FuzzRun, run_replies  # noqa: E402
 BATCH = 1000
 
 
-def fuzz(protocol: str, n: int, seed_value: int, image: Path) -> tuple[FuzzRun, float, float]:
-    """Generate ``n`` replies and run them through the loop, a batch at a time.
-
-    Returns:
-        The run, seconds in the loop, seconds in all (generation included).
-    """
+def fuzz(protocol: str, n: int, seed_value: int, image: Path) -> FuzzRun:
+    """Generate ``n`` replies and run them through the loop, a batch at a time."""
     total = FuzzRun()
     pending: list[dict] = []
-    in_loop = 0.0
 
     def flush() -> None:
-        nonlocal in_loop
-        started = time.perf_counter()
         run = run_replies(protocol, pending, image)
-        in_loop += time.perf_counter() - started
         total.replies += run.replies
         total.escapes += run.escapes
         total.violations += run.violations
         total.kinds += run.kinds
         pending.clear()
-        print(f"  {protocol}: {total.replies:,} replies, {len(total.escapes)} escapes", file=sys.stderr, flush=True)
+        print(
+            f"  {protocol} (seed {seed_value}): {total.replies:,} replies, {len(total.escapes)} escapes",
+            file=sys.stderr,
+            flush=True,
+        )
 
     @seed(seed_value)
     @given(HOSTILE_REPLIES[protocol])
@@ -70,17 +69,35 @@ def fuzz(protocol: str, n: int, seed_value: int, image: Path) -> tuple[FuzzRun, 
         if len(pending) >= BATCH:
             flush()
 
-    started = time.perf_counter()
     collect()
     if pending:
         flush()
-    return total, in_loop, time.perf_counter() - started
+    return total
+
+
+def fuzz_in_workers(protocol: str, n: int, seed_value: int, workers: int, image: Path) -> tuple[FuzzRun, float]:
+    """``fuzz`` in ``workers`` processes with consecutive seeds; the summed run and the wall-clock seconds."""
+    started = time.perf_counter()
+    if workers == 1:
+        return fuzz(protocol, n, seed_value, image), time.perf_counter() - started
+    shares = [n // workers + (w < n % workers) for w in range(workers)]
+    total = FuzzRun()
+    with ProcessPoolExecutor(workers) as pool:
+        jobs = [pool.submit(fuzz, protocol, share, seed_value + w, image) for w, share in enumerate(shares)]
+        for job in jobs:
+            run = job.result()
+            total.replies += run.replies
+            total.escapes += run.escapes
+            total.violations += run.violations
+            total.kinds += run.kinds
+    return total, time.perf_counter() - started
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=100_000, help="replies per protocol")
-    parser.add_argument("--seed", type=int, default=0, help="Hypothesis seed")
+    parser.add_argument("--seed", type=int, default=0, help="Hypothesis seed (of the first worker)")
+    parser.add_argument("--workers", type=int, default=1, help="processes generating and running replies")
     parser.add_argument("--protocol", nargs="+", default=["tags", "tools"], choices=sorted(HOSTILE_REPLIES))
     args = parser.parse_args()
     warnings.simplefilter("ignore", NonInteractiveExampleWarning)
@@ -88,16 +105,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         image = Path(tmp) / "image.png"
         gradient_image(320, 240).save(image)
-        print("| protocol | replies | escapes | violations | replies/s in the loop | replies/s with generation |")
+        print("| protocol | replies | escapes | violations | replies/s (generation included) | workers |")
         print("|---|---|---|---|---|---|")
         runs = {}
         for protocol in args.protocol:
-            run, in_loop, overall = fuzz(protocol, args.n, args.seed, image)
+            run, seconds = fuzz_in_workers(protocol, args.n, args.seed, args.workers, image)
             runs[protocol] = run
             failed |= bool(run.escapes or run.violations)
             print(
                 f"| {protocol} | {run.replies:,} | {len(run.escapes)} | {len(run.violations)} | "
-                f"{run.replies / in_loop:,.0f} | {run.replies / overall:,.0f} |",
+                f"{run.replies / seconds:,.0f} | {args.workers} |",
                 flush=True,
             )
         for protocol, run in runs.items():

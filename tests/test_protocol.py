@@ -499,6 +499,10 @@ def test_lone_surrogates_are_replaced_so_the_record_can_be_saved():
     code = make_protocol("tools", code=True)
     action = code.parse(Completion("\ud800", tool_calls=tool_call('{"code": "\\ud800"}', "python")))
     assert action.code == "\ufffd" and action.text == "\ufffd"
+    calls = [ToolCall("\udfff", "zoom_in", '{"bbox_2d": [0.1, 0.1, 0.5, 0.5]}')]
+    action = TOOLS.parse(Completion("", tool_calls=calls))
+    assert action.call_ids == ["\ufffd"]
+    assert TOOLS.assistant_message(action, Completion("", tool_calls=calls)).tool_calls[0].id == "\ufffd"
 
 
 def test_arguments_sent_as_an_object_are_read():

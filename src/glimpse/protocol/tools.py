@@ -96,7 +96,7 @@ class ToolCallProtocol(Protocol):
         text = clean_text(completion.text or "")
         thought = clean_text(completion.reasoning or "").strip() or thought_of(text)
         calls = completion.tool_calls
-        ids = [c.id for c in calls]
+        ids = [clean_text(str(c.id)) for c in calls]  # they go into the record and back to the server
         if len(calls) > 1:
             return mistake(
                 "multiple_calls",
