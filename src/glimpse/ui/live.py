@@ -1,7 +1,8 @@
 """One run of ``glimpse ui``: the agent loop in a task, and the events a page follows while it runs.
 
 Events form an append-only log per run, so a page that connects late or reconnects (server-sent events resend
-``Last-Event-ID``) replays it from where it left off. Their types:
+``Last-Event-ID``) replays it from where it left off; the text pieces of a finished turn are dropped from it (the
+turn's event holds the whole text). Their types:
 
 * ``start``: the question, the image's size, the run's settings (never the API key), the number of samples;
 * ``text``: a piece of a reply as the model writes it (``sample``, ``turn``, ``text``, ``restart``);
@@ -47,11 +48,12 @@ class LiveRun:
     samples: int
     settings: dict[str, Any]
     out: Path
-    events: list[dict[str, Any]] = field(default_factory=list)
+    events: list[dict[str, Any] | None] = field(default_factory=list)
     status: str = "running"
     task: asyncio.Task[None] | None = None
     started: float = field(default_factory=time.time)
     _seen: dict[int, Trajectory] = field(default_factory=dict)
+    _pieces: dict[tuple[int, int], list[int]] = field(default_factory=dict)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def publish(self, event: dict[str, Any]) -> None:
@@ -67,7 +69,9 @@ class LiveRun:
         while True:
             changed = self._changed
             while i < len(self.events):
-                yield i, self.events[i]
+                event = self.events[i]
+                if event is not None:
+                    yield i, event
                 i += 1
             if self.status != "running":
                 return
@@ -107,6 +111,7 @@ class LiveRun:
     # ----------------------------------------------------------------------------------------------------
     def _on_text(self, traj: Trajectory, delta: TextDelta) -> None:
         self._seen[traj.sample_index] = traj
+        self._pieces.setdefault((traj.sample_index, len(traj.turns)), []).append(len(self.events))
         self.publish(
             {
                 "type": "text",
@@ -119,6 +124,9 @@ class LiveRun:
 
     def _on_turn(self, traj: Trajectory, turn: Turn) -> None:
         self._seen[traj.sample_index] = traj
+        # The finished turn holds its whole text: a page that replays the run later skips the pieces.
+        for i in self._pieces.pop((traj.sample_index, turn.index), []):
+            self.events[i] = None
         self.publish({"type": "turn", "sample": traj.sample_index, "trajectory": _record(traj)})
 
     async def _run(self, loop: AgentLoop, close: Any) -> None:

@@ -396,7 +396,8 @@ def _history(out: Path) -> list[dict[str, Any]]:
 
 
 def _json(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    # ASCII: no character a line splitter might take for a line end (U+2028 …) reaches the event stream raw.
+    return json.dumps(value, separators=(",", ":"))
 
 
 def _error(message: str, status: int = 400) -> JSONResponse:
