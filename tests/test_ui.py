@@ -187,6 +187,12 @@ def test_no_path_outside_the_allowed_folders_is_read(ui, probe, tmp_path):
             assert "outside the folders" in r.json()["error"]
     bad = httpx.post(f"{base}/api/runs", json={"question": "?", "image": "../../etc/passwd"})
     assert bad.status_code == 404
+    script = tmp_path / "own.json"  # the server's own settings are trusted wherever they point
+    script.write_text(json.dumps(["<answer>mine</answer>"]))
+    own = build_app(AskConfig(model=f"scripted:{script}"), runs=tmp_path / "r3", allow=[probe.parent])
+    with app_server(own) as other:
+        other = other.removesuffix("/v1")
+        assert follow(other, start(other, path=str(probe), question="?"))[-1]["vote"]["answer"] == "mine"
     remote = build_app(AskConfig(model="expert"), runs=tmp_path / "r2", allow=[probe.parent], local_paths=False)
     with app_server(remote) as other:
         r = httpx.post(other.removesuffix("/v1") + "/api/runs", json={"question": "?", "path": str(probe)})

@@ -16,8 +16,8 @@ Endpoints (the page in ``static/`` uses them; nothing else is needed, no CDN, no
 
 Safety: the server listens on loopback unless told otherwise (``serve_ui`` warns when it is not). Uploads are
 limited in bytes and, like every image Glimpse reads, by Pillow's decompression-bomb rule
-(``GLIMPSE_MAX_IMAGE_PIXELS``). A path typed in the page, a ``scripted:``/``hf:`` model folder and a prompt
-file are read only inside the allowed folders (after resolving links), and typed paths only when the server
+(``GLIMPSE_MAX_IMAGE_PIXELS``). A path typed in the page, and a ``scripted:``/``hf:`` model path typed there,
+are read only inside the allowed folders (after resolving links), and typed paths only when the server
 is on loopback. The API key stays on the server: it is never sent to the page, and it goes only to the base
 URL the server was configured with (a run pointed elsewhere from the page gets no key). Requests whose
 ``Origin`` or ``Host`` is not this server's are refused, so another web site cannot drive the app from the
@@ -46,10 +46,11 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from glimpse.agent import AgentLoop
 from glimpse.api import backend_from_config, loop_from_config
 from glimpse.config import AskConfig, UIConfig, public_dict
 from glimpse.errors import ConfigError, GlimpseError, ImageInputError
-from glimpse.images import ImageCache, image_from_bytes
+from glimpse.images import ImageCache, Original, image_from_bytes
 from glimpse.models import BACKENDS
 from glimpse.trajectory import Sample
 from glimpse.ui.live import LiveRun
@@ -114,7 +115,8 @@ def build_app(
         ask: the defaults of every run (the page may change model, base URL, protocol, effort, samples and
             the code tool); its API key is used only with its own base URL.
         runs: folder of the saved runs (created when the first run ends).
-        allow: folders whose files runs may read by path (typed paths, scripted and hf models, prompt files).
+        allow: folders whose files the page may name (image paths, scripted and hf models); the server's own
+            settings (``ask``) are trusted wherever they point.
         local_paths: accept paths and base URLs typed in the page (turn off when the server is reachable from
             elsewhere).
         max_upload_mb: largest upload accepted.
@@ -188,8 +190,7 @@ def build_app(
             return _error("the body must be JSON")
         try:
             image, config, question, samples = _run_request(body)
-            loop = await asyncio.to_thread(loop_from_config, config, backend_from_config(config), images)
-            original = await asyncio.to_thread(loop.cache.get, str(image))
+            loop, original = await asyncio.to_thread(_prepare, config, image)
         except _Refused as exc:
             return _error(str(exc), exc.status)
         except (ConfigError, ImageInputError) as exc:
@@ -212,6 +213,16 @@ def build_app(
         close = getattr(loop.backend, "aclose", None)
         run.start(loop, width=original.image.width, height=original.image.height, close=close)
         return JSONResponse({"id": run_id})
+
+    def _prepare(config: AskConfig, image: Path) -> tuple[AgentLoop, Original]:
+        """The run's loop (its backend made: an hf checkpoint loads here, off the event loop) and its image."""
+        loop = loop_from_config(config, backend_from_config(config), images)
+        try:
+            return loop, images.get(str(image))
+        except BaseException:
+            if hasattr(loop.backend, "aclose"):
+                asyncio.run(loop.backend.aclose())
+            raise
 
     def _run_request(body: Any) -> tuple[Path, AskConfig, str, int]:
         if not isinstance(body, dict):
@@ -252,10 +263,8 @@ def build_app(
         if config.effort not in ("low", "medium", "high"):
             raise _Refused(f"effort must be low, medium or high, got {config.effort!r}")
         name, _, arg = (config.model or "").partition(":")
-        if name in ("scripted", "hf") and arg:
+        if config.model != ask.model and name in ("scripted", "hf") and arg:  # a path typed in the page
             inside(arg, roots)
-        if config.prompt_file:
-            inside(config.prompt_file, roots)
         return image, config, question, samples
 
     def _run(request: Request) -> LiveRun:
