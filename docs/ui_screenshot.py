@@ -20,9 +20,9 @@ HERE = Path(__file__).parent
 
 def main() -> None:
     sys.path.insert(0, str(HERE.parent / "tests"))
-    from conftest import app_server
     from playwright.sync_api import sync_playwright
 
+    from conftest import app_server
     from glimpse.config import AskConfig
     from glimpse.demo import make_probe_demo
     from glimpse.ui import build_app
