@@ -29,6 +29,7 @@ from typing import Any
 
 from glimpse.builtin.teacher import grid_turns  # noqa: F401 (re-exported: RL's tests and cold start use it)
 from glimpse.config import BuiltinConfig, write_resolved
+from glimpse.errors import ConfigError
 from glimpse.images import ImageCache, fit
 
 # Mixture per curriculum stage: (fraction of the run at which it starts, weights of card / easy / medium / hard).
@@ -131,10 +132,13 @@ def _worker(model_dir: str, seed: int, worker: int, jobs: Any, out: Any) -> None
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _level(progress: float, rng: random.Random, only: str = "curriculum") -> str:
+def _level(progress: float, rng: random.Random, only: str = "curriculum", mix: str = "") -> str:
     if only != "curriculum":
         return only
-    weights = next(w for start, w in reversed(CURRICULUM) if progress >= start)
+    if mix:
+        weights = tuple(float(w) for w in mix.split(","))
+    else:
+        weights = next(w for start, w in reversed(CURRICULUM) if progress >= start)
     return rng.choices(LEVELS, weights=weights)[0]
 
 
@@ -159,6 +163,13 @@ def skills(target: list[int], pred: list[int], level: str, kind: str, ids: dict[
             end = target.index(ids["answer_close"], i) if ids["answer_close"] in target[i:] else len(target) - 1
             add("answer", all(pred[k] == target[k] for k in range(i + 1, end + 1)))
     return out
+
+
+def _number(text: str) -> bool:
+    try:
+        return float(text) >= 0
+    except ValueError:
+        return False
 
 
 def _print(entry: dict[str, Any]) -> None:
@@ -186,14 +197,23 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
     out.mkdir(parents=True, exist_ok=True)
     write_resolved(cfg, out / "config.json")
     model_dir = out / "model"
-    build_builtin(model_dir, size=cfg.size, seed=cfg.seed)
+    if cfg.mix and (len(cfg.mix.split(",")) != len(LEVELS) or not all(_number(w) for w in cfg.mix.split(","))):
+        raise ConfigError(f"--mix takes {len(LEVELS)} weights (card, easy, medium, hard), got {cfg.mix!r}")
+    if cfg.init:
+        if not (Path(cfg.init) / "config.json").exists():
+            raise ConfigError(f"--init {cfg.init} is not a checkpoint folder (no config.json)")
+        if Path(cfg.init).resolve() != model_dir.resolve():
+            shutil.copytree(cfg.init, model_dir, dirs_exist_ok=True)
+    else:
+        build_builtin(model_dir, size=cfg.size, seed=cfg.seed)
     from transformers import AutoModelForImageTextToText
 
     model = AutoModelForImageTextToText.from_pretrained(model_dir).to(device)
     processor = load_processor(model_dir)
     params = sum(p.numel() for p in model.parameters())
     print(
-        f"training a fresh {cfg.size} built-in model ({params:,} parameters) on {device} for {cfg.minutes:g} min "
+        f"training {'the model from ' + cfg.init if cfg.init else 'a fresh ' + cfg.size + ' built-in model'} "
+        f"({params:,} parameters) on {device} for {cfg.minutes:g} min "
         f"with {cfg.workers} example makers → {out}"
     )
     tok = processor.tokenizer
@@ -217,7 +237,7 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
 
     def feed(n: int) -> None:
         for _ in range(n):
-            level = _level((time.perf_counter() - start) / budget, rng, cfg.only)
+            level = _level((time.perf_counter() - start) / budget, rng, cfg.only, cfg.mix)
             jobs.put((level, 1_000_000 + counters[level]))  # indices from 1e6 up: never the eval's
             counters[level] += 1
 
