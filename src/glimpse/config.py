@@ -514,3 +514,9 @@ class BuiltinConfig:
         "gradient steps per fresh batch: the first on the fresh batch (its held-out accuracy is logged), the rest on "
         "batches drawn from the last 2,048 examples, for when the example makers cannot keep up (a GPU)",
     )
+    init: str = opt("", "start from this built-in checkpoint (a folder) instead of a fresh model")
+    mix: str = opt(
+        "",
+        "weights of card, easy, medium and hard examples for the whole run, e.g. 0.8,0.07,0.07,0.06 (reading "
+        "cards are about 15 times cheaper to make than probes); empty: the curriculum",
+    )

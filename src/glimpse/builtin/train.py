@@ -208,7 +208,7 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
         build_builtin(model_dir, size=cfg.size, seed=cfg.seed)
     from transformers import AutoModelForImageTextToText
 
-    model = AutoModelForImageTextToText.from_pretrained(model_dir).to(device)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).to(device)
     processor = load_processor(model_dir)
     params = sum(p.numel() for p in model.parameters())
     print(
