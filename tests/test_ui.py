@@ -146,6 +146,30 @@ def test_stop_cancels_the_request_and_saves_the_stop(tmp_path, probe, scripted_s
     assert traj.stop_reason == "cancelled" and len(traj.turns) == 1
 
 
+def test_runs_share_a_backend_and_shutting_down_saves_the_runs_in_progress(tmp_path, probe, scripted_server):
+    runs = tmp_path / "runs"
+    app = build_app(AskConfig(model="openai:scripted", base_url=scripted_server), runs=runs, allow=[probe.parent])
+    with app_server(app) as base:
+        base = base.removesuffix("/v1")
+        first = start(base, path=str(probe), question="?")
+        second = start(base, path=str(probe), question="?", samples=2)
+        assert len(app.state.loops.kept) == 1  # the same settings: one loop, one backend and its connections
+        third = start(base, path=str(probe), question="?", effort="low")
+        assert len(app.state.loops.kept) == 2
+        deadline = time.monotonic() + 30
+
+        def turned(run_id: str) -> set[int]:
+            return {e["sample"] for e in app.state.live[run_id].events if e and e["type"] == "turn"}
+
+        while (len(turned(first)), len(turned(second)), len(turned(third))) != (1, 2, 1):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    # The server stopped (Ctrl-C) while the runs were going: each was stopped and saved.
+    for run_id, samples in ((first, 1), (second, 2), (third, 1)):
+        trajs = load_jsonl(runs / f"{run_id}.jsonl")
+        assert [t.stop_reason for t in trajs] == ["cancelled"] * samples and all(t.turns for t in trajs)
+
+
 def test_uploads_are_limited_in_bytes_and_pixels(ui, monkeypatch):
     from PIL import Image
 

@@ -27,13 +27,18 @@ user's browser.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import functools
 import ipaddress
 import json
 import logging
 import os
 import re
 import secrets
+import threading
+from collections import OrderedDict
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
@@ -50,7 +55,7 @@ from glimpse.agent import AgentLoop
 from glimpse.api import backend_from_config, loop_from_config
 from glimpse.config import AskConfig, UIConfig, public_dict
 from glimpse.errors import ConfigError, GlimpseError, ImageInputError
-from glimpse.images import ImageCache, Original, image_from_bytes
+from glimpse.images import ImageCache, image_from_bytes
 from glimpse.models import BACKENDS
 from glimpse.trajectory import Sample
 from glimpse.ui.live import LiveRun
@@ -63,6 +68,8 @@ MAX_UPLOAD_MB = 64
 MAX_SAMPLES = 16
 # Finished runs whose events stay in memory (a page may still be replaying them); the rest are on disk.
 _KEEP_FINISHED = 64
+# Agent loops (each with its backend) kept for runs with the same settings.
+_KEPT_LOOPS = 8
 _RUN_ID = re.compile(r"^[0-9]{8}-[0-9]{6}-[0-9a-f]{6}$")
 _UPLOAD_ID = re.compile(r"^[0-9a-f]{64}$")
 _STATIC = resources.files("glimpse.ui") / "static"
@@ -127,6 +134,16 @@ def build_app(
     max_upload = max_upload_mb * 1024 * 1024
     live: dict[str, LiveRun] = {}
     images = ImageCache()  # shared by every run: an image asked about again is decoded once
+    loops = _Loops(images)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        yield
+        # Shutting down (Ctrl-C): runs still going are stopped and saved, then every backend is closed.
+        running = [r for r in live.values() if r.stop()]
+        await asyncio.gather(*(r.task for r in running if r.task is not None), return_exceptions=True)
+        for loop in loops.clear():
+            await _close(loop)
 
     def defaults() -> dict[str, Any]:
         return {
@@ -188,15 +205,20 @@ def build_app(
             body = await request.json()
         except ValueError:
             return _error("the body must be JSON")
+        loop = None
         try:
             image, config, question, samples = _run_request(body)
-            loop, original = await asyncio.to_thread(_prepare, config, image)
-        except _Refused as exc:
-            return _error(str(exc), exc.status)
-        except (ConfigError, ImageInputError) as exc:
-            return _error(str(exc), 400)
-        except GlimpseError as exc:
-            return _error(str(exc), 502)
+            # Off the event loop: a new hf backend loads its checkpoint here, and a large image decodes.
+            loop, idle = await asyncio.to_thread(loops.acquire, config)
+            for old in idle:
+                await _close(old)
+            original = await asyncio.to_thread(images.get, str(image))
+        except (GlimpseError, _Refused) as exc:
+            if loop is not None:
+                await release(loop)
+            if isinstance(exc, _Refused):
+                return _error(str(exc), exc.status)
+            return _error(str(exc), 400 if isinstance(exc, (ConfigError, ImageInputError)) else 502)
         run_id = datetime.now(UTC).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
         settings = {k: v for k, v in public_dict(config).items() if k not in ("save", "json", "quiet")}
         run = LiveRun(
@@ -210,19 +232,14 @@ def build_app(
         finished = [k for k, r in live.items() if r.status != "running"]
         for k in finished[: max(0, len(finished) - _KEEP_FINISHED)]:  # older runs live on in the history
             del live[k]
-        close = getattr(loop.backend, "aclose", None)
-        run.start(loop, width=original.image.width, height=original.image.height, close=close)
+        run.start(
+            loop, width=original.image.width, height=original.image.height, close=functools.partial(release, loop)
+        )
         return JSONResponse({"id": run_id})
 
-    def _prepare(config: AskConfig, image: Path) -> tuple[AgentLoop, Original]:
-        """The run's loop (its backend made: an hf checkpoint loads here, off the event loop) and its image."""
-        loop = loop_from_config(config, backend_from_config(config), images)
-        try:
-            return loop, images.get(str(image))
-        except BaseException:
-            if hasattr(loop.backend, "aclose"):
-                asyncio.run(loop.backend.aclose())
-            raise
+    async def release(loop: AgentLoop) -> None:
+        for old in loops.release_now(loop):
+            await _close(old)
 
     def _run_request(body: Any) -> tuple[Path, AskConfig, str, int]:
         if not isinstance(body, dict):
@@ -336,6 +353,7 @@ def build_app(
         return FileResponse(target)
 
     app = Starlette(
+        lifespan=lifespan,
         middleware=[Middleware(_SameOrigin)],
         routes=[
             Route("/", page),
@@ -355,7 +373,69 @@ def build_app(
         ],
     )
     app.state.live = live
+    app.state.loops = loops
     return app
+
+
+class _Loops:
+    """Agent loops shared by the runs with the same settings: a backend is made once (an hf checkpoint loads once)
+    and keeps its connections, and an image asked about again is resized and encoded once. The ``size`` most
+    recently used are kept; a loop dropped from them is closed when its last run ends. Called from worker threads.
+    """
+
+    def __init__(self, images: ImageCache, size: int = _KEPT_LOOPS):
+        self.images = images
+        self.size = size
+        self.kept: OrderedDict[str, AgentLoop] = OrderedDict()
+        self.users: dict[int, int] = {}
+        self.lock = threading.Lock()
+        self.making: dict[str, threading.Lock] = {}
+
+    def acquire(self, config: AskConfig) -> tuple[AgentLoop, list[AgentLoop]]:
+        """The loop for ``config`` (made if needed), counted as in use; and loops dropped that are now idle."""
+        key = json.dumps({**public_dict(config), "samples": None, "api_key": config.api_key}, default=str)
+        with self.lock:
+            making = self.making.setdefault(key, threading.Lock())
+        with making:  # two runs asking for one new backend make it once
+            with self.lock:
+                loop = self.kept.get(key)
+                if loop is not None:
+                    self.kept.move_to_end(key)
+                    self.users[id(loop)] += 1
+                    return loop, []
+            loop = loop_from_config(config, backend_from_config(config), self.images)
+            with self.lock:
+                self.kept[key] = loop
+                self.users[id(loop)] = 1
+                self.making.pop(key, None)
+                idle = []
+                while len(self.kept) > self.size:
+                    _, old = self.kept.popitem(last=False)
+                    if self.users.get(id(old), 0) == 0:
+                        self.users.pop(id(old), None)
+                        idle.append(old)
+                return loop, idle
+
+    def release_now(self, loop: AgentLoop) -> list[AgentLoop]:
+        """A run ended: ``[loop]`` if it was dropped and nothing uses it any more (the caller closes it)."""
+        with self.lock:
+            self.users[id(loop)] -= 1
+            if self.users[id(loop)] or any(k is loop for k in self.kept.values()):
+                return []
+            del self.users[id(loop)]
+            return [loop]
+
+    def clear(self) -> list[AgentLoop]:
+        with self.lock:
+            out = list(self.kept.values())
+            self.kept.clear()
+            return out
+
+
+async def _close(loop: AgentLoop) -> None:
+    close = getattr(loop.backend, "aclose", None)
+    if close is not None:
+        await close()
 
 
 class _SameOrigin:
