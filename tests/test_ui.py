@@ -50,9 +50,7 @@ def probe(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def scripted_server(tmp_path_factory):
-    """glimpse serve with a scripted model: two zooms then an answer, 0.8 s per reply, thoughts streamed."""
+def _scripted_server(tmp_path_factory, latency: str):
     folder = tmp_path_factory.mktemp("ui-script")
     long = " ".join(f"step{i}" for i in range(30))
     script = [
@@ -61,7 +59,20 @@ def scripted_server(tmp_path_factory):
         f"<think>{long}</think><answer>{HOSTILE}</answer>",
     ]
     (folder / "script.json").write_text(json.dumps([script]))
-    with glimpse_server("--model", f"scripted:{folder / 'script.json'}", "--latency", "0.8") as base:
+    return glimpse_server("--model", f"scripted:{folder / 'script.json'}", "--latency", latency)
+
+
+@pytest.fixture(scope="module")
+def scripted_server(tmp_path_factory):
+    """glimpse serve with a scripted model: two zooms then an answer, 0.8 s per reply, thoughts streamed."""
+    with _scripted_server(tmp_path_factory, "0.8") as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def slow_server(tmp_path_factory):
+    """The same at 3 s per reply: a run stays in progress while a test reloads a page or shuts the server down."""
+    with _scripted_server(tmp_path_factory, "3") as base:
         yield base
 
 
@@ -146,9 +157,9 @@ def test_stop_cancels_the_request_and_saves_the_stop(tmp_path, probe, scripted_s
     assert traj.stop_reason == "cancelled" and len(traj.turns) == 1
 
 
-def test_runs_share_a_backend_and_shutting_down_saves_the_runs_in_progress(tmp_path, probe, scripted_server):
+def test_runs_share_a_backend_and_shutting_down_saves_the_runs_in_progress(tmp_path, probe, slow_server):
     runs = tmp_path / "runs"
-    app = build_app(AskConfig(model="openai:scripted", base_url=scripted_server), runs=runs, allow=[probe.parent])
+    app = build_app(AskConfig(model="openai:scripted", base_url=slow_server), runs=runs, allow=[probe.parent])
     with app_server(app) as base:
         base = base.removesuffix("/v1")
         first = start(base, path=str(probe), question="?")
@@ -324,6 +335,28 @@ def open_ui(browser, base):
     return page, errors
 
 
+# The page's state at every change, recorded in the page itself: what the test asserts about intermediate states
+# does not depend on how quickly the test process looks.
+RECORDER = """
+(() => {
+  window.__states = [];
+  const snap = () => {
+    const live = document.querySelector('.column .turn.live');
+    window.__states.push({
+      cards: document.querySelectorAll('.column .turn:not(.live)').length,
+      crops: document.querySelectorAll('.column .turn.zoom figure.crop canvas').length,
+      boxes: document.querySelectorAll('.original-wrap svg rect.zoom-box').length,
+      liveTurn: live ? Number(live.dataset.turn) : null,
+      liveText: live ? live.querySelector('pre.stream').textContent : '',
+      status: (document.getElementById('status') || {}).textContent || '',
+    });
+  };
+  new MutationObserver(snap).observe(document.getElementById('live'),
+    { childList: true, subtree: true, characterData: true });
+})();
+"""
+
+
 def test_live_page_shows_turns_as_they_happen(browser, tmp_path, probe, scripted_server):
     cfg = AskConfig(model="expert")
     with app_server(build_app(cfg, runs=tmp_path / "runs", allow=[probe.parent])) as base:
@@ -333,26 +366,25 @@ def test_live_page_shows_turns_as_they_happen(browser, tmp_path, probe, scripted
         page.fill("#question", "What does the sign say?")
         page.fill("#model", "openai:scripted")
         page.fill("#base-url", scripted_server)
+        page.evaluate(RECORDER)
         page.click("#run")
-        # 1. The first thought streams in before its turn is done.
-        page.wait_for_function(
-            "(() => { const p = document.querySelector('.column .turn.live pre.stream');"
-            " return p && p.textContent.length > 10; })()"
+        page.wait_for_selector("#vote .vote", timeout=60_000)
+        states = page.evaluate("window.__states")
+        # 1. The first thought streamed in, piece by piece, before its turn was done.
+        first = [s for s in states if s["cards"] == 0 and s["liveTurn"] == 0]
+        assert len({s["liveText"] for s in first}) > 10
+        assert any(s["liveText"].startswith("<think>First I scan") and "step29" not in s["liveText"] for s in first)
+        # 2. Turn 1 arrived with its box on the original and its crop while the run went on and turn 2 streamed.
+        assert any(
+            s["cards"] == 1 and s["crops"] == 1 and s["boxes"] == 1 and s["status"] == "running…" for s in states
         )
-        assert page.locator(".column .turn.zoom").count() == 0
-        partial = page.inner_text(".turn.live pre.stream")
-        assert partial.startswith("<think>First I scan") and "step29" not in partial  # the thought so far
-        # 2. Turn 1 arrives: its box on the image it was taken from, the crop and the chain, while turn 2 streams.
-        page.wait_for_selector(".column .turn.zoom[data-turn='0'] figure.crop canvas")
-        assert page.inner_text("#status") == "running…"
-        assert page.locator(".column .turn[data-turn='1']:not(.live)").count() == 0
-        assert page.locator(".original-wrap svg rect.zoom-box").count() == 1
+        assert any(s["cards"] == 1 and s["liveTurn"] == 1 and s["liveText"] for s in states)
+        # 3. Turns only ever arrived in order, one at a time, and the run ended with three.
+        cards = [s["cards"] for s in states]
+        assert cards == sorted(cards) and set(cards) == {0, 1, 2, 3}
         assert page.inner_text(".turn.zoom[data-turn='0'] .chain") == "original → observation 1"
-        page.wait_for_selector(".column .turn.live[data-turn='1']")
-        # 3. The nested zoom, then the answer and the vote.
-        page.wait_for_selector(".column .turn.zoom[data-turn='1'] figure.crop canvas")
         assert page.inner_text(".turn.zoom[data-turn='1'] .chain") == "original → observation 1 → observation 2"
-        page.wait_for_selector("#vote .vote", timeout=30_000)
+        assert page.locator(".original-wrap svg rect.zoom-box").count() == 2
         assert page.inner_text("#status") == "finished"
         assert page.inner_text("#answer") == HOSTILE  # shown as text, never run
         assert page.locator(".turn.live").count() == 0 and page.locator(".column .turn").count() == 3
@@ -374,8 +406,8 @@ def test_live_page_shows_turns_as_they_happen(browser, tmp_path, probe, scripted
         assert errors == []
 
 
-def test_stop_in_the_page_and_samples_in_columns(browser, tmp_path, probe, scripted_server):
-    cfg = AskConfig(model="openai:scripted", base_url=scripted_server)
+def test_stop_in_the_page_and_samples_in_columns(browser, tmp_path, probe, slow_server):
+    cfg = AskConfig(model="openai:scripted", base_url=slow_server)
     runs = tmp_path / "runs"
     with app_server(build_app(cfg, runs=runs, allow=[probe.parent])) as base:
         page, errors = open_ui(browser, base.removesuffix("/v1"))
