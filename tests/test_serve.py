@@ -205,7 +205,7 @@ def test_streamed_replies_arrive_in_pieces_and_equal_plain_ones(tmp_path):
     long = "<think>" + " ".join(f"word{i}" for i in range(60)) + "</think>" + zoom([0.1, 0.2, 0.6, 0.7])
     script = tmp_path / "s.json"
     script.write_text(json.dumps({"scripts": [[long, "<answer>a</answer>"], [long + " ", "<answer>b</answer>"]]}))
-    with glimpse_server("--model", f"scripted:{script}", "--latency", "0.6") as base:
+    with glimpse_server("--model", f"scripted:{script}", "--latency", "1.2") as base:
         listener, streamed, plain = stream_and_plain(
             base, [Message("user", "hi")], n=2, stop=["</grounding>"], temperature=0.0
         )
@@ -219,8 +219,8 @@ def test_streamed_replies_arrive_in_pieces_and_equal_plain_ones(tmp_path):
     assert streamed[0].completion_tokens == plain[0].completion_tokens
     assert listener.text(0) == streamed[0].text and listener.text(1) == streamed[1].text
     times = [t for t, _ in listener.deltas]
-    assert len(times) > 40 and times[-1] - times[0] > 0.4  # many pieces, spread over the simulated latency
-    assert times[len(times) // 2] < times[-1] - 0.2  # half the text was shown well before the reply ended
+    assert len(times) > 40 and times[-1] - times[0] > 0.6  # many pieces, spread over the simulated latency
+    assert times[len(times) // 2] < times[-1] - 0.3  # half the text was shown well before the reply ended
     events = [line for line in with_usage.text.splitlines() if line.startswith("data: ")]
     assert with_usage.headers["content-type"].startswith("text/event-stream") and events[-1] == "data: [DONE]"
     assert json.loads(events[-2][6:])["usage"]["completion_tokens"] > 0
