@@ -211,6 +211,9 @@ def test_glimpse_serve_hf_end_to_end_with_the_openai_backend(tiny_qwen, tmp_path
         (traj,) = load_jsonl(out)
         assert len(traj.turns) == 2 and traj.usage.prompt_tokens > 0 and traj.usage.completion_tokens > 0
         assert traj.token_view is not None and traj.token_view.aligned and sum(traj.token_view.mask) > 0
+        # The client resent turn 1 with turn 2: the server reused its past key/values.
+        kv = httpx.get(base.removesuffix("/v1") + "/health", timeout=30).json()["kv_cache"]
+        assert kv["hits"] >= 1 and kv["reused_tokens"] > kv["computed_tokens"] / 2 and kv["entries"] >= 1
         # Limits are refused with a clear 4xx.
         body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": 9}
         r = httpx.post(f"{base}/chat/completions", json=body, timeout=30)

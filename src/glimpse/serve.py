@@ -6,7 +6,9 @@ harness benchmark. The same server will front local checkpoints on machines with
 
 Endpoints: ``POST /v1/chat/completions`` (images as base64 data URLs, ``n``, ``stop``, ``tools``, sampling
 parameters, ``max_completion_tokens`` / ``max_tokens``, vLLM's ``return_token_ids``), ``GET /v1/models``,
-``GET /health``. Requests beyond the server's limits get a 4xx with a message saying which limit. With
+``GET /health`` (with the ``hf`` backend, also what its KV cache reused: a client that resends a conversation's
+prefix, as every agent loop does, reuses the past key/values of its previous turn). Requests beyond the
+server's limits get a 4xx with a message saying which limit. With
 ``stream: true`` the reply comes as server-sent events in vLLM's format (``chat.completion.chunk`` deltas of
 about one token, tool-call arguments in pieces, ``stop_reason`` and ``finish_reason`` in each choice's last
 chunk, usage in a final chunk when ``stream_options.include_usage`` asks, then ``data: [DONE]``); the backend
@@ -223,7 +225,11 @@ def build_app(
     counter = itertools.count(1)
 
     async def health(_: Request) -> JSONResponse:
-        return JSONResponse({"status": "ok", "model": name})
+        body: dict[str, Any] = {"status": "ok", "model": name}
+        kv_cache = getattr(backend, "kv_cache", None)  # the hf backend's kept key/values (models/kv_cache.py)
+        if kv_cache is not None:
+            body["kv_cache"] = {**kv_cache.stats, "entries": len(kv_cache.entries), "bytes": kv_cache.nbytes}
+        return JSONResponse(body)
 
     async def models(_: Request) -> JSONResponse:
         return JSONResponse({"object": "list", "data": [{"id": name, "object": "model", "owned_by": "glimpse"}]})
