@@ -72,9 +72,7 @@ class TurnPrinter:
         self.seen.add(traj.id)
 
     def text(self, traj: Trajectory, delta: TextDelta) -> None:
-        """A piece of the reply being written (several samples would interleave: they print per turn only)."""
-        if self.samples > 1:
-            return
+        """A piece of the reply being written (given only with one sample: several would interleave)."""
         self._header(traj)
         if not self.streamed or delta.restart:
             if delta.restart:
@@ -157,7 +155,8 @@ async def _ask_scored(
 ) -> AskResult:
     """Ask, then, when the gold answer is known (the demo's probe), record it in each trajectory's sample and
     score the answer with the evaluation's scorer. The gold is added after the run: the model never sees it."""
-    on_text = on_turn.text if isinstance(on_turn, TurnPrinter) else None
+    # One sample's reply is printed as it streams; several would interleave, so they are not streamed at all.
+    on_text = on_turn.text if isinstance(on_turn, TurnPrinter) and cfg.samples == 1 else None
     result = await ask_async(image, question, cfg, on_turn=on_turn, on_text=on_text)
     if gold is None:
         return result
