@@ -1,0 +1,136 @@
+"""Where the built-in model's learning stalls: its perception and each skill against examples and minutes.
+
+Three parts, each printing its own table:
+
+* ``--recall N``: the training-free proposer alone, on N first views per level (training seeds): how often the
+  teacher can point at the target (a proposal covers it and its zoom window shows it all; the student cannot do
+  better), proposals per view, milliseconds per view.
+* ``--rate N``: training examples per second on one core (probe or card, the teacher's search through the real
+  agent loop, SFT's encoding), per level; a trainer with W makers makes about W times as many.
+* ``--log RUN/log.jsonl``: learning curves of a ``glimpse train builtin`` run from its held-out log (each batch
+  scored before the model trains on it): per skill (the first zoom per level, later zooms, the answer per
+  question kind; cards are answers read from a legible sign), accuracy over windows of examples.
+* ``--train-skill SKILL --minutes M``: trains a fresh model on one kind of example alone (``card``: reading a
+  legible sign; ``easy`` / ``medium`` / ``hard``: finding the target, then answering) and prints its curves.
+
+    python bench/builtin_skills.py --recall 30 --rate 6
+    python bench/builtin_skills.py --log builtin-run/log.jsonl
+    python bench/builtin_skills.py --train-skill card --minutes 20 --workers 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from glimpse.builtin.model import MAX_PIXELS, MIN_PIXELS
+from glimpse.images import PixelLimits, fit
+
+LEVELS = ("easy", "medium", "hard")
+
+
+def recall(n: int) -> None:
+    from glimpse.builtin.proposer import propose
+    from glimpse.builtin.teacher import teacher_turns
+    from glimpse.probes.stream import SceneCache, probe_sample
+
+    limits = PixelLimits(MIN_PIXELS, MAX_PIXELS, 32)
+    print("| level | first views | teacher can point at every target | proposals per view | ms per view |")
+    print("|---|---|---|---|---|")
+    for level in LEVELS:
+        scenes, covered, proposals, seconds = SceneCache(), 0, 0, 0.0
+        for i in range(n):
+            sample = probe_sample(level, 2_000_000 + i, 0, Path("."), scenes=scenes)
+            view = fit(scenes.get(sample.images[0]).image, limits)  # type: ignore[arg-type]
+            t = time.perf_counter()
+            proposals += len(propose(view))
+            seconds += time.perf_counter() - t
+            covered += teacher_turns(sample, view) is not None
+            scenes.discard(sample.images[0])
+        print(f"| {level} | {n} | {covered / n:.0%} | {proposals / n:.0f} | {seconds / n * 1000:.0f} |")
+
+
+def rate(n: int) -> None:
+    import torch
+
+    from glimpse.builtin.model import build_builtin
+    from glimpse.builtin.train import ExampleMaker
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = build_builtin(Path(tmp) / "model", size="tiny")
+        folder = Path(tmp) / "files"
+        folder.mkdir()
+        make = ExampleMaker(model, 0, folder)
+        print("| kind | examples | examples/s (one core) |")
+        print("|---|---|---|")
+        for level in ("card", *LEVELS):
+            t = time.perf_counter()
+            made = sum(make(level, 3_000_000 + i)[0] is not None for i in range(n))
+            print(f"| {level} | {made} | {made / (time.perf_counter() - t):.2f} |")
+
+
+def curves(log: Path, window: int = 0) -> None:
+    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    if not entries:
+        raise SystemExit(f"{log} is empty")
+    total = entries[-1]["examples"]
+    window = window or max(total // 8, 1)
+    skills = sorted({k[4:] for e in entries for k in e if k.startswith("acc_") and k.count("/") <= 1})
+    rows: dict[str, list[str]] = {s: [] for s in skills}
+    edges = list(range(0, total, window))
+    for lo in edges:
+        part = [e for e in entries if lo < e["examples"] <= lo + window]
+        for s in skills:
+            # batch accuracies weighted equally (each batch's count of that skill is not logged)
+            values = [e[f"acc_{s}"] for e in part if f"acc_{s}" in e]
+            rows[s].append(f"{sum(values) / len(values):.2f}" if values else "–")
+    minutes = [
+        next((e["minutes"] for e in entries if e["examples"] > lo + window - 1), entries[-1]["minutes"]) for lo in edges
+    ]
+    print(f"Held-out accuracy (teacher-forced) per window of {window:,} examples, {log}")
+    print(
+        "| skill | "
+        + " | ".join(f"≤{lo + window:,} ({m:.1f} min)" for lo, m in zip(edges, minutes, strict=True))
+        + " |"
+    )
+    print("|---|" + "---|" * len(edges))
+    for s in skills:
+        print(f"| {s} | " + " | ".join(rows[s]) + " |")
+
+
+def train_skill(skill: str, minutes: float, workers: int) -> None:
+    from glimpse.builtin.train import train_builtin
+    from glimpse.config import BuiltinConfig
+
+    out = Path(tempfile.mkdtemp(prefix=f"builtin-{skill}-"))
+    cfg = BuiltinConfig(out=str(out), minutes=minutes, workers=workers, threads=1, only=skill, lr=5e-4, warmup=30)
+    train_builtin(cfg, log=lambda entry: None)
+    curves(out / "log.jsonl")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recall", type=int, default=0, help="first views per level for the proposer's recall")
+    parser.add_argument("--rate", type=int, default=0, help="examples per level for the example rate")
+    parser.add_argument("--log", type=Path, help="a training run's log.jsonl: learning curves")
+    parser.add_argument("--window", type=int, default=0, help="examples per column of the curves (default: 1/8)")
+    parser.add_argument("--train-skill", choices=("card", *LEVELS), help="train on one kind of example alone")
+    parser.add_argument("--minutes", type=float, default=10.0, help="minutes for --train-skill")
+    parser.add_argument("--workers", type=int, default=1, help="example makers for --train-skill")
+    args = parser.parse_args()
+    if args.recall:
+        recall(args.recall)
+    if args.rate:
+        rate(args.rate)
+    if args.log:
+        curves(args.log, args.window)
+    if args.train_skill:
+        train_skill(args.train_skill, args.minutes, args.workers)
+
+
+if __name__ == "__main__":
+    main()
