@@ -12,10 +12,13 @@ Three parts, each printing its own table:
   question kind; cards are answers read from a legible sign), accuracy over windows of examples.
 * ``--train-skill SKILL --minutes M``: trains a fresh model on one kind of example alone (``card``: reading a
   legible sign; ``easy`` / ``medium`` / ``hard``: finding the target, then answering) and prints its curves.
+* ``--photo OUT.jpg --model CHECKPOINT``: a street-like picture that is not a probe (drawn here, no download),
+  one question through the real agent loop, and the model's zooms drawn on it (``docs/builtin-photo.jpg``).
 
     python bench/builtin_skills.py --recall 30 --rate 6
     python bench/builtin_skills.py --log builtin-run/log.jsonl
     python bench/builtin_skills.py --train-skill card --minutes 20 --workers 1
+    python bench/builtin_skills.py --photo docs/builtin-photo.jpg --model builtin-run/model
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import json
 import tempfile
 import time
 from pathlib import Path
+
+from PIL import Image
 
 from glimpse.builtin.model import MAX_PIXELS, MIN_PIXELS
 from glimpse.images import PixelLimits, fit
@@ -112,6 +117,75 @@ def train_skill(skill: str, minutes: float, workers: int) -> None:
     curves(out / "log.jsonl")
 
 
+def street(width: int = 1600, height: int = 1000, seed: int = 1) -> Image.Image:
+    """A street-like picture: sky, buildings with windows, a shop sign with text, cars, a tree, noise."""
+    import numpy as np
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(seed)
+    y = np.linspace(0, 1, height)[:, None, None]
+    sky = np.broadcast_to(np.array([120, 170, 230]) * (1 - 0.4 * y) + np.array([40, 30, 10]) * y, (height, width, 3))
+    image = Image.fromarray(np.clip(sky + rng.normal(0, 4, (height, width, 3)), 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    x = 0
+    while x < width:
+        w, h = int(rng.integers(150, 320)), int(rng.integers(350, 800))
+        tone = int(rng.integers(90, 200))
+        draw.rectangle((x, height - 180 - h, x + w, height - 180), fill=(tone, tone - 15, tone - 30))
+        for wy in range(height - 160 - h, height - 220, 60):
+            for wx in range(x + 15, x + w - 30, 45):
+                draw.rectangle(
+                    (wx, wy, wx + 25, wy + 35), fill=(60, 80, 110) if rng.random() < 0.7 else (240, 220, 150)
+                )
+        x += w + int(rng.integers(5, 40))
+    draw.rectangle((0, height - 180, width, height), fill=(70, 70, 75))
+    draw.rectangle((520, height - 330, 860, height - 270), fill=(250, 250, 245), outline=(150, 20, 20), width=4)
+    draw.text((545, height - 315), "BAKERY  OPEN 7-19", fill=(20, 20, 20))
+    for cx in (200, 1050, 1350):
+        color = tuple(int(v) for v in rng.integers(30, 220, 3))
+        draw.rounded_rectangle((cx, height - 140, cx + 190, height - 70), 18, fill=color)
+        for wheel in (cx + 35, cx + 155):
+            draw.ellipse((wheel - 20, height - 90, wheel + 20, height - 50), fill=(20, 20, 20))
+    draw.rectangle((1480, height - 420, 1500, height - 180), fill=(90, 60, 30))
+    draw.ellipse((1410, height - 560, 1570, height - 380), fill=(40, 120, 50))
+    return image
+
+
+def photo(out: Path, model: str) -> None:
+    import asyncio
+
+    from PIL import ImageDraw
+
+    from glimpse.agent import AgentLoop
+    from glimpse.models.hf import HFBackend
+    from glimpse.trajectory import Sample
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "street.png"
+        street().save(path)
+        backend = HFBackend(model)
+        loop = AgentLoop(
+            backend,
+            coords="relative",
+            prompt_file=backend.default_prompt_file,
+            max_turns=4,
+            min_pixels=MIN_PIXELS,
+            max_pixels=MAX_PIXELS,
+            resize_factor=32,
+        )
+        sample = Sample(id="street", images=[str(path)], question="What is the code written on the small sign with a red border? Answer with the code only.")
+        (traj,) = asyncio.run(loop.run(sample))
+        image = street().convert("RGB")
+    draw = ImageDraw.Draw(image)
+    for turn in traj.turns:
+        print(turn.text)
+        if turn.crop_box_px and turn.source_index == 0:
+            draw.rectangle(tuple(turn.crop_box_px), outline=(255, 0, 200), width=5)
+    print(f"stop: {traj.stop_reason}, tool errors: {traj.metrics['tool_errors']}")
+    image.resize((image.width // 2, image.height // 2)).save(out, quality=85)
+    print(f"→ {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recall", type=int, default=0, help="first views per level for the proposer's recall")
@@ -121,6 +195,8 @@ def main() -> None:
     parser.add_argument("--train-skill", choices=("card", *LEVELS), help="train on one kind of example alone")
     parser.add_argument("--minutes", type=float, default=10.0, help="minutes for --train-skill")
     parser.add_argument("--workers", type=int, default=1, help="example makers for --train-skill")
+    parser.add_argument("--photo", type=Path, help="write a picture of the model's zooms on a street-like image")
+    parser.add_argument("--model", help="checkpoint for --photo")
     args = parser.parse_args()
     if args.recall:
         recall(args.recall)
@@ -130,6 +206,8 @@ def main() -> None:
         curves(args.log, args.window)
     if args.train_skill:
         train_skill(args.train_skill, args.minutes, args.workers)
+    if args.photo:
+        photo(args.photo, args.model)
 
 
 if __name__ == "__main__":
