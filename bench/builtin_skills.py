@@ -82,6 +82,14 @@ def curves(log: Path, window: int = 0) -> None:
     entries = [json.loads(line) for line in log.read_text().splitlines()]
     if not entries:
         raise SystemExit(f"{log} is empty")
+    for e in entries:  # logs written before skills were also kept per question kind: the mean over levels
+        by_kind: dict[str, list[float]] = {}
+        for k, v in e.items():
+            if k.startswith("acc_") and k.count("/") == 2:
+                name, _, kind = k[4:].split("/")
+                by_kind.setdefault(f"acc_{name}/{kind}", []).append(v)
+        for k, vs in by_kind.items():
+            e.setdefault(k, sum(vs) / len(vs))
     total = entries[-1]["examples"]
     window = window or max(total // 8, 1)
     skills = sorted({k[4:] for e in entries for k in e if k.startswith("acc_") and k.count("/") <= 1})
@@ -173,7 +181,8 @@ def photo(out: Path, model: str) -> None:
             max_pixels=MAX_PIXELS,
             resize_factor=32,
         )
-        sample = Sample(id="street", images=[str(path)], question="What is the code written on the small sign with a red border? Answer with the code only.")
+        question = "What is the code written on the small sign with a red border? Answer with the code only."
+        sample = Sample(id="street", images=[str(path)], question=question)
         (traj,) = asyncio.run(loop.run(sample))
         image = street().convert("RGB")
     draw = ImageDraw.Draw(image)

@@ -61,7 +61,7 @@ def test_skills_are_scored_per_zoom_and_per_answer():
     pred[16] = 22  # one answer token is wrong
     got = skills(target, pred, "hard", "read_code", ids)
     assert got["first_zoom"] == [1] and got["later_zoom"] == [0] and got["answer"] == [0]
-    assert got["answer/hard/read_code"] == [0] and got["first_zoom/hard"] == [1]
+    assert got["answer/hard/read_code"] == [0] and got["answer/read_code"] == [0] and got["first_zoom/hard"] == [1]
     pred[16] = 21
     assert skills(target, pred, "hard", "read_code", ids)["answer"] == [1]
 

@@ -146,11 +146,11 @@ def _level(progress: float, rng: random.Random, only: str = "curriculum", mix: s
 def skills(target: list[int], pred: list[int], level: str, kind: str, ids: dict[str, int]) -> dict[str, list[int]]:
     """Teacher-forced right/wrong per skill of one example (``target`` and ``pred`` aligned, -100 = untrained):
     each zoom (all its pointer tokens right: the region chosen) split into the first and later ones, and the
-    answer (every token through ``</answer>`` right), per level and per question kind."""
+    answer (every token through ``</answer>`` right); each also per level, per question kind and per both."""
     out: dict[str, list[int]] = {}
 
     def add(name: str, ok: bool) -> None:
-        for key in (name, f"{name}/{level}", f"{name}/{level}/{kind}"):
+        for key in (name, f"{name}/{level}", f"{name}/{kind}", f"{name}/{level}/{kind}"):
             out.setdefault(key, []).append(int(ok))
 
     zooms = 0
