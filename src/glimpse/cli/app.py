@@ -277,8 +277,9 @@ def sft_command(cfg: SFTConfig) -> int:
     "builtin",
     BuiltinConfig,
     parent=train_app,
-    help="Train the built-in model from scratch on CPU, on probes streamed from the generator (nothing stored); "
-    "logs held-out accuracy per step; the result loads as hf:OUT/model.",
+    help="Train the built-in model (region tokens and a pointer) on a CPU or a GPU, from scratch or --init, on "
+    "probes streamed from the generator and searched by a teacher (nothing stored); logs held-out accuracy per skill "
+    "and step; the result loads as hf:OUT/model.",
 )
 def builtin_command(cfg: BuiltinConfig) -> int:
     from glimpse.builtin.train import train_builtin
