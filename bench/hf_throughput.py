@@ -6,10 +6,16 @@ Prints, each measured back to back in this process:
    (``max_batch`` 8): generated tokens/s and the ratio;
 2. the prefix cache: building the prompt of a 4-image conversation when its first 3 images are known from the
    previous turn vs from scratch;
-3. SFT: tokens/s (all tokens) and trained tokens/s, full fine-tuning with the vision tower frozen and LoRA, on
+3. the KV cache across turns, on a random Qwen2.5-VL of size ``small`` (the decoder of the built-in model's
+   ``base`` size; the built-in model itself runs without reuse, see ``glimpse.models.hf``): the time of turn 16
+   against turn 1 of one conversation that gets a new 364x364 view (169 tokens) every turn, with and without
+   reuse; and the wall time of a greedy ``glimpse eval`` of hard probes at a 32-turn cap (originals shown at
+   most 200,704 pixels), with and without reuse (the same batching), checking both runs wrote the same replies;
+4. SFT: tokens/s (all tokens) and trained tokens/s, full fine-tuning with the vision tower frozen and LoRA, on
    cold-start trajectories of easy probes shown at the Mini-o3 pixel limits (40,000–2,000,000).
 
 Usage: python bench/hf_throughput.py [--size tiny|small] [--device cpu|cuda] [--steps N]
+       [--only generation,prefix,turns,eval,sft] [--probes 50] [--turns 32] [--reply-tokens 48]
 """
 
 from __future__ import annotations
@@ -23,13 +29,18 @@ from pathlib import Path
 
 from PIL import Image
 
-from glimpse.config import SFTConfig
+from glimpse.config import EvalConfig, SFTConfig
 from glimpse.eval.datasets import load_dataset
+from glimpse.eval.harness import RESULTS, run_eval
 from glimpse.hf.tiny import build_tiny_qwen
 from glimpse.models.base import GenerateParams, ImagePart, Message, TextPart
 from glimpse.models.hf import HFBackend
 from glimpse.train.coldstart import programmatic
 from glimpse.train.sft import train
+from glimpse.trajectory import load_jsonl
+
+# The eval section's largest view: 256 tokens of a Qwen2.5-VL, so a 32-turn run fits a CPU.
+SMALL_VIEW = 256 * 28 * 28
 
 
 def _image(k: int, size: int = 364) -> Image.Image:
@@ -75,7 +86,9 @@ def prefix_cache(folder: Path, device: str) -> None:
         text, prefix = backend._prompt(shorter, None)
         reply = messages[-2].content
         ids = backend.tokenizer.encode(reply, add_special_tokens=False)
-        backend._prefixes[text + reply] = type(prefix)(ids=prefix.ids + ids, pixels=prefix.pixels, grids=prefix.grids)
+        backend._prefixes[(text + reply, tuple(prefix.digests))] = type(prefix)(
+            prefix.ids + ids, prefix.pixels, prefix.grids, prefix.digests
+        )
         t0 = time.perf_counter()
         backend._prompt(messages, None)
         reuse.append(time.perf_counter() - t0)
@@ -88,6 +101,70 @@ def prefix_cache(folder: Path, device: str) -> None:
         f"prompt of a 4-image conversation (812x812 each): {1000 * a:.1f} ms with the prefix cache, "
         f"{1000 * b:.1f} ms from scratch: {b / a:.1f}x"
     )
+
+
+def turn_growth(folder: Path, device: str, turns: int = 16, reply_tokens: int = 48) -> None:
+    """Turn 16 against turn 1 of one conversation that gets a new view every turn (seeded sampling). The two
+    backends answer each turn back to back, in alternating order, so a changing load hits both alike."""
+    backends = {gb: HFBackend(str(folder), device=device, kv_cache_gb=gb) for gb in (4.0, 0.0)}
+    messages = [Message("system", "Answer."), Message("user", [ImagePart(image=_image(99, 364)), TextPart("Q?")])]
+    for backend in backends.values():  # warm-up, in a conversation of its own
+        asyncio.run(backend.generate([messages[0], Message("user", "Hi?")], GenerateParams(max_new_tokens=4)))
+    times: dict[float, list[float]] = {gb: [] for gb in backends}
+    for t in range(turns):
+        params = GenerateParams(max_new_tokens=reply_tokens, temperature=1.0, seed=t)
+        replies = {}
+        for gb in sorted(backends, reverse=bool(t % 2)):
+            started = time.perf_counter()
+            (replies[gb],) = asyncio.run(backends[gb].generate(messages, params))
+            times[gb].append(time.perf_counter() - started)
+        same = replies[4.0].token_ids == replies[0.0].token_ids
+        messages.append(Message("assistant", replies[4.0].text))
+        messages.append(Message("user", [TextPart(f"Observation {t + 1}:"), ImagePart(image=_image(t, 364))]))
+    for gb, label in ((4.0, "with the KV cache"), (0.0, "recomputed every turn")):
+        a, b = times[gb][0], times[gb][-1]
+        print(
+            f"turn {turns} vs turn 1 of one conversation ({label}): {1000 * b:.0f} ms vs {1000 * a:.0f} ms = "
+            f"{b / a:.2f}x; all {turns} turns {sum(times[gb]):.1f} s",
+            flush=True,
+        )
+    print(
+        f"  prompt of turn {turns}: {replies[4.0].prompt_tokens} tokens, {reply_tokens} new tokens at most per turn; "
+        f"the last turn's tokens the same both ways: {same}",
+        flush=True,
+    )
+
+
+def eval_wall(folder: Path, device: str, probes: int, turns: int, reply_tokens: int, work: Path) -> None:
+    """A greedy 32-turn eval of hard probes with and without reuse: wall time, and the same replies."""
+    seconds, replies = {}, {}
+    for gb in (4.0, 0.0):
+        backend = HFBackend(str(folder), device=device, kv_cache_gb=gb)
+        out = work / f"eval-{gb}"
+        cfg = EvalConfig(
+            data=f"probes:hard:{probes}",
+            model=f"hf:{folder.name}",
+            out=str(out),
+            fresh=True,
+            max_turns=str(turns),
+            temperature=0.0,
+            max_new_tokens=reply_tokens,
+            max_pixels=SMALL_VIEW,
+        )
+        started = time.perf_counter()
+        run = asyncio.run(run_eval(cfg, backend=backend))
+        seconds[gb] = time.perf_counter() - started
+        trajectories = sorted(load_jsonl(run.out / RESULTS), key=lambda t: t.id)
+        replies[gb] = [[turn.text for turn in t.turns] for t in trajectories]
+        n_turns = sum(len(t.turns) for t in trajectories)
+        stats = dict(backend.kv_cache.stats) if backend.kv_cache else {}
+        print(
+            f"eval of {probes} hard probes at a {turns}-turn cap, greedy, {'with' if gb else 'without'} the KV "
+            f"cache: {seconds[gb]:.1f} s ({n_turns} turns; batches {dict(backend.batch_sizes)}) {stats}",
+            flush=True,
+        )
+    same = replies[0.0] == replies[4.0]
+    print(f"  without / with: {seconds[0.0] / seconds[4.0]:.2f}x; the same replies: {same}")
 
 
 def sft(folder: Path, device: str, steps: int, work: Path) -> None:
@@ -119,14 +196,29 @@ def main() -> None:
     parser.add_argument("--size", default="tiny", choices=("tiny", "small"))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--only", default="generation,prefix,turns,eval,sft", help="comma-separated sections")
+    parser.add_argument("--probes", type=int, default=50, help="hard probes in the eval section")
+    parser.add_argument("--turns", type=int, default=32, help="turn cap in the eval section")
+    parser.add_argument("--reply-tokens", type=int, default=48, help="most tokens per reply in the KV sections")
     args = parser.parse_args()
+    only = set(args.only.split(","))
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         folder = build_tiny_qwen(work / "model", size=args.size)
         print(f"model: random Qwen2.5-VL, size {args.size}, device {args.device}")
-        generation(folder, args.device)
-        prefix_cache(folder, args.device)
-        sft(folder, args.device, args.steps, work)
+        if "generation" in only:
+            generation(folder, args.device)
+        if "prefix" in only:
+            prefix_cache(folder, args.device)
+        if only & {"turns", "eval"}:
+            small = build_tiny_qwen(work / "small", size="small")
+            print(f"model: random Qwen2.5-VL, size small, device {args.device}")
+            if "turns" in only:
+                turn_growth(small, args.device, reply_tokens=args.reply_tokens)
+            if "eval" in only:
+                eval_wall(small, args.device, args.probes, args.turns, args.reply_tokens, work)
+        if "sft" in only:
+            sft(folder, args.device, args.steps, work)
 
 
 if __name__ == "__main__":
