@@ -96,3 +96,13 @@ def test_the_expert_searches_easy_probes_through_the_loop():
         assert traj.error is None and traj.turns[0].kind == "zoom"  # it always looks before answering
         correct += asyncio.run(score(traj.answer, traj.sample)).correct
     assert correct >= 6, f"{correct} of 12"
+
+
+def test_the_expert_refuses_a_box_convention_it_does_not_write():
+    from glimpse.agent import AgentLoop
+    from glimpse.errors import ConfigError
+    from glimpse.models import load_backend
+
+    with pytest.raises(ConfigError, match="relative"):
+        AgentLoop(load_backend("expert"), coords="pixels")
+    assert AgentLoop(load_backend("expert")).settings.coords == "relative"

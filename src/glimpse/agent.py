@@ -180,6 +180,12 @@ class AgentLoop:
         if unknown:
             raise ConfigError(f"unknown loop settings {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
         o = dataclasses.replace(options or LoopOptions(), **settings).native(backend)
+        fixed = getattr(backend, "fixed_coords", None)  # a policy that writes one convention only (the expert)
+        if fixed and o.coords != fixed:
+            raise ConfigError(
+                f"{getattr(backend, 'name', 'this backend')} writes {fixed} boxes; drop --coords {o.coords} "
+                f"(or set it to {fixed})"
+            )
         _check_positive(
             max_turns=o.max_turns, max_new_tokens=o.max_new_tokens, max_context_tokens=o.max_context_tokens
         )

@@ -477,7 +477,7 @@ class OpenAIBackend:
                     text=content or "",
                     tool_calls=calls,
                     finish_reason=choice.get("finish_reason"),
-                    reasoning=message.get("reasoning_content") or message.get("reasoning"),
+                    reasoning=_text(message.get("reasoning_content") or message.get("reasoning")),
                     prompt_tokens=prompt_tokens,
                     completion_tokens=completion_tokens,
                     token_ids=token_ids,

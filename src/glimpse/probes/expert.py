@@ -469,4 +469,5 @@ def create(arg: str = "", **_options: Any) -> ScriptedBackend:
     """``expert`` (no argument): the training-free policy."""
     backend = ScriptedBackend(ExpertPolicy(), name="expert", record=0)
     backend.default_coords = "relative"  # type: ignore[attr-defined]
+    backend.fixed_coords = "relative"  # type: ignore[attr-defined]  # it writes relative boxes, whatever is asked
     return backend
