@@ -121,7 +121,7 @@ def card_sample(index: int, seed: int, folder: Path) -> Sample:
     """
     from PIL import ImageDraw
 
-    from glimpse.probes import synth
+    from glimpse.probes import questions, synth
 
     rng = random.Random(f"glimpse-card/{seed}/{index}")
     kind = rng.choice(("read_code", "read_code", "marker_color", "marker_shape", "count"))
@@ -144,17 +144,8 @@ def card_sample(index: int, seed: int, folder: Path) -> Sample:
         sign.dots = rng.randint(2, 9)
         answer = str(sign.dots)
     synth.draw_sign(draw, sign, font_px, rng)
-    where = f"the small sign with a {border} border"
-    question = {
-        "read_code": f"What is the code written on {where}? Answer with the code only.",
-        "marker_color": f"What colour is the small outlined marker on {where}? Answer with one of: "
-        + ", ".join(synth.MARKER_COLORS)
-        + ".",
-        "marker_shape": f"What shape is the small outlined marker on {where}? Answer with one of: "
-        + ", ".join(synth.MARKER_SHAPES)
-        + ".",
-        "count": f"How many small black dots are on {where}? Answer with a number.",
-    }[kind]
+    choices = {"marker_color": list(synth.MARKER_COLORS), "marker_shape": list(synth.MARKER_SHAPES)}.get(kind)
+    question = questions.question(kind, border, choices=choices)
     path = folder / f"card_{index}.png"
     image.save(path)
     candidate = {"box": [x, y, x + sw, y + sh], "target": True}
