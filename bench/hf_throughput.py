@@ -108,8 +108,9 @@ def turn_growth(folder: Path, device: str, turns: int = 16, reply_tokens: int = 
     backends answer each turn back to back, in alternating order, so a changing load hits both alike."""
     backends = {gb: HFBackend(str(folder), device=device, kv_cache_gb=gb) for gb in (4.0, 0.0)}
     messages = [Message("system", "Answer."), Message("user", [ImagePart(image=_image(99, 364)), TextPart("Q?")])]
+    warm = [messages[0], Message("user", [ImagePart(image=_image(98, 364)), TextPart("Hi?")])]
     for backend in backends.values():  # warm-up, in a conversation of its own
-        asyncio.run(backend.generate([messages[0], Message("user", "Hi?")], GenerateParams(max_new_tokens=4)))
+        asyncio.run(backend.generate(warm, GenerateParams(max_new_tokens=4)))
     times: dict[float, list[float]] = {gb: [] for gb in backends}
     for t in range(turns):
         params = GenerateParams(max_new_tokens=reply_tokens, temperature=1.0, seed=t)
@@ -123,9 +124,10 @@ def turn_growth(folder: Path, device: str, turns: int = 16, reply_tokens: int = 
         messages.append(Message("user", [TextPart(f"Observation {t + 1}:"), ImagePart(image=_image(t, 364))]))
     for gb, label in ((4.0, "with the KV cache"), (0.0, "recomputed every turn")):
         a, b = times[gb][0], times[gb][-1]
+        every = ", ".join(f"{1000 * x:.0f}" for x in times[gb])
         print(
             f"turn {turns} vs turn 1 of one conversation ({label}): {1000 * b:.0f} ms vs {1000 * a:.0f} ms = "
-            f"{b / a:.2f}x; all {turns} turns {sum(times[gb]):.1f} s",
+            f"{b / a:.2f}x; all {turns} turns {sum(times[gb]):.1f} s (ms per turn: {every})",
             flush=True,
         )
     print(
