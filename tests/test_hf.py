@@ -413,3 +413,15 @@ def test_kv_cache_matching_and_memory_bound():
         kv.put([20 + k] * 20, [], layers(20))
     assert kv.nbytes <= kv.max_bytes and kv.stats["evicted"] == 1 and len(kv.entries) == 3
     assert kv.match([*a, 6, 7, 8], [b"x", b"y"], limit=13) == (None, 0)  # the oldest went first
+
+
+def test_tool_calls_from_a_local_model_never_raise():
+    """Hermes tool calls are read by plain search: nesting too deep to parse is unreadable, not an exception, and
+    many unclosed tags take linear time."""
+    from glimpse.models.hf import split_tool_calls
+
+    deep = "<tool_call>" + "[" * 100_000 + "]" * 100_000 + "</tool_call>"
+    assert split_tool_calls(deep) == (deep, [])
+    text, calls = split_tool_calls('hi <tool_call>{"name": "zoom_in", "arguments": {"a": 1}}</tool_call>')
+    assert text == "hi " and [(c.id, c.name, c.arguments) for c in calls] == [("call_0", "zoom_in", '{"a": 1}')]
+    split_tool_calls("<tool_call>{" * 200_000)  # returns at once

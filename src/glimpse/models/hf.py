@@ -32,7 +32,6 @@ import asyncio
 import inspect
 import json
 import logging
-import re
 import threading
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
@@ -47,7 +46,6 @@ from glimpse.models.kv_cache import ImageDigests, KVCache, image_starts
 
 log = logging.getLogger(__name__)
 
-_TOOL_CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.S)
 # Conversation prefixes whose token ids are remembered.
 _PREFIXES = 256
 # How large an image the processor may be handed without resizing it (the loop fits images before).
@@ -480,11 +478,18 @@ def trim_at_stop(tokenizer: Any, sampled: list[int], stop: list[str]) -> tuple[l
 
 def split_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
     """The text before the first ``<tool_call>``, and the calls (Qwen's Hermes format); unreadable calls are
-    left out, and with none readable the text is returned whole."""
-    calls = []
-    for k, m in enumerate(_TOOL_CALL.finditer(text)):
+    left out, and with none readable the text is returned whole. Found by plain string search (linear in the
+    reply, however many unclosed tags it holds); a payload nested too deeply to parse is unreadable, not an error.
+    """
+    calls: list[ToolCall] = []
+    start, k = text.find("<tool_call>"), 0
+    while start != -1:
+        end = text.find("</tool_call>", start)
+        if end == -1:
+            break
+        body = text[start + len("<tool_call>") : end].strip()
         try:
-            payload = json.loads(m.group(1))
+            payload = json.loads(body)
             calls.append(
                 ToolCall(
                     id=f"call_{k}",
@@ -492,8 +497,9 @@ def split_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
                     arguments=json.dumps(payload.get("arguments", {})),
                 )
             )
-        except (ValueError, AttributeError):
-            continue
+        except (ValueError, AttributeError, TypeError, RecursionError):
+            pass
+        start, k = text.find("<tool_call>", end), k + 1
     if calls:
         text = text[: text.find("<tool_call>")]
     return text, calls
