@@ -23,7 +23,7 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -339,9 +339,3 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
     (out / "result.json").write_text(json.dumps(result) + "\n")
     print(f"model → {model_dir}  (use it with --model hf:{model_dir})")
     return model_dir
-
-
-def iter_log(path: str | Path) -> Iterator[dict[str, Any]]:
-    with Path(path).open() as fh:
-        for line in fh:
-            yield json.loads(line)

@@ -49,10 +49,6 @@ class ImagePart:
             self.image = decode_data_url(self.url)
         return self.image
 
-    def as_url(self, fmt: str = "jpeg", quality: int = 95) -> str:
-        """A base64 data URL (encoded once per format and cached)."""
-        return self.url_bytes(fmt, quality).decode("ascii")
-
     def has_url(self, fmt: str = "jpeg", quality: int = 95) -> bool:
         """Whether ``url_bytes`` is already cached for this format."""
         return (fmt, quality) in self._urls

@@ -1,6 +1,6 @@
 """Prompt templates: Glimpse's own defaults, and prompt files to match the prompt a checkpoint was trained with.
 
-A prompt set has four templates. Only these placeholders are replaced (other braces, such as JSON examples,
+A prompt set has seven templates. Only these placeholders are replaced (other braces, such as JSON examples,
 are left alone):
 
 =============  =====================================================================================
@@ -105,7 +105,7 @@ CODE_IMAGE = "Observation {observation_turn}, made by your code:\n{image}"
 
 @dataclass(frozen=True)
 class PromptSet:
-    """The four templates of a protocol, and a name recorded in every trajectory."""
+    """The seven templates of a protocol, and a name recorded in every trajectory."""
 
     system: str
     user: str
@@ -115,10 +115,6 @@ class PromptSet:
     code_result: str = CODE_RESULT
     code_image: str = CODE_IMAGE
     name: str = "default"
-
-    def with_file(self, path: str | Path) -> PromptSet:
-        """These templates with the keys of a prompt file replacing the defaults."""
-        return load_prompt_file(path, self)
 
 
 DEFAULT_PROMPTS = {

@@ -51,6 +51,7 @@ from glimpse.models.hf import HFBackend, resolve_checkpoint
 from glimpse.probes.stream import probe_sample
 from glimpse.probes.synth import LEVELS
 from glimpse.train.common import (
+    IGNORE,
     Example,
     collate,
     hf_chat,
@@ -65,7 +66,6 @@ from glimpse.train.common import (
 from glimpse.train.grpo import Rollout, informative, policy_loss, score_group, token_entropy
 from glimpse.trajectory import Sample, Trajectory, render_image
 
-IGNORE = -100
 # Settings a resumed run must share with the run that wrote the checkpoint.
 _RESUME_KEYS = (
     "model",

@@ -38,21 +38,8 @@ from typing import Any
 from glimpse.config import SFTConfig, public_dict
 from glimpse.errors import ConfigError
 from glimpse.images import ImageCache
-from glimpse.train.common import (
-    ASSISTANT_HEADER,
-    END,
-    IGNORE,
-    Example,
-    collate,
-    encode,
-    prepare_model,
-    resolve_device,
-    resolve_dtype,
-    resume,
-    save_checkpoint,
-    save_final,
-    trainable,
-)
+from glimpse.train import common
+from glimpse.train.common import ASSISTANT_HEADER, END, IGNORE, Example, collate, encode
 from glimpse.trajectory import iter_jsonl
 
 
@@ -238,15 +225,15 @@ def train(cfg: SFTConfig, *, on_step: Callable[[StepLog], None] | None = None) -
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
-    dtype = getattr(torch, resolve_dtype(cfg.dtype, device))
+    device = common.resolve_device(cfg.device)
+    dtype = getattr(torch, common.resolve_dtype(cfg.dtype, device))
     source = resolve_checkpoint(cfg.model)
     processor = load_processor(source)
     data = TrajectoryData(cfg.data, processor, max_length=cfg.max_length, base_dir=cfg.image_root)
     model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype)
-    model = prepare_model(model, cfg).to(device)
+    model = common.prepare_model(model, cfg).to(device)
     model.train()
-    params = trainable(model)
+    params = common.trainable(model)
     if not params:
         raise ConfigError("nothing to train: every parameter is frozen")
     optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -258,7 +245,7 @@ def train(cfg: SFTConfig, *, on_step: Callable[[StepLog], None] | None = None) -
 
     settings = {**public_dict(cfg), "data_sha256": data.digest(), "total_steps": total}
     keys = (*_RESUME_KEYS, "data_sha256")
-    done = 0 if cfg.fresh else resume(out, settings, model, optimizer, scheduler, keys=keys)[0]
+    done = 0 if cfg.fresh else common.resume(out, settings, model, optimizer, scheduler, keys=keys)[0]
     (out / "config.json").write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
     result = SFTResult(
         out,
@@ -312,7 +299,7 @@ def train(cfg: SFTConfig, *, on_step: Callable[[StepLog], None] | None = None) -
             if on_step is not None:
                 on_step(entry)
             if cfg.save_every and step % cfg.save_every == 0 and step < total:
-                save_checkpoint(out, step, model, optimizer, scheduler, cfg.keep_checkpoints)
+                common.save_checkpoint(out, step, model, optimizer, scheduler, cfg.keep_checkpoints)
     finally:
         log.close()
     result.skipped = dict(data.skipped)
@@ -321,7 +308,7 @@ def train(cfg: SFTConfig, *, on_step: Callable[[StepLog], None] | None = None) -
             f"nothing was trained: all {len(data)} trajectories are longer than max_length {cfg.max_length} "
             "tokens (or hold no assistant reply); raise --max-length or show images smaller"
         )
-    save_final(out, model, processor, cfg, source)
+    common.save_final(out, model, processor, cfg, source)
     (out / "result.json").write_text(json.dumps(result.as_dict(), indent=2) + "\n", encoding="utf-8")
     return result
 
