@@ -173,6 +173,7 @@ def _row(i: int, t: Trajectory, thumb: str | None) -> dict[str, Any]:
         "level": t.sample.meta.get("level"),
         "cat": t.sample.meta.get("category"),
         "ok": t.score.correct if t.score else None,
+        "m": t.score.method if t.score else None,
         "ot": t.over_turn,
         "te": t.metrics["tool_errors"],
         "nt": len(t.turns),

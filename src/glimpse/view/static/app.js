@@ -39,9 +39,13 @@ function s(tag, attrs) {
 }
 const pct = (v) => (v === null || v === undefined ? "–" : (100 * v).toFixed(1));
 const fmt = (v, d = 2) => (v === null || v === undefined ? "–" : Number(v).toFixed(d));
-function badge(ok) {
+// Failures that are not the model's (counted apart from accuracy) are named as such, not as "not scored".
+const UNSCORED = { backend_error: "backend error", input_error: "input error", judge_error: "judge error" };
+
+function badge(ok, method) {
   if (ok === true) return h("span", { class: "badge ok" }, "correct");
   if (ok === false) return h("span", { class: "badge bad" }, "wrong");
+  if (UNSCORED[method]) return h("span", { class: "badge warn" }, UNSCORED[method]);
   return h("span", { class: "badge none" }, "not scored");
 }
 function kv(pairs) {
@@ -240,7 +244,7 @@ function renderList() {
     h("tbody", {}, shown.map((r) => h("tr", { class: "row", "data-i": r.i, onclick: () => { location.hash = `#/t/${r.i}`; } },
       h("td", {}, r.thumb ? h("img", { class: "thumb", src: r.thumb, loading: "lazy", alt: "" }) : ""),
       h("td", {}, r.id), h("td", {}, r.level || ""), h("td", {}, r.cat || ""),
-      h("td", {}, badge(r.ok), r.ot ? h("span", { class: "badge warn" }, "over-turn") : null),
+      h("td", {}, badge(r.ok, r.m), r.ot ? h("span", { class: "badge warn" }, "over-turn") : null),
       compare ? h("td", {}, r.b === null ? h("span", { class: "muted" }, "–") : badge(r.b_ok)) : null,
       h("td", { class: "num" }, r.nt), h("td", { class: "num" }, fmt(r.lat, 1)),
       h("td", {}, r.a === null ? h("span", { class: "muted" }, r.stop) : r.a), h("td", {}, r.g ?? ""),
@@ -388,7 +392,7 @@ async function trajectoryColumn(n, label) {
   const col = h("div", { class: "column" });
   const sc = t.score || {};
   col.append(h("div", { class: "panel" },
-    h("h3", {}, label, t.id, " ", badge(sc.correct ?? null), t.over_turn ? h("span", { class: "badge warn" }, "over-turn") : null),
+    h("h3", {}, label, t.id, " ", badge(sc.correct ?? null, sc.method), t.over_turn ? h("span", { class: "badge warn" }, "over-turn") : null),
     kv([["model", t.settings.model], ["answer", t.answer], ["gold", t.sample.answer], ["scored by", sc.method],
       ["stop", t.stop_reason], ["turns", t.turns.length], ["tokens", `${t.usage.prompt_tokens} prompt + ${t.usage.completion_tokens} generated`],
       ["seconds", fmt(t.wall_s)], ["error", t.error]])));
