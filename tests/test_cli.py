@@ -165,3 +165,29 @@ def test_without_a_model_the_builtin_default_answers(make_image, tmp_path, monke
         assert "the expert: no learned model ships yet" in proc.stdout and record["settings"]["model"] == "expert"
     monkeypatch.setattr("glimpse.builtin.backend.WEIGHTS", tmp_path / "none")  # an install without the weights
     assert load_backend("builtin").name == "expert"
+
+
+def test_ctrl_c_in_glimpse_ask_saves_what_was_done(make_image, write_script, tmp_path):
+    """An interrupted ask exits 130 and, with --save, keeps the turns already taken, stopped as 'cancelled'."""
+    import signal
+
+    from conftest import glimpse_server
+
+    zoom = '<grounding>{"bbox_2d": [0.1, 0.1, 0.5, 0.5], "source": "original_image"}</grounding>'
+    script = write_script([[zoom, zoom, zoom, zoom, "<answer>x</answer>"]])
+    saved = tmp_path / "out.jsonl"
+    with glimpse_server("--model", f"scripted:{script}", "--latency", "1.0") as base:
+        args = ["ask", str(make_image()), "?", "--model", "openai:m", "--base-url", base, "--save", str(saved)]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "glimpse", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        lines = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any(line.startswith("turn 1") for line in lines):
+            lines.append(proc.stdout.readline())
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert "saved to" in err
+    (traj,) = load_jsonl(saved)
+    assert traj.stop_reason == "cancelled" and 1 <= len(traj.turns) < 5 and traj.turns[0].kind == "zoom"

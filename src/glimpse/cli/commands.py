@@ -151,12 +151,25 @@ def report_failures(trajectories: list[Trajectory], errors: Console) -> None:
 
 
 async def _ask_scored(
-    image: str, question: str, cfg: AskConfig, on_turn: Any, gold: str | None, target_boxes: list[list[int]] | None
+    image: str,
+    question: str,
+    cfg: AskConfig,
+    printer: TurnPrinter | None,
+    gold: str | None,
+    target_boxes: list[list[int]] | None,
+    seen: dict[int, Trajectory],
 ) -> AskResult:
     """Ask, then, when the gold answer is known (the demo's probe), record it in each trajectory's sample and
-    score the answer with the evaluation's scorer. The gold is added after the run: the model never sees it."""
+    score the answer with the evaluation's scorer. The gold is added after the run: the model never sees it.
+    ``seen`` holds each sample's trajectory as of its latest turn (what an interrupted run can still save)."""
+
+    def on_turn(traj: Trajectory, turn: Turn) -> None:
+        seen[traj.sample_index] = traj
+        if printer is not None:
+            printer(traj, turn)
+
     # One sample's reply is printed as it streams; several would interleave, so they are not streamed at all.
-    on_text = on_turn.text if isinstance(on_turn, TurnPrinter) and cfg.samples == 1 else None
+    on_text = printer.text if printer is not None and cfg.samples == 1 else None
     result = await ask_async(image, question, cfg, on_turn=on_turn, on_text=on_text)
     if gold is None:
         return result
@@ -191,7 +204,17 @@ def run_ask(
             f"{cfg.protocol} protocol"
         )
     printer = None if cfg.quiet else TurnPrinter(console, cfg.samples)
-    result = asyncio.run(_ask_scored(image, question, cfg, printer, gold, target_boxes))
+    seen: dict[int, Trajectory] = {}
+    try:
+        result = asyncio.run(_ask_scored(image, question, cfg, printer, gold, target_boxes, seen))
+    except KeyboardInterrupt:  # Ctrl-C: the loop marked what it stopped "cancelled"; keep what was done
+        if cfg.save and seen:
+            partial = [seen[i] for i in sorted(seen)]
+            for t in partial:
+                t.stop_reason = t.stop_reason or "cancelled"
+            save_jsonl(partial, cfg.save, append=not overwrite)
+            errors.print(f"interrupted: {len(partial)} unfinished trajectories saved to {escape(cfg.save)}")
+        raise
     report_failures(result.trajectories, errors)
     if cfg.save:
         save_jsonl(result.trajectories, cfg.save, append=not overwrite)
