@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -124,3 +125,23 @@ def tiny_qwen(tmp_path_factory) -> Path:
     from glimpse.hf.tiny import build_tiny_qwen
 
     return build_tiny_qwen(tmp_path_factory.mktemp("tiny-qwen") / "Qwen2.5-VL-tiny")
+
+
+# ------------------------------------------------------------------- the browser tests (viewer, glimpse ui)
+def chromium() -> str | None:
+    found = os.environ.get("GLIMPSE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None and os.environ.get("GLIMPSE_REQUIRE_BROWSER") == "1":
+        pytest.fail("GLIMPSE_REQUIRE_BROWSER=1 but no chromium was found (apt-get install chromium)")
+    return found
+
+
+@pytest.fixture(scope="module")
+def browser():
+    path = chromium()
+    if path is None:
+        pytest.skip("no chromium on this machine (apt-get install chromium); CI runs these tests")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=path, args=["--no-sandbox"])
+        yield b
+        b.close()

@@ -27,7 +27,6 @@ from conftest import app_server, free_port, glimpse_server, wait_healthy
 from glimpse.config import AskConfig
 from glimpse.trajectory import load_jsonl
 from glimpse.ui import build_app
-from test_view import chromium
 
 pytestmark = pytest.mark.slow
 
@@ -312,18 +311,6 @@ def test_glimpse_ui_command_takes_the_ask_config_and_warns_off_loopback(tmp_path
 
 
 # ------------------------------------------------------------------------------------------- in a real browser
-@pytest.fixture(scope="module")
-def browser():
-    path = chromium()
-    if path is None:
-        pytest.skip("no chromium on this machine (apt-get install chromium); CI runs these tests")
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=path, args=["--no-sandbox"])
-        yield b
-        b.close()
-
-
 def open_ui(browser, base):
     page = browser.new_page(viewport={"width": 1500, "height": 1100})
     errors: list[str] = []

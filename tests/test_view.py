@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -106,25 +104,6 @@ def test_rotated_and_missing_originals(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- in a real browser
-def chromium() -> str | None:
-    found = os.environ.get("GLIMPSE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-    if found is None and os.environ.get("GLIMPSE_REQUIRE_BROWSER") == "1":
-        pytest.fail("GLIMPSE_REQUIRE_BROWSER=1 but no chromium was found (apt-get install chromium)")
-    return found
-
-
-@pytest.fixture(scope="module")
-def browser():
-    path = chromium()
-    if path is None:
-        pytest.skip("no chromium on this machine (apt-get install chromium); CI runs these tests")
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=path, args=["--no-sandbox"])
-        yield b
-        b.close()
-
-
 def open_page(browser, url):
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     errors: list[str] = []
