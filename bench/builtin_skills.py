@@ -172,15 +172,7 @@ def photo(out: Path, model: str) -> None:
         path = Path(tmp) / "street.png"
         street().save(path)
         backend = HFBackend(model)
-        loop = AgentLoop(
-            backend,
-            coords="relative",
-            prompt_file=backend.default_prompt_file,
-            max_turns=4,
-            min_pixels=MIN_PIXELS,
-            max_pixels=MAX_PIXELS,
-            resize_factor=32,
-        )
+        loop = AgentLoop(backend, max_turns=4)  # the checkpoint's native coords, limits and prompts
         question = "What is the code written on the small sign with a red border? Answer with the code only."
         sample = Sample(id="street", images=[str(path)], question=question)
         (traj,) = asyncio.run(loop.run(sample))

@@ -174,15 +174,8 @@ def test_a_memorised_search_replays_through_the_real_loop_and_the_model_sees_onl
     backend.processor.image_processor.preprocess = spy
     sample = probe_sample("easy", 7, 0, folder)
     script = teacher_turns(sample, fit(Image.open(sample.images[0]).convert("RGB"), NATIVE))
-    loop = AgentLoop(
-        backend,
-        coords="relative",
-        prompt_file=backend.default_prompt_file,
-        max_turns=4,
-        min_pixels=MIN_PIXELS,
-        max_pixels=MAX_PIXELS,
-        resize_factor=32,
-    )
+    loop = AgentLoop(backend, max_turns=4)  # the checkpoint's native coords, limits and prompts
+    assert (loop.limits.min_pixels, loop.limits.max_pixels, loop.limits.factor) == (MIN_PIXELS, MAX_PIXELS, 32)
     (traj,) = asyncio.run(loop.run(sample))
     assert [t.text for t in traj.turns] == script
     assert traj.answer == sample.answer and traj.metrics["tool_errors"] == 0

@@ -397,13 +397,15 @@ def test_token_ids_are_never_streamed():
     assert c.token_ids == [2]
 
 
-def test_cancelling_closes_the_stream():
+def slow_stream(pieces: int) -> tuple[dict, object]:
+    """A handler that streams ``pieces`` words, one every 50 ms, and records how many it sent and whether the client
+    closed the stream."""
     state = {"sent": 0, "closed": False}
 
     async def handler(attempt, body):
         async def events():
             try:
-                for i in range(100):
+                for i in range(pieces):
                     state["sent"] += 1
                     yield sse(piece(f"w{i} "), done=False)[0]
                     await asyncio.sleep(0.05)
@@ -412,6 +414,12 @@ def test_cancelling_closes_the_stream():
                 state["closed"] = True
 
         return StreamingResponse(events(), media_type="text/event-stream")
+
+    return state, handler
+
+
+def test_cancelling_closes_the_stream():
+    state, handler = slow_stream(100)
 
     with app_server(scripted_app(handler)) as base:
 
@@ -437,20 +445,7 @@ def test_cancelling_closes_the_stream():
 def test_ctrl_c_in_glimpse_ask_closes_the_stream(make_image):
     import signal
 
-    state = {"sent": 0, "closed": False}
-
-    async def handler(attempt, body):
-        async def events():
-            try:
-                for i in range(200):
-                    state["sent"] += 1
-                    yield sse(piece(f"w{i} "), done=False)[0]
-                    await asyncio.sleep(0.05)
-                yield b"data: [DONE]\n\n"
-            finally:
-                state["closed"] = True
-
-        return StreamingResponse(events(), media_type="text/event-stream")
+    state, handler = slow_stream(200)
 
     with app_server(scripted_app(handler)) as base:
         args = ["ask", str(make_image()), "?", "--model", "openai:m", "--base-url", base]

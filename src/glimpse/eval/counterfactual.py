@@ -71,6 +71,7 @@ def _stats(units: list[tuple[bool, bool]]) -> dict[str, Any]:
 def compare(normal: list[Trajectory], counterfactual: list[Trajectory]) -> dict[str, Any]:
     """Pair the units of two runs at one turn cap (by trajectory id: question and repeat) and compare them."""
     theirs = {t.id: t for t in counterfactual}
+    ours = {t.id for t in normal}
     units: list[tuple[bool, bool]] = []
     by: dict[str, dict[str, list[tuple[bool, bool]]]] = defaultdict(lambda: defaultdict(list))
     unpaired = 0
@@ -87,7 +88,7 @@ def compare(normal: list[Trajectory], counterfactual: list[Trajectory]) -> dict[
                 by[field][str(value)].append((a, b))
     return {
         **_stats(units),
-        "unpaired": unpaired + sum(1 for t in counterfactual if t.id not in {u.id for u in normal}),
+        "unpaired": unpaired + sum(1 for t in counterfactual if t.id not in ours),
         "by": {field: {v: _stats(u) for v, u in sorted(groups.items())} for field, groups in by.items()},
     }
 
