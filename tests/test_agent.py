@@ -219,7 +219,7 @@ def test_backend_failure_ends_only_that_trajectory(make_image, tmp_path):
         Sample(id="ok", images=[str(good)], question="fine"),
         Sample(id="bad", images=[str(good)], question="please fail"),
         Sample(id="missing", images=[str(tmp_path / "nope.png")], question="fine"),
-        Sample(id="two", images=[str(good), str(good)], question="fine"),
+        Sample(id="none", images=[], question="fine"),
     ]
     results = asyncio.run(loop.run_many(samples, concurrency=2))
     by_id = {r[0].sample.id: r[0] for r in results}
@@ -227,7 +227,7 @@ def test_backend_failure_ends_only_that_trajectory(make_image, tmp_path):
     assert by_id["bad"].stop_reason == "error" and "server exploded" in by_id["bad"].error
     assert by_id["missing"].stop_reason == "error" and "nope.png: no such file" in by_id["missing"].error
     assert by_id["missing"].image is None and by_id["missing"].turns == []
-    assert "exactly one is supported" in by_id["two"].error
+    assert by_id["none"].stop_reason == "error" and "has no images" in by_id["none"].error
 
 
 def test_exif_rotated_photo_crops_what_the_model_sees(tmp_path):

@@ -42,6 +42,7 @@ from glimpse.images import (
     counterfactual_view,
     fit,
     image_tokens,
+    shared_limits,
 )
 from glimpse.models import native_profile
 from glimpse.models.base import Backend, Completion, GenerateParams, ImagePart, Message, OnText, TextDelta, TextPart
@@ -55,6 +56,7 @@ from glimpse.trajectory import (
     MadeImage,
     RunSettings,
     Sample,
+    ShownImageRef,
     StopReason,
     TokenView,
     Trajectory,
@@ -86,8 +88,9 @@ class _Episode:
     """The working state of one trajectory."""
 
     traj: Trajectory
-    original: Image.Image
-    images: list[ImageState]
+    originals: list[Image.Image]  # full-resolution pixels of image_1, image_2 …
+    shown: list[ImageState]  # each original as shown
+    images: list[ImageState]  # by observation index: image_1's state, then observation_1 …
     parts: list[ImagePart]
     messages: list[Message]
     seed: int | None
@@ -95,9 +98,15 @@ class _Episode:
     backend: Backend
     calibration: int = 0
     part_index: dict[int, int] = field(default_factory=dict)
+    part_original: dict[int, int] = field(default_factory=dict)
     made: dict[int, Image.Image] = field(default_factory=dict)
     session: PythonSession | None = None
     on_text: OnText | None = None
+
+    @property
+    def image_count(self) -> int:
+        """Images in the conversation (every original and every observation), for ``max_images``."""
+        return len(self.shown) + len(self.images) - 1
 
 
 @dataclass
@@ -186,9 +195,7 @@ class AgentLoop:
                 f"{getattr(backend, 'name', 'this backend')} writes {fixed} boxes; drop --coords {o.coords} "
                 f"(or set it to {fixed})"
             )
-        _check_positive(
-            max_turns=o.max_turns, max_new_tokens=o.max_new_tokens, max_context_tokens=o.max_context_tokens
-        )
+        _check_positive(max_turns=o.max_turns, max_new_tokens=o.max_new_tokens, max_context_tokens=o.max_context_tokens)
         if o.max_images is not None and o.max_images < 1:
             raise ConfigError(f"max_images must be at least 1 (the original), got {o.max_images}")
         if o.keep_images is not None and o.keep_images < 1:
@@ -254,10 +261,10 @@ class AgentLoop:
         indices = range(first_index, first_index + samples)
         t0 = time.perf_counter()
         try:
-            original, shown = await self._load(sample)
+            loaded = await self._load(sample)
         except ImageInputError as exc:
             return [self._failed(sample, i, str(exc), t0) for i in indices]
-        episodes = [self._start(sample, i, original, shown, t0, backend) for i in indices]
+        episodes = [self._start(sample, i, loaded, t0, backend) for i in indices]
         if on_text is not None:
             for ep in episodes:
                 ep.on_text = functools.partial(_tell, on_text, ep.traj)
@@ -379,14 +386,14 @@ class AgentLoop:
             elif action.kind == "error":
                 ep.messages.extend(self.protocol.error(action, action.error or "", index))
             # 6. A zoom or code: run it, unless the image cap is reached.
-            elif self.options.max_images is not None and len(ep.images) >= self.options.max_images:
+            elif self.options.max_images is not None and ep.image_count >= self.options.max_images:
                 self._stop(ep, "max_images", over_turn=True)
             elif action.kind == "code":
                 await self._code(ep, action, turn)
             else:
                 await self._zoom(ep, action, turn)
 
-            turn.injected = _chat_form(ep.messages[injected_from:], ep.part_index)
+            turn.injected = _chat_form(ep.messages[injected_from:], ep.part_index, ep.part_original)
             if on_turn is not None:
                 on_turn(traj, turn)
         return traj
@@ -394,9 +401,10 @@ class AgentLoop:
     async def _zoom(self, ep: _Episode, action: Action, turn: Turn) -> None:
         assert action.call is not None
         started = time.perf_counter()
-        result = await asyncio.to_thread(self.tool.run, action.call, ep.original, ep.images)
+        result = await asyncio.to_thread(self.tool.run, action.call, ep.originals, ep.images, ep.shown)
         turn.tool_s = round(time.perf_counter() - started, 4)
         turn.source_index = result.source_index
+        turn.original_index = result.original_index
         if not result.ok:
             turn.kind, turn.error, turn.error_kind = "error", result.error, result.error_kind
             ep.messages.extend(self.protocol.error(action, result.error or "", turn.index))
@@ -407,13 +415,13 @@ class AgentLoop:
         if self.options.counterfactual:  # the content is withheld; size, position and the rest of the loop are not
             shown = counterfactual_view(shown, self.options.counterfactual, f"{ep.traj.id}/{index}")
         part = ImagePart(image=shown)
-        ep.images.append(ImageState(result.box, result.image.width, result.image.height))
+        ep.images.append(ImageState(result.box, result.image.width, result.image.height, result.original_index))
         ep.parts.append(part)
         ep.part_index[id(part)] = index
         turn.crop_box_px = result.box.as_list()
         turn.observation_index = index
         turn.observation_size = [result.image.width, result.image.height]
-        source = "original_image" if result.source_index == 0 else f"observation_{result.source_index}"
+        source = _source_name(result.source_index, result.original_index, len(ep.originals))
         ep.messages.extend(self.protocol.observation(action, part, index, turn.index, source))
 
     async def _code(self, ep: _Episode, action: Action, turn: Turn) -> None:
@@ -426,7 +434,7 @@ class AgentLoop:
         turn.code, turn.code_output, turn.error_kind = action.code, result.text, result.error_kind
         shown: list[tuple[int, ImagePart]] = []
         for made in result.images:
-            if self.options.max_images is not None and len(ep.images) >= self.options.max_images:
+            if self.options.max_images is not None and ep.image_count >= self.options.max_images:
                 turn.code_output += f"\n(Images beyond the limit of {self.options.max_images} were not shown.)"
                 break
             index = len(ep.images)
@@ -450,34 +458,39 @@ class AgentLoop:
         ep.messages.extend(self.protocol.code_result(action, turn.code_output, shown))
 
     def _full_images(self, ep: _Episode) -> dict[str, Image.Image]:
-        """Every image of the trajectory at full resolution, by the name the model uses (for the code tool)."""
-        out: dict[str, Image.Image] = {"original_image": ep.original}
+        """Every image of the trajectory at full resolution, by the name the model uses (for the code tool):
+        ``original_image``, with several originals also ``image_1`` …, then ``observation_N``."""
+        out: dict[str, Image.Image] = {"original_image": ep.originals[0]}
+        if len(ep.originals) > 1:
+            out.update({f"image_{k}": pixels for k, pixels in enumerate(ep.originals, 1)})
         for index, state in enumerate(ep.images[1:], 1):
             name = f"observation_{index}"
             if state.box is None:
                 out[name] = ep.made[index]
-            elif self.options.counterfactual:  # code must not see what the model was not shown
-                crop = ep.original.crop(state.box.as_tuple())
-                out[name] = counterfactual_view(crop, self.options.counterfactual, f"{ep.traj.id}/{index}")
-            else:
-                out[name] = ep.original.crop(state.box.as_tuple())
+                continue
+            crop = ep.originals[state.original_index].crop(state.box.as_tuple())
+            if self.options.counterfactual:  # code must not see what the model was not shown
+                crop = counterfactual_view(crop, self.options.counterfactual, f"{ep.traj.id}/{index}")
+            out[name] = crop
         return out
 
     # ----------------------------------------------------------------------------------------------------
-    async def _load(self, sample: Sample) -> tuple[Original, ImagePart]:
-        if len(sample.images) != 1:
-            where = sample.images[0] if sample.images else sample.id
-            raise ImageInputError(
-                where, f"sample {sample.id!r} has {len(sample.images)} images; exactly one is supported"
-            )
-        path = sample.images[0]
-        original = self.cache.peek(path) or await asyncio.to_thread(self.cache.get, path)
-        key = (original.sha256, self.limits)
+    async def _load(self, sample: Sample) -> list[tuple[Original, ImagePart]]:
+        """Every original of ``sample`` and its view as shown (sharing one pixel budget: ``shared_limits``)."""
+        if not sample.images:
+            raise ImageInputError(sample.id, f"sample {sample.id!r} has no images")
+        originals = [self.cache.peek(path) or await asyncio.to_thread(self.cache.get, path) for path in sample.images]
+        limits = shared_limits([o.image.size for o in originals], self.limits)
+        return [(o, await self._shown_part(o, lim)) for o, lim in zip(originals, limits, strict=True)]
+
+    async def _shown_part(self, original: Original, limits: PixelLimits) -> ImagePart:
+        """``original`` resized by ``limits``, made once and shared by every trajectory that shows it."""
+        key = (original.sha256, limits)
         part = self._shown.get(key)
         if part is None:
             pending = self._shown_pending.get(key)
             if pending is None:  # the first trajectory of this image resizes it; the others wait for that
-                pending = asyncio.ensure_future(asyncio.to_thread(fit, original.image, self.limits))
+                pending = asyncio.ensure_future(asyncio.to_thread(fit, original.image, limits))
                 self._shown_pending[key] = pending
                 pending.add_done_callback(lambda _: self._shown_pending.pop(key, None))
             image = await asyncio.shield(pending)
@@ -485,33 +498,43 @@ class AgentLoop:
             while len(self._shown) > _SHOWN_CACHE:
                 self._shown.popitem(last=False)
         self._shown.move_to_end(key)
-        return original, part
+        return part
 
     def _start(
-        self, sample: Sample, i: int, original: Original, shown: ImagePart, t0: float, backend: Backend | None
+        self, sample: Sample, i: int, loaded: list[tuple[Original, ImagePart]], t0: float, backend: Backend | None
     ) -> _Episode:
-        width, height = original.image.size
+        refs = [
+            ShownImageRef(path=o.path, sha256=o.sha256, width=o.width, height=o.height, shown_size=list(part.size))
+            for o, part in loaded
+        ]
         traj = Trajectory(
             id=f"{sample.id}#{i}",
             sample=sample,
             sample_index=i,
-            image=ImageRef(path=original.path, sha256=original.sha256, width=width, height=height),
-            shown_size=list(shown.size),
+            image=ImageRef(**refs[0].model_dump(exclude={"shown_size"})),
+            shown_size=refs[0].shown_size,
+            more_images=refs[1:],
             settings=self.settings,
             started_at=_now(),
         )
+        parts = [part for _, part in loaded]
+        shown = [ImageState(Box.full(o.width, o.height), *part.size, k) for k, (o, part) in enumerate(loaded)]
         ep = _Episode(
             traj=traj,
-            original=original.image,
-            images=[ImageState(Box.full(width, height), *shown.size)],
-            parts=[shown],
-            messages=self.protocol.start(shown, sample.question),
+            originals=[o.image for o, _ in loaded],
+            shown=shown,
+            images=shown[:1],
+            parts=parts[:1],
+            messages=self.protocol.start(parts, sample.question),
             seed=None if self.options.seed is None else self.options.seed + i,
             t0=t0,
             backend=backend or self.backend,
         )
-        ep.part_index[id(shown)] = 0
-        traj.prompt = _chat_form(ep.messages, ep.part_index)
+        for k, part in enumerate(parts):
+            ep.part_index[id(part)] = 0
+            if len(parts) > 1:
+                ep.part_original[id(part)] = k
+        traj.prompt = _chat_form(ep.messages, ep.part_index, ep.part_original)
         return ep
 
     def _failed(self, sample: Sample, i: int, error: str, t0: float) -> Trajectory:
@@ -603,12 +626,12 @@ class AgentLoop:
                 f'it is still available to code as images["observation_{index}"].]'
             )
         turn = next(t for t in ep.traj.turns if t.observation_index == index)
-        src = "original_image" if turn.source_index == 0 else f"observation_{turn.source_index}"
+        src = _source_name(turn.source_index or 0, turn.original_index, len(ep.originals))
+        of = "the original image" if len(ep.originals) == 1 else f"image_{state.original_index + 1}"
         box = state.box
         return (
             f"[observation_{index} is no longer shown, to save context. It was a zoom into {src} covering "
-            f"pixels ({box.x0}, {box.y0})–({box.x1}, {box.y1}) of the original image. You can still zoom into it "
-            f"by name.]"
+            f"pixels ({box.x0}, {box.y0})–({box.x1}, {box.y1}) of {of}. You can still zoom into it by name.]"
         )
 
     def _estimate(self, messages: list[Message]) -> int:
@@ -670,8 +693,25 @@ def _tell_choice(on_text: OnReplyText, episodes: list[_Episode], delta: TextDelt
         on_text(episodes[delta.index].traj, delta)
 
 
-def _chat_form(messages: list[Message], part_index: dict[int, int]) -> list[dict[str, Any]]:
-    """Messages as the record keeps them: text parts, and images by observation index."""
+def _source_name(source_index: int, original_index: int, originals: int) -> str:
+    """The name of a zoom's source as the model knows it."""
+    if source_index:
+        return f"observation_{source_index}"
+    return "original_image" if originals == 1 else f"image_{original_index + 1}"
+
+
+def _image_ref(part: ImagePart, part_index: dict[int, int], part_original: dict[int, int]) -> dict[str, Any]:
+    """An image part as the record keeps it: by observation index, and for several originals, which one."""
+    ref: dict[str, Any] = {"type": "image", "index": part_index[id(part)]}
+    if id(part) in part_original:
+        ref["original"] = part_original[id(part)]
+    return ref
+
+
+def _chat_form(
+    messages: list[Message], part_index: dict[int, int], part_original: dict[int, int]
+) -> list[dict[str, Any]]:
+    """Messages as the record keeps them: text parts, and images by observation index (see ``_image_ref``)."""
     out = []
     for m in messages:
         item: dict[str, Any] = {"role": m.role}
@@ -681,7 +721,7 @@ def _chat_form(messages: list[Message], part_index: dict[int, int]) -> list[dict
             item["content"] = [
                 {"type": "text", "text": p.text}
                 if isinstance(p, TextPart)
-                else {"type": "image", "index": part_index[id(p)]}
+                else _image_ref(p, part_index, part_original)
                 for p in m.content
             ]
         if m.tool_call_id is not None:

@@ -13,7 +13,12 @@ What is covered:
 * ``smart_resize`` is the Qwen-VL resize rule: each side a multiple of the resize factor, the area within
   ``[min_pixels, max_pixels]``, aspect ratio below 200.
 
-What is not: colour management (ICC profiles are ignored), multi-image samples, video.
+* Several originals in one question share one pixel budget (``shared_limits``): each is first sized by the
+  per-image limits, then, when their areas add up to more than ``max_pixels``, all are scaled down by the same
+  factor so that together they take about what one original would (each keeps at least ``min_pixels``).
+  Crops are sized by the per-image limits, whichever original they are cut from.
+
+What is not: colour management (ICC profiles are ignored), video.
 """
 
 from __future__ import annotations
@@ -101,6 +106,33 @@ def smart_resize(width: int, height: int, limits: PixelLimits) -> tuple[int, int
         w = math.ceil(width * beta / f) * f
         h = math.ceil(height * beta / f) * f
     return w, h
+
+
+def shared_limits(sizes: list[tuple[int, int]], limits: PixelLimits) -> list[PixelLimits]:
+    """Pixel limits for each of several originals shown together, so that they share one image's budget.
+
+    The rule: each original is sized as it would be alone (``smart_resize`` with ``limits``, the Qwen-VL
+    processors' per-image rule); if those areas add up to more than ``limits.max_pixels``, every image's area
+    is scaled by the same factor ``max_pixels / total``, so their relative scale is kept and the first user
+    turn costs about the tokens of one original. No image drops below ``limits.min_pixels`` (so with more
+    than ``max_pixels / min_pixels`` images the total can exceed the cap). One image keeps ``limits`` as is.
+
+    Args:
+        sizes: ``(width, height)`` of each original, in order.
+        limits: the run's per-image limits.
+
+    Returns:
+        One ``PixelLimits`` per original; ``fit(image, result[i])`` gives original ``i`` as shown.
+    """
+    fitted = [smart_resize(w, h, limits) for w, h in sizes]
+    total = sum(w * h for w, h in fitted)
+    if total <= limits.max_pixels:
+        return [limits] * len(sizes)
+    scale = limits.max_pixels / total
+    return [
+        PixelLimits(limits.min_pixels, max(limits.min_pixels, math.floor(w * h * scale)), limits.factor)
+        for w, h in fitted
+    ]
 
 
 def image_tokens(width: int, height: int, factor: int = RESIZE_FACTOR) -> int:

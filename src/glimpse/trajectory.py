@@ -3,6 +3,31 @@
 The agent loop writes it; evaluation scores it; the viewer draws it; SFT export and RL read it. One JSON line
 per trajectory. Images are never embedded: the original is stored by path and SHA-256, and every observation
 by its box in original-image pixels, so ``render_image`` recomputes exactly what the model was shown.
+
+Several images in one question (the contract every reader follows):
+
+* **Originals.** A sample's images are ``image_1``, ``image_2`` … in ``Sample.images`` order;
+  ``original_image`` is another name of ``image_1``. The record keeps ``image_1`` where a single-image record
+  keeps its original (``image``, with its shown size in ``shown_size``) and the others in ``more_images``,
+  each a ``ShownImageRef``: path, SHA-256, width, height and ``shown_size``. ``Trajectory.originals()`` lists all of
+  them in order, each with its shown size. A single-image record has ``more_images == []`` and reads as before.
+* **Shown sizes.** The originals share one pixel budget (``glimpse.images.shared_limits``);
+  ``Trajectory.original_limits()`` gives the limits each was shown with.
+* **The first user message** shows every original in order, each preceded by a text part with its name
+  (``"image_1:\n"``, ``"\nimage_2:\n"`` …), after a note naming them (the prompt set's ``images`` template).
+  In chat form (``prompt``, ``conversation``) an original is ``{"type": "image", "index": 0, "original": k}``
+  with ``k`` its 0-based position (``image_{k+1}``); a single-image prompt has one ``{"type": "image",
+  "index": 0}`` and no name text, as before. A missing ``"original"`` means 0. Observations are
+  ``{"type": "image", "index": N}`` (``observation_N``) whatever original they come from.
+* **A turn's source** is ``source_index`` (0 = an original, N = ``observation_N``) with ``original_index``,
+  the 0-based original whose pixels ``crop_box_px`` is in: the original named, or, for a zoom into an
+  observation, that observation's original. ``call.source`` keeps the name as written.
+* **Observations** (``Trajectory.observations()``): every original first (``index`` 0, ``original_index``
+  0, 1 …), then each zoom and image made by code in creation order; a zoom's ``box_px`` is in the pixels of
+  original ``original_index``.
+* **Rendering.** ``render_image(trajectory, index, original=k)`` recomputes an image from the files: an
+  original resized by its share of the budget, or observation ``index`` cut from its own original at full
+  resolution and resized by the per-image limits (a part's ``"original"`` is passed as ``original``).
 """
 
 from __future__ import annotations
@@ -19,7 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from glimpse.errors import GlimpseError
 from glimpse.geometry import Box
-from glimpse.images import ImageCache, PixelLimits, counterfactual_view, fit
+from glimpse.images import ImageCache, PixelLimits, counterfactual_view, fit, shared_limits
 
 SCHEMA_VERSION = 1
 
@@ -35,11 +60,13 @@ class Sample(BaseModel):
 
     Attributes:
         id: unique within its dataset.
-        images: image paths; the runtime uses the first (multi-image samples are not supported yet).
+        images: image paths, shown to the model in this order as ``image_1``, ``image_2`` … (the first is
+            also ``original_image``).
         question: the question as the model should read it (options already included).
         answer: the gold answer, when known.
         options: multiple-choice options, when the question has them.
-        target_boxes: gold boxes ``[x0, y0, x1, y1]`` in original-image pixels, when known.
+        target_boxes: gold boxes ``[x0, y0, x1, y1]`` in original-image pixels, when known (of ``image_1``,
+            unless ``meta["target_images"]`` gives each box's 0-based image).
         meta: anything else the dataset carries (level, category, source …).
     """
 
@@ -61,6 +88,12 @@ class ImageRef(BaseModel):
     sha256: str
     width: int
     height: int
+
+
+class ShownImageRef(ImageRef):
+    """An original image and the ``[width, height]`` it was shown at."""
+
+    shown_size: list[int]
 
 
 class Usage(BaseModel):
@@ -109,7 +142,9 @@ class Turn(BaseModel):
         code_output: what the model was told the code printed (and its error), for ``code`` turns.
         made: images the code showed, each a new observation.
         answer: the final answer text, for ``answer`` turns.
-        source_index: index of the image zoomed into (0 = original, N = observation_N).
+        source_index: index of the image zoomed into (0 = an original, N = observation_N).
+        original_index: the original (0-based: 0 = image_1) whose pixels ``crop_box_px`` is in: the one
+            zoomed into, or the original of the observation zoomed into.
         crop_box_px: the zoom's box in original-image pixels ``[x0, y0, x1, y1]``.
         observation_index: N of the observation_N this zoom created.
         observation_size: ``[width, height]`` the new observation was shown at.
@@ -137,6 +172,7 @@ class Turn(BaseModel):
     made: list[MadeImage] = Field(default_factory=list)
     answer: str | None = None
     source_index: int | None = None
+    original_index: int = 0
     crop_box_px: list[int] | None = None
     observation_index: int | None = None
     observation_size: list[int] | None = None
@@ -215,9 +251,10 @@ class RunSettings(BaseModel):
 
 
 class Observation(BaseModel):
-    """An image in a trajectory: the original (index 0) or observation_N (index N).
+    """An image in a trajectory: an original (index 0; which one: ``original_index``) or observation_N (index N).
 
-    A zoom has ``box_px`` (original pixels); an image made by code has ``path`` and ``sha256`` instead.
+    A zoom has ``box_px`` (pixels of original ``original_index``); an image made by code has ``path`` and
+    ``sha256`` instead.
     """
 
     index: int
@@ -227,10 +264,14 @@ class Observation(BaseModel):
     turn_index: int | None
     path: str | None = None
     sha256: str | None = None
+    original_index: int = 0
 
     @property
     def name(self) -> str:
-        return "original_image" if self.index == 0 else f"observation_{self.index}"
+        """``original_image`` (image_1), ``image_K`` for the other originals, or ``observation_N``."""
+        if self.index:
+            return f"observation_{self.index}"
+        return "original_image" if self.original_index == 0 else f"image_{self.original_index + 1}"
 
 
 class Trajectory(BaseModel):
@@ -240,8 +281,10 @@ class Trajectory(BaseModel):
         id: ``<sample id>#<sample_index>``.
         sample: the question, images and gold answer.
         sample_index: which of the ``k`` samples of this question it is.
-        image: the original as loaded (``None`` when it could not be read).
-        shown_size: ``[width, height]`` the original was shown at.
+        image: the original (``image_1`` of a multi-image sample) as loaded (``None`` when it could not be read).
+        shown_size: ``[width, height]`` the original (``image_1``) was shown at.
+        more_images: the other originals, ``image_2`` onwards, each with its ``shown_size`` (empty for a
+            single-image sample).
         settings: limits, protocol and sampling that produced it.
         turns: the assistant turns, in order.
         answer: the final answer, when the model gave one.
@@ -263,6 +306,7 @@ class Trajectory(BaseModel):
     sample_index: int = 0
     image: ImageRef | None = None
     shown_size: list[int] | None = None
+    more_images: list[ShownImageRef] = Field(default_factory=list)
     settings: RunSettings
     turns: list[Turn] = Field(default_factory=list)
     answer: str | None = None
@@ -298,19 +342,31 @@ class Trajectory(BaseModel):
             "errors_by_kind": dict(sorted(errors.items())),
         }
 
-    def observations(self) -> list[Observation]:
-        """Every image of the trajectory: the original first, then each zoom in creation order."""
+    def originals(self) -> list[ShownImageRef]:
+        """Every original in order (``image_1`` first), each with the size it was shown at."""
         if self.image is None or self.shown_size is None:
             return []
+        return [ShownImageRef(**self.image.model_dump(), shown_size=list(self.shown_size)), *self.more_images]
+
+    def original_limits(self) -> list[PixelLimits]:
+        """The pixel limits each original was shown with (its share of the run's budget; see ``shared_limits``)."""
+        return shared_limits([(o.width, o.height) for o in self.originals()], self.settings.limits)
+
+    def observations(self) -> list[Observation]:
+        """Every image of the trajectory: the originals first, then each zoom and made image in creation order."""
         out = [
             Observation(
                 index=0,
-                box_px=[0, 0, self.image.width, self.image.height],
+                box_px=[0, 0, ref.width, ref.height],
                 source_index=None,
-                shown_size=self.shown_size,
+                shown_size=list(ref.shown_size),
                 turn_index=None,
+                original_index=k,
             )
+            for k, ref in enumerate(self.originals())
         ]
+        if not out:
+            return []
         for turn in self.turns:
             if turn.observation_index is not None and turn.crop_box_px and turn.observation_size:
                 out.append(
@@ -320,6 +376,7 @@ class Trajectory(BaseModel):
                         source_index=turn.source_index,
                         shown_size=turn.observation_size,
                         turn_index=turn.index,
+                        original_index=turn.original_index,
                     )
                 )
             for made in turn.made:
@@ -357,15 +414,18 @@ def render_image(
     trajectory: Trajectory,
     index: int,
     *,
+    original: int = 0,
     cache: ImageCache | None = None,
     base_dir: str | os.PathLike[str] | None = None,
     full_resolution: bool = False,
 ) -> Image.Image:
-    """Recompute image ``index`` of a trajectory (0 = original, N = observation_N) from the original file.
+    """Recompute an image of a trajectory from the original files.
 
     Args:
         trajectory: a recorded trajectory.
-        index: which image.
+        index: which image: 0 = an original, N = observation_N.
+        original: for ``index`` 0, which original (0-based: 0 = image_1); an image part's ``"original"``.
+            Observations know their own original.
         cache: decoded originals to reuse.
         base_dir: resolve a relative image path against this folder instead of the working directory.
         full_resolution: return the crop at original resolution instead of the size the model was shown.
@@ -374,27 +434,38 @@ def render_image(
         GlimpseError: the trajectory has no such image, or the file changed since it was recorded.
     """
     images = trajectory.observations()
-    if not 0 <= index < len(images):
+    originals = trajectory.originals()
+    if index == 0 and not 0 <= original < len(originals):
+        raise GlimpseError(f"{trajectory.id} has {len(originals)} original images; there is no image_{original + 1}")
+    observation = (
+        images[original] if index == 0 else next((o for o in images[len(originals) :] if o.index == index), None)
+    )
+    if observation is None:
         raise GlimpseError(f"{trajectory.id} has {len(images)} images; there is no image {index}")
-    assert trajectory.image is not None  # observations() is empty otherwise
-    observation = images[index]
     if observation.path is not None:  # made by code: read back, checked against its hash
         made = (cache or ImageCache()).get(observation.path)
         if made.sha256 != observation.sha256:
             raise GlimpseError(f"{observation.path} changed since trajectory {trajectory.id} was recorded")
         return made.image if full_resolution else fit(made.image, trajectory.settings.limits)
-    path = trajectory.image.path
+    ref = originals[observation.original_index] if observation.original_index < len(originals) else None
+    if ref is None:
+        raise GlimpseError(
+            f"{trajectory.id}: observation {index} is cut from image_{observation.original_index + 1}, "
+            f"which the record does not hold"
+        )
+    path = ref.path
     if base_dir is not None and not os.path.isabs(path):
         path = os.path.join(base_dir, path)
-    original = (cache or ImageCache()).get(path)
-    if original.sha256 != trajectory.image.sha256:
+    source = (cache or ImageCache()).get(path)
+    if source.sha256 != ref.sha256:
         raise GlimpseError(
             f"{path} changed since trajectory {trajectory.id} was recorded "
-            f"(sha256 {original.sha256[:12]}… instead of {trajectory.image.sha256[:12]}…)"
+            f"(sha256 {source.sha256[:12]}… instead of {ref.sha256[:12]}…)"
         )
     assert observation.box_px is not None
     box = Box.from_list(observation.box_px).as_tuple()
-    image = original.image.crop(box) if full_resolution else fit(original.image, trajectory.settings.limits, box)
+    limits = trajectory.original_limits()[observation.original_index] if index == 0 else trajectory.settings.limits
+    image = source.image.crop(box) if full_resolution else fit(source.image, limits, box)
     if index and trajectory.settings.counterfactual:  # what the model was shown instead of the crop
         return counterfactual_view(image, trajectory.settings.counterfactual, f"{trajectory.id}/{index}")
     return image

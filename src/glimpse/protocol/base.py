@@ -268,8 +268,15 @@ class Protocol:
         text = self.prompts.system + (self.prompts.code if self.code else "")
         return fill(text, coords=self.coords.describe())
 
-    def start(self, image: ImagePart, question: str) -> list[Message]:
-        """The system message (if any) and the first user message: the image and the question."""
+    def start(self, image: ImagePart | Sequence[ImagePart], question: str) -> list[Message]:
+        """The system message (if any) and the first user message: the image(s) and the question.
+
+        One image goes where the user template's image marker is. Several go there in order, after the
+        ``images`` template (which names them) and each after its name (``image_1:``, ``image_2:`` …).
+        """
+        images = [image] if isinstance(image, ImagePart) else list(image)
+        if not images:
+            raise ValueError("start() needs at least one image")
         messages = []
         system = self.system_text()
         if system.strip():
@@ -280,7 +287,12 @@ class Protocol:
             raise ValueError(f"user template has no image marker: {self.prompts.user[:60]!r}")
         before, after = (fill(h, question=question) for h in halves)
         parts: list[Part] = [TextPart(before)] if before else []
-        parts.append(image)
+        if len(images) == 1:
+            parts.append(images[0])
+        else:
+            parts.append(TextPart(fill(self.prompts.images, count=len(images))))
+            for k, shown in enumerate(images, 1):
+                parts += [TextPart(f"\nimage_{k}:\n" if k > 1 else f"image_{k}:\n"), shown]
         if after:
             parts.append(TextPart(after))
         messages.append(Message("user", parts))

@@ -1,6 +1,6 @@
 """Prompt templates: Glimpse's own defaults, and prompt files to match the prompt a checkpoint was trained with.
 
-A prompt set has seven templates. Only these placeholders are replaced (other braces, such as JSON examples,
+A prompt set has eight templates. Only these placeholders are replaced (other braces, such as JSON examples,
 are left alone):
 
 =============  =====================================================================================
@@ -13,14 +13,16 @@ are left alone):
 ``code``       (appended to the system prompt when the code tool is on) no placeholders.
 ``code_result`` ``{output}``: what the code printed, its error, and notes.
 ``code_image`` ``{image}``: an image the code passed to ``show()``; ``{observation_turn}``.
+``images``     (a question about several images only: put before them in the first user message, each of
+               which then follows its name, ``image_1:`` …) ``{count}``: how many.
 =============  =====================================================================================
 
 ``<image>`` and ``<|vision_start|><|image_pad|><|vision_end|>`` also mark the image position, so templates
 copied from LLaMA-Factory data or from a Qwen chat string work unchanged.
 
 A prompt file is YAML or TOML with any of the keys ``system``, ``user``, ``observation``, ``error``, ``code``,
-``code_result``, ``code_image`` (missing keys keep the defaults), or a plain text file that replaces the system
-prompt only.
+``code_result``, ``code_image``, ``images`` (missing keys keep the defaults), or a plain text file that replaces
+the system prompt only.
 """
 
 from __future__ import annotations
@@ -36,8 +38,8 @@ import yaml
 from glimpse.errors import ConfigError
 
 IMAGE_MARKERS = ("{image}", "<|vision_start|><|image_pad|><|vision_end|>", "<image>")
-_KNOWN = ("coords", "question", "observation_turn", "action_turn", "source", "error", "output")
-_KEYS = ("system", "user", "observation", "error", "code", "code_result", "code_image")
+_KNOWN = ("coords", "question", "observation_turn", "action_turn", "source", "error", "output", "count")
+_KEYS = ("system", "user", "observation", "error", "code", "code_result", "code_image", "images")
 _PLACEHOLDER = re.compile(r"\{(" + "|".join(_KNOWN) + r")\}")
 
 TAGS_SYSTEM = """\
@@ -102,10 +104,16 @@ CODE_RESULT = "Result of your code:\n{output}"
 
 CODE_IMAGE = "Observation {observation_turn}, made by your code:\n{image}"
 
+# Only questions about several images show this; a single-image prompt is unchanged.
+IMAGES = """\
+There are {count} images, named image_1 to image_{count} in the order shown ("original_image" also names \
+image_1); name the one you zoom into as the source.
+"""
+
 
 @dataclass(frozen=True)
 class PromptSet:
-    """The seven templates of a protocol, and a name recorded in every trajectory."""
+    """The eight templates of a protocol, and a name recorded in every trajectory."""
 
     system: str
     user: str
@@ -114,6 +122,7 @@ class PromptSet:
     code: str = ""
     code_result: str = CODE_RESULT
     code_image: str = CODE_IMAGE
+    images: str = IMAGES
     name: str = "default"
 
 

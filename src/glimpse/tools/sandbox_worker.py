@@ -5,9 +5,10 @@ imports nothing from Glimpse. Requests arrive on stdin as JSON lines ``{"code": 
 JSON line on the original stdout, which the worker keeps to itself before pointing file descriptors 1 and 2
 at a capture file, so everything the code prints (from Python or from C) is captured and truncated.
 
-In the code's namespace: ``images`` (the current images as PIL images, by name: ``original_image``,
-``observation_1`` …, at full resolution, loaded on first use from ``/images``) and ``show(image)``, which
-returns an image to the model as a new observation. A final bare expression is printed, as in a notebook.
+In the code's namespace: ``images`` (the current images as PIL images, by name: ``original_image``, with
+several originals also ``image_1``, ``image_2`` …, then ``observation_1`` …, at full resolution, loaded on
+first use from ``/images``) and ``show(image)``, which returns an image to the model as a new observation.
+A final bare expression is printed, as in a notebook.
 
 The first line on stdin holds the session's settings. Under process isolation run as root, they name the
 session's own uid: the worker drops to it (and to the gid of the same number, with no supplementary groups)
@@ -73,7 +74,7 @@ def main() -> None:
 
     def available() -> list:
         names = [f[:-4] for f in os.listdir(IMAGE_DIR) if f.endswith(".png")] if os.path.isdir(IMAGE_DIR) else []
-        return sorted(names, key=lambda n: (n != "original_image", len(n), n))
+        return sorted(names, key=lambda n: (n != "original_image", not n.startswith("image_"), len(n), n))
 
     def show(image) -> None:
         """Return an image (PIL, or a NumPy array) to the model as a new observation."""

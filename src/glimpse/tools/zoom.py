@@ -1,8 +1,9 @@
 """The zoom tool: check a call, compose its box into original-image pixels, cut and resize the crop.
 
-A call names a source (``original_image`` or ``observation_N``) and a box in the protocol's coordinate
-convention, relative to that source. The box is composed with the source's own box, so a zoom into a zoom
-is still cut from the original's full-resolution pixels. Every problem with a call is a model mistake and
+A call names a source (``original_image`` or ``observation_N``; with several originals also ``image_K``,
+``original_image`` being ``image_1``) and a box in the protocol's coordinate convention, relative to that
+source. The box is composed with the source's own box, so a zoom into a zoom is still cut from its
+original's full-resolution pixels. Every problem with a call is a model mistake and
 comes back as a ``ZoomResult`` with an error message and kind; ``run`` never raises on model input.
 
 Checks, in order: the box is a list of four finite numbers (NaN, infinities, booleans and strings are
@@ -16,8 +17,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from PIL import Image
 
@@ -35,16 +37,18 @@ ZOOM_MAX_ASPECT_RATIO = 100.0
 _LARGEST_COORDINATE = 2**53
 # ASCII digits only (``\d`` would accept other scripts' digits), and few enough for ``int`` to read.
 _OBSERVATION = re.compile(r"observation[_ ]?([0-9]{1,9})", re.ASCII)
+_IMAGE = re.compile(r"image[_ ]?([0-9]{1,9})", re.ASCII)
 
 
 @dataclass(frozen=True)
 class ImageState:
-    """An image the model has: its box in original pixels (``None`` for an image made by code) and the size it
-    was shown at."""
+    """An image the model has: its box in original pixels (``None`` for an image made by code), the size it
+    was shown at, and which original (0-based) the box is in."""
 
     box: Box | None
     shown_width: int
     shown_height: int
+    original_index: int = 0
 
 
 @dataclass
@@ -54,7 +58,8 @@ class ZoomResult:
     Attributes:
         bbox: the four numbers as written (``None`` if they were not four finite numbers).
         source: the source as written.
-        source_index: the image zoomed into (0 = original).
+        source_index: the image zoomed into (0 = an original, N = observation_N).
+        original_index: the original (0-based) the box is in.
         box: the zoom in original pixels.
         image: the crop, resized to the pixel limits.
         error: the message for the model; ``None`` on success.
@@ -64,6 +69,7 @@ class ZoomResult:
     bbox: list[float] | None = None
     source: str = "original_image"
     source_index: int | None = None
+    original_index: int = 0
     box: Box | None = None
     image: Image.Image | None = None
     error: str | None = None
@@ -74,17 +80,42 @@ class ZoomResult:
         return self.error is None
 
 
-def source_index(source: str, count: int) -> int | None:
-    """Index of a source name among ``count`` images (original + observations), or ``None`` if unknown."""
+class SourceRef(NamedTuple):
+    """A source name resolved: ``index`` 0 = an original (``original`` says which, 0-based), N = observation_N."""
+
+    index: int
+    original: int = 0
+
+
+def source_index(source: str, count: int, originals: int = 1) -> SourceRef | None:
+    """A source name among ``count`` images (an original + observations) and ``originals`` originals, or
+    ``None`` if there is no such image."""
     name = source.strip().lower()
     if name == "original_image":
-        return 0
+        return SourceRef(0)
+    match = _IMAGE.fullmatch(name)
+    if match:
+        k = int(match.group(1))
+        return SourceRef(0, k - 1) if 1 <= k <= originals else None
     match = _OBSERVATION.fullmatch(name)
     if match:
         index = int(match.group(1))
         if 1 <= index < count:
-            return index
+            return SourceRef(index)
     return None
+
+
+def source_names(count: int, originals: int = 1) -> str:
+    """The names a zoom may use, for an error message (long lists elided)."""
+    firsts = ["original_image"] if originals == 1 else [f"image_{k}" for k in range(1, originals + 1)]
+    if len(firsts) > 4:
+        firsts = [firsts[0], f"… {firsts[-1]}"]
+    if originals > 1:
+        firsts[0] += " (also original_image)"
+    names = firsts + [f"observation_{i}" for i in range(1, count)]
+    if count > 8:
+        names = [*firsts, f"observation_1 … observation_{count - 1}"]
+    return ", ".join(names)
 
 
 class ZoomTool:
@@ -118,21 +149,31 @@ class ZoomTool:
         self.min_box_side = min_box_side
         self.max_aspect_ratio = max_aspect_ratio
 
-    def run(self, call: dict[str, Any], original: Image.Image, images: list[ImageState]) -> ZoomResult:
-        """Check ``call`` against the images the model has, and cut the crop from ``original``.
+    def run(
+        self,
+        call: dict[str, Any],
+        original: Image.Image | Sequence[Image.Image],
+        images: list[ImageState],
+        originals: Sequence[ImageState] | None = None,
+    ) -> ZoomResult:
+        """Check ``call`` against the images the model has, and cut the crop from its original.
 
         Args:
             call: ``{"bbox_2d": …, "source": …}`` as the protocol read it.
-            original: full-resolution pixels of the original image.
-            images: the model's images so far (index 0 is the original).
+            original: full-resolution pixels of the original image, or of each original in order.
+            images: the model's images so far (index 0 is ``image_1``, N is observation_N).
+            originals: every original as shown, in order (default: ``images[0]`` alone).
         """
-        result = self.resolve(call, images)
+        result = self.resolve(call, images, originals)
         if result.ok:
             assert result.box is not None
-            result.image = fit(original, self.limits, result.box.as_tuple())
+            pixels = original if isinstance(original, Image.Image) else original[result.original_index]
+            result.image = fit(pixels, self.limits, result.box.as_tuple())
         return result
 
-    def resolve(self, call: dict[str, Any], images: list[ImageState]) -> ZoomResult:
+    def resolve(
+        self, call: dict[str, Any], images: list[ImageState], originals: Sequence[ImageState] | None = None
+    ) -> ZoomResult:
         """Every check of ``run`` and the box in original pixels, without cutting the crop."""
         source = call.get("source", "original_image")
         source = source if isinstance(source, str) else str(source)
@@ -159,17 +200,14 @@ class ZoomTool:
                 return fail("not_a_number", f"bbox_2d holds {v}, which is not a finite number")
         result.bbox = [float(v) for v in values]
 
-        index = source_index(source, len(images))
-        if index is None:
-            names = ["original_image"] + [f"observation_{i}" for i in range(1, len(images))]
-            listed = (
-                ", ".join(names)
-                if len(names) <= 8
-                else f"original_image, observation_1 … observation_{len(images) - 1}"
-            )
+        originals = list(originals) if originals is not None else images[:1]
+        ref = source_index(source, len(images), len(originals))
+        if ref is None:
+            listed = source_names(len(images), len(originals))
             return fail("unknown_source", f"there is no image called {quote(source)}; you can zoom into: {listed}")
-        result.source_index = index
-        src = images[index]
+        result.source_index = ref.index
+        src = originals[ref.original] if ref.index == 0 else images[ref.index]
+        result.original_index = src.original_index
         if src.box is None:
             return fail(
                 "made_source",
