@@ -15,8 +15,23 @@ from PIL import Image, ImageDraw
 
 from glimpse.agent import AgentLoop
 from glimpse.builtin.model import MAX_PIXELS, MIN_PIXELS, build_builtin
-from glimpse.builtin.processing import BOX_OPEN, BOX_VALUES, CROP, MEAN, STD, STEPS, region_rows, zoom_text
+from glimpse.builtin.processing import (
+    BOX_OPEN,
+    CROP,
+    KIND,
+    MEAN,
+    PIXELS,
+    READ_ROWS,
+    READING,
+    REL,
+    STD,
+    STEPS,
+    WINDOW,
+    region_rows,
+    zoom_text,
+)
 from glimpse.builtin.proposer import TILES, propose
+from glimpse.builtin.reader import READ_CROP, cut_box, find_panel
 from glimpse.builtin.teacher import pointed_region, teacher_turns
 from glimpse.hf.processor import load_processor
 from glimpse.images import PixelLimits, fit
@@ -78,7 +93,7 @@ def test_the_processor_makes_region_tokens_from_the_pixels_it_is_given(builtin, 
     assert torch.equal(enc["pixel_values"], torch.from_numpy(rows))
     for row, (x0, y0, x1, y1) in zip(rows, boxes, strict=True):
         assert 0 <= x0 < x1 <= image.width and 0 <= y0 < y1 <= image.height
-        rel, window = row[-BOX_VALUES:-4], row[-4:]
+        rel, window = row[REL], row[WINDOW]
         assert np.allclose(rel, (x0 / image.width, y0 / image.height, x1 / image.width, y1 / image.height))
         assert 0 <= window[0] < window[2] <= STEPS and 0 <= window[1] < window[3] <= STEPS
         # the zoom window shows the whole region
@@ -90,7 +105,14 @@ def test_the_processor_makes_region_tokens_from_the_pixels_it_is_given(builtin, 
     cut = (cut[0], cut[1], min(image.width, int(np.ceil(x1 + gx))), min(image.height, int(np.ceil(y1 + gy))))
     want = image.crop(cut).resize((CROP[1], CROP[0]), Image.Resampling.BILINEAR)
     want_rows = ((np.asarray(want, np.float32) / 255 - MEAN) / STD).transpose(2, 0, 1).reshape(-1)
-    assert np.allclose(rows[0, :-BOX_VALUES], want_rows, atol=1e-5)
+    assert np.allclose(rows[0, :PIXELS], want_rows, atol=1e-5)
+    # the last READ_ROWS rows are the panel to read, cut from this image's pixels and spread over them in order
+    assert (rows[:-READ_ROWS, KIND] != READING).all() and (rows[-READ_ROWS:, KIND] == READING).all()
+    cut = cut_box(find_panel(image), image.width, image.height)
+    assert boxes[-1] == cut
+    panel = image.crop(cut).resize((READ_CROP[1], READ_CROP[0]), Image.Resampling.BILINEAR)
+    want_panel = ((np.asarray(panel, np.float32) / 255 - MEAN) / STD).transpose(2, 0, 1).reshape(-1)
+    assert np.allclose(rows[-READ_ROWS:, :PIXELS].reshape(-1), want_panel, atol=1e-5)
 
 
 def test_the_proposer_covers_probe_targets_and_finds_objects_in_a_photo():
@@ -123,7 +145,7 @@ def test_a_zoom_is_written_by_pointing_at_a_region(builtin):
         out = model.generate(**enc, max_new_tokens=5, do_sample=False)
     new = out[0, enc["input_ids"].shape[1] :].tolist()
     written = BOX_OPEN + processor.tokenizer.decode(new)
-    windows = [list(map(int, row[-4:])) for row in region_rows(image)[0]]
+    windows = [list(map(int, row[WINDOW])) for row in region_rows(image)[0] if row[KIND] != READING]
     assert written in {zoom_text(w, 0) for w in windows}
     box = json.loads(written)
     assert box["source"] == "original_image" and box["bbox_2d"][0] < box["bbox_2d"][2]

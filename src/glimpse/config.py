@@ -190,8 +190,18 @@ class SynthConfig:
     out: str = opt("probes", "output folder; each level goes to OUT/<level>/ (val.json + data/)")
     kind: str | None = opt(
         None,
-        "only this question kind (default: all kinds in turn)",
-        choices=("read_code", "marker_color", "marker_shape", "which_marked", "count", "relative_position"),
+        "only this question kind (default: the single-image kinds in turn); which_image and split_code are "
+        "two-image probes",
+        choices=(
+            "read_code",
+            "marker_color",
+            "marker_shape",
+            "which_marked",
+            "count",
+            "relative_position",
+            "which_image",
+            "split_code",
+        ),
     )
     workers: int | None = opt(None, "processes (default: the number of cores, at most 8)")
     quality: int = opt(95, "JPEG quality of the images")
@@ -515,6 +525,16 @@ class BuiltinConfig:
         "batches drawn from the last 2,048 examples, for when the example makers cannot keep up (a GPU)",
     )
     init: str = opt("", "start from this built-in checkpoint (a folder) instead of a fresh model")
+    read_minutes: float = opt(
+        0.0,
+        "first train the reader alone for this many of the minutes, on reading cards' panels (no search, no "
+        "decoder: hundreds a minute), so reading is learned before answers need it",
+    )
+    read_batch: int = opt(32, "panels per step while the reader trains alone")
+    read_weight: float = opt(
+        1.0, "weight of the reader's own loss (what the teacher knows each zoomed panel shows) beside the replies'"
+    )
+    reader_lr: float = opt(3e-4, "peak learning rate of the reader (the region-token study: 2e-3 learned nothing)")
     mix: str = opt(
         "",
         "weights of card, easy, medium and hard examples for the whole run, e.g. 0.8,0.07,0.07,0.06 (reading "

@@ -45,16 +45,22 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from glimpse.builtin.processing import (
     BOX_OPEN,
-    BOX_VALUES,
     CROP,
+    KIND,
     MAX_SOURCES,
+    PIXELS,
+    READ_ROWS,
+    READING,
+    REL,
     STEPS,
+    WINDOW,
     GlimpseVLImageProcessor,
     GlimpseVLProcessor,
     coordinate_text,
     location_tokens,
     source_text,
 )
+from glimpse.builtin.reader import READ_CROP
 
 MODEL_TYPE = "glimpse_vl"
 # The pixel limits the model is shown images at: the default first view of the Mini-o3 recipe (2,000,000
@@ -79,6 +85,11 @@ class GlimpseVLConfig(PretrainedConfig):
         coordinate_ids: ids of the tokens writing grid value k (0..STEPS) before a comma, then before ']'.
         source_ids: ids of the source tokens (original_image, observation_1, …).
         min_pixels / max_pixels: the pixel limits the model was trained with (its native limits).
+        reader_classes: what the reader reads off a panel: ``[attribute, classes]`` pairs, in order; the first
+            ``READ_ROWS`` attributes each become a reading token, the rest only train the reader.
+        reader_ids: per reading token's attribute, the token id that starts each class's word (-1: none), so a
+            reading token can carry the word's embedding (answers copy it).
+        reader_channels: output channels of the reader's stride-2 stages.
     """
 
     model_type = MODEL_TYPE
@@ -96,6 +107,9 @@ class GlimpseVLConfig(PretrainedConfig):
         min_pixels: int = MIN_PIXELS,
         max_pixels: int = MAX_PIXELS,
         cell: int = 32,
+        reader_classes: list[list[Any]] | None = None,
+        reader_ids: list[list[int]] | None = None,
+        reader_channels: list[int] | tuple[int, ...] = (32, 64, 96),
         **kwargs: Any,
     ):
         if isinstance(text_config, dict):
@@ -108,6 +122,9 @@ class GlimpseVLConfig(PretrainedConfig):
         self.coordinate_ids = list(coordinate_ids or [])
         self.source_ids = list(source_ids or [])
         self.min_pixels, self.max_pixels, self.cell = min_pixels, max_pixels, cell
+        self.reader_classes = [[str(name), list(classes)] for name, classes in reader_classes or []]
+        self.reader_ids = [list(ids) for ids in reader_ids or []]
+        self.reader_channels = list(reader_channels)
         kwargs.setdefault("tie_word_embeddings", self.text_config.tie_word_embeddings)
         super().__init__(**kwargs)
 
@@ -125,13 +142,8 @@ class RegionEncoder(nn.Module):
 
     def __init__(self, channels: list[int], hidden: int):
         super().__init__()
-        layers: list[nn.Module] = []
-        c_in = 3
-        for c in channels:
-            layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), nn.GroupNorm(min(8, c // 4), c), nn.GELU()]
-            layers += [nn.Conv2d(c, c, 3, padding=1), nn.GroupNorm(min(8, c // 4), c), nn.GELU()]
-            c_in = c
-        self.cnn = nn.Sequential(*layers)
+        self.cnn = _stages(channels)
+        c_in = channels[-1]
         cells = (CROP[0] >> len(channels)) * (CROP[1] >> len(channels))
         self.project = nn.Linear(c_in * cells, hidden)
         self.box = nn.Linear(4 * 2 * 8, hidden)
@@ -139,21 +151,83 @@ class RegionEncoder(nn.Module):
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
         """(tokens, ROW) → (tokens, hidden)."""
-        pixels = rows[:, :-BOX_VALUES].reshape(-1, 3, *CROP)
+        pixels = rows[:, :PIXELS].reshape(-1, 3, *CROP)
         feats = self.cnn(pixels).flatten(1)
-        return self.norm(self.project(feats) + self.box(fourier(rows[:, -BOX_VALUES : -BOX_VALUES + 4])))
+        return self.norm(self.project(feats) + self.box(fourier(rows[:, REL])))
+
+
+def _stages(channels: list[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    c_in = 3
+    for c in channels:
+        layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), nn.GroupNorm(min(8, c // 4), c), nn.GELU()]
+        layers += [nn.Conv2d(c, c, 3, padding=1), nn.GroupNorm(min(8, c // 4), c), nn.GELU()]
+        c_in = c
+    return nn.Sequential(*layers)
+
+
+class Reader(nn.Module):
+    """The panel of one image (``glimpse.builtin.reader``, spread over ``READ_ROWS`` rows) → what it shows, and
+    ``READ_ROWS`` reading tokens.
+
+    Conv stages keep a feature map of the panel, flattened so each output knows where things are (the region-token
+    study: a code's characters read by one classifier per position learned, a CTC over columns did not); one
+    classifier per attribute (``config.reader_classes``). Reading token ``j`` is the expected embedding of
+    attribute ``j``'s class: its probabilities times the embeddings of the words that start each class (tied to
+    the decoder's input embeddings, so an answer can copy the word) plus a learned table, plus the attribute's own
+    embedding. The classifiers are trained directly on what the teacher knows the panel shows (``train.py``)
+    and by the answers through the tokens.
+    """
+
+    def __init__(self, config: GlimpseVLConfig, hidden: int):
+        super().__init__()
+        self.cnn = _stages(config.reader_channels)
+        cells = (READ_CROP[0] >> len(config.reader_channels)) * (READ_CROP[1] >> len(config.reader_channels))
+        self.squeeze = nn.Conv2d(config.reader_channels[-1], 24, 1)
+        self.names = [name for name, _ in config.reader_classes]
+        sizes = [len(classes) for _, classes in config.reader_classes]
+        self.heads = nn.ModuleList(nn.Linear(24 * cells, n) for n in sizes)
+        self.tables = nn.ParameterList(nn.Parameter(torch.zeros(n, hidden)) for n in sizes[:READ_ROWS])
+        self.attribute = nn.Parameter(torch.zeros(READ_ROWS, hidden))
+        self.box = nn.Linear(4 * 2 * 8, hidden)
+        self.norm = nn.LayerNorm(hidden)
+        self.word_ids = config.reader_ids
+
+    def forward(self, rows: torch.Tensor, embed: nn.Embedding) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(panels · READ_ROWS, ROW) → (panels · READ_ROWS, hidden) tokens and each attribute's (panels, classes)
+        logits."""
+        panels = rows.shape[0] // READ_ROWS
+        pixels = rows[:, :PIXELS].reshape(panels, 3, *READ_CROP)
+        feats = self.squeeze(self.cnn(pixels)).flatten(1)
+        logits = {n: head(feats) for n, head in zip(self.names, self.heads, strict=True)}
+        box = self.box(fourier(rows[::READ_ROWS, REL]))
+        tokens = []
+        for j, table in enumerate(self.tables):
+            p = logits[self.names[j]].float().softmax(-1).to(rows.dtype)
+            t = p @ table + self.attribute[j] + box
+            if j < len(self.word_ids):
+                ids = torch.tensor(self.word_ids[j], device=rows.device)
+                known = ids >= 0
+                if bool(known.any()):
+                    t = t + p[:, known] @ embed(ids[known]).to(rows.dtype)
+            tokens.append(t)
+        return self.norm(torch.stack(tokens, 1).flatten(0, 1)), logits
 
 
 @dataclass
 class PointerState:
     """Per sequence of a batch: the region keys and spellings seen so far, images seen, the zoom being written.
 
-    Lives on the generation cache between decoding steps (``generate``) or for one forward pass (training)."""
+    Lives on the generation cache between decoding steps (``generate``) or for one forward pass (training). The
+    ``hf`` backend keeps each row with that row's past key/values between turns (``row``) and puts the rows back
+    on the cache it rebuilds from them (``after``, ``stack``), so a continued conversation points as one computed
+    whole. Rows copy their lists and share their tensors (no forward pass changes a tensor it has stored)."""
 
     keys: list[list[torch.Tensor]] = field(default_factory=list)
     spells: list[list[torch.Tensor]] = field(default_factory=list)
     images: list[int] = field(default_factory=list)
     open_box: list[list[int] | None] = field(default_factory=list)
+    box_open: int | None = None  # the id that opens a zoom's box (``GlimpseVLConfig.box_open_id``)
 
     def grow(self, batch: int) -> None:
         while len(self.images) < batch:
@@ -161,6 +235,47 @@ class PointerState:
             self.spells.append([])
             self.images.append(0)
             self.open_box.append(None)
+
+    def row(self, b: int) -> PointerState:
+        """Row ``b`` as a one-row state (its open zoom left out: ``after`` replays it from the tokens)."""
+        return PointerState([list(self.keys[b])], [list(self.spells[b])], [self.images[b]], [None], self.box_open)
+
+    def after(self, ids: list[int], images: int) -> PointerState:
+        """This one-row state as it stood after ``ids``, a prefix of its tokens holding its first ``images`` images:
+        later images dropped, the zoom being written replayed from the tokens (as ``_point`` steps through them)."""
+        written: list[int] | None = None
+        for token in ids:
+            if token == self.box_open:
+                written = []
+            elif written is not None:
+                written = [*written, token] if len(written) < 4 else None
+        return PointerState([self.keys[0][:images]], [self.spells[0][:images]], [images], [written], self.box_open)
+
+    @staticmethod
+    def stack(rows: list[PointerState | None]) -> PointerState:
+        """One state whose row i is ``rows[i]``'s only row (None: an empty row), copied, so rows repeated for ``n``
+        samples grow apart."""
+        box_open = next((r.box_open for r in rows if r is not None), None)
+        out = PointerState(box_open=box_open)
+        for r in rows:
+            out.grow(len(out.images) + 1)
+            if r is not None:
+                out.keys[-1], out.spells[-1] = list(r.keys[0]), list(r.spells[0])
+                out.images[-1], out.open_box[-1] = r.images[0], r.open_box[0]
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the stored tensors hold."""
+        return sum(t.numel() * t.element_size() for rows in (self.keys, self.spells) for row in rows for t in row)
+
+
+@dataclass
+class GlimpseVLOutput(CausalLMOutputWithPast):
+    """The language model's output plus the reader's logits per attribute, one row per image (training reads
+    them; generation ignores them)."""
+
+    reader_logits: dict[str, torch.Tensor] | None = None
 
 
 class GlimpseVLPreTrainedModel(PreTrainedModel):
@@ -191,6 +306,7 @@ class GlimpseVLForConditionalGeneration(GlimpseVLPreTrainedModel, GenerationMixi
         super().__init__(config)
         text = config.text_config
         self.visual = RegionEncoder(config.channels, text.hidden_size)
+        self.reader = Reader(config, text.hidden_size) if config.reader_classes else None
         self.model = Qwen2Model(text)
         self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
         self.query = nn.Linear(text.hidden_size, config.pointer_dim)
@@ -208,7 +324,7 @@ class GlimpseVLForConditionalGeneration(GlimpseVLPreTrainedModel, GenerationMixi
 
     def spellings(self, rows: torch.Tensor, source: int) -> torch.Tensor:
         """(tokens, 5) ids: the four coordinate tokens and the source token a zoom into each region writes."""
-        window = rows[:, -4:].round().long().clamp(0, STEPS)
+        window = rows[:, WINDOW].round().long().clamp(0, STEPS)
         ids = torch.tensor(self.config.coordinate_ids, device=rows.device)
         coords = torch.stack([ids[window[:, i] + (STEPS + 1) * (i == 3)] for i in range(4)], 1)
         src = torch.full_like(coords[:, :1], self.config.source_ids[min(source, len(self.config.source_ids) - 1)])
@@ -218,6 +334,7 @@ class GlimpseVLForConditionalGeneration(GlimpseVLPreTrainedModel, GenerationMixi
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
         past_key_values: Any = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
@@ -228,18 +345,19 @@ class GlimpseVLForConditionalGeneration(GlimpseVLPreTrainedModel, GenerationMixi
         mm_token_type_ids: torch.Tensor | None = None,  # accepted as Qwen's models accept it; unused
         cache: Any = None,
         **kwargs: Any,
-    ) -> CausalLMOutputWithPast:
-        """A forward pass; ``position_ids`` (in ``kwargs``) go to the decoder. They are not a named argument on
-        purpose: the pointer's region keys live on the generation cache (``PointerState``), which a cache rebuilt
-        from bare key/value layers would lose, and the ``hf`` backend continues from such caches only for models
-        that name explicit positions; this one's short prompts are computed whole each turn instead."""
+    ) -> GlimpseVLOutput:
+        """A forward pass. The pointer's state (``PointerState``) lives on the cache: found there when the cache
+        carries one (a later decoding step, or a cache the ``hf`` backend rebuilt from kept key/values and put the
+        state back on), else made and attached to it. ``position_ids`` go to the decoder as given (the ``hf``
+        backend names them to continue a conversation from its kept key/values)."""
         cache = cache if cache is not None else past_key_values
         if inputs_embeds is None:
             inputs_embeds = self.model.embed_tokens(input_ids)
         where = input_ids == self.config.image_token_id if input_ids is not None else None
         has_images = pixel_values is not None and where is not None and bool(where.any())
+        reader_logits = None
         if has_images:
-            feats = self.visual(pixel_values.to(inputs_embeds.dtype))
+            feats, reader_logits = self.image_features(pixel_values.to(inputs_embeds.dtype))
             if int(where.sum()) != feats.shape[0]:
                 raise ValueError(
                     f"{int(where.sum())} image tokens in the prompt but {feats.shape[0]} region rows in pixel_values"
@@ -248,6 +366,7 @@ class GlimpseVLForConditionalGeneration(GlimpseVLPreTrainedModel, GenerationMixi
         outputs = self.model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
+            position_ids=position_ids,
             **{_CACHE_ARG: cache},
             use_cache=use_cache,
             **kwargs,
@@ -260,7 +379,7 @@ class GlimpseVLForConditionalGeneration(GlimpseVLPreTrainedModel, GenerationMixi
             # the decoder makes the cache on the prefill when none is passed in: the state goes with it
             state = getattr(returned, "glimpse_pointer", None) if returned is not None else None
             if state is None:
-                state = PointerState()
+                state = PointerState(box_open=self.config.box_open_id)
                 if returned is not None:
                     returned.glimpse_pointer = state
             state.grow(input_ids.shape[0])
@@ -270,7 +389,24 @@ class GlimpseVLForConditionalGeneration(GlimpseVLPreTrainedModel, GenerationMixi
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: returned})
+        return GlimpseVLOutput(loss=loss, logits=logits, reader_logits=reader_logits, **{_CACHE_FIELD: returned})
+
+    def image_features(self, rows: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        """Every image's rows → one token each (region rows through the region encoder, each image's reading
+        rows through the reader), in row order, and the reader's logits (None without a reader)."""
+        reading = rows[:, KIND] == READING
+        if not bool(reading.any()):
+            return self.visual(rows), None
+        if self.reader is None:
+            raise ValueError(
+                "pixel_values hold reading rows but this checkpoint has no reader; upgrade it with "
+                "glimpse.builtin.model.add_reader(folder)"
+            )
+        feats = torch.empty(rows.shape[0], self.config.text_config.hidden_size, dtype=rows.dtype, device=rows.device)
+        feats[~reading] = self.visual(rows[~reading]).to(rows.dtype)
+        tokens, logits = self.reader(rows[reading], self.model.embed_tokens)
+        feats[reading] = tokens.to(rows.dtype)
+        return feats, logits
 
     def _add_regions(
         self,
@@ -289,8 +425,9 @@ class GlimpseVLForConditionalGeneration(GlimpseVLPreTrainedModel, GenerationMixi
             b = positions[start][0]
             cols = torch.tensor([p[1] for p in positions[start : start + size]], device=hidden.device)
             start += size
-            state.keys[b].append(self.key(hidden[b, cols]))
-            state.spells[b].append(self.spellings(rows, state.images[b]))
+            region = rows[:, KIND] != READING
+            state.keys[b].append(self.key(hidden[b, cols[region]]))
+            state.spells[b].append(self.spellings(rows[region], state.images[b]))
             state.images[b] += 1
 
     def _point(
@@ -397,6 +534,47 @@ def tokenizer_corpus(seed: int, per_level: int = 4) -> list[str]:
     return texts
 
 
+def reader_vocabulary(tokenizer: Any) -> tuple[list[list[Any]], list[list[int]]]:
+    """The reader's attributes and classes (read from the generator's vocabulary of what a sign shows: a reader
+    for other panels would list its own) and, per reading token, the id of the token each class's answer word
+    starts with (the word ``""``, nothing written there, ends the answer: ``</answer>``; -1 where the class is
+    not an answer word)."""
+    from glimpse.probes.stream import sign_vocabulary
+
+    classes = sign_vocabulary()
+    answer_words = ("char", "marker_color", "marker_shape", "dots")
+    ids = []
+    for name in list(classes)[:READ_ROWS]:
+        row = []
+        for word in classes[name]:
+            if not name.startswith(answer_words):
+                row.append(-1)
+            elif word == "":
+                row.append(tokenizer.convert_tokens_to_ids("</answer>"))
+            else:
+                row.append(tokenizer.encode(word, add_special_tokens=False)[0])
+        ids.append(row)
+    return [[name, words] for name, words in classes.items()], ids
+
+
+def add_reader(folder: Any) -> bool:
+    """Give a checkpoint made before the reader existed one (its config gains the reader's vocabulary; the
+    reader's weights start random when the checkpoint is next loaded). Returns whether anything changed."""
+    import json
+    from pathlib import Path
+
+    from glimpse.hf.processor import load_processor
+
+    path = Path(folder) / "config.json"
+    config = json.loads(path.read_text())
+    if config.get("reader_classes"):
+        return False
+    classes, ids = reader_vocabulary(load_processor(folder).tokenizer)
+    config.update(reader_classes=classes, reader_ids=ids, reader_channels=[32, 64, 96])
+    path.write_text(json.dumps(config, indent=2) + "\n")
+    return True
+
+
 def build_builtin(
     out_dir: Any,
     *,
@@ -429,6 +607,7 @@ def build_builtin(
         bos_token_id=None,
     )
     coordinates = [coordinate_text(k, last) for last in (False, True) for k in range(STEPS + 1)]
+    reader_classes, reader_ids = reader_vocabulary(tokenizer)
     config = GlimpseVLConfig(
         text_config=text,
         channels=spec["channels"],
@@ -438,6 +617,8 @@ def build_builtin(
         source_ids=[ids(source_text(i)) for i in range(MAX_SOURCES + 1)],
         min_pixels=min_pixels,
         max_pixels=max_pixels,
+        reader_classes=reader_classes,
+        reader_ids=reader_ids,
         eos_token_id=ids("<|im_end|>"),
         pad_token_id=ids("<|endoftext|>"),
     )

@@ -27,14 +27,20 @@ from transformers.image_processing_utils import BaseImageProcessor
 from transformers.processing_utils import ProcessorMixin
 
 from glimpse.builtin.proposer import TILES, regions
+from glimpse.builtin.reader import READ_CROP, panel_pixels
 from glimpse.images import PixelLimits, smart_resize
 
 CROP = (32, 64)  # height, width of a region token's crop: a sign's four characters at about 12 pixels each
 MARGIN = 1.25  # a crop shows its box grown by this factor, so a sign's border and surroundings are in it
-# After the crop's pixels, each row holds the region's box relative to the image (x0, y0, x1, y1) and the grid
-# window a zoom into it writes (zoom_window): what the model embeds and what its pointer spells.
-BOX_VALUES = 8
-ROW = 3 * CROP[0] * CROP[1] + BOX_VALUES
+# After the crop's pixels, each row holds the region's box relative to the image (x0, y0, x1, y1), the grid
+# window a zoom into it writes (zoom_window): what the model embeds and what its pointer spells, and its kind.
+BOX_VALUES = 9
+PIXELS = 3 * CROP[0] * CROP[1]
+ROW = PIXELS + BOX_VALUES
+REL, WINDOW, KIND = slice(PIXELS, PIXELS + 4), slice(PIXELS + 4, PIXELS + 8), PIXELS + 8
+REGION, READING = 0.0, 1.0  # kinds: a region token (one crop), a reading token (a share of the panel's pixels)
+# The panel to read (``glimpse.builtin.reader``) at READ_CROP fills this many rows' pixels, one token each.
+READ_ROWS = 3 * READ_CROP[0] * READ_CROP[1] // PIXELS
 MEAN, STD = 0.5, 0.25
 
 STEPS = 256  # coordinate grid: 1/256 of a side (about 7 view pixels on a 1,900-pixel-wide view)
@@ -95,11 +101,13 @@ def zoom_text(window: list[int], source: int) -> str:
 
 # -------------------------------------------------------------------------------------------------- processor
 def region_rows(image: Image.Image) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
-    """One image → (tokens, ROW) float32 rows (crop pixels normalised, relative box, zoom window) and the boxes
-    (pixels; the coarse tiles first, then the proposals)."""
+    """One image → (tokens, ROW) float32 rows and the boxes (pixels): a region row per box (the coarse tiles
+    first, then the proposals: crop pixels normalised, relative box, zoom window, kind ``REGION``), then
+    ``READ_ROWS`` reading rows (the panel to read at ``READ_CROP``, its pixels split over the rows in order; the
+    panel's box; kind ``READING``); one box per row (the reading rows repeat the panel's)."""
     image = image.convert("RGB")
     boxes = regions(image)
-    rows = np.empty((len(boxes), ROW), np.float32)
+    rows = np.empty((len(boxes) + READ_ROWS, ROW), np.float32)
     ch, cw = CROP
     for i, (x0, y0, x1, y1) in enumerate(boxes):
         gx, gy = (x1 - x0) * (MARGIN - 1) / 2, (y1 - y0) * (MARGIN - 1) / 2
@@ -111,11 +119,23 @@ def region_rows(image: Image.Image) -> tuple[np.ndarray, list[tuple[int, int, in
         )
         crop = image.crop(cut).resize((cw, ch), Image.Resampling.BILINEAR)
         a = (np.asarray(crop, np.float32) / 255.0 - MEAN) / STD
-        rows[i, :-BOX_VALUES] = a.transpose(2, 0, 1).reshape(-1)
+        rows[i, :PIXELS] = a.transpose(2, 0, 1).reshape(-1)
         rel = (x0 / image.width, y0 / image.height, x1 / image.width, y1 / image.height)
         window = zoom_window((x0, y0, x1, y1), image.width, image.height, grow=i >= TILES[0] * TILES[1])
-        rows[i, -BOX_VALUES:] = (*rel, *window)
-    return rows, boxes
+        rows[i, PIXELS:] = (*rel, *window, REGION)
+    rows[len(boxes) :], panel = reading_rows(image)
+    return rows, [*boxes, *[panel] * READ_ROWS]
+
+
+def reading_rows(image: Image.Image) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """One image → its ``READ_ROWS`` reading rows (the panel's pixels at ``READ_CROP``, normalised and split over
+    the rows in order; the panel's relative box and zoom window; kind ``READING``) and the panel's box (pixels)."""
+    panel, (x0, y0, x1, y1) = panel_pixels(image)
+    rows = np.empty((READ_ROWS, ROW), np.float32)
+    rows[:, :PIXELS] = ((panel - MEAN) / STD).reshape(READ_ROWS, PIXELS)
+    rel = (x0 / image.width, y0 / image.height, x1 / image.width, y1 / image.height)
+    rows[:, PIXELS:] = (*rel, *zoom_window((x0, y0, x1, y1), image.width, image.height), READING)
+    return rows, (x0, y0, x1, y1)
 
 
 class GlimpseVLImageProcessor(BaseImageProcessor):

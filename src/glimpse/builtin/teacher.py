@@ -12,6 +12,8 @@ A probe whose target no proposal covers is skipped (and counted): the student co
 
 from __future__ import annotations
 
+from typing import Any
+
 from PIL import Image
 
 from glimpse.builtin.processing import STEPS, zoom_text, zoom_window
@@ -20,6 +22,7 @@ from glimpse.images import PixelLimits, fit
 from glimpse.trajectory import Sample
 
 COVER = 0.3  # a proposal points at a sign when it covers at least this share of the sign's box
+READ_MATCH = 0.4  # a panel read is a sign when their boxes overlap at least this much (intersection over union)
 
 
 def pointed_region(view: Image.Image, box: tuple[float, float, float, float]) -> list[int] | None:
@@ -76,3 +79,31 @@ def grid_turns(sample: Sample, limits: PixelLimits | None = None) -> list[str]:
     if turns is None:
         raise ValueError(f"{sample.id}: no proposal on its first view covers the target; pick another sample")
     return turns
+
+
+def reading_targets(sample: Sample, observations: list[Any], panels: list[tuple[float, ...]]) -> list[Any]:
+    """What the teacher knows each shown image's panel shows: per image (``observations``, in the order the
+    model saw them, each with its box in original pixels; ``panels``, the relative box of the panel the reader
+    read in it), the class indices of the sign it is (``probes.stream.sign_labels``), or None when the panel is
+    no sign (a probe's first view, a panel between signs). A card's sign is read on its first view."""
+    from glimpse.probes.stream import sign_labels
+
+    out: list[Any] = []
+    for obs, (rx0, ry0, rx1, ry1) in zip(observations, panels, strict=True):
+        if obs.box_px is None or (obs.index == 0 and sample.meta.get("level") != "card"):
+            out.append(None)
+            continue
+        x0, y0, x1, y1 = obs.box_px
+        w, h = x1 - x0, y1 - y0
+        panel = (x0 + rx0 * w, y0 + ry0 * h, x0 + rx1 * w, y0 + ry1 * h)
+        best, best_iou = None, READ_MATCH
+        for c in sample.meta["candidates"]:
+            b = c["box"]
+            iw = max(0.0, min(panel[2], b[2]) - max(panel[0], b[0]))
+            ih = max(0.0, min(panel[3], b[3]) - max(panel[1], b[1]))
+            inter = iw * ih
+            union = (panel[2] - panel[0]) * (panel[3] - panel[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+            if union > 0 and inter / union >= best_iou:
+                best, best_iou = c, inter / union
+        out.append(sign_labels(best) if best is not None else None)
+    return out

@@ -27,6 +27,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from PIL import Image
+
+from glimpse.builtin.processing import READ_ROWS
 from glimpse.builtin.teacher import grid_turns  # noqa: F401 (re-exported: RL's tests and cold start use it)
 from glimpse.config import BuiltinConfig, write_resolved
 from glimpse.errors import ConfigError
@@ -69,14 +73,24 @@ class ExampleMaker:
         self.scenes = SceneCache()
 
     def __call__(self, level: str, index: int) -> tuple[Any, str | None]:
-        """((example, kind), None), or (None, why it was skipped)."""
+        """((example, kind, reading targets per image), None), or (None, why it was skipped). Level ``read``: a
+        card's panel alone, ((reading rows, kind, [targets]), None), for training the reader by itself."""
         from glimpse.agent import AgentLoop
         from glimpse.builtin.model import PROMPT_FILE
-        from glimpse.builtin.teacher import teacher_turns
+        from glimpse.builtin.processing import KIND, READING, REL, reading_rows
+        from glimpse.builtin.teacher import reading_targets, teacher_turns
         from glimpse.models.scripted import ScriptedBackend
-        from glimpse.probes.stream import card_sample, probe_sample
+        from glimpse.probes.stream import card_sample, probe_sample, sign_labels
         from glimpse.train.common import encode
 
+        if level == "read":
+            sample = card_sample(index, self.seed, self.folder)
+            try:
+                with Image.open(sample.images[0]) as image:
+                    rows, _ = reading_rows(fit(image.convert("RGB"), self.limits))
+            finally:
+                Path(sample.images[0]).unlink(missing_ok=True)
+            return (rows, sample.meta["category"], [sign_labels(sample.meta["candidates"][0])]), None
         if level == "card":
             sample = card_sample(index, self.seed, self.folder)
             cache = self.files
@@ -102,7 +116,12 @@ class ExampleMaker:
             if traj.stop_reason != "answer" or traj.metrics["tool_errors"]:
                 return None, f"{sample.id}: {traj.stop_reason} {traj.error or ''}"
             example = encode(traj, self.processor, self.header, self.end, cache=cache)
-            return (example, sample.meta["category"]), None
+            rows = example.pixel_values.numpy()
+            panels = [tuple(rows[r][REL]) for r in range(len(rows)) if rows[r][KIND] == READING][:: READ_ROWS]
+            seen = [o for o in traj.observations() if o.path is None]
+            if len(seen) != len(panels):
+                raise RuntimeError(f"{sample.id}: {len(panels)} images encoded but {len(seen)} in the trajectory")
+            return (example, sample.meta["category"], reading_targets(sample, seen, panels)), None
         finally:
             self.scenes.discard(sample.images[0])
             for f in self.folder.iterdir():
@@ -181,11 +200,36 @@ def _print(entry: dict[str, Any]) -> None:
     )
 
 
-def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] = _print) -> Path:
-    """Train a fresh built-in model for ``cfg.minutes`` on streamed probes; write ``OUT/model``."""
+def reading_loss(
+    logits: dict[str, Any] | None, targets: list[Any], stats: dict[str, list[int]] | None = None, tag: str = ""
+) -> Any:
+    """The reader's own loss: cross-entropy of each attribute over the images whose panel the teacher knows
+    (``targets``, one per image in batch order, None where unknown), averaged over attributes; right/wrong per
+    attribute (before the step: held out) go to ``stats`` as ``read/NAME`` (and ``read/NAME/TAG``)."""
     import torch
 
-    from glimpse.builtin.model import build_builtin
+    if not logits or not any(t is not None for t in targets):
+        return torch.zeros(())
+    losses = []
+    for name, out in logits.items():
+        want = torch.tensor([t[name] if t is not None else -100 for t in targets], device=out.device)
+        if len(want) != out.shape[0]:
+            raise RuntimeError(f"{out.shape[0]} panels read but {len(want)} reading targets")
+        losses.append(torch.nn.functional.cross_entropy(out.float(), want, ignore_index=-100))
+        if stats is not None:
+            known = want != -100
+            right = (out.detach().argmax(-1) == want)[known].tolist()
+            for key in (f"read/{name}", f"read/{name}/{tag}") if tag else (f"read/{name}",):
+                stats.setdefault(key, []).extend(int(r) for r in right)
+    return torch.stack(losses).mean()
+
+
+def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] = _print) -> Path:
+    """Train the built-in model for ``cfg.minutes`` on streamed probes (the reader alone on cards for the first
+    ``cfg.read_minutes``); write ``OUT/model``."""
+    import torch
+
+    from glimpse.builtin.model import add_reader, build_builtin
     from glimpse.hf.processor import load_processor
     from glimpse.train.common import collate
 
@@ -199,32 +243,45 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
     model_dir = out / "model"
     if cfg.mix and (len(cfg.mix.split(",")) != len(LEVELS) or not all(_number(w) for w in cfg.mix.split(","))):
         raise ConfigError(f"--mix takes {len(LEVELS)} weights (card, easy, medium, hard), got {cfg.mix!r}")
+    if not 0 <= cfg.read_minutes < cfg.minutes:
+        raise ConfigError(f"--read-minutes ({cfg.read_minutes:g}) must be at least 0 and less than --minutes")
     if cfg.init:
         if not (Path(cfg.init) / "config.json").exists():
             raise ConfigError(f"--init {cfg.init} is not a checkpoint folder (no config.json)")
         if Path(cfg.init).resolve() != model_dir.resolve():
             shutil.copytree(cfg.init, model_dir, dirs_exist_ok=True)
+        if add_reader(model_dir):
+            print(f"{cfg.init} has no reader: one is added (random weights)")
     else:
         build_builtin(model_dir, size=cfg.size, seed=cfg.seed)
     from transformers import AutoModelForImageTextToText
+    from transformers.utils import logging as hf_logging
 
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a reader added to an older checkpoint is reported as missing weights
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).to(device)
+    hf_logging.set_verbosity(verbosity)
     processor = load_processor(model_dir)
     params = sum(p.numel() for p in model.parameters())
     print(
         f"training {'the model from ' + cfg.init if cfg.init else 'a fresh ' + cfg.size + ' built-in model'} "
         f"({params:,} parameters) on {device} for {cfg.minutes:g} min "
-        f"with {cfg.workers} example makers → {out}"
+        f"({cfg.read_minutes:g} of them the reader alone on cards) with {cfg.workers} example makers → {out}"
     )
     tok = processor.tokenizer
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.01)
-    budget = cfg.minutes * 60
+    reader_params = list(model.reader.parameters())
+    reader_ids = {id(p) for p in reader_params}
+    rest = [p for p in model.parameters() if id(p) not in reader_ids]
+    groups = [{"params": rest, "scale": 1.0}, {"params": reader_params, "scale": cfg.reader_lr / cfg.lr}]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    reader_optimizer = torch.optim.AdamW(reader_params, lr=cfg.reader_lr, weight_decay=0.01)
+    budget, read_budget = cfg.minutes * 60, cfg.read_minutes * 60
 
     ctx = mp.get_context("spawn")
     # Jobs are unbounded (one is added per result taken, so they stay few); a bounded job queue filled before
     # the first result is taken would deadlock against the bounded result queue.
-    jobs, results = ctx.Queue(), ctx.Queue(maxsize=4 * cfg.batch + 64)
+    jobs, results = ctx.Queue(), ctx.Queue(maxsize=4 * max(cfg.batch, cfg.read_batch) + 64)
     procs = [
         ctx.Process(target=_worker, args=(str(model_dir), cfg.seed, w, jobs, results), daemon=True)
         for w in range(cfg.workers)
@@ -232,96 +289,158 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
     for p in procs:
         p.start()
     rng = random.Random(cfg.seed)
-    counters = dict.fromkeys(LEVELS, 0)
+    counters = dict.fromkeys((*LEVELS, "read"), 0)
     start = time.perf_counter()
+
+    def reading_stage() -> bool:
+        return time.perf_counter() - start < read_budget
 
     def feed(n: int) -> None:
         for _ in range(n):
-            level = _level((time.perf_counter() - start) / budget, rng, cfg.only, cfg.mix)
+            if reading_stage():
+                level = "read"
+            else:
+                progress = (time.perf_counter() - start - read_budget) / (budget - read_budget)
+                level = _level(progress, rng, cfg.only, cfg.mix)
             jobs.put((level, 1_000_000 + counters[level]))  # indices from 1e6 up: never the eval's
             counters[level] += 1
 
-    def update(batch: list[Any]) -> tuple[Any, Any, Any, Any]:
-        """One gradient step; returns the loss, the logits and labels it was computed on, the gradient norm."""
-        inputs = collate(batch, tok.pad_token_id, model.config.image_token_id)
+    skipped = 0
+
+    def take(n: int, want_read: bool) -> list[tuple[str, Any]]:
+        """The next ``n`` examples of the current stage (examples of the other stage still queued are dropped)."""
+        nonlocal skipped
+        got: list[tuple[str, Any]] = []
+        while len(got) < n:
+            try:
+                kind, payload = results.get(timeout=600)
+            except queue.Empty:
+                raise RuntimeError("the example generators produced nothing for 10 minutes") from None
+            feed(1)
+            if kind == "example" and (payload[0] == "read") == want_read:
+                got.append(payload)
+            elif kind == "skip":
+                skipped += 1
+            elif kind == "error":
+                raise RuntimeError(f"the example generator failed: {payload}")
+        return got
+
+    def update(batch: list[Any], stats: dict[str, list[int]] | None, levels: list[str]) -> tuple[Any, Any, Any, Any]:
+        """One gradient step on (example, kind, reading targets) items; returns the loss, the logits and labels
+        it was computed on, the gradient norm."""
+        inputs = collate([b[0] for b in batch], tok.pad_token_id, model.config.image_token_id)
         inputs.pop("mm_token_type_ids", None)
         inputs = {k: v.to(device) for k, v in inputs.items()}
         labels = inputs.pop("labels")
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(**inputs).logits[:, :-1].float()
+            output = model(**inputs)
+        logits = output.logits[:, :-1].float()
         target = labels[:, 1:]
         loss = torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100
         )
+        targets = [t for b in batch for t in b[2]]
+        tags = [lv for b, lv in zip(batch, levels, strict=True) for _ in b[2]]
+        read = reading_loss(output.reader_logits, targets)
+        if stats is not None and output.reader_logits:
+            for tag in set(tags):  # right/wrong per attribute and level, before the step
+                mine = [t if g == tag else None for t, g in zip(targets, tags, strict=True)]
+                reading_loss({k: v.detach() for k, v in output.reader_logits.items()}, mine, stats, tag)
+        total = loss + cfg.read_weight * read.to(loss.device)
         optimizer.zero_grad()
-        loss.backward()
+        total.backward()
         grad = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        return loss, logits.detach(), target, grad
+        return total, logits.detach(), target, grad
+
+    def set_lr(opt: Any, peak: float, step: int, elapsed: float, span: float) -> float:
+        lr = peak * min(1.0, (step + 1) / cfg.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * elapsed / span)))
+        for g in opt.param_groups:
+            g["lr"] = lr * g.get("scale", 1.0)
+        return lr
 
     memory: list[Any] = []
-    feed(2 * cfg.batch + 2 * cfg.workers)
-    step, seen, skipped, last_save = 0, 0, 0, time.perf_counter()
+    feed(2 * max(cfg.batch, cfg.read_batch if read_budget else 0) + 2 * cfg.workers)
+    step, seen, last_save = 0, 0, time.perf_counter()
     ids = {
         "box_open": model.config.box_open_id,
         "answer_open": tok.convert_tokens_to_ids("<answer>"),
         "answer_close": tok.convert_tokens_to_ids("</answer>"),
     }
     logf = (out / "log.jsonl").open("a")
+
+    def record(entry: dict[str, Any], stats: dict[str, list[int]]) -> None:
+        entry.update({f"acc_{k}": round(sum(v) / len(v), 3) for k, v in stats.items() if v})
+        logf.write(json.dumps(entry) + "\n")
+        logf.flush()
+        if step % 10 == 0:
+            log(entry)
+
     try:
-        while time.perf_counter() - start < budget:
-            batch, levels, kinds = [], [], []
-            while len(batch) < cfg.batch:
-                try:
-                    kind, payload = results.get(timeout=600)
-                except queue.Empty:
-                    raise RuntimeError("the example generators produced nothing for 10 minutes") from None
-                feed(1)
-                if kind == "example":
-                    levels.append(payload[0])
-                    batch.append(payload[1][0])
-                    kinds.append(payload[1][1])
-                elif kind == "skip":
-                    skipped += 1
-                elif kind == "error":
-                    raise RuntimeError(f"the example generator failed: {payload}")
-            elapsed = time.perf_counter() - start
-            lr = (
-                cfg.lr
-                * min(1.0, (step + 1) / cfg.warmup)
-                * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * elapsed / budget)))
+        while reading_stage():  # the reader alone, on cards' panels: cheap, many per second
+            items = take(cfg.read_batch, True)
+            rows = torch.from_numpy(np.concatenate([p[1][0] for p in items])).to(device)
+            targets = [t for p in items for t in p[1][2]]
+            lr = set_lr(reader_optimizer, cfg.reader_lr, step, time.perf_counter() - start, read_budget)
+            _, logits = model.reader(rows, model.model.embed_tokens)
+            stats: dict[str, list[int]] = {}
+            for kind in {p[1][1] for p in items}:
+                mine = [t if p[1][1] == kind else None for p in items for t in p[1][2]]
+                reading_loss({k: v.detach() for k, v in logits.items()}, mine, stats, kind)
+            loss = reading_loss(logits, targets)
+            reader_optimizer.zero_grad()
+            loss.backward()
+            reader_optimizer.step()
+            step += 1
+            seen += len(items)
+            record(
+                {
+                    "stage": "read",
+                    "step": step,
+                    "examples": seen,
+                    "minutes": round((time.perf_counter() - start) / 60, 2),
+                    "loss": round(float(loss.detach()), 4),
+                    "lr": lr,
+                    "skipped": skipped,
+                },
+                stats,
             )
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            loss, logits, target, grad = update(batch)
+        read_steps = step
+        while time.perf_counter() - start < budget:
+            items = take(cfg.batch, False)
+            levels = [p[0] for p in items]
+            batch = [p[1] for p in items]
+            elapsed = time.perf_counter() - start
+            lr = set_lr(optimizer, cfg.lr, step - read_steps, elapsed - read_budget, budget - read_budget)
+            stats = {}
+            loss, logits, target, grad = update(batch, stats, levels)
             for _ in range(cfg.replay - 1 if memory else 0):
-                update(rng.sample(memory, min(len(memory), cfg.batch)))
-            memory.extend(batch)
+                replayed = rng.sample(memory, min(len(memory), cfg.batch))
+                update([m[1] for m in replayed], None, [m[0] for m in replayed])
+            memory.extend(items)
             del memory[:-REPLAY_MEMORY]
             step += 1
             seen += len(batch)
             # Accuracy on this batch before training on it: fresh examples, so a held-out measurement.
             with torch.no_grad():
                 pred = logits.argmax(-1)
-                stats: dict[str, list[int]] = {}
-                for row, (level, kind) in enumerate(zip(levels, kinds, strict=True)):
+                for row, (level, (_, kind, _)) in enumerate(zip(levels, batch, strict=True)):
                     for key, v in skills(target[row].tolist(), pred[row].tolist(), level, kind, ids).items():
                         stats.setdefault(key, []).extend(v)
-            entry = {
-                "step": step,
-                "examples": seen,
-                "minutes": round(elapsed / 60, 2),
-                "loss": round(float(loss.detach()), 4),
-                "lr": lr,
-                "grad": round(float(grad), 3),
-                "levels": {lv: levels.count(lv) for lv in set(levels)},
-                "skipped": skipped,
-                **{f"acc_{k}": round(sum(v) / len(v), 3) for k, v in stats.items()},
-            }
-            logf.write(json.dumps(entry) + "\n")
-            logf.flush()
-            if step % 10 == 0:
-                log(entry)
+            record(
+                {
+                    "stage": "search",
+                    "step": step,
+                    "examples": seen,
+                    "minutes": round(elapsed / 60, 2),
+                    "loss": round(float(loss.detach()), 4),
+                    "lr": lr,
+                    "grad": round(float(grad), 3),
+                    "levels": {lv: levels.count(lv) for lv in set(levels)},
+                    "skipped": skipped,
+                },
+                stats,
+            )
             if time.perf_counter() - last_save > cfg.save_every_min * 60:
                 model.save_pretrained(model_dir)
                 last_save = time.perf_counter()

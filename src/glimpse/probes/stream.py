@@ -114,17 +114,18 @@ def probe_sample(level: str, index: int, seed: int, folder: Path, *, scenes: Sce
 def card_sample(index: int, seed: int, folder: Path) -> Sample:
     """A cheap reading example: one sign, legible, on a small patch of scene.
 
-    The sign is drawn with the probes' own code (font, border, marker, dots) at a random font size, on a canvas
-    1.3–2.5 times its size with the probes' background, as a nested zoom would show it; the question
-    is the probes' question for that sign, and the answer needs no zoom. ``meta["candidates"]`` holds the sign
-    (the whole card's one candidate, the target), as a probe's does.
+    The sign is drawn with the probes' own code (font, border, marker, dots, corner mark, red dot) at a random
+    font size, on a canvas 1.3–2.5 times its size with the probes' background, as a nested zoom would show it; the
+    question is the probes' question for that sign (``which_marked`` for a numbered sign with a red dot), and the
+    answer needs no zoom. ``meta["candidates"]`` holds the sign (the whole card's one candidate, the target) with
+    its contents, as a probe's does.
     """
     from PIL import ImageDraw
 
     from glimpse.probes import questions, synth
 
     rng = random.Random(f"glimpse-card/{seed}/{index}")
-    kind = rng.choice(("read_code", "read_code", "marker_color", "marker_shape", "count"))
+    kind = rng.choice(("read_code", "read_code", "marker_color", "marker_shape", "count", "which_marked"))
     font_px = rng.randint(10, 28)
     content = {"marker_color": "marker", "marker_shape": "marker", "count": "dots"}.get(kind, "code")
     sw, sh = synth.sign_size(content, font_px, 4)
@@ -134,7 +135,10 @@ def card_sample(index: int, seed: int, folder: Path) -> Sample:
     x, y = rng.randint(0, w - sw), rng.randint(0, h - sh)
     border = rng.choice(list(synth.BORDER_COLORS))
     sign = synth.Sign((x, y, x + sw, y + sh), border)
-    if content == "code":
+    if kind == "which_marked":
+        sign.code, sign.red_dot = str(rng.randint(10, 99)), True
+        answer = sign.code
+    elif content == "code":
         sign.code = synth.random_code(rng, rng.choice((3, 4)), set())
         answer = sign.code
     elif content == "marker":
@@ -143,11 +147,56 @@ def card_sample(index: int, seed: int, folder: Path) -> Sample:
     else:
         sign.dots = rng.randint(2, 9)
         answer = str(sign.dots)
+    sign.corner = rng.choice((None, None, "star", "dot"))
     synth.draw_sign(draw, sign, font_px, rng)
     choices = {"marker_color": list(synth.MARKER_COLORS), "marker_shape": list(synth.MARKER_SHAPES)}.get(kind)
     question = questions.question(kind, border, choices=choices)
     path = folder / f"card_{index}.png"
     image.save(path)
-    candidate = {"box": [x, y, x + sw, y + sh], "target": True}
+    candidate = {
+        "box": [x, y, x + sw, y + sh],
+        "border": border,
+        "code": sign.code,
+        "marker": list(sign.marker) if sign.marker else None,
+        "dots": sign.dots or None,
+        "corner": sign.corner,
+        "red_dot": sign.red_dot,
+        "target": True,
+    }
     meta = {"level": "card", "category": kind, "candidates": [candidate], "size": [w, h]}
     return Sample(id=f"card_{index}", images=[str(path)], question=question, answer=answer, meta=meta)
+
+
+# ----------------------------------------------------------------------------------------- what a sign shows
+TEXT_CHARS = 4  # characters of a sign's text read one by one (codes have 3–4, sign numbers 2)
+MAX_DOTS = 12
+
+
+def sign_vocabulary() -> dict[str, list[str]]:
+    """What can be read off one sign, per attribute: the classes (answer words where there are some; ``""``
+    means "none"). A trainer's reading targets (``sign_labels``) index these lists."""
+    from glimpse.probes.palette import BORDER_COLORS, CODE_ALPHABET, MARKER_COLORS, MARKER_SHAPES
+
+    chars = sorted(set(CODE_ALPHABET) | set("0123456789"))
+    vocab = {f"char{i + 1}": [*chars, ""] for i in range(TEXT_CHARS)}
+    vocab["marker_color"] = [*MARKER_COLORS, ""]
+    vocab["marker_shape"] = [*MARKER_SHAPES, ""]
+    vocab["dots"] = [str(n) for n in range(MAX_DOTS + 1)]
+    vocab["mark"] = ["", "star", "dot", "red dot", "star red dot", "dot red dot"]
+    vocab["border"] = [*BORDER_COLORS, ""]
+    return vocab
+
+
+def sign_labels(candidate: dict[str, Any]) -> dict[str, int]:
+    """A probe's or card's sign (an entry of ``meta["candidates"]``) as class indices of ``sign_vocabulary``."""
+    vocab = sign_vocabulary()
+    code = candidate.get("code") or ""
+    marker = candidate.get("marker") or ("", "")
+    labels = {f"char{i + 1}": vocab[f"char{i + 1}"].index(code[i] if i < len(code) else "") for i in range(TEXT_CHARS)}
+    labels["marker_color"] = vocab["marker_color"].index(marker[0])
+    labels["marker_shape"] = vocab["marker_shape"].index(marker[1])
+    labels["dots"] = min(int(candidate.get("dots") or 0), MAX_DOTS)
+    mark = " ".join(w for w in (candidate.get("corner") or "", "red dot" if candidate.get("red_dot") else "") if w)
+    labels["mark"] = vocab["mark"].index(mark)
+    labels["border"] = vocab["border"].index(candidate.get("border") or "")
+    return labels

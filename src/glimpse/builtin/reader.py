@@ -1,0 +1,102 @@
+"""The built-in model's reading perception without learning: where in a shown image the panel to read is.
+
+A zoom the model makes shows one object with some context around it (``processing.ZOOM_CONTEXT``); to read it,
+the model looks at that object at a fixed, legible size. ``find_panel`` finds it training-free, on any image:
+the largest rectangle that is mostly light inside and mostly not light just outside (a sign, a label, a page),
+preferring rectangles near the centre, found with one summed-area table on a downsampled light mask. When none
+qualifies (a dark photo), the central half of the image is read. Nothing here knows the probes' palette, fonts or
+wording; on a photo it finds bright panels (a label, a window, the sky), which is harmless.
+
+``panel_pixels`` cuts that rectangle (with a small margin) from the image's own pixels and resizes it to
+``READ_CROP``: the model's reading tokens come from these pixels only (see ``model.Reader``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from PIL import Image
+
+READ_CROP = (64, 256)  # height, width the panel is read at (a four-character code at about 40 pixels each)
+LIGHT = 190  # a pixel is light when its darkest channel is at least this
+GRID = 160  # the light mask is searched on at most GRID × GRID cells
+FILL, RING = 0.6, 0.35  # light share required inside a panel, allowed in the ring just outside it
+READ_MARGIN = 0.08  # the cut grows the panel by this share of its size on each side
+
+
+def _integral(a: np.ndarray) -> np.ndarray:
+    out = np.zeros((a.shape[0] + 1, a.shape[1] + 1), np.float64)
+    out[1:, 1:] = a.cumsum(0).cumsum(1)
+    return out
+
+
+def find_panel(image: Image.Image) -> tuple[int, int, int, int]:
+    """The box (pixels, x1/y1 exclusive) of the panel to read in ``image`` (module docstring)."""
+    rgb = np.asarray(image.convert("RGB"))
+    height, width = rgb.shape[:2]
+    step = max(1, math.ceil(max(width, height) / GRID))
+    light = rgb.min(-1) >= LIGHT
+    gh, gw = height // step, width // step
+    if gh < 4 or gw < 4:
+        return _central(width, height)
+    cells = light[: gh * step, : gw * step].reshape(gh, step, gw, step).mean((1, 3))
+    ii = _integral(cells)
+    best, best_score = None, 0.0
+    heights = sorted({max(2, round(gh * f)) for f in np.geomspace(0.08, 0.95, 10)})
+    widths = sorted({max(2, round(gw * f)) for f in np.geomspace(0.08, 0.95, 10)})
+    for h in heights:
+        ring_y = max(1, h // 6)
+        for w in widths:
+            ring_x = max(1, w // 6)
+            stride_y, stride_x = max(1, h // 6), max(1, w // 6)
+            y0 = np.arange(0, gh - h + 1, stride_y)
+            x0 = np.arange(0, gw - w + 1, stride_x)
+            if not len(y0) or not len(x0):
+                continue
+            ys, xs = np.meshgrid(y0, x0, indexing="ij")
+            inner = ii[ys + h, xs + w] - ii[ys, xs + w] - ii[ys + h, xs] + ii[ys, xs]
+            fill = inner / (h * w)
+            oy0, ox0 = np.clip(ys - ring_y, 0, gh), np.clip(xs - ring_x, 0, gw)
+            oy1, ox1 = np.clip(ys + h + ring_y, 0, gh), np.clip(xs + w + ring_x, 0, gw)
+            outer = ii[oy1, ox1] - ii[oy0, ox1] - ii[oy1, ox0] + ii[oy0, ox0]
+            # the ring outside the image counts as not light: a panel cut by the edge still qualifies
+            ring_area = (h + 2 * ring_y) * (w + 2 * ring_x) - h * w
+            ring = (outer - inner) / ring_area
+            ok = (fill >= FILL) & (ring <= RING)
+            if not ok.any():
+                continue
+            cx, cy = (xs + w / 2) / gw - 0.5, (ys + h / 2) / gh - 0.5
+            score = np.where(ok, h * w * fill * (1.0 - np.hypot(cx, cy)), 0.0)
+            i = np.unravel_index(int(score.argmax()), score.shape)
+            if score[i] > best_score:
+                best_score = float(score[i])
+                best = (int(xs[i]), int(ys[i]), int(xs[i]) + w, int(ys[i]) + h)
+    if best is None:
+        return _central(width, height)
+    x0, y0, x1, y1 = best
+    return x0 * step, y0 * step, min(width, x1 * step), min(height, y1 * step)
+
+
+def _central(width: int, height: int) -> tuple[int, int, int, int]:
+    return width // 4, height // 4, width - width // 4, height - height // 4
+
+
+def cut_box(box: tuple[int, int, int, int], width: int, height: int) -> tuple[int, int, int, int]:
+    """The panel's box grown by ``READ_MARGIN`` a side, inside the image: what is cut and read."""
+    x0, y0, x1, y1 = box
+    gx, gy = (x1 - x0) * READ_MARGIN, (y1 - y0) * READ_MARGIN
+    return (
+        max(0, math.floor(x0 - gx)),
+        max(0, math.floor(y0 - gy)),
+        min(width, math.ceil(x1 + gx)),
+        min(height, math.ceil(y1 + gy)),
+    )
+
+
+def panel_pixels(image: Image.Image) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """The panel of ``image`` cut at ``READ_CROP``: (3, H, W) floats in 0–1, and the box cut (pixels)."""
+    image = image.convert("RGB")
+    box = cut_box(find_panel(image), image.width, image.height)
+    crop = image.crop(box).resize((READ_CROP[1], READ_CROP[0]), Image.Resampling.BILINEAR)
+    return np.asarray(crop, np.float32).transpose(2, 0, 1) / 255.0, box
