@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from glimpse.images import image_tokens
 from glimpse.trajectory import Sample, Trajectory
@@ -86,6 +87,7 @@ def _loop(processor: Any, tiny_qwen: Path, server: StandIn, response_length: int
     entries = OmegaConf.load(Path(importlib.import_module("glimpse.train.verl").__file__).parent / "agent_loop.yaml")
     name = options.pop("agent", "glimpse")
     engine = options.pop("engine", "sglang")
+    mm = options.pop("mm_processor_kwargs", {})  # the processor's pixel limits; the loop takes them too
     entry = next(e for e in entries if e.name == name)
     config = OmegaConf.create(
         {
@@ -95,7 +97,7 @@ def _loop(processor: Any, tiny_qwen: Path, server: StandIn, response_length: int
             }
         }
     )
-    data = OmegaConf.create({"apply_chat_template_kwargs": {}, "mm_processor_kwargs": {}})
+    data = OmegaConf.create({"apply_chat_template_kwargs": {}, "mm_processor_kwargs": mm})
     return hydra.utils.instantiate(
         config={k: v for k, v in entry.items() if k != "name"},
         trainer_config=DictConfigWrap(config),
@@ -129,8 +131,9 @@ def _row(sample: Sample, **options: Any) -> dict[str, Any]:
     return out
 
 
-def _rerender(processor: Any, traj: Trajectory, images: list[Any]) -> list[int]:
-    """The whole conversation of a record rendered from scratch by the processor (no incremental tokens)."""
+def _rerender(processor: Any, traj: Trajectory, images: list[Any], **limits: int) -> list[int]:
+    """The whole conversation of a record rendered from scratch by the processor (no incremental tokens), with
+    the pixel limits of the run (``min_pixels``, ``max_pixels``) when they are not the processor's."""
     chat = list(traj.prompt)
     for turn in traj.turns:
         chat.append({"role": "assistant", "content": turn.text})
@@ -142,7 +145,8 @@ def _rerender(processor: Any, traj: Trajectory, images: list[Any]) -> list[int]:
             content = [{"type": "image"} if p["type"] == "image" else p for p in content]
         hf.append({"role": m["role"], "content": content})
     text = processor.apply_chat_template(hf, tokenize=False)
-    return processor(text=[text], images=images, return_tensors="pt")["input_ids"][0].tolist()
+    size = {"size": {"shortest_edge": limits["min_pixels"], "longest_edge": limits["max_pixels"]}} if limits else {}
+    return processor(text=[text], images=images, return_tensors="pt", **size)["input_ids"][0].tolist()
 
 
 def test_zoom_then_answer_token_by_token(processor, tiny_qwen, sample):
@@ -245,7 +249,7 @@ def test_image_sources_other_than_inline_bytes(processor, tiny_qwen, sample):
 
     answer = _encode(processor, f"<answer>{sample.answer}</answer>")
     by_path = _row(sample, image_paths=True)
-    assert by_path["extra_info"]["glimpse_image"] is None
+    assert by_path["extra_info"]["glimpse_images"] is None
     out = _run(processor, tiny_qwen, StandIn(processor.tokenizer, [answer]), by_path, {"temperature": 1.0})
     traj = Trajectory.model_validate_json(out.extra_fields["glimpse_trajectory"])
     assert traj.image.path == str(Path(sample.images[0]).resolve()) and traj.answer == sample.answer
@@ -307,7 +311,7 @@ def test_parquet_rows_through_verl_dataset_loop_and_reward(processor, tiny_qwen,
     assert len(dataset) == 2  # the text prompts pass verl's length filter
     row = dataset[1]
     assert row["extra_info"]["index"] == 1 and row["reward_model"]["ground_truth"] == sample.answer
-    assert row["extra_info"]["glimpse_image"] == Path(sample.images[0]).read_bytes()
+    assert row["extra_info"]["glimpse_images"] == [Path(sample.images[0]).read_bytes()]
 
     for answer, reward in ((sample.answer, 1.0), ("not it", 0.0)):
         reply = _encode(processor, f"<answer>{answer}</answer>")
@@ -355,7 +359,7 @@ def test_converter_refuses_samples_it_cannot_reward(sample, tmp_path):
         data.write([], tmp_path / "x.parquet", "probes")
     assert not (tmp_path / "x.parquet").exists() and not (tmp_path / "x.parquet.tmp").exists()
     row = data.row(sample, 0, "probes")
-    assert row["extra_info"]["glimpse_image"] == Path(sample.images[0]).read_bytes()
+    assert row["extra_info"]["glimpse_images"] == [Path(sample.images[0]).read_bytes()]
     assert Sample.model_validate_json(row["extra_info"]["glimpse_sample"]) == sample
 
 
@@ -424,3 +428,166 @@ def test_verl_data_from_the_command_line(tmp_path):
     assert table.num_rows == 3 and table.column("data_source")[0].as_py() == "glimpse/probes-easy"
     bad = glimpse("train", "verl-data", "nope:x", "--out", str(tmp_path / "x.parquet"))
     assert bad.returncode != 0 and "unknown dataset 'nope'" in bad.stderr and not (tmp_path / "x.parquet").exists()
+
+
+# ------------------------------------------------------------------------------------------- several images
+# The loop's and the processor's pixel limits (the same, as a run must set them): a few hundred image tokens
+# per image, quick on CPU.
+LIMITS = {"min_pixels": 20_000, "max_pixels": 120_000}
+SMALL = {**LIMITS, "mm_processor_kwargs": LIMITS}
+
+
+@pytest.fixture(scope="module")
+def two_images(tmp_path_factory) -> Sample:
+    """A question about two images of different sizes (so a swap of their token runs would show)."""
+    from conftest import gradient_image
+
+    folder = tmp_path_factory.mktemp("two")
+    gradient_image(900, 640).save(folder / "a.png")
+    gradient_image(420, 700).transpose(0).save(folder / "b.png")
+    return Sample(id="two", images=[str(folder / "a.png"), str(folder / "b.png")], question="Which?", answer="B")
+
+
+@pytest.fixture(scope="module")
+def model(tiny_qwen: Path):
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(tiny_qwen).eval()
+
+
+def _zoom(source: str, box: str = "0.1, 0.1, 0.5, 0.5") -> str:
+    return f'<think>closer</think><grounding>{{"bbox_2d": [{box}], "source": "{source}"}}</grounding>'
+
+
+def _verl_trains(processor: Any, model: Any, prompt_ids: list[int], response_ids: list[int], images: list[Any]):
+    """A loop's output as verl trains on it, run through the model: the ids, and the image features verl's worker
+    makes from the image list (``_compute_multi_modal_inputs`` runs the processor on ``multi_modal_data`` with
+    the run's ``mm_processor_kwargs``; the text it passes only carries placeholders). The features must land on
+    the image tokens. Returns the image-token runs and the tokens each processed image takes."""
+    from glimpse.train.common import grid_tokens, image_runs
+
+    size = {"shortest_edge": LIMITS["min_pixels"], "longest_edge": LIMITS["max_pixels"]}
+    inputs = processor.image_processor(images=images, size=size, return_tensors="pt")
+    ids = torch.tensor([prompt_ids + response_ids])
+    pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    with torch.no_grad():  # Qwen2.5-VL raises when features and tokens differ in number
+        model(
+            input_ids=ids,
+            pixel_values=inputs["pixel_values"],
+            image_grid_thw=inputs["image_grid_thw"],
+            mm_token_type_ids=(ids == pad).long(),
+        )
+    return [r.length for r in image_runs(ids[0].tolist(), pad)], grid_tokens(inputs["image_grid_thw"], 2)
+
+
+def test_two_images_zoom_into_the_second_then_its_crop(processor, tiny_qwen, two_images, model):
+    _require_verl()
+    tok = processor.tokenizer
+    replies = [_zoom("image_2"), _zoom("observation_1", "0.2, 0.2, 0.9, 0.9"), "<answer>B</answer>"]
+    server = StandIn(tok, [_encode(processor, r) for r in replies])
+    out = _run(processor, tiny_qwen, server, _row(two_images), {"temperature": 1.0, "logprobs": True}, **SMALL)
+
+    traj = Trajectory.model_validate_json(out.extra_fields["glimpse_trajectory"])
+    assert traj.stop_reason == "answer" and [t.kind for t in traj.turns] == ["zoom", "zoom", "answer"]
+    assert [t.original_index for t in traj.turns[:2]] == [1, 1]  # both crops cut from image_2
+    images = out.multi_modal_data["images"]
+    shown = [o.shown_size for o in traj.originals()] + [t.observation_size for t in traj.turns[:2]]
+    assert [list(im.size) for im in images] == shown and shown[0] != shown[1]
+    assert [len(c["image_data"]) for c in server.calls] == [2, 3, 4]
+
+    # the prompt: each original's run of tokens after its name, in order; the whole: the processor's rendering
+    pad = tok.convert_tokens_to_ids("<|image_pad|>")
+    from glimpse.train.common import image_runs
+
+    runs = image_runs(out.prompt_ids, pad)
+    assert [r.length for r in runs] == [image_tokens(*s, 28) for s in shown[:2]]
+    for k, run in enumerate(runs, 1):
+        assert tok.decode(out.prompt_ids[: run.start]).endswith(f"image_{k}:\n<|vision_start|>")
+    assert _rerender(processor, traj, images, **LIMITS) == out.prompt_ids + out.response_ids + tok.encode("\n")
+
+    runs, features = _verl_trains(processor, model, out.prompt_ids, out.response_ids, images)
+    assert runs == features == [image_tokens(*s, 28) for s in shown]
+
+
+def test_context_full_with_several_images_keeps_images_and_tokens_in_step(processor, tiny_qwen, two_images, model):
+    """The second crop does not fit: the trajectory stops context_full with the two originals and the first
+    crop, and verl's training inputs built from the output line up."""
+    _require_verl()
+    tok = processor.tokenizer
+    replies = [_encode(processor, r) for r in (_zoom("image_2"), _zoom("observation_1"), "<answer>B</answer>")]
+    full = _run(processor, tiny_qwen, StandIn(tok, replies), _row(two_images), {}, **SMALL)
+    assert full.extra_fields["stop_reason"] == "answer" and len(full.multi_modal_data["images"]) == 4
+    length = len(full.response_ids) - len(replies[2]) - 5  # the second crop's observation is longer than 5 tokens
+    out = _run(processor, tiny_qwen, StandIn(tok, replies), _row(two_images), {}, response_length=length, **SMALL)
+    assert out.extra_fields["stop_reason"] == "context_full" and len(out.multi_modal_data["images"]) == 3
+    assert out.response_ids == full.response_ids[: len(out.response_ids)]  # up to the second crop, left out
+    assert len(out.response_ids) <= length and len(out.response_mask) == len(out.response_ids)
+    runs, features = _verl_trains(processor, model, out.prompt_ids, out.response_ids, out.multi_modal_data["images"])
+    assert runs == features and len(runs) == 3
+
+
+def test_a_cut_never_splits_an_image_and_drops_the_images_after_it(processor, tiny_qwen, two_images, model):
+    """``fit_response`` at every kind of cut (inside a crop's run, at its vision-start token, on a text token,
+    past the end) of a response that holds two crops after a two-image prompt; a plain slice is the bug."""
+    _require_verl()
+    from glimpse.train.common import image_runs
+    from glimpse.train.verl.loop import fit_response
+
+    tok = processor.tokenizer
+    replies = [_zoom("image_2"), _zoom("image_1"), "<answer>B</answer>"]
+    out = _run(processor, tiny_qwen, StandIn(tok, [_encode(processor, r) for r in replies]), _row(two_images), {},
+               **SMALL)  # fmt: skip
+    ids, images = out.response_ids, out.multi_modal_data["images"]
+    pad, start = tok.convert_tokens_to_ids("<|image_pad|>"), tok.convert_tokens_to_ids("<|vision_start|>")
+    crop_1, crop_2 = image_runs(ids, pad)
+    cuts = {
+        crop_2.start + 3: 1,  # inside the second crop: it goes, with its vision-start token
+        crop_1.start: 0,  # at the first crop's first image token
+        crop_1.start - 1: 0,  # on its vision-start token
+        crop_1.start + crop_1.length + 1: 1,  # just after it
+        len(ids) + 10: 2,  # nothing to cut
+    }
+    for limit, crops in cuts.items():
+        kept = fit_response(ids, out.response_mask, None, images, 2, limit, pad, start)
+        assert len(kept.ids) <= limit and len(kept.mask) == len(kept.ids) and len(kept.images) == 2 + crops
+        assert not kept.ids or kept.ids[-1] != start  # no image opened and left empty
+        runs, features = _verl_trains(processor, model, out.prompt_ids, kept.ids, kept.images)
+        assert runs == features and len(runs) == 2 + crops
+    with pytest.raises(ValueError, match="Image features and image tokens do not match"):
+        _verl_trains(processor, model, out.prompt_ids, ids[: crop_2.start + 3], images)  # what a plain slice gives
+
+
+def test_multi_image_rows_through_verl_dataset(processor, tiny_qwen, two_images, tmp_path):
+    _require_verl()
+    from omegaconf import OmegaConf
+    from verl.utils.dataset.rl_dataset import RLHFDataset
+
+    from glimpse.train.verl import data
+
+    path = tmp_path / "train.parquet"
+    assert data.write([two_images], path, "two") == 1
+    config = {"max_prompt_length": 4096, "cache_dir": str(tmp_path), "filter_overlong_prompts_workers": 1}
+    row = RLHFDataset([str(path)], processor.tokenizer, OmegaConf.create(config), processor)[0]
+    assert row["extra_info"]["glimpse_images"] == [Path(p).read_bytes() for p in two_images.images]
+    fields = {k: v for k, v in row.items() if k != "dummy_tensor"}
+    answer = _encode(processor, "<answer>B</answer>")
+    for source in (fields, _row(two_images, image_paths=True)):
+        out = _run(processor, tiny_qwen, StandIn(processor.tokenizer, [answer]), source, {}, **SMALL)
+        traj = Trajectory.model_validate_json(out.extra_fields["glimpse_trajectory"])
+        assert [o.sha256 for o in traj.originals()] == [_sha(p) for p in two_images.images]
+        assert len(out.multi_modal_data["images"]) == 2 and traj.answer == "B"
+    # a plain verl row with two images in its prompt
+    from PIL import Image
+
+    pixels = [Image.open(p).convert("RGB") for p in two_images.images]
+    blocks = [{"type": "image", "image": im} for im in pixels] + [{"type": "text", "text": "Which?"}]
+    plain = {"raw_prompt": [{"role": "user", "content": blocks}], "reward_model": {"ground_truth": "B"}, "index": 1}
+    out = _run(processor, tiny_qwen, StandIn(processor.tokenizer, [answer]), plain, {}, **SMALL)
+    traj = Trajectory.model_validate_json(out.extra_fields["glimpse_trajectory"])
+    assert [[o.width, o.height] for o in traj.originals()] == [list(im.size) for im in pixels]
+
+
+def _sha(path: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

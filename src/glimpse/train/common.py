@@ -16,10 +16,12 @@ same way and save the same checkpoints; this module is the one place that does e
 from __future__ import annotations
 
 import json
+import math
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from glimpse.errors import ConfigError, GlimpseError
 from glimpse.hf.processor import PROMPT_FILE
@@ -49,9 +51,17 @@ class ModelSettings(Protocol):
 
 
 # ------------------------------------------------------------------------------------------------------ data
-def hf_chat(trajectory: Trajectory) -> tuple[list[dict[str, Any]], list[int]]:
-    """The trajectory's conversation in transformers' chat format, and the image index of each image part."""
-    messages, order = [], []
+class ImageKey(NamedTuple):
+    """Which image an image part shows: ``index`` 0 = an original (``original``: 0 = image_1), N = observation_N."""
+
+    index: int
+    original: int = 0
+
+
+def hf_chat(trajectory: Trajectory) -> tuple[list[dict[str, Any]], list[ImageKey]]:
+    """The trajectory's conversation in transformers' chat format, and which image each image part shows."""
+    messages: list[dict[str, Any]] = []
+    order: list[ImageKey] = []
     for m in conversation(trajectory):
         item: dict[str, Any] = {"role": m["role"]}
         content = m.get("content", "")
@@ -62,7 +72,7 @@ def hf_chat(trajectory: Trajectory) -> tuple[list[dict[str, Any]], list[int]]:
             for p in content:
                 if p["type"] == "image":
                     parts.append({"type": "image"})
-                    order.append(int(p["index"]))
+                    order.append(ImageKey(int(p["index"]), int(p.get("original", 0))))
                 else:
                     parts.append({"type": "text", "text": p["text"]})
             item["content"] = parts
@@ -75,6 +85,17 @@ def hf_chat(trajectory: Trajectory) -> tuple[list[dict[str, Any]], list[int]]:
             item["tool_call_id"] = m["tool_call_id"]
         messages.append(item)
     return messages, order
+
+
+def render_images(
+    trajectory: Trajectory,
+    order: list[ImageKey],
+    *,
+    cache: ImageCache | None = None,
+    base_dir: str | None = None,
+) -> list[Any]:
+    """The images of ``order`` (from ``hf_chat``) as the model was shown them, recomputed from the files."""
+    return [render_image(trajectory, k.index, original=k.original, cache=cache, base_dir=base_dir) for k in order]
 
 
 def tools_of(trajectory: Trajectory) -> list[dict[str, Any]] | None:
@@ -99,6 +120,50 @@ def assistant_labels(ids: list[int], header: list[int], end: int) -> list[int]:
             labels[j] = ids[j]
         i = j + 1
     return labels
+
+
+class ImageRun(NamedTuple):
+    """Where one image's tokens sit in a token list."""
+
+    start: int
+    length: int
+
+
+def image_runs(ids: Sequence[int], image_token_id: int) -> list[ImageRun]:
+    """Each run of image tokens in ``ids``, in order: one run per image (Qwen-VL templates wrap every image in
+    vision start and end tokens, so two images never touch)."""
+    runs: list[ImageRun] = []
+    start = None
+    for i, t in enumerate([*ids, None]):
+        if t == image_token_id and start is None:
+            start = i
+        elif t != image_token_id and start is not None:
+            runs.append(ImageRun(start, i - start))
+            start = None
+    return runs
+
+
+def grid_tokens(grid_thw: Any, merge_size: int) -> list[int]:
+    """How many tokens each processed image takes: ``t·h·w / merge_size²`` of its ``image_grid_thw`` row."""
+    if grid_thw is None:
+        return []
+    return [math.prod(int(x) for x in row) // merge_size**2 for row in grid_thw.tolist()]
+
+
+def check_image_tokens(ids: Sequence[int], image_tokens: list[int], image_token_id: int, what: str) -> None:
+    """Check that images and their tokens are in step: one run of image tokens per image, in order, each as
+    long as that image's features (``image_tokens``). Out of step, a Qwen-VL forward pass fails, or worse, puts
+    one image's features at another image's tokens.
+
+    Raises:
+        GlimpseError: they are not in step (a bug of the caller: ``what`` says whose).
+    """
+    runs = [r.length for r in image_runs(ids, image_token_id)]
+    if runs != list(image_tokens):
+        raise GlimpseError(
+            f"{what}: image tokens and images are out of step: the ids hold runs of {runs} image tokens, the "
+            f"images take {list(image_tokens)}; every image must keep its whole run, in order"
+        )
 
 
 @dataclass
@@ -127,7 +192,7 @@ def encode(
 ) -> Example:
     """A trajectory as the exact conversation the model saw, tokenised, with labels on its replies only."""
     messages, order = hf_chat(traj)
-    images = [render_image(traj, k, cache=cache, base_dir=base_dir) for k in order]
+    images = render_images(traj, order, cache=cache, base_dir=base_dir)
     text = processor.apply_chat_template(messages, tokenize=False, tools=tools_of(traj))
     if images:
         enc = processor(text=[text], images=images, return_tensors="pt")

@@ -53,9 +53,12 @@ from glimpse.probes.synth import LEVELS
 from glimpse.train.common import (
     IGNORE,
     Example,
+    check_image_tokens,
     collate,
+    grid_tokens,
     hf_chat,
     prepare_model,
+    render_images,
     resolve_device,
     resolve_dtype,
     resume,
@@ -64,7 +67,7 @@ from glimpse.train.common import (
     trainable,
 )
 from glimpse.train.grpo import Rollout, informative, policy_loss, score_group, token_entropy
-from glimpse.trajectory import Sample, Trajectory, render_image
+from glimpse.trajectory import Sample, Trajectory
 
 # Settings a resumed run must share with the run that wrote the checkpoint.
 _RESUME_KEYS = (
@@ -100,7 +103,6 @@ class Prompts:
         self.levels: tuple[str, ...] = ()
         self.samples: list[Sample] = []
         if spec.startswith("stream:"):
-
             levels, _, stream_seed = spec[len("stream:") :].partition(":")
             self.levels = tuple(x for x in levels.split("+") if x)
             unknown = [x for x in self.levels if x not in LEVELS]
@@ -114,7 +116,6 @@ class Prompts:
             self._pool = ThreadPoolExecutor(1)
             self._pending: dict[int, Future[Sample]] = {}
         else:
-
             self.samples = load_dataset(spec).samples
             if not self.samples:
                 raise ConfigError(f"{spec} holds no samples")
@@ -140,7 +141,8 @@ class Prompts:
         """Delete streamed probes' images once their step is over (unless rollouts are being kept)."""
         if self.levels and not self.keep_images:
             for s in samples:
-                Path(s.images[0]).unlink(missing_ok=True)
+                for image in s.images:
+                    Path(image).unlink(missing_ok=True)
 
     def close(self) -> None:
         if self.levels:
@@ -159,12 +161,15 @@ def trajectory_inputs(rollout: Rollout, processor: Any, cache: ImageCache | None
     if view is None:
         raise GlimpseError(f"{traj.id} has no token view; rollouts must be run with return_token_ids")
     _, order = hf_chat(traj)
-    images = [render_image(traj, k, cache=cache) for k in order]
+    images = render_images(traj, order, cache=cache)
     labels = [t if m else IGNORE for t, m in zip(view.ids, view.mask, strict=True)]
     out = Example(traj.id, list(view.ids), labels)
     if images:
         enc = processor.image_processor(images=images, return_tensors="pt")
         out.pixel_values, out.image_grid_thw = enc["pixel_values"], enc["image_grid_thw"]
+    image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    merge = getattr(processor.image_processor, "merge_size", None) or 1  # the built-in model's grids are tokens
+    check_image_tokens(out.input_ids, grid_tokens(out.image_grid_thw, merge), image_token, f"trajectory {traj.id}")
     return out
 
 
@@ -173,7 +178,6 @@ def _batch(
 ) -> dict[str, Any]:
     """SFT's right-padded batch on the device, with one advantage per trajectory."""
     import torch
-
 
     inputs = {k: v.to(device) for k, v in collate(items, pad, image_token).items()}
     if "pixel_values" in inputs:
@@ -238,7 +242,6 @@ class Trainer:
 
     def __init__(self, cfg: RLConfig, *, on_step: Callable[[StepStats], None] | None = None):
         import torch
-
 
         _check(cfg)
         self.cfg, self.on_step = cfg, on_step

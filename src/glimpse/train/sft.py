@@ -327,5 +327,3 @@ def _check(cfg: SFTConfig) -> None:
         raise ConfigError(f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
     if cfg.lr <= 0:
         raise ConfigError(f"lr must be positive, got {cfg.lr}")
-
-

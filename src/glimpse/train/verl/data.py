@@ -3,14 +3,14 @@
 A row is what verl's ``RLHFDataset`` reads and ``GlimpseAgentLoop`` needs:
 
 * ``prompt``: one user message, the question as text. verl logs it and filters prompts by its length; the
-  agent loop builds the real prompt itself (system prompt, the image at the loop's pixel limits, the question).
-  The image is deliberately not a verl image column: verl would decode it into every trajectory's record
-  (a 9-megapixel probe is 27 MB of pixels there, times the group size) and count it at full size when it
-  filters long prompts. The loop checks instead that its first prompt fits ``data.max_prompt_length``.
-* ``extra_info.glimpse_image``: the original file's bytes (no resize, no re-encoding), so every node of a Ray
-  cluster has the image without a shared file system; the zoom tool crops from these pixels. With
-  ``image_paths=True`` (``--image-paths``) rows carry the image's absolute path instead, for clusters that share
-  a file system: much smaller batches.
+  agent loop builds the real prompt itself (system prompt, the images at the loop's pixel limits, the
+  question). The images are deliberately not a verl image column: verl would decode them into every
+  trajectory's record (a 9-megapixel probe is 27 MB of pixels there, times the group size) and count them at
+  full size when it filters long prompts. verl refuses a first prompt longer than ``rollout.prompt_length``.
+* ``extra_info.glimpse_images``: the original files' bytes, one entry per image of the sample, in order (no
+  resize, no re-encoding), so every node of a Ray cluster has the images without a shared file system; the
+  zoom tool crops from these pixels. With ``image_paths=True`` (``--image-paths``) rows carry the images'
+  absolute paths instead, for clusters that share a file system: much smaller batches.
 * ``extra_info.glimpse_sample``: the sample as JSON (options, target boxes, meta), which the loop and the
   reward function read; ``reward_model.ground_truth`` the gold answer; ``data_source`` ``glimpse/<dataset>``.
 
@@ -42,30 +42,40 @@ def schema(pa: Any) -> Any:
             ("reward_model", pa.struct([("style", pa.string()), ("ground_truth", pa.string())])),
             (
                 "extra_info",
-                pa.struct([("index", pa.int64()), ("glimpse_sample", pa.string()), ("glimpse_image", pa.binary())]),
+                pa.struct(
+                    [
+                        ("index", pa.int64()),
+                        ("glimpse_sample", pa.string()),
+                        ("glimpse_images", pa.list_(pa.binary())),
+                    ]
+                ),
             ),
         ]
     )
 
 
 def row(sample: Sample, index: int, source: str, image_paths: bool = False) -> dict[str, Any]:
-    """One parquet row for a sample.
+    """One parquet row for a sample (one image or several).
 
     Raises:
-        ConfigError: the sample has no single readable image, or no gold answer to reward.
+        ConfigError: the sample has no image, one of its images cannot be read, or it has no gold answer to
+            reward.
     """
-    if len(sample.images) != 1:
-        raise ConfigError(f"sample {sample.id!r} has {len(sample.images)} images; exactly one is supported")
+    if not sample.images:
+        raise ConfigError(f"sample {sample.id!r} has no image")
     if sample.answer is None:
         raise ConfigError(f"sample {sample.id!r} has no gold answer, so it cannot be rewarded")
-    path = Path(sample.images[0])
-    if image_paths and not path.is_file():
-        raise ConfigError(f"sample {sample.id!r}: cannot read {sample.images[0]} (no such file)")
-    try:
-        data = None if image_paths else path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"sample {sample.id!r}: cannot read {sample.images[0]} ({exc.strerror or exc})") from None
-    stored = sample.model_copy(update={"images": [str(path.resolve())]}) if image_paths else sample
+    paths = [Path(image) for image in sample.images]
+    data: list[bytes] | None = None if image_paths else []
+    for path in paths:
+        if image_paths and not path.is_file():
+            raise ConfigError(f"sample {sample.id!r}: cannot read {path} (no such file)")
+        try:
+            if data is not None:
+                data.append(path.read_bytes())
+        except OSError as exc:
+            raise ConfigError(f"sample {sample.id!r}: cannot read {path} ({exc.strerror or exc})") from None
+    stored = sample.model_copy(update={"images": [str(p.resolve()) for p in paths]}) if image_paths else sample
     return {
         "data_source": f"glimpse/{source}",
         "prompt": [{"role": "user", "content": sample.question}],
@@ -74,7 +84,7 @@ def row(sample: Sample, index: int, source: str, image_paths: bool = False) -> d
         "extra_info": {
             "index": index,
             "glimpse_sample": stored.model_dump_json(exclude_none=True),
-            "glimpse_image": data,
+            "glimpse_images": data,
         },
     }
 

@@ -29,7 +29,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from PIL import Image
 from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopOutput
@@ -50,11 +50,14 @@ from glimpse.images import (
 )
 from glimpse.models.base import Completion, GenerateParams, Message
 from glimpse.models.hf import split_tool_calls, to_hf, trim_at_stop
+from glimpse.train.common import check_image_tokens, image_runs
 from glimpse.train.grpo import keeps_loss
 from glimpse.trajectory import Sample, Trajectory
 
 # Text that stands for an assistant reply when finding what the chat template writes after one.
 _MARKER = "\u2063glimpse-marker\u2063"
+# The token Qwen-VL templates write before an image's run of image tokens (looked up by string).
+VISION_START = "<|vision_start|>"
 
 
 class GlimpseAgentLoop(AgentLoopBase):
@@ -129,6 +132,7 @@ class GlimpseAgentLoop(AgentLoopBase):
         self.mask_over_turn = bool(mask_over_turn)
         self.record = bool(record)
         self.image_token_id = get_processor_token_id(self.processor, "image")
+        self.vision_start_id = _token_id(self.tokenizer, VISION_START)
         self.turn_close = self._turn_close()
 
     def _turn_close(self) -> list[int]:
@@ -140,13 +144,14 @@ class GlimpseAgentLoop(AgentLoopBase):
 
     async def run(self, sampling_params: dict[str, Any], **kwargs: Any) -> AgentLoopOutput:
         # decoding a large original takes a while: off the event loop, which the other trajectories share
-        sample, original = await asyncio.to_thread(_sample, kwargs)
+        sample, originals = await asyncio.to_thread(_sample, kwargs)
         backend = VerlBackend(self, sampling_params)
         options = dataclasses.replace(
             self.options, temperature=sampling_params.get("temperature"), top_p=sampling_params.get("top_p")
         )
         loop = AgentLoop(backend, options, image_cache=ImageCache(max_bytes=0))
-        loop.cache.hold(original)
+        for original in originals:
+            loop.cache.hold(original)
         traj = (await loop.run(sample))[0]
         if not backend.ids:
             raise ValueError(f"sample {sample.id!r} stopped before its first turn: {traj.error}")
@@ -155,11 +160,26 @@ class GlimpseAgentLoop(AgentLoopBase):
     def output(self, traj: Trajectory, backend: VerlBackend) -> AgentLoopOutput:
         """What verl trains on: ids, mask (zeros when over-turn), sampled logprobs, images, flags."""
         cut = backend.prompt_len
-        response = backend.ids[cut:][: self.response_length]
-        mask = backend.mask[: self.response_length]
+        prompt_images = len(image_runs(backend.ids[:cut], self.image_token_id))
+        kept = fit_response(
+            backend.ids[cut:],
+            backend.mask,
+            backend.logprobs,
+            backend.images,
+            prompt_images,
+            self.response_length,
+            self.image_token_id,
+            self.vision_start_id,
+        )
+        response, mask, logprobs = kept.ids, kept.mask, kept.logprobs
         if not keeps_loss(traj.over_turn, self.mask_over_turn):  # Mini-o3's over-turn masking, defined once
             mask = [0] * len(mask)
-        logprobs = backend.logprobs[: self.response_length] if backend.logprobs is not None else None
+        check_image_tokens(
+            backend.ids[:cut] + response,
+            [image_tokens(*im.size, self.factor) for im in kept.images],
+            self.image_token_id,
+            f"GlimpseAgentLoop's output for {traj.id}",
+        )
         injected = sum(1 for t in traj.turns if t.injected)
         extra: dict[str, Any] = {
             **backend.server_fields,  # e.g. min/max_global_steps, which verl's trainer reads per trajectory
@@ -178,7 +198,7 @@ class GlimpseAgentLoop(AgentLoopBase):
             response_ids=response,
             response_mask=mask,
             response_logprobs=logprobs,
-            multi_modal_data={"images": list(backend.images)},
+            multi_modal_data={"images": kept.images},
             mm_processor_kwargs=backend.mm_processor_kwargs,
             num_turns=1 + len(traj.turns) + injected,
             metrics={
@@ -341,26 +361,83 @@ class VerlBackend:
         return out
 
 
-def _sample(kwargs: dict[str, Any]) -> tuple[Sample, Original]:
-    """The Glimpse sample of a verl row, and its original image.
+class Response(NamedTuple):
+    """A trajectory's response as verl trains on it, and the images whose tokens it and the prompt hold."""
+
+    ids: list[int]
+    mask: list[int]
+    logprobs: list[float] | None
+    images: list[Image.Image]
+
+
+def fit_response(
+    ids: list[int],
+    mask: list[int],
+    logprobs: list[float] | None,
+    images: list[Image.Image],
+    prompt_images: int,
+    limit: int,
+    image_token_id: int,
+    vision_start_id: int | None,
+) -> Response:
+    """The response cut to ``limit`` tokens without splitting an image.
+
+    A cut inside an image's run of tokens (or just before it) moves to before the run and its vision-start
+    token, and every image whose run is cut off leaves the image list: the images verl turns into
+    ``pixel_values`` and ``image_grid_thw`` rows stay in step with the image tokens left. (The backend keeps
+    responses within ``limit``, so this cuts only what a future change lets through.)
+
+    Args:
+        ids, mask, logprobs: the response's tokens, its mask and log-probabilities.
+        images: every image of the trajectory, the prompt's first.
+        prompt_images: how many of ``images`` the prompt holds.
+        limit: ``rollout.response_length``.
+        image_token_id, vision_start_id: the tokens of an image's run and of what opens it.
+    """
+    cut = min(len(ids), limit)
+    runs = image_runs(ids, image_token_id)
+    first_cut_off = next((r for r in runs if r.start + r.length > cut), None)
+    if first_cut_off is not None and first_cut_off.start <= cut:
+        cut = first_cut_off.start
+        if cut and ids[cut - 1] == vision_start_id:
+            cut -= 1
+    kept = sum(1 for r in runs if r.start + r.length <= cut)
+    return Response(
+        ids[:cut], mask[:cut], logprobs[:cut] if logprobs is not None else None, images[: prompt_images + kept]
+    )
+
+
+def _token_id(tokenizer: Any, token: str) -> int | None:
+    """The id of a token written as text, or ``None`` when the tokenizer has no single token for it."""
+    ids = tokenizer.encode(token, add_special_tokens=False)
+    return int(ids[0]) if len(ids) == 1 else None
+
+
+def _sample(kwargs: dict[str, Any]) -> tuple[Sample, list[Original]]:
+    """The Glimpse sample of a verl row, and its original images, in order.
 
     Rows written by ``glimpse train verl-data`` carry the sample in ``extra_info["glimpse_sample"]`` and the
-    image's bytes in ``extra_info["glimpse_image"]`` (or, written with ``--image-paths``, a path in the sample).
-    Other verl datasets work too: the image is the prompt's first image, the question the text of the last user
-    message, the gold answer ``reward_model.ground_truth``.
+    images' bytes in ``extra_info["glimpse_images"]`` (rows of earlier versions: one image in
+    ``glimpse_image``), or, written with ``--image-paths``, their paths in the sample. Other verl datasets work
+    too: the images are the prompt's images, the question the text of the last user message, the gold answer
+    ``reward_model.ground_truth``.
     """
     raw_prompt = list(kwargs.get("raw_prompt") or [])
     extra = kwargs.get("extra_info") or {}
     index = kwargs.get("index", extra.get("index", 0))
     stored = extra.get("glimpse_sample")
     fields = json.loads(stored) if isinstance(stored, str) else dict(stored or {})
-    name = (fields.get("images") or [f"verl-row-{index}"])[0]
-    if extra.get("glimpse_image"):
-        original = image_from_bytes(bytes(extra["glimpse_image"]), name)
-    elif fields.get("images"):
-        original = read_image(name)
+    inline = list(extra.get("glimpse_images") or ([extra["glimpse_image"]] if extra.get("glimpse_image") else []))
+    paths = list(fields.get("images") or [])
+    if inline:
+        names = paths or [f"verl-row-{index}-{k}" for k in range(1, len(inline) + 1)]
+        if len(names) != len(inline):
+            raise ValueError(f"row {index}: its sample names {len(names)} images but it carries {len(inline)}")
+        originals = [image_from_bytes(bytes(data), name) for data, name in zip(inline, names, strict=True)]
+    elif paths:
+        originals = [read_image(path) for path in paths]
     else:
-        original = _prompt_image(raw_prompt, index, name)
+        originals = _prompt_images(raw_prompt, index)
     if not fields:
         user = next((m for m in reversed(raw_prompt) if m.get("role") == "user"), {})
         content = user.get("content")
@@ -371,29 +448,31 @@ def _sample(kwargs: dict[str, Any]) -> tuple[Sample, Original]:
         )
         truth = (kwargs.get("reward_model") or {}).get("ground_truth")
         fields = {"id": f"row-{index}", "question": question.strip(), "answer": None if truth is None else str(truth)}
-    fields["images"] = [original.path]
-    return Sample.model_validate(fields), original
+    fields["images"] = [original.path for original in originals]
+    return Sample.model_validate(fields), originals
 
 
-def _prompt_image(raw_prompt: list[dict[str, Any]], index: Any, name: str) -> Original:
-    """The first image of a verl prompt (as ``RLHFDataset`` builds it: bytes, pixels or a path)."""
-    block = next(
-        (
-            b
-            for m in raw_prompt
-            if isinstance(m.get("content"), list)
-            for b in m["content"]
-            if isinstance(b, dict) and b.get("type") == "image"
-        ),
-        None,
-    )
-    if block is None:
-        raise ValueError(f"row {index} has no image (no glimpse_image, no image path, none in its prompt)")
-    if block.get("bytes"):
-        return image_from_bytes(bytes(block["bytes"]), name)
-    if isinstance(block.get("image"), Image.Image):  # pixels with no file behind them: hash the pixels
-        pixels = to_rgb(block["image"])
-        return Original(name, hashlib.sha256(pixels.tobytes()).hexdigest(), pixels)
-    if isinstance(block.get("image"), str):
-        return read_image(block["image"])
-    raise ValueError(f"row {index}: cannot read its image block (keys {sorted(block)})")
+def _prompt_images(raw_prompt: list[dict[str, Any]], index: Any) -> list[Original]:
+    """The images of a verl prompt, in order (as ``RLHFDataset`` builds them: bytes, pixels or a path)."""
+    blocks = [
+        b
+        for m in raw_prompt
+        if isinstance(m.get("content"), list)
+        for b in m["content"]
+        if isinstance(b, dict) and b.get("type") == "image"
+    ]
+    if not blocks:
+        raise ValueError(f"row {index} has no image (no glimpse_images, no image path, none in its prompt)")
+    originals = []
+    for k, block in enumerate(blocks, 1):
+        name = f"verl-row-{index}-{k}"
+        if block.get("bytes"):
+            originals.append(image_from_bytes(bytes(block["bytes"]), name))
+        elif isinstance(block.get("image"), Image.Image):  # pixels with no file behind them: hash the pixels
+            pixels = to_rgb(block["image"])
+            originals.append(Original(name, hashlib.sha256(pixels.tobytes()).hexdigest(), pixels))
+        elif isinstance(block.get("image"), str):
+            originals.append(read_image(block["image"]))
+        else:
+            raise ValueError(f"row {index}: cannot read its image block {k} (keys {sorted(block)})")
+    return originals
