@@ -21,7 +21,16 @@ from glimpse.eval.harness import RESULTS, ResultStore, run_eval
 from glimpse.eval.metrics import summarize, truncate
 from glimpse.eval.report import markdown_summary, write_sweep
 from glimpse.models.scripted import ScriptedBackend
-from glimpse.trajectory import RunSettings, Sample, Score, Trajectory, Turn
+from glimpse.trajectory import (
+    ImageRef,
+    RunSettings,
+    Sample,
+    Score,
+    ShownImageRef,
+    Trajectory,
+    Turn,
+    load_jsonl,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -292,8 +301,6 @@ def _traj(sid: str, repeat: int, answer: str | None, correct: bool, turns: int =
         seed=None,
         prompt="default",
     )
-    from glimpse.trajectory import ImageRef
-
     return Trajectory(
         id=f"{sid}#{repeat}",
         sample=Sample(id=sid, images=["x"], question="?", answer="yes", meta={"level": "easy"}),
@@ -390,3 +397,47 @@ def test_truncate():
     down = _failed("q", 0).model_copy(update={"turns": long.turns[:3]})
     assert truncate(down, 3).stop_reason == "max_turns" and truncate(down, 3).over_turn
     assert truncate(down, 4).stop_reason == "error" and truncate(down, 2).stop_reason == "max_turns"
+
+
+def test_two_image_probes_the_oracle_scores_100_and_is_faithful_in_each_image(tmp_path):
+    """Two-image probes end to end: the oracle zooms into the image each target is in, scores 100 %, and
+    faithfulness is computed per image."""
+    split = evaluate(tmp_path / "split", data="probes:easy:4:1:split_code", model="oracle")
+    which = evaluate(
+        tmp_path / "which", data="probes:medium:4:1:which_image", model="oracle", protocol="tools", coords="pixels"
+    )
+    for run, per_image in ((split, {"image_1": 4, "image_2": 4}), (which, None)):
+        s = run.summaries[12]
+        assert s["accuracy"]["avg"] == 1.0 and s["input_errors"] == s["backend_errors"] == 0
+        assert s["faithfulness"]["covered_rate"] == 1.0 and s["faithfulness"]["checked"] == 4
+        by_image = s["faithfulness"]["by_image"]
+        assert set(by_image) == {"image_1", "image_2"}
+        if per_image:
+            assert {k: v["checked"] for k, v in by_image.items()} == per_image
+        assert all(v["covered_rate"] in (1.0, None) for v in by_image.values())
+        assert sum(v["checked"] for v in by_image.values()) >= 4 and s["search"]["first_zoom_hit_rate"] == 1.0
+        for t in load_jsonl(run.out / RESULTS):
+            zooms = [turn.original_index for turn in t.turns if turn.crop_box_px]
+            assert zooms == [k for k, _ in t.sample.targets()] and len(t.originals()) == 2
+    assert "targets in image_2: 4 correct answers" in (tmp_path / "split" / "run" / "summary.md").read_text()
+
+
+def test_faithfulness_counts_only_zooms_into_the_image_a_target_is_in():
+    box = [0, 0, 6, 6]
+    sample = Sample(
+        id="two", images=["a", "b"], question="?", answer="yes", target_boxes=[box, box], meta={"target_images": [0, 1]}
+    )
+    base = _traj("two", 0, "yes", True, turns=3)
+    ref = ImageRef(path="b", sha256="1", width=10, height=10)
+    zoom_a, zoom_b = (Turn(index=i, text="", kind="zoom", crop_box_px=box, original_index=0) for i in (0, 1))
+    both_in_a = base.model_copy(
+        update={"sample": sample, "more_images": [ShownImageRef(**ref.model_dump(), shown_size=[10, 10])]}
+    )
+    both_in_a.turns = [zoom_a, zoom_b, base.turns[-1]]
+    faithful = summarize([both_in_a])["faithfulness"]
+    assert faithful["covered_rate"] == 0.0 and faithful["by_image"]["image_1"]["covered_rate"] == 1.0
+    assert faithful["by_image"]["image_2"]["covered_rate"] == 0.0
+    both_in_a.turns[1] = zoom_b.model_copy(update={"original_index": 1})
+    faithful = summarize([both_in_a])["faithfulness"]
+    assert faithful["covered_rate"] == 1.0 and faithful["by_image"]["image_2"]["best_iou_mean"] == 1.0
+    assert "by_image" not in summarize([base])["faithfulness"]  # single-image summaries are as before

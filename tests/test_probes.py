@@ -10,8 +10,17 @@ import pytest
 
 from glimpse.errors import ConfigError
 from glimpse.geometry import Box
-from glimpse.images import PixelLimits, smart_resize
-from glimpse.probes.synth import KINDS, LEVELS, MIN_CAP_PX, SHOWN_MAX_PX, make_probe, write_probes
+from glimpse.images import PixelLimits, shared_limits, smart_resize
+from glimpse.probes.synth import (
+    GENERATOR_VERSION,
+    KINDS,
+    LEVELS,
+    MIN_CAP_PX,
+    PAIR_KINDS,
+    SHOWN_MAX_PX,
+    make_probe,
+    write_probes,
+)
 
 CASES = [(level, kind) for level in LEVELS for kind in KINDS]
 
@@ -121,3 +130,80 @@ def test_reading_order_goes_by_rows_then_left_to_right():
 
     boxes = [(500, 10, 520, 20), (10, 12, 30, 22), (10, 900, 30, 910), (300, 400, 320, 410)]
     assert reading_order(boxes, 1000) == [1, 0, 3, 2]
+
+
+# ------------------------------------------------------------------------------------------ two-image probes
+PAIR_CASES = [(level, kind) for level in LEVELS for kind in PAIR_KINDS]
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    return {(level, kind): make_probe(level, i, seed=3, kind=kind) for i, (level, kind) in enumerate(PAIR_CASES)}
+
+
+@pytest.mark.parametrize(("level", "kind"), PAIR_CASES)
+def test_two_image_probes_keep_each_target_in_its_own_image(pairs, level, kind):
+    p = pairs[(level, kind)]
+    r = p.record
+    images = [p.image, *p.more_images]
+    assert len(r["images"]) == len(images) == 2 and r["problem"].startswith("<image>\n<image>\n")
+    assert [list(im.size) for im in images] == r["sizes"] and r["kind"] == kind
+    assert len(r["target_images"]) == len(r["boxes"]) and len(r["candidate_images"]) == len(r["candidate_boxes"])
+    for k, box in zip(r["target_images"] + r["candidate_images"], r["boxes"] + r["candidate_boxes"], strict=True):
+        b = Box.from_list(box)
+        assert 0 <= b.x0 < b.x1 <= r["sizes"][k][0] and 0 <= b.y0 < b.y1 <= r["sizes"][k][1]
+    for k, box in zip(r["target_images"], r["boxes"], strict=True):  # each target is a sign of its own image
+        inner = np.asarray(images[k].crop(tuple(box)), dtype=int)[3:-3, 3:-3]
+        assert (inner.min(axis=-1) > 200).mean() > 0.5
+        assert [k, box] in [[i, c] for i, c in zip(r["candidate_images"], r["candidate_boxes"], strict=True)]
+    if kind == "which_image":
+        assert r["choices"] == ["image_1", "image_2"] and r["solution"] == f"image_{r['target_images'][0] + 1}"
+        assert len(r["boxes"]) == 1
+    else:
+        assert r["target_images"] == [0, 1] and 6 <= len(r["solution"]) <= 8
+    # The two images share the first view's pixel budget: the decisive detail stays illegible in each.
+    limits = shared_limits([tuple(size) for size in r["sizes"]], PixelLimits())
+    for size, cap, lim in zip(r["sizes"], r["cap_px"], limits, strict=True):
+        assert cap >= MIN_CAP_PX and cap * smart_resize(*size, lim)[0] / size[0] <= SHOWN_MAX_PX
+
+
+def test_which_image_stars_one_image_only():
+    """The scenes of a which_image probe: look-alikes in both images, the star in one, dots everywhere else."""
+    for starred in (True, False):
+        scene = make_probe("medium", 7, seed=1, kind="read_code", border="green", starred=starred, salt="x")
+        corners = [c["corner"] for c in scene.record["candidates"]]
+        assert {c["border"] for c in scene.record["candidates"]} == {"green"}
+        assert corners.count("star") == (1 if starred else 0) and corners.count("dot") == len(corners) - starred
+    easy = make_probe("easy", 7, seed=1, kind="read_code", border="green", starred=False, salt="x")
+    assert [c["corner"] for c in easy.record["candidates"]] == ["dot"]  # marked on easy too
+
+
+def test_two_image_probes_are_deterministic_and_written_with_both_images(tmp_path):
+    a, b = make_probe("easy", 2, seed=4, kind="split_code"), make_probe("easy", 2, seed=4, kind="split_code")
+    assert a.record == b.record
+    assert a.more_images[0].tobytes() == b.more_images[0].tobytes()
+    assert make_probe("easy", 3, seed=4, kind="split_code").record["solution"] != a.record["solution"]
+    path = write_probes(tmp_path, "easy", 2, seed=4, kind="which_image", workers=1)
+    rows = json.loads(path.read_text())
+    assert all((tmp_path / name).is_file() for row in rows for name in row["images"])
+    assert len(list((tmp_path / "data").glob("*.jpg"))) == 4
+
+
+def test_two_image_questions_read_back_as_written():
+    from glimpse.probes.palette import BORDER_COLORS
+    from glimpse.probes.questions import parse_question, question
+
+    for kind in PAIR_KINDS:
+        for border in BORDER_COLORS:
+            for marked in (False, True):
+                q = parse_question(question(kind, border, marked=marked))
+                assert (q.kind, q.border) == (kind, border)
+                assert q.starred == (kind == "which_image" or marked)
+
+
+def test_single_image_probes_are_unchanged_by_the_two_image_kinds():
+    """The record of a single-image probe is what generator version 2 always wrote (bump GENERATOR_VERSION with
+    any change that moves this hash)."""
+    record = make_probe("medium", 4, seed=3, kind="count").record
+    digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+    assert GENERATOR_VERSION != 2 or digest == "00f96fefdec010f5"

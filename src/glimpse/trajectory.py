@@ -80,6 +80,27 @@ class Sample(BaseModel):
     target_boxes: list[list[int]] | None = None
     meta: dict[str, Any] = Field(default_factory=dict)
 
+    def targets(self) -> list[tuple[int, list[int]]]:
+        """Each gold box with the 0-based image it is in (``meta["target_images"]``, else image_1).
+
+        Raises:
+            GlimpseError: ``meta["target_images"]`` does not give one valid image per box.
+        """
+        boxes = self.target_boxes or []
+        where = self.meta.get("target_images")
+        if where is None:
+            return [(0, box) for box in boxes]
+        if (
+            not isinstance(where, list)
+            or len(where) != len(boxes)
+            or not all(isinstance(k, int) and 0 <= k < len(self.images) for k in where)
+        ):
+            raise GlimpseError(
+                f"sample {self.id}: target_images must give the 0-based image (of {len(self.images)}) of each of "
+                f"its {len(boxes)} target boxes, got {where!r}"
+            )
+        return list(zip(where, boxes, strict=True))
+
 
 class ImageRef(BaseModel):
     """An original image: path as given, SHA-256 of the file, and its size in EXIF orientation."""

@@ -5,8 +5,9 @@ A dataset is named by a spec string (``glimpse eval --data SPEC``):
 =====================================  ===========================================================================
 spec                                   reads
 =====================================  ===========================================================================
-``probes:LEVEL[:N[:SEED]]``            N generated probes (default 100, seed 0), made once under
-                                       ``$GLIMPSE_HOME/probes/``
+``probes:LEVEL[:N[:SEED[:KIND]]]``     N generated probes (default 100, seed 0), made once under
+                                       ``$GLIMPSE_HOME/probes/``; KIND: one question kind only, e.g. the
+                                       two-image ``which_image`` or ``split_code``
 ``minio3:PATH``                        a JSON list in Mini-o3's format (``images``, ``problem``, ``solution``,
                                        ``data_source``), e.g. a probes ``val.json`` or a converted benchmark
 ``visualprobe:LEVEL:BASE``             ``BASE/VisualProbe_<Level>/val.json`` (LEVEL: easy, medium, hard, train)
@@ -46,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from glimpse.errors import ConfigError
+from glimpse.errors import ConfigError, GlimpseError
 from glimpse.paths import glimpse_home
 from glimpse.trajectory import Sample
 
@@ -169,6 +170,21 @@ def load_minio3(path: str | Path, name: str | None = None) -> Dataset:
     return dataset
 
 
+# Record fields kept in a sample's meta: probes' answer spaces and layout, and which image each box is in.
+_MINIO3_EXTRAS = (
+    "choices",
+    "synonyms",
+    "candidate_boxes",
+    "candidates",
+    "seed",
+    "size",
+    "shown_cap_px",
+    "sizes",
+    "target_images",
+    "candidate_images",
+)
+
+
 def _minio3_item(p: Path, name: str, key: str, row: dict[str, Any]) -> Sample:
     images = row.get("images") or []
     if isinstance(images, str):
@@ -182,7 +198,7 @@ def _minio3_item(p: Path, name: str, key: str, row: dict[str, Any]) -> Sample:
         meta["level"] = level
     if row.get("kind"):
         meta["category"] = row["kind"]
-    for extra in ("choices", "synonyms", "candidate_boxes", "candidates", "seed", "size", "shown_cap_px"):
+    for extra in _MINIO3_EXTRAS:
         if row.get(extra) is not None:
             meta[extra] = row[extra]
     boxes = [_int_box(b) for b in row["boxes"]] if row.get("boxes") else None
@@ -191,8 +207,14 @@ def _minio3_item(p: Path, name: str, key: str, row: dict[str, Any]) -> Sample:
     sid = f"{name}/{key}"
     if options and (solution.strip().strip("().").upper() in LETTERS[: len(options)] or solution in options):
         gold = solution if solution not in options else LETTERS[options.index(solution)]
-        return _mc_sample(sid, resolved, stem, options, gold, meta, boxes)
-    return Sample(id=sid, images=resolved, question=question, answer=solution, target_boxes=boxes, meta=meta)
+        sample = _mc_sample(sid, resolved, stem, options, gold, meta, boxes)
+    else:
+        sample = Sample(id=sid, images=resolved, question=question, answer=solution, target_boxes=boxes, meta=meta)
+    try:
+        sample.targets()  # a box said to be in an image the record does not have
+    except GlimpseError as exc:
+        raise ValueError(str(exc)) from None
+    return sample
 
 
 def _image_path(folder: Path, image: str) -> Path:
@@ -689,16 +711,19 @@ def _o3bench_boxes(row: dict[str, Any]) -> list[list[int]] | None:
 
 
 # ----------------------------------------------------------------------------------------------------- probes
-def load_probes(level: str, n: int = 100, seed: int = 0) -> Dataset:
-    """``n`` generated probes of a level, generated once into ``$GLIMPSE_HOME/probes/``."""
-    from glimpse.probes.synth import GENERATOR_VERSION, LEVELS, write_probes
+def load_probes(level: str, n: int = 100, seed: int = 0, kind: str | None = None) -> Dataset:
+    """``n`` generated probes of a level (of one ``kind`` only, when given), generated once into
+    ``$GLIMPSE_HOME/probes/``."""
+    from glimpse.probes.synth import GENERATOR_VERSION, KINDS, LEVELS, PAIR_KINDS, write_probes
 
     if level not in LEVELS:
         raise ConfigError(f"unknown probe level {level!r}; choose one of {', '.join(LEVELS)}")
-    folder = glimpse_home() / "probes" / f"{level}-s{seed}-n{n}-v{GENERATOR_VERSION}"
+    if kind is not None and kind not in KINDS + PAIR_KINDS:
+        raise ConfigError(f"unknown probe kind {kind!r}; choose one of {', '.join(KINDS + PAIR_KINDS)}")
+    folder = glimpse_home() / "probes" / (f"{level}-s{seed}-n{n}-v{GENERATOR_VERSION}" + (f"-{kind}" if kind else ""))
     path = folder / "val.json"
     if not path.exists():
-        write_probes(folder, level, n, seed=seed)
+        write_probes(folder, level, n, seed=seed, kind=kind)
     data = load_minio3(path, name=f"probes-{level}")
     return data
 
@@ -727,13 +752,15 @@ def load_dataset(spec: str) -> Dataset:
     parts = rest.split(":") if rest else []
     if name == "probes":
         if not parts:
-            raise ConfigError("probes needs a level: probes:easy, probes:medium:500 or probes:hard:500:7")
+            raise ConfigError(
+                "probes needs a level: probes:easy, probes:medium:500, probes:hard:500:7 or probes:easy:50:0:split_code"
+            )
         try:
             n = int(parts[1]) if len(parts) > 1 else 100
             seed = int(parts[2]) if len(parts) > 2 else 0
         except ValueError:
             raise ConfigError(f"probes spec {spec!r}: N and SEED must be integers") from None
-        return load_probes(parts[0], n, seed)
+        return load_probes(parts[0], n, seed, parts[3] if len(parts) > 3 else None)
     if name == "visualprobe":
         if len(parts) < 2:
             raise ConfigError("visualprobe needs a level and a base folder: visualprobe:hard:/data/minio3")

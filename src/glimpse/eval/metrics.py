@@ -16,7 +16,8 @@ Per turn cap:
   per trajectory, over the units that ran; stop reasons of every unit (backend failures as ``error``).
 * **Faithfulness**: among correct answers to questions with known target boxes, the share whose zooms
   actually covered every target (some zoom box holding at least ``threshold`` of the target's area), and
-  the mean best IoU of a zoom with a target.
+  the mean best IoU of a zoom with a target. A target counts only zooms into its own image; when questions
+  have several images, ``by_image`` gives the same figures for the targets in each (``image_1`` …).
 * **Chance**: the expected Avg@k of guessing uniformly from each question's answer space.
 
 ``truncate`` cuts a trajectory run with a large cap down to a smaller one, for derived sweeps.
@@ -66,29 +67,46 @@ def truncate(traj: Trajectory, cap: int) -> Trajectory:
     )
 
 
-def found_targets(traj: Trajectory, threshold: float) -> tuple[bool, float] | None:
-    """(every target covered by some zoom, mean best IoU), or ``None`` without target boxes."""
-    targets = traj.sample.target_boxes
+def found_targets(traj: Trajectory, threshold: float, image: int | None = None) -> tuple[bool, float] | None:
+    """(every target covered by some zoom into its image, mean best IoU), or ``None`` without target boxes
+    (in ``image``, 0-based, when given)."""
+    targets = [(k, Box.from_list(b)) for k, b in traj.sample.targets() if image is None or k == image]
     if not targets:
         return None
-    zooms = [Box.from_list(t.crop_box_px) for t in traj.turns if t.crop_box_px]
-    boxes = [Box.from_list(b) for b in targets]
-    covered = all(any(z.coverage_of(b) >= threshold for z in zooms) for b in boxes)
-    best_iou = statistics.fmean(max((z.iou(b) for z in zooms), default=0.0) for b in boxes)
+    zooms = [(t.original_index, Box.from_list(t.crop_box_px)) for t in traj.turns if t.crop_box_px]
+    mine = [[z for k, z in zooms if k == target_image] for target_image, _ in targets]
+    covered = all(any(z.coverage_of(b) >= threshold for z in zs) for zs, (_, b) in zip(mine, targets, strict=True))
+    best_iou = statistics.fmean(
+        max((z.iou(b) for z in zs), default=0.0) for zs, (_, b) in zip(mine, targets, strict=True)
+    )
     return covered, best_iou
+
+
+def _faithfulness(correct: list[Trajectory], threshold: float, image: int | None = None) -> dict[str, Any]:
+    found = [f for f in (found_targets(t, threshold, image) for t in correct) if f is not None]
+    return {
+        "checked": len(found),
+        "covered_rate": statistics.fmean(c for c, _ in found) if found else None,
+        "best_iou_mean": statistics.fmean(i for _, i in found) if found else None,
+    }
 
 
 def first_zoom_hit(traj: Trajectory) -> bool | None:
     """Whether the first zoom's window, capped at a quarter of the image's area, holds the first target's
     centre (``None`` without a target box or a zoom). The cap keeps a policy from scoring by zooming wide."""
-    targets, zoom = traj.sample.target_boxes, next((t.crop_box_px for t in traj.turns if t.crop_box_px), None)
-    if not targets or zoom is None or traj.image is None:
+    targets = traj.sample.targets()
+    first = next((t for t in traj.turns if t.crop_box_px), None)
+    originals = traj.originals()
+    if not targets or first is None or first.crop_box_px is None or not originals:
         return None
-    x0, y0, x1, y1 = zoom
-    quarter = traj.image.width * traj.image.height / 4
+    image, target = targets[0]
+    if first.original_index != image:
+        return False
+    x0, y0, x1, y1 = first.crop_box_px
+    quarter = originals[image].width * originals[image].height / 4
     shrink = min(1.0, (quarter / max(1.0, (x1 - x0) * (y1 - y0))) ** 0.5)
     cx, cy, hw, hh = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) * shrink / 2, (y1 - y0) * shrink / 2
-    tx, ty = (targets[0][0] + targets[0][2]) / 2, (targets[0][1] + targets[0][3]) / 2
+    tx, ty = (target[0] + target[2]) / 2, (target[1] + target[3]) / 2
     return cx - hw <= tx <= cx + hw and cy - hh <= ty <= cy + hh
 
 
@@ -97,10 +115,13 @@ def search_behaviour(trajectories: list[Trajectory]) -> dict[str, Any]:
     all, and how often its first zoom lands on the target."""
     firsts = []
     for t in trajectories:
-        box = next((z.crop_box_px for z in t.turns if z.crop_box_px), None)
-        if box is not None and t.image is not None:
-            w, h = t.image.width, t.image.height
-            firsts.append((round(box[0] / w, 2), round(box[1] / h, 2), round(box[2] / w, 2), round(box[3] / h, 2)))
+        turn = next((z for z in t.turns if z.crop_box_px), None)
+        originals = t.originals()
+        if turn is not None and turn.crop_box_px is not None and turn.original_index < len(originals):
+            box, ref = turn.crop_box_px, originals[turn.original_index]
+            w, h = ref.width, ref.height
+            first = (round(box[0] / w, 2), round(box[1] / h, 2), round(box[2] / w, 2), round(box[3] / h, 2))
+            firsts.append((turn.original_index, *first))
     hits = [h for h in map(first_zoom_hit, trajectories) if h is not None]
     return {
         "distinct_answers": len({normalize_answer(t.answer) for t in trajectories if t.answer}),
@@ -166,8 +187,11 @@ def summarize(trajectories: list[Trajectory], threshold: float = 0.5) -> dict[st
             }
     turns = [len(t.turns) for t in ran]
     calls = sum(t.metrics["tool_calls"] for t in ran)
-    faithful = [found_targets(t, threshold) for t in ran if _correct(t)]
-    faithful = [f for f in faithful if f is not None]
+    correct = [t for t in ran if _correct(t)]
+    faithfulness = {**_faithfulness(correct, threshold), "threshold": threshold}
+    most_images = max((len(t.sample.images) for t in ran), default=1)
+    if most_images > 1:
+        faithfulness["by_image"] = {f"image_{k + 1}": _faithfulness(correct, threshold, k) for k in range(most_images)}
     return {
         "questions": len(groups),
         "questions_failed": len({t.sample.id for t in failed} - {t.sample.id for t in ran}),
@@ -186,12 +210,7 @@ def summarize(trajectories: list[Trajectory], threshold: float = 0.5) -> dict[st
         "prompt_tokens_mean": statistics.fmean(t.usage.prompt_tokens for t in ran) if ran else 0.0,
         "completion_tokens_mean": statistics.fmean(t.usage.completion_tokens for t in ran) if ran else 0.0,
         "latency_s_mean": statistics.fmean(t.wall_s for t in ran) if ran else 0.0,
-        "faithfulness": {
-            "checked": len(faithful),
-            "covered_rate": statistics.fmean(c for c, _ in faithful) if faithful else None,
-            "best_iou_mean": statistics.fmean(i for _, i in faithful) if faithful else None,
-            "threshold": threshold,
-        },
+        "faithfulness": faithfulness,
         "search": search_behaviour(ran),
         "input_errors": len(input_errors),
         "backend_errors": len(failed),

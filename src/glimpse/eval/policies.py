@@ -1,6 +1,7 @@
 """Reference policies that need no model: ``oracle`` and ``direct``.
 
-* ``oracle`` zooms straight into each gold target box (with a margin), then gives the gold answer. It checks
+* ``oracle`` zooms straight into each gold target box (with a margin), in the image the box is in (``image_K``
+  when a question has several), then gives the gold answer. It checks
   the whole pipeline end to end (geometry, protocol, scoring, faithfulness) and must score 100 %.
 * ``direct`` never zooms and answers with a seeded random guess from the question's answer space (an option
   letter, or one of the listed choices; "unknown" for open questions). It measures chance.
@@ -15,7 +16,7 @@ import random
 from typing import Any
 
 from glimpse.geometry import Box, Coords, from_relative
-from glimpse.images import PixelLimits, oriented_size, smart_resize
+from glimpse.images import PixelLimits, oriented_size, shared_limits, smart_resize
 from glimpse.models.scripted import ScriptedBackend
 from glimpse.protocol import make_protocol, script_turn
 from glimpse.tools.zoom import MIN_BOX_SIDE
@@ -49,18 +50,20 @@ def oracle_turns(sample: Sample, protocol: str, coords: str, limits: PixelLimits
     writer = make_protocol(protocol, coords)
     turns: list[Any] = []
     if sample.target_boxes and sample.images:
-        width, height = oriented_size(sample.images[0])
-        shown_w, shown_h = smart_resize(width, height, limits)
+        sizes = [oriented_size(path) for path in sample.images]
+        shown = [smart_resize(w, h, lim) for (w, h), lim in zip(sizes, shared_limits(sizes, limits), strict=True)]
         convention = Coords(coords)
-        for i, target in enumerate(sample.target_boxes):
+        for i, (k, target) in enumerate(sample.targets()):
+            (width, height), (shown_w, shown_h) = sizes[k], shown[k]
             box = _zoom_box(target, width, height)
             rel = (box.x0 / width, box.y0 / height, box.x1 / width, box.y1 / height)
             if convention is Coords.RELATIVE:
                 written: list[Any] = [round(v, 6) for v in rel]
             else:
                 written = from_relative(rel, convention, shown_w, shown_h)
-            thought = f"The target is at {target}; zooming there."
-            turns.append(script_turn(writer.write_zoom(written, "original_image", thought, call_id=f"oracle_{i}")))
+            source = "original_image" if len(sizes) == 1 else f"image_{k + 1}"
+            thought = f"The target is at {target}{'' if len(sizes) == 1 else ' of ' + source}; zooming there."
+            turns.append(script_turn(writer.write_zoom(written, source, thought, call_id=f"oracle_{i}")))
     answer = sample.answer if sample.answer and sample.answer.strip() else "unknown"
     turns.append(script_turn(writer.write_answer(answer)))
     return turns

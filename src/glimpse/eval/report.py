@@ -97,6 +97,11 @@ def markdown_summary(dataset: str, model: str, k: int, summaries: dict[int, dict
         f"{pct(s['faithfulness']['covered_rate'])} % (coverage ≥ {s['faithfulness']['threshold']}), "
         f"mean best IoU {s['faithfulness']['best_iou_mean'] or 0:.2f}",
     ]
+    for name, f in s["faithfulness"].get("by_image", {}).items():  # questions about several images
+        lines.append(
+            f"  - targets in {name}: {f['checked']} correct answers; covered by a zoom into {name} "
+            f"{pct(f['covered_rate'])} %, mean best IoU {f['best_iou_mean'] or 0:.2f}"
+        )
     if "search" in s:  # summaries written before these metrics existed lack them
         q = s["search"]
         lines.append(

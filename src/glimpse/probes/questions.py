@@ -34,7 +34,7 @@ def question(
     """The question of a probe of ``kind`` about the sign(s) with a ``border`` border.
 
     Args:
-        kind: one of ``synth.KINDS``.
+        kind: one of ``synth.KINDS`` or ``synth.PAIR_KINDS``.
         border: the border colour that names the candidate signs.
         marked: whether the target is told apart from its look-alikes by a star.
         choices: the options of a multiple-choice kind (marker colour or shape).
@@ -53,6 +53,16 @@ def question(
         return (
             f"Several signs with a {border} border show a number. Exactly one of them has a small red "
             "dot in its bottom-right corner. What is that sign's number? Answer with the number only."
+        )
+    if kind == "which_image":
+        return (
+            f"Both images show signs with a {border} border. Which image has the one with a small star in its "
+            "top-left corner? Answer image_1 or image_2."
+        )
+    if kind == "split_code":
+        return (
+            f"A code is split across the two images: its first part is written on {target} in image_1, its "
+            "second part on the same kind of sign in image_2. What is the whole code? Answer with the code only."
         )
     if kind == "relative_position":
         first, second = codes
@@ -89,6 +99,10 @@ def parse_question(text: str, borders: Sequence[str] = tuple(BORDER_COLORS)) -> 
     codes = re.findall(r"reads ([A-Z0-9]{2,6})", text)
     if "left or" in low and len(codes) >= 2:
         kind = "relative_position"
+    elif "which image" in low and "image_2" in low:
+        kind = "which_image"
+    elif "split across" in low and "image_2" in low:
+        kind = "split_code"
     elif "red dot" in low and "number" in low:
         kind = "which_marked"
     elif "what colour" in low or "what color" in low:

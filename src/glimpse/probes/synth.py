@@ -14,6 +14,17 @@ Question kinds, each with an exact answer:
 * ``count``: how many small dots are on a sign;
 * ``relative_position``: whether one sign (named by its code) is left or right of another.
 
+Two-image kinds (``PAIR_KINDS``; made only when asked for by name): two scenes of the level, shown together as
+``image_1`` and ``image_2``, each with its look-alike signs of one border colour:
+
+* ``which_image``: which image holds the sign with a small star in its top-left corner (the look-alikes in
+  both images have a dot there, on every level; answer ``image_1`` or ``image_2``);
+* ``split_code``: a code split across the two images: the first part on the target sign of image_1, the
+  second on that of image_2 (singled out as the level singles out a target); the answer is both together.
+
+Their records add ``target_images`` (the 0-based image of each target box), ``candidate_images`` and
+``sizes`` (of each image); the boxes are in their own image's pixels.
+
 Levels (long side of the scene; candidates = signs that look the same in the full view, so only zooming into
 each tells them apart; other signs and clutter are distractors):
 
@@ -46,7 +57,7 @@ import math
 import os
 import random
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -70,6 +81,7 @@ _MIN_FONT_PX = 10
 # Bumped whenever the generator's output changes, so cached probes are never stale.
 GENERATOR_VERSION = 2
 KINDS = ("read_code", "marker_color", "marker_shape", "which_marked", "count", "relative_position")
+PAIR_KINDS = ("which_image", "split_code")
 ASPECTS = ((16, 9), (4, 3), (3, 2), (2, 1), (1, 1), (3, 4))
 
 
@@ -92,11 +104,14 @@ LEVELS = {
 
 @dataclass
 class Probe:
-    """A generated scene and its record (``image`` is ``None`` when made with ``render=False``)."""
+    """A generated scene and its record (``image`` is ``None`` when made with ``render=False``); a two-image
+    probe's second scene is in ``more_images`` and ``more_scenes``."""
 
     image: Image.Image | None
     record: dict[str, Any]
     scene: Scene | None = None
+    more_images: list[Image.Image] = field(default_factory=list)
+    more_scenes: list[Scene] = field(default_factory=list)
 
 
 # How much finer than it is shown a region is drawn before the final resize (``Scene.view``): at 3× the
@@ -414,18 +429,28 @@ def make_probe(
     limits: PixelLimits | None = None,
     *,
     render: bool = True,
+    border: str | None = None,
+    starred: bool | None = None,
+    salt: str = "",
 ) -> Probe:
     """Generate probe ``index`` of a level. The same (level, seed, index, kind) always gives the same probe.
 
     With ``render=False`` the image is not drawn: the probe's ``scene`` can draw any part of it on request.
+    A kind of ``PAIR_KINDS`` gives a two-image probe (``make_pair_probe``).
+
+    Args (the scenes of a two-image probe): ``border`` fixes the candidates' border colour; ``starred`` marks
+    the candidates with corner marks on every level, the target with a star (``True``) or a dot like the others
+    (``False``); ``salt`` makes a different scene from the same (level, seed, index).
     """
+    if kind in PAIR_KINDS:
+        return make_pair_probe(level, index, seed, kind, limits, render=render)
     if level not in LEVELS:
         raise ConfigError(f"unknown level {level!r}; choose one of {', '.join(LEVELS)}")
     spec = LEVELS[level]
-    rng = random.Random(f"glimpse-probe/{level}/{seed}/{index}")
+    rng = random.Random(f"glimpse-probe/{level}/{seed}/{index}" + (f"/{salt}" if salt else ""))
     kind = kind or KINDS[index % len(KINDS)]
     if kind not in KINDS:
-        raise ConfigError(f"unknown probe kind {kind!r}; choose one of {', '.join(KINDS)}")
+        raise ConfigError(f"unknown probe kind {kind!r}; choose one of {', '.join(KINDS + PAIR_KINDS)}")
     limits = limits or PixelLimits()
 
     # 1. The canvas, and a font small enough to be illegible in the full view.
@@ -454,7 +479,7 @@ def make_probe(
     code_len = 2 if kind == "which_marked" else rng.choice((3, 4))
     cw, ch = sign_size(content, font_px, code_len)
     layout = _Layout(w, h, rng)
-    cand_border = rng.choice(list(BORDER_COLORS))
+    cand_border = border if border is not None else rng.choice(list(BORDER_COLORS))
     cols = math.ceil(math.sqrt(n_cand * w / h))
     rows = math.ceil(n_cand / cols)
     cells = [(c, r) for r in range(rows) for c in range(cols)]
@@ -465,7 +490,7 @@ def make_probe(
         region = (c * w // cols, r * h // rows, (c + 1) * w // cols, (r + 1) * h // rows)
         candidates.append(Sign(layout.place(cw, ch, region), cand_border))
     target = candidates[0]
-    marked = level != "easy" and kind not in ("which_marked", "relative_position")
+    marked = starred is not None or (level != "easy" and kind not in ("which_marked", "relative_position"))
     for sign in candidates:
         if kind == "which_marked":
             sign.code = str(rng.randint(10, 99))
@@ -479,7 +504,7 @@ def make_probe(
         else:
             sign.dots = rng.randint(2, 9)
         if marked:
-            sign.corner = "star" if sign is target else "dot"
+            sign.corner = "star" if sign is target and starred is not False else "dot"
     if kind == "which_marked":
         target.red_dot = True
     if kind in ("marker_color", "marker_shape", "count") and len(candidates) > 1:
@@ -559,6 +584,81 @@ def make_probe(
     return Probe(image=scene.render() if render else None, record=record, scene=scene)
 
 
+def make_pair_probe(
+    level: str,
+    index: int,
+    seed: int = 0,
+    kind: str | None = None,
+    limits: PixelLimits | None = None,
+    *,
+    render: bool = True,
+) -> Probe:
+    """Generate two-image probe ``index`` of a level (see the module docstring); deterministic like
+    ``make_probe``. Each scene is a ``read_code`` scene of the level with the same candidates' border colour."""
+    if level not in LEVELS:
+        raise ConfigError(f"unknown level {level!r}; choose one of {', '.join(LEVELS)}")
+    kind = kind or PAIR_KINDS[index % len(PAIR_KINDS)]
+    if kind not in PAIR_KINDS:
+        raise ConfigError(f"unknown two-image probe kind {kind!r}; choose one of {', '.join(PAIR_KINDS)}")
+    rng = random.Random(f"glimpse-probe-pair/{kind}/{level}/{seed}/{index}")
+    border = rng.choice(list(BORDER_COLORS))
+    starred_at = rng.randrange(2)
+    marked = kind == "which_image" or level != "easy"
+    parts = [
+        make_probe(
+            level,
+            index,
+            seed,
+            "read_code",
+            limits,
+            render=render,
+            border=border,
+            starred=(k == starred_at) if kind == "which_image" else None,
+            salt=f"{kind}/{k + 1}",
+        )
+        for k in range(2)
+    ]
+    if kind == "which_image":
+        targets = [(starred_at, parts[starred_at].record["boxes"][0])]
+        choices: list[str] | None = ["image_1", "image_2"]
+        answer = f"image_{starred_at + 1}"
+    else:
+        targets = [(k, part.record["boxes"][0]) for k, part in enumerate(parts)]
+        choices = None
+        answer = "".join(part.record["solution"] for part in parts)
+    question = questions.question(kind, border, marked=marked)
+    doc_id = f"pair_{kind}_{level}_{seed}_{index:06d}"
+    candidates = [(k, box) for k, part in enumerate(parts) for box in part.record["candidate_boxes"]]
+    record = {
+        "images": [f"data/{doc_id}_{k}.jpg" for k in (1, 2)],
+        "problem": "<image>\n<image>\n" + question,
+        "solution": answer,
+        "data_source": f"glimpse_probe_{level}",
+        "doc_id": doc_id,
+        "boxes": [box for _, box in targets],
+        "target_images": [k for k, _ in targets],
+        "candidate_boxes": [box for _, box in candidates],
+        "candidate_images": [k for k, _ in candidates],
+        "kind": kind,
+        "level": level,
+        "seed": seed,
+        "index": index,
+        "choices": choices,
+        "sizes": [part.record["size"] for part in parts],
+        "font_px": [part.record["font_px"] for part in parts],
+        "cap_px": [part.record["cap_px"] for part in parts],
+        "shown_cap_px": [part.record["shown_cap_px"] for part in parts],
+        "zoomed_cap_px": [part.record["zoomed_cap_px"] for part in parts],
+    }
+    return Probe(
+        image=parts[0].image,
+        record=record,
+        scene=parts[0].scene,
+        more_images=[parts[1].image] if render and parts[1].image is not None else [],
+        more_scenes=[parts[1].scene] if parts[1].scene is not None else [],
+    )
+
+
 def _describe(sign: Sign, target: bool) -> dict[str, Any]:
     """What a candidate shows when zoomed into (used to write truthful cold-start reasoning)."""
     return {
@@ -576,8 +676,9 @@ def _describe(sign: Sign, target: bool) -> dict[str, Any]:
 def _write_one(args: tuple[str, int, int, str, str | None, int]) -> dict[str, Any]:
     out, index, seed, level, kind, quality = args
     probe = make_probe(level, index, seed, kind)
-    path = Path(out) / probe.record["images"][0]
-    probe.image.save(path, quality=quality)
+    assert probe.image is not None  # rendered
+    for name, image in zip(probe.record["images"], [probe.image, *probe.more_images], strict=True):
+        image.save(Path(out) / name, quality=quality)
     return probe.record
 
 
