@@ -22,12 +22,13 @@ from glimpse.builtin.model import build_builtin
 from glimpse.errors import ConfigError
 from glimpse.hf.processor import load_processor, model_type
 from glimpse.hf.tiny import build_tiny_qwen
+from glimpse.images import image_tokens
 from glimpse.models import load_backend
 from glimpse.models.base import GenerateParams, ImagePart, Message, TextPart
 from glimpse.models.hf import HFBackend, _Prefix, _Request
 from glimpse.models.kv_cache import KVCache, image_starts
-from glimpse.train.common import hf_chat
-from glimpse.trajectory import Sample, load_jsonl, render_image
+from glimpse.train.common import hf_chat, image_runs, render_images
+from glimpse.trajectory import Sample, load_jsonl
 
 SMALL = {"min_pixels": 20_000, "max_pixels": 120_000}  # a few hundred image tokens: fast on CPU
 
@@ -105,7 +106,14 @@ def test_token_view_matches_the_chat_template_token_by_token(backend, tmp_path):
     # the view must keep the sampled ids, not a re-tokenisation of the reply.
     loop = AgentLoop(backend, max_turns=3, max_new_tokens=24, temperature=1.0, seed=3, return_token_ids=True, **SMALL)
     (traj,) = asyncio.run(loop.run(Sample(id="s", images=[str(path)], question="What is written on it?")))
-    assert len(traj.turns) == 3 and traj.token_view is not None and traj.token_view.aligned
+    assert len(traj.turns) == 3
+    _check_view(backend, traj)
+
+
+def _check_view(backend: HFBackend, traj) -> None:
+    """The trajectory's token view, token by token: each sampled run is a reply, and each injected run is exactly
+    what the template and processor make of that stretch of the conversation, its images included."""
+    assert traj.token_view is not None and traj.token_view.aligned
     ids, mask = traj.token_view.ids, traj.token_view.mask
 
     # Split the view into runs of injected (0) and sampled (1) tokens.
@@ -117,7 +125,8 @@ def test_token_view_matches_the_chat_template_token_by_token(backend, tmp_path):
             runs.append((m, [i]))
     sampled = [r for m, r in runs if m == 1]
     injected = [r for m, r in runs if m == 0]
-    assert len(sampled) == len(injected) == 3  # prompt, then after each reply but the last, what was injected
+    # the prompt, then after each reply but the last, what was injected
+    assert len(sampled) == len(injected) == len(traj.turns)
     processor = backend.processor
     for turn, tokens in zip(traj.turns, sampled, strict=True):
         text = processor.tokenizer.decode(tokens, skip_special_tokens=False)
@@ -126,12 +135,31 @@ def test_token_view_matches_the_chat_template_token_by_token(backend, tmp_path):
     # Every injected run is exactly what the template and processor make of that stretch of the conversation.
     messages, order = hf_chat(traj)
     full = processor.apply_chat_template(messages, tokenize=False)
-    images = [render_image(traj, k) for k in order]
+    images = render_images(traj, order)
     for segment, tokens in zip(_segments(full, traj), injected, strict=True):
         n = segment.count("<|image_pad|>")
         taken, images = images[:n], images[n:]
         enc = processor(text=[segment], images=taken or None, return_tensors="pt")
         assert enc["input_ids"][0].tolist() == tokens
+
+
+def test_two_images_in_one_question_each_at_its_own_tokens(backend, tmp_path):
+    """A two-image question through the loop and the hf backend: both originals in the first user turn, each
+    under its name, its run of image tokens as long as its shown size implies, in order (the two differ in
+    size), and the whole token view what the template and processor make of the conversation."""
+    gradient_image(900, 640).save(tmp_path / "a.png")
+    gradient_image(420, 700).transpose(0).save(tmp_path / "b.png")
+    sample = Sample(id="two", images=[str(tmp_path / "a.png"), str(tmp_path / "b.png")], question="Which is wider?")
+    loop = AgentLoop(backend, max_turns=2, max_new_tokens=16, temperature=1.0, seed=4, return_token_ids=True, **SMALL)
+    (traj,) = asyncio.run(loop.run(sample))
+    _check_view(backend, traj)
+    shown = [o.shown_size for o in traj.originals()]
+    assert len(shown) == 2 and shown[0] != shown[1] and sum(w * h for w, h in shown) <= SMALL["max_pixels"]
+    ids = traj.token_view.ids
+    runs = image_runs(ids, backend.image_token_id)
+    assert [r.length for r in runs[:2]] == [image_tokens(*size, backend.resize_factor) for size in shown]
+    for k, run in enumerate(runs[:2], 1):
+        assert backend.tokenizer.decode(ids[: run.start]).endswith(f"image_{k}:\n<|vision_start|>")
 
 
 def test_concurrent_requests_are_batched_and_match_running_alone(backend):
@@ -352,6 +380,28 @@ def test_conversations_that_differ_only_in_their_images_share_nothing(tiny_qwen)
     _, got = shared._prompt([*later, Message("user", "More?")], None)
     _, want = fresh._prompt([*later, Message("user", "More?")], None)
     assert got.ids == want.ids and torch.equal(got.pixels[0], want.pixels[0])
+
+
+def test_two_image_questions_that_differ_in_the_second_image_share_only_what_comes_before_it(tiny_qwen):
+    """image_1 and the text the same, image_2 mirrored (same size, so the same token ids): the kept key/values
+    are reused up to image_2 and no further, and the replies are those of a backend that never saw the other."""
+    first, second = gradient_image(280, 224), gradient_image(196, 252)
+
+    def messages(image) -> list[Message]:
+        parts = [TextPart("image_1:\n"), ImagePart(image=first), TextPart("\nimage_2:\n"), ImagePart(image=image)]
+        return [Message("system", "You answer."), Message("user", [*parts, TextPart("\nWhich?")])]
+
+    params = GenerateParams(max_new_tokens=12, temperature=1.0, seed=5)
+    shared, fresh = HFBackend(str(tiny_qwen), kv_cache_gb=1), HFBackend(str(tiny_qwen), kv_cache_gb=1)
+    asyncio.run(shared.generate(messages(second), params))
+    mirrored = messages(second.transpose(0))
+    reply = asyncio.run(shared.generate(mirrored, params))[0].token_ids
+    assert reply == asyncio.run(fresh.generate(mirrored, params))[0].token_ids
+    _, prefix = shared._prompt(mirrored, None)
+    runs = image_runs(prefix.ids, shared.image_token_id)
+    assert len(runs) == 2 and runs[0].length != runs[1].length
+    reused = shared.kv_cache.stats["reused_tokens"]
+    assert runs[0].start + runs[0].length < reused <= runs[1].start  # image_1 reused, image_2 computed anew
 
 
 def test_changed_weights_drop_the_kept_key_values(tiny_qwen):
