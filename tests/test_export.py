@@ -26,6 +26,7 @@ from glimpse.images import PixelLimits
 from glimpse.models.scripted import ScriptedBackend
 from glimpse.protocol.tools import zoom_tool_schema
 from glimpse.train.coldstart import programmatic
+from glimpse.train.common import hf_chat, render_images
 from glimpse.train.export import (
     FORMATS,
     IMAGE,
@@ -35,7 +36,7 @@ from glimpse.train.export import (
     validate_trl,
     validate_verl,
 )
-from glimpse.trajectory import Sample, Trajectory, conversation, load_jsonl, render_image, save_jsonl
+from glimpse.trajectory import Sample, Trajectory, load_jsonl, save_jsonl
 
 LIMITS = PixelLimits()
 # verl's parquet needs pyarrow (the hf extra); without it the other formats are still tested.
@@ -178,23 +179,59 @@ def test_every_image_is_the_pixels_the_model_was_shown(cold, exported, protocol)
     out = exported[protocol]
     rows = _rows(out)
     for traj in load_jsonl(cold[protocol]):
-        parts = [p for m in conversation(traj) if isinstance(m["content"], list) for p in m["content"]]
-        order = [p["index"] for p in parts if p["type"] == "image"]
-        expected = [np.asarray(render_image(traj, i)) for i in order]
-        lf, trl = rows["llamafactory"][traj.id], rows["trl"][traj.id]
-        lf_files = [out / "llamafactory" / p for p in lf["images"]]
-        trl_files = [out / "trl" / p for p in trl["images"]]
-        assert [f.resolve() for f in lf_files] == [f.resolve() for f in trl_files]
-        assert len(lf_files) == len(expected)
-        for file, want in zip(lf_files, expected, strict=True):
-            assert np.array_equal(np.asarray(Image.open(file)), want)
-        assert sum(t["value"].count(IMAGE) for t in lf["conversations"]) == len(order)
-        assert sum(p["type"] == "image" for m in trl["messages"] for p in m["content"]) == len(order)
-        if HAS_ARROW:  # verl carries the same files' bytes, with limits that leave them as they are
-            verl = rows["verl"][traj.id]
-            assert [i["bytes"] for i in verl["images"]] == [f.read_bytes() for f in lf_files]
-            assert {(i["min_pixels"], i["max_pixels"]) for i in verl["images"]} == {(40_000, 2_000_000)}
-            assert sum(m["content"].count(IMAGE) for m in verl["messages"]) == len(order)
+        _check_images(out, rows, traj)
+
+
+def _check_images(out: Path, rows: dict[str, dict[str, dict]], traj: Trajectory) -> None:
+    """Each format's images of ``traj``, in placeholder order, are exactly what the model was shown."""
+    _, order = hf_chat(traj)
+    expected = [np.asarray(image) for image in render_images(traj, order)]
+    lf, trl = rows["llamafactory"][traj.id], rows["trl"][traj.id]
+    lf_files = [out / "llamafactory" / p for p in lf["images"]]
+    trl_files = [out / "trl" / p for p in trl["images"]]
+    assert [f.resolve() for f in lf_files] == [f.resolve() for f in trl_files]
+    assert len(lf_files) == len(expected)
+    for file, want in zip(lf_files, expected, strict=True):
+        assert np.array_equal(np.asarray(Image.open(file)), want)
+    assert sum(t["value"].count(IMAGE) for t in lf["conversations"]) == len(order)
+    assert sum(p["type"] == "image" for m in trl["messages"] for p in m["content"]) == len(order)
+    if HAS_ARROW:  # verl carries the same files' bytes, with limits that leave them as they are
+        verl = rows["verl"][traj.id]
+        assert [i["bytes"] for i in verl["images"]] == [f.read_bytes() for f in lf_files]
+        assert {(i["min_pixels"], i["max_pixels"]) for i in verl["images"]} == {(40_000, 2_000_000)}
+        assert sum(m["content"].count(IMAGE) for m in verl["messages"]) == len(order)
+
+
+def test_two_image_trajectories_export_every_original_as_shown(probes, tmp_path):
+    """A two-image question (zooms into image_2 and into that crop) beside a one-image question on image_2's file:
+    each original is its own file, in placeholder order; the file shown alone, at its full budget, and shown
+    beside another, at its share, is written twice, since the pixels differ."""
+    two = Sample(id="two", images=[probes[0].images[0], probes[1].images[0]], question="Which?", answer="A")
+    replies = [
+        _zoom([0.1, 0.1, 0.6, 0.6], "image_2"),
+        _zoom([0.2, 0.2, 0.8, 0.8], "observation_1"),
+        "<answer>A</answer>",
+    ]
+    trajs = [
+        _run(AgentLoop(ScriptedBackend([replies])), two, "tags"),
+        _run(AgentLoop(ScriptedBackend([["<answer>A</answer>"]])), probes[1], "alone"),
+    ]
+    assert [t.turns[0].original_index for t in trajs] == [1, 0] and len(trajs[0].originals()) == 2
+    path = tmp_path / "trajectories.jsonl"
+    save_jsonl(trajs, path)
+    out = tmp_path / "out"
+    result = export(path, out, FORMATS_HERE)
+    assert result.exported == 2 and all(r.rows == 2 for r in validate(out).values())
+    rows = _rows(out)
+    for traj in trajs:
+        _check_images(out, rows, traj)
+    files = rows["llamafactory"][trajs[0].id]["images"]
+    assert len(files) == len(set(files)) == 4  # image_1, image_2, two crops
+    alone = rows["llamafactory"][trajs[1].id]["images"]
+    shown = [o.shown_size for o in trajs[0].originals()] + [trajs[1].shown_size]
+    assert shown[1] != shown[2] and alone[0] not in files  # one file, two sizes: two images
+    human = rows["llamafactory"][trajs[0].id]["conversations"][1]["value"]
+    assert human.count(IMAGE) == 2 and human.index("image_1:") < human.index("image_2:")
 
 
 def test_llamafactory_alternates_by_merging_consecutive_injected_messages(mixed_export):

@@ -74,6 +74,7 @@ from glimpse.errors import ConfigError, GlimpseError
 from glimpse.geometry import Coords
 from glimpse.images import ImageCache, PixelLimits, encode_image, smart_resize
 from glimpse.protocol.tools import code_tool_schema, zoom_tool_schema
+from glimpse.train.common import ImageKey
 from glimpse.trajectory import Trajectory, conversation, iter_jsonl, render_image
 
 FORMATS = ("llamafactory", "trl", "verl")
@@ -263,31 +264,43 @@ class _ImageStore:
         self.names: dict[tuple[Any, ...], str] = {}
         self.count = 0
 
-    def files(self, traj: Trajectory, indices: list[int]) -> list[str]:
-        """File names of images ``indices`` of ``traj``, rendering and writing each the first time it is seen."""
-        observations = {o.index: o for o in traj.observations()}
+    def files(self, traj: Trajectory, keys: list[ImageKey]) -> list[str]:
+        """File names of images ``keys`` of ``traj``, rendering and writing each the first time it is seen."""
+        shown = traj.observations()
+        originals = [o for o in shown if o.index == 0]
+        observations = {o.index: o for o in shown if o.index}
+        refs = traj.originals()
         names = []
-        for index in indices:
-            observation = observations.get(index)
-            if observation is None or traj.image is None:
-                raise GlimpseError(f"trajectory {traj.id} shows image {index}, which its record does not hold")
-            # The same source file and box (or the same code-made file) under the same limits: the same pixels.
-            key: tuple[Any, ...] = (
+        for key in keys:
+            observation = (
+                (originals[key.original] if key.original < len(originals) else None)
+                if key.index == 0
+                else observations.get(key.index)
+            )
+            if observation is None:
+                raise GlimpseError(f"trajectory {traj.id} shows image {key}, which its record does not hold")
+            # The same file (an original, or one made by code), box and shown size: the same pixels. The size
+            # matters: originals shown together share one pixel budget, so one file can be shown at two sizes.
+            seen: tuple[Any, ...] = (
                 (observation.sha256,)
                 if observation.path is not None
-                else (traj.image.sha256, tuple(observation.box_px or ()))
+                else (refs[observation.original_index].sha256, tuple(observation.box_px or ()))
             )
-            if key not in self.names:
-                self.names[key] = self._write(traj, index)
-            names.append(self.names[key])
+            seen += (tuple(observation.shown_size),)
+            if key.index and traj.settings.counterfactual:  # a counterfactual view is drawn per trajectory
+                seen += (traj.id,)
+            if seen not in self.names:
+                self.names[seen] = self._write(traj, key)
+            names.append(self.names[seen])
         return names
 
-    def _write(self, traj: Trajectory, index: int) -> str:
-        image = render_image(traj, index, cache=self.cache, base_dir=self.base_dir)
+    def _write(self, traj: Trajectory, key: ImageKey) -> str:
+        image = render_image(traj, key.index, original=key.original, cache=self.cache, base_dir=self.base_dir)
         # The hash keeps apart ids that differ only in the characters replaced.
         stem = re.sub(r"[^A-Za-z0-9._-]+", "_", traj.id).strip("_")[:80]
         digest = hashlib.sha1(traj.id.encode()).hexdigest()[:8]
-        name = f"{stem}-{digest}_{index}{IMAGE_FORMATS[self.image_format]}"
+        which = f"image{key.original + 1}" if key.index == 0 and key.original else str(key.index)
+        name = f"{stem}-{digest}_{which}{IMAGE_FORMATS[self.image_format]}"
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / name).write_bytes(encode_image(image, self.image_format))
         self.count += 1
@@ -312,7 +325,12 @@ class _Row:
             content = message.get("content") or ""
             parts = [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
             messages.append({**message, "content": [p for p in parts if p.get("type") == "image" or p.get("text")]})
-        order = [p["index"] for m in messages for p in m["content"] if p["type"] == "image"]
+        order = [
+            ImageKey(int(p["index"]), int(p.get("original", 0)))
+            for m in messages
+            for p in m["content"]
+            if p["type"] == "image"
+        ]
         files = store.files(traj, order)
         return cls(traj.id, messages, files, _tool_schemas(traj), traj.settings.limits, store.folder)
 
