@@ -14,16 +14,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from glimpse.agent import AgentLoop
 from glimpse.config import SFTConfig
 from glimpse.errors import ConfigError
 from glimpse.eval.datasets import load_dataset
+from glimpse.eval.policies import policy_backend
 from glimpse.hf.processor import load_processor
-from glimpse.images import PixelLimits
+from glimpse.images import PixelLimits, image_tokens
 from glimpse.models.scripted import ScriptedBackend
 from glimpse.train.coldstart import few_shot, programmatic, teacher_turns
-from glimpse.train.common import IGNORE, assistant_labels
+from glimpse.train.common import IGNORE, assistant_labels, grid_tokens, image_runs
 from glimpse.train.sft import TrajectoryData, train
-from glimpse.trajectory import Sample, load_jsonl
+from glimpse.trajectory import Sample, load_jsonl, save_jsonl
 
 SMALL = PixelLimits(20_000, 120_000)
 
@@ -177,6 +179,41 @@ def test_a_crashed_run_resumes_to_the_same_weights(coldstart, tiny_qwen, tmp_pat
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     with pytest.raises(ConfigError, match="different settings"):
         train(_cfg(tiny_qwen, data, tmp_path / "resumed", max_steps=4, batch_size=2, lr=5e-4, save_every=2))
+
+
+@pytest.fixture(scope="module")
+def two_image(tmp_path_factory) -> Path:
+    """The oracle's trajectories of two-image probes (split_code: a zoom into each image), shown small."""
+    samples = load_dataset("probes:easy:2:5:split_code").samples
+    trajs = []
+    for sample in samples:
+        backend = policy_backend("oracle", sample, protocol="tags", coords="relative", limits=SMALL)
+        loop = AgentLoop(backend, min_pixels=SMALL.min_pixels, max_pixels=SMALL.max_pixels)
+        trajs += asyncio.run(loop.run(sample))
+    assert all(t.stop_reason == "answer" and len(t.originals()) == 2 for t in trajs)
+    assert [[t.original_index for t in traj.turns[:2]] for traj in trajs] == [[0, 1]] * 2
+    path = tmp_path_factory.mktemp("two") / "trajectories.jsonl"
+    save_jsonl(trajs, path)
+    return path
+
+
+def test_sft_on_two_image_trajectories(two_image, tiny_qwen, tmp_path):
+    """Each image's tokens where its image is, in order (image_1, image_2, then the crops, each as long as its
+    shown size implies), no label on them, and training on them moves the loss."""
+    processor = load_processor(tiny_qwen)
+    data = TrajectoryData(two_image, processor, max_length=100_000)
+    image_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    for i, traj in enumerate(data.trajectories):
+        example = data.example(i)
+        shown = [o.shown_size for o in traj.observations()]  # the originals, then the crops in order
+        runs = image_runs(example.input_ids, image_id)
+        assert [r.length for r in runs] == [image_tokens(*size, 28) for size in shown] and len(runs) == 4
+        assert grid_tokens(example.image_grid_thw, 2) == [r.length for r in runs]
+        assert all(example.labels[r.start + j] == IGNORE for r in runs for j in range(r.length))
+        text = processor.tokenizer.decode(example.input_ids)
+        assert text.index("image_1:") < text.index("image_2:") < text.index("<|im_start|>assistant")
+    result = train(_cfg(tiny_qwen, two_image, tmp_path / "out", max_steps=3, batch_size=2))
+    assert result.steps == 3 and result.losses[-1] < result.losses[0]
 
 
 def test_too_long_conversations_are_skipped_not_cut(coldstart, tiny_qwen, tmp_path):

@@ -90,6 +90,26 @@ def _stamp_processor_class(folder: Path, name: str) -> None:
                 path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
+# How large an image a processor may be handed without resizing it (the agent loop fits images before).
+MAX_IMAGE_PIXELS = 16384 * 28 * 28
+
+
+def keep_shown_sizes(image_processor: Any, factor: int) -> None:
+    """Widen an image processor's pixel limits (in place) so that it never resizes an image the agent loop already
+    fitted to its limits: the model sees exactly the size the loop recorded (pixel coordinates mean the same
+    thing on both sides), and several images that share one pixel budget keep their shares. ``factor`` is the
+    checkpoint's resize factor (28 or 32)."""
+    size = getattr(image_processor, "size", None)
+    if size is not None and hasattr(size, "shortest_edge"):
+        size.shortest_edge = factor * factor
+        size.longest_edge = MAX_IMAGE_PIXELS
+    elif isinstance(size, dict):
+        size.update(shortest_edge=factor * factor, longest_edge=MAX_IMAGE_PIXELS)
+    for name, value in (("min_pixels", factor * factor), ("max_pixels", MAX_IMAGE_PIXELS)):
+        if getattr(image_processor, name, None) is not None:
+            setattr(image_processor, name, value)
+
+
 def quiet_progress() -> None:
     """Turn off transformers' per-file progress bars (loading and writing shards); Glimpse reports its own."""
     from transformers.utils import logging as hf_logging

@@ -48,8 +48,6 @@ log = logging.getLogger(__name__)
 
 # Conversation prefixes whose token ids are remembered.
 _PREFIXES = 256
-# How large an image the processor may be handed without resizing it (the loop fits images before).
-_MAX_IMAGE_PIXELS = 16384 * 28 * 28
 # Default memory for kept past key/values: a 7B Qwen2.5-VL in bfloat16 holds 56 KiB per token, so 4 GiB keep
 # about 75,000 tokens (eight 9,000-token conversations).
 KV_CACHE_GB = 4.0
@@ -96,7 +94,7 @@ class HFBackend:
         import torch
         from transformers import AutoModelForImageTextToText
 
-        from glimpse.hf.processor import FAMILIES, PROMPT_FILE, load_processor, model_type
+        from glimpse.hf.processor import FAMILIES, PROMPT_FILE, keep_shown_sizes, load_processor, model_type
 
         folder = Path(path)
         family, _, factor, coords = FAMILIES[model_type(folder)]
@@ -115,7 +113,7 @@ class HFBackend:
         self.device, self.max_batch = device, max_batch
         self.processor = load_processor(folder)
         self.tokenizer = self.processor.tokenizer
-        _widen_pixel_limits(self.processor.image_processor, factor)
+        keep_shown_sizes(self.processor.image_processor, factor)
         self.model = AutoModelForImageTextToText.from_pretrained(folder, dtype=getattr(torch, dtype)).to(device)
         self.model.eval()
         native = (getattr(self.model.config, "min_pixels", None), getattr(self.model.config, "max_pixels", None))
@@ -519,18 +517,6 @@ def _batch_key(params: GenerateParams) -> tuple[Any, ...]:
         tuple(params.stop),
         json.dumps(params.tools, sort_keys=True) if params.tools else None,
     )
-
-
-def _widen_pixel_limits(image_processor: Any, factor: int) -> None:
-    size = getattr(image_processor, "size", None)
-    if size is not None and hasattr(size, "shortest_edge"):
-        size.shortest_edge = factor * factor
-        size.longest_edge = _MAX_IMAGE_PIXELS
-    elif isinstance(size, dict):
-        size.update(shortest_edge=factor * factor, longest_edge=_MAX_IMAGE_PIXELS)
-    for name, value in (("min_pixels", factor * factor), ("max_pixels", _MAX_IMAGE_PIXELS)):
-        if getattr(image_processor, name, None) is not None:
-            setattr(image_processor, name, value)
 
 
 def to_hf(messages: list[Message], inline_images: bool = False) -> tuple[list[dict[str, Any]], list[Any]]:

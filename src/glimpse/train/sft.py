@@ -7,11 +7,13 @@ those who prefer it):
 
 1. **Data.** Each trajectory of a ``trajectories.jsonl`` (the canonical record) is rebuilt as the exact
    conversation the model saw (``conversation``) with every image as it was shown (``render_image``), and run
-   through the checkpoint's own chat template and processor. Labels are the tokens of each assistant message,
-   its end-of-turn token included (ChatML: from after ``<|im_start|>assistant\\n`` through ``<|im_end|>``);
-   everything else (system prompt, question, observations, error messages, image tokens, padding) is -100.
-   Examples are processed when a batch needs them, so memory holds one batch of images at a time. A
-   conversation longer than ``max_length`` is skipped and counted, never cut (a cut would split an image).
+   through the checkpoint's own chat template and processor (its pixel limits widened so that no image is
+   resized: originals shown together share one budget and can be smaller than its own lower limit). Labels are
+   the tokens of each assistant message, its end-of-turn token included (ChatML: from after
+   ``<|im_start|>assistant\\n`` through ``<|im_end|>``); everything else (system prompt, question,
+   observations, error messages, image tokens, padding) is -100. Examples are processed when a batch needs
+   them, so memory holds one batch of images at a time. A conversation longer than ``max_length`` is skipped
+   and counted, never cut (a cut would split an image).
 2. **What trains.** Everything but the vision tower and its projector (frozen by default, as in Mini-o3's
    recipe), or LoRA adapters on the language model's linear layers (peft).
 3. **Steps.** AdamW; warm-up then cosine (or constant, or linear) decay; gradient accumulation with the loss
@@ -24,6 +26,7 @@ those who prefer it):
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -37,6 +40,7 @@ from typing import Any
 
 from glimpse.config import SFTConfig, public_dict
 from glimpse.errors import ConfigError
+from glimpse.hf.processor import keep_shown_sizes
 from glimpse.images import ImageCache
 from glimpse.train import common
 from glimpse.train.common import ASSISTANT_HEADER, END, IGNORE, Example, collate, encode
@@ -67,7 +71,12 @@ class TrajectoryData:
                 f"{len(missing)} trajectories (e.g. {missing[0]}) were recorded without their prompt messages "
                 "by an older Glimpse; record them again"
             )
-        self.processor, self.max_length, self.base_dir = processor, max_length, base_dir
+        # A copy that never resizes: every image goes in at the size the model was shown it (originals shown
+        # together share one budget, so they can be smaller than the processor's own lower limit).
+        self.processor = copy.copy(processor)
+        self.processor.image_processor = copy.deepcopy(processor.image_processor)
+        keep_shown_sizes(self.processor.image_processor, min(t.settings.resize_factor for t in self.trajectories))
+        self.max_length, self.base_dir = max_length, base_dir
         tok = processor.tokenizer
         self.header = tok.encode(ASSISTANT_HEADER, add_special_tokens=False)
         self.end = tok.convert_tokens_to_ids(END)
