@@ -218,3 +218,46 @@ def test_the_teacher_points_where_the_proposals_are():
         x0, y0, x1, y1 = c["box"]
         assert box[0] <= x0 / width and box[2] >= x1 / width and box[1] <= y0 / height and box[3] >= y1 / height
     assert pointed_region(view, (0.0, 0.0, float(view.width), float(view.height))) is None  # nothing covers it all
+
+
+def test_the_pointer_state_taken_out_of_a_cache_and_put_back_is_the_state_of_that_prefix(builtin):
+    """What the hf backend keeps between turns (``PointerState.row``) and puts back on a rebuilt cache
+    (``after``, ``stack``): at every cut of a prompt that writes a zoom, the state a forward pass over that prefix
+    alone leaves; rows stacked for ``n`` samples are copies that grow apart."""
+    from transformers import AutoModelForImageTextToText
+
+    from glimpse.builtin.model import PointerState
+
+    processor = load_processor(builtin)
+    model = AutoModelForImageTextToText.from_pretrained(builtin).eval()
+    text = (
+        "<|im_start|>user\nwhere?<|vision_start|><|image_pad|><|vision_end|><|im_end|>\n"
+        f"<|im_start|>assistant\n<grounding>{BOX_OPEN}0.25, 0.5, 0.75, 1]"
+    )
+    enc = processor(text=[text], images=[photo(320, 200, seed=5)], return_tensors="pt")
+    ids = enc["input_ids"][0].tolist()
+
+    def state_after(k: int) -> PointerState:
+        with torch.no_grad():
+            out = model(
+                input_ids=enc["input_ids"][:, :k],
+                pixel_values=enc["pixel_values"],
+                image_grid_thw=enc["image_grid_thw"],
+                use_cache=True,
+            )
+        return out.cache.glimpse_pointer
+
+    whole = state_after(len(ids)).row(0)
+    assert whole.images == [1] and whole.open_box == [None] and whole.box_open == model.config.box_open_id
+    opened = ids.index(model.config.box_open_id)
+    for k in range(opened - 1, len(ids) + 1):  # before the box, at its opening, inside it, after it
+        alone, put_back = state_after(k), whole.after(ids[:k], images=1)
+        assert put_back.open_box == alone.open_box and put_back.images == alone.images, k
+        assert torch.allclose(torch.cat(put_back.keys[0]), torch.cat(alone.keys[0]), atol=1e-5)
+    assert whole.after(ids[:3], images=0).keys == [[]]  # a prefix before the image holds none of its regions
+
+    both = PointerState.stack([whole.after(ids, 1), whole.after(ids[: opened + 2], 1), None])
+    assert both.images == [1, 1, 0] and both.open_box == [ids[opened + 1 :], [ids[opened + 1]], None]
+    assert both.nbytes == 2 * whole.nbytes
+    both.keys[0].append(torch.zeros(1))
+    assert len(both.keys[1]) == 1 and len(whole.keys[0]) == 1  # each row its own list

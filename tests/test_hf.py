@@ -270,7 +270,7 @@ def _converse(backend: HFBackend, conversations: list[list[Message]], turns: int
 
     for t in range(turns):
         replies = asyncio.run(one_turn(params(t)))
-        out.append([r[0].token_ids for r in replies])
+        out.append([[c.token_ids for c in r] for r in replies])
         for k, (messages, r) in enumerate(zip(conversations, replies, strict=True)):
             view = gradient_image(28 * (4 + t + k), 28 * (5 + t)).transpose(0)  # each view differs
             messages.append(Message("assistant", r[0].text))
@@ -291,15 +291,71 @@ def test_kv_cache_reuses_past_turns_with_the_same_greedy_outputs(family, tiny_qw
     assert len(cached.kv_cache.entries) == 3  # one per conversation: each turn replaced the entry it extended
 
 
-def test_the_builtin_model_computes_every_turn_whole_with_the_same_outputs(builtin):
-    """The built-in model keeps its pointer's state on the generation cache and takes no explicit positions, so
-    the backend does not continue it from kept key/values (``GlimpseVLForConditionalGeneration.forward``)."""
-    cached, plain = HFBackend(str(builtin), kv_cache_gb=1), HFBackend(str(builtin), kv_cache_gb=0)
-    greedy = lambda t: GenerateParams(max_new_tokens=10, temperature=0)  # noqa: E731
-    assert _converse(cached, [_start(k) for k in range(2)], 3, greedy) == _converse(
-        plain, [_start(k) for k in range(2)], 3, greedy
-    )
-    assert not cached.kv_cache.stats and not cached.kv_cache.entries
+def _zooming(backend: HFBackend) -> HFBackend:
+    """The built-in model with its language-model head biased to open a zoom whenever it writes: every other token
+    is then the pointer's (a region of one of the images so far, and that image's source), so the replies show
+    whether the pointer's state (region keys, images seen) came through the turns."""
+    model = backend.model
+    head = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=True)
+    head.weight = model.lm_head.weight
+    with torch.no_grad():
+        head.bias.zero_()
+        head.bias[model.config.box_open_id] = 1e3
+    model.lm_head = head
+    return backend
+
+
+def test_the_builtin_model_reuses_past_turns_and_points_as_when_computed_whole(builtin):
+    """The built-in model's pointer state goes with each conversation's key/values and comes back per batch row:
+    greedy replies (the pointer's zooms) token for token those of recomputing, batched rows kept apart, and the
+    ``n`` seeded samples of one prompt, which share its kept prefix, drawn alike."""
+    cached = _zooming(HFBackend(str(builtin), kv_cache_gb=1))
+    plain = _zooming(HFBackend(str(builtin), kv_cache_gb=0))
+    greedy = lambda t: GenerateParams(max_new_tokens=12, temperature=0)  # noqa: E731
+    conversations = [_start(k) for k in range(3)]
+    assert _converse(cached, conversations, 4, greedy) == _converse(plain, [_start(k) for k in range(3)], 4, greedy)
+    replies = [m.content for m in conversations[0] if m.role == "assistant"]
+    assert all(r.startswith('{"bbox_2d": [') and '"source": "' in r for r in replies)  # the pointer wrote them
+    stats = cached.kv_cache.stats
+    assert stats["hits"] >= 9 and stats["reused_tokens"] > stats["computed_tokens"]
+    assert max(cached.batch_sizes) > 1 and len(cached.kv_cache.entries) == 3
+    assert all(e.state is not None and e.state.images == [4] for e in cached.kv_cache.entries.values())
+
+
+@pytest.mark.parametrize("kv_cache_gb", [1, 0])
+def test_the_builtin_models_n_samples_have_the_log_probs_of_each_sample_computed_alone(builtin, kv_cache_gb):
+    """The ``n`` seeded samples of one prompt on a third turn, continued from kept key/values (or computed whole):
+    every sampled token has the log-prob a from-scratch pass over that sample alone gives it, the pointer's
+    included (a state or image rows mixed up between the samples' rows make them differ, or impossible)."""
+    backend = _zooming(HFBackend(str(builtin), kv_cache_gb=kv_cache_gb))
+    sampled = lambda t: GenerateParams(max_new_tokens=12, temperature=1.0, n=2, seed=7 + t)  # noqa: E731
+    conversation = [_start(0)]
+    _converse(backend, conversation, 2, sampled)
+    steps: list[torch.Tensor] = []  # per decoding step of the two rows: log-probs of the next token
+
+    def record(module, args, out) -> None:
+        if out.logits.shape[0] == 2:
+            steps.append(out.logits[:, -1].float().log_softmax(-1))
+
+    hook = backend.model.register_forward_hook(record)
+    try:
+        replies = asyncio.run(backend.generate(conversation[0], sampled(2)))
+    finally:
+        hook.remove()
+    assert bool(backend.kv_cache and backend.kv_cache.stats["reused_tokens"]) == bool(kv_cache_gb)
+    assert replies[0].token_ids != replies[1].token_ids  # the two rows grew apart
+    _, prefix = backend._prompt(conversation[0], None)
+    for j, reply in enumerate(replies):
+        ids, targets = torch.tensor([reply.prompt_token_ids + reply.token_ids]), torch.tensor(reply.token_ids)
+        with torch.no_grad():
+            alone = backend.model(
+                input_ids=ids, pixel_values=torch.cat(prefix.pixels), image_grid_thw=torch.stack(prefix.grids)
+            )
+        n = len(reply.prompt_token_ids)
+        want = alone.logits[0, n - 1 : len(ids[0]) - 1].float().log_softmax(-1).gather(1, targets[:, None])
+        got = torch.stack([step[j] for step in steps[: len(targets)]]).gather(1, targets[:, None])
+        assert bool((want > -100).all())  # tokens the pointer allows (it gives the others a logit of -1e4)
+        assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
 
 
 def test_sampled_tokens_have_the_log_probs_of_a_from_scratch_pass(tiny_qwen):

@@ -16,8 +16,10 @@
   on their own against its cached prefix (no padding between prefix and new tokens); the decoding is batched,
   every row left-padded to the longest cached length. Positions are the ones a from-scratch pass computes (the
   model's own ``_prepare_position_ids_for_generation`` over the whole sequence: Qwen's mrope with its image
-  offsets), so outputs are those of a from-scratch run up to float rounding. Cleared when the weights change
-  (RL updates them in place). A model whose cache is not a plain ``DynamicCache`` (sliding windows, linear
+  offsets), so outputs are those of a from-scratch run up to float rounding. A model that keeps per-row state
+  of its own on the generation cache (the built-in model's pointer: region keys, images seen) has each row's
+  state kept with its key/values and put back on the rebuilt cache (``_ROW_STATE``). Cleared when the weights
+  change (RL updates them in place). A model whose cache is not a plain ``DynamicCache`` (sliding windows, linear
   attention) or whose forward takes no ``position_ids`` runs as before, without reuse.
 * **Batching.** Concurrent requests with the same sampling settings are generated together (left padding), up
   to ``max_batch``; ``n`` samples use ``num_return_sequences``. A request sampled with a ``seed`` runs alone, so
@@ -48,6 +50,10 @@ log = logging.getLogger(__name__)
 
 # Conversation prefixes whose token ids are remembered.
 _PREFIXES = 256
+# The attribute under which a model keeps per-row state of its own on its generation cache, kept with each row's
+# key/values between turns: the built-in model's pointer (``glimpse.builtin.model.PointerState``, whose ``row``,
+# ``after`` and ``stack`` take a row out, wind it back to a shorter prefix, and put rows together).
+_ROW_STATE = "glimpse_pointer"
 # Default memory for kept past key/values: a 7B Qwen2.5-VL in bfloat16 holds 56 KiB per token, so 4 GiB keep
 # about 75,000 tokens (eight 9,000-token conversations).
 KV_CACHE_GB = 4.0
@@ -61,6 +67,14 @@ class _Prefix:
     pixels: list[Any] = field(default_factory=list)
     grids: list[Any] = field(default_factory=list)
     digests: list[bytes] = field(default_factory=list)  # of the images, in order: ids alone do not tell them apart
+
+
+@dataclass
+class _Row:
+    """One prompt's key/values of all its tokens but the last, and the model's state of that row (if it keeps one)."""
+
+    layers: list[tuple[Any, Any]]
+    state: Any = None
 
 
 @dataclass
@@ -258,13 +272,17 @@ class HFBackend:
 
         params = batch[0].params
         options, copies = self._options(params)
+        # each of the n samples its own row: generate's own expansion repeats every tensor row by row, which
+        # interleaves a prompt's image rows for a model whose pixel rows are not one per sample (the built-in one)
+        rows = [r for r in batch for _ in range(copies)]
+        options["num_return_sequences"] = 1
         width = max(len(r.prefix.ids) for r in batch)
-        input_ids, attention = self._left_padded(batch, width)
+        input_ids, attention = self._left_padded(rows, width)
         inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention}
-        pixels = [p for r in batch for p in r.prefix.pixels]
+        pixels = [p for r in rows for p in r.prefix.pixels]
         if pixels:
             inputs["pixel_values"] = torch.cat(pixels).to(self.device, self.model.dtype)
-            inputs["image_grid_thw"] = torch.stack([g for r in batch for g in r.prefix.grids]).to(self.device)
+            inputs["image_grid_thw"] = torch.stack([g for r in rows for g in r.prefix.grids]).to(self.device)
             inputs["mm_token_type_ids"] = (input_ids == self.image_token_id).long()
         with self._model_lock, torch.no_grad():
             if params.seed is not None:
@@ -322,11 +340,15 @@ class HFBackend:
                 start = width - len(r.prefix.ids)
                 rows.append(self._prefill(r, positions[..., i : i + 1, start : width - 1]))
             layers = []
-            for k in range(len(rows[0])):
-                keys = torch.cat([_left_pad(row[k][0], width - 1) for row in rows])
-                values = torch.cat([_left_pad(row[k][1], width - 1) for row in rows])
+            for k in range(len(rows[0].layers)):
+                keys = torch.cat([_left_pad(row.layers[k][0], width - 1) for row in rows])
+                values = torch.cat([_left_pad(row.layers[k][1], width - 1) for row in rows])
                 layers.append((keys.repeat_interleave(copies, 0), values.repeat_interleave(copies, 0)))
             cache = DynamicCache(ddp_cache_data=layers, config=self.model.config)
+            states = [row.state for row in rows for _ in range(copies)]
+            known = next((s for s in states if s is not None), None)
+            if known is not None:
+                setattr(cache, _ROW_STATE, type(known).stack(states))
             if params.seed is not None:
                 torch.manual_seed(params.seed)
             out = self.model.generate(
@@ -341,8 +363,9 @@ class HFBackend:
         self._keep(batch, results, out, width, copies)
         return results
 
-    def _prefill(self, req: _Request, positions: Any) -> list[tuple[Any, Any]]:
-        """Keys and values of all prompt tokens but the last: a cached prefix plus the rest run now."""
+    def _prefill(self, req: _Request, positions: Any) -> _Row:
+        """Keys and values of all prompt tokens but the last (a cached prefix plus the rest run now), and the model's
+        state of the row after them."""
         import torch
         from transformers import DynamicCache
         from transformers.cache_utils import DynamicLayer
@@ -356,6 +379,9 @@ class HFBackend:
         self.kv_cache.stats["computed_tokens"] += len(ids) - 1 - cached
         past = [(k[:, :, :cached], v[:, :, :cached]) for k, v in entry.layers] if entry and cached else None
         cache = DynamicCache(ddp_cache_data=past, config=self.model.config)
+        done = len(image_starts(np.asarray(ids[:cached]), self.image_token_id))  # images inside the prefix
+        if past and entry.state is not None:
+            setattr(cache, _ROW_STATE, entry.state.after(ids[:cached], done))
         new = torch.tensor([ids[cached:-1]], device=self.device)
         if new.shape[1]:
             inputs: dict[str, Any] = {
@@ -365,7 +391,6 @@ class HFBackend:
                 "cache": cache,
                 "use_cache": True,
             }
-            done = len(image_starts(np.asarray(ids[:cached]), self.image_token_id))  # images inside the prefix
             if len(req.prefix.pixels) > done:
                 inputs["pixel_values"] = torch.cat(req.prefix.pixels[done:]).to(self.device, self.model.dtype)
                 inputs["image_grid_thw"] = torch.stack(req.prefix.grids[done:]).to(self.device)
@@ -377,7 +402,7 @@ class HFBackend:
             raise _NoReuse(f"the model's cache has {type(cache.layers[0]).__name__} layers, not plain DynamicLayer")
         if cache.get_seq_length() != len(ids) - 1:
             raise _NoReuse("the model does not fill the cache it is given")
-        return [(layer.keys, layer.values) for layer in cache.layers]
+        return _Row([(layer.keys, layer.values) for layer in cache.layers], getattr(cache, _ROW_STATE, None))
 
     def _keep(self, batch: list[_Request], results: list[list[Completion]], out: Any, width: int, copies: int) -> None:
         """Keep each row's key/values (its prompt and the sampled tokens that went through the model)."""
@@ -386,6 +411,7 @@ class HFBackend:
         if cache is None:
             raise _NoReuse("generate returned no cache")
         fed = cache.get_seq_length() - width  # sampled tokens that went through the model (all but the last)
+        state = getattr(cache, _ROW_STATE, None)
         for i, r in enumerate(batch):
             start = width - len(r.prefix.ids)
             for j in range(copies):
@@ -399,7 +425,8 @@ class HFBackend:
                     )
                     for layer in cache.layers
                 ]
-                self.kv_cache.put(r.prefix.ids + sampled[:keep], r.prefix.digests, layers)
+                kept = state.row(row) if state is not None else None
+                self.kv_cache.put(r.prefix.ids + sampled[:keep], r.prefix.digests, layers, kept)
 
     def _completion(self, req: _Request, row: list[int], params: GenerateParams) -> Completion:
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id

@@ -35,12 +35,15 @@ class Entry:
         images: digests of the images among those ids, in order.
         layers: per decoder layer, keys and values of shape ``(1, heads, len(ids), head_dim)``.
         nbytes: memory the tensors hold.
+        state: the model's own state of the row after these ids, if it keeps one on its cache (the built-in
+            model's pointer); it offers ``after(ids, images)`` for a shorter prefix and ``nbytes``.
     """
 
     ids: np.ndarray
     images: tuple[bytes, ...]
     layers: list[tuple[Any, Any]]
     nbytes: int
+    state: Any = None
 
 
 def image_starts(ids: np.ndarray, image_token_id: int) -> np.ndarray:
@@ -100,9 +103,11 @@ class KVCache:
         self.entries.move_to_end(best)
         return self.entries[best], best_len
 
-    def put(self, ids: list[int], images: list[bytes], layers: list[tuple[Any, Any]]) -> None:
-        """Keep a prefix's key/values; drop the entries it extends, then the least recently used beyond the budget."""
+    def put(self, ids: list[int], images: list[bytes], layers: list[tuple[Any, Any]], state: Any = None) -> None:
+        """Keep a prefix's key/values (and the model's state of it); drop the entries it extends, then the least
+        recently used beyond the budget."""
         nbytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers)
+        nbytes += state.nbytes if state is not None else 0
         if nbytes > self.max_bytes:
             return
         new = np.asarray(ids, dtype=np.int64)
@@ -111,7 +116,7 @@ class KVCache:
             n = len(entry.ids)
             if n <= len(new) and entry.images == shown[: len(entry.images)] and np.array_equal(entry.ids, new[:n]):
                 self._drop(key)
-        self.entries[self._next] = Entry(new, shown, layers, nbytes)
+        self.entries[self._next] = Entry(new, shown, layers, nbytes, state)
         self._next += 1
         self.nbytes += nbytes
         while self.nbytes > self.max_bytes:
