@@ -12,12 +12,17 @@ Three parts, each printing its own table:
   question kind; cards are answers read from a legible sign), accuracy over windows of examples.
 * ``--train-skill SKILL --minutes M``: trains a fresh model on one kind of example alone (``card``: reading a
   legible sign; ``easy`` / ``medium`` / ``hard``: finding the target, then answering) and prints its curves.
+* ``--read N --model CHECKPOINT``: the reader alone, on the panels of N fresh examples per level (cards, and the
+  observations of the teacher's zooms into easy / medium / hard probes): per attribute, accuracy where the
+  question asks for it (a code's characters on code and number signs, colour on marker-colour questions …) and
+  the code read exactly (all characters), against what the teacher knows the panel shows.
 * ``--photo OUT.jpg --model CHECKPOINT``: a street-like picture that is not a probe (drawn here, no download),
   one question through the real agent loop, and the model's zooms drawn on it (``docs/builtin-photo.jpg``).
 
     python bench/builtin_skills.py --recall 30 --rate 6
     python bench/builtin_skills.py --log builtin-run/log.jsonl
     python bench/builtin_skills.py --train-skill card --minutes 20 --workers 1
+    python bench/builtin_skills.py --read 100 --model builtin-run/model
     python bench/builtin_skills.py --photo docs/builtin-photo.jpg --model builtin-run/model
 """
 
@@ -85,7 +90,7 @@ def curves(log: Path, window: int = 0) -> None:
     for e in entries:  # logs written before skills were also kept per question kind: the mean over levels
         by_kind: dict[str, list[float]] = {}
         for k, v in e.items():
-            if k.startswith("acc_") and k.count("/") == 2:
+            if k.startswith("acc_") and k.count("/") == 2 and not k.startswith("acc_read/"):
                 name, _, kind = k[4:].split("/")
                 by_kind.setdefault(f"acc_{name}/{kind}", []).append(v)
         for k, vs in by_kind.items():
@@ -93,6 +98,18 @@ def curves(log: Path, window: int = 0) -> None:
     total = entries[-1]["examples"]
     window = window or max(total // 8, 1)
     skills = sorted({k[4:] for e in entries for k in e if k.startswith("acc_") and k.count("/") <= 1})
+    # the reader per attribute where it is asked for (cards by question kind) and per level (zoomed panels)
+    skills += sorted(
+        {
+            k[4:]
+            for e in entries
+            for k in e
+            if k.startswith("acc_read/")
+            and k.count("/") == 2
+            and _asked(k.split("/")[1], k.split("/")[2])
+        }
+    )
+    skills = [x for x in skills if not (x.startswith("read/") and x.count("/") == 1 and x != "read/code")]
     rows: dict[str, list[str]] = {s: [] for s in skills}
     edges = list(range(0, total, window))
     for lo in edges:
@@ -123,6 +140,69 @@ def train_skill(skill: str, minutes: float, workers: int) -> None:
     cfg = BuiltinConfig(out=str(out), minutes=minutes, workers=workers, threads=1, only=skill, lr=5e-4, warmup=30)
     train_builtin(cfg, log=lambda entry: None)
     curves(out / "log.jsonl")
+
+
+# The attribute each question kind asks for (and so where its reading is scored).
+ASKED = {
+    "read_code": "code",
+    "which_marked": "code",
+    "relative_position": "code",
+    "marker_color": "marker_color",
+    "marker_shape": "marker_shape",
+    "count": "dots",
+}
+
+
+def _asked(attribute: str, tag: str) -> bool:
+    """Whether a reading log key's attribute is what its tag (a card's question kind, or a level) asks for."""
+    asked = ASKED.get(tag)
+    return tag in (*LEVELS, "card") or asked == attribute or (asked == "code" and attribute.startswith("char"))
+
+
+def read(n: int, model_dir: str) -> None:
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from glimpse.builtin.processing import KIND, READING
+    from glimpse.builtin.train import ExampleMaker
+
+    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    names = model.reader.names
+    chars = [x for x in names if x.startswith("char")]
+    print(f"Reading, {model_dir}: accuracy on the panels of {n} fresh examples per level (indices from 3,000,000)")
+    print("| level | panels with a sign | " + " | ".join(("code exact", "characters", *names[len(chars) :])) + " |")
+    print("|---|---|" + "---|" * (2 + len(names) - len(chars)))
+    with tempfile.TemporaryDirectory() as tmp:
+        make = ExampleMaker(model_dir, 0, Path(tmp))
+        for level in ("card", *LEVELS):
+            right: dict[str, list[int]] = {}
+            panels = 0
+            for i in range(n):
+                made, _ = make(level, 3_000_000 + i)
+                if made is None:
+                    continue
+                example, kind, targets = made
+                rows = example.pixel_values
+                with torch.no_grad():
+                    _, logits = model.reader(rows[rows[:, KIND] == READING], model.model.embed_tokens)
+                for j, t in enumerate(targets):
+                    if t is None:
+                        continue
+                    panels += 1
+                    got = {x: int(logits[x][j].argmax()) for x in names}
+                    asked = ASKED.get(kind)
+                    if asked == "code":
+                        right.setdefault("code exact", []).append(all(got[c] == t[c] for c in chars))
+                        right.setdefault("characters", []).extend(got[c] == t[c] for c in chars)
+                    elif asked:
+                        right.setdefault(asked, []).append(got[asked] == t[asked])
+                    for x in ("mark", "border"):
+                        right.setdefault(x, []).append(got[x] == t[x])
+            cells = [
+                f"{sum(v) / len(v):.0%} ({len(v)})" if (v := right.get(x)) else "–"
+                for x in ("code exact", "characters", *names[len(chars) :])
+            ]
+            print(f"| {level} | {panels} | " + " | ".join(cells) + " |")
 
 
 def street(width: int = 1600, height: int = 1000, seed: int = 1) -> Image.Image:
@@ -197,7 +277,8 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=10.0, help="minutes for --train-skill")
     parser.add_argument("--workers", type=int, default=1, help="example makers for --train-skill")
     parser.add_argument("--photo", type=Path, help="write a picture of the model's zooms on a street-like image")
-    parser.add_argument("--model", help="checkpoint for --photo")
+    parser.add_argument("--read", type=int, default=0, help="fresh examples per level for the reader's accuracy")
+    parser.add_argument("--model", help="checkpoint for --read and --photo")
     args = parser.parse_args()
     if args.recall:
         recall(args.recall)
@@ -207,6 +288,8 @@ def main() -> None:
         curves(args.log, args.window)
     if args.train_skill:
         train_skill(args.train_skill, args.minutes, args.workers)
+    if args.read:
+        read(args.read, args.model)
     if args.photo:
         photo(args.photo, args.model)
 

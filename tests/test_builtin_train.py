@@ -11,10 +11,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from glimpse.builtin.train import ExampleMaker, skills, train_builtin
+from glimpse.builtin.reader import find_panel
+from glimpse.builtin.train import ExampleMaker, reading_loss, skills, train_builtin
 from glimpse.config import BuiltinConfig
 from glimpse.images import PixelLimits, smart_resize
-from glimpse.probes.stream import card_sample
+from glimpse.probes.stream import card_sample, sign_labels, sign_vocabulary
 
 
 def test_cards_are_legible_single_signs():
@@ -29,6 +30,51 @@ def test_cards_are_legible_single_signs():
             w, h = s.meta["size"]
             assert c["target"] and 0 <= c["box"][0] < c["box"][2] <= w and 0 <= c["box"][1] < c["box"][3] <= h
         assert kinds >= {"read_code", "count"}
+
+
+def test_the_reader_finds_the_sign_on_cards_and_any_panel_on_a_photo(tmp_path):
+    """The panel finder is training-free and knows nothing of probes: on a card it finds the sign (whose box
+    the generator knows), on a photo-like image it returns a box inside the image without error."""
+    hits = 0
+    for i in range(30):
+        s = card_sample(i, 0, tmp_path)
+        with Image.open(s.images[0]) as image:
+            x0, y0, x1, y1 = find_panel(image)
+            w, h = image.size
+        b = s.meta["candidates"][0]["box"]
+        inter = max(0, min(x1, b[2]) - max(x0, b[0])) * max(0, min(y1, b[3]) - max(y0, b[1]))
+        union = (x1 - x0) * (y1 - y0) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+        hits += inter / union >= 0.5
+        assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
+    assert hits >= 27  # measured: 30 of 30
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 255, (300, 500, 3), dtype=np.uint8))
+    x0, y0, x1, y1 = find_panel(photo)
+    assert 0 <= x0 < x1 <= 500 and 0 <= y0 < y1 <= 300
+
+
+def test_sign_labels_index_the_vocabulary():
+    vocab = sign_vocabulary()
+    sign = {"box": [0, 0, 9, 9], "border": "teal", "code": "K7X", "marker": None, "dots": 5, "corner": "star"}
+    labels = sign_labels({**sign, "red_dot": True})
+    assert [vocab[f"char{i}"][labels[f"char{i}"]] for i in (1, 2, 3, 4)] == ["K", "7", "X", ""]
+    assert vocab["dots"][labels["dots"]] == "5" and vocab["border"][labels["border"]] == "teal"
+    assert vocab["mark"][labels["mark"]] == "star red dot" and vocab["marker_color"][labels["marker_color"]] == ""
+
+
+def test_reading_loss_counts_only_known_panels_and_scores_codes_exactly():
+    names = {"char1": 3, "char2": 3, "dots": 4}  # two characters (the last class: none) and a count
+    logits = {n: torch.full((3, k), -5.0) for n, k in names.items()}
+    for n, right in (("char1", [0, 1, 2]), ("char2", [1, 1, 2]), ("dots", [2, 3, 0])):
+        for j, c in enumerate(right):
+            logits[n][j, c] = 5.0
+    targets = [{"char1": 0, "char2": 1, "dots": 2}, None, {"char1": 2, "char2": 2, "dots": 1}]
+    stats: dict[str, list[int]] = {}
+    loss = reading_loss(logits, targets, stats, "card")
+    assert stats["read/dots"] == [1, 0] and stats["read/dots/card"] == [1, 0]
+    assert stats["read/code"] == [1]  # the third panel shows no text (none): not a code
+    assert 0 < float(loss) < 10
+    assert float(reading_loss(logits, [None, None, None])) == 0.0
 
 
 def test_drawn_views_match_the_full_scene_resized():
@@ -75,12 +121,26 @@ def test_examples_are_teacher_searches_through_the_loop(tmp_path):
     make = ExampleMaker(model, 0, folder)
     tok = make.processor.tokenizer
     for level in ("card", "medium"):
-        (example, kind), why = make(level, 1_000_001)
+        (example, kind, reading), why = make(level, 1_000_001)
         assert why is None and kind
         trained = tok.convert_ids_to_tokens([x for x in example.labels if x != -100])
         zooms = trained.count('{"bbox_2d": [')
         assert trained.count("<|im_end|>") == zooms + 1 and (zooms == 0) == (level == "card")
         assert len(example.image_grid_thw) == zooms + 1  # the first view and one observation per zoom
+        # what each image's panel shows, as the teacher knows it: a card's sign on its only view; a probe's
+        # first view is no sign, and its zooms show the signs the teacher went to
+        assert len(reading) == zooms + 1
+        if level == "card":
+            assert reading == [sign_labels(make_card_target(1_000_001))]
+        else:
+            assert reading[0] is None and all(r is not None for r in reading[1:])
+    (rows, kind, (target,)), _ = make("read", 7)
+    assert rows.shape[0] == 8 and target == sign_labels(make_card_target(7))
+
+
+def make_card_target(index: int) -> dict:
+    with tempfile.TemporaryDirectory() as d:
+        return card_sample(index, 0, Path(d)).meta["candidates"][0]
 
 
 def test_train_builtin_runs_learns_and_logs_skills(tmp_path):
@@ -100,12 +160,17 @@ def test_train_builtin_runs_learns_and_logs_skills(tmp_path):
         replay=2,
         device="cpu",
         only="card",
+        read_minutes=0.1,
+        read_batch=4,
     )
     model_dir = train_builtin(cfg, log=lambda entry: None)
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    assert log and all("acc_answer" in e and "acc_answer/card" in e for e in log)
+    reading = [e for e in log if e["stage"] == "read"]
+    search = [e for e in log if e["stage"] == "search"]
+    assert reading and all("acc_read/dots" in e and "acc_answer" not in e for e in reading)
+    assert search and all("acc_answer" in e and "acc_answer/card" in e and "acc_read/dots" in e for e in search)
     result = json.loads((tmp_path / "run" / "result.json").read_text())
-    assert result["examples"] == 2 * result["steps"] >= 2
+    assert result["examples"] == 4 * len(reading) + 2 * len(search) and result["steps"] == len(log)
     fresh = AutoModelForImageTextToText.from_pretrained(build_builtin(tmp_path / "fresh", size="tiny"))
     trained = AutoModelForImageTextToText.from_pretrained(model_dir)
     changed = [
@@ -114,3 +179,4 @@ def test_train_builtin_runs_learns_and_logs_skills(tmp_path):
         if not torch.equal(a, b)
     ]
     assert any(n.startswith("visual.") for n in changed) and any(n.startswith("model.layers") for n in changed)
+    assert any(n.startswith("reader.heads") for n in changed)

@@ -221,6 +221,14 @@ def reading_loss(
             right = (out.detach().argmax(-1) == want)[known].tolist()
             for key in (f"read/{name}", f"read/{name}/{tag}") if tag else (f"read/{name}",):
                 stats.setdefault(key, []).extend(int(r) for r in right)
+    if stats is not None:  # a code read exactly: every character right, on the panels that show text
+        chars = [n for n in logits if n.startswith("char")]
+        for j, t in enumerate(targets):
+            if t is None or not chars or t[chars[0]] == logits[chars[0]].shape[-1] - 1:  # the last class: none
+                continue
+            ok = all(int(logits[c][j].argmax()) == t[c] for c in chars)
+            for key in ("read/code", f"read/code/{tag}") if tag else ("read/code",):
+                stats.setdefault(key, []).append(int(ok))
     return torch.stack(losses).mean()
 
 
@@ -377,7 +385,8 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
             log(entry)
 
     try:
-        while reading_stage():  # the reader alone, on cards' panels: cheap, many per second
+        # each stage takes at least one step, however slow the machine
+        while reading_stage() or (read_budget and step == 0):  # the reader alone, on cards' panels: cheap
             items = take(cfg.read_batch, True)
             rows = torch.from_numpy(np.concatenate([p[1][0] for p in items])).to(device)
             targets = [t for p in items for t in p[1][2]]
@@ -406,7 +415,7 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
                 stats,
             )
         read_steps = step
-        while time.perf_counter() - start < budget:
+        while time.perf_counter() - start < budget or step == read_steps:
             items = take(cfg.batch, False)
             levels = [p[0] for p in items]
             batch = [p[1] for p in items]
