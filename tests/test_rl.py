@@ -296,3 +296,81 @@ def test_a_fresh_copy_of_the_built_in_model_needs_no_earlier_import(memorised, t
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "init" / "model.safetensors").exists() and (tmp_path / "init" / PROMPT_FILE).exists()
+
+
+# ------------------------------------------------------------------------------------------- several images
+PAIRS = "probes:easy:1:9:split_code"  # two images, a part of the code in each
+SMALL = {"min_pixels": 20_000, "max_pixels": 120_000}
+
+
+def _sampling_logprobs(backend: HFBackend, run):
+    """Run ``run()`` and record the log-probs the model gave each token as it sampled it: one list per
+    ``generate`` call (a from-scratch backend: the first forward of a call takes the whole prompt)."""
+    calls: list[list[torch.Tensor]] = []
+
+    def record(module, args, kwargs, out) -> None:
+        if kwargs["input_ids"].shape[1] > 1:
+            calls.append([])
+        calls[-1].append(out.logits[0, -1].float().log_softmax(-1))
+
+    hook = backend.model.register_forward_hook(record, with_kwargs=True)
+    try:
+        return run(), calls
+    finally:
+        hook.remove()
+
+
+def test_two_image_rollouts_train_on_what_the_model_saw(tiny_qwen, monkeypatch):
+    """Rollouts of the tiny Qwen2.5-VL on a two-image question: the training forward pass (ids from the token
+    view, both originals re-rendered from the record) gives every sampled token the log-prob the model gave it
+    when sampling (RL's ratio is 1 before an update). Image_2's tokens given image_1's pixels move them (the test
+    can tell); images handed over in the wrong order are refused, not trained on."""
+    from glimpse.errors import GlimpseError
+    from glimpse.train import rl
+
+    backend = HFBackend(str(tiny_qwen), kv_cache_gb=0)
+    sample = load_dataset(PAIRS).samples[0]
+    loop = AgentLoop(backend, max_turns=2, max_new_tokens=12, temperature=0.0, return_token_ids=True, **SMALL)
+    traj, calls = _sampling_logprobs(backend, lambda: asyncio.run(loop.run(sample))[0])
+    assert len(traj.originals()) == 2 and traj.token_view.aligned and len(calls) == len(traj.turns)
+    view = traj.token_view
+    left = [t for t, m in zip(view.ids, view.mask, strict=True) if m]  # every sampled token, turn after turn
+    logprobs = []
+    for call, turn in zip(calls, traj.turns, strict=True):
+        reply, left = left[: turn.usage.completion_tokens], left[turn.usage.completion_tokens :]
+        logprobs += [call[i][token] for i, token in enumerate(reply)]
+    sampled = torch.stack(logprobs)
+    traj.score = Score(correct=True, method="exact")
+    rollout = score_group([traj])[0]
+
+    def trained_logprobs() -> torch.Tensor:
+        item = trajectory_inputs(rollout, backend.processor)
+        batch = _batch([item], [rollout.advantage], 0, backend.image_token_id, "cpu", torch.float32)
+        with torch.no_grad():
+            logp, mask, _ = sampled_logprobs(backend.model, batch)
+        return logp[mask]
+
+    assert torch.allclose(trained_logprobs(), sampled, atol=1e-4)
+    shown = rl.render_images
+    monkeypatch.setattr(rl, "render_images", lambda *a, **k: _second_as_first(shown(*a, **k)))
+    assert not torch.allclose(trained_logprobs(), sampled, atol=1e-3)
+    monkeypatch.setattr(rl, "render_images", lambda *a, **k: [*shown(*a, **k)[1::-1], *shown(*a, **k)[2:]])
+    with pytest.raises(GlimpseError, match="out of step"):
+        trajectory_inputs(rollout, backend.processor)
+
+
+def _second_as_first(images: list) -> list:
+    """image_2 replaced by image_1 resized to image_2's size: the same tokens, other pixels."""
+    return [images[0], images[0].resize(images[1].size), *images[2:]]
+
+
+def test_train_rl_on_a_two_image_probe_set(tiny_qwen, tmp_path, monkeypatch):
+    _half_right(monkeypatch)
+    before = {n: p.clone() for n, p in HFBackend(str(tiny_qwen)).model.named_parameters()}
+    cfg = _cfg(tiny_qwen, tmp_path / "rl", data=PAIRS, steps=1, group=2, max_turns=2, max_new_tokens=16, **SMALL)
+    trainer = Trainer(cfg)
+    stats, groups = trainer.one_step()
+    assert stats.trained == 2 and stats.trained_tokens > 0 and math.isfinite(stats.loss)
+    assert all(len(r.trajectory.originals()) == 2 for r in groups[0])
+    changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(before[n], p.detach())]
+    assert changed and all(".visual." not in f".{n}" for n in changed)  # the vision tower stays frozen
