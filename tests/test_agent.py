@@ -367,3 +367,66 @@ def test_a_question_containing_an_image_marker_stays_text(make_image):
     asyncio.run(loop.run(Sample(id="s", images=[str(make_image())], question=question)))
     user = backend.requests[0].messages[1]
     assert len(user.images()) == 1 and question in user.text()
+
+
+def two_image_sample(make_image, question="Which one?") -> Sample:
+    first, second = make_image(1200, 900, name="first.png"), make_image(900, 1200, name="second.png")
+    return Sample(id="two", images=[str(first), str(second)], question=question)
+
+
+def test_ask_takes_a_list_of_images(make_image):
+    from glimpse import ask
+
+    sample = two_image_sample(make_image)
+    backend = ScriptedBackend([[zoom([0, 0, 0.5, 0.5], "image_2"), answer("image_2")]])
+    result = ask(sample.images, "Which one?", backend=backend)
+    (traj,) = result.trajectories
+    assert result.answer == "image_2" and traj.sample.id == "first+second"
+    assert [o.path for o in traj.originals()] == sample.images and traj.turns[0].original_index == 1
+    assert len(images_sent(backend.requests[0])) == 2 and len(images_sent(backend.requests[1])) == 3
+    with pytest.raises(ConfigError, match="at least one image"):
+        ask([], "?", backend=backend)
+
+
+def test_max_images_counts_every_original(make_image):
+    backend = ScriptedBackend([[zoom([0, 0, 0.5, 0.5], "image_1"), zoom([0, 0, 0.5, 0.5], "image_2"), answer("x")]])
+    (traj,) = run(AgentLoop(backend, max_images=3), two_image_sample(make_image))
+    assert traj.stop_reason == "max_images" and [t.kind for t in traj.turns] == ["zoom", "zoom"]
+    assert traj.turns[0].observation_index == 1 and traj.turns[1].observation_index is None
+
+
+def test_a_dropped_observation_names_its_own_original(make_image):
+    backend = ScriptedBackend(
+        [
+            [
+                zoom([0, 0, 0.5, 0.5], "image_2"),
+                zoom([0, 0, 0.5, 0.5], "image_1"),
+                zoom([0, 0, 1, 1], "observation_1"),
+                answer("x"),
+            ]
+        ]
+    )
+    (traj,) = run(AgentLoop(backend, keep_images=1), two_image_sample(make_image))
+    parts = [p for m in backend.requests[-1].messages for p in m.parts() if isinstance(p, TextPart)]
+    notes = [p.text for p in parts if "no longer shown" in p.text]
+    assert "a zoom into image_2 covering pixels (0, 0)–(450, 600) of image_2" in notes[0]
+    # Still zoomable by name: a zoom into observation_1 is cut from image_2.
+    assert traj.turns[2].original_index == 1 and traj.turns[2].crop_box_px == [0, 0, 450, 600]
+    # The originals are never dropped: both are in every request.
+    assert all(len(images_sent(r)) >= 2 for r in backend.requests)
+
+
+def test_the_code_tool_sees_every_original_by_name(make_image):
+    code = (
+        "print(sorted(images), images['image_2'].size, images['original_image'].size)\n"
+        "print(len(images), [im.size for _, im in images.items()][1])\n"
+        "show(images['image_2'])"
+    )
+    backend = ScriptedBackend([[f"<python>\n{code}\n</python>", answer("x")]])
+    loop = AgentLoop(backend, code=True, sandbox="process")
+    (traj,) = run(loop, two_image_sample(make_image))
+    assert (
+        "['image_1', 'image_2', 'original_image'] (900, 1200) (1200, 900)\n3 (1200, 900)" in traj.turns[0].code_output
+    )
+    made = traj.turns[0].made[0]
+    assert (made.width, made.height) == (900, 1200) and made.observation_index == 1

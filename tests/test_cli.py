@@ -191,3 +191,20 @@ def test_ctrl_c_in_glimpse_ask_saves_what_was_done(make_image, write_script, tmp
     assert "saved to" in err
     (traj,) = load_jsonl(saved)
     assert traj.stop_reason == "cancelled" and 1 <= len(traj.turns) < 5 and traj.turns[0].kind == "zoom"
+
+
+def test_ask_about_two_images_the_last_argument_is_the_question(make_image, write_script, tmp_path):
+    first, second = make_image(900, 600, name="first.png"), make_image(600, 900, name="second.png")
+    script = write_script([ZOOM.replace("original_image", "image_2"), ANSWER])
+    out = tmp_path / "two.jsonl"
+    proc = glimpse("ask", str(first), str(second), "Which one?", "--model", f"scripted:{script}", "--save", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "image_1 " in proc.stdout and "image_2 " in proc.stdout and "turn 1 zoom image_2" in proc.stdout
+    (traj,) = load_jsonl(out)
+    assert traj.sample.question == "Which one?" and traj.sample.images == [str(first), str(second)]
+    assert [o.path for o in traj.originals()] == [str(first), str(second)] and traj.turns[0].original_index == 1
+    single = glimpse("ask", str(first), "Which one?", "--model", f"scripted:{write_script([ANSWER])}", "--json")
+    (record,) = [json.loads(line) for line in single.stdout.splitlines()]
+    assert record["more_images"] == [] and record["sample"]["images"] == [str(first)]
+    lone = glimpse("ask", str(first), "--model", f"scripted:{script}")
+    assert lone.returncode == 2 and "give an image file and a question" in lone.stderr

@@ -106,3 +106,30 @@ def test_the_expert_refuses_a_box_convention_it_does_not_write():
     with pytest.raises(ConfigError, match="relative"):
         AgentLoop(load_backend("expert"), coords="pixels")
     assert AgentLoop(load_backend("expert")).settings.coords == "relative"
+
+
+def test_the_expert_searches_two_image_probes_image_by_image():
+    """which_image needs no OCR: the starred sign is found by its corner mark, in whichever image it is."""
+    backend = load_backend("expert")
+    loop = AgentLoop(backend, max_turns=12)
+    samples = load_dataset("probes:medium:6:0:which_image").samples
+    right = 0
+    for sample in samples:
+        (traj,) = asyncio.run(loop.run(sample))
+        sources = {t.call.source for t in traj.turns if t.call}
+        assert sources <= {"image_1", "image_2"} and traj.turns[0].kind == "zoom"
+        right += asyncio.run(score(traj.answer, traj.sample)).correct
+        if traj.answer == "image_2":  # it looked there
+            assert any(t.original_index == 1 for t in traj.turns if t.crop_box_px)
+    assert right >= 4, f"{right} of 6"  # 5 measured; the probes are seeded
+
+
+def test_the_expert_joins_a_code_split_across_two_images():
+    need_ocr()
+    loop = AgentLoop(load_backend("expert"), max_turns=12)
+    samples = load_dataset("probes:easy:4:0:split_code").samples
+    trajectories = [asyncio.run(loop.run(s))[0] for s in samples]
+    right = sum(asyncio.run(score(t.answer, t.sample)).correct for t in trajectories)
+    assert right >= 2, f"{right} of 4"  # 2 measured
+    solved = next(t for t in trajectories if t.answer == t.sample.answer)
+    assert [t.original_index for t in solved.turns if t.crop_box_px][-2:] == [0, 1]

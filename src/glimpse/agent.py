@@ -421,7 +421,7 @@ class AgentLoop:
         turn.crop_box_px = result.box.as_list()
         turn.observation_index = index
         turn.observation_size = [result.image.width, result.image.height]
-        source = _source_name(result.source_index, result.original_index, len(ep.originals))
+        source = ep.traj.image_name(result.source_index, result.original_index)
         ep.messages.extend(self.protocol.observation(action, part, index, turn.index, source))
 
     async def _code(self, ep: _Episode, action: Action, turn: Turn) -> None:
@@ -626,7 +626,7 @@ class AgentLoop:
                 f'it is still available to code as images["observation_{index}"].]'
             )
         turn = next(t for t in ep.traj.turns if t.observation_index == index)
-        src = _source_name(turn.source_index or 0, turn.original_index, len(ep.originals))
+        src = ep.traj.image_name(turn.source_index or 0, turn.original_index)
         of = "the original image" if len(ep.originals) == 1 else f"image_{state.original_index + 1}"
         box = state.box
         return (
@@ -691,13 +691,6 @@ def _tell_choice(on_text: OnReplyText, episodes: list[_Episode], delta: TextDelt
     """A piece of the first replies of ``k`` samples, asked for in one request: choice ``i`` is sample ``i``."""
     if 0 <= delta.index < len(episodes):
         on_text(episodes[delta.index].traj, delta)
-
-
-def _source_name(source_index: int, original_index: int, originals: int) -> str:
-    """The name of a zoom's source as the model knows it."""
-    if source_index:
-        return f"observation_{source_index}"
-    return "original_image" if originals == 1 else f"image_{original_index + 1}"
 
 
 def _image_ref(part: ImagePart, part_index: dict[int, int], part_original: dict[int, int]) -> dict[str, Any]:

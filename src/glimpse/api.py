@@ -3,6 +3,7 @@
 >>> from glimpse import ask
 >>> result = ask("photo.jpg", "What is written on the small sign?", model="openai:gpt-4.1")
 >>> result.answer, result.trajectories[0].stop_reason
+>>> ask(["left.jpg", "right.jpg"], "Which photo shows the red sign?")  # several images: image_1, image_2 …
 
 Inside a running event loop (a notebook with async cells, a server), use ``await ask_async(...)``.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from glimpse.agent import AgentLoop, LoopOptions, OnReplyText, OnTurn
 from glimpse.answers import Vote, majority_vote
 from glimpse.config import AskConfig, BackendSettings, resolve
 from glimpse.effort import effort_budget
+from glimpse.errors import ConfigError
 from glimpse.images import ImageCache
 from glimpse.models import DEFAULT_MODEL, Backend, load_backend
 from glimpse.trajectory import Sample, Trajectory
@@ -65,8 +68,24 @@ def loop_from_config(
     return AgentLoop(backend or backend_from_config(config), options, image_cache=image_cache)
 
 
+ImageInput = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
+
+
+def question_sample(image: ImageInput, question: str) -> Sample:
+    """The sample of one question about one image, or several (shown as ``image_1``, ``image_2`` … in order).
+
+    Raises:
+        ConfigError: no image was given.
+    """
+    paths = [os.fspath(image)] if isinstance(image, (str, os.PathLike)) else [os.fspath(p) for p in image]
+    if not paths:
+        raise ConfigError("give at least one image")
+    name = "+".join(Path(p).stem for p in paths)
+    return Sample(id=name or "image", images=paths, question=question)
+
+
 async def ask_async(
-    image: str | os.PathLike[str],
+    image: ImageInput,
     question: str,
     config: AskConfig,
     *,
@@ -74,9 +93,9 @@ async def ask_async(
     on_turn: OnTurn | None = None,
     on_text: OnReplyText | None = None,
 ) -> AskResult:
-    """Ask one question about one image; see ``ask`` (``on_text``: see ``AgentLoop.run``)."""
+    """Ask one question about one image or several; see ``ask`` (``on_text``: see ``AgentLoop.run``)."""
+    sample = question_sample(image, question)
     loop = loop_from_config(config, backend)
-    sample = Sample(id=Path(image).stem or "image", images=[os.fspath(image)], question=question)
     try:
         trajectories = await loop.run(sample, samples=config.samples, on_turn=on_turn, on_text=on_text)
     finally:
@@ -86,7 +105,7 @@ async def ask_async(
 
 
 def ask(
-    image: str | os.PathLike[str],
+    image: ImageInput,
     question: str,
     *,
     model: str | None = None,
@@ -94,10 +113,11 @@ def ask(
     on_turn: OnTurn | None = None,
     **settings: Any,
 ) -> AskResult:
-    """Ask one question about one image and let the model zoom until it answers.
+    """Ask one question about one image (or several) and let the model zoom until it answers.
 
     Args:
-        image: path of the image.
+        image: path of the image, or a list of paths: the model sees them in order as ``image_1``,
+            ``image_2`` … (sharing one image's pixel budget) and may zoom into any.
         question: the question.
         model: backend spec such as ``openai:gpt-4.1`` (not needed when ``backend`` is given).
         backend: a backend object to use instead of ``model``.

@@ -369,6 +369,13 @@ class Trajectory(BaseModel):
             return []
         return [ShownImageRef(**self.image.model_dump(), shown_size=list(self.shown_size)), *self.more_images]
 
+    def image_name(self, index: int, original: int = 0) -> str:
+        """The name the model knows an image by: ``observation_N`` (``index`` N), else ``original_image`` for
+        a single original and ``image_K`` (``original`` K - 1) for several."""
+        if index:
+            return f"observation_{index}"
+        return "original_image" if not self.more_images else f"image_{original + 1}"
+
     def original_limits(self) -> list[PixelLimits]:
         """The pixel limits each original was shown with (its share of the run's budget; see ``shared_limits``)."""
         return shared_limits([(o.width, o.height) for o in self.originals()], self.settings.limits)

@@ -148,13 +148,28 @@ def _positional(name: str, help: str) -> inspect.Parameter:
 @config_command(
     "ask",
     AskConfig,
-    positionals=[_positional("image", "image file"), _positional("question", "the question about the image")],
-    help="Ask a question about an image; the model zooms, turn by turn, until it answers.",
+    positionals=[
+        inspect.Parameter(
+            "images_and_question",
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            annotation=Annotated[
+                list[str],
+                typer.Argument(
+                    metavar="IMAGE... QUESTION",
+                    help="image file(s), then the question (several images are shown as image_1, image_2 …)",
+                ),
+            ],
+        )
+    ],
+    help="Ask a question about an image (or several); the model zooms, turn by turn, until it answers.",
 )
-def ask_command(cfg: AskConfig, image: str, question: str) -> int:
+def ask_command(cfg: AskConfig, images_and_question: list[str]) -> int:
     from glimpse.cli.commands import run_ask
 
-    return run_ask(cfg, image, question)
+    if len(images_and_question) < 2:
+        _fail("give an image file and a question: glimpse ask IMAGE [IMAGE...] QUESTION", EXIT_USAGE)
+    *images, question = images_and_question
+    return run_ask(cfg, images[0] if len(images) == 1 else images, question)
 
 
 @app.command("demo")

@@ -28,7 +28,7 @@ def describe_turn(traj: Trajectory, turn: Turn) -> str:
     """One line (rich markup) saying what a turn did."""
     head = f"turn {turn.index + 1}"
     if turn.kind == "zoom" and turn.crop_box_px and turn.observation_size:
-        src = "original_image" if turn.source_index == 0 else f"observation_{turn.source_index}"
+        src = traj.image_name(turn.source_index or 0, turn.original_index)
         x0, y0, x1, y1 = turn.crop_box_px
         box = ", ".join(f"{v:g}" for v in turn.call.bbox_2d) if turn.call else ""
         w, h = turn.observation_size
@@ -64,11 +64,14 @@ class TurnPrinter:
         self.streamed = False
 
     def _header(self, traj: Trajectory) -> None:
-        if not self.seen and traj.image and traj.shown_size:
-            w, h = traj.shown_size
-            self.console.print(
-                f"[dim]{escape(traj.image.path)}: {traj.image.width}×{traj.image.height} pixels, shown at {w}×{h}[/]"
-            )
+        if not self.seen:
+            originals = traj.originals()
+            for k, ref in enumerate(originals):
+                name = f"{traj.image_name(0, k)} " if len(originals) > 1 else ""
+                w, h = ref.shown_size
+                self.console.print(
+                    f"[dim]{name}{escape(ref.path)}: {ref.width}×{ref.height} pixels, shown at {w}×{h}[/]"
+                )
         self.seen.add(traj.id)
 
     def text(self, traj: Trajectory, delta: TextDelta) -> None:
@@ -151,7 +154,7 @@ def report_failures(trajectories: list[Trajectory], errors: Console) -> None:
 
 
 async def _ask_scored(
-    image: str,
+    image: str | list[str],
     question: str,
     cfg: AskConfig,
     printer: TurnPrinter | None,
@@ -184,14 +187,15 @@ async def _ask_scored(
 
 def run_ask(
     cfg: AskConfig,
-    image: str,
+    image: str | list[str],
     question: str,
     *,
     overwrite: bool = False,
     gold: str | None = None,
     target_boxes: list[list[int]] | None = None,
 ) -> int:
-    """``glimpse ask``: run, print, save. Returns the exit code.
+    """``glimpse ask``: run, print, save (``image``: one path, or several in the order they are shown). Returns the
+    exit code.
 
     Progress and the answer go to stdout (stderr with ``--json``, whose stdout holds only records); errors go
     to stderr always. ``gold`` and ``target_boxes`` (the demo's) are recorded in the saved trajectories.

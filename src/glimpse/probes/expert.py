@@ -20,6 +20,13 @@ How it works, each turn recomputed from the conversation (the policy keeps no st
 4. The answer once the sign(s) the question needs are found; if every proposal is checked without a match, the
    best guess so far, said plainly in the thought.
 
+Questions about several images (``image_1``, ``image_2`` …, the images of the first user message): proposals
+are made in each view and zoomed into by that image's name. For ``which_image`` the likeliest proposals of
+every image come first, and the answer is the image where the starred sign is read; for ``split_code`` each
+image is searched in turn until its target sign is read, and the answer joins the parts; any other question is
+searched image after image. Which proposal each observation shows is replayed from the readings, so the policy
+still keeps no state.
+
 Tesseract (``apt-get install tesseract-ocr``; its English model ships with the package) is needed for codes
 and numbers; without it the expert still answers colour, shape and count questions, and says why it cannot
 read.
@@ -357,8 +364,12 @@ class ExpertPolicy:
     def __call__(self, messages: list[Message], params: GenerateParams) -> str | dict[str, Any]:
         images = [p for m in messages if m.role != "assistant" and not isinstance(m.content, str) for p in m.content]
         images = [p for p in images if isinstance(p, ImagePart)]
-        question = next(m.text() for m in messages if m.role == "user")
+        first = next(m for m in messages if m.role == "user")
+        question = first.text()
         q = parse_question(question)
+        originals = sum(isinstance(p, ImagePart) for p in first.parts())
+        if originals > 1:
+            return self._several(q, images[:originals], images[originals:], params)
         view = images[0].pil()
         proposals = self._proposals(view, q)
         readings = []
@@ -385,7 +396,91 @@ class ExpertPolicy:
         )
         return script_turn(speaker.write_zoom(box, "original_image", lead, call_id=f"call_{k}"))
 
-    def _proposals(self, view: Image.Image, q: Question) -> list[tuple[int, int, int, int]]:
+    def _several(
+        self, q: Question, originals: list[ImagePart], observations: list[ImagePart], params: GenerateParams
+    ) -> str | dict[str, Any]:
+        """A turn on a question about several images (see the module docstring)."""
+        views = [part.pil() for part in originals]
+        proposals = [self._proposals(view, q, likely_only=True) for view in views]
+        rest = [[box for box in self._proposals(view, q) if box not in proposals[k]] for k, view in enumerate(views)]
+        found: dict[int, SignReading] = {}  # image → its target's reading
+        checked: list[tuple[int, tuple[int, int, int, int]]] = []
+        readings: list[SignReading] = []
+        for obs in observations:  # replay which proposal each observation shows
+            step = self._next_check(q, proposals, rest, found, checked)
+            if step is None:
+                break
+            reading, _ = read_sign(obs.pil(), self.charset, q.starred)
+            checked.append(step)
+            readings.append(reading)
+            if self._is_target(q, reading):
+                found.setdefault(step[0], reading)
+        speaker = self.dialects["tools" if params.tools else "tags"]
+        seen = f"The last one shows {readings[-1].describe()}. " if readings else ""
+        answer = self._several_answer(q, found, len(views))
+        if answer is not None:
+            return script_turn(speaker.write_answer(answer[0], f"{seen}{answer[1]}"))
+        step = self._next_check(q, proposals, rest, found, checked)
+        if step is None:
+            guess = "image_1" if q.kind == "which_image" else "".join(r.text for r in found.values()) or "unknown"
+            thought = (
+                f"I checked {len(checked)} candidates in {len(views)} images and none settles it; my best guess "
+                f"is {guess}."
+            )
+            return script_turn(speaker.write_answer(guess, thought))
+        k, box = step
+        view = views[k]
+        lead = f"{seen}Checking a candidate in image_{k + 1}" + (
+            f" (a light sign with a {q.border} border)." if q.border else "."
+        )
+        call_id = f"call_{len(checked)}"
+        return script_turn(
+            speaker.write_zoom(self._window(box, view.width, view.height), f"image_{k + 1}", lead, call_id=call_id)
+        )
+
+    @staticmethod
+    def _next_check(
+        q: Question,
+        likely: list[list[tuple[int, int, int, int]]],
+        rest: list[list[tuple[int, int, int, int]]],
+        found: dict[int, SignReading],
+        checked: list[tuple[int, tuple[int, int, int, int]]],
+    ) -> tuple[int, tuple[int, int, int, int]] | None:
+        """The next (image, proposal) to zoom into, or ``None`` when every useful one is checked."""
+        images = range(len(likely))
+        if q.kind == "split_code":  # image after image, each until its part is read
+            order = [(k, b) for k in images if k not in found for b in likely[k] + rest[k]]
+        elif q.kind == "which_image":  # the likeliest of every image first
+            order = [(k, b) for k in images for b in likely[k]] + [(k, b) for k in images for b in rest[k]]
+        else:
+            order = [(k, b) for k in images for b in likely[k] + rest[k]]
+        done = set(checked)
+        return next((step for step in order if step not in done), None)
+
+    @staticmethod
+    def _is_target(q: Question, r: SignReading) -> bool:
+        if (q.starred and r.corner != "star") or (q.border and r.border != q.border):
+            return False
+        return q.kind == "which_image" or bool(r.text)
+
+    @staticmethod
+    def _several_answer(q: Question, found: dict[int, SignReading], images: int) -> tuple[str, str] | None:
+        if q.kind == "which_image" and found:
+            k = min(found)
+            return f"image_{k + 1}", f"The sign with the star is in image_{k + 1}."
+        if q.kind == "split_code" and len(found) == images:
+            parts = [found[k].text for k in range(images)]
+            return "".join(parts), f"The parts read {' and '.join(parts)}; together {''.join(parts)}."
+        if q.kind == "read" and found:
+            text = found[min(found)].text
+            return text, f"The sign reads {text}."
+        return None
+
+    def _proposals(
+        self, view: Image.Image, q: Question, *, likely_only: bool = False
+    ) -> list[tuple[int, int, int, int]]:
+        """Regions worth a zoom, likeliest first (``likely_only``: only those whose border looks like the one
+        the question names; with no border named, all)."""
         regions = light_regions(view)
         regions = [r for r in regions if (r.box[2] - r.box[0]) >= 3 and (r.box[3] - r.box[1]) >= 2]
         if not regions:  # a photo: tiles, most detailed first
@@ -396,7 +491,7 @@ class ExpertPolicy:
         # the others, and let each zoom confirm the border.
         likely = sorted((r for r in regions if r.matches(q.border)), key=lambda r: r.distance(q.border))
         rest = sorted((r for r in regions if not r.matches(q.border)), key=lambda r: r.distance(q.border))
-        return [r.box for r in likely + rest]
+        return [r.box for r in (likely if likely_only else likely + rest)]
 
     @staticmethod
     def _window(box: tuple[int, int, int, int], width: int, height: int) -> list[float]:

@@ -72,6 +72,21 @@ def main() -> None:
         def keys(self):
             return available()
 
+        def __iter__(self):  # ``for name in images`` and ``sorted(images)`` list every image, loaded or not
+            return iter(available())
+
+        def __len__(self):
+            return len(available())
+
+        def __contains__(self, name) -> bool:
+            return name in available()
+
+        def items(self):
+            return [(name, self[name]) for name in available()]
+
+        def values(self):
+            return [self[name] for name in available()]
+
     def available() -> list:
         names = [f[:-4] for f in os.listdir(IMAGE_DIR) if f.endswith(".png")] if os.path.isdir(IMAGE_DIR) else []
         return sorted(names, key=lambda n: (n != "original_image", not n.startswith("image_"), len(n), n))
