@@ -216,6 +216,13 @@ def test_sft_on_two_image_trajectories(two_image, tiny_qwen, tmp_path):
     assert result.steps == 3 and result.losses[-1] < result.losses[0]
 
 
+def test_the_teacher_refuses_two_image_probes_with_the_way_out(tmp_path):
+    samples = load_dataset("probes:easy:1:5:which_image").samples
+    with pytest.raises(ConfigError, match=r"several images.*--method fewshot"):
+        asyncio.run(programmatic(samples, tmp_path, limits=SMALL))
+    assert not (tmp_path / "trajectories.jsonl").exists()
+
+
 def test_too_long_conversations_are_skipped_not_cut(coldstart, tiny_qwen, tmp_path):
     with pytest.raises(ConfigError, match="longer than max_length"):
         train(_cfg(tiny_qwen, coldstart / "tags", tmp_path / "out", max_steps=1, max_length=64))

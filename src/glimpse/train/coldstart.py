@@ -35,6 +35,7 @@ from typing import Any
 import yaml
 
 from glimpse.agent import AgentLoop, LoopOptions
+from glimpse.errors import ConfigError
 from glimpse.eval.scoring import score
 from glimpse.geometry import Box, Coords, from_relative
 from glimpse.images import PixelLimits, oriented_size, smart_resize
@@ -48,6 +49,12 @@ from glimpse.trajectory import Sample, Trajectory, save_jsonl
 
 EXEMPLARS = Path(__file__).with_name("exemplars.yaml")
 PATTERNS = ("direct", "search", "backtrack", "nested", "verify")
+# Why the teacher takes one-image probes only: it says what each look-alike shows, which two-image probes do
+# not record.
+_ONE_IMAGE = (
+    "the programmatic teacher searches one-image probes (two-image probes do not record what each look-alike "
+    "sign shows, so its thoughts could not be truthful); make cold-start data for them with --method fewshot"
+)
 # Zoom window around a sign: this many times its size, at least this many original pixels a side.
 _WINDOW_SCALE, _WINDOW_MIN = 3.0, 96
 
@@ -162,8 +169,10 @@ def teacher_turns(
     """A scripted search of one probe, and the pattern it follows.
 
     Raises:
-        ValueError: the sample carries no candidates (it is not a Glimpse probe).
+        ValueError: the sample carries no candidates (it is not a Glimpse probe), or has several images.
     """
+    if len(sample.images) > 1:
+        raise ValueError(f"{sample.id}: {_ONE_IMAGE}")
     limits = limits or PixelLimits()
     candidates = sample.meta.get("candidates")
     if not candidates or not sample.images:
@@ -315,7 +324,14 @@ async def programmatic(
     concurrency: int = 4,
     limits: PixelLimits | None = None,
 ) -> ColdStartStats:
-    """Run the teacher on probes; keep the trajectories that end with the right answer and no mistakes."""
+    """Run the teacher on probes; keep the trajectories that end with the right answer and no mistakes.
+
+    Raises:
+        ConfigError: a sample has several images (see ``teacher_turns``).
+    """
+    several = [s.id for s in samples if len(s.images) > 1]
+    if several:
+        raise ConfigError(f"{len(several)} samples (e.g. {several[0]}) have several images: {_ONE_IMAGE}")
     limits = limits or PixelLimits()
     options = LoopOptions(
         protocol=protocol,
