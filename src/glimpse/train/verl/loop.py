@@ -15,7 +15,10 @@ one-trajectory backend (``VerlBackend``) that speaks token ids to verl's server 
   observation left out;
 * an over-turn trajectory (a cap stopped it while the model was still calling the tool) keeps its reward in
   the group statistics but gets a response mask of zeros, so it adds no loss (Mini-o3's masking), and is
-  flagged ``extra_fields["over_turn"]``.
+  flagged ``extra_fields["over_turn"]``;
+* a sample with several images shows them all in the first prompt, in order; the images handed to verl are in
+  the order of their runs of image tokens, a response is cut only at an image boundary (``fit_response``), and
+  every output's image tokens are checked against its images (``check_image_tokens``) before verl sees them.
 
 Register it with ``actor_rollout_ref.rollout.agent.agent_loop_config_path`` (see ``agent_loop.yaml``, in this
 package); the keys there besides ``name`` and ``_target_`` are the constructor arguments below.
