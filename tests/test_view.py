@@ -232,3 +232,39 @@ def test_overview_of_unscored_and_failed_runs(browser, tmp_path):
             page.wait_for_selector("tr.row .badge")
             assert page.locator("tr.row .badge").all_inner_texts()[:2] == ["backend error", "backend error"]
         assert errors == []
+
+
+def test_two_image_questions_show_each_original_with_its_own_boxes(browser, tmp_path):
+    """Each original of a two-image probe gets its own panel, with the zoom cut from it and its gold box;
+    turn cards draw each zoom on the image it was cut from."""
+    cfg = EvalConfig(model="oracle", out=str(tmp_path / "run"), data="probes:easy:2:3:split_code")
+    with ThreadPoolExecutor(1) as pool:  # Playwright's sync API keeps an event loop running in this thread
+        pool.submit(asyncio.run, run_eval(cfg)).result()
+    folder = build_report(tmp_path / "run", tmp_path / "report")
+    assert len(list((folder / "img" / "orig").iterdir())) == 4  # two probes, two images each
+    record = read_js_record(folder / "data" / "traj" / "0.js")
+    assert len(record["view"]["srcs"]) == 2 and record["view"]["srcs"][0] == record["view"]["src"]
+    page, errors = open_page(browser, (folder / "index.html").resolve().as_uri())
+    page.click("#rows tbody tr >> nth=0")
+    page.wait_for_selector(".turn canvas")
+    page.wait_for_function(
+        "document.querySelectorAll('img.original').length === 2 && "
+        "[...document.querySelectorAll('img.original')].every(i => i.complete && i.naturalWidth > 0)"
+    )
+    panels = page.locator(".original-panel")
+    assert panels.count() == 2
+    for k in (0, 1):
+        panel = page.locator(f".original-panel[data-original='{k}']")
+        assert panel.locator("h3").inner_text().startswith(f"image_{k + 1}")
+        assert panel.locator("rect.zoom-box").count() == 1 and panel.locator("rect.gold-box").count() == 1
+        label = panel.locator("svg text").text_content()
+        assert label == str(k + 1)  # observation k + 1 was cut from image k + 1
+    chains = page.locator(".turn.zoom .chain").all_inner_texts()
+    assert chains == ["image_1 → observation 1", "image_2 → observation 2"]
+    captions = page.locator(".turn.zoom figure.crop figcaption").all_inner_texts()
+    assert "of image_2" in captions[1]
+    assert errors == []
+
+
+def read_js_record(path: Path) -> dict:
+    return json.loads(path.read_text()[len(f"GLIMPSE.loaded({path.stem}, ") :].rstrip()[:-2])

@@ -10,6 +10,8 @@ Layout of the report folder::
     img/thumb/<hash>.jpg              list thumbnails (256 px)
     img/sweep-<i>.png                 the sweep plot of run i, when there is one
 
+A question about several images shows each original with its own zooms and gold boxes.
+
 Originals that a browser shows as they are (JPEG, PNG, WebP, GIF without EXIF rotation) are hard-linked, or
 copied across file systems; others (EXIF-rotated, CMYK, 16-bit, TIFF …) are re-encoded in the orientation the
 model saw. Crops are not written: the viewer cuts them from the original on a canvas, from each trajectory's
@@ -216,10 +218,11 @@ def build_report(
     for run in runs:
         bases = [Path.cwd(), run.source if run.source.is_dir() else run.source.parent]
         for t in run.trajectories:
-            if t.image is not None and t.image.sha256 not in jobs:
-                found = _resolve(t.image.path, bases)
-                if found is not None:
-                    jobs[t.image.sha256] = (str(found), t.image.sha256, str(folder / "img"))
+            for ref in t.originals():
+                if ref.sha256 not in jobs:
+                    found = _resolve(ref.path, bases)
+                    if found is not None:
+                        jobs[ref.sha256] = (str(found), ref.sha256, str(folder / "img"))
     workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
     if workers > 1 and len(jobs) > 4:
         with ProcessPoolExecutor(workers) as pool:
@@ -239,7 +242,12 @@ def build_report(
             mapping[(t.sample.id, t.sample_index, t.settings.max_turns)] = n
             orig, thumb = files.get(t.image.sha256, (None, None)) if t.image else (None, None)
             record = t.model_dump(mode="json")
-            record["view"] = {"src": f"img/orig/{orig}" if orig else None, "made": _made_images(t, folder)}
+            srcs = [files.get(ref.sha256, (None, None))[0] for ref in t.originals()]
+            record["view"] = {
+                "src": f"img/orig/{orig}" if orig else None,
+                "srcs": [f"img/orig/{name}" if name else None for name in srcs],
+                "made": _made_images(t, folder),
+            }
             (folder / "data" / "traj" / f"{n}.js").write_text(
                 f"GLIMPSE.loaded({n}, {_json(record)});\n", encoding="utf-8"
             )

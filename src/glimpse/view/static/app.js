@@ -260,21 +260,45 @@ function renderOverview(app) {
 }
 
 // ------------------------------------------------------------------------------------------------- trajectory
+function originals(t) {
+  /* Every original image: image_1 (t.image, shown at t.shown_size), then image_2 … (t.more_images). */
+  if (!t.image) return [];
+  return [{ ...t.image, shown_size: t.shown_size }, ...(t.more_images || [])];
+}
+
+function originalName(t, k) {
+  return (t.more_images || []).length ? `image_${k + 1}` : "original";
+}
+
+function pick(imgs, k) {
+  /* The loaded image of original k, from one image (a single original) or a list. */
+  return Array.isArray(imgs) ? imgs[k] || null : k === 0 ? imgs : null;
+}
+
 function regions(t) {
-  /* Region (original pixels) and source of every image: index 0 is the original. */
-  const out = { 0: { box: [0, 0, t.image.width, t.image.height], source: null, shown: t.shown_size } };
+  /* Region (pixels of its original), source and original of every image, by observation index; index 0 is
+     image_1, and `originals` holds every original. */
+  const origs = originals(t).map((o, k) => ({ box: [0, 0, o.width, o.height], source: null, shown: o.shown_size,
+    original: k }));
+  const out = { 0: origs[0], originals: origs };
   for (const turn of t.turns) {
     if (turn.observation_index !== null && turn.crop_box_px) {
-      out[turn.observation_index] = { box: turn.crop_box_px, source: turn.source_index, shown: turn.observation_size };
+      out[turn.observation_index] = { box: turn.crop_box_px, source: turn.source_index, shown: turn.observation_size,
+        original: turn.original_index || 0 };
     }
   }
   return out;
 }
 
-function chain(regs, index) {
+function sourceRegion(regs, turn) {
+  return turn.source_index === 0 ? regs.originals[turn.original_index || 0] : regs[turn.source_index];
+}
+
+function chain(t, regs, index) {
   const names = [];
+  const original = originalName(t, regs[index].original);
   for (let i = index; i !== null && i !== undefined; i = regs[i] ? regs[i].source : null) {
-    names.unshift(i === 0 ? "original" : `observation ${i}`);
+    names.unshift(i === 0 ? original : `observation ${i}`);
     if (i === 0) break;
   }
   return names.join(" → ");
@@ -283,7 +307,7 @@ function chain(regs, index) {
 function requestedBox(t, turn, regs) {
   /* Where a call pointed, in original pixels, for calls that were never run (a cap ended the loop first). */
   if (!turn.call || turn.source_index === null || turn.source_index === undefined) return null;
-  const src = regs[turn.source_index];
+  const src = sourceRegion(regs, turn);
   if (!src) return null;
   const [x0, y0, x1, y1] = turn.call.bbox_2d;
   const coords = t.settings.coords;
@@ -294,15 +318,15 @@ function requestedBox(t, turn, regs) {
   return [bx0 + (x0 / sx) * w, by0 + (y0 / sy) * h, bx0 + (x1 / sx) * w, by0 + (y1 / sy) * h];
 }
 
-function drawRegion(img, t, region, marks, maxWidth = 460) {
-  /* A canvas showing `region` (original pixels) of the original, with boxes drawn on it. */
+function drawRegion(img, ref, region, marks, maxWidth = 460) {
+  /* A canvas showing `region` (pixels of the original `ref`, loaded as `img`), with boxes drawn on it. */
   const [x0, y0, x1, y1] = region;
   const w = x1 - x0, hgt = y1 - y0;
   const scale = Math.min(1, maxWidth / w) * (w < 200 ? Math.min(4, 200 / w) : 1);
   const canvas = h("canvas", { class: "view", width: Math.max(1, Math.round(w * scale)),
     height: Math.max(1, Math.round(hgt * scale)) });
   const ctx = canvas.getContext("2d");
-  const fx = img.naturalWidth / t.image.width, fy = img.naturalHeight / t.image.height;
+  const fx = img.naturalWidth / ref.width, fy = img.naturalHeight / ref.height;
   ctx.imageSmoothingQuality = "high";
   ctx.drawImage(img, x0 * fx, y0 * fy, w * fx, hgt * fy, 0, 0, canvas.width, canvas.height);
   for (const m of marks) {
@@ -315,20 +339,28 @@ function drawRegion(img, t, region, marks, maxWidth = 460) {
   return canvas;
 }
 
-function goldMarks(t) {
-  return (t.sample.target_boxes || []).map((b) => ({ box: b, color: COLORS.gold, dashed: true }));
+function targets(t, k) {
+  /* The gold boxes in original k (meta.target_images says which image each box is in; else image_1). */
+  const where = (t.sample.meta || {}).target_images;
+  return (t.sample.target_boxes || []).filter((_, i) => (where ? where[i] : 0) === k);
 }
 
-function originalPanel(t, src) {
-  const W = t.image.width, H = t.image.height;
+function goldMarks(t, k) {
+  return targets(t, k).map((b) => ({ box: b, color: COLORS.gold, dashed: true }));
+}
+
+function originalPanel(t, src, k = 0) {
+  /* Original k with the gold boxes and the zooms cut from it. */
+  const ref = originals(t)[k];
+  const W = ref.width, H = ref.height;
   const svg = s("svg", { viewBox: `0 0 ${W} ${H}`, preserveAspectRatio: "none" });
   const stroke = Math.max(2, W / 400);
-  for (const b of t.sample.target_boxes || []) {
+  for (const b of targets(t, k)) {
     svg.append(s("rect", { x: b[0], y: b[1], width: b[2] - b[0], height: b[3] - b[1], fill: "none", stroke: COLORS.gold,
       "stroke-width": stroke, "stroke-dasharray": `${stroke * 3} ${stroke * 2}`, class: "gold-box" }));
   }
   for (const turn of t.turns) {
-    if (!turn.crop_box_px) continue;
+    if (!turn.crop_box_px || (turn.original_index || 0) !== k) continue;
     const [a, b, c, d] = turn.crop_box_px;
     svg.append(s("rect", { x: a, y: b, width: c - a, height: d - b, fill: "none", stroke: COLORS.zoom,
       "stroke-width": stroke, class: "zoom-box" }));
@@ -337,15 +369,17 @@ function originalPanel(t, src) {
     label.textContent = String(turn.observation_index);
     svg.append(label);
   }
-  return h("div", { class: "panel" },
-    h("h3", {}, "Original image ", h("span", { class: "muted" }, `${W}×${H}, shown to the model at `
-      + `${t.shown_size[0]}×${t.shown_size[1]} · `), h("a", { href: src, target: "_blank" }, "full resolution")),
+  const title = (t.more_images || []).length ? `image_${k + 1} ` : "Original image ";
+  return h("div", { class: "panel original-panel", "data-original": k },
+    h("h3", {}, title, h("span", { class: "muted" }, `${W}×${H}, shown to the model at `
+      + `${ref.shown_size[0]}×${ref.shown_size[1]} · `), h("a", { href: src, target: "_blank" }, "full resolution")),
     h("div", { class: "legend" }, h("span", {}, h("span", { class: "swatch", style: `background:${COLORS.zoom}` }), "zooms"),
       h("span", {}, h("span", { class: "swatch", style: `background:${COLORS.gold}` }), "gold target")),
     h("div", { class: "original-wrap" }, h("img", { src, alt: "original", class: "original" }), svg));
 }
 
-function turnCard(t, turn, img, regs) {
+function turnCard(t, turn, imgs, regs) {
+  /* One turn; `imgs` is the loaded original, or a list with each original loaded (null where missing). */
   const kind = turn.kind;
   const card = h("div", { class: `panel turn ${kind}`, "data-turn": turn.index },
     h("div", { class: "head" }, h("strong", {}, `Turn ${turn.index + 1}`), h("span", { class: "badge none" }, kind),
@@ -364,22 +398,26 @@ function turnCard(t, turn, img, regs) {
   }
   if (turn.error) card.append(h("div", { class: "error-text" }, `Shown to the model: ${turn.error}`));
   if (kind === "answer") card.append(h("p", {}, h("strong", {}, "Answer: "), turn.answer));
-  if (img && turn.source_index !== null && turn.source_index !== undefined && regs[turn.source_index]) {
-    const src = regs[turn.source_index];
+  const k = turn.original_index || 0;
+  const img = pick(imgs, k), ref = originals(t)[k];
+  const src = turn.source_index !== null && turn.source_index !== undefined ? sourceRegion(regs, turn) : null;
+  if (img && ref && src) {
     const figures = h("div", { class: "figures" });
     const box = turn.crop_box_px || requestedBox(t, turn, regs);
+    const name = turn.source_index === 0 ? originalName(t, k) : `observation ${turn.source_index}`;
     if (box) {
       const pending = !turn.crop_box_px;
-      figures.append(h("figure", {}, drawRegion(img, t, src.box, [...goldMarks(t), { box, color: pending ? COLORS.pending : COLORS.zoom }]),
-        h("figcaption", {}, `${turn.source_index === 0 ? "original" : `observation ${turn.source_index}`} with the box asked for`
+      figures.append(h("figure", {}, drawRegion(img, ref, src.box, [...goldMarks(t, k), { box, color: pending ? COLORS.pending : COLORS.zoom }]),
+        h("figcaption", {}, `${name} with the box asked for`
           + (kind === "error" ? ` (refused: ${turn.error_kind})` : pending ? " (never run: a cap ended the loop first)" : ""))));
     }
     if (turn.crop_box_px) {
       const [a, b, c, d] = turn.crop_box_px;
-      figures.append(h("figure", { class: "crop" }, drawRegion(img, t, turn.crop_box_px, goldMarks(t)),
-        h("figcaption", {}, `observation ${turn.observation_index}: pixels (${a}, ${b})–(${c}, ${d}) of the original, `
+      const of = (t.more_images || []).length ? `image_${k + 1}` : "the original";
+      figures.append(h("figure", { class: "crop" }, drawRegion(img, ref, turn.crop_box_px, goldMarks(t, k)),
+        h("figcaption", {}, `observation ${turn.observation_index}: pixels (${a}, ${b})–(${c}, ${d}) of ${of}, `
           + `${c - a}×${d - b} px, shown at ${turn.observation_size[0]}×${turn.observation_size[1]}`)));
-      card.append(h("div", { class: "chain" }, chain(regs, turn.observation_index)));
+      card.append(h("div", { class: "chain" }, chain(t, regs, turn.observation_index)));
     }
     card.append(figures);
   }
@@ -400,18 +438,13 @@ async function trajectoryColumn(n, label) {
     col.append(h("div", { class: "missing" }, t.error || "No image."));
     return col;
   }
-  let img = null;
-  if (t.view && t.view.src) {
-    try {
-      img = await loadImage(t.view.src);
-    } catch (e) {
-      img = null;
-    }
-  }
-  col.append(img ? originalPanel(t, t.view.src)
-    : h("div", { class: "missing" }, `The original image is not in this report (${t.image.path}).`));
+  const refs = originals(t);
+  const srcs = (t.view && (t.view.srcs || [t.view.src])) || [];
+  const imgs = await Promise.all(refs.map((_, k) => (srcs[k] ? loadImage(srcs[k]).catch(() => null) : null)));
+  refs.forEach((ref, k) => col.append(imgs[k] ? originalPanel(t, srcs[k], k)
+    : h("div", { class: "missing" }, `The original image is not in this report (${ref.path}).`)));
   const regs = regions(t);
-  for (const turn of t.turns) col.append(turnCard(t, turn, img, regs));
+  for (const turn of t.turns) col.append(turnCard(t, turn, imgs, regs));
   return col;
 }
 
