@@ -924,3 +924,56 @@ def test_the_loop_records_a_call_no_float_can_hold_as_a_mistake(make_image):
     sample = Sample(id="s", images=[str(make_image())], question="Q")
     (traj,) = asyncio.run(AgentLoop(backend, protocol=protocol).run(sample))
     assert traj.stop_reason == "answer" and traj.turns[0].error_kind == "out_of_range" and traj.turns[0].call is None
+
+
+# ------------------------------------------------------------------------------------------------ several images
+def test_start_with_several_images_names_each_before_it():
+    from PIL import Image
+
+    from glimpse.models.base import ImagePart, TextPart
+
+    parts = [ImagePart(image=Image.new("RGB", (56, 56), c)) for c in ("red", "blue", "green")]
+    for protocol in (TAGS, TOOLS):
+        single = protocol.start(parts[0], "Which?")[-1].parts()
+        assert [type(p) for p in single] == [ImagePart, TextPart] and single[1].text == "\nWhich?"  # as before
+        content = protocol.start(parts, "Which?")[-1].parts()
+        images = [i for i, p in enumerate(content) if isinstance(p, ImagePart)]
+        assert [content[i] for i in images] == parts
+        assert [content[i - 1].text.strip() for i in images] == ["image_1:", "image_2:", "image_3:"]
+        assert "3 images, named image_1 to image_3" in content[0].text and content[-1].text == "\nWhich?"
+
+
+def test_a_prompt_file_can_reword_the_several_images_note(tmp_path):
+    from PIL import Image
+
+    from glimpse.models.base import ImagePart
+    from glimpse.protocol.prompts import load_prompt_file
+
+    path = tmp_path / "p.yaml"
+    path.write_text('images: "Look at all {count} pictures.\\n"\n')
+    prompts = load_prompt_file(path, TAGS.prompts)
+    protocol = make_protocol("tags", "relative", str(path))
+    assert prompts.images == "Look at all {count} pictures.\n" and protocol.prompts.images == prompts.images
+    two = [ImagePart(image=Image.new("RGB", (56, 56))) for _ in range(2)]
+    assert protocol.start(two, "?")[-1].parts()[0].text == "Look at all 2 pictures.\n"
+
+
+def test_the_zoom_tool_resolves_each_original_and_lists_the_names():
+    first = ImageState(Box(0, 0, 1000, 800), 1008, 812, 0)
+    second = ImageState(Box(0, 0, 600, 900), 588, 896, 1)
+    crop = ImageState(Box(0, 0, 300, 450), 392, 588, 1)  # observation_1: a zoom into image_2
+    images, originals = [first, crop], [first, second]
+    for source, index, original, box in (
+        ("image_2", 0, 1, [0, 0, 300, 450]),
+        ("IMAGE_1", 0, 0, [0, 0, 500, 400]),
+        ("original_image", 0, 0, [0, 0, 500, 400]),
+        ("observation_1", 1, 1, [0, 0, 150, 225]),
+    ):
+        result = TOOL.resolve({"bbox_2d": [0, 0, 0.5, 0.5], "source": source}, images, originals)
+        assert result.ok and (result.source_index, result.original_index) == (index, original), source
+        assert result.box.as_list() == box
+    bad = TOOL.resolve({"bbox_2d": [0, 0, 0.5, 0.5], "source": "image_3"}, images, originals)
+    assert bad.error_kind == "unknown_source"
+    assert bad.error.endswith("you can zoom into: image_1 (also original_image), image_2, observation_1")
+    single = TOOL.resolve({"bbox_2d": [0, 0, 0.5, 0.5], "source": "image_2"}, IMAGES)
+    assert single.error.endswith("you can zoom into: original_image, observation_1, observation_2")
