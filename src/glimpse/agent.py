@@ -12,6 +12,9 @@ it stops:
    (or the tool's error) to the model. Code (with the code tool on) → run it in the trajectory's sandboxed
    Python session and show what it printed and any images it made.
 
+A sample with several images shows them all in the first user turn, as ``image_1``, ``image_2`` … sharing one
+image's pixel budget; every zoom is cut from the original it names (the contract is in ``glimpse.trajectory``).
+
 A cap that stops the loop while the model was still calling the tool marks the trajectory ``over_turn``,
 which RL uses to mask it. Backend failures end that trajectory with ``error``; unreadable images end it
 before the first turn. Neither stops the other trajectories of a batch. Every limit is a field of ``LoopOptions``.
