@@ -430,3 +430,12 @@ def test_the_code_tool_sees_every_original_by_name(make_image):
     )
     made = traj.turns[0].made[0]
     assert (made.width, made.height) == (900, 1200) and made.observation_index == 1
+
+
+def test_counterfactual_crops_of_any_original_are_withheld_and_rendered_so(make_image):
+    backend = ScriptedBackend([[zoom([0, 0, 0.5, 0.5], "image_2"), answer("x")]])
+    (traj,) = run(AgentLoop(backend, counterfactual="black"), two_image_sample(make_image))
+    originals, crop = images_sent(backend.requests[1])[:2], images_sent(backend.requests[1])[2]
+    assert np.asarray(crop.image).max() == 0 and all(np.asarray(p.image).max() > 0 for p in originals)
+    assert np.array_equal(np.asarray(render_image(traj, 1)), np.asarray(crop.image))
+    assert np.array_equal(np.asarray(render_image(traj, 0, original=1)), np.asarray(originals[1].image))

@@ -208,3 +208,11 @@ def test_ask_about_two_images_the_last_argument_is_the_question(make_image, writ
     assert record["more_images"] == [] and record["sample"]["images"] == [str(first)]
     lone = glimpse("ask", str(first), "--model", f"scripted:{script}")
     assert lone.returncode == 2 and "give an image file and a question" in lone.stderr
+
+
+def test_synth_makes_two_image_probes(tmp_path):
+    proc = glimpse("synth", "--level", "easy", "--n", "2", "--kind", "which_image", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads((tmp_path / "easy" / "val.json").read_text())
+    assert [len(r["images"]) for r in rows] == [2, 2] and {r["kind"] for r in rows} == {"which_image"}
+    assert all((tmp_path / "easy" / name).is_file() for r in rows for name in r["images"])

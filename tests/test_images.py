@@ -184,3 +184,27 @@ def test_a_path_with_a_nul_byte_is_an_input_error_not_a_crash():
 
     with pytest.raises(ImageInputError, match="NUL"):
         read_image("photo\0.jpg")
+
+
+def test_several_originals_share_one_images_pixel_budget():
+    from glimpse.images import shared_limits, smart_resize
+
+    limits = PixelLimits()  # 40,000 to 2,000,000 pixels, factor 28
+    (alone,) = shared_limits([(4000, 3000)], limits)
+    assert alone == limits  # one image: the per-image limits, unchanged
+
+    sizes = [(4000, 3000), (3000, 4000), (800, 600)]
+    shown = [smart_resize(w, h, lim) for (w, h), lim in zip(sizes, shared_limits(sizes, limits), strict=True)]
+    areas = [w * h for w, h in shown]
+    assert sum(areas) <= limits.max_pixels and sum(areas) > 0.9 * limits.max_pixels
+    assert all(w % 28 == 0 and h % 28 == 0 for w, h in shown)
+    alone_areas = [w * h for w, h in (smart_resize(w, h, limits) for w, h in sizes)]
+    ratios = [a / b for a, b in zip(areas, alone_areas, strict=True)]
+    assert max(ratios) / min(ratios) < 1.1  # all scaled by about the same factor, relative scale kept
+
+    small = [(300, 200), (320, 240)]  # together under the cap: each as it would be alone
+    assert shared_limits(small, limits) == [limits, limits]
+    many = [(4000, 3000)] * 60  # more than max/min images: none drops below min_pixels
+    assert all(lim.max_pixels == limits.min_pixels for lim in shared_limits(many, limits))
+    w, h = smart_resize(4000, 3000, shared_limits(many, limits)[0])
+    assert 0.9 * limits.min_pixels <= w * h <= limits.min_pixels
