@@ -5,7 +5,9 @@
   (float32 by default) or ``cuda``; works without torchvision (see ``glimpse.hf.processor``).
 * Prompts go through the checkpoint's own chat template and processor. The image processor's pixel limits
   are widened so it never resizes the images the agent loop already fitted to its limits: the model sees
-  exactly the size the loop recorded, and pixel coordinates mean the same thing on both sides.
+  exactly the size the loop recorded, and pixel coordinates mean the same thing on both sides. The images of a
+  conversation (every original of a multi-image question is in its first user turn) are processed in order,
+  each its own run of image tokens; kept prefixes and key/values are told apart by the images' digests too.
 * **Token view.** A reply's text is the exact decoding of the sampled tokens (stop string and all), and the
   backend remembers, per conversation prefix, the token ids it actually used. The next turn's prompt reuses
   those ids and tokenises only what the harness added, so the ids the agent loop records are the ids the model
