@@ -12,6 +12,7 @@ import asyncio
 import importlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -564,8 +565,13 @@ def test_multi_image_rows_through_verl_dataset(processor, tiny_qwen, two_images,
 
     from glimpse.train.verl import data
 
+    # rows as a node without the image files gets them: the bytes in the row are all there is
+    away = tmp_path / "gone"
+    away.mkdir()
+    copies = [shutil.copy(p, away / f"{k}.png") for k, p in enumerate(two_images.images)]
     path = tmp_path / "train.parquet"
-    assert data.write([two_images], path, "two") == 1
+    assert data.write([two_images.model_copy(update={"images": copies})], path, "two") == 1
+    shutil.rmtree(away)
     config = {"max_prompt_length": 4096, "cache_dir": str(tmp_path), "filter_overlong_prompts_workers": 1}
     row = RLHFDataset([str(path)], processor.tokenizer, OmegaConf.create(config), processor)[0]
     assert row["extra_info"]["glimpse_images"] == [Path(p).read_bytes() for p in two_images.images]
