@@ -23,7 +23,8 @@ Two-image kinds (``PAIR_KINDS``; made only when asked for by name): two scenes o
   second on that of image_2 (singled out as the level singles out a target); the answer is both together.
 
 Their records add ``target_images`` (the 0-based image of each target box), ``candidate_images`` and
-``sizes`` (of each image); the boxes are in their own image's pixels.
+``sizes`` (of each image); the boxes are in their own image's pixels. They carry no per-sign ``candidates``
+details or single ``size``, so the single-image readers of those (cold-start data, the demo) refuse them.
 
 Levels (long side of the scene; candidates = signs that look the same in the full view, so only zooming into
 each tells them apart; other signs and clutter are distractors):
