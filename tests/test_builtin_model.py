@@ -261,3 +261,28 @@ def test_the_pointer_state_taken_out_of_a_cache_and_put_back_is_the_state_of_tha
     assert both.nbytes == 2 * whole.nbytes
     both.keys[0].append(torch.zeros(1))
     assert len(both.keys[1]) == 1 and len(whole.keys[0]) == 1  # each row its own list
+
+
+def test_a_reader_added_to_an_older_checkpoint_starts_finite(tmp_path):
+    """A checkpoint made before the reader existed gains one (add_reader): its bare parameters are initialised
+    (they were left as uninitialised memory once, and the first training step's loss was NaN)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForImageTextToText
+
+    from glimpse.builtin.model import add_reader, build_builtin
+
+    folder = build_builtin(tmp_path / "old", size="tiny")
+    config = json.loads((folder / "config.json").read_text())
+    for key in ("reader_classes", "reader_ids", "reader_channels"):
+        config.pop(key)
+    (folder / "config.json").write_text(json.dumps(config))
+    weights = load_file(folder / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if not k.startswith("reader.")}, folder / "model.safetensors")
+    assert AutoModelForImageTextToText.from_pretrained(folder).reader is None
+    assert add_reader(folder) and not add_reader(folder)
+    model = AutoModelForImageTextToText.from_pretrained(folder)
+    assert model.reader is not None
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert float(model.reader.attribute.abs().max()) == 0.0

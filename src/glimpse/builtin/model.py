@@ -295,6 +295,10 @@ class GlimpseVLPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.GroupNorm | nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+        elif isinstance(module, Reader):  # its bare parameters (a reader added to an older checkpoint too)
+            nn.init.zeros_(module.attribute)
+            for table in module.tables:
+                nn.init.zeros_(table)
 
 
 class GlimpseVLForConditionalGeneration(GlimpseVLPreTrainedModel, GenerationMixin):

@@ -355,6 +355,8 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
                 mine = [t if g == tag else None for t, g in zip(targets, tags, strict=True)]
                 reading_loss({k: v.detach() for k, v in output.reader_logits.items()}, mine, stats, tag)
         total = loss + cfg.read_weight * read.to(loss.device)
+        if not bool(torch.isfinite(total)):
+            raise RuntimeError(f"the loss is not finite (replies {float(loss)}, reader {float(read)}): a bug, not data")
         optimizer.zero_grad()
         total.backward()
         grad = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -415,6 +417,9 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
                 stats,
             )
         read_steps = step
+        if read_steps:
+            model.save_pretrained(model_dir)
+            last_save = time.perf_counter()
         while time.perf_counter() - start < budget or step == read_steps:
             items = take(cfg.batch, False)
             levels = [p[0] for p in items]
