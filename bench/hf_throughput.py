@@ -9,7 +9,8 @@ Prints, each measured back to back in this process:
 3. the KV cache across turns, on a random Qwen2.5-VL of size ``small`` (the decoder of the built-in model's
    ``base`` size) or the checkpoint given with ``--model`` (a trained built-in model: its pointer's state is
    kept with the key/values): the time of turn 16 against turn 1 of one conversation that gets a new 364x364
-   view (169 Qwen tokens; about 90 region tokens of the built-in model) every turn, with and without reuse; and
+   view (169 Qwen tokens; about 90 region tokens of the built-in model) every turn, with and without reuse
+   (``--repeats N``: the conversation N times from cold caches, each turn's median time); and
    the wall time of a greedy ``glimpse eval`` of hard probes at a 32-turn cap (originals shown at most 200,704
    pixels, or at the ``--model`` checkpoint's native limits), with and without reuse (the same batching; the
    probes made before either is timed), checking both runs wrote the same replies;
@@ -17,7 +18,8 @@ Prints, each measured back to back in this process:
    cold-start trajectories of easy probes shown at the Mini-o3 pixel limits (40,000–2,000,000).
 
 Usage: python bench/hf_throughput.py [--size tiny|small] [--device cpu|cuda] [--steps N]
-       [--only generation,prefix,turns,eval,sft] [--probes 50] [--turns 32] [--reply-tokens 48] [--model DIR]
+       [--only generation,prefix,turns,eval,sft] [--probes 50] [--turns 32] [--reply-tokens 48] [--repeats 1]
+       [--model DIR]
 """
 
 from __future__ import annotations
@@ -115,36 +117,55 @@ def prefix_cache(folder: Path, device: str) -> None:
     )
 
 
-def turn_growth(folder: Path, device: str, turns: int = 16, reply_tokens: int = 48) -> None:
+def turn_growth(folder: Path, device: str, turns: int = 16, reply_tokens: int = 48, repeats: int = 1) -> None:
     """Turn 16 against turn 1 of one conversation that gets a new view every turn (seeded sampling). The two
-    backends answer each turn back to back, in alternating order, so a changing load hits both alike."""
+    backends answer each turn back to back, in alternating order, so a changing load hits both alike; with
+    ``repeats``, the conversation is run again from cold caches and each turn's median time is reported."""
     backends = {gb: HFBackend(str(folder), device=device, kv_cache_gb=gb) for gb in (4.0, 0.0)}
-    messages = [Message("system", "Answer."), Message("user", [ImagePart(image=_image(99, 364)), TextPart("Q?")])]
-    warm = [messages[0], Message("user", [ImagePart(image=_image(98, 364)), TextPart("Hi?")])]
+    system = Message("system", "Answer.")
+    warm = [system, Message("user", [ImagePart(image=_image(98, 364)), TextPart("Hi?")])]
     for backend in backends.values():  # warm-up, in a conversation of its own
         asyncio.run(backend.generate(warm, GenerateParams(max_new_tokens=4)))
-    times: dict[float, list[float]] = {gb: [] for gb in backends}
-    for t in range(turns):
-        params = GenerateParams(max_new_tokens=reply_tokens, temperature=1.0, seed=t)
-        replies = {}
-        for gb in sorted(backends, reverse=bool(t % 2)):
-            started = time.perf_counter()
-            (replies[gb],) = asyncio.run(backends[gb].generate(messages, params))
-            times[gb].append(time.perf_counter() - started)
-        same = replies[4.0].token_ids == replies[0.0].token_ids
-        messages.append(Message("assistant", replies[4.0].text))
-        messages.append(Message("user", [TextPart(f"Observation {t + 1}:"), ImagePart(image=_image(t, 364))]))
+    runs: dict[float, list[list[float]]] = {gb: [] for gb in backends}
+    cpu_runs: dict[float, list[list[float]]] = {gb: [] for gb in backends}
+    for _ in range(repeats):
+        for backend in backends.values():
+            backend._prefixes.clear()
+            if backend.kv_cache:
+                backend.kv_cache.clear()
+        messages = [system, Message("user", [ImagePart(image=_image(99, 364)), TextPart("Q?")])]
+        times: dict[float, list[float]] = {gb: [] for gb in backends}
+        cpu_times: dict[float, list[float]] = {gb: [] for gb in backends}  # this process's: less swayed by others
+        sampled, same = [], True
+        for t in range(turns):
+            params = GenerateParams(max_new_tokens=reply_tokens, temperature=1.0, seed=t)
+            replies = {}
+            for gb in sorted(backends, reverse=bool(t % 2)):
+                started, cpu = time.perf_counter(), time.process_time()
+                (replies[gb],) = asyncio.run(backends[gb].generate(messages, params))
+                times[gb].append(time.perf_counter() - started)
+                cpu_times[gb].append(time.process_time() - cpu)
+            same = same and replies[4.0].token_ids == replies[0.0].token_ids
+            sampled.append(len(replies[4.0].token_ids or []))
+            messages.append(Message("assistant", replies[4.0].text))
+            messages.append(Message("user", [TextPart(f"Observation {t + 1}:"), ImagePart(image=_image(t, 364))]))
+        for gb in backends:
+            runs[gb].append(times[gb])
+            cpu_runs[gb].append(cpu_times[gb])
     for gb, label in ((4.0, "with the KV cache"), (0.0, "recomputed every turn")):
-        a, b = times[gb][0], times[gb][-1]
-        every = ", ".join(f"{1000 * x:.0f}" for x in times[gb])
+        median = [statistics.median(run[t] for run in runs[gb]) for t in range(turns)]
+        cpu = [statistics.median(run[t] for run in cpu_runs[gb]) for t in range(turns)]
+        a, b = median[0], median[-1]
+        every = ", ".join(f"{1000 * x:.0f}" for x in median)
         print(
             f"turn {turns} vs turn 1 of one conversation ({label}): {1000 * b:.0f} ms vs {1000 * a:.0f} ms = "
-            f"{b / a:.2f}x; all {turns} turns {sum(times[gb]):.1f} s (ms per turn: {every})",
+            f"{b / a:.2f}x (CPU time {1000 * cpu[-1]:.0f} ms vs {1000 * cpu[0]:.0f} ms = {cpu[-1] / cpu[0]:.2f}x); "
+            f"all {turns} turns {sum(median):.1f} s (ms per turn, median of {repeats}: {every})",
             flush=True,
         )
     print(
-        f"  prompt of turn {turns}: {replies[4.0].prompt_tokens} tokens, {reply_tokens} new tokens at most per turn; "
-        f"the last turn's tokens the same both ways: {same}",
+        f"  prompt of turn {turns}: {replies[4.0].prompt_tokens} tokens; tokens sampled per turn (at most "
+        f"{reply_tokens}): {', '.join(map(str, sampled))}; every turn's tokens the same both ways: {same}",
         flush=True,
     )
 
@@ -218,6 +239,7 @@ def main() -> None:
     parser.add_argument("--probes", type=int, default=50, help="hard probes in the eval section")
     parser.add_argument("--turns", type=int, default=32, help="turn cap in the eval section")
     parser.add_argument("--reply-tokens", type=int, default=48, help="most tokens per reply in the KV sections")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of the turns section (medians reported)")
     parser.add_argument("--model", help="checkpoint folder for the KV sections (default: a random Qwen2.5-VL small)")
     args = parser.parse_args()
     only = set(args.only.split(","))
@@ -237,7 +259,7 @@ def main() -> None:
                 kv_model, view = build_tiny_qwen(work / "small", size="small"), SMALL_VIEW
                 print(f"model: random Qwen2.5-VL, size small, device {args.device}")
             if "turns" in only:
-                turn_growth(kv_model, args.device, reply_tokens=args.reply_tokens)
+                turn_growth(kv_model, args.device, reply_tokens=args.reply_tokens, repeats=args.repeats)
             if "eval" in only:
                 eval_wall(kv_model, args.device, args.probes, args.turns, args.reply_tokens, work, view)
         if "sft" in only:

@@ -343,9 +343,13 @@ class HFBackend:
                 rows.append(self._prefill(r, positions[..., i : i + 1, start : width - 1]))
             layers = []
             for k in range(len(rows[0].layers)):
-                keys = torch.cat([_left_pad(row.layers[k][0], width - 1) for row in rows])
-                values = torch.cat([_left_pad(row.layers[k][1], width - 1) for row in rows])
-                layers.append((keys.repeat_interleave(copies, 0), values.repeat_interleave(copies, 0)))
+                pair = []
+                for kv in (0, 1):
+                    padded = [_left_pad(row.layers[k][kv], width - 1) for row in rows]
+                    # one row: its tensor as it is, not a copy (a cache never writes into a tensor it is given)
+                    t = torch.cat(padded) if len(padded) > 1 else padded[0]
+                    pair.append(t.repeat_interleave(copies, 0) if copies > 1 else t)
+                layers.append((pair[0], pair[1]))
             cache = DynamicCache(ddp_cache_data=layers, config=self.model.config)
             states = [row.state for row in rows for _ in range(copies)]
             known = next((s for s in states if s is not None), None)
@@ -421,10 +425,7 @@ class HFBackend:
                 keep = min(len(sampled), fed)
                 row = i * copies + j
                 layers = [
-                    (
-                        layer.keys[row : row + 1, :, start : width + keep].clone(),
-                        layer.values[row : row + 1, :, start : width + keep].clone(),
-                    )
+                    (_own(layer.keys, row, start, width + keep), _own(layer.values, row, start, width + keep))
                     for layer in cache.layers
                 ]
                 kept = state.row(row) if state is not None else None
@@ -463,6 +464,13 @@ class HFBackend:
 
 class _NoReuse(Exception):
     """The model cannot continue from kept key/values; the backend computes every turn whole."""
+
+
+def _own(tensor: Any, row: int, start: int, end: int) -> Any:
+    """``tensor[row, :, start:end]`` (batch dimension kept) in memory of its own: a view of a batch would keep the
+    whole batch alive; the whole tensor (one row, nothing cut) is kept as it is, saving a copy of it."""
+    piece = tensor[row : row + 1, :, start:end]
+    return piece if piece.shape == tensor.shape else piece.clone()
 
 
 def _left_pad(tensor: Any, length: int) -> Any:
