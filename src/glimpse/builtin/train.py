@@ -137,8 +137,14 @@ def _worker(model_dir: str, seed: int, worker: int, jobs: Any, out: Any) -> None
     folder = Path(tempfile.mkdtemp(prefix=f"glimpse-builtin-{worker}-"))
     try:
         make = ExampleMaker(model_dir, seed, folder)
+        parent = mp.parent_process()
         while True:
-            job = jobs.get()
+            try:
+                job = jobs.get(timeout=5)
+            except queue.Empty:
+                if parent is not None and not parent.is_alive():
+                    return  # the trainer was killed without stopping its makers
+                continue
             if job is None:
                 return
             level, index = job
@@ -431,8 +437,9 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
             for _ in range(cfg.replay - 1 if memory else 0):
                 replayed = rng.sample(memory, min(len(memory), cfg.batch))
                 update([m[1] for m in replayed], None, [m[0] for m in replayed])
-            memory.extend(items)
-            del memory[:-REPLAY_MEMORY]
+            if cfg.replay > 1:  # examples are large (pixel rows): kept only when replayed
+                memory.extend(items)
+                del memory[:-REPLAY_MEMORY]
             step += 1
             seen += len(batch)
             # Accuracy on this batch before training on it: fresh examples, so a held-out measurement.
