@@ -14,7 +14,10 @@ scratch on a CPU learns nothing in budget, and a grid of 32-pixel cells hides a 
   logits of the location tokens become the log of the summed probability of the regions that spell each next
   token (``Pointer``). The written JSON is the chosen region's zoom window and image (``source``), exactly; a
   zoom cannot be malformed.
-* **Reading** is the decoder's: answer tokens read the region tokens of the observation.
+* **Reading.** Each image's panel (``glimpse.builtin.reader``: the largest light rectangle, found without
+  learning) is read by ``Reader``, one classifier per attribute (a code's characters by position, marker colour
+  and shape, dots, corner mark, border), trained on what the teacher knows the panel shows; its readings become
+  ``READ_ROWS`` tokens after the image's region tokens, each the expected embedding of its attribute's answer word.
 
 It is a transformers ``PreTrainedModel`` registered with the Auto classes (importing this module registers
 them), so the ``hf`` backend, ``glimpse serve``, SFT and ``glimpse train rl`` run it unchanged. During

@@ -2,7 +2,9 @@
 
 **In.** Each image the loop shows (the first view, every observation) becomes region tokens: the proposer's
 boxes on that image (``glimpse.builtin.proposer``), each cut from the image's own pixels with a margin and
-resized to ``CROP`` (height, width), flattened, followed by its box relative to the image. The processor
+resized to ``CROP`` (height, width), flattened, followed by its box relative to the image; then
+``READ_ROWS`` reading rows holding the image's panel to read (``glimpse.builtin.reader``) at ``READ_CROP``,
+spread over them in order (a row's last value tells the two kinds apart). The processor
 returns them as Qwen's processors return cells: ``pixel_values`` with one row per token and an
 ``image_grid_thw`` of ``(1, 1, tokens)`` per image, and expands each ``<|image_pad|>`` to that many tokens, so
 the ``hf`` backend, SFT and RL handle them unchanged. The processor resizes an image only when it lies outside
