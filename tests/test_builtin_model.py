@@ -286,3 +286,34 @@ def test_a_reader_added_to_an_older_checkpoint_starts_finite(tmp_path):
     assert model.reader is not None
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert float(model.reader.attribute.abs().max()) == 0.0
+
+
+def test_an_answer_can_spell_what_the_reader_read(builtin):
+    """Inside an answer the next token mixes the LM head with the words the reader read in the last image: with
+    the gate set to copy the marker colour, the first answer token is the first token of the colour the reader
+    read, in a full forward pass and when generating; outside an answer the LM head's logits stand."""
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(builtin).eval()
+    processor = load_processor(builtin)
+    colour = [name for name, _ in model.config.reader_classes].index("marker_color")
+    with torch.no_grad():
+        model.copy_gate.weight.zero_()
+        model.copy_gate.bias.fill_(-30.0)
+        model.copy_gate.bias[colour] = 30.0
+        model.copy_step.weight.zero_()
+    prompt = "<|im_start|>user\nwhat colour?<|vision_start|><|image_pad|><|vision_end|><|im_end|>\n<|im_start|>assistant\n"
+    image = photo(400, 300, seed=5)
+    with torch.no_grad():
+        answer = processor(text=[prompt + "<answer>"], images=[image], return_tensors="pt")
+        out = model(**answer)
+        read = int(out.reader_logits["marker_color"][0].argmax())
+        want = model.config.reader_ids[colour][read]
+        assert int(out.logits[0, -1].argmax()) == want
+        generated = model.generate(**answer, max_new_tokens=1, do_sample=False)
+        assert int(generated[0, -1]) == want
+        plain = processor(text=[prompt + "The"], images=[image], return_tensors="pt")
+        copied = model(**plain).logits[0, -1]
+        model.copy_gate = None  # the same model without copying
+        assert torch.equal(model(**plain).logits[0, -1], copied)
+        assert int(model(**answer).logits[0, -1].argmax()) != want or want == processor.tokenizer.eos_token_id

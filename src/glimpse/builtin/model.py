@@ -74,6 +74,7 @@ MIN_PIXELS, MAX_PIXELS = 65_536, 2_000_000
 _CACHE_ARG = "cache" if "cache" in inspect.signature(Qwen2Model.forward).parameters else "past_key_values"
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 NEG = -1e4  # the logit of a location token no consistent region spells (finite: safe in bfloat16)
+COPY_STEPS = 8  # answer positions the copy gate tells apart (a code's characters; later ones share the last)
 
 
 class GlimpseVLConfig(PretrainedConfig):
@@ -93,6 +94,8 @@ class GlimpseVLConfig(PretrainedConfig):
         reader_ids: per reading token's attribute, the token id that starts each class's word (-1: none), so a
             reading token can carry the word's embedding (answers copy it).
         reader_channels: output channels of the reader's stride-2 stages.
+        answer_ids: ids of ``<answer>`` and ``</answer>``: inside an answer, each next token may be copied from what
+            the reader read in the last image (``GlimpseVLForConditionalGeneration._copy``); empty: no copying.
     """
 
     model_type = MODEL_TYPE
@@ -113,6 +116,7 @@ class GlimpseVLConfig(PretrainedConfig):
         reader_classes: list[list[Any]] | None = None,
         reader_ids: list[list[int]] | None = None,
         reader_channels: list[int] | tuple[int, ...] = (32, 64, 96),
+        answer_ids: list[int] | None = None,
         **kwargs: Any,
     ):
         if isinstance(text_config, dict):
@@ -128,6 +132,7 @@ class GlimpseVLConfig(PretrainedConfig):
         self.reader_classes = [[str(name), list(classes)] for name, classes in reader_classes or []]
         self.reader_ids = [list(ids) for ids in reader_ids or []]
         self.reader_channels = list(reader_channels)
+        self.answer_ids = list(answer_ids or [])
         kwargs.setdefault("tie_word_embeddings", self.text_config.tie_word_embeddings)
         super().__init__(**kwargs)
 
@@ -231,6 +236,10 @@ class PointerState:
     images: list[int] = field(default_factory=list)
     open_box: list[list[int] | None] = field(default_factory=list)
     box_open: int | None = None  # the id that opens a zoom's box (``GlimpseVLConfig.box_open_id``)
+    # per image: what the reader read, as each reading attribute's word distribution over the vocabulary
+    reads: list[list[torch.Tensor]] = field(default_factory=list)
+    in_answer: list[int | None] = field(default_factory=list)  # answer tokens written so far, None outside one
+    answer_ids: tuple[int, ...] = ()  # ``<answer>``, ``</answer>``
 
     def grow(self, batch: int) -> None:
         while len(self.images) < batch:
@@ -238,39 +247,72 @@ class PointerState:
             self.spells.append([])
             self.images.append(0)
             self.open_box.append(None)
+            self.reads.append([])
+            self.in_answer.append(None)
+
+    def answer_step(self, k: int | None, token: int) -> int | None:
+        """Answer tokens written after ``token``, from ``k`` before it (None: not in an answer)."""
+        if self.answer_ids and token == self.answer_ids[0]:
+            return 0
+        if k is None or (self.answer_ids and token == self.answer_ids[1]):
+            return None
+        return k + 1
 
     def row(self, b: int) -> PointerState:
         """Row ``b`` as a one-row state (its open zoom left out: ``after`` replays it from the tokens)."""
-        return PointerState([list(self.keys[b])], [list(self.spells[b])], [self.images[b]], [None], self.box_open)
+        return PointerState(
+            [list(self.keys[b])],
+            [list(self.spells[b])],
+            [self.images[b]],
+            [None],
+            self.box_open,
+            [list(self.reads[b])],
+            [None],
+            self.answer_ids,
+        )
 
     def after(self, ids: list[int], images: int) -> PointerState:
         """This one-row state as it stood after ``ids``, a prefix of its tokens holding its first ``images`` images:
         later images dropped, the zoom being written replayed from the tokens (as ``_point`` steps through them)."""
         written: list[int] | None = None
+        answered: int | None = None
         for token in ids:
             if token == self.box_open:
                 written = []
             elif written is not None:
                 written = [*written, token] if len(written) < 4 else None
-        return PointerState([self.keys[0][:images]], [self.spells[0][:images]], [images], [written], self.box_open)
+            answered = self.answer_step(answered, token)
+        return PointerState(
+            [self.keys[0][:images]],
+            [self.spells[0][:images]],
+            [images],
+            [written],
+            self.box_open,
+            [self.reads[0][:images]],
+            [answered],
+            self.answer_ids,
+        )
 
     @staticmethod
     def stack(rows: list[PointerState | None]) -> PointerState:
         """One state whose row i is ``rows[i]``'s only row (None: an empty row), copied, so rows repeated for ``n``
         samples grow apart."""
         box_open = next((r.box_open for r in rows if r is not None), None)
-        out = PointerState(box_open=box_open)
+        answer_ids = next((r.answer_ids for r in rows if r is not None), ())
+        out = PointerState(box_open=box_open, answer_ids=answer_ids)
         for r in rows:
             out.grow(len(out.images) + 1)
             if r is not None:
                 out.keys[-1], out.spells[-1] = list(r.keys[0]), list(r.spells[0])
                 out.images[-1], out.open_box[-1] = r.images[0], r.open_box[0]
+                out.reads[-1], out.in_answer[-1] = list(r.reads[0]), r.in_answer[0]
         return out
 
     @property
     def nbytes(self) -> int:
         """Memory the stored tensors hold."""
-        return sum(t.numel() * t.element_size() for rows in (self.keys, self.spells) for row in rows for t in row)
+        rows = (self.keys, self.spells, self.reads)
+        return sum(t.numel() * t.element_size() for group in rows for row in group for t in row)
 
 
 @dataclass
@@ -314,6 +356,11 @@ class GlimpseVLForConditionalGeneration(GlimpseVLPreTrainedModel, GenerationMixi
         text = config.text_config
         self.visual = RegionEncoder(config.channels, text.hidden_size)
         self.reader = Reader(config, text.hidden_size) if config.reader_classes else None
+        copying = self.reader is not None and len(config.answer_ids) == 2
+        # inside an answer: how much of the next token to copy from each reading attribute (and how much the LM
+        # head's), from the decoder's state and how many answer tokens are written
+        self.copy_gate = nn.Linear(text.hidden_size, READ_ROWS + 1) if copying else None
+        self.copy_step = nn.Embedding(COPY_STEPS, READ_ROWS + 1) if copying else None
         self.model = Qwen2Model(text)
         self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
         self.query = nn.Linear(text.hidden_size, config.pointer_dim)
@@ -386,13 +433,16 @@ class GlimpseVLForConditionalGeneration(GlimpseVLPreTrainedModel, GenerationMixi
             # the decoder makes the cache on the prefill when none is passed in: the state goes with it
             state = getattr(returned, "glimpse_pointer", None) if returned is not None else None
             if state is None:
-                state = PointerState(box_open=self.config.box_open_id)
+                state = PointerState(box_open=self.config.box_open_id, answer_ids=tuple(self.config.answer_ids))
                 if returned is not None:
                     returned.glimpse_pointer = state
             state.grow(input_ids.shape[0])
             if has_images:
-                self._add_regions(state, input_ids, hidden, pixel_values, image_grid_thw)
+                self._add_regions(state, input_ids, hidden, pixel_values, image_grid_thw, reader_logits)
+            in_answer = list(state.in_answer)
             logits = self._point(state, input_ids, hidden, logits, logits_to_keep)
+            if self.copy_gate is not None:
+                logits = self._copy(state, in_answer, input_ids, hidden, logits, logits_to_keep)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
@@ -422,20 +472,76 @@ class GlimpseVLForConditionalGeneration(GlimpseVLPreTrainedModel, GenerationMixi
         hidden: torch.Tensor,
         pixel_values: torch.Tensor,
         image_grid_thw: torch.Tensor,
+        reader_logits: dict[str, torch.Tensor] | None = None,
     ) -> None:
-        """Record each image's region keys (the decoder's states at its tokens) and spellings, in order."""
+        """Record each image's region keys (the decoder's states at its tokens) and spellings, and what the reader
+        read in it (``words``), in order."""
         sizes = [int(g[2]) for g in image_grid_thw.tolist()]
         rows_of = pixel_values.split(sizes)
         positions = (input_ids == self.config.image_token_id).nonzero().tolist()  # row-major: images in order
+        words = self.words(reader_logits, self.lm_head.out_features) if reader_logits else None
         start = 0
-        for size, rows in zip(sizes, rows_of, strict=True):
+        for i, (size, rows) in enumerate(zip(sizes, rows_of, strict=True)):
             b = positions[start][0]
             cols = torch.tensor([p[1] for p in positions[start : start + size]], device=hidden.device)
             start += size
             region = rows[:, KIND] != READING
             state.keys[b].append(self.key(hidden[b, cols[region]]))
             state.spells[b].append(self.spellings(rows[region], state.images[b]))
+            if words is not None:
+                state.reads[b].append(words[i])
             state.images[b] += 1
+
+    def words(self, reader_logits: dict[str, torch.Tensor], vocab: int) -> torch.Tensor | None:
+        """(images, READ_ROWS, vocab): per image and reading attribute, the probability of each token starting the
+        answer word the reader read (its class probabilities on the classes' first tokens; attributes without
+        words get none)."""
+        if self.copy_gate is None or self.reader is None:
+            return None
+        names = self.reader.names[:READ_ROWS]
+        images = reader_logits[names[0]].shape[0]
+        out = torch.zeros(images, READ_ROWS, vocab, device=reader_logits[names[0]].device)
+        for j, name in enumerate(names):
+            ids = torch.tensor(self.config.reader_ids[j], device=out.device)
+            known = ids >= 0
+            if bool(known.any()):
+                p = reader_logits[name].float().softmax(-1)[:, known]
+                out[:, j] = out[:, j].index_add(1, ids[known], p)
+        return out
+
+    def _copy(
+        self,
+        state: PointerState,
+        in_answer: list[int | None],
+        input_ids: torch.Tensor,
+        hidden: torch.Tensor,
+        logits: torch.Tensor,
+        logits_to_keep: int | torch.Tensor,
+    ) -> torch.Tensor:
+        """Inside an answer, each next token is a mixture: the LM head's distribution and the words the reader
+        read in the row's last image, one per reading attribute, weighted by a gate on the decoder's state and the
+        answer position (``copy_gate``, ``copy_step``); the logits become the mixture's log. So an answer can
+        spell what the reader read without the decoder having to learn to copy it."""
+        first_kept = input_ids.shape[1] - logits.shape[1]
+        where_b, where_t, ks = [], [], []
+        for b, seq in enumerate(input_ids.tolist()):
+            k = in_answer[b]
+            for t, token in enumerate(seq):
+                k = state.answer_step(k, token)
+                if k is not None and t >= first_kept and state.reads[b]:
+                    where_b.append(b)
+                    where_t.append(t)
+                    ks.append(min(k, COPY_STEPS - 1))
+            state.in_answer[b] = k
+        if not where_b or not isinstance(logits_to_keep, int):
+            return logits
+        dev = logits.device
+        bi, ti = torch.tensor(where_b, device=dev), torch.tensor(where_t, device=dev)
+        gate = (self.copy_gate(hidden[bi, ti]) + self.copy_step(torch.tensor(ks, device=dev))).float().softmax(-1)
+        reads = torch.stack([state.reads[b][-1] for b in where_b])  # (n, READ_ROWS, vocab)
+        lm = logits[bi, ti - first_kept].float().softmax(-1)
+        mixed = gate[:, -1:] * lm + (gate[:, :-1, None] * reads).sum(1)
+        return logits.index_put((bi, ti - first_kept), mixed.clamp(min=1e-9).log().to(logits.dtype))
 
     def _point(
         self,
@@ -565,8 +671,9 @@ def reader_vocabulary(tokenizer: Any) -> tuple[list[list[Any]], list[list[int]]]
 
 
 def add_reader(folder: Any) -> bool:
-    """Give a checkpoint made before the reader existed one (its config gains the reader's vocabulary; the
-    reader's weights start random when the checkpoint is next loaded). Returns whether anything changed."""
+    """Give a checkpoint made before the reader existed one, and one made before answers could copy what it read
+    that copying (its config gains what is missing; the new weights start fresh when the checkpoint is next
+    loaded). Returns whether anything changed."""
     import json
     from pathlib import Path
 
@@ -574,10 +681,13 @@ def add_reader(folder: Any) -> bool:
 
     path = Path(folder) / "config.json"
     config = json.loads(path.read_text())
-    if config.get("reader_classes"):
+    if config.get("reader_classes") and config.get("answer_ids"):
         return False
-    classes, ids = reader_vocabulary(load_processor(folder).tokenizer)
-    config.update(reader_classes=classes, reader_ids=ids, reader_channels=[32, 64, 96])
+    tokenizer = load_processor(folder).tokenizer
+    if not config.get("reader_classes"):
+        classes, ids = reader_vocabulary(tokenizer)
+        config.update(reader_classes=classes, reader_ids=ids, reader_channels=[32, 64, 96])
+    config["answer_ids"] = [tokenizer.convert_tokens_to_ids(t) for t in ("<answer>", "</answer>")]
     path.write_text(json.dumps(config, indent=2) + "\n")
     return True
 
@@ -626,6 +736,7 @@ def build_builtin(
         max_pixels=max_pixels,
         reader_classes=reader_classes,
         reader_ids=reader_ids,
+        answer_ids=[ids("<answer>"), ids("</answer>")],
         eos_token_id=ids("<|im_end|>"),
         pad_token_id=ids("<|endoftext|>"),
     )
