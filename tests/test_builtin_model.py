@@ -302,7 +302,9 @@ def test_an_answer_can_spell_what_the_reader_read(builtin):
         model.copy_gate.bias.fill_(-30.0)
         model.copy_gate.bias[colour] = 30.0
         model.copy_step.weight.zero_()
-    prompt = "<|im_start|>user\nwhat colour?<|vision_start|><|image_pad|><|vision_end|><|im_end|>\n<|im_start|>assistant\n"
+    prompt = (
+        "<|im_start|>user\nwhat colour?<|vision_start|><|image_pad|><|vision_end|><|im_end|>\n<|im_start|>assistant\n"
+    )
     image = photo(400, 300, seed=5)
     with torch.no_grad():
         answer = processor(text=[prompt + "<answer>"], images=[image], return_tensors="pt")

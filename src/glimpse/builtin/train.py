@@ -117,7 +117,7 @@ class ExampleMaker:
                 return None, f"{sample.id}: {traj.stop_reason} {traj.error or ''}"
             example = encode(traj, self.processor, self.header, self.end, cache=cache)
             rows = example.pixel_values.numpy()
-            panels = [tuple(rows[r][REL]) for r in range(len(rows)) if rows[r][KIND] == READING][:: READ_ROWS]
+            panels = [tuple(rows[r][REL]) for r in range(len(rows)) if rows[r][KIND] == READING][::READ_ROWS]
             seen = [o for o in traj.observations() if o.path is None]
             if len(seen) != len(panels):
                 raise RuntimeError(f"{sample.id}: {len(panels)} images encoded but {len(seen)} in the trajectory")
