@@ -153,17 +153,7 @@ def card_sample(index: int, seed: int, folder: Path) -> Sample:
     question = questions.question(kind, border, choices=choices)
     path = folder / f"card_{index}.png"
     image.save(path)
-    candidate = {
-        "box": [x, y, x + sw, y + sh],
-        "border": border,
-        "code": sign.code,
-        "marker": list(sign.marker) if sign.marker else None,
-        "dots": sign.dots or None,
-        "corner": sign.corner,
-        "red_dot": sign.red_dot,
-        "target": True,
-    }
-    meta = {"level": "card", "category": kind, "candidates": [candidate], "size": [w, h]}
+    meta = {"level": "card", "category": kind, "candidates": [synth.describe(sign, True)], "size": [w, h]}
     return Sample(id=f"card_{index}", images=[str(path)], question=question, answer=answer, meta=meta)
 
 

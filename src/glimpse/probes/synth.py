@@ -570,7 +570,7 @@ def make_probe(
         "doc_id": doc_id,
         "boxes": [list(s.box) for s in targets],
         "candidate_boxes": [list(s.box) for s in candidates],
-        "candidates": [_describe(s, s in targets) for s in candidates],
+        "candidates": [describe(s, s in targets) for s in candidates],
         "kind": kind,
         "level": level,
         "seed": seed,
@@ -660,8 +660,9 @@ def make_pair_probe(
     )
 
 
-def _describe(sign: Sign, target: bool) -> dict[str, Any]:
-    """What a candidate shows when zoomed into (used to write truthful cold-start reasoning)."""
+def describe(sign: Sign, target: bool) -> dict[str, Any]:
+    """What a candidate shows when zoomed into, as a record's ``candidates`` entry (cold-start reasoning and the
+    built-in model's reading targets use it; reading cards describe their one sign with it too)."""
     return {
         "box": list(sign.box),
         "border": sign.border,
