@@ -394,6 +394,10 @@ class ReproConfig:
     threads: int | None = opt(None, "torch CPU threads (default: torch's own)")
     device: str = opt("auto", "cpu, cuda, cuda:N, or auto")
     save_every: int = opt(10, "RL checkpoint every N steps (a stopped arm resumes from it)")
+    fold_cap: int = opt(
+        0, "also evaluate each arm at this turn cap with --keep-images (context folding beyond --caps; 0: off)"
+    )
+    keep_images: int = opt(4, "zoom images the --fold-cap evaluation keeps in the context (older ones become notes)")
 
 
 def field_type(cls: type, name: str) -> tuple[type, bool]:

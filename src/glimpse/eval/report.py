@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from glimpse.errors import ConfigError
 
@@ -181,6 +182,65 @@ def plot_lines(path: Path, lines: dict[str, list[tuple[int, float | None]]], *, 
     ax.set_title(title, fontsize=10)
     if any(lines.values()):
         ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# z of a two-sided 95 % normal interval: NormalDist().inv_cdf(0.975)
+Z95 = 1.959963984540054
+
+
+class Interval(NamedTuple):
+    low: float
+    high: float
+
+
+def wilson(correct: int, n: int, z: float = Z95) -> Interval:
+    """The Wilson score interval of a proportion (95 % by default): ``correct`` right answers of ``n`` questions.
+
+    Unlike the normal approximation it stays inside [0, 1] and is not empty at 0 or ``n`` correct, which matters
+    for the small accuracies and probe counts of a CPU run.
+    """
+    if n < 1 or not 0 <= correct <= n:
+        raise ValueError(f"wilson needs 0 <= correct <= n and n >= 1, got correct={correct}, n={n}")
+    p, q = correct / n, z * z / n
+    centre = (p + q / 2) / (1 + q)
+    half = z / (1 + q) * math.sqrt(p * (1 - p) / n + q / (4 * n))
+    return Interval(max(0.0, centre - half), min(1.0, centre + half))
+
+
+def plot_panels(
+    path: Path,
+    panels: dict[str, dict[str, list[tuple[float, float]]]],
+    *,
+    title: str,
+    xlabel: str,
+    ylims: dict[str, tuple[float, float]] | None = None,
+) -> None:
+    """Panels side by side, one per entry (its y label → lines, each label → (x, y) points), with the legend in
+    the first and optional y ranges by y label: e.g. training curves per step, one line per run."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ConfigError("writing the plot needs matplotlib: pip install 'glimpse[plot]'") from None
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), dpi=120, squeeze=False)
+    for ax, (ylabel, lines) in zip(axes[0], panels.items(), strict=True):
+        for label, points in lines.items():
+            if points:
+                xs, ys = zip(*points, strict=True)
+                ax.plot(xs, ys, linewidth=1.4, label=label)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        if ylabel in (ylims or {}):
+            ax.set_ylim(*ylims[ylabel])
+        ax.grid(alpha=0.3)
+    if axes[0][0].get_legend_handles_labels()[0]:
+        axes[0][0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
