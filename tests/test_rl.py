@@ -412,6 +412,15 @@ def test_turn_scaling_repro_claims_without_an_arm_are_not_measured(tmp_path):
     assert "train_curves.png" not in (tmp_path / "sft-only" / "turn_scaling.md").read_text()
 
 
+def test_turn_scaling_repro_fold_settings_are_config_errors(tmp_path):
+    from glimpse.config import ReproConfig
+    from glimpse.train.repro import run_repro
+
+    for fold_cap, keep_images in ((64, 0), (-1, 4)):
+        with pytest.raises(ConfigError, match="--fold-cap"):
+            run_repro(ReproConfig(model="x", out=str(tmp_path), fold_cap=fold_cap, keep_images=keep_images))
+
+
 def test_the_command_line_trains_and_says_where_the_model_is(memorised, tmp_path):
     import os
     import subprocess
