@@ -4,18 +4,30 @@
 from __future__ import annotations
 
 import json
+import random
 import tempfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 from glimpse.builtin.reader import find_panel
-from glimpse.builtin.train import ExampleMaker, reading_loss, skills, train_builtin
+from glimpse.builtin.train import (
+    FIRST_INDEX,
+    STREAM_FILE,
+    ExampleMaker,
+    mask_replies,
+    reading_loss,
+    skills,
+    stream_start,
+    train_builtin,
+)
 from glimpse.config import BuiltinConfig
+from glimpse.errors import ConfigError
 from glimpse.images import PixelLimits, smart_resize
-from glimpse.probes.stream import card_sample, sign_labels, sign_vocabulary
+from glimpse.probes.stream import card_sample, probe_sample, sign_labels, sign_vocabulary
 
 
 def test_cards_are_legible_single_signs():
@@ -121,8 +133,8 @@ def test_examples_are_teacher_searches_through_the_loop(tmp_path):
     make = ExampleMaker(model, 0, folder)
     tok = make.processor.tokenizer
     for level in ("card", "medium"):
-        (example, kind, reading), why = make(level, 1_000_001)
-        assert why is None and kind
+        (example, kind, reading, wrong), why = make(level, 1_000_001)
+        assert why is None and kind and wrong == 0
         trained = tok.convert_ids_to_tokens([x for x in example.labels if x != -100])
         zooms = trained.count('{"bbox_2d": [')
         assert trained.count("<|im_end|>") == zooms + 1 and (zooms == 0) == (level == "card")
@@ -136,6 +148,42 @@ def test_examples_are_teacher_searches_through_the_loop(tmp_path):
             assert reading[0] is None and all(r is not None for r in reading[1:])
     (rows, kind, (target,)), _ = make("read", 7)
     assert rows.shape[0] == 8 and target == sign_labels(make_card_target(7))
+
+
+def test_checking_searches_look_at_wrong_signs_first_and_train_only_what_follows(tmp_path):
+    from glimpse.builtin.model import build_builtin
+    from glimpse.builtin.teacher import teacher_turns
+    from glimpse.images import fit
+
+    model = build_builtin(tmp_path / "model", size="tiny")
+    folder = tmp_path / "files"
+    folder.mkdir()
+    make = ExampleMaker(model, 0, folder, check=1.0)
+    tok = make.processor.tokenizer
+    for level in ("easy", "hard"):
+        (example, _, reading, wrong), why = make(level, 1_000_002)
+        assert why is None and 1 <= wrong <= 3
+        trained = tok.convert_ids_to_tokens([x for x in example.labels if x != -100])
+        zooms = trained.count('{"bbox_2d": [')
+        # every look went through the loop (an image each), only the looks after the wrong ones are trained
+        assert len(example.image_grid_thw) == zooms + wrong + 1 and trained.count("<|im_end|>") == zooms + 1
+        assert zooms >= 1 and len(reading) == zooms + wrong + 1
+        # the wrong looks show a look-alike or no sign, never the target
+        sample = probe_sample(level, 1_000_002, 0, folder, scenes=make.scenes)
+        target = next(c for c in sample.meta["candidates"] if c["target"])
+        assert all(r != sign_labels(target) for r in reading[1 : 1 + wrong])
+        assert reading[1 + wrong] == sign_labels(target)
+        view = fit(make.scenes.get(sample.images[0]).image, make.limits)
+        plain = teacher_turns(sample, view)
+        assert plain is not None
+        checked = teacher_turns(sample, view, wrong=2, rng=random.Random(3))
+        assert checked is not None and checked[-len(plain) :] == plain and len(checked) == len(plain) + 2
+        assert len(set(checked)) == len(checked)  # no place is looked at twice
+    ids = {"box_open": 9, "answer_open": 7, "answer_close": 8}
+    target = [9, 1, 2, 3, 4, 5, -100, 7, 20, 8]
+    got = skills(target, list(target), "hard", "read_code", ids, checked=1)
+    assert got["recover_zoom"] == [1] and "first_zoom" not in got
+    assert mask_replies([-100, 1, 2, -100, 3, -100, 4, 5], 2) == [-100] * 6 + [4, 5]
 
 
 def make_card_target(index: int) -> dict:
@@ -180,3 +228,13 @@ def test_train_builtin_runs_learns_and_logs_skills(tmp_path):
     ]
     assert any(n.startswith("visual.") for n in changed) and any(n.startswith("model.layers") for n in changed)
     assert any(n.startswith("reader.heads") for n in changed)
+    # the checkpoint records how far its probe stream went; a run continuing it starts after those probes
+    stream = json.loads((model_dir / STREAM_FILE).read_text())
+    assert stream["seed"] == 0 and stream["next"]["card"] > FIRST_INDEX and stream["next"]["read"] > FIRST_INDEX
+    again = stream_start(BuiltinConfig(init=str(model_dir)))
+    assert again["card"] == stream["next"]["card"] and again["hard"] == FIRST_INDEX
+    assert stream_start(BuiltinConfig(init=str(model_dir), seed=5))["card"] == FIRST_INDEX  # other probes
+    assert stream_start(BuiltinConfig(init=str(model_dir), start_index=7))["card"] == 7
+    (model_dir / STREAM_FILE).unlink()
+    with pytest.raises(ConfigError, match="start-index"):
+        stream_start(BuiltinConfig(init=str(model_dir)))

@@ -539,6 +539,16 @@ class BuiltinConfig:
         1.0, "weight of the reader's own loss (what the teacher knows each zoomed panel shows) beside the replies'"
     )
     reader_lr: float = opt(3e-4, "peak learning rate of the reader (the region-token study: 2e-3 learned nothing)")
+    start_index: int | None = opt(
+        None,
+        "first probe index of the stream (default: after the probes the --init checkpoint was trained on, from "
+        "its glimpse_stream.json; 1,000,000 for a fresh model)",
+    )
+    check: float = opt(
+        0.0,
+        "share of probe searches that first look at 1-3 signs that are not the target (those looks untrained, "
+        "what follows them trained): teaches checking a sign and looking again",
+    )
     mix: str = opt(
         "",
         "weights of card, easy, medium and hard examples for the whole run, e.g. 0.8,0.07,0.07,0.06 (reading "

@@ -8,10 +8,18 @@ that best covers the sign and whose zoom window shows all of it, written with th
 student can see the star that marks it in the first view, and on easy ones the border colour the question
 names, so checking look-alikes in some fixed order would teach turns the student has no reason to take.
 A probe whose target no proposal covers is skipped (and counted): the student could not point at it either.
+
+**Checking** (``wrong > 0``): the student's first zoom is not always right, and a search that answers from the
+wrong sign is lost. So some scripts first look at ``wrong`` signs that are not the target: look-alike candidates
+where the probe has them (the confusion a student that half-sees the star makes), other proposals elsewhere;
+then the target, then the answer. The trainer leaves the wrong looks untrained (their labels masked: they are
+the student's mistakes, not the teacher's advice) and trains what follows them: having read a sign that is not
+the one asked for (a dot where the star should be, the wrong border colour), look again, elsewhere.
 """
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 from PIL import Image
@@ -48,23 +56,69 @@ def pointed_region(view: Image.Image, box: tuple[float, float, float, float]) ->
     return best
 
 
-def teacher_turns(sample: Sample, view: Image.Image) -> list[str] | None:
+def teacher_turns(
+    sample: Sample, view: Image.Image, *, wrong: int = 0, rng: random.Random | None = None
+) -> list[str] | None:
     """The teacher's replies for a probe whose first view (as the loop shows it) is ``view``; None when a sign
-    it needs is not among the proposals. A card (no search needed) is answered at once."""
+    it needs is not among the proposals. A card (no search needed) is answered at once. ``wrong``: first look at
+    up to this many signs that are not the target (chosen with ``rng``); the replies start with those looks
+    (``len(replies) - len(teacher_turns(sample, view))`` of them: fewer when the view offers fewer)."""
     answer = f"<answer>{sample.answer}</answer>"
     if sample.meta.get("level") == "card":
         return [answer]
     width, height = sample.meta["size"]
     sx, sy = view.width / width, view.height / height
+
+    def scaled(box: list[float]) -> tuple[float, float, float, float]:
+        return (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+
     turns = []
     targets = sorted((c for c in sample.meta["candidates"] if c["target"]), key=lambda c: c["box"][0])
     for c in targets:
-        x0, y0, x1, y1 = c["box"]
-        window = pointed_region(view, (x0 * sx, y0 * sy, x1 * sx, y1 * sy))
+        window = pointed_region(view, scaled(c["box"]))
         if window is None:
             return None
         turns.append(f"<grounding>{zoom_text(window, 0)}</grounding>")
+    if wrong > 0:
+        looks = wrong_looks(sample, view, [scaled(c["box"]) for c in targets], wrong, rng or random.Random(0))
+        turns = [f"<grounding>{zoom_text(w, 0)}</grounding>" for w in looks] + turns
     return [*turns, answer]
+
+
+def wrong_looks(
+    sample: Sample,
+    view: Image.Image,
+    targets: list[tuple[float, float, float, float]],
+    n: int,
+    rng: random.Random,
+) -> list[list[int]]:
+    """Up to ``n`` zoom windows on ``view`` that show none of ``targets`` (view pixels): look-alike candidates
+    first, in random order, then other proposals."""
+    sx, sy = view.width / sample.meta["size"][0], view.height / sample.meta["size"][1]
+
+    def clear(win: list[int]) -> bool:  # the window shows no part of a target's centre
+        x0, y0 = win[0] * view.width / STEPS, win[1] * view.height / STEPS
+        x1, y1 = win[2] * view.width / STEPS, win[3] * view.height / STEPS
+        return all(not (x0 <= (t[0] + t[2]) / 2 <= x1 and y0 <= (t[1] + t[3]) / 2 <= y1) for t in targets)
+
+    alikes = [c["box"] for c in sample.meta["candidates"] if not c["target"]]
+    rng.shuffle(alikes)
+    looks: list[list[int]] = []
+    for b in alikes:
+        win = pointed_region(view, (b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy))
+        if win is not None and clear(win) and win not in looks:
+            looks.append(win)
+        if len(looks) == n:
+            return looks
+    others = [b for i, b in enumerate(regions(view)) if i >= TILES[0] * TILES[1]]
+    rng.shuffle(others)
+    for b in others:
+        win = zoom_window(b, view.width, view.height)
+        if clear(win) and win not in looks:
+            looks.append(win)
+        if len(looks) == n:
+            break
+    return looks
 
 
 def grid_turns(sample: Sample, limits: PixelLimits | None = None) -> list[str]:

@@ -35,12 +35,15 @@ from glimpse.builtin.teacher import grid_turns  # noqa: F401 (re-exported: RL's 
 from glimpse.config import BuiltinConfig, write_resolved
 from glimpse.errors import ConfigError
 from glimpse.images import ImageCache, fit
+from glimpse.train.common import IGNORE
 
 # Mixture per curriculum stage: (fraction of the run at which it starts, weights of card / easy / medium / hard).
 # Cards (one legible sign, cheap to make) teach reading; easy probes teach finding the sign the question names;
 # medium and hard teach finding the starred sign among look-alikes.
 LEVELS = ("card", "easy", "medium", "hard")
 REPLAY_MEMORY = 2048  # examples kept for replay steps (--replay)
+STREAM_FILE = "glimpse_stream.json"  # in a checkpoint: the seed and next probe index per level it was trained to
+FIRST_INDEX = 1_000_000  # a fresh model's stream starts here: evaluation sets take indices from 0
 CURRICULUM = (
     (0.0, (0.4, 0.3, 0.2, 0.1)),
     (0.3, (0.2, 0.3, 0.3, 0.2)),
@@ -55,15 +58,17 @@ class ExampleMaker:
         model_dir: the model being trained (its processor, pixel limits and prompt file).
         seed: the probes' seed.
         folder: scratch folder for the files a loop reads (cards).
+        check: share of probe searches that first look at signs that are not the target
+            (``teacher.teacher_turns``); those replies are left untrained.
     """
 
-    def __init__(self, model_dir: str | Path, seed: int, folder: Path):
+    def __init__(self, model_dir: str | Path, seed: int, folder: Path, check: float = 0.0):
         from glimpse.hf.processor import load_processor
         from glimpse.images import PixelLimits
         from glimpse.probes.stream import SceneCache
         from glimpse.train.common import ASSISTANT_HEADER, END
 
-        self.model_dir, self.seed, self.folder = Path(model_dir), seed, folder
+        self.model_dir, self.seed, self.folder, self.check = Path(model_dir), seed, folder, check
         self.processor = load_processor(model_dir)
         config = json.loads((self.model_dir / "config.json").read_text())
         self.limits = PixelLimits(config["min_pixels"], config["max_pixels"], config["cell"])
@@ -73,8 +78,9 @@ class ExampleMaker:
         self.scenes = SceneCache()
 
     def __call__(self, level: str, index: int) -> tuple[Any, str | None]:
-        """((example, kind, reading targets per image), None), or (None, why it was skipped). Level ``read``: a
-        card's panel alone, ((reading rows, kind, [targets]), None), for training the reader by itself."""
+        """((example, kind, reading targets per image, wrong looks), None), or (None, why it was skipped). Level
+        ``read``: a card's panel alone, ((reading rows, kind, [targets]), None), for training the reader by
+        itself."""
         from glimpse.agent import AgentLoop
         from glimpse.builtin.model import PROMPT_FILE
         from glimpse.builtin.processing import KIND, READING, REL, reading_rows
@@ -102,6 +108,12 @@ class ExampleMaker:
             script = teacher_turns(sample, view)
             if script is None:
                 return None, f"{sample.id}: no proposal covers the target"
+            wrong = 0
+            rng = random.Random(f"glimpse-check/{self.seed}/{level}/{index}")
+            if level != "card" and rng.random() < self.check:
+                plain = len(script)
+                script = teacher_turns(sample, view, wrong=rng.choices((1, 2, 3), (6, 3, 1))[0], rng=rng)
+                wrong = len(script) - plain  # type: ignore[arg-type]
             loop = AgentLoop(
                 ScriptedBackend([script], name="teacher", record=0),
                 coords="relative",
@@ -116,12 +128,13 @@ class ExampleMaker:
             if traj.stop_reason != "answer" or traj.metrics["tool_errors"]:
                 return None, f"{sample.id}: {traj.stop_reason} {traj.error or ''}"
             example = encode(traj, self.processor, self.header, self.end, cache=cache)
+            example.labels = mask_replies(example.labels, wrong)
             rows = example.pixel_values.numpy()
             panels = [tuple(rows[r][REL]) for r in range(len(rows)) if rows[r][KIND] == READING][::READ_ROWS]
             seen = [o for o in traj.observations() if o.path is None]
             if len(seen) != len(panels):
                 raise RuntimeError(f"{sample.id}: {len(panels)} images encoded but {len(seen)} in the trajectory")
-            return (example, sample.meta["category"], reading_targets(sample, seen, panels)), None
+            return (example, sample.meta["category"], reading_targets(sample, seen, panels), wrong), None
         finally:
             self.scenes.discard(sample.images[0])
             for f in self.folder.iterdir():
@@ -129,14 +142,26 @@ class ExampleMaker:
             self.files.clear()
 
 
-def _worker(model_dir: str, seed: int, worker: int, jobs: Any, out: Any) -> None:
+def mask_replies(labels: list[int], n: int) -> list[int]:
+    """``labels`` with the first ``n`` replies (runs of trained tokens) untrained."""
+    out, run, inside = list(labels), 0, False
+    for i, label in enumerate(out):
+        if label != IGNORE and not inside:
+            run += 1
+        inside = label != IGNORE
+        if inside and run <= n:
+            out[i] = IGNORE
+    return out
+
+
+def _worker(model_dir: str, seed: int, worker: int, jobs: Any, out: Any, check: float = 0.0) -> None:
     """A producer process: take (level, index) jobs, put tokenised examples (or an error text)."""
     import torch
 
     torch.set_num_threads(1)
     folder = Path(tempfile.mkdtemp(prefix=f"glimpse-builtin-{worker}-"))
     try:
-        make = ExampleMaker(model_dir, seed, folder)
+        make = ExampleMaker(model_dir, seed, folder, check)
         parent = mp.parent_process()
         while True:
             try:
@@ -168,10 +193,13 @@ def _level(progress: float, rng: random.Random, only: str = "curriculum", mix: s
 
 
 # ----------------------------------------------------------------------------------------------------- training
-def skills(target: list[int], pred: list[int], level: str, kind: str, ids: dict[str, int]) -> dict[str, list[int]]:
+def skills(
+    target: list[int], pred: list[int], level: str, kind: str, ids: dict[str, int], checked: int = 0
+) -> dict[str, list[int]]:
     """Teacher-forced right/wrong per skill of one example (``target`` and ``pred`` aligned, -100 = untrained):
-    each zoom (all its pointer tokens right: the region chosen) split into the first and later ones, and the
-    answer (every token through ``</answer>`` right); each also per level, per question kind and per both."""
+    each zoom (all its pointer tokens right: the region chosen) split into the first and later ones (the first
+    trained zoom after ``checked`` untrained wrong looks: ``recover_zoom``), and the answer (every token through
+    ``</answer>`` right); each also per level, per question kind and per both."""
     out: dict[str, list[int]] = {}
 
     def add(name: str, ok: bool) -> None:
@@ -182,7 +210,7 @@ def skills(target: list[int], pred: list[int], level: str, kind: str, ids: dict[
     for i, token in enumerate(target):
         if token == ids["box_open"]:
             ok = all(pred[k] == target[k] for k in range(i + 1, min(i + 6, len(target))))
-            add("first_zoom" if zooms == 0 else "later_zoom", ok)
+            add(("recover_zoom" if checked else "first_zoom") if zooms == 0 else "later_zoom", ok)
             zooms += 1
         elif token == ids["answer_open"]:
             end = target.index(ids["answer_close"], i) if ids["answer_close"] in target[i:] else len(target) - 1
@@ -236,6 +264,34 @@ def reading_loss(
             for key in ("read/code", f"read/code/{tag}") if tag else ("read/code",):
                 stats.setdefault(key, []).append(int(ok))
     return torch.stack(losses).mean()
+
+
+def stream_start(cfg: BuiltinConfig) -> dict[str, int]:
+    """The first probe index per level of this run: ``--start-index``, else where the ``--init`` checkpoint's
+    stream stopped (its ``STREAM_FILE``), else ``FIRST_INDEX``. A continued run never trains on its starting
+    point's probes again (that would make the log's held-out accuracies a memory test)."""
+    kinds = (*LEVELS, "read")
+    if cfg.start_index is not None:
+        return dict.fromkeys(kinds, cfg.start_index)
+    if not cfg.init:
+        return dict.fromkeys(kinds, FIRST_INDEX)
+    record = Path(cfg.init) / STREAM_FILE
+    if not record.exists():
+        raise ConfigError(
+            f"{cfg.init} has no {STREAM_FILE}, so the probes it was trained on are unknown; pass --start-index "
+            f"above them (runs before the record began at {FIRST_INDEX:,} and made far fewer than 1,000,000 "
+            "examples per level)"
+        )
+    done = json.loads(record.read_text(encoding="utf-8"))
+    if done.get("seed") != cfg.seed:
+        return dict.fromkeys(kinds, FIRST_INDEX)  # another seed: other probes
+    return {k: max(FIRST_INDEX, int(done["next"].get(k, FIRST_INDEX))) for k in kinds}
+
+
+def save(model: Any, folder: Path, seed: int, counters: dict[str, int]) -> None:
+    """The checkpoint, and how far its probe stream went (``STREAM_FILE``; a later ``--init`` continues after)."""
+    model.save_pretrained(folder)
+    (folder / STREAM_FILE).write_text(json.dumps({"seed": seed, "next": counters}) + "\n", encoding="utf-8")
 
 
 def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] = _print) -> Path:
@@ -297,13 +353,13 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
     # the first result is taken would deadlock against the bounded result queue.
     jobs, results = ctx.Queue(), ctx.Queue(maxsize=4 * max(cfg.batch, cfg.read_batch) + 64)
     procs = [
-        ctx.Process(target=_worker, args=(str(model_dir), cfg.seed, w, jobs, results), daemon=True)
+        ctx.Process(target=_worker, args=(str(model_dir), cfg.seed, w, jobs, results, cfg.check), daemon=True)
         for w in range(cfg.workers)
     ]
     for p in procs:
         p.start()
     rng = random.Random(cfg.seed)
-    counters = dict.fromkeys((*LEVELS, "read"), 0)
+    counters = stream_start(cfg)
     start = time.perf_counter()
 
     def reading_stage() -> bool:
@@ -316,7 +372,7 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
             else:
                 progress = (time.perf_counter() - start - read_budget) / (budget - read_budget)
                 level = _level(progress, rng, cfg.only, cfg.mix)
-            jobs.put((level, 1_000_000 + counters[level]))  # indices from 1e6 up: never the eval's
+            jobs.put((level, counters[level]))  # never an evaluation's indices, never the --init's probes
             counters[level] += 1
 
     skipped = 0
@@ -424,7 +480,7 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
             )
         read_steps = step
         if read_steps:
-            model.save_pretrained(model_dir)
+            save(model, model_dir, cfg.seed, counters)
             last_save = time.perf_counter()
         while time.perf_counter() - start < budget or step == read_steps:
             items = take(cfg.batch, False)
@@ -445,8 +501,10 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
             # Accuracy on this batch before training on it: fresh examples, so a held-out measurement.
             with torch.no_grad():
                 pred = logits.argmax(-1)
-                for row, (level, (_, kind, _)) in enumerate(zip(levels, batch, strict=True)):
-                    for key, v in skills(target[row].tolist(), pred[row].tolist(), level, kind, ids).items():
+                for row, (level, item) in enumerate(zip(levels, batch, strict=True)):
+                    checked = item[3] if len(item) > 3 else 0
+                    got = skills(target[row].tolist(), pred[row].tolist(), level, item[1], ids, checked)
+                    for key, v in got.items():
                         stats.setdefault(key, []).extend(v)
             record(
                 {
@@ -463,9 +521,9 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
                 stats,
             )
             if time.perf_counter() - last_save > cfg.save_every_min * 60:
-                model.save_pretrained(model_dir)
+                save(model, model_dir, cfg.seed, counters)
                 last_save = time.perf_counter()
-        model.save_pretrained(model_dir)  # before stopping the makers, which may be mid-example
+        save(model, model_dir, cfg.seed, counters)  # before stopping the makers, which may be mid-example
     finally:
         for _ in procs:
             jobs.put(None)
