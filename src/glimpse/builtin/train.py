@@ -270,7 +270,7 @@ def stream_start(cfg: BuiltinConfig) -> dict[str, int]:
     """The first probe index per level of this run: ``--start-index``, else where the ``--init`` checkpoint's
     stream stopped (its ``STREAM_FILE``), else ``FIRST_INDEX``. A continued run never trains on its starting
     point's probes again (that would make the log's held-out accuracies a memory test)."""
-    kinds = (*LEVELS, "read")
+    kinds = LEVELS  # the reader's cards ("read") are cards: they take the cards' indices
     if cfg.start_index is not None:
         return dict.fromkeys(kinds, cfg.start_index)
     if not cfg.init:
@@ -372,8 +372,9 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
             else:
                 progress = (time.perf_counter() - start - read_budget) / (budget - read_budget)
                 level = _level(progress, rng, cfg.only, cfg.mix)
-            jobs.put((level, counters[level]))  # never an evaluation's indices, never the --init's probes
-            counters[level] += 1
+            stream = "card" if level == "read" else level  # one stream of cards: the reader's and the searches'
+            jobs.put((level, counters[stream]))  # never an evaluation's indices, never the --init's probes
+            counters[stream] += 1
 
     skipped = 0
 
