@@ -181,8 +181,13 @@ def test_checking_searches_look_at_wrong_signs_first_and_train_only_what_follows
         assert len(set(checked)) == len(checked)  # no place is looked at twice
     ids = {"box_open": 9, "answer_open": 7, "answer_close": 8}
     target = [9, 1, 2, 3, 4, 5, -100, 7, 20, 8]
+    target = [-100, 9, 1, 2, 3, 4, 5, -100, 7, 20, 8]  # the reply's first token (a zoom's opening) then the zoom
     got = skills(target, list(target), "hard", "read_code", ids, checked=1)
-    assert got["recover_zoom"] == [1] and "first_zoom" not in got
+    assert got["recover_zoom"] == [1] and "first_zoom" not in got and got["look_again"] == [1]
+    answered = list(target)
+    answered[1] = 7  # it answered instead of looking again
+    assert skills(target, answered, "hard", "read_code", ids, checked=1)["look_again"] == [0]
+    assert "look_again" not in skills(target, list(target), "hard", "read_code", ids)
     assert mask_replies([-100, 1, 2, -100, 3, -100, 4, 5], 2) == [-100] * 6 + [4, 5]
 
 

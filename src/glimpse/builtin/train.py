@@ -198,14 +198,19 @@ def skills(
 ) -> dict[str, list[int]]:
     """Teacher-forced right/wrong per skill of one example (``target`` and ``pred`` aligned, -100 = untrained):
     each zoom (all its pointer tokens right: the region chosen) split into the first and later ones (the first
-    trained zoom after ``checked`` untrained wrong looks: ``recover_zoom``), and the answer (every token through
-    ``</answer>`` right); each also per level, per question kind and per both."""
+    trained zoom after ``checked`` untrained wrong looks: ``recover_zoom``; the reply after them starting a zoom,
+    not an answer: ``look_again``), and the answer (every token through ``</answer>`` right); each also per level,
+    per question kind and per both."""
     out: dict[str, list[int]] = {}
 
     def add(name: str, ok: bool) -> None:
         for key in (name, f"{name}/{level}", f"{name}/{kind}", f"{name}/{level}/{kind}"):
             out.setdefault(key, []).append(int(ok))
 
+    if checked:  # after the untrained wrong looks, the next reply must start another zoom, not an answer
+        first = next((i for i, t in enumerate(target) if t != -100), None)
+        if first is not None:
+            add("look_again", pred[first] == target[first])
     zooms = 0
     for i, token in enumerate(target):
         if token == ids["box_open"]:
