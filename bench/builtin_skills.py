@@ -16,6 +16,9 @@ Three parts, each printing its own table:
   observations of the teacher's zooms into easy / medium / hard probes): per attribute, accuracy where the
   question asks for it (a code's characters on code and number signs, colour on marker-colour questions …) and
   the code read exactly (all characters), against what the teacher knows the panel shows.
+* ``--check N --model CHECKPOINT``: after the teacher's wrong looks (``--check`` searches), whether the model
+  looks again (its next reply starts a zoom, not an answer) and points at the target, teacher-forced, on N
+  fresh searches per level.
 * ``--photo OUT.jpg --model CHECKPOINT``: a street-like picture that is not a probe (drawn here, no download),
   one question through the real agent loop, and the model's zooms drawn on it (``docs/builtin-photo.jpg``).
 
@@ -23,6 +26,7 @@ Three parts, each printing its own table:
     python bench/builtin_skills.py --log builtin-run/log.jsonl
     python bench/builtin_skills.py --train-skill card --minutes 20 --workers 1
     python bench/builtin_skills.py --read 100 --model builtin-run/model
+    python bench/builtin_skills.py --check 20 --model builtin-run/model
     python bench/builtin_skills.py --photo docs/builtin-photo.jpg --model builtin-run/model
 """
 
@@ -159,6 +163,52 @@ def _asked(attribute: str, tag: str) -> bool:
     return tag in (*LEVELS, "card") or asked == attribute or (asked == "code" and attribute.startswith("char"))
 
 
+def fresh_index(model_dir: str) -> int:
+    """An index past every probe and card the checkpoint was trained on (its stream record), or 9,000,000."""
+    from glimpse.builtin.train import STREAM_FILE
+
+    record = Path(model_dir) / STREAM_FILE
+    done = json.loads(record.read_text(encoding="utf-8"))["next"].values() if record.exists() else ()
+    return max([9_000_000, *done])
+
+
+def check(n: int, model_dir: str) -> None:
+    """After 1-3 wrong looks (the teacher's checking searches), does the model look again (start a zoom) or
+    answer? Teacher-forced, the first token of the reply after the wrong looks, n fresh searches per level."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from glimpse.builtin.train import ExampleMaker
+    from glimpse.train.common import IGNORE, collate
+
+    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    start = fresh_index(model_dir)
+    print(f"Looking again after wrong looks, {model_dir}: {n} fresh checking searches per level (from {start:,})")
+    print("| level | searches | looks again | then points at the target |")
+    print("|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        make = ExampleMaker(model_dir, 0, Path(tmp), check=1.0)
+        tok = make.processor.tokenizer
+        for level in LEVELS:
+            again = pointed = total = 0
+            for i in range(n):
+                made, _ = make(level, start + i)
+                if made is None or not made[3]:  # skipped, or no sign to look at wrongly
+                    continue
+                example = made[0]
+                batch = collate([example], tok.pad_token_id, model.config.image_token_id)
+                batch.pop("mm_token_type_ids", None)
+                labels = batch.pop("labels")[0, 1:]
+                with torch.no_grad():
+                    pred = model(**batch).logits[0, :-1].argmax(-1)
+                first = int((labels != IGNORE).nonzero()[0])
+                zoom = labels.tolist().index(model.config.box_open_id, first)
+                total += 1
+                again += int(pred[first] == labels[first])
+                pointed += int(bool((pred[zoom : zoom + 6] == labels[zoom : zoom + 6]).all()))
+            print(f"| {level} | {total} | {again / max(total, 1):.0%} | {pointed / max(total, 1):.0%} |")
+
+
 def read(n: int, model_dir: str) -> None:
     import torch
     from transformers import AutoModelForImageTextToText
@@ -169,7 +219,8 @@ def read(n: int, model_dir: str) -> None:
     model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
     names = model.reader.names
     chars = [x for x in names if x.startswith("char")]
-    print(f"Reading, {model_dir}: accuracy on the panels of {n} fresh examples per level (indices from 3,000,000)")
+    start = fresh_index(model_dir)
+    print(f"Reading, {model_dir}: accuracy on the panels of {n} fresh examples per level (indices from {start:,})")
     print("| level | panels with a sign | " + " | ".join(("code exact", "characters", *names[len(chars) :])) + " |")
     print("|---|---|" + "---|" * (2 + len(names) - len(chars)))
     with tempfile.TemporaryDirectory() as tmp:
@@ -178,10 +229,10 @@ def read(n: int, model_dir: str) -> None:
             right: dict[str, list[int]] = {}
             panels = 0
             for i in range(n):
-                made, _ = make(level, 3_000_000 + i)
+                made, _ = make(level, start + i)
                 if made is None:
                     continue
-                example, kind, targets = made
+                example, kind, targets = made[:3]
                 rows = example.pixel_values
                 with torch.no_grad():
                     _, logits = model.reader(rows[rows[:, KIND] == READING], model.model.embed_tokens)
@@ -278,7 +329,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="example makers for --train-skill")
     parser.add_argument("--photo", type=Path, help="write a picture of the model's zooms on a street-like image")
     parser.add_argument("--read", type=int, default=0, help="fresh examples per level for the reader's accuracy")
-    parser.add_argument("--model", help="checkpoint for --read and --photo")
+    parser.add_argument("--check", type=int, default=0, help="fresh checking searches per level: does it look again")
+    parser.add_argument("--model", help="checkpoint for --read, --check and --photo")
     args = parser.parse_args()
     if args.recall:
         recall(args.recall)
@@ -290,6 +342,8 @@ def main() -> None:
         train_skill(args.train_skill, args.minutes, args.workers)
     if args.read:
         read(args.read, args.model)
+    if args.check:
+        check(args.check, args.model)
     if args.photo:
         photo(args.photo, args.model)
 
