@@ -167,7 +167,7 @@ def test_a_memorised_search_replays_through_the_real_loop_and_the_model_sees_onl
     folder = tmp_path / "files"
     folder.mkdir()
     make = ExampleMaker(builtin, 0, folder)
-    (example, _, _), why = make("easy", 7)
+    (example, *_), why = make("easy", 7)
     assert why is None
     model = AutoModelForImageTextToText.from_pretrained(builtin)
     tok = make.processor.tokenizer
