@@ -80,32 +80,32 @@ def teacher_turns(
             return None
         turns.append(f"<grounding>{zoom_text(window, 0)}</grounding>")
     if wrong > 0:
-        looks = wrong_looks(sample, view, [scaled(c["box"]) for c in targets], wrong, rng or random.Random(0))
+        alikes = [scaled(c["box"]) for c in sample.meta["candidates"] if not c["target"]]
+        targets_px = [scaled(c["box"]) for c in targets]
+        looks = wrong_looks(view, targets_px, alikes, wrong, rng or random.Random(0))
         turns = [f"<grounding>{zoom_text(w, 0)}</grounding>" for w in looks] + turns
     return [*turns, answer]
 
 
+Box = tuple[float, float, float, float]
+
+
 def wrong_looks(
-    sample: Sample,
-    view: Image.Image,
-    targets: list[tuple[float, float, float, float]],
-    n: int,
-    rng: random.Random,
+    view: Image.Image, targets: list[Box], alikes: list[Box], n: int, rng: random.Random
 ) -> list[list[int]]:
-    """Up to ``n`` zoom windows on ``view`` that show none of ``targets`` (view pixels): look-alike candidates
-    first, in random order, then other proposals."""
-    sx, sy = view.width / sample.meta["size"][0], view.height / sample.meta["size"][1]
+    """Up to ``n`` zoom windows on ``view`` that show none of ``targets`` (boxes in view pixels): the look-alike
+    candidates' (``alikes``) first, in random order, then other proposals'."""
 
     def clear(win: list[int]) -> bool:  # the window shows no part of a target's centre
         x0, y0 = win[0] * view.width / STEPS, win[1] * view.height / STEPS
         x1, y1 = win[2] * view.width / STEPS, win[3] * view.height / STEPS
         return all(not (x0 <= (t[0] + t[2]) / 2 <= x1 and y0 <= (t[1] + t[3]) / 2 <= y1) for t in targets)
 
-    alikes = [c["box"] for c in sample.meta["candidates"] if not c["target"]]
+    alikes = list(alikes)
     rng.shuffle(alikes)
     looks: list[list[int]] = []
     for b in alikes:
-        win = pointed_region(view, (b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy))
+        win = pointed_region(view, b)
         if win is not None and clear(win) and win not in looks:
             looks.append(win)
         if len(looks) == n:

@@ -105,15 +105,14 @@ class ExampleMaker:
             cache = self.scenes
         try:
             view = fit(cache.get(sample.images[0]).image, self.limits)  # type: ignore[arg-type]
-            script = teacher_turns(sample, view)
+            rng = random.Random(f"glimpse-check/{self.seed}/{level}/{index}")
+            looks = rng.choices((1, 2, 3), (6, 3, 1))[0] if level != "card" and rng.random() < self.check else 0
+            script = teacher_turns(sample, view, wrong=looks, rng=rng)
             if script is None:
                 return None, f"{sample.id}: no proposal covers the target"
-            wrong = 0
-            rng = random.Random(f"glimpse-check/{self.seed}/{level}/{index}")
-            if level != "card" and rng.random() < self.check:
-                plain = len(script)
-                script = teacher_turns(sample, view, wrong=rng.choices((1, 2, 3), (6, 3, 1))[0], rng=rng)
-                wrong = len(script) - plain  # type: ignore[arg-type]
+            # the replies before the targets' zooms and the answer are the wrong looks (fewer than asked for
+            # when the view offers fewer)
+            wrong = len(script) - 1 - sum(c["target"] for c in sample.meta["candidates"]) if looks else 0
             loop = AgentLoop(
                 ScriptedBackend([script], name="teacher", record=0),
                 coords="relative",
@@ -208,7 +207,7 @@ def skills(
             out.setdefault(key, []).append(int(ok))
 
     if checked:  # after the untrained wrong looks, the next reply must start another zoom, not an answer
-        first = next((i for i, t in enumerate(target) if t != -100), None)
+        first = next((i for i, t in enumerate(target) if t != IGNORE), None)
         if first is not None:
             add("look_again", pred[first] == target[first])
     zooms = 0
@@ -507,10 +506,8 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
             # Accuracy on this batch before training on it: fresh examples, so a held-out measurement.
             with torch.no_grad():
                 pred = logits.argmax(-1)
-                for row, (level, item) in enumerate(zip(levels, batch, strict=True)):
-                    checked = item[3] if len(item) > 3 else 0
-                    got = skills(target[row].tolist(), pred[row].tolist(), level, item[1], ids, checked)
-                    for key, v in got.items():
+                for row, (level, (_, kind, _, checked)) in enumerate(zip(levels, batch, strict=True)):
+                    for key, v in skills(target[row].tolist(), pred[row].tolist(), level, kind, ids, checked).items():
                         stats.setdefault(key, []).extend(v)
             record(
                 {

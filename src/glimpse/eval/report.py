@@ -114,6 +114,18 @@ def markdown_summary(dataset: str, model: str, k: int, summaries: dict[int, dict
     return "\n".join(lines)
 
 
+def _pyplot(what: str) -> Any:
+    """matplotlib's pyplot on the file-only backend; a ConfigError naming ``what`` when it is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ConfigError(f"writing {what} needs matplotlib: pip install 'glimpse[plot]'") from None
+    return plt
+
+
 def write_sweep(csv_path: Path, png_path: Path, summaries: dict[int, dict[str, Any]], title: str) -> bool:
     """The sweep table (CSV) and plot (PNG); returns whether the plot was drawn (it needs matplotlib)."""
     caps = sorted(summaries)
@@ -158,13 +170,7 @@ def write_sweep(csv_path: Path, png_path: Path, summaries: dict[int, dict[str, A
 def plot_lines(path: Path, lines: dict[str, list[tuple[int, float | None]]], *, title: str, ylabel: str) -> None:
     """Accuracy against turn cap, one line per entry, log₂ x axis; a cap without an accuracy (``None``: no unit
     ran) is left out of its line."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ConfigError("writing the sweep plot needs matplotlib: pip install 'glimpse[plot]'") from None
+    plt = _pyplot("the sweep plot")
     lines = {label: [(x, y) for x, y in points if y is not None] for label, points in lines.items()}  # none ran
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     for label, points in lines.items():
@@ -220,13 +226,7 @@ def plot_panels(
 ) -> None:
     """Panels side by side, one per entry (its y label → lines, each label → (x, y) points), with the legend in
     the first and optional y ranges by y label: e.g. training curves per step, one line per run."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ConfigError("writing the plot needs matplotlib: pip install 'glimpse[plot]'") from None
+    plt = _pyplot("the plot")
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), dpi=120, squeeze=False)
     for ax, (ylabel, lines) in zip(axes[0], panels.items(), strict=True):
         for label, points in lines.items():
