@@ -152,17 +152,21 @@ def test_the_scripted_demo_replays_the_runtime_tour(tmp_path):
 
 
 def test_without_a_model_the_builtin_default_answers(make_image, tmp_path, monkeypatch):
-    """No --model: the best offline policy (the expert until a learned model ships), said plainly."""
+    """No --model: glimpse ask runs the expert on any image (the learned built-in model is the default only on
+    the probe levels where it beats the expert, in glimpse eval), and its first line says so and why."""
     from glimpse.builtin.backend import learned_available
     from glimpse.models import load_backend
 
     proc = glimpse("ask", str(make_image()), "How many dots?", "--max-turns", "1", "--save", str(tmp_path / "t.jsonl"))
     assert proc.returncode in (0, 1), proc.stderr
     record = json.loads((tmp_path / "t.jsonl").read_text().splitlines()[0])
+    assert record["settings"]["model"] == "expert"
+    first = proc.stdout.splitlines()[0]
     if learned_available():
-        assert "learned built-in model" in proc.stdout and record["settings"]["model"].startswith("hf:")
+        assert "builtin: the expert (the learned built-in model is the default only on hard probes" in first
+        assert "--model builtin:learned runs it here" in first
     else:
-        assert "the expert: no learned model ships yet" in proc.stdout and record["settings"]["model"] == "expert"
+        assert "builtin: the expert (" in first
     monkeypatch.setattr("glimpse.builtin.backend.WEIGHTS", tmp_path / "none")  # an install without the weights
     assert load_backend("builtin").name == "expert"
 

@@ -135,15 +135,22 @@ def summary(result: AskResult, console: Console) -> None:
         console.print(f"[bold green]Answer:[/] [bold]{escape(result.answer)}[/]  [dim]{facts}[/]")
 
 
-def default_model_label() -> str:
-    """What answers when no --model is given, said plainly."""
-    from glimpse.builtin.backend import learned_available
+def default_model_label(probe_levels: Any = None, temperature: float | None = None) -> str:
+    """What ``builtin`` (the model when no --model is given) runs, and why, in one line.
 
-    return (
-        "builtin (the learned built-in model)"
-        if learned_available()
-        else "builtin (the expert: no learned model ships yet)"
-    )
+    Args:
+        probe_levels: the levels of an eval run whose every question is a Glimpse probe
+            (``glimpse.eval.harness.probe_levels``); ``None`` for anything else (``glimpse ask``).
+        temperature: the run's sampling temperature.
+    """
+    from glimpse.builtin.backend import choose
+
+    return f"builtin: {choose(probe_levels, temperature).line}"
+
+
+def _model_label(model: str | None) -> str:
+    """``glimpse ask``'s model as typed, or for ``builtin`` what it runs and why."""
+    return default_model_label() if model in (None, "", "builtin") else model
 
 
 def report_failures(trajectories: list[Trajectory], errors: Console) -> None:
@@ -204,8 +211,7 @@ def run_ask(
     errors = Console(stderr=True, highlight=False, soft_wrap=True)
     if not cfg.quiet:
         console.print(
-            f"[bold]glimpse ask[/] · {escape(cfg.model or default_model_label())} · effort {cfg.effort} · "
-            f"{cfg.protocol} protocol"
+            f"[bold]glimpse ask[/] · {escape(_model_label(cfg.model))} · effort {cfg.effort} · {cfg.protocol} protocol"
         )
     printer = None if cfg.quiet else TurnPrinter(console, cfg.samples)
     seen: dict[int, Trajectory] = {}
@@ -240,6 +246,7 @@ def run_demo(out: str, *, quiet: bool = False, scripted: bool = False) -> int:
     replayed search of the runtime demo instead)."""
     if scripted:
         return _run_scripted_demo(out, quiet=quiet)
+    from glimpse.builtin.backend import choose
     from glimpse.demo import make_probe_demo
 
     console = Console(highlight=False, soft_wrap=True)
@@ -251,8 +258,8 @@ def run_demo(out: str, *, quiet: bool = False, scripted: bool = False) -> int:
             f"{demo.shown_px:.0f} pixels tall in the 2-megapixel view the model first gets).\n"
             f"[yellow]The model here is Glimpse's training-free expert policy[/] (image analysis and "
             f"{'Tesseract OCR' if demo.ocr else 'no OCR: Tesseract is not installed, so the question needs none'}),"
-            " running the same loop, protocol and record as any model. The learned built-in model is still being "
-            "trained (see the README); on fresh probes the expert's accuracy is in the README's tables.\n"
+            f" running the same loop, protocol and record as any model ({escape(choose().reason)}); on fresh "
+            "probes both policies' accuracy is in the README's tables.\n"
         )
     cfg = AskConfig(model="expert", save=str(Path(out) / "trajectory.jsonl"), quiet=quiet, max_turns=8)
     code = run_ask(
@@ -412,11 +419,17 @@ def run_eval_command(cfg: EvalConfig) -> int:
     state = {"task": None, "correct": 0, "scored": 0, "failed": 0}
 
     def on_start(todo: int, done: int, dataset: Any) -> None:
+        if cfg.model in (None, "", "builtin") and not state.get("said"):  # which policy builtin runs here, and why
+            from glimpse.eval.harness import probe_levels
+
+            samples = dataset.samples[: cfg.limit] if cfg.limit is not None else dataset.samples
+            console.print(default_model_label(probe_levels(samples), cfg.temperature))
+            state["said"] = True
         for note in dataset.notes:
             console.print(f"[yellow]note:[/] {note}")
         if done:
             console.print(f"resuming: {done} units already done, {todo} to run")
-        state["task"] = progress.add_task(f"{cfg.model} on {dataset.name}", total=todo, status="")
+        state["task"] = progress.add_task(f"{cfg.model or 'builtin'} on {dataset.name}", total=todo, status="")
 
     def on_progress(finished: int, total: int, traj: Trajectory) -> None:
         from glimpse.eval.metrics import backend_failed

@@ -227,10 +227,30 @@ def _check_config(out: Path, cfg: EvalConfig, dataset: Dataset) -> None:
     path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
 
-def _backend(cfg: EvalConfig) -> Backend | None:
+def probe_levels(samples: list[Sample]) -> frozenset[str] | None:
+    """The levels of a run's questions when every one is a single-image Glimpse probe (``probes:LEVEL``, or a
+    probes ``val.json`` loaded as ``minio3:``); ``None`` when any question is not one."""
+    levels = set()
+    for s in samples:
+        if not str(s.meta.get("data_source", "")).startswith("glimpse_probe") or len(s.images) != 1:
+            return None
+        if not s.meta.get("level"):
+            return None
+        levels.add(str(s.meta["level"]))
+    return frozenset(levels) or None
+
+
+def _backend(cfg: EvalConfig, samples: list[Sample]) -> Backend | None:
     if cfg.model in POLICIES:
         return None
-    return backend_from_config(cfg, max_concurrency=cfg.concurrency, max_batch=cfg.max_batch)
+    # What the run is on and how it samples, for a backend that chooses by them (``builtin``); others ignore them.
+    return backend_from_config(
+        cfg,
+        max_concurrency=cfg.concurrency,
+        max_batch=cfg.max_batch,
+        probe_levels=probe_levels(samples),
+        temperature=cfg.temperature,
+    )
 
 
 def _loop(cfg: EvalConfig, backend: Backend | None, cap: int, cache: ImageCache) -> AgentLoop:
@@ -289,13 +309,13 @@ async def run_eval(
     caps = parse_caps(cfg.max_turns)
     if not cfg.model:  # no --model: the built-in default, named in the run's config and summary
         cfg = dataclasses.replace(cfg, model=DEFAULT_MODEL)
+    dataset = load_dataset(cfg.data)
+    samples = dataset.samples[: cfg.limit] if cfg.limit is not None else dataset.samples
     owned = backend is None
-    backend = _backend(cfg) if owned else backend
+    backend = _backend(cfg, samples) if owned else backend
     native = LoopOptions.of(cfg).native(backend)  # recorded resolved, so a resume compares like with like
     resolved = ("coords", "resize_factor", "min_pixels", "max_pixels")
     cfg = dataclasses.replace(cfg, **{name: getattr(native, name) for name in resolved})
-    dataset = load_dataset(cfg.data)
-    samples = dataset.samples[: cfg.limit] if cfg.limit is not None else dataset.samples
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.fresh:

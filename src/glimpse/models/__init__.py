@@ -27,7 +27,9 @@ BACKENDS: dict[str, tuple[str, str]] = {
     "scripted": ("glimpse.models.scripted", "a JSON file of assistant turns, e.g. scripted:turns.json"),
     "hf": ("glimpse.models.hf", "a local Qwen-VL checkpoint folder, e.g. hf:/models/Qwen2.5-VL-7B-Instruct"),
     "expert": ("glimpse.probes.expert", ""),  # no argument: the training-free policy (image analysis and OCR)
-    "builtin": ("glimpse.builtin.backend", ""),  # no argument: the learned built-in model if shipped, else expert
+    # builtin: the learned built-in model where its manifest says it beats the expert (glimpse eval on those probe
+    # levels), else the expert; builtin:learned or builtin:expert chooses one (glimpse.builtin.backend)
+    "builtin": ("glimpse.builtin.backend", ""),
 }
 # What ask and eval use when no --model is given: offline, nothing to download.
 DEFAULT_MODEL = "builtin"
