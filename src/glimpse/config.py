@@ -48,7 +48,8 @@ class BackendSettings:
     model: str | None = opt(
         None,
         "model backend: openai:NAME (any OpenAI-compatible server), hf:FOLDER (a local Qwen-VL checkpoint), "
-        "scripted:FILE.json, expert, or builtin (the default: the learned built-in model if it ships, else expert)",
+        "scripted:FILE.json, expert, or builtin (the default: the learned built-in model where it beats the expert, "
+        "else expert; builtin:learned or builtin:expert chooses)",
     )
     base_url: str | None = opt(
         None,
@@ -136,7 +137,8 @@ class EvalConfig(LoopSettings, BackendSettings):
     model: str | None = opt(
         None,
         "backend (openai:NAME, hf:FOLDER, scripted:FILE, expert, builtin) or a reference policy: oracle, direct "
-        "(default: builtin, the learned built-in model if it ships, else expert)",
+        "(default: builtin, the learned built-in model on hard probes at --temperature 0, where it beats the expert, "
+        "else expert)",
     )
     data: str | None = opt(
         None,
