@@ -319,3 +319,65 @@ def test_an_answer_can_spell_what_the_reader_read(builtin):
         model.copy_gate = None  # the same model without copying
         assert torch.equal(model(**plain).logits[0, -1], copied)
         assert int(model(**answer).logits[0, -1].argmax()) != want or want == processor.tokenizer.eos_token_id
+
+
+def test_the_pointer_grounds_the_question_words_in_the_regions_even_when_the_prompt_is_split(builtin):
+    """``Grounding``: a region's key ends with how well the question's words (the tokens of the turn holding the
+    first image) describe its token; the question changes which region the pointer prefers; a prompt computed
+    in two passes (a cache cut before the image, as the hf backend cuts them) points exactly as one pass does,
+    and a state put back from a prefix (``after``) knows the question's words."""
+    from transformers import AutoModelForImageTextToText
+
+    processor = load_processor(builtin)
+    model = AutoModelForImageTextToText.from_pretrained(builtin).eval()
+    assert model.grounding is not None and float(model.grounding.region.abs().max()) == 0.0  # starts switched off
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in (model.grounding.region, model.grounding.word, model.grounding.gate):
+            p.normal_(0, 0.5)
+    image = photo(320, 200, seed=5)
+
+    def encode(question: str):
+        text = (
+            f"<|im_start|>system\nlook<|im_end|>\n<|im_start|>user\n{question}<|vision_start|><|image_pad|>"
+            f"<|vision_end|><|im_end|>\n<|im_start|>assistant\n<grounding>{BOX_OPEN}"
+        )
+        return processor(text=[text], images=[image], return_tensors="pt")
+
+    def run(enc, **extra):
+        with torch.no_grad():
+            return model(**enc, use_cache=True, **extra)
+
+    enc = encode("which sign has a red border?")
+    whole = run(enc)
+    state = whole.cache.glimpse_pointer
+    ids = enc["input_ids"][0].tolist()
+    image_at = ids.index(model.config.image_token_id)
+    turn = max(i for i, t in enumerate(ids[:image_at]) if t == model.config.turn_start_id)
+    assert state.words[0] == ids[turn + 1 : image_at]
+    keys = state.keys[0][0]
+    assert keys.shape[1] == model.config.pointer_dim + 1
+    with torch.no_grad():
+        feats, _ = model.image_features(enc["pixel_values"])
+        regions = feats[enc["pixel_values"][:, KIND] != READING]
+        said = model.model.embed_tokens(torch.tensor(state.words[0]))
+        assert torch.allclose(keys[:, -1], model.grounding.match(said, regions), atol=1e-5)
+    other = run(encode("how many dots are on the sign with a teal border?"))
+    assert not torch.allclose(other.cache.glimpse_pointer.keys[0][0][:, -1], keys[:, -1])
+
+    # the same prompt in two passes, cut just before the image (the question's turn is in the first pass only)
+    cut = ids.index(model.config.image_token_id) - 1
+    with torch.no_grad():
+        first = model(input_ids=enc["input_ids"][:, :cut], use_cache=True)
+        second = model(
+            input_ids=enc["input_ids"][:, cut:],
+            pixel_values=enc["pixel_values"],
+            image_grid_thw=enc["image_grid_thw"],
+            cache=first.cache,
+            use_cache=True,
+        )
+    assert torch.allclose(second.cache.glimpse_pointer.keys[0][0], keys, atol=1e-4)
+    assert torch.allclose(second.logits[0, -1], whole.logits[0, -1], atol=1e-4)
+    put_back = state.row(0).after(ids[:cut], images=0)
+    assert put_back.words == [None] and put_back.turn == [ids[turn + 1 : cut]]
+    assert state.row(0).after(ids, images=1).words == state.words

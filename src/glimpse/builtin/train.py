@@ -303,7 +303,7 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
     ``cfg.read_minutes``); write ``OUT/model``."""
     import torch
 
-    from glimpse.builtin.model import add_reader, build_builtin
+    from glimpse.builtin.model import add_grounding, add_reader, build_builtin
     from glimpse.hf.processor import load_processor
     from glimpse.train.common import collate
 
@@ -326,6 +326,8 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
             shutil.copytree(cfg.init, model_dir, dirs_exist_ok=True)
         if add_reader(model_dir):
             print(f"{cfg.init} has no reader: one is added (random weights)")
+        if add_grounding(model_dir):
+            print(f"{cfg.init} has no grounding: one is added (switched off until trained)")
     else:
         build_builtin(model_dir, size=cfg.size, seed=cfg.seed)
     from transformers import AutoModelForImageTextToText
