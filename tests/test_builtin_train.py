@@ -243,3 +243,34 @@ def test_train_builtin_runs_learns_and_logs_skills(tmp_path):
     (model_dir / STREAM_FILE).unlink()
     with pytest.raises(ConfigError, match="start-index"):
         stream_start(BuiltinConfig(init=str(model_dir)))
+
+
+def test_the_grounding_loss_scores_the_regions_the_first_zoom_into_the_first_view_spells():
+    """``grounding_loss``: per row, cross-entropy of the grounding match over the first view's regions with the
+    regions the first trained zoom spells as the answer; rows whose first trained zoom goes into an observation,
+    or that write none, add nothing; no such row at all gives None."""
+    from types import SimpleNamespace
+
+    from glimpse.builtin.model import PointerState
+    from glimpse.builtin.train import grounding_loss
+
+    box_open = 7
+    model = SimpleNamespace(config=SimpleNamespace(box_open_id=box_open))
+    spells = torch.tensor([[1, 2, 3, 4, 50], [1, 2, 3, 5, 50], [1, 2, 3, 4, 50], [6, 6, 6, 6, 50]])
+    match = torch.tensor([0.5, 2.0, -1.0, 1.0])
+    state = PointerState(box_open=box_open)
+    state.grow(3)
+    for b in range(3):
+        state.keys[b].append(torch.cat([torch.zeros(4, 3), match[:, None]], 1))
+        state.spells[b].append(spells)
+    into_first = [9, box_open, 1, 2, 3, 4, 50, 0]
+    into_observation = [9, box_open, 1, 2, 3, 4, 51, 0]
+    ids = torch.tensor([into_first, into_observation, [9, 9, 9, 9, 9, 9, 9, 0]])
+    labels = ids.clone()
+    labels[:, 0] = -100
+    loss = grounding_loss(model, ids, labels, state)
+    expected = torch.logsumexp(match, 0) - torch.logsumexp(match[[0, 2]], 0)  # regions 0 and 2 spell the zoom
+    assert torch.allclose(loss, expected)
+    untrained = labels.clone()
+    untrained[0, 1] = -100  # the first row's zoom is not trained (a wrong look): no row counts
+    assert grounding_loss(model, ids, untrained, state) is None

@@ -541,6 +541,9 @@ class BuiltinConfig:
         1.0, "weight of the reader's own loss (what the teacher knows each zoomed panel shows) beside the replies'"
     )
     reader_lr: float = opt(3e-4, "peak learning rate of the reader (the region-token study: 2e-3 learned nothing)")
+    ground_weight: float = opt(
+        1.0, "weight of the grounding loss (the question's words matched to the teacher's first zoom's region)"
+    )
     start_index: int | None = opt(
         None,
         "first probe index of the stream (default: after the probes the --init checkpoint was trained on, from "

@@ -230,9 +230,11 @@ class Reader(nn.Module):
 
 
 class Grounding(nn.Module):
-    """How well the question's words describe each region: the best match, over the words, between a word's
-    embedding and the region's token from the region encoder (both projected to ``dim``), added to the pointer's
-    score of the region with a weight read from the decoder's state where it points.
+    """How well the question's words describe each region: the best match, over the words, between a word (its
+    embedding and the next token's, so "red border" and "red," in a list of answers differ) and the region's
+    token from the region encoder (both projected to ``dim``), added to the pointer's score of the region with a
+    weight read from the decoder's state where it points. Training also scores the match alone on the teacher's
+    first zoom (``glimpse.builtin.train.grounding_loss``).
 
     A short path from a word of the question (a border colour, "dots") to the regions it describes: without it
     the pointer had to carry the word from the question through the decoder's attention to the box it opens,
@@ -246,12 +248,14 @@ class Grounding(nn.Module):
         super().__init__()
         self.dim = dim
         self.word = nn.Parameter(torch.empty(hidden, dim))
+        self.next = nn.Parameter(torch.empty(hidden, dim))
         self.region = nn.Parameter(torch.empty(hidden, dim))
         self.gate = nn.Parameter(torch.empty(hidden))
         self.bias = nn.Parameter(torch.empty(()))
 
     def reset(self) -> None:
         nn.init.normal_(self.word, std=self.word.shape[0] ** -0.5)
+        nn.init.normal_(self.next, std=self.next.shape[0] ** -0.5)
         nn.init.zeros_(self.region)
         nn.init.zeros_(self.gate)
         nn.init.ones_(self.bias)
@@ -261,7 +265,10 @@ class Grounding(nn.Module):
         if words.shape[0] == 0:
             return regions.new_zeros(regions.shape[0])
         dtype = regions.dtype
-        scores = (regions @ self.region.to(dtype)) @ (words.to(dtype) @ self.word.to(dtype)).T
+        words = words.to(dtype)
+        following = torch.cat([words[1:], words.new_zeros(1, words.shape[1])])
+        said = words @ self.word.to(dtype) + following @ self.next.to(dtype)
+        scores = (regions @ self.region.to(dtype)) @ said.T
         return scores.max(1).values / self.dim**0.5
 
     def weight(self, h: torch.Tensor) -> torch.Tensor:

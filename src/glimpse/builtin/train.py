@@ -270,6 +270,30 @@ def reading_loss(
     return torch.stack(losses).mean()
 
 
+def grounding_loss(model: Any, input_ids: Any, labels: Any, state: Any) -> Any:
+    """The grounding match alone (``Grounding``) as a pointer over the first view's regions: cross-entropy of the
+    region(s) the teacher's first trained zoom into the first view spells, per row that has one (None: no row
+    has). A direct signal for the words-to-regions match, which the replies' loss reaches only through the
+    pointer's five location tokens."""
+    import torch
+
+    losses = []
+    box_open = model.config.box_open_id
+    for b, (ids, lab) in enumerate(zip(input_ids.tolist(), labels.tolist(), strict=True)):
+        if not state.keys[b]:
+            continue
+        at = next((t for t, (i, y) in enumerate(zip(ids, lab, strict=True)) if i == box_open and y != -100), None)
+        if at is None:
+            continue
+        written = torch.tensor(ids[at + 1 : at + 6], device=state.spells[b][0].device)
+        hit = (state.spells[b][0] == written).all(1) if len(written) == 5 else None
+        if hit is None or not bool(hit.any()):
+            continue  # the first trained zoom is into an observation
+        match = state.keys[b][0][:, -1].float()
+        losses.append(torch.logsumexp(match, 0) - torch.logsumexp(match[hit], 0))
+    return torch.stack(losses).mean() if losses else None
+
+
 def stream_start(cfg: BuiltinConfig) -> dict[str, int]:
     """The first probe index per level of this run: ``--start-index``, else where the ``--init`` checkpoint's
     stream stopped (its ``STREAM_FILE``), else ``FIRST_INDEX``. A continued run never trains on its starting
@@ -345,6 +369,7 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
         f"({cfg.read_minutes:g} of them the reader alone on cards) with {cfg.workers} example makers → {out}"
     )
     tok = processor.tokenizer
+    grounded = model.grounding is not None and cfg.ground_weight > 0
     model.train()
     reader_params = list(model.reader.parameters())
     reader_ids = {id(p) for p in reader_params}
@@ -410,7 +435,7 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
         inputs = {k: v.to(device) for k, v in inputs.items()}
         labels = inputs.pop("labels")
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            output = model(**inputs)
+            output = model(**inputs, use_cache=grounded)  # the cache carries the pointer's state
         logits = output.logits[:, :-1].float()
         target = labels[:, 1:]
         loss = torch.nn.functional.cross_entropy(
@@ -424,6 +449,10 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
                 mine = [t if g == tag else None for t, g in zip(targets, tags, strict=True)]
                 reading_loss({k: v.detach() for k, v in output.reader_logits.items()}, mine, stats, tag)
         total = loss + cfg.read_weight * read.to(loss.device)
+        cache = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
+        ground = grounding_loss(model, inputs["input_ids"], labels, cache.glimpse_pointer) if grounded else None
+        if ground is not None:
+            total = total + cfg.ground_weight * ground
         if not bool(torch.isfinite(total)):
             raise RuntimeError(f"the loss is not finite (replies {float(loss)}, reader {float(read)}): a bug, not data")
         optimizer.zero_grad()
