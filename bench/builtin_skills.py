@@ -19,6 +19,9 @@ Three parts, each printing its own table:
 * ``--check N --model CHECKPOINT``: after the teacher's wrong looks (``--check`` searches), whether the model
   looks again (its next reply starts a zoom, not an answer) and points at the target, teacher-forced, on N
   fresh searches per level.
+* ``--point N --model CHECKPOINT``: the first zoom alone, teacher-forced on N fresh probes per level: where the
+  pointer ranks the teacher's region (top 1, top 3) per level and question kind, and with ``Grounding`` where
+  the grounding match alone ranks it (does the question's wording reach the regions?).
 * ``--photo OUT.jpg --model CHECKPOINT``: a street-like picture that is not a probe (drawn here, no download),
   one question through the real agent loop, and the model's zooms drawn on it (``docs/builtin-photo.jpg``).
 
@@ -27,6 +30,7 @@ Three parts, each printing its own table:
     python bench/builtin_skills.py --train-skill card --minutes 20 --workers 1
     python bench/builtin_skills.py --read 100 --model builtin-run/model
     python bench/builtin_skills.py --check 20 --model builtin-run/model
+    python bench/builtin_skills.py --point 120 --model builtin-run/model
     python bench/builtin_skills.py --photo docs/builtin-photo.jpg --model builtin-run/model
 """
 
@@ -108,9 +112,7 @@ def curves(log: Path, window: int = 0) -> None:
             k[4:]
             for e in entries
             for k in e
-            if k.startswith("acc_read/")
-            and k.count("/") == 2
-            and _asked(k.split("/")[1], k.split("/")[2])
+            if k.startswith("acc_read/") and k.count("/") == 2 and _asked(k.split("/")[1], k.split("/")[2])
         }
     )
     skills = [x for x in skills if not (x.startswith("read/") and x.count("/") == 1 and x != "read/code")]
@@ -207,6 +209,65 @@ def check(n: int, model_dir: str) -> None:
                 again += int(pred[first] == labels[first])
                 pointed += int(bool((pred[zoom : zoom + 6] == labels[zoom : zoom + 6]).all()))
             print(f"| {level} | {total} | {again / max(total, 1):.0%} | {pointed / max(total, 1):.0%} |")
+
+
+def point(n: int, model_dir: str) -> None:
+    """The first zoom, teacher-forced on n fresh probes per level: the rank of the teacher's region among the
+    first view's regions by the pointer's score (and by the grounding match alone, where the model has one)."""
+    from collections import defaultdict
+
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from glimpse.builtin.train import ExampleMaker
+    from glimpse.train.common import IGNORE, collate
+
+    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    states: dict[str, torch.Tensor] = {}
+    model.model.register_forward_hook(lambda _m, _i, out: states.__setitem__("h", out.last_hidden_state))
+    grounded = getattr(model, "grounding", None) is not None
+    start = fresh_index(model_dir)
+    print(f"First zoom, teacher-forced, {model_dir}: {n} fresh probes per level (from {start:,})")
+    print("| level | question | probes | pointer top 1 | pointer top 3 | grounding alone top 1 | top 3 |")
+    print("|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        make = ExampleMaker(model_dir, 0, Path(tmp))
+        tok = make.processor.tokenizer
+        for level in LEVELS:
+            ranks: dict[str, list[tuple[int, int]]] = defaultdict(list)
+            for i in range(n):
+                made, _ = make(level, start + i)
+                if made is None:
+                    continue
+                example, kind = made[0], made[1]
+                batch = collate([example], tok.pad_token_id, model.config.image_token_id)
+                batch.pop("mm_token_type_ids", None)
+                labels = batch.pop("labels")[0].tolist()
+                with torch.no_grad():
+                    out = model(**batch, use_cache=True)
+                cache = getattr(out, "cache", None) or out.past_key_values
+                state = cache.glimpse_pointer
+                ids = batch["input_ids"][0].tolist()
+                trained = (t for t, y in enumerate(labels) if y != IGNORE)
+                at = next(t for t in trained if ids[t] == model.config.box_open_id)
+                keys, spells = state.keys[0][0], state.spells[0][0]
+                hit = (spells == torch.tensor(ids[at + 1 : at + 6])).all(1)
+                if not bool(hit.any()):
+                    continue
+                h = states["h"][0, at]
+                query = model.query(h)
+                if grounded:
+                    query = torch.cat([query, model.grounding.weight(h) * model.config.pointer_dim**0.5])
+                scores = keys @ query
+                best = float(scores[hit].max())
+                match = keys[:, -1] if grounded else scores
+                rank = int((scores > best).sum()), int((match > float(match[hit].max())).sum())
+                ranks[kind].append(rank)
+                ranks["all"].append(rank)
+            for kind, got in sorted(ranks.items(), key=lambda kv: kv[0] != "all"):
+                share = [sum(r[j] < k for r in got) / len(got) for j in (0, 1) for k in (1, 3)]
+                alone = f"{share[2]:.0%} | {share[3]:.0%}" if grounded else "– | –"
+                print(f"| {level} | {kind} | {len(got)} | {share[0]:.0%} | {share[1]:.0%} | {alone} |")
 
 
 def read(n: int, model_dir: str) -> None:
@@ -330,7 +391,8 @@ def main() -> None:
     parser.add_argument("--photo", type=Path, help="write a picture of the model's zooms on a street-like image")
     parser.add_argument("--read", type=int, default=0, help="fresh examples per level for the reader's accuracy")
     parser.add_argument("--check", type=int, default=0, help="fresh checking searches per level: does it look again")
-    parser.add_argument("--model", help="checkpoint for --read, --check and --photo")
+    parser.add_argument("--point", type=int, default=0, help="fresh probes per level: the first zoom's rank")
+    parser.add_argument("--model", help="checkpoint for --read, --check, --point and --photo")
     args = parser.parse_args()
     if args.recall:
         recall(args.recall)
@@ -342,6 +404,8 @@ def main() -> None:
         train_skill(args.train_skill, args.minutes, args.workers)
     if args.read:
         read(args.read, args.model)
+    if args.point:
+        point(args.point, args.model)
     if args.check:
         check(args.check, args.model)
     if args.photo:
