@@ -521,6 +521,21 @@ def test_kv_cache_matching_and_memory_bound():
     assert kv.match([*a, 6, 7, 8], [b"x", b"y"], limit=13) == (None, 0)  # the oldest went first
 
 
+def test_kv_cache_drops_finished_conversations_beyond_its_entry_bound():
+    """Bytes to spare, but at most ``max_entries`` kept: the least recently used go, a conversation in use stays."""
+    kv = KVCache(max_bytes=1 << 30, image_token_id=9, max_entries=2)
+
+    def layers(n: int) -> list:
+        return [(torch.zeros(1, 1, n, 1), torch.zeros(1, 1, n, 1))]
+
+    kv.put([1, 2, 3], [], layers(3))  # a live conversation
+    kv.put([4, 5, 6], [], layers(3))  # finished
+    assert kv.match([1, 2, 3, 7], [], limit=3)[1] == 3  # its next turn: used most recently
+    kv.put([8, 8, 8], [], layers(3))
+    assert len(kv.entries) == 2 and kv.nbytes == 2 * 2 * 3 * 4 and kv.stats["evicted"] == 1
+    assert kv.match([4, 5, 6, 7], [], limit=3) == (None, 0) and kv.match([1, 2, 3, 7], [], limit=3)[1] == 3
+
+
 def test_tool_calls_from_a_local_model_never_raise():
     """Hermes tool calls are read by plain search: nesting too deep to parse is unreadable, not an exception, and
     many unclosed tags take linear time."""

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import os
+import platform
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -176,6 +179,63 @@ def test_cache_is_bounded_by_bytes(make_image):
         cache.get(p)
     assert len(cache._items) == 2
     assert cache._bytes <= cache.max_bytes
+
+
+def test_discard_forgets_an_original_and_its_bytes(make_image):
+    cache = ImageCache()
+    kept, gone = make_image(200, 100, name="kept.png"), make_image(120, 60, name="gone.png")
+    cache.get(kept)
+    cache.get(gone)
+    cache.discard(gone)
+    assert [k[0] for k in cache._items] == [os.path.realpath(kept)]
+    assert cache._bytes == 200 * 100 * 3
+    os.unlink(kept)  # a streamed probe's file is deleted with it: forgotten by name, no stat needed
+    cache.discard(kept)
+    assert not cache._items and cache._bytes == 0
+
+
+def test_decoding_makes_no_second_copy_of_the_pixels(make_image, monkeypatch):
+    """A decoded 8K original is about 100 MB: EXIF handling must not copy it when there is nothing to rotate."""
+    path = make_image(300, 200, name="plain.jpg")
+    copies = []
+    original_copy = Image.Image.copy
+    monkeypatch.setattr(Image.Image, "copy", lambda self: copies.append(self.size) or original_copy(self))
+    assert read_image(path).image.size == (300, 200)
+    assert copies == []
+
+
+_FREE_CHECK = """
+import ctypes, sys
+import glimpse.images as images
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+def rss():
+    return next(int(x.split()[1]) << 10 for x in open("/proc/self/status") if x.startswith("VmRSS"))
+if sys.argv[1] == "decode":
+    images.decode_image(open(sys.argv[2], "rb").read(), sys.argv[2])
+big = libc.malloc(24 << 20)  # glibc's default lifts its mmap threshold to the size of a large block once freed
+ctypes.memset(big, 1, 24 << 20)
+libc.free(big)
+block = libc.malloc(8 << 20)
+ctypes.memset(block, 1, 8 << 20)
+pin = libc.malloc(1000)  # lies after the block: a heap cannot give the block back by shrinking from its top
+before = rss()
+libc.free(block)
+print((before - rss()) >> 20)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the allocator setting is glibc's")
+def test_after_a_decode_freed_large_blocks_go_back_to_the_system(make_image):
+    path = make_image(64, 48, name="small.png")
+
+    def given_back(mode: str) -> int:
+        run = subprocess.run([sys.executable, "-c", _FREE_CHECK, mode, str(path)], capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        return int(run.stdout)
+
+    assert given_back("plain") == 0  # glibc's default keeps a freed 8 MiB block resident (the check is real)
+    assert given_back("decode") >= 7
 
 
 def test_a_path_with_a_nul_byte_is_an_input_error_not_a_crash():

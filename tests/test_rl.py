@@ -220,6 +220,10 @@ def test_over_turn_trajectories_train_only_without_the_mask(memorised, tmp_path,
     stats, groups = plain.one_step()
     assert stats.over_turn == 1.0 and stats.trained == 4 and stats.trained_tokens > 0
     assert not Path(groups[0][0].trajectory.sample.images[0]).exists()
+    # the rollouts and the update share one decode of it, and it is forgotten with its file (no dead 8K originals
+    # filling the cache's budget step after step)
+    assert plain.loop.cache is plain.cache and plain.cache.misses == 1 and plain.cache.hits >= 1
+    assert not plain.cache._items and plain.cache._bytes == 0
 
 
 def test_dynamic_sampling_drops_uninformative_groups(memorised, tmp_path):

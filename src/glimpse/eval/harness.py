@@ -47,7 +47,7 @@ from glimpse.eval.metrics import backend_failed, summarize, truncate
 from glimpse.eval.options import present
 from glimpse.eval.policies import POLICIES, policy_backend
 from glimpse.eval.scoring import score
-from glimpse.images import ImageCache, PixelLimits
+from glimpse.images import DEFAULT_CACHE_BYTES, ImageCache, PixelLimits
 from glimpse.models import DEFAULT_MODEL, Backend, load_backend
 from glimpse.trajectory import Sample, Score, Trajectory
 
@@ -336,7 +336,10 @@ async def run_eval(
     if on_start is not None:
         on_start(len(pending), len(units) - len(pending), dataset)
 
-    cache = ImageCache()
+    # An original is asked for again only by another unit on the same file (a repeat, another cap, another question
+    # on that image); with none, keeping it decoded after its trajectory fills the budget with images no unit uses.
+    paths = [path for u in pending for path in u.sample.images]
+    cache = ImageCache(DEFAULT_CACHE_BYTES if len(set(paths)) < len(paths) else 0)
     loops = {cap: _loop(cfg, backend, cap, cache) for cap in run_caps}
     judge = None
     if cfg.judge:

@@ -8,9 +8,10 @@ computes only the tokens the harness added and the tokens it samples.
   request reuses the longest prefix it shares with a kept entry, cut back to the start of the first image that
   differs and never inside an image (an image's features are computed whole). A client that edits history gets
   the longest common prefix, or nothing.
-* **Memory** is bounded by bytes: a least-recently-used order over entries. When a turn extends an entry, the
-  entry it extended is dropped, so a conversation holds one entry, its latest turn; a finished conversation's
-  entry ages out.
+* **Memory** is bounded by bytes and by entries: a least-recently-used order over entries. When a turn extends an
+  entry, the entry it extended is dropped, so a conversation holds one entry, its latest turn; a finished
+  conversation's entry is never asked for again and ages out. The entry bound keeps those from piling up to the
+  byte budget: a 500-probe evaluation would otherwise keep the key/values of every conversation it finished.
 * The cache knows nothing of weights: the backend clears it when the model changes (RL updates it in place).
 """
 
@@ -58,10 +59,11 @@ class KVCache:
     Args:
         max_bytes: most bytes of tensors kept.
         image_token_id: the id that stands for one image token (runs of it are images).
+        max_entries: most entries kept (``None``: bytes alone bound them).
     """
 
-    def __init__(self, max_bytes: int, image_token_id: int):
-        self.max_bytes, self.image_token_id = max_bytes, image_token_id
+    def __init__(self, max_bytes: int, image_token_id: int, max_entries: int | None = None):
+        self.max_bytes, self.image_token_id, self.max_entries = max_bytes, image_token_id, max_entries
         self.entries: OrderedDict[int, Entry] = OrderedDict()
         self.nbytes = 0
         self.stats: Counter[str] = Counter()  # requests, hits, reused_tokens, computed_tokens, evicted
@@ -119,7 +121,7 @@ class KVCache:
         self.entries[self._next] = Entry(new, shown, layers, nbytes, state)
         self._next += 1
         self.nbytes += nbytes
-        while self.nbytes > self.max_bytes:
+        while self.nbytes > self.max_bytes or (self.max_entries is not None and len(self.entries) > self.max_entries):
             self._drop(next(iter(self.entries)))
             self.stats["evicted"] += 1
 

@@ -137,11 +137,15 @@ class Prompts:
         level = self.levels[i % len(self.levels)]
         return probe_sample(level, i, self.stream_seed, self.folder)
 
-    def done_with(self, samples: list[Sample]) -> None:
-        """Delete streamed probes' images once their step is over (unless rollouts are being kept)."""
-        if self.levels and not self.keep_images:
-            for s in samples:
-                for image in s.images:
+    def done_with(self, samples: list[Sample], cache: ImageCache) -> None:
+        """Forget streamed probes' decoded originals once their step is over (no later step asks for them: they
+        would fill ``cache`` to its budget with dead images), and delete their files unless rollouts are kept."""
+        if not self.levels:
+            return
+        for s in samples:
+            for image in s.images:
+                cache.discard(image)
+                if not self.keep_images:
                     Path(image).unlink(missing_ok=True)
 
     def close(self) -> None:
@@ -279,7 +283,9 @@ class Trainer:
             top_p=1.0,
             return_token_ids=True,
         )
-        self.loop = AgentLoop(self.backend, options)
+        # one cache of originals for the rollouts and the update, which re-renders the views from the same pixels
+        self.cache = ImageCache()
+        self.loop = AgentLoop(self.backend, options, image_cache=self.cache)
         settings = public_dict(cfg)
         self.step, extra = (
             (0, {})
@@ -290,7 +296,6 @@ class Trainer:
         (self.out / "config.json").write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
         self.scratch = self.out / "probes" if cfg.save_rollouts else Path(tempfile.mkdtemp(prefix="glimpse-rl-"))
         self.prompts = Prompts(cfg.data, cfg.seed, self.scratch, keep_images=cfg.save_rollouts)
-        self.cache = ImageCache()
         tok = self.backend.processor.tokenizer
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         self.image_token = self.model.config.image_token_id
@@ -374,7 +379,7 @@ class Trainer:
         try:
             self.update(kept, stats)
         finally:
-            self.prompts.done_with(used)  # the update re-renders the images from the originals: delete after it
+            self.prompts.done_with(used, self.cache)  # the update re-renders views from the originals: after it
         stats.seconds = time.perf_counter() - t0
         return stats, kept
 
