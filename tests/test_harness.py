@@ -148,6 +148,20 @@ def test_derived_sweep_equals_running_every_cap(tmp_path):
     assert derived.ran == 24 and ran.ran == 72
 
 
+def test_originals_stay_decoded_only_when_a_unit_asks_for_them_again(tmp_path, monkeypatch):
+    """An 8K original is about 100 MB: with one unit per file the cache keeps nothing after its trajectory."""
+    import glimpse.eval.harness as harness
+    from glimpse.images import DEFAULT_CACHE_BYTES, ImageCache
+
+    budgets: list[int] = []
+    monkeypatch.setattr(harness, "ImageCache", lambda max_bytes: budgets.append(max_bytes) or ImageCache(max_bytes))
+    evaluate(tmp_path / "one", data="probes:easy:2:5", model="oracle", max_turns="6")
+    evaluate(tmp_path / "repeats", data="probes:easy:2:5", model="oracle", max_turns="6", k=2)
+    shared = mc_dataset(tmp_path / "d", 3)  # three questions on one image
+    evaluate(tmp_path / "shared", ScriptedBackend(varied_policy), data=shared, model="scripted:varied", options="fixed")
+    assert budgets == [0, DEFAULT_CACHE_BYTES, DEFAULT_CACHE_BYTES]
+
+
 def test_input_errors_are_recorded_and_counted(tmp_path):
     run = evaluate(tmp_path, data=mc_dataset(tmp_path / "d", 6, missing=2, corrupt=1), model="oracle", k=2)
     s = run.summaries[12]
