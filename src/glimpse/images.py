@@ -18,9 +18,10 @@ What is covered:
   factor so that together they take about what one original would (each keeps at least ``min_pixels``).
   Crops are sized by the per-image limits, whichever original they are cut from.
 
-* Memory: decoded originals are large (an 8K RGB image is about 100 MB), so on glibc the first decode makes the
-  allocator give every block of 1 MiB or more back to the system when it is freed (``_unpool_large_buffers``);
-  the cache of originals is bounded by bytes.
+* Memory: decoded originals are large (an 8K RGB image is about 100 MB). Pillow stores images in blocks of
+  64 MiB (``_image_blocks_outside_the_heap``), which the C allocator maps on their own and gives back to the
+  system when the image is freed; ``release_freed_memory`` hands back what the heaps keep of other freed
+  memory (glibc), for long runs to call between phases. The cache of originals is bounded by bytes.
 
 What is not: colour management (ICC profiles are ignored), video.
 """
@@ -52,12 +53,11 @@ RESIZE_FACTOR = 28
 MAX_ASPECT_RATIO = 200
 # Decoded originals kept in memory by default (an 8K RGB image is about 100 MB).
 DEFAULT_CACHE_BYTES = 1 << 30
-# glibc's mallopt parameter number for the mmap threshold (malloc.h), and the threshold set
-# (``_unpool_large_buffers``): 1 MiB keeps small objects pooled and image-sized buffers and tensors out of the heaps
-# (a small RL run held 0.6 GB less with 1 MiB than with 4 MiB, ``bench/rl_memory.py``).
-_M_MMAP_THRESHOLD = -3
-_MMAP_THRESHOLD = 1 << 20
-_UNPOOLED = False
+# Pillow's block size for image memory: above glibc's largest mmap threshold (32 MiB, DEFAULT_MMAP_THRESHOLD_MAX on
+# 64-bit), so every block of an original is mapped on its own and returned when freed. Pillow's default, 16 MiB,
+# comes from the heaps once glibc has raised its threshold, and their freed holes stay resident.
+_IMAGE_BLOCK_BYTES = 64 << 20
+_BLOCKS_SET = False
 
 _ENV_MAX_IMAGE_PIXELS = "GLIMPSE_MAX_IMAGE_PIXELS"
 # EXIF tag of the orientation; values 5 to 8 are transposed (width and height swap).
@@ -218,25 +218,28 @@ def _apply_pixel_limit_override() -> None:
     Image.MAX_IMAGE_PIXELS = max(1, limit // 2)
 
 
-def _unpool_large_buffers() -> None:
-    """On glibc, serve every allocation of ``_MMAP_THRESHOLD`` bytes or more with ``mmap``, so freeing it gives
-    the memory back to the system at once (set once per process; elsewhere nothing to do).
+def _image_blocks_outside_the_heap() -> None:
+    """Make Pillow allocate image memory in ``_IMAGE_BLOCK_BYTES`` blocks (once per process).
 
-    glibc's default raises its threshold to the size of the last large block freed (up to 32 MiB), after which a
-    decoded 8K original (Pillow's 16 MiB blocks) and the tensors made from it come from its heaps, and freed
-    holes between live objects keep their pages: a 40-probe evaluation held 4.9 GB where 0.8 GB was in use
-    (``bench/rl_memory.py``)."""
-    global _UNPOOLED
-    if _UNPOOLED:
-        return
-    _UNPOOLED = True
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return
-    try:
-        libc = ctypes.CDLL(None)
-        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
-    except (OSError, AttributeError):  # a libc without mallopt: its own policy stands
-        pass
+    With its default 16 MiB blocks glibc serves originals from its heaps once it has raised its mmap threshold to
+    the size of the last large block freed, and freed holes stay resident: after a 40-probe evaluation of 8K
+    originals the process held 4.2 GB, of which ``malloc_trim`` gave 3.3 GB back. Blocks above 32 MiB are always
+    mapped on their own. An image smaller than a block takes only the memory it needs.
+    """
+    global _BLOCKS_SET
+    if not _BLOCKS_SET:
+        _BLOCKS_SET = True
+        Image.core.set_block_size(max(Image.core.get_block_size(), _IMAGE_BLOCK_BYTES))
+
+
+def release_freed_memory() -> None:
+    """Give the memory glibc's heaps keep after frees back to the system (``malloc_trim``); nothing elsewhere.
+
+    Freed holes between live objects stay resident otherwise: a long run calls this between phases (an RL step,
+    a training run before its evaluation). Takes milliseconds.
+    """
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 def decode_image(data: bytes, path: str) -> Image.Image:
@@ -248,7 +251,7 @@ def decode_image(data: bytes, path: str) -> Image.Image:
     if not data:
         raise ImageInputError(path, "the file is empty (0 bytes)")
     _apply_pixel_limit_override()
-    _unpool_large_buffers()
+    _image_blocks_outside_the_heap()
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()

@@ -35,6 +35,7 @@ from typing import Any
 
 from glimpse.config import EvalConfig, ReproConfig, RLConfig, write_resolved
 from glimpse.errors import ConfigError
+from glimpse.images import release_freed_memory
 
 FOLD = "eval-fold"  # each arm's context-folding evaluation (--fold-cap), beside ARM/eval
 
@@ -150,11 +151,14 @@ def run_repro(cfg: ReproConfig, *, say: Callable[[str], None] = print) -> dict[s
                 f"{'masking' if rl.mask_over_turn else 'no masking'}, {rl.data}, from {rl.model}"
             )
             model = str(train_rl(rl, on_step=lambda s, a=arm: _step_line(a, s, say)))
+            release_freed_memory()  # the trainer's model, optimizer and rollouts, before the evaluation's
         say(f"[{arm}] evaluating {model} on {cfg.eval_n} fresh hard probes at caps {cfg.caps}")
         asyncio.run(run_eval(eval_config(cfg, model, out)))
+        release_freed_memory()
         if cfg.fold_cap:
             say(f"[{arm}] evaluating at cap {cfg.fold_cap} keeping the last {cfg.keep_images} zoom images")
             asyncio.run(run_eval(eval_config(cfg, model, out, fold=True)))
+            release_freed_memory()
     report = collect(root, parse_caps(cfg.caps), cfg.train_turns)
     write_report(root, report)
     say(f"report → {root / 'turn_scaling.md'}")

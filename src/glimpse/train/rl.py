@@ -46,7 +46,7 @@ from glimpse.config import RLConfig, public_dict
 from glimpse.errors import ConfigError, GlimpseError
 from glimpse.eval.datasets import load_dataset
 from glimpse.hf.processor import load_processor
-from glimpse.images import ImageCache
+from glimpse.images import ImageCache, release_freed_memory
 from glimpse.models.hf import HFBackend, resolve_checkpoint
 from glimpse.probes.stream import probe_sample
 from glimpse.probes.synth import LEVELS
@@ -380,6 +380,7 @@ class Trainer:
             self.update(kept, stats)
         finally:
             self.prompts.done_with(used, self.cache)  # the update re-renders views from the originals: after it
+            release_freed_memory()  # the step's originals, rollouts and tensors: gone, without holes left resident
         stats.seconds = time.perf_counter() - t0
         return stats, kept
 
