@@ -219,8 +219,8 @@ def point(n: int, model_dir: str) -> None:
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from glimpse.builtin.train import ExampleMaker
-    from glimpse.train.common import IGNORE, collate
+    from glimpse.builtin.train import ExampleMaker, first_zoom
+    from glimpse.train.common import collate
 
     model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
     states: dict[str, torch.Tensor] = {}
@@ -248,17 +248,12 @@ def point(n: int, model_dir: str) -> None:
                 cache = getattr(out, "cache", None) or out.past_key_values
                 state = cache.glimpse_pointer
                 ids = batch["input_ids"][0].tolist()
-                trained = (t for t, y in enumerate(labels) if y != IGNORE)
-                at = next(t for t in trained if ids[t] == model.config.box_open_id)
-                keys, spells = state.keys[0][0], state.spells[0][0]
-                hit = (spells == torch.tensor(ids[at + 1 : at + 6])).all(1)
-                if not bool(hit.any()):
+                keys = state.keys[0][0]
+                found = first_zoom(ids, labels, model.config.box_open_id, state.spells[0][0])
+                if found is None:
                     continue
-                h = states["h"][0, at]
-                query = model.query(h)
-                if grounded:
-                    query = torch.cat([query, model.grounding.weight(h) * model.config.pointer_dim**0.5])
-                scores = keys @ query
+                at, hit = found
+                scores = model.pointer_scores(keys, states["h"][0, at])
                 best = float(scores[hit].max())
                 match = keys[:, -1] if grounded else scores
                 rank = int((scores > best).sum()), int((match > float(match[hit].max())).sum())

@@ -702,6 +702,14 @@ class GlimpseVLForConditionalGeneration(GlimpseVLPreTrainedModel, GenerationMixi
         index = (torch.tensor(where_b, device=logits.device), torch.tensor(where_t, device=logits.device))
         return logits.index_put(index, torch.stack(rows).to(logits.dtype))
 
+    def pointer_scores(self, keys: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """The pointer's score of each region (``keys``, as ``PointerState`` keeps them) from the decoder's state
+        ``h`` where it points."""
+        query = self.query(h)
+        if self.grounding is not None:  # the keys' last value is the grounding match: weigh it at full scale
+            query = torch.cat([query, self.grounding.weight(h) * self.config.pointer_dim**0.5], -1)
+        return (keys @ query).float() / self.config.pointer_dim**0.5
+
     def _pointer_row(
         self, state: PointerState, b: int, h: torch.Tensor, written: list[int], vocab: int
     ) -> torch.Tensor | None:
@@ -712,10 +720,7 @@ class GlimpseVLForConditionalGeneration(GlimpseVLPreTrainedModel, GenerationMixi
             if not bool(ok.any()):
                 return None  # a box no region spells (not the model's own): leave the LM head's logits
             keys, spells = keys[ok], spells[ok]
-        query = self.query(h)
-        if self.grounding is not None:  # the keys' last value is the grounding match: weigh it at full scale
-            query = torch.cat([query, self.grounding.weight(h) * self.config.pointer_dim**0.5], -1)
-        scores = (keys @ query).float() / self.config.pointer_dim**0.5
+        scores = self.pointer_scores(keys, h)
         top = scores.max()
         mass = torch.zeros(vocab, device=h.device).index_add(0, spells[:, j], (scores - top).exp())
         return torch.where(mass > 0, mass.clamp(min=1e-30).log() + top, torch.full_like(mass, NEG))

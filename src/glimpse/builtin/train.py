@@ -270,6 +270,19 @@ def reading_loss(
     return torch.stack(losses).mean()
 
 
+def first_zoom(ids: list[int], labels: list[int], box_open: int, spells: Any) -> tuple[int, Any] | None:
+    """Where the first trained zoom opens in a row (``ids``, ``labels``) and which of the first view's regions
+    (their ``spells``) it spells, as a mask; None when no trained zoom goes into the first view."""
+    import torch
+
+    at = next((t for t, (i, y) in enumerate(zip(ids, labels, strict=True)) if i == box_open and y != IGNORE), None)
+    if at is None:
+        return None
+    written = torch.tensor(ids[at + 1 : at + 6], device=spells.device)
+    hit = (spells == written).all(1) if len(written) == spells.shape[1] else None
+    return (at, hit) if hit is not None and bool(hit.any()) else None
+
+
 def grounding_loss(model: Any, input_ids: Any, labels: Any, state: Any) -> Any:
     """The grounding match alone (``Grounding``) as a pointer over the first view's regions: cross-entropy of the
     region(s) the teacher's first trained zoom into the first view spells, per row that has one (None: no row
@@ -278,19 +291,12 @@ def grounding_loss(model: Any, input_ids: Any, labels: Any, state: Any) -> Any:
     import torch
 
     losses = []
-    box_open = model.config.box_open_id
     for b, (ids, lab) in enumerate(zip(input_ids.tolist(), labels.tolist(), strict=True)):
-        if not state.keys[b]:
-            continue
-        at = next((t for t, (i, y) in enumerate(zip(ids, lab, strict=True)) if i == box_open and y != -100), None)
-        if at is None:
-            continue
-        written = torch.tensor(ids[at + 1 : at + 6], device=state.spells[b][0].device)
-        hit = (state.spells[b][0] == written).all(1) if len(written) == 5 else None
-        if hit is None or not bool(hit.any()):
-            continue  # the first trained zoom is into an observation
+        found = first_zoom(ids, lab, model.config.box_open_id, state.spells[b][0]) if state.keys[b] else None
+        if found is None:
+            continue  # no trained zoom, or the first one is into an observation
         match = state.keys[b][0][:, -1].float()
-        losses.append(torch.logsumexp(match, 0) - torch.logsumexp(match[hit], 0))
+        losses.append(torch.logsumexp(match, 0) - torch.logsumexp(match[found[1]], 0))
     return torch.stack(losses).mean() if losses else None
 
 
