@@ -333,7 +333,7 @@ def test_the_pointer_grounds_the_question_words_in_the_regions_even_when_the_pro
     assert model.grounding is not None and float(model.grounding.region.abs().max()) == 0.0  # starts switched off
     torch.manual_seed(0)
     with torch.no_grad():
-        for p in (model.grounding.region, model.grounding.word, model.grounding.gate):
+        for p in (model.grounding.region, model.grounding.word, model.grounding.gate, model.grounding.seen):
             p.normal_(0, 0.5)
     image = photo(320, 200, seed=5)
 
@@ -361,7 +361,9 @@ def test_the_pointer_grounds_the_question_words_in_the_regions_even_when_the_pro
         feats, _ = model.image_features(enc["pixel_values"])
         regions = feats[enc["pixel_values"][:, KIND] != READING]
         said = model.model.embed_tokens(torch.tensor(state.words[0]))
-        assert torch.allclose(keys[:, -1], model.grounding.match(said, regions), atol=1e-5)
+        seen = model.region_heads.words(model.region_heads(regions), model.model.embed_tokens)
+        assert torch.allclose(keys[:, -1], model.grounding.match(said, regions, seen), atol=1e-5)
+        assert not torch.allclose(keys[:, -1], model.grounding.match(said, regions), atol=1e-3)
     other = run(encode("how many dots are on the sign with a teal border?"))
     assert not torch.allclose(other.cache.glimpse_pointer.keys[0][0][:, -1], keys[:, -1])
 
@@ -381,3 +383,44 @@ def test_the_pointer_grounds_the_question_words_in_the_regions_even_when_the_pro
     put_back = state.row(0).after(ids[:cut], images=0)
     assert put_back.words == [None] and put_back.turn == [ids[turn + 1 : cut]]
     assert state.row(0).after(ids, images=1).words == state.words
+
+
+def test_region_heads_added_to_an_older_checkpoint_change_nothing_until_trained(builtin, tmp_path):
+    """``add_region_heads``: a checkpoint without ``RegionHeads`` gains them; it points and writes as before (the
+    grounding's ``seen`` projection starts at zero), and its output now tells each region's border and mark."""
+    import json
+    import shutil
+
+    from transformers import AutoModelForImageTextToText
+
+    from glimpse.builtin.model import add_region_heads
+
+    old = tmp_path / "old"
+    shutil.copytree(builtin, old)
+    config = json.loads((old / "config.json").read_text())
+    config.pop("region_classes"), config.pop("region_word_ids"), config.pop("ring_colour")
+    (old / "config.json").write_text(json.dumps(config))
+    before = AutoModelForImageTextToText.from_pretrained(old).eval()
+    assert before.region_heads is None
+    torch.manual_seed(1)
+    with torch.no_grad():  # a trained grounding, as an older checkpoint's would be
+        for p in (before.grounding.region, before.grounding.word, before.grounding.gate):
+            p.normal_(0, 0.5)
+    before.save_pretrained(old)
+    assert add_region_heads(old) and not add_region_heads(old)
+    after = AutoModelForImageTextToText.from_pretrained(old).eval()
+    assert after.region_heads is not None
+    processor = load_processor(old)
+    text = (
+        "<|im_start|>user\nthe sign with a red border?<|vision_start|><|image_pad|><|vision_end|><|im_end|>\n"
+        f"<|im_start|>assistant\n<grounding>{BOX_OPEN}"
+    )
+    enc = processor(text=[text], images=[photo(320, 200, seed=2)], return_tensors="pt")
+    with torch.no_grad():
+        a, b = before(**enc, use_cache=True), after(**enc, use_cache=True)
+    assert torch.allclose(a.logits, b.logits, atol=1e-5)
+    regions = int((enc["pixel_values"][:, KIND] != READING).sum())
+    assert a.region_logits is None
+    assert {k: tuple(v.shape) for k, v in b.region_logits.items()} == {
+        name: (regions, len(classes)) for name, classes in after.config.region_classes
+    }

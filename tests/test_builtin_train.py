@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from glimpse.builtin.processing import READ_ROWS
 from glimpse.builtin.reader import find_panel
 from glimpse.builtin.train import (
     FIRST_INDEX,
@@ -133,8 +134,16 @@ def test_examples_are_teacher_searches_through_the_loop(tmp_path):
     make = ExampleMaker(model, 0, folder)
     tok = make.processor.tokenizer
     for level in ("card", "medium"):
-        (example, kind, reading, wrong), why = make(level, 1_000_001)
+        (example, kind, reading, wrong, regions), why = make(level, 1_000_001)
         assert why is None and kind and wrong == 0
+        # what the regions of the first view show, one class per region row of every image (known only on a
+        # probe's first view)
+        first = int(example.image_grid_thw[0][2]) - READ_ROWS
+        region_rows = sum(int(g[2]) - READ_ROWS for g in example.image_grid_thw)
+        assert set(regions) == {"border", "mark"} and all(len(v) == region_rows for v in regions.values())
+        assert all(c == -100 for v in regions.values() for c in v[first:])
+        known = [c for c in regions["border"][:first] if c != -100]
+        assert (len(known) > 3) == (level != "card")
         trained = tok.convert_ids_to_tokens([x for x in example.labels if x != -100])
         zooms = trained.count('{"bbox_2d": [')
         assert trained.count("<|im_end|>") == zooms + 1 and (zooms == 0) == (level == "card")
@@ -161,7 +170,7 @@ def test_checking_searches_look_at_wrong_signs_first_and_train_only_what_follows
     make = ExampleMaker(model, 0, folder, check=1.0)
     tok = make.processor.tokenizer
     for level in ("easy", "hard"):
-        (example, _, reading, wrong), why = make(level, 1_000_002)
+        (example, _, reading, wrong, _), why = make(level, 1_000_002)
         assert why is None and 1 <= wrong <= 3
         trained = tok.convert_ids_to_tokens([x for x in example.labels if x != -100])
         zooms = trained.count('{"bbox_2d": [')
@@ -274,3 +283,42 @@ def test_the_grounding_loss_scores_the_regions_the_first_zoom_into_the_first_vie
     untrained = labels.clone()
     untrained[0, 1] = -100  # the first row's zoom is not trained (a wrong look): no row counts
     assert grounding_loss(model, ids, untrained, state) is None
+
+
+def test_region_targets_name_every_sign_a_region_shows_with_its_own_border(tmp_path):
+    from glimpse.builtin.model import MAX_PIXELS, MIN_PIXELS
+    from glimpse.builtin.proposer import TILES, regions
+    from glimpse.builtin.teacher import region_targets
+    from glimpse.images import PixelLimits, fit
+    from glimpse.probes.stream import SceneCache, probe_sample, sign_vocabulary
+
+    scenes = SceneCache()
+    sample = probe_sample("easy", 11, 0, tmp_path, scenes=scenes, others=True)
+    view = fit(scenes.get(sample.images[0]).image, PixelLimits(MIN_PIXELS, MAX_PIXELS, 32))
+    targets = region_targets(sample, view)
+    assert targets is not None and all(len(v) == len(regions(view)) for v in targets.values())
+    tiles = TILES[0] * TILES[1]
+    assert all(c == -100 for v in targets.values() for c in v[:tiles])  # the coarse tiles show no one sign
+    borders = sign_vocabulary()["border"]
+    named = {borders[c] for c in targets["border"] if c != -100}
+    target = next(c for c in sample.meta["candidates"] if c["target"])
+    # the target's colour, and the other signs' (on easy probes, every other sign has another colour)
+    assert target["border"] in named and len(named) >= 3
+    # without the other signs (a sample made for an evaluation), nothing is known
+    assert region_targets(probe_sample("easy", 11, 0, tmp_path, scenes=scenes), view) is None
+
+
+def test_the_region_loss_scores_only_the_regions_whose_sign_is_known():
+    from glimpse.builtin.train import region_loss
+
+    logits = {"border": torch.tensor([[4.0, 0.0], [0.0, 4.0], [9.0, -9.0]]), "mark": torch.zeros(3, 3)}
+    targets = [{"border": [0, 0], "mark": [-100, 2]}, {"border": [-100], "mark": [-100]}]
+    stats: dict[str, list[int]] = {}
+    loss = region_loss(logits, targets, stats)
+    ce = torch.nn.functional.cross_entropy
+    want = (ce(logits["border"][:2], torch.tensor([0, 0])) + ce(logits["mark"][1:2], torch.tensor([2]))) / 2
+    assert torch.allclose(loss, want)
+    assert stats == {"region/border": [1, 0], "region/mark": [0]}  # the third row is unknown: not counted
+    assert region_loss(logits, [{"border": [-100] * 3, "mark": [-100] * 3}]) is None
+    with pytest.raises(RuntimeError, match="region rows"):
+        region_loss(logits, [{"border": [0], "mark": [0]}])

@@ -544,6 +544,9 @@ class BuiltinConfig:
     ground_weight: float = opt(
         1.0, "weight of the grounding loss (the question's words matched to the teacher's first zoom's region)"
     )
+    region_weight: float = opt(
+        1.0, "weight of the region heads' loss (each first-view region's sign's border colour and corner mark)"
+    )
     start_index: int | None = opt(
         None,
         "first probe index of the stream (default: after the probes the --init checkpoint was trained on, from "

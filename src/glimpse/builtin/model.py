@@ -55,6 +55,8 @@ from glimpse.builtin.processing import (
     READ_ROWS,
     READING,
     REL,
+    RING,
+    RING_VALUES,
     STEPS,
     WINDOW,
     GlimpseVLImageProcessor,
@@ -100,6 +102,12 @@ class GlimpseVLConfig(PretrainedConfig):
             0: none.
         turn_start_id: id of the token that opens a chat turn (``<|im_start|>``): the question's words are the
             tokens of the turn that holds the conversation's first image.
+        region_classes: what the region heads tell of the sign a region token shows (``RegionHeads``):
+            ``[attribute, classes]`` pairs (a border colour, a corner mark); empty: no heads.
+        region_word_ids: per region attribute and class, the token ids of the class's words (empty for the class
+            "none"), so the grounding can compare the words the question says with the words a region shows.
+        ring_colour: region tokens also embed the colour around the lightest area of their crop
+            (``RingProjection``; checkpoints made before it have none).
     """
 
     model_type = MODEL_TYPE
@@ -123,6 +131,9 @@ class GlimpseVLConfig(PretrainedConfig):
         answer_ids: list[int] | None = None,
         ground_dim: int = 0,
         turn_start_id: int | None = None,
+        region_classes: list[list[Any]] | None = None,
+        region_word_ids: list[list[list[int]]] | None = None,
+        ring_colour: bool = False,
         **kwargs: Any,
     ):
         if isinstance(text_config, dict):
@@ -140,6 +151,9 @@ class GlimpseVLConfig(PretrainedConfig):
         self.reader_channels = list(reader_channels)
         self.answer_ids = list(answer_ids or [])
         self.ground_dim, self.turn_start_id = ground_dim, turn_start_id
+        self.region_classes = [[str(name), list(classes)] for name, classes in region_classes or []]
+        self.region_word_ids = [[list(ids) for ids in row] for row in region_word_ids or []]
+        self.ring_colour = ring_colour
         kwargs.setdefault("tie_word_embeddings", self.text_config.tie_word_embeddings)
         super().__init__(**kwargs)
 
@@ -151,24 +165,40 @@ def fourier(v: torch.Tensor, frequencies: int = 8) -> torch.Tensor:
     return torch.cat([angle.sin(), angle.cos()], -1).flatten(-2)
 
 
+class RingProjection(nn.Module):
+    """The colour around the lightest area of a region's crop (``processing.ring_colour``) → a share of its token.
+    Starts at zero, so a checkpoint made before it exists reads its regions as before until trained."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(RING_VALUES, hidden))
+
+    def forward(self, values: torch.Tensor) -> torch.Tensor:
+        return values @ self.weight.to(values.dtype)
+
+
 class RegionEncoder(nn.Module):
     """A region's crop and box → one token: stride-2 conv stages, the flattened feature map (it keeps where in the
-    crop each feature is, which reading needs), and a Fourier embedding of the box."""
+    crop each feature is, which reading needs), a Fourier embedding of the box, and the colour around the lightest
+    area of the crop (``RingProjection``)."""
 
-    def __init__(self, channels: list[int], hidden: int):
+    def __init__(self, channels: list[int], hidden: int, ring: bool = False):
         super().__init__()
         self.cnn = _stages(channels)
         c_in = channels[-1]
         cells = (CROP[0] >> len(channels)) * (CROP[1] >> len(channels))
         self.project = nn.Linear(c_in * cells, hidden)
         self.box = nn.Linear(4 * 2 * 8, hidden)
+        self.ring = RingProjection(hidden) if ring else None
         self.norm = nn.LayerNorm(hidden)
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
         """(tokens, ROW) → (tokens, hidden)."""
         pixels = rows[:, :PIXELS].reshape(-1, 3, *CROP)
-        feats = self.cnn(pixels).flatten(1)
-        return self.norm(self.project(feats) + self.box(fourier(rows[:, REL])))
+        token = self.project(self.cnn(pixels).flatten(1)) + self.box(fourier(rows[:, REL]))
+        if self.ring is not None:
+            token = token + self.ring(rows[:, RING])
+        return self.norm(token)
 
 
 def _stages(channels: list[int]) -> nn.Sequential:
@@ -242,6 +272,11 @@ class Grounding(nn.Module):
     sign of the right kind in the wrong colour (teacher-forced first zoom 46 % on 120 easy probes; the target
     was in its top three 77 % of the time). It starts switched off (the region projection is zero), so adding it
     to a trained checkpoint changes nothing until it is trained.
+
+    With ``RegionHeads``, a region also brings the words of what its heads see (its border colour's name, its
+    corner mark's), projected by ``seen``: the match can then compare a said word with a seen word, which attempt
+    6 found the region token alone did not offer for border colours (0 % teacher-forced on count and marker-colour
+    questions of easy probes, where the border colour is all that singles out the target).
     """
 
     def __init__(self, hidden: int, dim: int):
@@ -250,6 +285,7 @@ class Grounding(nn.Module):
         self.word = nn.Parameter(torch.empty(hidden, dim))
         self.next = nn.Parameter(torch.empty(hidden, dim))
         self.region = nn.Parameter(torch.empty(hidden, dim))
+        self.seen = nn.Parameter(torch.empty(hidden, dim))
         self.gate = nn.Parameter(torch.empty(hidden))
         self.bias = nn.Parameter(torch.empty(()))
 
@@ -257,23 +293,61 @@ class Grounding(nn.Module):
         nn.init.normal_(self.word, std=self.word.shape[0] ** -0.5)
         nn.init.normal_(self.next, std=self.next.shape[0] ** -0.5)
         nn.init.zeros_(self.region)
+        nn.init.zeros_(self.seen)
         nn.init.zeros_(self.gate)
         nn.init.ones_(self.bias)
 
-    def match(self, words: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
-        """(words, hidden) embeddings and (regions, hidden) tokens → (regions,) best-word match."""
+    def match(self, words: torch.Tensor, regions: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
+        """(words, hidden) embeddings and (regions, hidden) tokens, optionally with (regions, hidden) embeddings of
+        the words each region shows (``RegionHeads.words``) → (regions,) best-word match."""
         if words.shape[0] == 0:
             return regions.new_zeros(regions.shape[0])
         dtype = regions.dtype
         words = words.to(dtype)
         following = torch.cat([words[1:], words.new_zeros(1, words.shape[1])])
         said = words @ self.word.to(dtype) + following @ self.next.to(dtype)
-        scores = (regions @ self.region.to(dtype)) @ said.T
+        shown = regions @ self.region.to(dtype)
+        if seen is not None:
+            shown = shown + seen.to(dtype) @ self.seen.to(dtype)
+        scores = shown @ said.T
         return scores.max(1).values / self.dim**0.5
 
     def weight(self, h: torch.Tensor) -> torch.Tensor:
         """The weight of the match in the pointer's score, from the decoder's state ``h`` (…, hidden) → (…, 1)."""
         return (h @ self.gate.to(h.dtype) + self.bias.to(h.dtype)).unsqueeze(-1)
+
+
+class RegionHeads(nn.Module):
+    """What sign each region token shows, per attribute (``config.region_classes``: its border colour, its corner
+    mark): one linear classifier each on the token, trained on what the teacher knows each region of a first
+    view shows (``glimpse.builtin.train.region_loss``). They make the region encoder put those attributes in its
+    tokens, and give the grounding the words of what they see (``words``).
+    """
+
+    def __init__(self, config: GlimpseVLConfig, hidden: int):
+        super().__init__()
+        self.names = [name for name, _ in config.region_classes]
+        self.heads = nn.ModuleList(nn.Linear(hidden, len(classes)) for _, classes in config.region_classes)
+        self.word_ids = config.region_word_ids
+
+    def forward(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(regions, hidden) tokens → each attribute's (regions, classes) logits."""
+        return {name: head(tokens) for name, head in zip(self.names, self.heads, strict=True)}
+
+    def words(self, logits: dict[str, torch.Tensor], embed: nn.Embedding) -> torch.Tensor:
+        """The expected embedding of the words naming what each region shows, summed over attributes: per class,
+        the mean embedding of its words (nothing for the class "none"), weighted by its probability."""
+        first = next(iter(logits.values()))
+        out = first.new_zeros(first.shape[0], embed.embedding_dim)
+        for name, ids in zip(self.names, self.word_ids, strict=True):
+            table = torch.stack(
+                [
+                    embed(torch.tensor(c, device=first.device)).mean(0) if c else first.new_zeros(embed.embedding_dim)
+                    for c in ids
+                ]
+            ).to(first.dtype)
+            out = out + logits[name].float().softmax(-1).to(first.dtype) @ table
+        return out
 
 
 def question_words(
@@ -425,6 +499,8 @@ class GlimpseVLOutput(CausalLMOutputWithPast):
     them; generation ignores them)."""
 
     reader_logits: dict[str, torch.Tensor] | None = None
+    # per region attribute (``RegionHeads``), (region rows of every image, in row order, classes) logits
+    region_logits: dict[str, torch.Tensor] | None = None
 
 
 class GlimpseVLPreTrainedModel(PreTrainedModel):
@@ -446,6 +522,12 @@ class GlimpseVLPreTrainedModel(PreTrainedModel):
             nn.init.zeros_(module.bias)
         elif isinstance(module, Grounding):
             module.reset()
+        elif isinstance(module, RingProjection):
+            nn.init.zeros_(module.weight)
+        elif isinstance(module, RegionHeads):  # heads added to an older checkpoint start small
+            for head in module.heads:
+                nn.init.normal_(head.weight, std=0.02)
+                nn.init.zeros_(head.bias)
         elif isinstance(module, Reader):  # its bare parameters (a reader added to an older checkpoint too)
             nn.init.zeros_(module.attribute)
             for table in module.tables:
@@ -460,7 +542,7 @@ class GlimpseVLForConditionalGeneration(GlimpseVLPreTrainedModel, GenerationMixi
     def __init__(self, config: GlimpseVLConfig):
         super().__init__(config)
         text = config.text_config
-        self.visual = RegionEncoder(config.channels, text.hidden_size)
+        self.visual = RegionEncoder(config.channels, text.hidden_size, ring=config.ring_colour)
         self.reader = Reader(config, text.hidden_size) if config.reader_classes else None
         copying = self.reader is not None and len(config.answer_ids) == 2
         # inside an answer: how much of the next token to copy from each reading attribute (and how much the LM
@@ -473,6 +555,7 @@ class GlimpseVLForConditionalGeneration(GlimpseVLPreTrainedModel, GenerationMixi
         self.key = nn.Linear(text.hidden_size, config.pointer_dim)
         grounded = config.ground_dim > 0 and config.turn_start_id is not None
         self.grounding = Grounding(text.hidden_size, config.ground_dim) if grounded else None
+        self.region_heads = RegionHeads(config, text.hidden_size) if config.region_classes else None
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -517,9 +600,11 @@ class GlimpseVLForConditionalGeneration(GlimpseVLPreTrainedModel, GenerationMixi
             inputs_embeds = self.model.embed_tokens(input_ids)
         where = input_ids == self.config.image_token_id if input_ids is not None else None
         has_images = pixel_values is not None and where is not None and bool(where.any())
-        reader_logits = feats = None
+        reader_logits = region_logits = feats = None
         if has_images:
             feats, reader_logits = self.image_features(pixel_values.to(inputs_embeds.dtype))
+            if self.region_heads is not None:
+                region_logits = self.region_heads(feats[pixel_values[:, KIND] != READING])
             if int(where.sum()) != feats.shape[0]:
                 raise ValueError(
                     f"{int(where.sum())} image tokens in the prompt but {feats.shape[0]} region rows in pixel_values"
@@ -561,7 +646,13 @@ class GlimpseVLForConditionalGeneration(GlimpseVLPreTrainedModel, GenerationMixi
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
-        return GlimpseVLOutput(loss=loss, logits=logits, reader_logits=reader_logits, **{_CACHE_FIELD: returned})
+        return GlimpseVLOutput(
+            loss=loss,
+            logits=logits,
+            reader_logits=reader_logits,
+            region_logits=region_logits,
+            **{_CACHE_FIELD: returned},
+        )
 
     def image_features(self, rows: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
         """Every image's rows → one token each (region rows through the region encoder, each image's reading
@@ -608,7 +699,11 @@ class GlimpseVLForConditionalGeneration(GlimpseVLPreTrainedModel, GenerationMixi
             keys = self.key(hidden[b, cols[region]])
             if self.grounding is not None and question is not None and tokens is not None:
                 said = torch.tensor(question[b] or [], dtype=torch.long, device=hidden.device)
-                match = self.grounding.match(self.model.embed_tokens(said), tokens[region])
+                shown = tokens[region]
+                seen = None
+                if self.region_heads is not None:
+                    seen = self.region_heads.words(self.region_heads(shown), self.model.embed_tokens)
+                match = self.grounding.match(self.model.embed_tokens(said), shown, seen)
                 keys = torch.cat([keys, match.unsqueeze(-1).to(keys.dtype)], -1)
             state.keys[b].append(keys)
             state.spells[b].append(self.spellings(rows[region], state.images[b]))
@@ -802,6 +897,18 @@ def reader_vocabulary(tokenizer: Any) -> tuple[list[list[Any]], list[list[int]]]
     return [[name, words] for name, words in classes.items()], ids
 
 
+def region_vocabulary(tokenizer: Any) -> tuple[list[list[Any]], list[list[list[int]]]]:
+    """The region heads' attributes and classes (the teacher's ``REGION_ATTRIBUTES`` of the generator's vocabulary
+    of what a sign shows) and, per class, the token ids of its words (none for the class "none")."""
+    from glimpse.builtin.teacher import REGION_ATTRIBUTES
+    from glimpse.probes.stream import sign_vocabulary
+
+    vocab = sign_vocabulary()
+    classes = [[name, vocab[name]] for name in REGION_ATTRIBUTES]
+    ids = [[tokenizer.encode(word, add_special_tokens=False) if word else [] for word in words] for _, words in classes]
+    return classes, ids
+
+
 def add_reader(folder: Any) -> bool:
     """Give a checkpoint made before the reader existed one, and one made before answers could copy what it read
     that copying (its config gains what is missing; the new weights start fresh when the checkpoint is next
@@ -843,6 +950,28 @@ def add_grounding(folder: Any, dim: int = SIZES["base"]["ground"]) -> bool:
     return True
 
 
+def add_region_heads(folder: Any) -> bool:
+    """Give a checkpoint made before ``RegionHeads`` and ``RingProjection`` existed both (its config gains them;
+    their weights start fresh when it is next loaded: the ring projection at zero, and the heads change only the
+    grounding's match, whose ``seen`` projection starts at zero, so behaviour is unchanged until trained).
+    Returns whether anything changed."""
+    import json
+    from pathlib import Path
+
+    from glimpse.hf.processor import load_processor
+
+    path = Path(folder) / "config.json"
+    config = json.loads(path.read_text())
+    if config.get("region_classes") and config.get("ring_colour"):
+        return False
+    if not config.get("region_classes"):
+        classes, ids = region_vocabulary(load_processor(folder).tokenizer)
+        config.update(region_classes=classes, region_word_ids=ids)
+    config["ring_colour"] = True
+    path.write_text(json.dumps(config, indent=2) + "\n")
+    return True
+
+
 def build_builtin(
     out_dir: Any,
     *,
@@ -876,6 +1005,7 @@ def build_builtin(
     )
     coordinates = [coordinate_text(k, last) for last in (False, True) for k in range(STEPS + 1)]
     reader_classes, reader_ids = reader_vocabulary(tokenizer)
+    region_classes, region_word_ids = region_vocabulary(tokenizer)
     config = GlimpseVLConfig(
         text_config=text,
         channels=spec["channels"],
@@ -890,6 +1020,9 @@ def build_builtin(
         answer_ids=[ids("<answer>"), ids("</answer>")],
         ground_dim=spec["ground"],
         turn_start_id=ids("<|im_start|>"),
+        region_classes=region_classes,
+        region_word_ids=region_word_ids,
+        ring_colour=True,
         eos_token_id=ids("<|im_end|>"),
         pad_token_id=ids("<|endoftext|>"),
     )

@@ -30,6 +30,10 @@ from glimpse.images import PixelLimits, fit
 from glimpse.trajectory import Sample
 
 COVER = 0.3  # a proposal points at a sign when it covers at least this share of the sign's box
+# A region shows a sign (and is taught what the sign's border and corner show) when it covers this share of
+# the sign's box and is at most this many times the sign's area (its crop is mostly that sign).
+SHOWS_COVER, SHOWS_AREA = 0.6, 4.0
+REGION_ATTRIBUTES = ("border", "mark")  # what the region heads learn of the sign a region shows
 READ_MATCH = 0.4  # a panel read is a sign when their boxes overlap at least this much (intersection over union)
 
 
@@ -119,6 +123,37 @@ def wrong_looks(
         if len(looks) == n:
             break
     return looks
+
+
+def region_targets(sample: Sample, view: Image.Image) -> dict[str, list[int]] | None:
+    """What the teacher knows each region of a probe's first view (``view``, as the loop shows it) shows: per
+    attribute of ``REGION_ATTRIBUTES``, one class index (``probes.stream.sign_labels``) per region of
+    ``regions(view)``, ``-100`` where the region shows no sign it knows (the tiles; background; clutter). Needs the
+    meta's ``others`` (``probe_sample(..., others=True)``); None for a sample without them (a card)."""
+    from glimpse.probes.stream import sign_labels
+
+    if "others" not in sample.meta:
+        return None
+    width, height = sample.meta["size"]
+    sx, sy = view.width / width, view.height / height
+    signs = [
+        ((c["box"][0] * sx, c["box"][1] * sy, c["box"][2] * sx, c["box"][3] * sy), sign_labels(c))
+        for c in [*sample.meta["candidates"], *sample.meta["others"]]
+    ]
+    out: dict[str, list[int]] = {name: [] for name in REGION_ATTRIBUTES}
+    for i, b in enumerate(regions(view)):
+        best, key = None, 0.0
+        area = (b[2] - b[0]) * (b[3] - b[1])
+        for box, labels in signs if i >= TILES[0] * TILES[1] else []:
+            sign_area = (box[2] - box[0]) * (box[3] - box[1])
+            iw = max(0.0, min(b[2], box[2]) - max(b[0], box[0]))
+            ih = max(0.0, min(b[3], box[3]) - max(b[1], box[1]))
+            cover = iw * ih / sign_area
+            if cover >= SHOWS_COVER and area <= SHOWS_AREA * sign_area and cover > key:
+                best, key = labels, cover
+        for name in REGION_ATTRIBUTES:
+            out[name].append(best[name] if best is not None else -100)
+    return out
 
 
 def grid_turns(sample: Sample, limits: PixelLimits | None = None) -> list[str]:

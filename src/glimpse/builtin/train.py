@@ -78,13 +78,15 @@ class ExampleMaker:
         self.scenes = SceneCache()
 
     def __call__(self, level: str, index: int) -> tuple[Any, str | None]:
-        """((example, kind, reading targets per image, wrong looks), None), or (None, why it was skipped). Level
-        ``read``: a card's panel alone, ((reading rows, kind, [targets]), None), for training the reader by
-        itself."""
+        """((example, kind, reading targets per image, wrong looks, region targets), None), or (None, why it was
+        skipped). Region targets (``region_loss``): per region attribute, one class per region row of the
+        example's images (what the teacher knows a probe's first view's regions show; ``IGNORE`` elsewhere and
+        on cards). Level ``read``: a card's panel alone, ((reading rows, kind, [targets]), None), for training the
+        reader by itself."""
         from glimpse.agent import AgentLoop
         from glimpse.builtin.model import PROMPT_FILE
         from glimpse.builtin.processing import KIND, READING, REL, reading_rows
-        from glimpse.builtin.teacher import reading_targets, teacher_turns
+        from glimpse.builtin.teacher import reading_targets, region_targets, teacher_turns
         from glimpse.models.scripted import ScriptedBackend
         from glimpse.probes.stream import card_sample, probe_sample, sign_labels
         from glimpse.train.common import encode
@@ -101,7 +103,7 @@ class ExampleMaker:
             sample = card_sample(index, self.seed, self.folder)
             cache = self.files
         else:
-            sample = probe_sample(level, index, self.seed, self.folder, scenes=self.scenes)
+            sample = probe_sample(level, index, self.seed, self.folder, scenes=self.scenes, others=True)
             cache = self.scenes
         try:
             view = fit(cache.get(sample.images[0]).image, self.limits)  # type: ignore[arg-type]
@@ -133,12 +135,56 @@ class ExampleMaker:
             seen = [o for o in traj.observations() if o.path is None]
             if len(seen) != len(panels):
                 raise RuntimeError(f"{sample.id}: {len(panels)} images encoded but {len(seen)} in the trajectory")
-            return (example, sample.meta["category"], reading_targets(sample, seen, panels), wrong), None
+            regions = _region_rows(rows, example.image_grid_thw, region_targets(sample, view), sample.id)
+            reading = reading_targets(sample, seen, panels)
+            return (example, sample.meta["category"], reading, wrong, regions), None
         finally:
             self.scenes.discard(sample.images[0])
             for f in self.folder.iterdir():
                 f.unlink()
             self.files.clear()
+
+
+def _region_rows(rows: np.ndarray, grid: Any, first: dict[str, list[int]] | None, name: str) -> dict[str, list[int]]:
+    """Region targets of the first view's regions (``first``; None: none known) spread over every region row of
+    an example (its ``rows`` of images of ``grid``): the first image's, then ``IGNORE`` for the rest."""
+    from glimpse.builtin.processing import KIND, READING
+    from glimpse.builtin.teacher import REGION_ATTRIBUTES
+
+    if first is None:
+        return {k: [IGNORE] * int((rows[:, KIND] != READING).sum()) for k in REGION_ATTRIBUTES}
+    size = int(grid[0][2])
+    shown = int((rows[:size, KIND] != READING).sum())
+    total = int((rows[:, KIND] != READING).sum())
+    if any(len(v) != shown for v in first.values()):
+        raise RuntimeError(f"{name}: {shown} region rows in the first image but targets for another count")
+    return {k: v + [IGNORE] * (total - shown) for k, v in first.items()}
+
+
+def region_loss(
+    logits: dict[str, Any] | None, targets: list[dict[str, list[int]]], stats: dict[str, list[int]] | None = None
+) -> Any:
+    """The region heads' loss (``RegionHeads``): cross-entropy of each attribute on the region rows whose sign the
+    teacher knows (``targets``: per example in batch order, its region rows' classes), averaged over attributes;
+    None when nothing is known. Right/wrong (before the step: held out) go to ``stats`` as ``region/NAME``."""
+    import torch
+
+    if not logits:
+        return None
+    losses = []
+    for name, out in logits.items():
+        want = [c for t in targets for c in t[name]]
+        want_t = torch.tensor(want, device=out.device)
+        if len(want) != out.shape[0]:
+            raise RuntimeError(f"{out.shape[0]} region rows but {len(want)} region targets")
+        known = want_t != IGNORE
+        if not bool(known.any()):
+            continue
+        losses.append(torch.nn.functional.cross_entropy(out.float(), want_t, ignore_index=IGNORE))
+        if stats is not None:
+            right = (out.detach().argmax(-1) == want_t)[known].tolist()
+            stats.setdefault(f"region/{name}", []).extend(int(r) for r in right)
+    return torch.stack(losses).mean() if losses else None
 
 
 def mask_replies(labels: list[int], n: int) -> list[int]:
@@ -333,7 +379,7 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
     ``cfg.read_minutes``); write ``OUT/model``."""
     import torch
 
-    from glimpse.builtin.model import add_grounding, add_reader, build_builtin
+    from glimpse.builtin.model import add_grounding, add_reader, add_region_heads, build_builtin
     from glimpse.hf.processor import load_processor
     from glimpse.train.common import collate
 
@@ -358,6 +404,8 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
             print(f"{cfg.init} has no reader: one is added (random weights)")
         if add_grounding(model_dir):
             print(f"{cfg.init} has no grounding: one is added (switched off until trained)")
+        if add_region_heads(model_dir):
+            print(f"{cfg.init} has no region heads or ring colour: they are added (they change nothing until trained)")
     else:
         build_builtin(model_dir, size=cfg.size, seed=cfg.seed)
     from transformers import AutoModelForImageTextToText
@@ -459,6 +507,9 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
         ground = grounding_loss(model, inputs["input_ids"], labels, cache.glimpse_pointer) if grounded else None
         if ground is not None:
             total = total + cfg.ground_weight * ground
+        regions = region_loss(output.region_logits, [b[4] for b in batch], stats) if cfg.region_weight > 0 else None
+        if regions is not None:
+            total = total + cfg.region_weight * regions
         if not bool(torch.isfinite(total)):
             raise RuntimeError(f"the loss is not finite (replies {float(loss)}, reader {float(read)}): a bug, not data")
         optimizer.zero_grad()
@@ -543,7 +594,7 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
             # Accuracy on this batch before training on it: fresh examples, so a held-out measurement.
             with torch.no_grad():
                 pred = logits.argmax(-1)
-                for row, (level, (_, kind, _, checked)) in enumerate(zip(levels, batch, strict=True)):
+                for row, (level, (_, kind, _, checked, _)) in enumerate(zip(levels, batch, strict=True)):
                     for key, v in skills(target[row].tolist(), pred[row].tolist(), level, kind, ids, checked).items():
                         stats.setdefault(key, []).extend(v)
             record(

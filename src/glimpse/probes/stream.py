@@ -85,11 +85,15 @@ class SceneCache(ImageCache):
         return found
 
 
-def probe_sample(level: str, index: int, seed: int, folder: Path, *, scenes: SceneCache | None = None) -> Sample:
+def probe_sample(
+    level: str, index: int, seed: int, folder: Path, *, scenes: SceneCache | None = None, others: bool = False
+) -> Sample:
     """Generate one probe and return it as a sample.
 
     With ``scenes``, the probe is not drawn: its scene is registered there and drawn view by view as the loop
     zooms (what training uses). Without, its image is written to ``folder`` as a JPEG for any loop to read.
+    ``others``: the meta also describes every other sign (what a trainer teaches about each region; dozens of
+    signs on a hard probe, so off where samples are written to trajectories).
     """
     from glimpse.probes.synth import make_probe
 
@@ -100,7 +104,14 @@ def probe_sample(level: str, index: int, seed: int, folder: Path, *, scenes: Sce
     else:
         path = folder / f"{rec['doc_id']}.jpg"
         probe.image.save(path, quality=92)
-    meta = {"level": level, "category": rec["kind"], "candidates": rec["candidates"], "size": rec["size"]}
+    meta = {
+        "level": level,
+        "category": rec["kind"],
+        "candidates": rec["candidates"],
+        "size": rec["size"],
+    }
+    if others:
+        meta["others"] = probe.others
     return Sample(
         id=rec["doc_id"],
         images=[str(path)],

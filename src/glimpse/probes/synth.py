@@ -46,9 +46,10 @@ until it is not (up to about 4,000 × 2,000 on easy).
 
 On hard, the corner star is about 2 px in the full view, so a search has to check candidates one by one: with
 10 candidates in random order a correct search takes 5.5 checks on average before it can read the answer.
-Every probe records its target boxes (faithfulness scoring), the candidates' boxes, and the legibility
-figures. Records use VisualProbe's JSON fields (``images``, ``problem``, ``solution``, ``data_source``) plus
-these. Generation is deterministic given (level, seed, index).
+Every probe records its target boxes (faithfulness scoring), the candidates' boxes and what each shows, and the
+legibility figures (what the other signs show is on the ``Probe``, ``others``, for trainers). Records use
+VisualProbe's JSON fields (``images``, ``problem``, ``solution``, ``data_source``) plus these. Generation is
+deterministic given (level, seed, index).
 """
 
 from __future__ import annotations
@@ -106,13 +107,15 @@ LEVELS = {
 @dataclass
 class Probe:
     """A generated scene and its record (``image`` is ``None`` when made with ``render=False``); a two-image
-    probe's second scene is in ``more_images`` and ``more_scenes``."""
+    probe's second scene is in ``more_images`` and ``more_scenes``. ``others``: what every sign that is not a
+    candidate shows (as ``describe`` writes it), for trainers; not in the record (dozens of signs per probe)."""
 
     image: Image.Image | None
     record: dict[str, Any]
     scene: Scene | None = None
     more_images: list[Image.Image] = field(default_factory=list)
     more_scenes: list[Scene] = field(default_factory=list)
+    others: list[dict[str, Any]] = field(default_factory=list)
 
 
 # How much finer than it is shown a region is drawn before the final resize (``Scene.view``): at 3× the
@@ -582,7 +585,8 @@ def make_probe(
         "shown_cap_px": round(cap * scale, 2),
         "zoomed_cap_px": round(cap * zoomed_scale, 2),
     }
-    return Probe(image=scene.render() if render else None, record=record, scene=scene)
+    others_shown = [describe(s, False) for s in others]
+    return Probe(image=scene.render() if render else None, record=record, scene=scene, others=others_shown)
 
 
 def make_pair_probe(
