@@ -24,10 +24,13 @@ from glimpse.builtin.processing import (
     READ_ROWS,
     READING,
     REL,
+    RING,
+    RING_BINS,
     STD,
     STEPS,
     WINDOW,
     region_rows,
+    ring_colour,
     zoom_text,
 )
 from glimpse.builtin.proposer import TILES, propose
@@ -113,6 +116,14 @@ def test_the_processor_makes_region_tokens_from_the_pixels_it_is_given(builtin, 
     panel = image.crop(cut).resize((READ_CROP[1], READ_CROP[0]), Image.Resampling.BILINEAR)
     want_panel = ((np.asarray(panel, np.float32) / 255 - MEAN) / STD).transpose(2, 0, 1).reshape(-1)
     assert np.allclose(rows[-READ_ROWS:, :PIXELS].reshape(-1), want_panel, atol=1e-5)
+    # the ring colour of each proposal's crop, at this image's own resolution; none on tiles and reading rows
+    tiles = TILES[0] * TILES[1]
+    assert not rows[:tiles, RING].any() and not rows[-READ_ROWS:, RING].any()
+    x0, y0, x1, y1 = boxes[tiles]
+    gx, gy = (x1 - x0) * 0.125, (y1 - y0) * 0.125
+    cut = (max(0, int(np.floor(x0 - gx))), max(0, int(np.floor(y0 - gy))))
+    cut = (*cut, min(image.width, int(np.ceil(x1 + gx))), min(image.height, int(np.ceil(y1 + gy))))
+    assert np.allclose(rows[tiles, RING], ring_colour(np.asarray(image.crop(cut))), atol=1e-6)
 
 
 def test_the_proposer_covers_probe_targets_and_finds_objects_in_a_photo():
@@ -361,7 +372,8 @@ def test_the_pointer_grounds_the_question_words_in_the_regions_even_when_the_pro
         feats, _ = model.image_features(enc["pixel_values"])
         regions = feats[enc["pixel_values"][:, KIND] != READING]
         said = model.model.embed_tokens(torch.tensor(state.words[0]))
-        seen = model.region_heads.words(model.region_heads(regions), model.model.embed_tokens)
+        rows = enc["pixel_values"][enc["pixel_values"][:, KIND] != READING]
+        seen = model.region_heads.words(model.region_heads(regions, rows), model.model.embed_tokens)
         assert torch.allclose(keys[:, -1], model.grounding.match(said, regions, seen), atol=1e-5)
         assert not torch.allclose(keys[:, -1], model.grounding.match(said, regions), atol=1e-3)
     other = run(encode("how many dots are on the sign with a teal border?"))
@@ -424,3 +436,30 @@ def test_region_heads_added_to_an_older_checkpoint_change_nothing_until_trained(
     assert {k: tuple(v.shape) for k, v in b.region_logits.items()} == {
         name: (regions, len(classes)) for name, classes in after.config.region_classes
     }
+
+
+@pytest.mark.parametrize("border", [(205, 35, 35), (35, 85, 215), (35, 150, 65)])
+def test_the_ring_colour_points_the_way_of_a_thin_outline_around_a_light_shape_shown_small(border):
+    """``ring_colour``: a light label with a one-pixel outline on a grey, textured background, shown at a third of
+    its size (the outline blended into a tint): the ring's mean direction from the light colour is closest to
+    the outline colour's direction, whatever the colour; without an outline it has no colour."""
+    rng = np.random.default_rng(0)
+
+    def label(outline: tuple[int, int, int] | None) -> np.ndarray:
+        a = rng.integers(90, 140, (90, 150, 3)).astype(np.uint8)
+        im = Image.fromarray(a)
+        ImageDraw.Draw(im).rectangle((30, 25, 120, 65), fill=(246, 246, 242), outline=outline, width=3)
+        return np.asarray(im.resize((50, 30), Image.Resampling.BICUBIC))
+
+    values = ring_colour(label(border))
+    want = np.array(border, np.float32) / 255 - np.array([246, 246, 242]) / 255
+    others = [(205, 35, 35), (35, 85, 215), (35, 150, 65), (240, 135, 15), (135, 55, 175)]
+    cos = {
+        c: float(values[:3] @ (np.array(c) / 255 - 246 / 255) / np.linalg.norm(np.array(c) / 255 - 246 / 255))
+        for c in others
+    }
+    assert max(cos, key=cos.get) == border and float(values[:3] @ want) > 0
+    plain = ring_colour(label(None))
+    hue = slice(3, 3 + RING_BINS)  # the hue histogram, weighted by saturation: a grey ring has next to none
+    assert plain[hue].sum() < 0.3 * values[hue].sum() and np.ptp(plain[:3]) < 0.1
+    assert ring_colour(np.zeros((0, 0, 3), np.uint8)).shape == values.shape  # an empty crop: zeros, no error

@@ -322,3 +322,26 @@ def test_the_region_loss_scores_only_the_regions_whose_sign_is_known():
     assert region_loss(logits, [{"border": [-100] * 3, "mark": [-100] * 3}]) is None
     with pytest.raises(RuntimeError, match="region rows"):
         region_loss(logits, [{"border": [0], "mark": [0]}])
+
+
+def test_added_weights_are_the_parts_an_older_checkpoint_lacks(tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    from glimpse.builtin.model import add_region_heads, build_builtin
+    from glimpse.builtin.train import added_weights
+
+    folder = build_builtin(tmp_path / "model", size="tiny")
+    model = AutoModelForImageTextToText.from_pretrained(folder)
+    assert added_weights(model, folder) == set()
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("region_classes"), config.pop("region_word_ids"), config.pop("ring_colour")
+    (folder / "config.json").write_text(json.dumps(config))
+    AutoModelForImageTextToText.from_pretrained(folder).save_pretrained(folder)  # an older checkpoint
+    assert add_region_heads(folder)
+    upgraded = AutoModelForImageTextToText.from_pretrained(folder)
+    assert added_weights(upgraded, folder) == {
+        "visual.ring.weight",
+        *(f"region_heads.{h}.{i}.{p}" for h in ("heads", "ring") for i in range(2) for p in ("weight", "bias")),
+    }
+    with pytest.raises(ConfigError, match="safetensors"):
+        added_weights(upgraded, tmp_path)

@@ -541,6 +541,11 @@ class BuiltinConfig:
         1.0, "weight of the reader's own loss (what the teacher knows each zoomed panel shows) beside the replies'"
     )
     reader_lr: float = opt(3e-4, "peak learning rate of the reader (the region-token study: 2e-3 learned nothing)")
+    new_lr: float = opt(
+        5e-3,
+        "peak learning rate of the weights the --init checkpoint does not have (parts added to an older model: "
+        "they start at zero or random and must catch up with trained ones)",
+    )
     ground_weight: float = opt(
         1.0, "weight of the grounding loss (the question's words matched to the teacher's first zoom's region)"
     )

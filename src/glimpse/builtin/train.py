@@ -346,6 +346,21 @@ def grounding_loss(model: Any, input_ids: Any, labels: Any, state: Any) -> Any:
     return torch.stack(losses).mean() if losses else None
 
 
+def added_weights(model: Any, folder: Path) -> set[str]:
+    """The names of ``model``'s parameters that the checkpoint in ``folder`` has no weights for (parts added to an
+    older checkpoint: ``add_grounding``, ``add_region_heads``)."""
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ConfigError(f"{folder} has no .safetensors weights")
+    stored: set[str] = set()
+    for f in files:
+        with safe_open(str(f), "pt") as weights:
+            stored.update(weights.keys())
+    return {name for name, _ in model.named_parameters() if name not in stored}
+
+
 def stream_start(cfg: BuiltinConfig) -> dict[str, int]:
     """The first probe index per level of this run: ``--start-index``, else where the ``--init`` checkpoint's
     stream stopped (its ``STREAM_FILE``), else ``FIRST_INDEX``. A continued run never trains on its starting
@@ -427,8 +442,16 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
     model.train()
     reader_params = list(model.reader.parameters())
     reader_ids = {id(p) for p in reader_params}
-    rest = [p for p in model.parameters() if id(p) not in reader_ids]
-    groups = [{"params": rest, "scale": 1.0}, {"params": reader_params, "scale": cfg.reader_lr / cfg.lr}]
+    added = added_weights(model, model_dir) if cfg.init else set()
+    new = [p for n, p in model.named_parameters() if n in added and id(p) not in reader_ids]
+    if new:
+        print(f"{len(new)} weights {cfg.init} does not have ({', '.join(sorted(added))}) train at {cfg.new_lr:g}")
+    rest = [p for n, p in model.named_parameters() if id(p) not in reader_ids and n not in added]
+    groups = [
+        {"params": rest, "scale": 1.0},
+        {"params": reader_params, "scale": cfg.reader_lr / cfg.lr},
+        {"params": new, "scale": cfg.new_lr / cfg.lr},
+    ]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.01)
     reader_optimizer = torch.optim.AdamW(reader_params, lr=cfg.reader_lr, weight_decay=0.01)
     budget, read_budget = cfg.minutes * 60, cfg.read_minutes * 60
