@@ -463,3 +463,24 @@ def test_the_ring_colour_points_the_way_of_a_thin_outline_around_a_light_shape_s
     hue = slice(3, 3 + RING_BINS)  # the hue histogram, weighted by saturation: a grey ring has next to none
     assert plain[hue].sum() < 0.3 * values[hue].sum() and np.ptp(plain[:3]) < 0.1
     assert ring_colour(np.zeros((0, 0, 3), np.uint8)).shape == values.shape  # an empty crop: zeros, no error
+
+
+def test_the_agreement_prefers_the_region_showing_what_the_question_asks_for(builtin):
+    """``RegionHeads.agreement``: the log-probability that a region's heads and the question's (``ask``) name the
+    same class, summed over attributes; zero weight (as added to an older checkpoint) changes nothing."""
+    from transformers import AutoModelForImageTextToText
+
+    heads = AutoModelForImageTextToText.from_pretrained(builtin).region_heads
+    sizes = {name: head.out_features for name, head in zip(heads.names, heads.heads, strict=True)}
+    asked = {name: torch.full((n,), -9.0) for name, n in sizes.items()}
+    seen = {name: torch.full((2, n), -9.0) for name, n in sizes.items()}
+    for name in sizes:
+        asked[name][1] = 9.0
+        seen[name][0, 1], seen[name][1, 0] = 9.0, 9.0  # region 0 shows what is asked, region 1 does not
+    with torch.no_grad():
+        assert torch.equal(heads.agreement(asked, seen), torch.zeros(2))  # starts switched off
+        heads.agree.fill_(0.1)
+        agree = heads.agreement(asked, seen)
+    assert agree[0] > agree[1] + 1.0
+    words = torch.randn(7, heads.attend.in_features // 2)
+    assert {k: tuple(v.shape) for k, v in heads.ask(words).items()} == {k: (n,) for k, n in sizes.items()}

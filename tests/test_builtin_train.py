@@ -125,6 +125,12 @@ def test_skills_are_scored_per_zoom_and_per_answer():
     assert skills(target, pred, "hard", "read_code", ids)["answer"] == [1]
 
 
+def make_target_candidates(level: str) -> list[dict]:
+    from glimpse.probes.synth import make_probe
+
+    return make_probe(level, 1_000_001, seed=0, render=False).record["candidates"]
+
+
 def test_examples_are_teacher_searches_through_the_loop(tmp_path):
     from glimpse.builtin.model import build_builtin
 
@@ -140,8 +146,13 @@ def test_examples_are_teacher_searches_through_the_loop(tmp_path):
         # probe's first view)
         first = int(example.image_grid_thw[0][2]) - READ_ROWS
         region_rows = sum(int(g[2]) - READ_ROWS for g in example.image_grid_thw)
+        asked = regions.pop("asked", None)  # what the question asks for: the target's border and corner mark
         assert set(regions) == {"border", "mark"} and all(len(v) == region_rows for v in regions.values())
         assert all(c == -100 for v in regions.values() for c in v[first:])
+        assert (asked is None) == (level == "card")
+        if asked is not None:
+            target = next(c for c in make_target_candidates(level) if c["target"])
+            assert asked == {k: sign_labels(target)[k] for k in ("border", "mark")}
         known = [c for c in regions["border"][:first] if c != -100]
         assert (len(known) > 3) == (level != "card")
         trained = tok.convert_ids_to_tokens([x for x in example.labels if x != -100])
@@ -341,7 +352,15 @@ def test_added_weights_are_the_parts_an_older_checkpoint_lacks(tmp_path):
     upgraded = AutoModelForImageTextToText.from_pretrained(folder)
     assert added_weights(upgraded, folder) == {
         "visual.ring.weight",
-        *(f"region_heads.{h}.{i}.{p}" for h in ("heads", "ring") for i in range(2) for p in ("weight", "bias")),
+        *(
+            f"region_heads.{h}.{i}.{p}"
+            for h in ("heads", "ring", "asked")
+            for i in range(2)
+            for p in ("weight", "bias")
+        ),
+        "region_heads.attend.weight",
+        "region_heads.attend.bias",
+        "region_heads.agree",
     }
     with pytest.raises(ConfigError, match="safetensors"):
         added_weights(upgraded, tmp_path)

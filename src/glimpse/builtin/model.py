@@ -321,6 +321,9 @@ class Grounding(nn.Module):
         return (h @ self.gate.to(h.dtype) + self.bias.to(h.dtype)).unsqueeze(-1)
 
 
+AGREE_GAIN = 10.0  # the agreement's weight scale (``RegionHeads.agree`` starts at zero and must grow fast)
+
+
 class RegionHeads(nn.Module):
     """What sign each region shows, per attribute (``config.region_classes``: its border colour, its corner mark):
     one linear classifier each on the region's token and, with the ring colour (``config.ring_colour``), on its
@@ -336,6 +339,29 @@ class RegionHeads(nn.Module):
         sizes = [len(classes) for _, classes in config.region_classes]
         self.ring = nn.ModuleList(nn.Linear(RING_VALUES, n) for n in sizes) if config.ring_colour else None
         self.word_ids = config.region_word_ids
+        # what the question asks for, per attribute: attention over its words (each read with the next one, as
+        # the grounding reads them) and one classifier each; and the weight of the agreement in the match
+        self.attend = nn.Linear(2 * hidden, 1)
+        self.asked = nn.ModuleList(nn.Linear(2 * hidden, n) for n in sizes)
+        self.agree = nn.Parameter(torch.zeros(()))
+
+    def ask(self, words: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(words, hidden) embeddings of the question → each attribute's (classes,) logits: what the sign asked
+        about shows (its border colour, its corner mark), trained on what the teacher knows of the target."""
+        following = torch.cat([words[1:], words.new_zeros(1, words.shape[1])])
+        pairs = torch.cat([words, following], -1)
+        pooled = (self.attend(pairs).float().softmax(0).to(pairs.dtype) * pairs).sum(0)
+        return {name: head(pooled) for name, head in zip(self.names, self.asked, strict=True)}
+
+    def agreement(self, asked: dict[str, torch.Tensor], seen: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(regions,) how well each region's sign (``seen`` logits) is the one asked about: the sum over
+        attributes of the log-probability that both name the same class, weighted by ``agree`` (times
+        ``AGREE_GAIN``; it starts at zero, so the heads change nothing until trained)."""
+        total = 0.0
+        for name in self.names:
+            same = seen[name].float().softmax(-1) @ asked[name].float().softmax(-1)
+            total = total + same.clamp(min=1e-6).log()
+        return self.agree * AGREE_GAIN * total
 
     def forward(self, tokens: torch.Tensor, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         """(regions, hidden) tokens and their (regions, ROW) rows → each attribute's (regions, classes) logits."""
@@ -536,9 +562,10 @@ class GlimpseVLPreTrainedModel(PreTrainedModel):
         elif isinstance(module, RingProjection):
             nn.init.zeros_(module.weight)
         elif isinstance(module, RegionHeads):  # heads added to an older checkpoint start small
-            for head in [*module.heads, *(module.ring or [])]:
+            for head in [*module.heads, *(module.ring or []), *module.asked, module.attend]:
                 nn.init.normal_(head.weight, std=0.02)
                 nn.init.zeros_(head.bias)
+            nn.init.zeros_(module.agree)
         elif isinstance(module, Reader):  # its bare parameters (a reader added to an older checkpoint too)
             nn.init.zeros_(module.attribute)
             for table in module.tables:
@@ -712,10 +739,16 @@ class GlimpseVLForConditionalGeneration(GlimpseVLPreTrainedModel, GenerationMixi
             if self.grounding is not None and question is not None and tokens is not None:
                 said = torch.tensor(question[b] or [], dtype=torch.long, device=hidden.device)
                 shown = tokens[region]
-                seen = None
+                seen = agree = None
+                said_words = self.model.embed_tokens(said)
                 if self.region_heads is not None:
-                    seen = self.region_heads.words(self.region_heads(shown, rows[region]), self.model.embed_tokens)
-                match = self.grounding.match(self.model.embed_tokens(said), shown, seen)
+                    logits = self.region_heads(shown, rows[region])
+                    seen = self.region_heads.words(logits, self.model.embed_tokens)
+                    if len(said):
+                        agree = self.region_heads.agreement(self.region_heads.ask(said_words), logits)
+                match = self.grounding.match(said_words, shown, seen)
+                if agree is not None:
+                    match = match + agree.to(match.dtype)
                 keys = torch.cat([keys, match.unsqueeze(-1).to(keys.dtype)], -1)
             state.keys[b].append(keys)
             state.spells[b].append(self.spellings(rows[region], state.images[b]))

@@ -86,7 +86,7 @@ class ExampleMaker:
         from glimpse.agent import AgentLoop
         from glimpse.builtin.model import PROMPT_FILE
         from glimpse.builtin.processing import KIND, READING, REL, reading_rows
-        from glimpse.builtin.teacher import reading_targets, region_targets, teacher_turns
+        from glimpse.builtin.teacher import REGION_ATTRIBUTES, reading_targets, region_targets, teacher_turns
         from glimpse.models.scripted import ScriptedBackend
         from glimpse.probes.stream import card_sample, probe_sample, sign_labels
         from glimpse.train.common import encode
@@ -135,7 +135,12 @@ class ExampleMaker:
             seen = [o for o in traj.observations() if o.path is None]
             if len(seen) != len(panels):
                 raise RuntimeError(f"{sample.id}: {len(panels)} images encoded but {len(seen)} in the trajectory")
-            regions = _region_rows(rows, example.image_grid_thw, region_targets(sample, view), sample.id)
+            known = region_targets(sample, view)
+            regions: dict[str, Any] = _region_rows(rows, example.image_grid_thw, known, sample.id)
+            if level != "card":  # what the question asks for: the (first) target's border and corner mark
+                target = next(c for c in sample.meta["candidates"] if c["target"])
+                labels = sign_labels(target)
+                regions["asked"] = {name: labels[name] for name in REGION_ATTRIBUTES}
             reading = reading_targets(sample, seen, panels)
             return (example, sample.meta["category"], reading, wrong, regions), None
         finally:
@@ -184,6 +189,26 @@ def region_loss(
         if stats is not None:
             right = (out.detach().argmax(-1) == want_t)[known].tolist()
             stats.setdefault(f"region/{name}", []).extend(int(r) for r in right)
+    return torch.stack(losses).mean() if losses else None
+
+
+def asked_loss(model: Any, state: Any, targets: list[dict[str, Any]], stats: dict[str, list[int]] | None = None) -> Any:
+    """What the question asks for (``RegionHeads.ask``, from each row's question words on the pointer's
+    ``state``), cross-entropy against what the teacher knows of the target (``targets[b]["asked"]``), averaged;
+    None when no row has both. Right/wrong (before the step) go to ``stats`` as ``asked/NAME``."""
+    import torch
+
+    losses = []
+    for b, t in enumerate(targets):
+        words = state.words[b] if b < len(state.words) else None
+        if "asked" not in t or not words:
+            continue
+        said = model.model.embed_tokens(torch.tensor(words, device=model.device))
+        for name, logits in model.region_heads.ask(said).items():
+            want = torch.tensor(t["asked"][name], device=logits.device)
+            losses.append(torch.nn.functional.cross_entropy(logits.float()[None], want[None]))
+            if stats is not None:
+                stats.setdefault(f"asked/{name}", []).append(int(int(logits.argmax()) == int(want)))
     return torch.stack(losses).mean() if losses else None
 
 
@@ -533,6 +558,11 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
         regions = region_loss(output.region_logits, [b[4] for b in batch], stats) if cfg.region_weight > 0 else None
         if regions is not None:
             total = total + cfg.region_weight * regions
+        asked = None
+        if grounded and model.region_heads is not None and cfg.region_weight > 0:
+            asked = asked_loss(model, cache.glimpse_pointer, [b[4] for b in batch], stats)
+        if asked is not None:
+            total = total + cfg.region_weight * asked
         if not bool(torch.isfinite(total)):
             raise RuntimeError(f"the loss is not finite (replies {float(loss)}, reader {float(read)}): a bug, not data")
         optimizer.zero_grad()
