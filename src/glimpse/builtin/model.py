@@ -340,8 +340,9 @@ class RegionHeads(nn.Module):
         self.ring = nn.ModuleList(nn.Linear(RING_VALUES, n) for n in sizes) if config.ring_colour else None
         self.word_ids = config.region_word_ids
         # what the question asks for, per attribute: attention over its words (each read with the next one, as
-        # the grounding reads them) and one classifier each; and the weight of the agreement in the match
-        self.attend = nn.Linear(2 * hidden, 1)
+        # the grounding reads them; one attention per attribute: shared, the corner mark's words took it all and
+        # the border colour was never learned, attempt 7) and one classifier each; the weight of the agreement
+        self.attend = nn.Linear(2 * hidden, len(sizes))
         self.asked = nn.ModuleList(nn.Linear(2 * hidden, n) for n in sizes)
         self.agree = nn.Parameter(torch.zeros(()))
 
@@ -350,8 +351,8 @@ class RegionHeads(nn.Module):
         about shows (its border colour, its corner mark), trained on what the teacher knows of the target."""
         following = torch.cat([words[1:], words.new_zeros(1, words.shape[1])])
         pairs = torch.cat([words, following], -1)
-        pooled = (self.attend(pairs).float().softmax(0).to(pairs.dtype) * pairs).sum(0)
-        return {name: head(pooled) for name, head in zip(self.names, self.asked, strict=True)}
+        pooled = self.attend(pairs).float().softmax(0).to(pairs.dtype).T @ pairs  # (attributes, 2 · hidden)
+        return {name: head(pooled[j]) for j, (name, head) in enumerate(zip(self.names, self.asked, strict=True))}
 
     def agreement(self, asked: dict[str, torch.Tensor], seen: dict[str, torch.Tensor]) -> torch.Tensor:
         """(regions,) how well each region's sign (``seen`` logits) is the one asked about: the sum over
