@@ -346,6 +346,7 @@ def test_the_pointer_grounds_the_question_words_in_the_regions_even_when_the_pro
     with torch.no_grad():
         for p in (model.grounding.region, model.grounding.word, model.grounding.gate, model.grounding.seen):
             p.normal_(0, 0.5)
+        model.region_heads.agree.fill_(0.05)  # the agreement with what the question asks for, switched on
     image = photo(320, 200, seed=5)
 
     def encode(question: str):
@@ -373,8 +374,10 @@ def test_the_pointer_grounds_the_question_words_in_the_regions_even_when_the_pro
         regions = feats[enc["pixel_values"][:, KIND] != READING]
         said = model.model.embed_tokens(torch.tensor(state.words[0]))
         rows = enc["pixel_values"][enc["pixel_values"][:, KIND] != READING]
-        seen = model.region_heads.words(model.region_heads(regions, rows), model.model.embed_tokens)
-        assert torch.allclose(keys[:, -1], model.grounding.match(said, regions, seen), atol=1e-5)
+        heads = model.region_heads(regions, rows)
+        seen = model.region_heads.words(heads, model.model.embed_tokens)
+        agree = model.region_heads.agreement(model.region_heads.ask(said), heads)
+        assert torch.allclose(keys[:, -1], model.grounding.match(said, regions, seen) + agree, atol=1e-5)
         assert not torch.allclose(keys[:, -1], model.grounding.match(said, regions), atol=1e-3)
     other = run(encode("how many dots are on the sign with a teal border?"))
     assert not torch.allclose(other.cache.glimpse_pointer.keys[0][0][:, -1], keys[:, -1])

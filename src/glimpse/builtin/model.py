@@ -678,7 +678,9 @@ class GlimpseVLForConditionalGeneration(GlimpseVLPreTrainedModel, GenerationMixi
             seen = enumerate(input_ids.tolist())
             words = [state.see(b, seq) for b, seq in seen] if self.grounding is not None else None
             if has_images:
-                self._add_regions(state, input_ids, hidden, pixel_values, image_grid_thw, reader_logits, feats, words)
+                self._add_regions(
+                    state, input_ids, hidden, pixel_values, image_grid_thw, reader_logits, feats, words, region_logits
+                )
             in_answer = list(state.in_answer)
             logits = self._point(state, input_ids, hidden, logits, logits_to_keep)
             if self.copy_gate is not None:
@@ -721,13 +723,20 @@ class GlimpseVLForConditionalGeneration(GlimpseVLPreTrainedModel, GenerationMixi
         reader_logits: dict[str, torch.Tensor] | None = None,
         feats: torch.Tensor | None = None,
         question: list[list[int] | None] | None = None,
+        region_logits: dict[str, torch.Tensor] | None = None,
     ) -> None:
         """Record each image's region keys (the decoder's states at its tokens; with ``Grounding``, one more
-        value: how well the row's ``question`` words describe the region's token ``feats``) and spellings, and
-        what the reader read in it (``words``), in order."""
+        value: how well the row's ``question`` words describe the region's token ``feats``, and with
+        ``RegionHeads`` how well what its heads see (``region_logits``, region rows in order) agrees with what the
+        question asks for) and spellings, and what the reader read in it (``words``), in order."""
         sizes = [int(g[2]) for g in image_grid_thw.tolist()]
         rows_of = pixel_values.split(sizes)
         feats_of = feats.split(sizes) if feats is not None else [None] * len(sizes)
+        shown_of: list[dict[str, torch.Tensor] | None] = [None] * len(sizes)
+        if region_logits is not None:
+            counts = [int((rows[:, KIND] != READING).sum()) for rows in rows_of]
+            split = {name: logits.split(counts) for name, logits in region_logits.items()}
+            shown_of = [{name: parts[i] for name, parts in split.items()} for i in range(len(sizes))]
         positions = (input_ids == self.config.image_token_id).nonzero().tolist()  # row-major: images in order
         words = self.words(reader_logits, self.lm_head.out_features) if reader_logits else None
         start = 0
@@ -742,8 +751,8 @@ class GlimpseVLForConditionalGeneration(GlimpseVLPreTrainedModel, GenerationMixi
                 shown = tokens[region]
                 seen = agree = None
                 said_words = self.model.embed_tokens(said)
-                if self.region_heads is not None:
-                    logits = self.region_heads(shown, rows[region])
+                logits = shown_of[i]
+                if self.region_heads is not None and logits is not None:
                     seen = self.region_heads.words(logits, self.model.embed_tokens)
                     if len(said):
                         agree = self.region_heads.agreement(self.region_heads.ask(said_words), logits)

@@ -27,6 +27,7 @@ from PIL import Image
 from glimpse.builtin.processing import STEPS, zoom_text, zoom_window
 from glimpse.builtin.proposer import TILES, regions
 from glimpse.images import PixelLimits, fit
+from glimpse.train.common import IGNORE
 from glimpse.trajectory import Sample
 
 COVER = 0.3  # a proposal points at a sign when it covers at least this share of the sign's box
@@ -35,6 +36,21 @@ COVER = 0.3  # a proposal points at a sign when it covers at least this share of
 SHOWS_COVER, SHOWS_AREA = 0.6, 4.0
 REGION_ATTRIBUTES = ("border", "mark")  # what the region heads learn of the sign a region shows
 READ_MATCH = 0.4  # a panel read is a sign when their boxes overlap at least this much (intersection over union)
+
+
+Box = tuple[float, float, float, float]
+
+
+def _overlap(a: Box, b: Box) -> float:
+    """The area two boxes share."""
+    return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+
+
+def _in_view(sample: Sample, view: Image.Image, box: list[float]) -> Box:
+    """A box in the sample's original pixels, in pixels of ``view`` (the original as the loop shows it)."""
+    width, height = sample.meta["size"]
+    sx, sy = view.width / width, view.height / height
+    return (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
 
 
 def pointed_region(view: Image.Image, box: tuple[float, float, float, float]) -> list[int] | None:
@@ -49,9 +65,7 @@ def pointed_region(view: Image.Image, box: tuple[float, float, float, float]) ->
         x1, y1 = win[2] * view.width / STEPS, win[3] * view.height / STEPS
         if not (x0 <= box[0] and y0 <= box[1] and x1 >= box[2] and y1 >= box[3]):
             continue
-        iw = max(0.0, min(b[2], box[2]) - max(b[0], box[0]))
-        ih = max(0.0, min(b[3], box[3]) - max(b[1], box[1]))
-        inter = iw * ih
+        inter = _overlap(b, box)
         if inter < COVER * area:
             continue
         iou = inter / ((b[2] - b[0]) * (b[3] - b[1]) + area - inter)
@@ -70,28 +84,19 @@ def teacher_turns(
     answer = f"<answer>{sample.answer}</answer>"
     if sample.meta.get("level") == "card":
         return [answer]
-    width, height = sample.meta["size"]
-    sx, sy = view.width / width, view.height / height
-
-    def scaled(box: list[float]) -> tuple[float, float, float, float]:
-        return (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
-
     turns = []
     targets = sorted((c for c in sample.meta["candidates"] if c["target"]), key=lambda c: c["box"][0])
     for c in targets:
-        window = pointed_region(view, scaled(c["box"]))
+        window = pointed_region(view, _in_view(sample, view, c["box"]))
         if window is None:
             return None
         turns.append(f"<grounding>{zoom_text(window, 0)}</grounding>")
     if wrong > 0:
-        alikes = [scaled(c["box"]) for c in sample.meta["candidates"] if not c["target"]]
-        targets_px = [scaled(c["box"]) for c in targets]
+        alikes = [_in_view(sample, view, c["box"]) for c in sample.meta["candidates"] if not c["target"]]
+        targets_px = [_in_view(sample, view, c["box"]) for c in targets]
         looks = wrong_looks(view, targets_px, alikes, wrong, rng or random.Random(0))
         turns = [f"<grounding>{zoom_text(w, 0)}</grounding>" for w in looks] + turns
     return [*turns, answer]
-
-
-Box = tuple[float, float, float, float]
 
 
 def wrong_looks(
@@ -128,17 +133,14 @@ def wrong_looks(
 def region_targets(sample: Sample, view: Image.Image) -> dict[str, list[int]] | None:
     """What the teacher knows each region of a probe's first view (``view``, as the loop shows it) shows: per
     attribute of ``REGION_ATTRIBUTES``, one class index (``probes.stream.sign_labels``) per region of
-    ``regions(view)``, ``-100`` where the region shows no sign it knows (the tiles; background; clutter). Needs the
+    ``regions(view)``, ``IGNORE`` where the region shows no sign it knows (the tiles; background; clutter). Needs the
     meta's ``others`` (``probe_sample(..., others=True)``); None for a sample without them (a card)."""
     from glimpse.probes.stream import sign_labels
 
     if "others" not in sample.meta:
         return None
-    width, height = sample.meta["size"]
-    sx, sy = view.width / width, view.height / height
     signs = [
-        ((c["box"][0] * sx, c["box"][1] * sy, c["box"][2] * sx, c["box"][3] * sy), sign_labels(c))
-        for c in [*sample.meta["candidates"], *sample.meta["others"]]
+        (_in_view(sample, view, c["box"]), sign_labels(c)) for c in [*sample.meta["candidates"], *sample.meta["others"]]
     ]
     out: dict[str, list[int]] = {name: [] for name in REGION_ATTRIBUTES}
     for i, b in enumerate(regions(view)):
@@ -146,13 +148,11 @@ def region_targets(sample: Sample, view: Image.Image) -> dict[str, list[int]] | 
         area = (b[2] - b[0]) * (b[3] - b[1])
         for box, labels in signs if i >= TILES[0] * TILES[1] else []:
             sign_area = (box[2] - box[0]) * (box[3] - box[1])
-            iw = max(0.0, min(b[2], box[2]) - max(b[0], box[0]))
-            ih = max(0.0, min(b[3], box[3]) - max(b[1], box[1]))
-            cover = iw * ih / sign_area
+            cover = _overlap(b, box) / sign_area
             if cover >= SHOWS_COVER and area <= SHOWS_AREA * sign_area and cover > key:
                 best, key = labels, cover
         for name in REGION_ATTRIBUTES:
-            out[name].append(best[name] if best is not None else -100)
+            out[name].append(best[name] if best is not None else IGNORE)
     return out
 
 
@@ -188,9 +188,7 @@ def reading_targets(sample: Sample, observations: list[Any], panels: list[tuple[
         best, best_iou = None, READ_MATCH
         for c in sample.meta["candidates"]:
             b = c["box"]
-            iw = max(0.0, min(panel[2], b[2]) - max(panel[0], b[0]))
-            ih = max(0.0, min(panel[3], b[3]) - max(panel[1], b[1]))
-            inter = iw * ih
+            inter = _overlap(panel, b)
             union = (panel[2] - panel[0]) * (panel[3] - panel[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
             if union > 0 and inter / union >= best_iou:
                 best, best_iou = c, inter / union

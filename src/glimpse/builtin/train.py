@@ -468,10 +468,12 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
     reader_params = list(model.reader.parameters())
     reader_ids = {id(p) for p in reader_params}
     added = added_weights(model, model_dir) if cfg.init else set()
-    new = [p for n, p in model.named_parameters() if n in added and id(p) not in reader_ids]
+    named = [(n, p) for n, p in model.named_parameters() if id(p) not in reader_ids]  # the reader has its own rate
+    new = [p for n, p in named if n in added]
     if new:
-        print(f"{len(new)} weights {cfg.init} does not have ({', '.join(sorted(added))}) train at {cfg.new_lr:g}")
-    rest = [p for n, p in model.named_parameters() if id(p) not in reader_ids and n not in added]
+        names = ", ".join(sorted(n for n, _ in named if n in added))
+        print(f"{len(new)} weights {cfg.init} does not have ({names}) train at {cfg.new_lr:g}")
+    rest = [p for n, p in named if n not in added]
     groups = [
         {"params": rest, "scale": 1.0},
         {"params": reader_params, "scale": cfg.reader_lr / cfg.lr},
