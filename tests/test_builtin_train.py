@@ -235,15 +235,20 @@ def test_train_builtin_runs_learns_and_logs_skills(tmp_path):
         only="card",
         read_minutes=0.1,
         read_batch=4,
+        ask_steps=3,
+        ask_batch=5,
     )
     model_dir = train_builtin(cfg, log=lambda entry: None)
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     reading = [e for e in log if e["stage"] == "read"]
+    asking = [e for e in log if e["stage"] == "ask"]
     search = [e for e in log if e["stage"] == "search"]
+    assert [e["stage"] for e in log] == ["read"] * len(reading) + ["ask"] * 3 + ["search"] * len(search)
     assert reading and all("acc_read/dots" in e and "acc_answer" not in e for e in reading)
+    assert all("acc_ask/border" in e and "acc_ask/mark" in e for e in asking)
     assert search and all("acc_answer" in e and "acc_answer/card" in e and "acc_read/dots" in e for e in search)
     result = json.loads((tmp_path / "run" / "result.json").read_text())
-    assert result["examples"] == 4 * len(reading) + 2 * len(search) and result["steps"] == len(log)
+    assert result["examples"] == 4 * len(reading) + 5 * 3 + 2 * len(search) and result["steps"] == len(log)
     fresh = AutoModelForImageTextToText.from_pretrained(build_builtin(tmp_path / "fresh", size="tiny"))
     trained = AutoModelForImageTextToText.from_pretrained(model_dir)
     changed = [
@@ -257,7 +262,9 @@ def test_train_builtin_runs_learns_and_logs_skills(tmp_path):
     stream = json.loads((model_dir / STREAM_FILE).read_text())
     assert stream["seed"] == 0 and stream["next"]["card"] > FIRST_INDEX + 4 * len(reading)  # both stages' cards
     again = stream_start(BuiltinConfig(init=str(model_dir)))
-    assert again["card"] == stream["next"]["card"] and again["hard"] == FIRST_INDEX
+    assert again == stream["next"]
+    # the question head's questions came from the probes' streams (a later run never sees them again)
+    assert sum(stream["next"][level] - FIRST_INDEX for level in ("easy", "medium", "hard")) == 5 * 3
     assert stream_start(BuiltinConfig(init=str(model_dir), seed=5))["card"] == FIRST_INDEX  # other probes
     assert stream_start(BuiltinConfig(init=str(model_dir), start_index=7))["card"] == 7
     (model_dir / STREAM_FILE).unlink()
@@ -364,3 +371,51 @@ def test_added_weights_are_the_parts_an_older_checkpoint_lacks(tmp_path):
     }
     with pytest.raises(ConfigError, match="safetensors"):
         added_weights(upgraded, tmp_path)
+
+
+def test_the_question_maker_reads_a_question_as_the_model_does_and_labels_what_it_asks_for(tmp_path):
+    """``QuestionMaker``: the words of a probe's question without its image are the words the grounding reads
+    from the loop's real first prompt (``ExampleMaker``), and its labels are the target's border and mark."""
+    from glimpse.builtin.model import build_builtin, question_words
+    from glimpse.builtin.train import QuestionMaker
+
+    folder = build_builtin(tmp_path / "model", size="tiny")
+    files = tmp_path / "files"
+    files.mkdir()
+    make = ExampleMaker(folder, 0, files)
+    config = json.loads((folder / "config.json").read_text())
+    questions = QuestionMaker(folder, make.processor, config["turn_start_id"], config["image_token_id"])
+    tok = make.processor.tokenizer
+    for level, index in (("easy", 1_000_001), ("medium", 1_000_002), ("hard", 1_000_003)):
+        (example, _, _, _, regions), why = make(level, index)
+        assert why is None
+        said, at_image = question_words(example.input_ids, config["turn_start_id"], config["image_token_id"], [])
+        words, asked = questions(level, index, 0)
+        assert at_image and words == said and asked == regions["asked"]
+        question = probe_sample(level, index, 0, files, scenes=make.scenes).question
+        assert question in tok.decode(words)
+    with pytest.raises(RuntimeError, match="no image token"):
+        QuestionMaker(folder, make.processor, config["turn_start_id"], -5).words("What is it?")
+
+
+def test_an_ask_step_trains_the_question_head_alone_and_counts_before_it(tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    from glimpse.builtin.model import build_builtin
+    from glimpse.builtin.train import ask_step
+
+    model = AutoModelForImageTextToText.from_pretrained(build_builtin(tmp_path / "model", size="tiny"))
+    head = model.region_heads
+    params = [*head.attend.parameters(), *head.asked.parameters()]
+    optimizer = torch.optim.Adam(params, lr=3e-2)
+    embed = model.model.embed_tokens.weight.detach().clone()
+    others = {n: p.detach().clone() for n, p in model.named_parameters() if not n.startswith("region_heads.a")}
+    batch = [([5, 6, 7], {"border": 2, "mark": 1}), ([8, 9], {"border": 4, "mark": 0})]
+    stats: dict[str, list[int]] = {}
+    first = ask_step(model, optimizer, batch, stats)
+    assert sorted(stats) == ["ask/border", "ask/mark"] and all(len(v) == 2 for v in stats.values())
+    for _ in range(60):
+        last = ask_step(model, optimizer, batch, {})
+    assert float(last) < 0.2 * float(first)
+    assert torch.equal(model.model.embed_tokens.weight, embed)  # the words' embeddings are left as they are
+    assert all(torch.equal(p, others[n]) for n, p in model.named_parameters() if n in others)

@@ -245,7 +245,7 @@ def test_turn_scaling_repro_runs_arm_by_arm_and_reports(memorised, tmp_path):
     """Every arm, tiny, end to end: trained (or not), evaluated at the caps and folded at a larger one, reported."""
     from glimpse.config import ReproConfig
     from glimpse.eval.harness import RESULTS, ResultStore
-    from glimpse.train.repro import ARMS, FOLD, run_repro
+    from glimpse.train.repro import ARMS, FOLD, run_repro, trained_any
 
     root = tmp_path / "repro"
     base = dict(
@@ -262,9 +262,16 @@ def test_turn_scaling_repro_runs_arm_by_arm_and_reports(memorised, tmp_path):
         keep_images=1,
     )
     run_repro(ReproConfig(**base, arms="sft"), say=lambda _: None)
-    report = run_repro(ReproConfig(**base, arms="full,no-mask,no-coldstart,no-hard"), say=lambda _: None)
+    said: list[str] = []
+    report = run_repro(ReproConfig(**base, arms="full,no-mask,no-coldstart,no-hard"), say=said.append)
     assert list(report["arms"]) == list(ARMS)  # the earlier arm is kept
+    assert not trained_any(root / "no-coldstart" / "train" / "log.jsonl")  # a fresh model earns no reward
+    untrained = ["no-coldstart"]
+    assert any(line.startswith("[no-coldstart] its training made no update") for line in said)
+    assert set(report["arms"]["no-coldstart"]["caps"]) == {6} and report["arms"]["no-coldstart"]["fold"] is None
     for name, arm in report["arms"].items():
+        if name in untrained:
+            continue  # evaluated at its training cap only: its model is where it started
         assert set(arm["caps"]) == {2, 6} and 0 <= arm["caps"][6]["accuracy"] <= 1
         low, high = arm["caps"][6]["interval"]
         assert arm["caps"][6]["questions"] == 2 and low <= arm["caps"][6]["accuracy"] <= high and high - low > 0.3
@@ -285,6 +292,7 @@ def test_turn_scaling_repro_runs_arm_by_arm_and_reports(memorised, tmp_path):
     assert trained["no-coldstart"]["model"] == str(init)
     md = (root / "turn_scaling.md").read_text()
     assert all(f"| {a} | 2 |" in md for a in ARMS) and "| cap 8, last 1 images |" in md
+    assert "no-coldstart's mean turns at cap 6:" in md  # its only cap
     assert "](train_curves.png)" in md and (root / "train_curves.png").read_bytes()[:4] == b"\x89PNG"
     assert (root / "turn_scaling.png").exists() and "## Claims" in md
     assert [c["claim"] for c in json.loads((root / "turn_scaling.json").read_text())["claims"]] == [
@@ -533,3 +541,17 @@ def test_train_rl_on_a_two_image_probe_set(tiny_qwen, tmp_path, monkeypatch):
     assert all(len(r.trajectory.originals()) == 2 for r in groups[0])
     changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(before[n], p.detach())]
     assert changed and all(".visual." not in f".{n}" for n in changed)  # the vision tower stays frozen
+
+
+def test_turn_scaling_repro_judges_an_untrained_no_coldstart_arm_at_its_training_cap(tmp_path):
+    """An arm whose training made no update is evaluated at the training cap only (``run_repro``): the cold-start
+    claim compares it with full there, and the table shows "–" at the caps it skipped."""
+    arms = {a: dict(caps) for a, caps in PAPER.items()}
+    arms["no-coldstart"] = {6: (0.20, 1.0)}
+    report = _made_up_repro(tmp_path, arms)
+    assert _verdicts(report)["cold start"] == "holds"
+    md = (tmp_path / "turn_scaling.md").read_text()
+    assert "no-coldstart's mean turns at cap 6: 1.00" in md and "accuracy at cap 6: no-coldstart 20.0 %" in md
+    assert "| no-coldstart | 100 | 20.0 (13.3–28.9) | – | 1.00 (cap 6) |" in md
+    arms["no-coldstart"] = {6: (0.30, 1.0)}  # 3 points below full at cap 6: not far below
+    assert _verdicts(_made_up_repro(tmp_path / "close", arms))["cold start"] == "does not hold"

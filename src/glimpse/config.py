@@ -552,6 +552,12 @@ class BuiltinConfig:
     region_weight: float = opt(
         1.0, "weight of the region heads' loss (each first-view region's sign's border colour and corner mark)"
     )
+    ask_steps: int = opt(
+        200,
+        "first train the question head alone (what sign the question asks for: its border colour and corner mark) "
+        "for this many steps on questions without their images (thousands a minute); 0: only beside the searches",
+    )
+    ask_batch: int = opt(32, "questions per step while the question head trains alone")
     start_index: int | None = opt(
         None,
         "first probe index of the stream (default: after the probes the --init checkpoint was trained on, from "

@@ -106,14 +106,14 @@ def rl_config(cfg: ReproConfig, arm: str, out: Path) -> RLConfig:
     )
 
 
-def eval_config(cfg: ReproConfig, model: str, out: Path, *, fold: bool = False) -> EvalConfig:
-    """The ``glimpse eval`` settings of one arm: at ``--caps``, or with ``fold`` at ``--fold-cap`` keeping only
-    ``--keep-images`` zoom images in the context."""
+def eval_config(cfg: ReproConfig, model: str, out: Path, *, fold: bool = False, caps: str | None = None) -> EvalConfig:
+    """The ``glimpse eval`` settings of one arm: at ``caps`` (default ``--caps``), or with ``fold`` at
+    ``--fold-cap`` keeping only ``--keep-images`` zoom images in the context."""
     return EvalConfig(
         data=f"probes:hard:{cfg.eval_n}",
         model=f"hf:{model}",
         out=str(out / (FOLD if fold else "eval")),
-        max_turns=str(cfg.fold_cap) if fold else cfg.caps,
+        max_turns=str(cfg.fold_cap) if fold else (caps or cfg.caps),
         keep_images=cfg.keep_images if fold else None,
         max_new_tokens=cfg.max_new_tokens,
         temperature=cfg.eval_temperature,
@@ -152,10 +152,18 @@ def run_repro(cfg: ReproConfig, *, say: Callable[[str], None] = print) -> dict[s
             )
             model = str(train_rl(rl, on_step=lambda s, a=arm: _step_line(a, s, say)))
             release_freed_memory()  # the trainer's model, optimizer and rollouts, before the evaluation's
-        say(f"[{arm}] evaluating {model} on {cfg.eval_n} fresh hard probes at caps {cfg.caps}")
-        asyncio.run(run_eval(eval_config(cfg, model, out)))
+        caps = cfg.caps
+        if ARMS[arm].get("fresh_init") and not trained_any(out / "train" / "log.jsonl"):
+            caps = str(cfg.train_turns)
+            say(
+                f"[{arm}] its training made no update (no trajectory had an advantage to learn from): the model "
+                f"is still a fresh one, evaluated at its training cap {caps} only (an untrained model writes to "
+                "the token limit every turn: hours at the larger caps)"
+            )
+        say(f"[{arm}] evaluating {model} on {cfg.eval_n} fresh hard probes at caps {caps}")
+        asyncio.run(run_eval(eval_config(cfg, model, out, caps=caps)))
         release_freed_memory()
-        if cfg.fold_cap:
+        if cfg.fold_cap and caps == cfg.caps:
             say(f"[{arm}] evaluating at cap {cfg.fold_cap} keeping the last {cfg.keep_images} zoom images")
             asyncio.run(run_eval(eval_config(cfg, model, out, fold=True)))
             release_freed_memory()
@@ -163,6 +171,13 @@ def run_repro(cfg: ReproConfig, *, say: Callable[[str], None] = print) -> dict[s
     write_report(root, report)
     say(f"report → {root / 'turn_scaling.md'}")
     return report
+
+
+def trained_any(log: Path) -> bool:
+    """Whether an RL run's log (``glimpse train rl``'s ``log.jsonl``) shows any trajectory trained on."""
+    if not log.exists():
+        return False
+    return any(json.loads(line).get("trained", 0) for line in log.read_text(encoding="utf-8").splitlines() if line)
 
 
 def _step_line(arm: str, s: Any, say: Callable[[str], None]) -> None:
@@ -208,6 +223,7 @@ def collect(root: Path, caps: list[int], train_turns: int = 6) -> dict[str, Any]
             "train": _train_summary(steps),
             "train_steps": [{k: r[k] for k in ("step", "reward", "turns", "over_turn")} for r in steps],
         }
+    caps = sorted(set(caps) | {c for a in arms.values() for c in a["caps"]})  # an untrained arm's training cap
     report = {"caps": caps, "train_turns": train_turns, "arms": arms}
     report["claims"] = check_claims(report)
     return report
@@ -279,9 +295,9 @@ def check_claims(report: dict[str, Any]) -> list[dict[str, Any]]:
         f = arms[arm]["caps"].get(cap) if arm in arms else None
         return f if f and f["accuracy"] is not None else None
 
-    def accuracy(a: str, b: str, needs: str, holds: Callable[[float, float], bool]) -> dict[str, Any]:
-        fa, fb = at(a), at(b)
-        text = f"accuracy at cap {top}: {a} {_cell(fa, ' %')}, {b} {_cell(fb, ' %')} (needs {a} {needs} {b})"
+    def accuracy(a: str, b: str, needs: str, holds: Callable[[float, float], bool], cap: int = top) -> dict[str, Any]:
+        fa, fb = at(a, cap), at(b, cap)
+        text = f"accuracy at cap {cap}: {a} {_cell(fa, ' %')}, {b} {_cell(fb, ' %')} (needs {a} {needs} {b})"
         if not (fa and fb):
             return {"text": text, "holds": None}
         (la, ha), (lb, hb) = fa["interval"], fb["interval"]
@@ -308,10 +324,12 @@ def check_claims(report: dict[str, Any]) -> list[dict[str, Any]]:
         ]
 
     def cold_start() -> list[dict[str, Any]]:
-        f = at("no-coldstart")
+        # an arm whose training made no update is evaluated at the training cap only (``run_repro``)
+        cap = top if at("no-coldstart") or not at("no-coldstart", low) else low
+        f = at("no-coldstart", cap)
         return [
             {
-                "text": f"no-coldstart's mean turns at cap {top}: {_turns(f)} (needs ≤ {ONE_TURN})",
+                "text": f"no-coldstart's mean turns at cap {cap}: {_turns(f)} (needs ≤ {ONE_TURN})",
                 "holds": f["turns_mean"] <= ONE_TURN if f else None,
             },
             accuracy(
@@ -319,6 +337,7 @@ def check_claims(report: dict[str, Any]) -> list[dict[str, Any]]:
                 "full",
                 f"at least {100 * FAR_BELOW:.0f} points below",
                 lambda x, y: _at_least(y - x, FAR_BELOW),
+                cap,
             ),
         ]
 
@@ -421,7 +440,7 @@ def write_report(root: Path, report: dict[str, Any]) -> None:
     if not arms:
         lines.append("No arm has finished its evaluation yet.")
     else:
-        first = next(iter(arms.values()))["caps"][caps[0]]
+        first = next(f for a in arms.values() for f in a["caps"].values())
         top = caps[-1]
         folds = sorted({(a["fold"]["cap"], a["fold"]["keep_images"]) for a in arms.values() if a["fold"]})
         fold_head = " | " + ", ".join(f"cap {c}, last {k} images" for c, k in folds) if folds else ""
@@ -441,11 +460,15 @@ def write_report(root: Path, report: dict[str, Any]) -> None:
             "|---|---|" + "---|" * (len(caps) + 2 + bool(folds)),
         ]
         for arm, a in arms.items():
-            cells = " | ".join(_cell(a["caps"][c]) for c in caps)
+            cells = " | ".join(_cell(a["caps"].get(c)) for c in caps)
             fold = f" | {_cell(a['fold'])}" if folds else ""
-            last = a["caps"][top]
+            at = top if top in a["caps"] else max(a["caps"])  # an arm without an update: its training cap only
+            last = a["caps"][at]
             probes = "/".join(str(n) for n in sorted({f["questions"] for f in a["caps"].values()}, reverse=True))
-            lines.append(f"| {arm} | {probes} | {cells}{fold} | {_turns(last)} | {pct(last['over_turn_rate'])} % |")
+            where = "" if at == top else f" (cap {at})"
+            lines.append(
+                f"| {arm} | {probes} | {cells}{fold} | {_turns(last)}{where} | {pct(last['over_turn_rate'])} %{where} |"
+            )
         lines += ["", f"Turns taken by correct answers at cap {top} (turns: count):", ""]
         for arm, a in arms.items():
             hist = ", ".join(f"{k}: {v}" for k, v in a["correct_turns"].items()) or "none correct"
@@ -467,7 +490,7 @@ def write_report(root: Path, report: dict[str, Any]) -> None:
         lines += _claims_lines(report)
         plot_lines(
             root / "turn_scaling.png",
-            {arm: [(c, a["caps"][c]["accuracy"]) for c in caps] for arm, a in arms.items()},
+            {arm: [(c, a["caps"][c]["accuracy"]) for c in caps if c in a["caps"]] for arm, a in arms.items()},
             title=f"accuracy vs test-time turn cap (trained at {report['train_turns']}), fresh hard probes",
             ylabel="accuracy (%)",
         )
