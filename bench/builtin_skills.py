@@ -91,10 +91,41 @@ def rate(n: int) -> None:
             print(f"| {level} | {made} | {made / (time.perf_counter() - t):.2f} |")
 
 
+def _batch(entry: dict) -> int:
+    """Questions in one ask-stage step (each logs one right/wrong per attribute per question)."""
+    return max(1, round(entry.get("examples", 0) / max(entry.get("step", 1), 1)))
+
+
+def _ask_curve(asking: list[dict]) -> None:
+    """The question head's held-out accuracy per attribute, in eight windows of its steps."""
+    names = sorted({k[4:] for e in asking for k in e if k.startswith("acc_ask/")})
+    size = max(1, len(asking) // 8)
+    parts = [asking[i : i + size] for i in range(0, len(asking), size)]
+    first = asking[0]["examples"] - _batch(asking[0])
+    print(f"Question head alone (held-out, before each step), {len(asking)} steps:")
+    heads = [f"≤{p[-1]['examples'] - first:,} ({p[-1]['minutes']:.1f} min)" for p in parts]
+    print("| skill | " + " | ".join(heads) + " |")
+    print("|---|" + "---|" * len(parts))
+    for name in names:
+        cells = []
+        for p in parts:
+            values = [e[f"acc_{name}"] for e in p if f"acc_{name}" in e]
+            cells.append(f"{sum(values) / len(values):.2f}" if values else "–")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    print()
+
+
 def curves(log: Path, window: int = 0) -> None:
     entries = [json.loads(line) for line in log.read_text().splitlines()]
     if not entries:
         raise SystemExit(f"{log} is empty")
+    asking = [e for e in entries if e.get("stage") == "ask"]
+    if asking:  # the question head alone, on questions without images: its own short curve
+        _ask_curve(asking)
+        entries = [e for e in entries if e.get("stage") != "ask"]
+        for e in entries:  # the searches' examples counted from where they start
+            if e["step"] > asking[-1]["step"]:
+                e["examples"] -= asking[-1]["examples"] - asking[0]["examples"] + _batch(asking[0])
     for e in entries:  # logs written before skills were also kept per question kind: the mean over levels
         by_kind: dict[str, list[float]] = {}
         for k, v in e.items():
