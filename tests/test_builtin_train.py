@@ -419,3 +419,28 @@ def test_an_ask_step_trains_the_question_head_alone_and_counts_before_it(tmp_pat
     assert float(last) < 0.2 * float(first)
     assert torch.equal(model.model.embed_tokens.weight, embed)  # the words' embeddings are left as they are
     assert all(torch.equal(p, others[n]) for n, p in model.named_parameters() if n in others)
+
+
+def test_a_run_from_an_init_checkpoint_leaves_its_manifest_and_readme_behind(tmp_path):
+    """The shipped folder's ``glimpse_ship.json`` and README describe that checkpoint's measurement, not the
+    model a run continuing it writes."""
+    from glimpse.builtin.model import build_builtin
+
+    init = build_builtin(tmp_path / "init", size="tiny")
+    (init / "glimpse_ship.json").write_text('{"probe_levels": ["hard"]}')
+    (init / "README.md").write_text("# the shipped weights")
+    cfg = BuiltinConfig(
+        out=str(tmp_path / "run"),
+        init=str(init),
+        minutes=0.05,
+        batch=2,
+        workers=1,
+        threads=1,
+        device="cpu",
+        only="card",
+        ask_steps=0,
+        start_index=FIRST_INDEX,
+    )
+    model_dir = train_builtin(cfg, log=lambda entry: None)
+    assert (model_dir / "config.json").exists() and (model_dir / STREAM_FILE).exists()
+    assert not (model_dir / "glimpse_ship.json").exists() and not (model_dir / "README.md").exists()

@@ -43,6 +43,7 @@ from glimpse.train.common import IGNORE
 LEVELS = ("card", "easy", "medium", "hard")
 REPLAY_MEMORY = 2048  # examples kept for replay steps (--replay)
 STREAM_FILE = "glimpse_stream.json"  # in a checkpoint: the seed and next probe index per level it was trained to
+NOT_COPIED = ("glimpse_ship.json", "README.md")  # an --init folder's files that describe it, not the new model
 FIRST_INDEX = 1_000_000  # a fresh model's stream starts here: evaluation sets take indices from 0
 CURRICULUM = (
     (0.0, (0.4, 0.3, 0.2, 0.1)),
@@ -510,7 +511,8 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
         if not (Path(cfg.init) / "config.json").exists():
             raise ConfigError(f"--init {cfg.init} is not a checkpoint folder (no config.json)")
         if Path(cfg.init).resolve() != model_dir.resolve():
-            shutil.copytree(cfg.init, model_dir, dirs_exist_ok=True)
+            # not the shipped folder's manifest and README: they describe the starting point's measurement
+            shutil.copytree(cfg.init, model_dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*NOT_COPIED))
         if add_reader(model_dir):
             print(f"{cfg.init} has no reader: one is added (random weights)")
         if add_grounding(model_dir):
