@@ -130,6 +130,15 @@ def wrong_looks(
     return looks
 
 
+def asked_labels(candidates: list[dict[str, Any]]) -> dict[str, int]:
+    """What a probe's question asks for: per attribute of ``REGION_ATTRIBUTES``, the class index the (first)
+    target shows (``RegionHeads.ask``'s labels)."""
+    from glimpse.probes.stream import sign_labels
+
+    labels = sign_labels(next(c for c in candidates if c["target"]))
+    return {name: labels[name] for name in REGION_ATTRIBUTES}
+
+
 def region_targets(sample: Sample, view: Image.Image) -> dict[str, list[int]] | None:
     """What the teacher knows each region of a probe's first view (``view``, as the loop shows it) shows: per
     attribute of ``REGION_ATTRIBUTES``, one class index (``probes.stream.sign_labels``) per region of

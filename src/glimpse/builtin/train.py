@@ -87,7 +87,7 @@ class ExampleMaker:
         from glimpse.agent import AgentLoop
         from glimpse.builtin.model import PROMPT_FILE
         from glimpse.builtin.processing import KIND, READING, REL, reading_rows
-        from glimpse.builtin.teacher import REGION_ATTRIBUTES, reading_targets, region_targets, teacher_turns
+        from glimpse.builtin.teacher import asked_labels, reading_targets, region_targets, teacher_turns
         from glimpse.models.scripted import ScriptedBackend
         from glimpse.probes.stream import card_sample, probe_sample, sign_labels
         from glimpse.train.common import encode
@@ -139,9 +139,7 @@ class ExampleMaker:
             known = region_targets(sample, view)
             regions: dict[str, Any] = _region_rows(rows, example.image_grid_thw, known, sample.id)
             if level != "card":  # what the question asks for: the (first) target's border and corner mark
-                target = next(c for c in sample.meta["candidates"] if c["target"])
-                labels = sign_labels(target)
-                regions["asked"] = {name: labels[name] for name in REGION_ATTRIBUTES}
+                regions["asked"] = asked_labels(sample.meta["candidates"])
             reading = reading_targets(sample, seen, panels)
             return (example, sample.meta["category"], reading, wrong, regions), None
         finally:
@@ -205,12 +203,24 @@ def asked_loss(model: Any, state: Any, targets: list[dict[str, Any]], stats: dic
         if "asked" not in t or not words:
             continue
         said = model.model.embed_tokens(torch.tensor(words, device=model.device))
-        for name, logits in model.region_heads.ask(said).items():
-            want = torch.tensor(t["asked"][name], device=logits.device)
-            losses.append(torch.nn.functional.cross_entropy(logits.float()[None], want[None]))
-            if stats is not None:
-                stats.setdefault(f"asked/{name}", []).append(int(int(logits.argmax()) == int(want)))
+        losses += _asked_terms(model, said, t["asked"], stats, "asked")
     return torch.stack(losses).mean() if losses else None
+
+
+def _asked_terms(
+    model: Any, said: Any, asked: dict[str, int], stats: dict[str, list[int]] | None, tag: str
+) -> list[Any]:
+    """The question head on one question's word embeddings ``said``: per attribute, its cross-entropy against the
+    ``asked`` class; right/wrong to ``stats`` as ``TAG/NAME``."""
+    import torch
+
+    out = []
+    for name, logits in model.region_heads.ask(said).items():
+        want = torch.tensor([asked[name]], device=logits.device)
+        out.append(torch.nn.functional.cross_entropy(logits.float()[None], want))
+        if stats is not None:
+            stats.setdefault(f"{tag}/{name}", []).append(int(int(logits.argmax()) == asked[name]))
+    return out
 
 
 class QuestionMaker:
@@ -250,15 +260,12 @@ class QuestionMaker:
 
     def __call__(self, level: str, index: int, seed: int) -> tuple[list[int], dict[str, int]]:
         """(the question's word ids, per region attribute the class the target shows) of probe ``index``."""
-        from glimpse.builtin.teacher import REGION_ATTRIBUTES
-        from glimpse.probes.stream import sign_labels
+        from glimpse.builtin.teacher import asked_labels
         from glimpse.probes.synth import make_probe
 
         record = make_probe(level, index, seed=seed, render=False).record
-        target = next(c for c in record["candidates"] if c["target"])
-        labels = sign_labels(target)
         question = record["problem"].replace("<image>", "").strip()  # as ``probe_sample`` hands it to the loop
-        return self.words(question), {name: labels[name] for name in REGION_ATTRIBUTES}
+        return self.words(question), asked_labels(record["candidates"])
 
 
 def ask_step(
@@ -269,14 +276,10 @@ def ask_step(
     import torch
 
     losses = []
-    embed = model.model.embed_tokens
     for words, asked in batch:
         with torch.no_grad():
-            said = embed(torch.tensor(words, device=model.device))
-        for name, logits in model.region_heads.ask(said).items():
-            want = torch.tensor([asked[name]], device=logits.device)
-            losses.append(torch.nn.functional.cross_entropy(logits.float()[None], want))
-            stats.setdefault(f"ask/{name}", []).append(int(int(logits.argmax()) == asked[name]))
+            said = model.model.embed_tokens(torch.tensor(words, device=model.device))
+        losses += _asked_terms(model, said, asked, stats, "ask")
     loss = torch.stack(losses).mean()
     optimizer.zero_grad()
     loss.backward()
@@ -662,6 +665,18 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
     }
     logf = (out / "log.jsonl").open("a")
 
+    def progress(stage: str, loss: Any, lr: float, elapsed: float | None = None) -> dict[str, Any]:
+        """A log entry's common part, after the step; ``elapsed``: seconds when it began (default: now)."""
+        elapsed = time.perf_counter() - start if elapsed is None else elapsed
+        return {
+            "stage": stage,
+            "step": step,
+            "examples": seen,
+            "minutes": round(elapsed / 60, 2),
+            "loss": round(float(loss.detach()), 4),
+            "lr": lr,
+        }
+
     def record(entry: dict[str, Any], stats: dict[str, list[int]]) -> None:
         entry.update({f"acc_{k}": round(sum(v) / len(v), 3) for k, v in stats.items() if v})
         logf.write(json.dumps(entry) + "\n")
@@ -687,18 +702,7 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
             reader_optimizer.step()
             step += 1
             seen += len(items)
-            record(
-                {
-                    "stage": "read",
-                    "step": step,
-                    "examples": seen,
-                    "minutes": round((time.perf_counter() - start) / 60, 2),
-                    "loss": round(float(loss.detach()), 4),
-                    "lr": lr,
-                    "skipped": skipped,
-                },
-                stats,
-            )
+            record({**progress("read", loss, lr), "skipped": skipped}, stats)
         if cfg.ask_steps and grounded and model.region_heads is not None and cfg.region_weight > 0:
             # the question head alone on questions without images (attempt 7: beside the searches, the asked
             # border colour stayed at chance for 122 steps; alone it is learned in a few hundred questions)
@@ -708,26 +712,16 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
             ask_optimizer = torch.optim.AdamW(ask_params, lr=cfg.new_lr, weight_decay=0.01)
             ask_start = time.perf_counter()
             for _ in range(cfg.ask_steps):
-                levels = [rng.choice(LEVELS[1:]) for _ in range(cfg.ask_batch)]
                 questions = []
-                for level in levels:  # the searches' streams move on: every example stays fresh
+                for _ in range(cfg.ask_batch):  # the searches' streams move on: every example stays fresh
+                    level = rng.choice(LEVELS[1:])
                     questions.append(maker(level, counters[level], cfg.seed))
                     counters[level] += 1
                 stats = {}
                 loss = ask_step(model, ask_optimizer, questions, stats)
                 step += 1
                 seen += len(questions)
-                record(
-                    {
-                        "stage": "ask",
-                        "step": step,
-                        "examples": seen,
-                        "minutes": round((time.perf_counter() - start) / 60, 2),
-                        "loss": round(float(loss), 4),
-                        "lr": cfg.new_lr,
-                    },
-                    stats,
-                )
+                record(progress("ask", loss, cfg.new_lr), stats)
             print(f"question head: {cfg.ask_steps} steps in {(time.perf_counter() - ask_start) / 60:.1f} min")
         read_steps = step
         if read_steps:
@@ -757,12 +751,7 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
                         stats.setdefault(key, []).extend(v)
             record(
                 {
-                    "stage": "search",
-                    "step": step,
-                    "examples": seen,
-                    "minutes": round(elapsed / 60, 2),
-                    "loss": round(float(loss.detach()), 4),
-                    "lr": lr,
+                    **progress("search", loss, lr, elapsed),
                     "grad": round(float(grad), 3),
                     "levels": {lv: levels.count(lv) for lv in set(levels)},
                     "skipped": skipped,
