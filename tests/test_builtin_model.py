@@ -34,7 +34,7 @@ from glimpse.builtin.processing import (
     zoom_text,
 )
 from glimpse.builtin.proposer import TILES, propose
-from glimpse.builtin.reader import READ_CROP, cut_box, find_panel
+from glimpse.builtin.reader import LINE_CROP, READ_CROP, cut_box, find_panel, text_line
 from glimpse.builtin.teacher import pointed_region, teacher_turns
 from glimpse.hf.processor import load_processor
 from glimpse.images import PixelLimits, fit
@@ -299,6 +299,76 @@ def test_a_reader_added_to_an_older_checkpoint_starts_finite(tmp_path):
     assert float(model.reader.attribute.abs().max()) == 0.0
 
 
+def _panel(text: str, left: int, size: int, corner: bool = False) -> torch.Tensor:
+    """A light panel with a purple border and a line of black text starting at ``left``: (3, *READ_CROP) in 0-1."""
+    from PIL import ImageFont
+
+    image = Image.new("RGB", (READ_CROP[1], READ_CROP[0]), (245, 245, 240))
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((2, 2, READ_CROP[1] - 3, READ_CROP[0] - 3), outline=(128, 0, 128), width=4)
+    if corner:
+        draw.ellipse((8, 6, 24, 20), fill=(0, 0, 0))  # a corner mark above the line
+    font = ImageFont.load_default(size=size)
+    draw.text((left, READ_CROP[0] // 2), text, fill=(10, 10, 10), font=font, anchor="lm")
+    return torch.from_numpy(np.asarray(image, np.float32) / 255.0).permute(2, 0, 1)
+
+
+def _first_ink(line: torch.Tensor) -> int:
+    return int((line.amax(0) < 0.35).any(0).nonzero()[0])
+
+
+def test_the_text_line_is_cut_left_aligned_at_one_height_wherever_the_panel_puts_it():
+    """``text_line``: a line of text centred or not, three or four characters, small or large, with a corner mark
+    above it, comes out starting at the same place and at the same height; a panel without ink comes out whole."""
+    panels = torch.stack(
+        [
+            _panel("7K3", 90, 26),
+            _panel("7K3W", 30, 26),
+            _panel("7K3", 60, 34, corner=True),
+            _panel("7K", 140, 20),
+        ]
+    )
+    lines = text_line(panels)
+    assert lines.shape == (4, 3, *LINE_CROP)
+    starts = [_first_ink(line) for line in lines]
+    assert max(starts) - min(starts) <= 2 and 0 < starts[0] < LINE_CROP[1] // 8
+    heights = [int((line.amax(0) < 0.35).any(1).sum()) for line in lines]
+    assert max(heights) - min(heights) <= 3 and heights[0] > LINE_CROP[0] // 2
+    blank = torch.full((1, 3, *READ_CROP), 0.9)
+    assert torch.allclose(text_line(blank), torch.full((1, 3, *LINE_CROP), 0.9), atol=1e-4)
+
+
+def test_a_line_reader_replaces_an_older_readers_character_classifiers_and_keeps_every_other_weight(builtin, tmp_path):
+    """``add_line_reader``: a checkpoint whose reader read codes off the whole panel gains the line's conv stages
+    and new character classifiers; every weight it had that still fits is kept bit for bit; it loads and reads."""
+    import shutil
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    from glimpse.builtin.model import add_line_reader
+
+    old = tmp_path / "old"
+    shutil.copytree(builtin, old)
+    config = json.loads((old / "config.json").read_text())
+    config["reader_line"] = False
+    (old / "config.json").write_text(json.dumps(config))
+    AutoModelForImageTextToText.from_pretrained(old, ignore_mismatched_sizes=True).save_pretrained(old)
+    before = load_file(old / "model.safetensors")
+    assert not any(k.startswith("reader.line_") for k in before)
+    assert add_line_reader(old) and not add_line_reader(old)
+    model = AutoModelForImageTextToText.from_pretrained(old).eval()
+    after = model.state_dict()
+    kept = [k for k, v in before.items() if after[k].shape == v.shape]
+    assert all(torch.equal(before[k], after[k]) for k in kept)
+    assert {k for k in before if k not in kept} == {f"reader.heads.{j}.weight" for j in range(4)}
+    processor = load_processor(old)
+    prompt = "<|im_start|>user\nread<|vision_start|><|image_pad|><|vision_end|><|im_end|>\n"
+    with torch.no_grad():
+        out = model(**processor(text=[prompt], images=[photo(400, 300)], return_tensors="pt"))
+    assert all(torch.isfinite(v).all() for v in out.reader_logits.values())
+
+
 def test_an_answer_can_spell_what_the_reader_read(builtin):
     """Inside an answer the next token mixes the LM head with the words the reader read in the last image: with
     the gate set to copy the marker colour, the first answer token is the first token of the colour the reader
@@ -330,6 +400,94 @@ def test_an_answer_can_spell_what_the_reader_read(builtin):
         model.copy_gate = None  # the same model without copying
         assert torch.equal(model(**plain).logits[0, -1], copied)
         assert int(model(**answer).logits[0, -1].argmax()) != want or want == processor.tokenizer.eos_token_id
+
+
+def test_an_answer_spells_a_word_of_several_tokens_and_a_code_one_character_a_token(builtin):
+    """``spell``: a word the reader read is copied token by token (the classes whose first tokens were written, in
+    proportion, then ``</answer>`` once the word is complete), and a code's k-th character at answer token k; the
+    built-in tokenizer writes a code one character per token, so the two line up."""
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(builtin).eval()
+    tok = load_processor(builtin).tokenizer
+    names = [name for name, _ in model.config.reader_classes]
+    end = model.config.answer_ids[1]
+    rng = np.random.default_rng(0)
+    alphabet = model.config.reader_classes[names.index("char1")][1][:-1]
+    for _ in range(50):  # a code, in a question or an answer: one token per character
+        code = "".join(rng.choice(alphabet, int(rng.integers(2, 7))))
+        assert [tok.decode([t]) for t in tok.encode(code, add_special_tokens=False)] == list(code)
+        assert tok.convert_ids_to_tokens(tok.encode(f"reads {code}.", add_special_tokens=False))[-2] == code[-1]
+
+    shape = names.index("marker_shape")
+    words = model.config.reader_classes[shape][1]
+    probs = torch.zeros(READ_ROWS, 32)
+    first, second = words.index("circle"), words.index("cross")
+    probs[shape, first], probs[shape, second] = 0.6, 0.4
+    lm = torch.full((model.lm_head.out_features,), 1.0 / model.lm_head.out_features)
+    circle, cross = (tok.encode(w, add_special_tokens=False) for w in ("circle", "cross"))
+    written: tuple[int, ...] = ()
+    for step in range(len(circle) + 1):
+        row = model.spell(probs, written, lm)[shape]
+        assert float(row.sum()) == pytest.approx(1.0)
+        want = circle[step] if step < len(circle) else end
+        assert int(row.argmax()) == want
+        if step < len(circle) and step < len(cross) and circle[: step + 1] != cross[: step + 1]:
+            assert float(row[cross[step]]) == pytest.approx(0.4 if circle[:step] == cross[:step] else 0.0)
+        written = (*written, want)
+
+    code = "7K3"
+    for j, ch in enumerate([*code, ""]):
+        probs[j] = 0.0
+        probs[j, model.config.reader_classes[j][1].index(ch)] = 1.0
+    written = ()
+    for k, ch in enumerate(code):
+        spelled = model.spell(probs, written, lm)
+        assert int(spelled[k].argmax()) == tok.convert_tokens_to_ids(ch)
+        assert torch.equal(spelled[k + 1], lm)  # the next character's word has not started
+        written = (*written, tok.convert_tokens_to_ids(ch))
+    assert int(model.spell(probs, written, lm)[len(code)].argmax()) == end  # the fourth character: none
+
+
+def test_a_whole_word_is_spelled_while_generating_and_an_older_checkpoint_gains_its_spellings(builtin, tmp_path):
+    """With the gate set to copy the marker shape at every answer step, ``generate`` writes one of the shape
+    words whole, then ``</answer>`` (the answer's tokens so far travel on the cache); ``spell_codes`` gives a
+    checkpoint made before spellings the same ones (and its tokenizer's code merges dropped)."""
+    import shutil
+
+    from transformers import AutoModelForImageTextToText
+
+    from glimpse.builtin.model import spell_codes
+    from glimpse.hf.tiny import drop_merges
+
+    model = AutoModelForImageTextToText.from_pretrained(builtin).eval()
+    processor = load_processor(builtin)
+    shape = [name for name, _ in model.config.reader_classes].index("marker_shape")
+    with torch.no_grad():
+        model.copy_gate.weight.zero_()
+        model.copy_gate.bias.fill_(-30.0)
+        model.copy_gate.bias[shape] = 30.0
+        model.copy_step.weight.zero_()
+    prompt = (
+        "<|im_start|>user\nwhat shape?<|vision_start|><|image_pad|><|vision_end|><|im_end|>\n<|im_start|>assistant\n"
+    )
+    inputs = processor(text=[prompt + "<answer>"], images=[photo(400, 300, seed=5)], return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    text = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :])
+    assert text.split("</answer>")[0] in model.config.reader_classes[shape][1]
+    assert "</answer>" in text
+
+    old = tmp_path / "old"
+    shutil.copytree(builtin, old)
+    config = json.loads((old / "config.json").read_text())
+    spellings, starts = config.pop("reader_spellings"), config.pop("reader_starts")
+    (old / "config.json").write_text(json.dumps(config))
+    assert spell_codes(old) and not spell_codes(old)
+    config = json.loads((old / "config.json").read_text())
+    assert (config["reader_spellings"], config["reader_starts"]) == (spellings, starts)
+    data = {"model": {"merges": [["K", "F"], ["Ġ", "K"], ["t", "h"], ["1", "0"], ["x", "0"]]}}
+    assert drop_merges(data, r"Ġ?[A-Z0-9]{2,}")["model"]["merges"] == [["Ġ", "K"], ["t", "h"], ["x", "0"]]
 
 
 def test_the_pointer_grounds_the_question_words_in_the_regions_even_when_the_prompt_is_split(builtin):

@@ -51,12 +51,14 @@ from glimpse.builtin.processing import (
     CROP,
     KIND,
     MAX_SOURCES,
+    MEAN,
     PIXELS,
     READ_ROWS,
     READING,
     REL,
     RING,
     RING_VALUES,
+    STD,
     STEPS,
     WINDOW,
     GlimpseVLImageProcessor,
@@ -65,7 +67,7 @@ from glimpse.builtin.processing import (
     location_tokens,
     source_text,
 )
-from glimpse.builtin.reader import READ_CROP
+from glimpse.builtin.reader import LINE_CROP, READ_CROP, text_line
 
 MODEL_TYPE = "glimpse_vl"
 # The pixel limits the model is shown images at: the default first view of the Mini-o3 recipe (2,000,000
@@ -76,6 +78,11 @@ MIN_PIXELS, MAX_PIXELS = 65_536, 2_000_000
 _CACHE_ARG = "cache" if "cache" in inspect.signature(Qwen2Model.forward).parameters else "past_key_values"
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 NEG = -1e4  # the logit of a location token no consistent region spells (finite: safe in bfloat16)
+# the reader's attributes an answer writes (a code's characters, a marker's colour and shape, a count of dots)
+ANSWER_WORDS = ("char", "marker_color", "marker_shape", "dots")
+# what no token of the built-in tokenizer holds: two or more code characters (so a code is written one character
+# per token, as the reader reads it); byte-level BPE writes a leading space as "Ġ"
+CODE_APART = r"Ġ?[A-Z0-9]{2,}"
 COPY_STEPS = 8  # answer positions the copy gate tells apart (a code's characters; later ones share the last)
 
 
@@ -94,8 +101,14 @@ class GlimpseVLConfig(PretrainedConfig):
         reader_classes: what the reader reads off a panel: ``[attribute, classes]`` pairs, in order; the first
             ``READ_ROWS`` attributes each become a reading token, the rest only train the reader.
         reader_ids: per reading token's attribute, the token id that starts each class's word (-1: none), so a
-            reading token can carry the word's embedding (answers copy it).
+            reading token can carry the word's embedding.
+        reader_spellings: per reading token's attribute, each class's word as token ids (``[]``: the empty word,
+            the answer ends), or ``[]`` for an attribute that is not an answer word: what an answer copies.
+        reader_starts: per reading token's attribute, the answer token its word starts at (a code's k-th
+            character at k, a word at 0). Checkpoints made before them (empty) copy each class's first token at
+            every answer step.
         reader_channels: output channels of the reader's stride-2 stages.
+        reader_line: the reader reads a code's characters from the panel's line of text (``Reader``).
         answer_ids: ids of ``<answer>`` and ``</answer>``: inside an answer, each next token may be copied from what
             the reader read in the last image (``GlimpseVLForConditionalGeneration._copy``); empty: no copying.
         ground_dim: width of the grounding match between the question's words and each region (``Grounding``);
@@ -128,7 +141,10 @@ class GlimpseVLConfig(PretrainedConfig):
         reader_classes: list[list[Any]] | None = None,
         reader_ids: list[list[int]] | None = None,
         reader_channels: list[int] | tuple[int, ...] = (32, 64, 96),
+        reader_line: bool = False,
         answer_ids: list[int] | None = None,
+        reader_spellings: list[list[list[int]]] | None = None,
+        reader_starts: list[int] | None = None,
         ground_dim: int = 0,
         turn_start_id: int | None = None,
         region_classes: list[list[Any]] | None = None,
@@ -149,7 +165,10 @@ class GlimpseVLConfig(PretrainedConfig):
         self.reader_classes = [[str(name), list(classes)] for name, classes in reader_classes or []]
         self.reader_ids = [list(ids) for ids in reader_ids or []]
         self.reader_channels = list(reader_channels)
+        self.reader_line = reader_line
         self.answer_ids = list(answer_ids or [])
+        self.reader_spellings = [[list(ids) for ids in row] for row in reader_spellings or []]
+        self.reader_starts = list(reader_starts or [])
         self.ground_dim, self.turn_start_id = ground_dim, turn_start_id
         self.region_classes = [[str(name), list(classes)] for name, classes in region_classes or []]
         self.region_word_ids = [[list(ids) for ids in row] for row in region_word_ids or []]
@@ -226,6 +245,11 @@ class Reader(nn.Module):
     the decoder's input embeddings, so an answer can copy the word) plus a learned table, plus the attribute's own
     embedding. The classifiers are trained directly on what the teacher knows the panel shows (``train.py``)
     and by the answers through the tokens.
+
+    With ``config.reader_line``, a code's characters (``char1`` …) are read from the panel's line of text instead
+    (``reader.text_line``: left-aligned at a fixed height, its own conv stages): on the same 9,000 card panels and
+    minutes, a code read exactly went from 3 % (the whole panel) to 36 % after 1.5 minutes (docs/builtin-model.md,
+    attempt 9).
     """
 
     def __init__(self, config: GlimpseVLConfig, hidden: int):
@@ -235,7 +259,15 @@ class Reader(nn.Module):
         self.squeeze = nn.Conv2d(config.reader_channels[-1], 24, 1)
         self.names = [name for name, _ in config.reader_classes]
         sizes = [len(classes) for _, classes in config.reader_classes]
-        self.heads = nn.ModuleList(nn.Linear(24 * cells, n) for n in sizes)
+        self.line = config.reader_line
+        self.on_line = [self.line and name.startswith("char") for name in self.names]
+        if self.line:
+            self.line_cnn = _stages(config.reader_channels)
+            self.line_squeeze = nn.Conv2d(config.reader_channels[-1], 32, 1)
+            line_cells = (LINE_CROP[0] >> len(config.reader_channels)) * (LINE_CROP[1] >> len(config.reader_channels))
+        self.heads = nn.ModuleList(
+            nn.Linear(32 * line_cells if line else 24 * cells, n) for n, line in zip(sizes, self.on_line, strict=True)
+        )
         self.tables = nn.ParameterList(nn.Parameter(torch.zeros(n, hidden)) for n in sizes[:READ_ROWS])
         self.attribute = nn.Parameter(torch.zeros(READ_ROWS, hidden))
         self.box = nn.Linear(4 * 2 * 8, hidden)
@@ -248,7 +280,14 @@ class Reader(nn.Module):
         panels = rows.shape[0] // READ_ROWS
         pixels = rows[:, :PIXELS].reshape(panels, 3, *READ_CROP)
         feats = self.squeeze(self.cnn(pixels)).flatten(1)
-        logits = {n: head(feats) for n, head in zip(self.names, self.heads, strict=True)}
+        if self.line:
+            mean, std = (pixels.new_tensor(v).view(1, -1, 1, 1) for v in (MEAN, STD))
+            line = (text_line(pixels.detach() * std + mean) - mean) / std
+            line_feats = self.line_squeeze(self.line_cnn(line)).flatten(1)
+        logits = {
+            n: head(line_feats if on_line else feats)
+            for n, head, on_line in zip(self.names, self.heads, self.on_line, strict=True)
+        }
         box = self.box(fourier(rows[::READ_ROWS, REL]))
         tokens = []
         for j, table in enumerate(self.tables):
@@ -420,7 +459,7 @@ class PointerState:
     box_open: int | None = None  # the id that opens a zoom's box (``GlimpseVLConfig.box_open_id``)
     # per image: what the reader read, as each reading attribute's word distribution over the vocabulary
     reads: list[list[torch.Tensor]] = field(default_factory=list)
-    in_answer: list[int | None] = field(default_factory=list)  # answer tokens written so far, None outside one
+    in_answer: list[tuple[int, ...] | None] = field(default_factory=list)  # the answer's tokens so far, None outside
     answer_ids: tuple[int, ...] = ()  # ``<answer>``, ``</answer>``
     # the question's words (the tokens of the turn holding the first image; ``Grounding``) once it is seen, and
     # until then the tokens of the turn still open; ``turn_start``/``image_token``: the ids that delimit them
@@ -450,13 +489,13 @@ class PointerState:
                 self.turn[b] = found
         return self.words[b]
 
-    def answer_step(self, k: int | None, token: int) -> int | None:
-        """Answer tokens written after ``token``, from ``k`` before it (None: not in an answer)."""
+    def answer_step(self, written: tuple[int, ...] | None, token: int) -> tuple[int, ...] | None:
+        """The answer's tokens after ``token``, from ``written`` before it (None: not in an answer)."""
         if self.answer_ids and token == self.answer_ids[0]:
-            return 0
-        if k is None or (self.answer_ids and token == self.answer_ids[1]):
+            return ()
+        if written is None or (self.answer_ids and token == self.answer_ids[1]):
             return None
-        return k + 1
+        return (*written, token)
 
     def row(self, b: int) -> PointerState:
         """Row ``b`` as a one-row state (its open zoom left out: ``after`` replays it from the tokens)."""
@@ -479,7 +518,7 @@ class PointerState:
         """This one-row state as it stood after ``ids``, a prefix of its tokens holding its first ``images`` images:
         later images dropped, the zoom being written replayed from the tokens (as ``_point`` steps through them)."""
         written: list[int] | None = None
-        answered: int | None = None
+        answered: tuple[int, ...] | None = None
         for token in ids:
             if token == self.box_open:
                 written = []
@@ -588,6 +627,7 @@ class GlimpseVLForConditionalGeneration(GlimpseVLPreTrainedModel, GenerationMixi
         # head's), from the decoder's state and how many answer tokens are written
         self.copy_gate = nn.Linear(text.hidden_size, READ_ROWS + 1) if copying else None
         self.copy_step = nn.Embedding(COPY_STEPS, READ_ROWS + 1) if copying else None
+        self.spelled = answer_words(config) if copying else []
         self.model = Qwen2Model(text)
         self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
         self.query = nn.Linear(text.hidden_size, config.pointer_dim)
@@ -767,53 +807,74 @@ class GlimpseVLForConditionalGeneration(GlimpseVLPreTrainedModel, GenerationMixi
             state.images[b] += 1
 
     def words(self, reader_logits: dict[str, torch.Tensor], vocab: int) -> torch.Tensor | None:
-        """(images, READ_ROWS, vocab): per image and reading attribute, the probability of each token starting the
-        answer word the reader read (its class probabilities on the classes' first tokens; attributes without
-        words get none)."""
+        """(images, READ_ROWS, classes): per image and reading attribute, the reader's class probabilities (zero
+        past an attribute's classes), which ``_copy`` spells; None without copying."""
         if self.copy_gate is None or self.reader is None:
             return None
         names = self.reader.names[:READ_ROWS]
-        images = reader_logits[names[0]].shape[0]
-        out = torch.zeros(images, READ_ROWS, vocab, device=reader_logits[names[0]].device)
-        for j, name in enumerate(names):
-            ids = torch.tensor(self.config.reader_ids[j], device=out.device)
-            known = ids >= 0
-            if bool(known.any()):
-                p = reader_logits[name].float().softmax(-1)[:, known]
-                out[:, j] = out[:, j].index_add(1, ids[known], p)
-        return out
+        probs = [reader_logits[name].float().softmax(-1) for name in names]
+        widest = max(p.shape[-1] for p in probs)
+        return torch.stack([nn.functional.pad(p, (0, widest - p.shape[-1])) for p in probs], 1)
+
+    def spell(self, probs: torch.Tensor, written: tuple[int, ...], lm: torch.Tensor) -> torch.Tensor:
+        """(READ_ROWS, vocab): per reading attribute, its next answer token after ``written`` (the answer's tokens
+        so far) as the reader read it (``probs``, one image's ``words``): the classes whose word's first tokens are
+        the ones written since the word's start, weighed by their probability, each on its word's next token (or
+        on ``</answer>`` where the word is complete). Where no class fits (or before the word starts), the LM
+        head's distribution ``lm``, so the gate's mixture stays a distribution."""
+        rows = []
+        end = self.config.answer_ids[1]
+        for j, (start, classes) in enumerate(self.spelled):
+            m = 0 if start is None else len(written) - start
+            tokens, which = [], []
+            if m >= 0:
+                since = written[len(written) - m :] if m else ()
+                for c, word in classes:
+                    if len(word) >= m and tuple(word[:m]) == since:
+                        tokens.append(word[m] if m < len(word) else end)
+                        which.append(c)
+            if not which:
+                rows.append(lm)
+                continue
+            p = probs[j, which]
+            p = p / p.sum().clamp(min=1e-9)
+            rows.append(torch.zeros_like(lm).index_add(0, torch.tensor(tokens, device=lm.device), p))
+        return torch.stack(rows)
 
     def _copy(
         self,
         state: PointerState,
-        in_answer: list[int | None],
+        in_answer: list[tuple[int, ...] | None],
         input_ids: torch.Tensor,
         hidden: torch.Tensor,
         logits: torch.Tensor,
         logits_to_keep: int | torch.Tensor,
     ) -> torch.Tensor:
         """Inside an answer, each next token is a mixture: the LM head's distribution and the words the reader
-        read in the row's last image, one per reading attribute, weighted by a gate on the decoder's state and the
-        answer position (``copy_gate``, ``copy_step``); the logits become the mixture's log. So an answer can
-        spell what the reader read without the decoder having to learn to copy it."""
+        read in the row's last image, one per reading attribute (``spell``), weighted by a gate on the decoder's
+        state and the answer position (``copy_gate``, ``copy_step``); the logits become the mixture's log. So an
+        answer can spell what the reader read without the decoder having to learn to copy it."""
         first_kept = input_ids.shape[1] - logits.shape[1]
-        where_b, where_t, ks = [], [], []
+        where_b, where_t, written = [], [], []
         for b, seq in enumerate(input_ids.tolist()):
-            k = in_answer[b]
+            w = in_answer[b]
             for t, token in enumerate(seq):
-                k = state.answer_step(k, token)
-                if k is not None and t >= first_kept and state.reads[b]:
+                w = state.answer_step(w, token)
+                if w is not None and t >= first_kept and state.reads[b]:
                     where_b.append(b)
                     where_t.append(t)
-                    ks.append(min(k, COPY_STEPS - 1))
-            state.in_answer[b] = k
+                    written.append(w)
+            state.in_answer[b] = w
         if not where_b or not isinstance(logits_to_keep, int):
             return logits
         dev = logits.device
         bi, ti = torch.tensor(where_b, device=dev), torch.tensor(where_t, device=dev)
-        gate = (self.copy_gate(hidden[bi, ti]) + self.copy_step(torch.tensor(ks, device=dev))).float().softmax(-1)
-        reads = torch.stack([state.reads[b][-1] for b in where_b])  # (n, READ_ROWS, vocab)
+        ks = torch.tensor([min(len(w), COPY_STEPS - 1) for w in written], device=dev)
+        gate = (self.copy_gate(hidden[bi, ti]) + self.copy_step(ks)).float().softmax(-1)
         lm = logits[bi, ti - first_kept].float().softmax(-1)
+        reads = torch.stack(
+            [self.spell(state.reads[b][-1], w, lm[i]) for i, (b, w) in enumerate(zip(where_b, written, strict=True))]
+        )  # (n, READ_ROWS, vocab)
         mixed = gate[:, -1:] * lm + (gate[:, :-1, None] * reads).sum(1)
         return logits.index_put((bi, ti - first_kept), mixed.clamp(min=1e-9).log().to(logits.dtype))
 
@@ -874,6 +935,23 @@ class GlimpseVLForConditionalGeneration(GlimpseVLPreTrainedModel, GenerationMixi
         top = scores.max()
         mass = torch.zeros(vocab, device=h.device).index_add(0, spells[:, j], (scores - top).exp())
         return torch.where(mass > 0, mass.clamp(min=1e-30).log() + top, torch.full_like(mass, NEG))
+
+
+def answer_words(config: GlimpseVLConfig) -> list[tuple[int | None, list[tuple[int, list[int]]]]]:
+    """Per reading attribute, where its word starts in an answer (None: at every answer step) and its classes'
+    words as ``(class, token ids)`` (none for an attribute that is not an answer word), from the config's
+    ``reader_spellings`` and ``reader_starts``, or for a checkpoint made before them from ``reader_ids``: each
+    class's first token, at every step (``</answer>``: the empty word)."""
+    if config.reader_spellings:
+        return [
+            (start, list(enumerate(row)))
+            for start, row in zip(config.reader_starts, config.reader_spellings[:READ_ROWS], strict=False)
+        ]
+    end = config.answer_ids[1]
+    return [
+        (None, [(c, [] if i == end else [i]) for c, i in enumerate(row) if i >= 0])
+        for row in config.reader_ids[:READ_ROWS]
+    ]
 
 
 def register() -> None:
@@ -937,12 +1015,11 @@ def reader_vocabulary(tokenizer: Any) -> tuple[list[list[Any]], list[list[int]]]
     from glimpse.probes.stream import sign_vocabulary
 
     classes = sign_vocabulary()
-    answer_words = ("char", "marker_color", "marker_shape", "dots")
     ids = []
     for name in list(classes)[:READ_ROWS]:
         row = []
         for word in classes[name]:
-            if not name.startswith(answer_words):
+            if not name.startswith(ANSWER_WORDS):
                 row.append(-1)
             elif word == "":
                 row.append(tokenizer.convert_tokens_to_ids("</answer>"))
@@ -950,6 +1027,40 @@ def reader_vocabulary(tokenizer: Any) -> tuple[list[list[Any]], list[list[int]]]
                 row.append(tokenizer.encode(word, add_special_tokens=False)[0])
         ids.append(row)
     return [[name, words] for name, words in classes.items()], ids
+
+
+def reader_spellings(tokenizer: Any, classes: list[list[Any]]) -> tuple[list[list[list[int]]], list[int]]:
+    """Per reading token's attribute (of ``reader_vocabulary``'s ``classes``), each class's answer word as token ids
+    (none for an attribute that is not an answer word) and the answer token the word starts at: a code's
+    characters (``char1`` …) one token each, in order; a word at the answer's start."""
+    spellings, starts = [], []
+    for name, words in classes[:READ_ROWS]:
+        answer = name.startswith(ANSWER_WORDS)
+        spellings.append([tokenizer.encode(w, add_special_tokens=False) if w else [] for w in words] if answer else [])
+        starts.append(int(name[4:]) - 1 if name.startswith("char") else 0)
+    return spellings, starts
+
+
+def spell_codes(folder: Any) -> bool:
+    """Give a checkpoint made before answers spelled whole words (``reader_spellings``) its spellings, its
+    tokenizer made to write a code one character per token first (``CODE_APART``: the merged tokens stay in the
+    vocabulary, unused). Returns whether anything changed."""
+    import json
+    from pathlib import Path
+
+    from glimpse.hf.processor import load_processor
+    from glimpse.hf.tiny import drop_merges
+
+    path = Path(folder) / "config.json"
+    config = json.loads(path.read_text())
+    if config.get("reader_spellings") or not config.get("reader_classes"):
+        return False
+    tok_path = Path(folder) / "tokenizer.json"
+    tok_path.write_text(json.dumps(drop_merges(json.loads(tok_path.read_text()), CODE_APART), ensure_ascii=False))
+    spellings, starts = reader_spellings(load_processor(folder).tokenizer, config["reader_classes"])
+    config.update(reader_spellings=spellings, reader_starts=starts)
+    path.write_text(json.dumps(config, indent=2) + "\n")
+    return True
 
 
 def region_vocabulary(tokenizer: Any) -> tuple[list[list[Any]], list[list[list[int]]]]:
@@ -1005,6 +1116,35 @@ def add_grounding(folder: Any, dim: int = SIZES["base"]["ground"]) -> bool:
     return True
 
 
+def add_line_reader(folder: Any) -> bool:
+    """Make a checkpoint's reader read a code's characters from the panel's line of text (``reader_line``): the
+    line's conv stages and the characters' classifiers start fresh; every other weight is kept, written back with
+    the new ones (so loading finds none missing and initialises nothing it already had). Returns whether
+    anything changed."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from glimpse.hf.processor import quiet_progress
+
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text())
+    if not config.get("reader_classes") or config.get("reader_line"):
+        return False
+    config["reader_line"] = True
+    new = GlimpseVLConfig.from_dict(config)
+    model = GlimpseVLForConditionalGeneration(new)
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    old: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        old.update(load_file(f))
+    model.load_state_dict({k: v for k, v in old.items() if shapes.get(k) == v.shape}, strict=False)
+    quiet_progress()
+    model.save_pretrained(folder)
+    return True
+
+
 def add_region_heads(folder: Any) -> bool:
     """Give a checkpoint made before ``RegionHeads`` and ``RingProjection`` existed both (its config gains them;
     their weights start fresh when it is next loaded: the ring projection at zero, and the heads change only the
@@ -1042,7 +1182,9 @@ def build_builtin(
     from glimpse.hf.tiny import CHAT_TEMPLATE, build_tokenizer
 
     spec = SIZES[size]
-    tokenizer = build_tokenizer(1200, seed, texts=tokenizer_corpus(seed), extra_tokens=tuple(location_tokens()))
+    tokenizer = build_tokenizer(
+        1200, seed, texts=tokenizer_corpus(seed), extra_tokens=tuple(location_tokens()), apart=CODE_APART
+    )
     ids = tokenizer.convert_tokens_to_ids
     text = Qwen2Config(
         vocab_size=len(tokenizer),
@@ -1060,6 +1202,7 @@ def build_builtin(
     )
     coordinates = [coordinate_text(k, last) for last in (False, True) for k in range(STEPS + 1)]
     reader_classes, reader_ids = reader_vocabulary(tokenizer)
+    spellings, starts = reader_spellings(tokenizer, reader_classes)
     region_classes, region_word_ids = region_vocabulary(tokenizer)
     config = GlimpseVLConfig(
         text_config=text,
@@ -1072,12 +1215,15 @@ def build_builtin(
         max_pixels=max_pixels,
         reader_classes=reader_classes,
         reader_ids=reader_ids,
+        reader_spellings=spellings,
+        reader_starts=starts,
         answer_ids=[ids("<answer>"), ids("</answer>")],
         ground_dim=spec["ground"],
         turn_start_id=ids("<|im_start|>"),
         region_classes=region_classes,
         region_word_ids=region_word_ids,
         ring_colour=True,
+        reader_line=True,
         eos_token_id=ids("<|im_end|>"),
         pad_token_id=ids("<|endoftext|>"),
     )

@@ -9,6 +9,12 @@ wording; on a photo it finds bright panels (a label, a window, the sky), which i
 
 ``panel_pixels`` cuts that rectangle (with a small margin) from the image's own pixels and resizes it to
 ``READ_CROP``: the model's reading tokens come from these pixels only (see ``model.Reader``).
+
+``text_line`` goes one step further inside the model, on those panel pixels: the line of near-black ink that
+crosses the panel's middle band (a code, a number), cut left-aligned and scaled to ``LINE_CROP``'s height, so the
+k-th character of any line sits at about the same place whatever the line's length and where the panel put it
+(read by position, a three-character code centred in a panel had its characters where a four-character code's
+are, and the reader wrote them one place late). Where no such ink is found the whole panel is used.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 from PIL import Image
 
 READ_CROP = (64, 256)  # height, width the panel is read at (a four-character code at about 40 pixels each)
@@ -23,6 +30,10 @@ LIGHT = 190  # a pixel is light when its darkest channel is at least this
 GRID = 160  # the light mask is searched on at most GRID × GRID cells
 FILL, RING = 0.6, 0.35  # light share required inside a panel, allowed in the ring just outside it
 READ_MARGIN = 0.08  # the cut grows the panel by this share of its size on each side
+LINE_CROP = (32, 192)  # height, width a line of text is read at (four characters at about 40 pixels each)
+INK = 0.35  # a pixel is ink when its brightest channel is below this (0-1): near black, not a coloured border
+BAND = (0.45, 0.65)  # the share of the panel's height a line of text crosses (corner marks stay above it)
+LINE_PAD = 0.15, 1.3  # the line's cut starts this many line heights left of the ink; its height: this many
 
 
 def _integral(a: np.ndarray) -> np.ndarray:
@@ -100,3 +111,32 @@ def panel_pixels(image: Image.Image) -> tuple[np.ndarray, tuple[int, int, int, i
     box = cut_box(find_panel(image), image.width, image.height)
     crop = image.crop(box).resize((READ_CROP[1], READ_CROP[0]), Image.Resampling.BILINEAR)
     return np.asarray(crop, np.float32).transpose(2, 0, 1) / 255.0, box
+
+
+def text_line(panels: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) panel pixels in 0-1 → (N, 3, *LINE_CROP): each panel's line of text (module docstring), outside
+    the panel white."""
+    n, _, height, width = panels.shape
+    ink = panels.amax(1) < INK  # (N, H, W)
+    top, bottom = int(height * BAND[0]), int(height * BAND[1])
+    crossing = ink[:, top:bottom].any(1)  # (N, W): columns whose ink crosses the band
+    theta = torch.zeros(n, 2, 3, dtype=panels.dtype, device=panels.device)
+    for i, cols in enumerate(crossing.tolist()):
+        if True not in cols:  # no line: the whole panel, squeezed to the line's shape
+            theta[i, 0, 0] = theta[i, 1, 1] = 1.0
+            continue
+        x0, x1 = cols.index(True), width - 1 - cols[::-1].index(True)
+        inked = ink[i, :, x0 : x1 + 1].any(1).tolist()
+        y0, y1 = top, bottom - 1  # grow from the band while the rows hold ink
+        while y0 > 0 and inked[y0 - 1]:
+            y0 -= 1
+        while y1 < height - 1 and inked[y1 + 1]:
+            y1 += 1
+        tall = (y1 - y0 + 1) * LINE_PAD[1]
+        wide = LINE_CROP[1] * tall / LINE_CROP[0]
+        centre_x, centre_y = x0 - LINE_PAD[0] * tall + wide / 2, (y0 + y1 + 1) / 2
+        theta[i, 0, 0], theta[i, 0, 2] = wide / width, 2 * centre_x / width - 1
+        theta[i, 1, 1], theta[i, 1, 2] = tall / height, 2 * centre_y / height - 1
+    grid = torch.nn.functional.affine_grid(theta, [n, 3, *LINE_CROP], align_corners=False)
+    inverse = torch.nn.functional.grid_sample(1 - panels, grid, align_corners=False, padding_mode="zeros")
+    return 1 - inverse

@@ -494,7 +494,14 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
     ``cfg.read_minutes``); write ``OUT/model``."""
     import torch
 
-    from glimpse.builtin.model import add_grounding, add_reader, add_region_heads, build_builtin
+    from glimpse.builtin.model import (
+        add_grounding,
+        add_line_reader,
+        add_reader,
+        add_region_heads,
+        build_builtin,
+        spell_codes,
+    )
     from glimpse.hf.processor import load_processor
     from glimpse.train.common import collate
 
@@ -522,6 +529,10 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
             print(f"{cfg.init} has no grounding: one is added (switched off until trained)")
         if add_region_heads(model_dir):
             print(f"{cfg.init} has no region heads or ring colour: they are added (they change nothing until trained)")
+        if add_line_reader(model_dir):
+            print(f"{cfg.init} read codes off the whole panel: its reader now reads them off the line of text (fresh)")
+        if spell_codes(model_dir):
+            print(f"{cfg.init} copied answers by first tokens: it now spells whole words, a code one character a token")
     else:
         build_builtin(model_dir, size=cfg.size, seed=cfg.seed)
     from transformers import AutoModelForImageTextToText

@@ -140,13 +140,32 @@ def corpus(seed: int = 0, lines: int = 4000) -> list[str]:
     return out
 
 
+def drop_merges(data: dict[str, Any], apart: str) -> dict[str, Any]:
+    """A tokenizer's JSON (``tokenizer.json``) without the BPE merges whose result fully matches the regular
+    expression ``apart``: text such merges would join is then written in smaller tokens. The vocabulary and its
+    ids stay as they are (the merged tokens remain, never produced), so a model trained on it still loads."""
+    import re
+
+    pattern = re.compile(apart)
+    merges = data["model"]["merges"]
+    joined = ["".join(m) if isinstance(m, list) else m.replace(" ", "") for m in merges]
+    data["model"]["merges"] = [m for m, text in zip(merges, joined, strict=True) if not pattern.fullmatch(text)]
+    return data
+
+
 def build_tokenizer(
-    vocab_size: int = 4000, seed: int = 0, *, texts: list[str] | None = None, extra_tokens: tuple[str, ...] = ()
+    vocab_size: int = 4000,
+    seed: int = 0,
+    *,
+    texts: list[str] | None = None,
+    extra_tokens: tuple[str, ...] = (),
+    apart: str | None = None,
 ) -> Any:
     """A byte-level BPE tokenizer wrapped as Qwen's tokenizer class, with the chat template.
 
     ``texts`` replaces the default training corpus; ``extra_tokens`` are added as whole (non-special) tokens
-    after the protocol tags.
+    after the protocol tags; ``apart``: a regular expression of what no token may hold (``drop_merges``; the
+    built-in model writes a code's characters one token each).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import Qwen2TokenizerFast
@@ -158,6 +177,8 @@ def build_tokenizer(
         vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
     )
     tok.train_from_iterator(texts if texts is not None else corpus(seed), trainer=trainer)
+    if apart is not None:
+        tok = Tokenizer.from_str(json.dumps(drop_merges(json.loads(tok.to_str()), apart)))
     tok.add_special_tokens(SPECIAL_TOKENS)
     tok.add_tokens([*PROTOCOL_TOKENS, *extra_tokens])
     return Qwen2TokenizerFast(
