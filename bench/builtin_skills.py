@@ -19,6 +19,10 @@ Three parts, each printing its own table:
 * ``--check N --model CHECKPOINT``: after the teacher's wrong looks (``--check`` searches), whether the model
   looks again (its next reply starts a zoom, not an answer) and points at the target, teacher-forced, on N
   fresh searches per level.
+* ``--answer N --model CHECKPOINT``: the answer from a good zoom alone, teacher-forced on N fresh searches per
+  level (the teacher's zooms given, the target's last): per question kind, how often the model's answer tokens
+  are the teacher's, and how often the reader read the asked attribute right on the last panel (an answer can
+  copy no better), so a wrong answer is put down to the reader or to the writing.
 * ``--point N --model CHECKPOINT``: the first zoom alone, teacher-forced on N fresh probes per level: where the
   pointer ranks the teacher's region (top 1, top 3) per level and question kind, and with ``Grounding`` where
   the grounding match alone ranks it (does the question's wording reach the regions?).
@@ -31,6 +35,7 @@ Three parts, each printing its own table:
     python bench/builtin_skills.py --read 100 --model builtin-run/model
     python bench/builtin_skills.py --check 20 --model builtin-run/model
     python bench/builtin_skills.py --point 120 --model builtin-run/model
+    python bench/builtin_skills.py --answer 60 --model builtin-run/model
     python bench/builtin_skills.py --photo docs/builtin-photo.jpg --model builtin-run/model
 """
 
@@ -296,6 +301,58 @@ def point(n: int, model_dir: str) -> None:
                 print(f"| {level} | {kind} | {len(got)} | {share[0]:.0%} | {share[1]:.0%} | {alone} |")
 
 
+def answer(n: int, model_dir: str) -> None:
+    """The answer after the teacher's zooms, teacher-forced (module docstring)."""
+    from collections import defaultdict
+
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from glimpse.builtin.train import ExampleMaker
+    from glimpse.train.common import IGNORE, collate
+
+    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    names = model.reader.names
+    chars = [x for x in names if x.startswith("char")]
+    start = fresh_index(model_dir)
+    print(f"The answer from the teacher's zooms, teacher-forced, {model_dir}: {n} fresh searches per level")
+    print("| level | question | searches | answer right | reader right on the last panel |")
+    print("|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        make = ExampleMaker(model_dir, 0, Path(tmp))
+        tok = make.processor.tokenizer
+        opening = tok.convert_tokens_to_ids("<answer>")
+        for level in ("card", *LEVELS):
+            tally: dict[str, list[list[int]]] = defaultdict(lambda: [[], []])
+            for i in range(n):
+                made, _ = make(level, start + i)
+                if made is None:
+                    continue
+                example, kind, targets = made[:3]
+                batch = collate([example], tok.pad_token_id, model.config.image_token_id)
+                batch.pop("mm_token_type_ids", None)
+                labels = batch.pop("labels")[0, 1:]
+                with torch.no_grad():
+                    out = model(**batch)
+                at = int((batch["input_ids"][0] == opening).nonzero()[-1])
+                want = labels[at:]
+                keep = want != IGNORE
+                right = bool((out.logits[0, at:-1].argmax(-1)[: len(want)][keep] == want[keep]).all())
+                last = targets[-1]
+                asked = ASKED.get(kind) if kind != "relative_position" else None  # its answer is no reading
+                read_ok = None
+                if last is not None and asked:
+                    attrs = chars if asked == "code" else [asked]
+                    read_ok = all(int(out.reader_logits[a][-1].argmax()) == last[a] for a in attrs)
+                for key in (kind, "all"):
+                    tally[key][0].append(int(right))
+                    if read_ok is not None:
+                        tally[key][1].append(int(read_ok))
+            for kind, (rights, reads) in sorted(tally.items(), key=lambda kv: kv[0] == "all"):
+                reader = f"{sum(reads) / len(reads):.0%}" if reads else "–"
+                print(f"| {level} | {kind} | {len(rights)} | {sum(rights) / len(rights):.0%} | {reader} |")
+
+
 def read(n: int, model_dir: str) -> None:
     import torch
     from transformers import AutoModelForImageTextToText
@@ -418,7 +475,8 @@ def main() -> None:
     parser.add_argument("--read", type=int, default=0, help="fresh examples per level for the reader's accuracy")
     parser.add_argument("--check", type=int, default=0, help="fresh checking searches per level: does it look again")
     parser.add_argument("--point", type=int, default=0, help="fresh probes per level: the first zoom's rank")
-    parser.add_argument("--model", help="checkpoint for --read, --check, --point and --photo")
+    parser.add_argument("--answer", type=int, default=0, help="fresh searches per level: the answer from good zooms")
+    parser.add_argument("--model", help="checkpoint for --read, --check, --point, --answer and --photo")
     args = parser.parse_args()
     if args.recall:
         recall(args.recall)
@@ -434,6 +492,8 @@ def main() -> None:
         point(args.point, args.model)
     if args.check:
         check(args.check, args.model)
+    if args.answer:
+        answer(args.answer, args.model)
     if args.photo:
         photo(args.photo, args.model)
 
