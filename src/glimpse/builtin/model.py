@@ -1056,7 +1056,8 @@ def spell_codes(folder: Any) -> bool:
     if config.get("reader_spellings") or not config.get("reader_classes"):
         return False
     tok_path = Path(folder) / "tokenizer.json"
-    tok_path.write_text(json.dumps(drop_merges(json.loads(tok_path.read_text()), CODE_APART), ensure_ascii=False))
+    dropped = drop_merges(json.loads(tok_path.read_text()), CODE_APART)
+    tok_path.write_text(json.dumps(dropped, ensure_ascii=False, indent=2))
     spellings, starts = reader_spellings(load_processor(folder).tokenizer, config["reader_classes"])
     config.update(reader_spellings=spellings, reader_starts=starts)
     path.write_text(json.dumps(config, indent=2) + "\n")
