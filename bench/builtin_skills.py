@@ -210,6 +210,15 @@ def fresh_index(model_dir: str) -> int:
     return max([9_000_000, *done])
 
 
+def _inputs(example, tok, model) -> tuple[dict, object]:
+    """One training example as the model's inputs (batch of one) and its labels (``[1, length]``)."""
+    from glimpse.train.common import collate
+
+    batch = collate([example], tok.pad_token_id, model.config.image_token_id)
+    batch.pop("mm_token_type_ids", None)
+    return batch, batch.pop("labels")
+
+
 def check(n: int, model_dir: str) -> None:
     """After 1-3 wrong looks (the teacher's checking searches), does the model look again (start a zoom) or
     answer? Teacher-forced, the first token of the reply after the wrong looks, n fresh searches per level."""
@@ -217,7 +226,7 @@ def check(n: int, model_dir: str) -> None:
     from transformers import AutoModelForImageTextToText
 
     from glimpse.builtin.train import ExampleMaker
-    from glimpse.train.common import IGNORE, collate
+    from glimpse.train.common import IGNORE
 
     model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
     start = fresh_index(model_dir)
@@ -234,9 +243,8 @@ def check(n: int, model_dir: str) -> None:
                 if made is None or not made[3]:  # skipped, or no sign to look at wrongly
                     continue
                 example = made[0]
-                batch = collate([example], tok.pad_token_id, model.config.image_token_id)
-                batch.pop("mm_token_type_ids", None)
-                labels = batch.pop("labels")[0, 1:]
+                batch, labels = _inputs(example, tok, model)
+                labels = labels[0, 1:]
                 with torch.no_grad():
                     pred = model(**batch).logits[0, :-1].argmax(-1)
                 first = int((labels != IGNORE).nonzero()[0])
@@ -256,7 +264,6 @@ def point(n: int, model_dir: str) -> None:
     from transformers import AutoModelForImageTextToText
 
     from glimpse.builtin.train import ExampleMaker, first_zoom
-    from glimpse.train.common import collate
 
     model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
     states: dict[str, torch.Tensor] = {}
@@ -276,9 +283,8 @@ def point(n: int, model_dir: str) -> None:
                 if made is None:
                     continue
                 example, kind = made[0], made[1]
-                batch = collate([example], tok.pad_token_id, model.config.image_token_id)
-                batch.pop("mm_token_type_ids", None)
-                labels = batch.pop("labels")[0].tolist()
+                batch, labels = _inputs(example, tok, model)
+                labels = labels[0].tolist()
                 with torch.no_grad():
                     out = model(**batch, use_cache=True)
                 cache = getattr(out, "cache", None) or out.past_key_values
@@ -309,7 +315,7 @@ def answer(n: int, model_dir: str) -> None:
     from transformers import AutoModelForImageTextToText
 
     from glimpse.builtin.train import ExampleMaker
-    from glimpse.train.common import IGNORE, collate
+    from glimpse.train.common import IGNORE
 
     model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
     names = model.reader.names
@@ -329,9 +335,8 @@ def answer(n: int, model_dir: str) -> None:
                 if made is None:
                     continue
                 example, kind, targets = made[:3]
-                batch = collate([example], tok.pad_token_id, model.config.image_token_id)
-                batch.pop("mm_token_type_ids", None)
-                labels = batch.pop("labels")[0, 1:]
+                batch, labels = _inputs(example, tok, model)
+                labels = labels[0, 1:]
                 with torch.no_grad():
                     out = model(**batch)
                 at = int((batch["input_ids"][0] == opening).nonzero()[-1])

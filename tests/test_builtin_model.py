@@ -369,23 +369,31 @@ def test_a_line_reader_replaces_an_older_readers_character_classifiers_and_keeps
     assert all(torch.isfinite(v).all() for v in out.reader_logits.values())
 
 
+def copying_only(builtin: Path, attribute: str) -> tuple[object, object]:
+    """The built-in model (and its processor) with the copy gate set to copy reading attribute ``attribute`` at
+    every answer step, and a one-image prompt asking about it."""
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(builtin).eval()
+    j = [name for name, _ in model.config.reader_classes].index(attribute)
+    with torch.no_grad():
+        model.copy_gate.weight.zero_()
+        model.copy_gate.bias.fill_(-30.0)
+        model.copy_gate.bias[j] = 30.0
+        model.copy_step.weight.zero_()
+    return model, load_processor(builtin)
+
+
+ONE_IMAGE = "<|im_start|>user\n{}<|vision_start|><|image_pad|><|vision_end|><|im_end|>\n<|im_start|>assistant\n"
+
+
 def test_an_answer_can_spell_what_the_reader_read(builtin):
     """Inside an answer the next token mixes the LM head with the words the reader read in the last image: with
     the gate set to copy the marker colour, the first answer token is the first token of the colour the reader
     read, in a full forward pass and when generating; outside an answer the LM head's logits stand."""
-    from transformers import AutoModelForImageTextToText
-
-    model = AutoModelForImageTextToText.from_pretrained(builtin).eval()
-    processor = load_processor(builtin)
+    model, processor = copying_only(builtin, "marker_color")
     colour = [name for name, _ in model.config.reader_classes].index("marker_color")
-    with torch.no_grad():
-        model.copy_gate.weight.zero_()
-        model.copy_gate.bias.fill_(-30.0)
-        model.copy_gate.bias[colour] = 30.0
-        model.copy_step.weight.zero_()
-    prompt = (
-        "<|im_start|>user\nwhat colour?<|vision_start|><|image_pad|><|vision_end|><|im_end|>\n<|im_start|>assistant\n"
-    )
+    prompt = ONE_IMAGE.format("what colour?")
     image = photo(400, 300, seed=5)
     with torch.no_grad():
         answer = processor(text=[prompt + "<answer>"], images=[image], return_tensors="pt")
@@ -455,23 +463,14 @@ def test_a_whole_word_is_spelled_while_generating_and_an_older_checkpoint_gains_
     checkpoint made before spellings the same ones (and its tokenizer's code merges dropped)."""
     import shutil
 
-    from transformers import AutoModelForImageTextToText
-
     from glimpse.builtin.model import spell_codes
     from glimpse.hf.tiny import drop_merges
 
-    model = AutoModelForImageTextToText.from_pretrained(builtin).eval()
-    processor = load_processor(builtin)
+    model, processor = copying_only(builtin, "marker_shape")
     shape = [name for name, _ in model.config.reader_classes].index("marker_shape")
-    with torch.no_grad():
-        model.copy_gate.weight.zero_()
-        model.copy_gate.bias.fill_(-30.0)
-        model.copy_gate.bias[shape] = 30.0
-        model.copy_step.weight.zero_()
-    prompt = (
-        "<|im_start|>user\nwhat shape?<|vision_start|><|image_pad|><|vision_end|><|im_end|>\n<|im_start|>assistant\n"
+    inputs = processor(
+        text=[ONE_IMAGE.format("what shape?") + "<answer>"], images=[photo(400, 300, seed=5)], return_tensors="pt"
     )
-    inputs = processor(text=[prompt + "<answer>"], images=[photo(400, 300, seed=5)], return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=6, do_sample=False)
     text = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :])
