@@ -167,6 +167,66 @@ def test_a_zoom_is_written_by_pointing_at_a_region(builtin):
     assert full.logits[0, start - 1 : start + 4].argmax(-1).tolist() == new
 
 
+def test_the_pointer_closes_each_zoom_and_never_points_at_a_window_it_already_zoomed_into(builtin, tmp_path):
+    """After a zoom's source only ``</grounding>`` may follow; in the next zoom every path the pointer offers
+    leads to a region not zoomed into yet, and the cache's state replays the zooms written (``after``). A
+    checkpoint made before both gains them from ``close_zooms``, its weights untouched."""
+    from transformers import AutoModelForImageTextToText
+
+    from glimpse.builtin.model import NEG, PointerState, close_zooms
+
+    processor = load_processor(builtin)
+    tok = processor.tokenizer
+    model = AutoModelForImageTextToText.from_pretrained(builtin).eval()
+    close = model.config.box_close_id
+    assert close == tok.convert_tokens_to_ids("</grounding>") and model.config.no_repeat_zooms
+    text = (
+        "<|im_start|>user\nwhere?<|vision_start|><|image_pad|><|vision_end|><|im_end|>\n"
+        f"<|im_start|>assistant\n<grounding>{BOX_OPEN}"
+    )
+    enc = processor(text=[text], images=[photo(640, 400, seed=3)], return_tensors="pt")
+    images = {k: enc[k] for k in ("pixel_values", "image_grid_thw")}
+    first = enc["input_ids"][0].tolist()
+    with torch.no_grad():
+        spells = model(**enc, use_cache=True).cache.glimpse_pointer.spells[0][0]
+    done = spells[0].tolist()  # the first zoom: the first region's window
+    again = tok("<|im_end|>\n<|im_start|>assistant\n<grounding>", add_special_tokens=False)["input_ids"]
+    ids = [*first, *done, close, *again, model.config.box_open_id]
+
+    def forward(config_model, prefix: list[int]):
+        with torch.no_grad():
+            out = config_model(input_ids=torch.tensor([prefix]), use_cache=True, **images)
+        return out.logits[0, -1], out.cache.glimpse_pointer
+
+    logits, _ = forward(model, ids[: len(first) + 5])  # the source just written
+    assert logits.argmax().item() == close and (logits == NEG).sum().item() == logits.numel() - 1
+    _, state = forward(model, ids)
+    assert state.zoomed == [[tuple(done)]]
+    assert state.row(0).after(ids, images=1).zoomed == [[tuple(done)]]
+    assert PointerState.stack([state.row(0), None]).zoomed == [[tuple(done)], []]
+    fresh = spells[~(spells == torch.tensor(done)).all(1)]
+    j = max(k for k in range(5) if (fresh[:, :k] == torch.tensor(done[:k])).all(1).any())
+    logits, _ = forward(model, ids + done[:j])  # as deep into the repeated window as a fresh region goes
+    assert logits[done[j]].item() == NEG  # the repeat's next token is not offered
+    assert (logits > NEG).any()
+    model.config.no_repeat_zooms = False
+    logits, _ = forward(model, ids + done[:j])
+    assert logits[done[j]].item() > NEG  # without the rule it is
+
+    older = tmp_path / "older"
+    older.mkdir()
+    for f in builtin.iterdir():
+        (older / f.name).write_bytes(f.read_bytes())
+    config = json.loads((older / "config.json").read_text())
+    config.update(box_close_id=None, no_repeat_zooms=False)
+    (older / "config.json").write_text(json.dumps(config))
+    weights = (older / "model.safetensors").read_bytes()
+    assert close_zooms(older) and not close_zooms(older)
+    upgraded = json.loads((older / "config.json").read_text())
+    assert upgraded["box_close_id"] == close and upgraded["no_repeat_zooms"] is True
+    assert (older / "model.safetensors").read_bytes() == weights
+
+
 def test_a_memorised_search_replays_through_the_real_loop_and_the_model_sees_only_what_was_shown(builtin, tmp_path):
     """A tiny model trained on one teacher search replays it greedily through the hf backend and the agent loop
     (pointing decodes to the same protocol JSON); the processor is handed only the images the loop showed."""

@@ -68,6 +68,7 @@ from glimpse.builtin.processing import (
     source_text,
 )
 from glimpse.builtin.reader import LINE_CROP, READ_CROP, text_line
+from glimpse.protocol.tags import CLOSE_CALL as BOX_CLOSE
 
 MODEL_TYPE = "glimpse_vl"
 # The pixel limits the model is shown images at: the default first view of the Mini-o3 recipe (2,000,000
@@ -121,6 +122,10 @@ class GlimpseVLConfig(PretrainedConfig):
             "none"), so the grounding can compare the words the question says with the words a region shows.
         ring_colour: region tokens also embed the colour around the lightest area of their crop
             (``RingProjection``; checkpoints made before it have none).
+        box_close_id: id of ``</grounding>``: the only token a zoom's box may be followed by, so the pointer
+            writes it after the source (None: the LM head writes it, as checkpoints made before it did).
+        no_repeat_zooms: the pointer never points again at a window it already zoomed into from the same source
+            (the same zoom shows the same pixels): it offers the best region not yet zoomed into.
     """
 
     model_type = MODEL_TYPE
@@ -150,6 +155,8 @@ class GlimpseVLConfig(PretrainedConfig):
         region_classes: list[list[Any]] | None = None,
         region_word_ids: list[list[list[int]]] | None = None,
         ring_colour: bool = False,
+        box_close_id: int | None = None,
+        no_repeat_zooms: bool = False,
         **kwargs: Any,
     ):
         if isinstance(text_config, dict):
@@ -173,6 +180,7 @@ class GlimpseVLConfig(PretrainedConfig):
         self.region_classes = [[str(name), list(classes)] for name, classes in region_classes or []]
         self.region_word_ids = [[list(ids) for ids in row] for row in region_word_ids or []]
         self.ring_colour = ring_colour
+        self.box_close_id, self.no_repeat_zooms = box_close_id, no_repeat_zooms
         kwargs.setdefault("tie_word_embeddings", self.text_config.tie_word_embeddings)
         super().__init__(**kwargs)
 
@@ -467,9 +475,11 @@ class PointerState:
     turn: list[list[int]] = field(default_factory=list)
     turn_start: int | None = None
     image_token: int | None = None
+    zoomed: list[list[tuple[int, ...]]] = field(default_factory=list)  # each zoom written so far: its box's tokens
 
     def grow(self, batch: int) -> None:
         while len(self.images) < batch:
+            self.zoomed.append([])
             self.keys.append([])
             self.spells.append([])
             self.images.append(0)
@@ -488,6 +498,17 @@ class PointerState:
             else:
                 self.turn[b] = found
         return self.words[b]
+
+    def box_step(self, written: list[int] | None, token: int) -> tuple[list[int] | None, tuple[int, ...] | None]:
+        """The zoom being written after ``token``, from ``written`` before it (None: not in a zoom's box), and the
+        box's tokens (four coordinates and the source) when ``token`` completes it."""
+        if token == self.box_open:
+            return [], None
+        if written is None:
+            return None, None
+        if len(written) < 4:
+            return [*written, token], None
+        return None, (*written, token)
 
     def answer_step(self, written: tuple[int, ...] | None, token: int) -> tuple[int, ...] | None:
         """The answer's tokens after ``token``, from ``written`` before it (None: not in an answer)."""
@@ -512,6 +533,7 @@ class PointerState:
             [list(self.turn[b])],
             self.turn_start,
             self.image_token,
+            [list(self.zoomed[b])],
         )
 
     def after(self, ids: list[int], images: int) -> PointerState:
@@ -519,11 +541,11 @@ class PointerState:
         later images dropped, the zoom being written replayed from the tokens (as ``_point`` steps through them)."""
         written: list[int] | None = None
         answered: tuple[int, ...] | None = None
+        zoomed = []
         for token in ids:
-            if token == self.box_open:
-                written = []
-            elif written is not None:
-                written = [*written, token] if len(written) < 4 else None
+            written, done = self.box_step(written, token)
+            if done is not None:
+                zoomed.append(done)
             answered = self.answer_step(answered, token)
         words, at_image = question_words(ids, self.turn_start, self.image_token, [])
         return PointerState(
@@ -539,6 +561,7 @@ class PointerState:
             [[] if at_image else words],
             self.turn_start,
             self.image_token,
+            [zoomed],
         )
 
     @staticmethod
@@ -561,6 +584,7 @@ class PointerState:
                 out.images[-1], out.open_box[-1] = r.images[0], r.open_box[0]
                 out.reads[-1], out.in_answer[-1] = list(r.reads[0]), r.in_answer[0]
                 out.words[-1], out.turn[-1] = r.words[0], list(r.turn[0])
+                out.zoomed[-1] = list(r.zoomed[0])
         return out
 
     @property
@@ -891,18 +915,24 @@ class GlimpseVLForConditionalGeneration(GlimpseVLPreTrainedModel, GenerationMixi
         first_kept = length - logits.shape[1]
         if not isinstance(logits_to_keep, int):
             return logits  # an explicit index set: not used by Glimpse's callers
-        box_open = self.config.box_open_id
+        close = self.config.box_close_id
+        vocab = logits.shape[-1]
         where_b, where_t, rows = [], [], []
         for b, seq in enumerate(input_ids.tolist()):
             written = state.open_box[b]
             for t, token in enumerate(seq):
-                if token == box_open:
-                    written = []
-                elif written is not None:
-                    written = [*written, token] if len(written) < 4 else None
+                written, done = state.box_step(written, token)
+                if done is not None:
+                    state.zoomed[b].append(done)
+                    if close is not None and t >= first_kept:  # the box is complete: only its closing tag may follow
+                        where_b.append(b)
+                        where_t.append(t - first_kept)
+                        only = torch.full((vocab,), NEG, device=logits.device)
+                        only[close] = 0.0
+                        rows.append(only)
                 if written is None or t < first_kept or not state.keys[b]:
                     continue
-                row = self._pointer_row(state, b, hidden[b, t], written, logits.shape[-1])
+                row = self._pointer_row(state, b, hidden[b, t], written, vocab)
                 if row is not None:
                     where_b.append(b)
                     where_t.append(t - first_kept)
@@ -931,6 +961,11 @@ class GlimpseVLForConditionalGeneration(GlimpseVLPreTrainedModel, GenerationMixi
             if not bool(ok.any()):
                 return None  # a box no region spells (not the model's own): leave the LM head's logits
             keys, spells = keys[ok], spells[ok]
+        if self.config.no_repeat_zooms and state.zoomed[b]:
+            done = torch.tensor(state.zoomed[b], device=spells.device)
+            fresh = ~(spells[:, None, :] == done[None]).all(-1).any(1)
+            if bool(fresh.any()):  # where every region left was zoomed into already, the pointer may repeat one
+                keys, spells = keys[fresh], spells[fresh]
         scores = self.pointer_scores(keys, h)
         top = scores.max()
         mass = torch.zeros(vocab, device=h.device).index_add(0, spells[:, j], (scores - top).exp())
@@ -1060,6 +1095,24 @@ def spell_codes(folder: Any) -> bool:
     tok_path.write_text(json.dumps(dropped, ensure_ascii=False, indent=2))
     spellings, starts = reader_spellings(load_processor(folder).tokenizer, config["reader_classes"])
     config.update(reader_spellings=spellings, reader_starts=starts)
+    path.write_text(json.dumps(config, indent=2) + "\n")
+    return True
+
+
+def close_zooms(folder: Any) -> bool:
+    """Have a checkpoint made before them close its zooms itself (``box_close_id``) and never repeat one
+    (``no_repeat_zooms``); no weight changes. Returns whether anything changed."""
+    import json
+    from pathlib import Path
+
+    from glimpse.hf.processor import load_processor
+
+    path = Path(folder) / "config.json"
+    config = json.loads(path.read_text())
+    if config.get("box_close_id") is not None or not config.get("coordinate_ids"):
+        return False
+    close = load_processor(folder).tokenizer.convert_tokens_to_ids(BOX_CLOSE)
+    config.update(box_close_id=close, no_repeat_zooms=True)
     path.write_text(json.dumps(config, indent=2) + "\n")
     return True
 
@@ -1210,6 +1263,8 @@ def build_builtin(
         channels=spec["channels"],
         image_token_id=ids("<|image_pad|>"),
         box_open_id=ids(BOX_OPEN),
+        box_close_id=ids(BOX_CLOSE),
+        no_repeat_zooms=True,
         coordinate_ids=[ids(t) for t in coordinates],
         source_ids=[ids(source_text(i)) for i in range(MAX_SOURCES + 1)],
         min_pixels=min_pixels,

@@ -500,6 +500,7 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
         add_reader,
         add_region_heads,
         build_builtin,
+        close_zooms,
         spell_codes,
     )
     from glimpse.hf.processor import load_processor
@@ -533,6 +534,8 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
             print(f"{cfg.init} read codes off the whole panel: its reader now reads them off the line of text (fresh)")
         if spell_codes(model_dir):
             print(f"{cfg.init} copied answers by first tokens: it now spells whole words, a code one character a token")
+        if close_zooms(model_dir):
+            print(f"{cfg.init} left closing zooms to the LM head: the pointer now closes them and never repeats one")
     else:
         build_builtin(model_dir, size=cfg.size, seed=cfg.seed)
     from transformers import AutoModelForImageTextToText
