@@ -452,7 +452,8 @@ def photo(out: Path, model: str) -> None:
         path = Path(tmp) / "street.png"
         street().save(path)
         backend = HFBackend(model)
-        loop = AgentLoop(backend, max_turns=4)  # the checkpoint's native coords, limits and prompts
+        # greedy, with the checkpoint's native coordinates, pixel limits and prompts
+        loop = AgentLoop(backend, max_turns=4, temperature=0.0)
         question = "What is the code written on the small sign with a red border? Answer with the code only."
         sample = Sample(id="street", images=[str(path)], question=question)
         (traj,) = asyncio.run(loop.run(sample))
