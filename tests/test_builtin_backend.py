@@ -5,6 +5,7 @@ real ``glimpse eval`` of the shipped weights on a hard probe."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -45,15 +46,26 @@ def shipped_here(tmp_path, monkeypatch):
     return make
 
 
-def test_the_shipped_manifest_lists_only_levels_where_the_learned_model_beats_the_expert():
+def sign_test(a: int, b: int) -> float:
+    """The exact two-sided sign test's p for ``a`` probes only one policy got right and ``b`` only the other."""
+    n, k = a + b, min(a, b)
+    return min(1.0, 2 * sum(math.comb(n, j) for j in range(k + 1)) / 2**n) if n else 1.0
+
+
+def test_the_shipped_manifest_lists_exactly_the_levels_where_the_learned_model_beats_the_expert_beyond_chance():
     manifest = builtin.read_manifest()
     assert manifest is not None, "the package ships the learned model's weights and manifest"
-    assert manifest.probe_levels == {"hard"} and manifest.temperature == 0
-    for level in manifest.probe_levels:
-        assert manifest.accuracy[level]["learned"] > manifest.accuracy[level]["expert"], level
-    for level in {"easy", "medium"}:  # measured, and below the expert: not listed
-        assert manifest.accuracy[level]["learned"] < manifest.accuracy[level]["expert"]
-    assert manifest.measured["probes"] == 500 and manifest.measured["max_turns"] == 6
+    assert manifest.temperature == 0 and manifest.probe_levels
+    probes = manifest.measured["probes"]
+    assert probes == 500 and manifest.measured["max_turns"] == 6
+    for level in ("easy", "medium", "hard"):
+        accuracy, pair = manifest.accuracy[level], manifest.measured["paired"][level]
+        only_learned, only_expert = pair["learned_only"], pair["expert_only"]
+        # the pair's counts are those accuracies' difference, and its p their sign test's
+        assert abs(100 * (only_learned - only_expert) / probes - (accuracy["learned"] - accuracy["expert"])) < 0.11
+        assert abs(pair["p"] - sign_test(only_learned, only_expert)) < 5e-4, level
+        beats = accuracy["learned"] > accuracy["expert"] and pair["p"] < 0.05
+        assert (level in manifest.probe_levels) == beats, level
 
 
 def test_every_file_of_the_weights_is_package_data():
