@@ -34,7 +34,7 @@ from glimpse.builtin.processing import (
     zoom_text,
 )
 from glimpse.builtin.proposer import TILES, propose
-from glimpse.builtin.reader import LINE_CROP, READ_CROP, cut_box, find_panel, text_line
+from glimpse.builtin.reader import LINE_CROP, READ_CROP, cut_box, find_panel, ink_blobs, text_line
 from glimpse.builtin.teacher import pointed_region, teacher_turns
 from glimpse.hf.processor import load_processor
 from glimpse.images import PixelLimits, fit
@@ -116,9 +116,13 @@ def test_the_processor_makes_region_tokens_from_the_pixels_it_is_given(builtin, 
     panel = image.crop(cut).resize((READ_CROP[1], READ_CROP[0]), Image.Resampling.BILINEAR)
     want_panel = ((np.asarray(panel, np.float32) / 255 - MEAN) / STD).transpose(2, 0, 1).reshape(-1)
     assert np.allclose(rows[-READ_ROWS:, :PIXELS].reshape(-1), want_panel, atol=1e-5)
-    # the ring colour of each proposal's crop, at this image's own resolution; none on tiles and reading rows
+    # the ring colour of each proposal's crop, at this image's own resolution; none on tiles; the reading rows
+    # hold the panel's ink blob map there instead
     tiles = TILES[0] * TILES[1]
-    assert not rows[:tiles, RING].any() and not rows[-READ_ROWS:, RING].any()
+    assert not rows[:tiles, RING].any()
+    blobs = ink_blobs(np.asarray(panel, np.float32).transpose(2, 0, 1) / 255)
+    assert np.allclose(rows[-READ_ROWS:, RING].reshape(-1)[: len(blobs)], blobs)
+    assert not rows[-READ_ROWS:, RING].reshape(-1)[len(blobs) :].any()
     x0, y0, x1, y1 = boxes[tiles]
     gx, gy = (x1 - x0) * 0.125, (y1 - y0) * 0.125
     cut = (max(0, int(np.floor(x0 - gx))), max(0, int(np.floor(y0 - gy))))
@@ -704,3 +708,97 @@ def test_the_agreement_prefers_the_region_showing_what_the_question_asks_for(bui
     assert agree[0] > agree[1] + 1.0
     words = torch.randn(7, heads.attend.in_features // 2)
     assert {k: tuple(v.shape) for k, v in heads.ask(words).items()} == {k: (n,) for k, n in sizes.items()}
+
+
+def test_the_ink_blob_map_counts_dark_shapes_by_size_and_place_and_leaves_out_the_cuts_margin():
+    """``ink_blobs`` on a panel (any image): each separate dark shape counted once, in the cell of its centre and
+    its size class; grey shapes (not ink) and a blob centred in the margin the cut adds around the panel are not
+    counted; the map travels in the reading rows (the colour values the region rows use for the ring)."""
+    from glimpse.builtin.reader import BLOB_GRID, BLOB_SIZES, BLOB_VALUES, ink_blobs, panel_pixels
+
+    height, width = READ_CROP
+    canvas = Image.new("RGB", (width, height), (245, 245, 240))
+    draw = ImageDraw.Draw(canvas)
+    dots = [(40, 20), (90, 20), (140, 32), (190, 44), (110, 44)]
+    draw.rectangle((60, 28, 200, 40), fill=(130, 130, 130))  # grey, not ink
+    for x, y in dots:
+        draw.ellipse((x - 6, y - 3, x + 6, y + 3), fill=(20, 20, 20))
+    draw.ellipse((2, 30, 8, 34), fill=(20, 20, 20))  # in the margin: left out
+    draw.rectangle((20, 50, 120, 58), fill=(20, 20, 20))  # one large shape
+    pixels = np.asarray(canvas, np.float32).transpose(2, 0, 1) / 255.0
+    blobs = ink_blobs(pixels)
+    assert blobs.shape == (BLOB_VALUES,)
+    per_size = blobs.reshape(len(BLOB_SIZES) + 1, -1).sum(-1)
+    assert per_size.tolist() == [0.0, 5.0, 1.0]
+    grid = blobs.reshape(len(BLOB_SIZES) + 1, *BLOB_GRID)[1]
+    for x, y in dots:
+        assert grid[y * BLOB_GRID[0] // height, x * BLOB_GRID[1] // width] >= 1
+    # on an image the loop shows, the reading rows carry the panel's map; region rows keep their ring values
+    sign = Image.new("RGB", (300, 200), (90, 110, 70))
+    ImageDraw.Draw(sign).rectangle((60, 50, 240, 150), fill=(248, 248, 244), outline=(200, 30, 30), width=3)
+    for x in (100, 150, 200):
+        ImageDraw.Draw(sign).ellipse((x - 6, 94, x + 6, 106), fill=(20, 20, 20))
+    rows, _ = region_rows(sign)
+    reading = rows[rows[:, KIND] == READING][:, RING].reshape(-1)[:BLOB_VALUES]
+    assert np.array_equal(reading, ink_blobs(panel_pixels(sign)[0])) and reading.sum() == 3
+
+
+def test_a_blob_counter_added_to_a_trained_reader_changes_nothing_until_trained_and_then_learns_to_count(
+    builtin, tmp_path
+):
+    """``add_blob_counter``: every weight kept bit for bit, the reader's outputs unchanged (its last layer starts at
+    zero). The counter itself learns a count that a linear layer over the map does not have: the blobs that are
+    not in one corner cell (a sign's corner mark), from a few thousand maps."""
+    import shutil
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    from glimpse.builtin.model import BlobCounter, add_blob_counter
+    from glimpse.builtin.reader import BLOB_GRID, BLOB_SIZES, BLOB_VALUES
+
+    old = tmp_path / "old"
+    shutil.copytree(builtin, old)
+    config = json.loads((old / "config.json").read_text())
+    config["reader_blobs"] = False
+    (old / "config.json").write_text(json.dumps(config))
+    AutoModelForImageTextToText.from_pretrained(old).save_pretrained(old)
+    before = load_file(old / "model.safetensors")
+    assert not any(k.startswith("reader.counter") for k in before)
+    processor = load_processor(old)
+    inputs = processor(text=[ONE_IMAGE.format("count")], images=[photo(400, 300)], return_tensors="pt")
+    with torch.no_grad():
+        was = AutoModelForImageTextToText.from_pretrained(old).eval()(**inputs).reader_logits
+    assert add_blob_counter(old) and not add_blob_counter(old)
+    model = AutoModelForImageTextToText.from_pretrained(old).eval()
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with torch.no_grad():
+        now = model(**inputs).reader_logits
+    assert {k for k in was if not torch.allclose(was[k], now[k], atol=1e-5)} == set()  # float noise only
+
+    torch.manual_seed(0)
+    sizes, cells = len(BLOB_SIZES) + 1, BLOB_GRID[0] * BLOB_GRID[1]
+
+    def maps(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        counts = torch.randint(2, 10, (n,))
+        blobs = torch.zeros(n, sizes, cells)
+        for i, c in enumerate(counts.tolist()):
+            for cell in torch.randperm(cells - 1)[:c] + 1:  # never the corner cell 0
+                blobs[i, 1, cell] += 1
+        corner = torch.rand(n) < 0.5
+        blobs[corner, 1, 0] = 1  # a corner mark, the same size as a dot
+        return blobs.reshape(n, BLOB_VALUES), counts
+
+    counter = BlobCounter(13)
+    optimizer = torch.optim.Adam(counter.parameters(), 3e-3)
+    train_x, train_y = maps(2000)
+    for _ in range(400):
+        pick = torch.randint(0, len(train_x), (64,))
+        loss = torch.nn.functional.cross_entropy(counter(train_x[pick]), train_y[pick])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    test_x, test_y = maps(500)
+    with torch.no_grad():
+        assert (counter(test_x).argmax(-1) == test_y).float().mean() > 0.95

@@ -14,9 +14,9 @@ from PIL import Image, ImageDraw
 from glimpse.agent import AgentLoop
 from glimpse.eval.datasets import load_dataset
 from glimpse.eval.scoring import score
-from glimpse.images import PixelLimits, smart_resize
+from glimpse.images import PixelLimits, components, smart_resize
 from glimpse.models import load_backend
-from glimpse.probes.expert import _hue_name, _shape_of, components, parse_question, read_sign, tesseract_available
+from glimpse.probes.expert import _hue_name, _shape_of, parse_question, read_sign, tesseract_available
 from glimpse.probes.synth import MARKER_COLORS, MARKER_SHAPES, draw_shape, make_probe
 
 

@@ -36,10 +36,11 @@ import math
 import os
 import platform
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from glimpse.errors import ConfigError, ImageInputError
@@ -523,3 +524,24 @@ class ImageCache:
         with self._lock:
             self._items.clear()
             self._bytes = 0
+
+
+def components(mask: np.ndarray, min_size: int = 1) -> list[tuple[int, int, int, int, int]]:
+    """Connected regions (4-neighbour) of a boolean mask of at least ``min_size`` pixels: (x0, y0, x1, y1, pixel
+    count), x1/y1 exclusive. Used by the expert's reader and the built-in model's ink blobs."""
+    todo = set(map(tuple, np.argwhere(mask)))
+    out = []
+    while todo:
+        start = todo.pop()
+        queue, ys, xs = deque([start]), [start[0]], [start[1]]
+        while queue:
+            y, x = queue.popleft()
+            for n in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
+                if n in todo:
+                    todo.remove(n)
+                    queue.append(n)
+                    ys.append(n[0])
+                    xs.append(n[1])
+        if len(ys) >= min_size:
+            out.append((min(xs), min(ys), max(xs) + 1, max(ys) + 1, len(ys)))
+    return out

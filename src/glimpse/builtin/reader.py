@@ -15,6 +15,11 @@ crosses the panel's middle band (a code, a number), cut left-aligned and scaled 
 k-th character of any line sits at about the same place whatever the line's length and where the panel put it
 (read by position, a three-character code centred in a panel had its characters where a four-character code's
 are, and the reader wrote them one place late). Where no such ink is found the whole panel is used.
+
+``ink_blobs`` describes the panel's separate dark shapes (dots, a corner mark, a character) as a map: per size
+class and cell of a coarse grid, how many blobs are centred there. A count is a sum over that map, which a
+linear classifier can take; the reader's convolutions alone read a sign's dots right about half the time
+(docs/builtin-model.md, attempt 11).
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from glimpse.images import components
+
 READ_CROP = (64, 256)  # height, width the panel is read at (a four-character code at about 40 pixels each)
 LIGHT = 190  # a pixel is light when its darkest channel is at least this
 GRID = 160  # the light mask is searched on at most GRID × GRID cells
@@ -34,6 +41,10 @@ LINE_CROP = (32, 192)  # height, width a line of text is read at (four character
 INK = 0.35  # a pixel is ink when its brightest channel is below this (0-1): near black, not a coloured border
 BAND = (0.45, 0.65)  # the share of the panel's height a line of text crosses (corner marks stay above it)
 LINE_PAD = 0.15, 1.3  # the line's cut starts this many line heights left of the ink; its height: this many
+BLOB_GRID = (6, 8)  # rows, columns of the map of where the panel's ink blobs are centred
+BLOB_SIZES = (1e-3, 1e-2)  # a blob's size class: its area as a share of the panel's, split at these
+BLOB_MIN = 4  # pixels (at READ_CROP) a blob needs: fewer is noise
+BLOB_VALUES = (len(BLOB_SIZES) + 1) * BLOB_GRID[0] * BLOB_GRID[1]
 
 
 def _integral(a: np.ndarray) -> np.ndarray:
@@ -140,3 +151,22 @@ def text_line(panels: torch.Tensor) -> torch.Tensor:
     grid = torch.nn.functional.affine_grid(theta, [n, 3, *LINE_CROP], align_corners=False)
     inverse = torch.nn.functional.grid_sample(1 - panels, grid, align_corners=False, padding_mode="zeros")
     return 1 - inverse
+
+
+def ink_blobs(panel: np.ndarray) -> np.ndarray:
+    """(3, H, W) panel pixels in 0–1 (``panel_pixels``) → ``BLOB_VALUES`` counts: for each size class
+    (``BLOB_SIZES``) and cell of ``BLOB_GRID`` (row-major), the number of ink blobs (4-neighbour components of
+    near-black pixels, at least ``BLOB_MIN`` of them) whose centre lies in that cell. Blobs centred in the cut's
+    margin (``READ_MARGIN``: what lies around the panel, not on it) are left out."""
+    ink = panel.max(0) < INK
+    height, width = ink.shape
+    rows, cols = BLOB_GRID
+    edge = READ_MARGIN / (1 + 2 * READ_MARGIN)  # the margin's share of the cut, where the image did not clip it
+    out = np.zeros((len(BLOB_SIZES) + 1, rows, cols), np.float32)
+    for x0, y0, x1, y1, n in components(ink, BLOB_MIN):
+        cx, cy = (x0 + x1) / 2 / width, (y0 + y1) / 2 / height
+        if not (edge <= cx <= 1 - edge and edge <= cy <= 1 - edge):
+            continue
+        size = int(np.searchsorted(BLOB_SIZES, n / (height * width)))
+        out[size, min(int(cy * rows), rows - 1), min(int(cx * cols), cols - 1)] += 1
+    return out.reshape(-1)

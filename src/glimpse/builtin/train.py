@@ -413,6 +413,12 @@ def reading_loss(
             ok = all(int(logits[c][j].argmax()) == t[c] for c in chars)
             for key in ("read/code", f"read/code/{tag}") if tag else ("read/code",):
                 stats.setdefault(key, []).append(int(ok))
+        if "dots" in logits:  # dots counted right, on the panels that show dots (the rest only say "none")
+            for j, t in enumerate(targets):
+                if t is not None and t["dots"] > 0:
+                    ok = int(logits["dots"][j].argmax()) == t["dots"]
+                    for key in ("read/count", f"read/count/{tag}") if tag else ("read/count",):
+                        stats.setdefault(key, []).append(int(ok))
     return torch.stack(losses).mean()
 
 
@@ -495,6 +501,7 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
     import torch
 
     from glimpse.builtin.model import (
+        add_blob_counter,
         add_grounding,
         add_line_reader,
         add_reader,
@@ -536,6 +543,8 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
             print(f"{cfg.init} copied answers by first tokens: it now spells whole words, a code one character a token")
         if close_zooms(model_dir):
             print(f"{cfg.init} left closing zooms to the LM head: the pointer now closes them and never repeats one")
+        if add_blob_counter(model_dir):
+            print(f"{cfg.init} counted dots from pixels alone: its reader now also counts ink blobs (silent at first)")
     else:
         build_builtin(model_dir, size=cfg.size, seed=cfg.seed)
     from transformers import AutoModelForImageTextToText
@@ -557,20 +566,25 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
     model.train()
     reader_params = list(model.reader.parameters())
     reader_ids = {id(p) for p in reader_params}
-    added = added_weights(model, model_dir) if cfg.init else set()
+    # what --init has no weights for (a migration above may have written them, fresh, into the copy)
+    added = added_weights(model, Path(cfg.init)) if cfg.init else set()
     named = [(n, p) for n, p in model.named_parameters() if id(p) not in reader_ids]  # the reader has its own rate
     new = [p for n, p in named if n in added]
-    if new:
-        names = ", ".join(sorted(n for n, _ in named if n in added))
-        print(f"{len(new)} weights {cfg.init} does not have ({names}) train at {cfg.new_lr:g}")
+    reader_new = [p for n, p in model.reader.named_parameters(prefix="reader") if n in added]
+    fresh = sorted(n for n, _ in model.named_parameters() if n in added)
+    if fresh:
+        print(f"{len(fresh)} weights {cfg.init} does not have ({', '.join(fresh)}) train at {cfg.new_lr:g}")
     rest = [p for n, p in named if n not in added]
+    new_ids = {id(p) for p in reader_new}
+    reader_old = [p for p in reader_params if id(p) not in new_ids]
     groups = [
         {"params": rest, "scale": 1.0},
-        {"params": reader_params, "scale": cfg.reader_lr / cfg.lr},
-        {"params": new, "scale": cfg.new_lr / cfg.lr},
+        {"params": reader_old, "scale": cfg.reader_lr / cfg.lr},
+        {"params": new + reader_new, "scale": cfg.new_lr / cfg.lr},
     ]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.01)
-    reader_optimizer = torch.optim.AdamW(reader_params, lr=cfg.reader_lr, weight_decay=0.01)
+    reader_groups = [{"params": reader_old, "scale": 1.0}, {"params": reader_new, "scale": cfg.new_lr / cfg.reader_lr}]
+    reader_optimizer = torch.optim.AdamW(reader_groups, lr=cfg.reader_lr, weight_decay=0.01)
     budget, read_budget = cfg.minutes * 60, cfg.read_minutes * 60
 
     ctx = mp.get_context("spawn")

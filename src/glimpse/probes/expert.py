@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from glimpse.images import components
 from glimpse.models.base import GenerateParams, ImagePart, Message
 from glimpse.models.scripted import ScriptedBackend
 from glimpse.probes.palette import BORDER_COLORS, MARKER_COLORS
@@ -58,26 +59,6 @@ _CODE = re.compile(r"[A-Z0-9]{2,6}")
 
 
 # --------------------------------------------------------------------------------------------------- pixels
-def components(mask: np.ndarray, min_size: int = 1) -> list[tuple[int, int, int, int, int]]:
-    """Connected regions (4-neighbour) of a boolean mask: (x0, y0, x1, y1, pixel count), x1/y1 exclusive."""
-    todo = set(map(tuple, np.argwhere(mask)))
-    out = []
-    while todo:
-        start = todo.pop()
-        queue, ys, xs = deque([start]), [start[0]], [start[1]]
-        while queue:
-            y, x = queue.popleft()
-            for n in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
-                if n in todo:
-                    todo.remove(n)
-                    queue.append(n)
-                    ys.append(n[0])
-                    xs.append(n[1])
-        if len(ys) >= min_size:
-            out.append((min(xs), min(ys), max(xs) + 1, max(ys) + 1, len(ys)))
-    return out
-
-
 def _ring(a: np.ndarray, box: tuple[int, int, int, int], pad: int) -> np.ndarray:
     """Pixels in a band ``pad`` wide just outside a box."""
     x0, y0, x1, y1 = box
