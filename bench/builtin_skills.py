@@ -151,7 +151,7 @@ def curves(log: Path, window: int = 0) -> None:
             if k.startswith("acc_read/") and k.count("/") == 2 and _asked(k.split("/")[1], k.split("/")[2])
         }
     )
-    skills = [x for x in skills if not (x.startswith("read/") and x.count("/") == 1 and x != "read/code")]
+    skills = [x for x in skills if not (x.startswith("read/") and x.count("/") == 1 and x not in READ_WHOLE)]
     rows: dict[str, list[str]] = {s: [] for s in skills}
     edges = list(range(0, total, window))
     for lo in edges:
@@ -184,6 +184,8 @@ def train_skill(skill: str, minutes: float, workers: int) -> None:
     curves(out / "log.jsonl")
 
 
+# The reader's whole-sign skills (logged over every panel that shows one): a code read exactly, dots counted right.
+READ_WHOLE = ("read/code", "read/count")
 # The attribute each question kind asks for (and so where its reading is scored).
 ASKED = {
     "read_code": "code",

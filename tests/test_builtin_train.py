@@ -45,6 +45,24 @@ def test_cards_are_legible_single_signs():
         assert kinds >= {"read_code", "count"}
 
 
+def test_a_cards_sign_is_sized_for_its_text_as_a_probes_sign_is(tmp_path):
+    """A card teaches the reader what a zoom into a probe shows: a sign with a two-digit number is drawn the size
+    a probe draws it (half as wide as a four-character code's), a three-character code's likewise."""
+    from glimpse.probes.synth import sign_size
+
+    lengths = set()
+    for i in range(40):
+        s = card_sample(i, 0, tmp_path)
+        (c,) = s.meta["candidates"]
+        text = c.get("code")
+        if not text:
+            continue
+        x0, y0, x1, y1 = c["box"]
+        assert any(sign_size("code", f, len(text)) == (x1 - x0, y1 - y0) for f in range(10, 29)), (text, c["box"])
+        lengths.add(len(text))
+    assert lengths == {2, 3, 4}
+
+
 def test_the_reader_finds_the_sign_on_cards_and_any_panel_on_a_photo(tmp_path):
     """The panel finder is training-free and knows nothing of probes: on a card it finds the sign (whose box
     the generator knows), on a photo-like image it returns a box inside the image without error."""

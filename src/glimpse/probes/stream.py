@@ -139,19 +139,23 @@ def card_sample(index: int, seed: int, folder: Path) -> Sample:
     kind = rng.choice(("read_code", "read_code", "marker_color", "marker_shape", "count", "which_marked"))
     font_px = rng.randint(10, 28)
     content = {"marker_color": "marker", "marker_shape": "marker", "count": "dots"}.get(kind, "code")
-    sw, sh = synth.sign_size(content, font_px, 4)
+    text = None
+    if kind == "which_marked":
+        text = str(rng.randint(10, 99))
+    elif content == "code":
+        text = synth.random_code(rng, rng.choice((3, 4)), set())
+    # sized for its text, as a probe's signs are: a two-digit number's sign is half as wide as a four-character
+    # code's (cards sized for four characters taught the reader a geometry no probe has; attempt 11)
+    sw, sh = synth.sign_size(content, font_px, len(text) if text else 4)
     w, h = int(sw * rng.uniform(1.3, 2.5)), int(sh * rng.uniform(1.6, 3.5))
     image = synth.background(rng, w, h)
     draw = ImageDraw.Draw(image)
     x, y = rng.randint(0, w - sw), rng.randint(0, h - sh)
     border = rng.choice(list(synth.BORDER_COLORS))
     sign = synth.Sign((x, y, x + sw, y + sh), border)
-    if kind == "which_marked":
-        sign.code, sign.red_dot = str(rng.randint(10, 99)), True
-        answer = sign.code
-    elif content == "code":
-        sign.code = synth.random_code(rng, rng.choice((3, 4)), set())
-        answer = sign.code
+    if text is not None:
+        sign.code, sign.red_dot = text, kind == "which_marked"
+        answer = text
     elif content == "marker":
         sign.marker = (rng.choice(list(synth.MARKER_COLORS)), rng.choice(synth.MARKER_SHAPES))
         answer = sign.marker[0] if kind == "marker_color" else sign.marker[1]
