@@ -712,9 +712,10 @@ def test_the_agreement_prefers_the_region_showing_what_the_question_asks_for(bui
 
 def test_the_ink_blob_map_counts_dark_shapes_by_size_and_place_and_leaves_out_the_cuts_margin():
     """``ink_blobs`` on a panel (any image): each separate dark shape counted once, in the cell of its centre and
-    its size class; grey shapes (not ink) and a blob centred in the margin the cut adds around the panel are not
-    counted; the map travels in the reading rows (the colour values the region rows use for the ring)."""
-    from glimpse.builtin.reader import BLOB_GRID, BLOB_SIZES, BLOB_VALUES, ink_blobs, panel_pixels
+    its class (a round dot-sized blob is dot-like; a star of that size, or a large shape, is other); grey shapes
+    (not ink) and a blob centred in the margin the cut adds around the panel are not counted; the map travels in
+    the reading rows (the colour values the region rows use for the ring)."""
+    from glimpse.builtin.reader import BLOB_CLASSES, BLOB_GRID, BLOB_VALUES, ink_blobs, panel_pixels
 
     height, width = READ_CROP
     canvas = Image.new("RGB", (width, height), (245, 245, 240))
@@ -725,12 +726,18 @@ def test_the_ink_blob_map_counts_dark_shapes_by_size_and_place_and_leaves_out_th
         draw.ellipse((x - 6, y - 3, x + 6, y + 3), fill=(20, 20, 20))
     draw.ellipse((2, 30, 8, 34), fill=(20, 20, 20))  # in the margin: left out
     draw.rectangle((20, 50, 120, 58), fill=(20, 20, 20))  # one large shape
+    star = [
+        (225 + r * 10 * np.cos(np.pi / 5 * k - np.pi / 2), 14 + r * 7 * np.sin(np.pi / 5 * k - np.pi / 2))
+        for k in range(10)
+        for r in [1.0 if k % 2 == 0 else 0.4]
+    ]
+    draw.polygon(star, fill=(20, 20, 20))  # the size of a dot, not round: "other"
     pixels = np.asarray(canvas, np.float32).transpose(2, 0, 1) / 255.0
     blobs = ink_blobs(pixels)
     assert blobs.shape == (BLOB_VALUES,)
-    per_size = blobs.reshape(len(BLOB_SIZES) + 1, -1).sum(-1)
-    assert per_size.tolist() == [0.0, 5.0, 1.0]
-    grid = blobs.reshape(len(BLOB_SIZES) + 1, *BLOB_GRID)[1]
+    per_size = blobs.reshape(BLOB_CLASSES, -1).sum(-1)
+    assert per_size.tolist() == [0.0, 5.0, 2.0]
+    grid = blobs.reshape(BLOB_CLASSES, *BLOB_GRID)[1]
     for x, y in dots:
         assert grid[y * BLOB_GRID[0] // height, x * BLOB_GRID[1] // width] >= 1
     # on an image the loop shows, the reading rows carry the panel's map; region rows keep their ring values
@@ -755,7 +762,7 @@ def test_a_blob_counter_added_to_a_trained_reader_changes_nothing_until_trained_
     from transformers import AutoModelForImageTextToText
 
     from glimpse.builtin.model import BlobCounter, add_blob_counter
-    from glimpse.builtin.reader import BLOB_GRID, BLOB_SIZES, BLOB_VALUES
+    from glimpse.builtin.reader import BLOB_CLASSES, BLOB_GRID, BLOB_VALUES
 
     old = tmp_path / "old"
     shutil.copytree(builtin, old)
@@ -778,7 +785,7 @@ def test_a_blob_counter_added_to_a_trained_reader_changes_nothing_until_trained_
     assert {k for k in was if not torch.allclose(was[k], now[k], atol=1e-5)} == set()  # float noise only
 
     torch.manual_seed(0)
-    sizes, cells = len(BLOB_SIZES) + 1, BLOB_GRID[0] * BLOB_GRID[1]
+    sizes, cells = BLOB_CLASSES, BLOB_GRID[0] * BLOB_GRID[1]
 
     def maps(n: int) -> tuple[torch.Tensor, torch.Tensor]:
         counts = torch.randint(2, 10, (n,))

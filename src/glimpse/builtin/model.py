@@ -67,7 +67,7 @@ from glimpse.builtin.processing import (
     location_tokens,
     source_text,
 )
-from glimpse.builtin.reader import BLOB_SIZES, BLOB_VALUES, LINE_CROP, READ_CROP, text_line
+from glimpse.builtin.reader import BLOB_CLASSES, BLOB_VALUES, LINE_CROP, READ_CROP, text_line
 from glimpse.protocol.tags import CLOSE_CALL as BOX_CLOSE
 
 MODEL_TYPE = "glimpse_vl"
@@ -323,7 +323,7 @@ class Reader(nn.Module):
 class BlobCounter(nn.Module):
     """A panel's ink blob map (``reader.ink_blobs``: blobs per size class and grid cell) → logits over counts.
 
-    It sees the map and, per size class, its total as a one-hot (0 … ``TOTALS - 1``, more clipped), through a
+    It sees the map and, per blob class, its total as a one-hot (0 … ``TOTALS - 1``, more clipped), through a
     small MLP: a count is the blobs that are not something else (a corner mark, stray ink at the panel's edge),
     which a linear layer over the map learned slowly (on 2,400 cards: 39 % of held-out cards' dots right after
     1,500 steps, the MLP 92 %; docs/builtin-model.md, attempt 11). Its last layer starts at zero when added to a
@@ -334,7 +334,7 @@ class BlobCounter(nn.Module):
 
     def __init__(self, classes: int, width: int = 128):
         super().__init__()
-        self.sizes = len(BLOB_SIZES) + 1
+        self.sizes = BLOB_CLASSES
         self.mlp = nn.Sequential(
             nn.Linear(BLOB_VALUES + self.sizes * self.TOTALS, width), nn.GELU(), nn.Linear(width, classes)
         )

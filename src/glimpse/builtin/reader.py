@@ -16,10 +16,11 @@ k-th character of any line sits at about the same place whatever the line's leng
 (read by position, a three-character code centred in a panel had its characters where a four-character code's
 are, and the reader wrote them one place late). Where no such ink is found the whole panel is used.
 
-``ink_blobs`` describes the panel's separate dark shapes (dots, a corner mark, a character) as a map: per size
-class and cell of a coarse grid, how many blobs are centred there. A count is a sum over that map, which a
-linear classifier can take; the reader's convolutions alone read a sign's dots right about half the time
-(docs/builtin-model.md, attempt 11).
+``ink_blobs`` describes the panel's separate dark shapes (dots, a corner mark, a character) as a map: per class
+(small, dot-like, other) and cell of a coarse grid, how many blobs are centred there. Counting dots is then
+counting the dot-like blobs that are not something else, which a small network learns in minutes
+(``model.BlobCounter``); the reader's convolutions alone counted a sign's dots off by one about a third of the
+time (docs/builtin-model.md, attempt 11).
 """
 
 from __future__ import annotations
@@ -42,9 +43,13 @@ INK = 0.35  # a pixel is ink when its brightest channel is below this (0-1): nea
 BAND = (0.45, 0.65)  # the share of the panel's height a line of text crosses (corner marks stay above it)
 LINE_PAD = 0.15, 1.3  # the line's cut starts this many line heights left of the ink; its height: this many
 BLOB_GRID = (6, 8)  # rows, columns of the map of where the panel's ink blobs are centred
-BLOB_SIZES = (1e-3, 1e-2)  # a blob's size class: its area as a share of the panel's, split at these
+# A blob's class: small (under BLOB_SMALL of the panel's area), dot-like (round: at least BLOB_ROUND of its box
+# filled, and under BLOB_LARGE), or other (a character, a star, a large mark). Measured on card and probe panels:
+# dots fill 0.62–1.0 of their box (5th percentile up), a five-pointed star 0.39–0.59 at the same size.
+BLOB_SMALL, BLOB_LARGE, BLOB_ROUND = 1e-3, 1e-2, 0.6
+BLOB_CLASSES = 3
 BLOB_MIN = 4  # pixels (at READ_CROP) a blob needs: fewer is noise
-BLOB_VALUES = (len(BLOB_SIZES) + 1) * BLOB_GRID[0] * BLOB_GRID[1]
+BLOB_VALUES = BLOB_CLASSES * BLOB_GRID[0] * BLOB_GRID[1]
 
 
 def _integral(a: np.ndarray) -> np.ndarray:
@@ -153,20 +158,28 @@ def text_line(panels: torch.Tensor) -> torch.Tensor:
     return 1 - inverse
 
 
+def blob_class(pixels: int, box_area: int, panel_area: int) -> int:
+    """0 small, 1 dot-like, 2 other (see ``BLOB_SMALL``)."""
+    share = pixels / panel_area
+    if share < BLOB_SMALL:
+        return 0
+    return 1 if share < BLOB_LARGE and pixels >= BLOB_ROUND * box_area else 2
+
+
 def ink_blobs(panel: np.ndarray) -> np.ndarray:
-    """(3, H, W) panel pixels in 0–1 (``panel_pixels``) → ``BLOB_VALUES`` counts: for each size class
-    (``BLOB_SIZES``) and cell of ``BLOB_GRID`` (row-major), the number of ink blobs (4-neighbour components of
-    near-black pixels, at least ``BLOB_MIN`` of them) whose centre lies in that cell. Blobs centred in the cut's
-    margin (``READ_MARGIN``: what lies around the panel, not on it) are left out."""
+    """(3, H, W) panel pixels in 0–1 (``panel_pixels``) → ``BLOB_VALUES`` counts: for each class (``blob_class``)
+    and cell of ``BLOB_GRID`` (row-major), the number of ink blobs (4-neighbour components of near-black pixels,
+    at least ``BLOB_MIN`` of them) whose centre lies in that cell. Blobs centred in the cut's margin
+    (``READ_MARGIN``: what lies around the panel, not on it) are left out."""
     ink = panel.max(0) < INK
     height, width = ink.shape
     rows, cols = BLOB_GRID
     edge = READ_MARGIN / (1 + 2 * READ_MARGIN)  # the margin's share of the cut, where the image did not clip it
-    out = np.zeros((len(BLOB_SIZES) + 1, rows, cols), np.float32)
+    out = np.zeros((BLOB_CLASSES, rows, cols), np.float32)
     for x0, y0, x1, y1, n in components(ink, BLOB_MIN):
         cx, cy = (x0 + x1) / 2 / width, (y0 + y1) / 2 / height
         if not (edge <= cx <= 1 - edge and edge <= cy <= 1 - edge):
             continue
-        size = int(np.searchsorted(BLOB_SIZES, n / (height * width)))
-        out[size, min(int(cy * rows), rows - 1), min(int(cx * cols), cols - 1)] += 1
+        kind = blob_class(n, (x1 - x0) * (y1 - y0), height * width)
+        out[kind, min(int(cy * rows), rows - 1), min(int(cx * cols), cols - 1)] += 1
     return out.reshape(-1)
