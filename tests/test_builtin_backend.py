@@ -178,17 +178,18 @@ def test_the_harness_says_which_probe_levels_a_run_is_on():
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_HF, reason="needs glimpse[hf]")
 def test_glimpse_eval_on_a_hard_probe_runs_the_shipped_learned_model(tmp_path):
-    """The real thing: no --model, one hard probe, greedy; the record names the learned model. An easy probe
-    in the same way runs the expert."""
-    for level, model, said in [
-        ("hard", "hf:builtin_weights", "builtin: the learned built-in model (on hard probes it beats the expert"),
-        ("easy", "expert", "builtin: the expert (the learned built-in model is the default only on hard probes"),
+    """The real thing: no --model, one hard probe, greedy; the record names the learned model. The same probe
+    sampled (the model was measured greedy) runs the expert, and the first line says how to run the model."""
+    for name, temperature, model, said in [
+        ("greedy", ["--temperature", "0"], "hf:builtin_weights", "builtin: the learned built-in model (on "),
+        ("sampled", [], "expert", "builtin: the expert (the learned built-in model beats it on "),
     ]:
-        out = tmp_path / level
-        args = ["eval", "--data", f"probes:{level}:1", "--max-turns", "3", "--temperature", "0", "--out", str(out)]
+        out = tmp_path / name
+        args = ["eval", "--data", "probes:hard:1", "--max-turns", "3", *temperature, "--out", str(out)]
         proc = subprocess.run([sys.executable, "-m", "glimpse", *args], capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.splitlines()[0].startswith(said), proc.stdout
+        assert temperature or "add --temperature 0 to run it" in proc.stdout.splitlines()[0]
         (traj,) = load_jsonl(out / "trajectories.jsonl")
         assert traj.settings.model == model and traj.stop_reason in ("answer", "max_turns")
         assert traj.turns[0].kind in ("zoom", "answer") and traj.score is not None

@@ -137,8 +137,8 @@ class EvalConfig(LoopSettings, BackendSettings):
     model: str | None = opt(
         None,
         "backend (openai:NAME, hf:FOLDER, scripted:FILE, expert, builtin) or a reference policy: oracle, direct "
-        "(default: builtin, the learned built-in model on hard probes at --temperature 0, where it beats the expert, "
-        "else expert)",
+        "(default: builtin, the learned built-in model on the probe levels where it beats the expert, at "
+        "--temperature 0, else expert)",
     )
     data: str | None = opt(
         None,
