@@ -105,6 +105,8 @@ def test_the_levels_are_data_a_new_manifest_changes_the_choice(shipped_here):
     assert "on medium and hard probes" in builtin.choose({"hard"}, 0).line
     assert "medium 70.0 % against 65.0 %, hard 46.8 %" in builtin.choose({"hard"}, 0).line
     assert not builtin.choose({"easy"}, 0).learned
+    shipped_here(["hard", "easy", "medium"])  # three levels are listed as a person would write them
+    assert "on easy, medium and hard probes" in builtin.choose({"hard"}, 0).line
     shipped_here([])
     assert not builtin.choose({"hard"}, 0).learned
     shipped_here(["hard"], temperature=0.7)  # measured sampled: the default at that temperature only

@@ -154,7 +154,7 @@ def test_the_scripted_demo_replays_the_runtime_tour(tmp_path):
 def test_without_a_model_the_builtin_default_answers(make_image, tmp_path, monkeypatch):
     """No --model: glimpse ask runs the expert on any image (the learned built-in model is the default only on
     the probe levels where it beats the expert, in glimpse eval), and its first line says so and why."""
-    from glimpse.builtin.backend import learned_available
+    from glimpse.builtin.backend import learned_available, read_manifest
     from glimpse.models import load_backend
 
     proc = glimpse("ask", str(make_image()), "How many dots?", "--max-turns", "1", "--save", str(tmp_path / "t.jsonl"))
@@ -163,7 +163,9 @@ def test_without_a_model_the_builtin_default_answers(make_image, tmp_path, monke
     assert record["settings"]["model"] == "expert"
     first = proc.stdout.splitlines()[0]
     if learned_available():
-        assert "builtin: the expert (the learned built-in model is the default only on hard probes" in first
+        listed = [level for level in ("easy", "medium", "hard") if level in read_manifest().probe_levels]
+        where = " and ".join([", ".join(listed[:-1]), listed[-1]] if len(listed) > 2 else listed)
+        assert f"builtin: the expert (the learned built-in model is the default only on {where} probes" in first
         assert "--model builtin:learned runs it here" in first
     else:
         assert "builtin: the expert (" in first

@@ -152,7 +152,8 @@ def choose(probe_levels: Collection[str] | None = None, temperature: float | Non
         return Choice(False, "no learned built-in model ships with this install")
     if not manifest.probe_levels:
         return Choice(False, "the learned built-in model beats it on no probe level yet", "builtin:learned runs it")
-    where = f"{' and '.join(_ordered(manifest.probe_levels))} probes"
+    listed = _ordered(manifest.probe_levels)
+    where = f"{' and '.join([', '.join(listed[:-1]), listed[-1]] if len(listed) > 2 else listed)} probes"
     missing = missing_packages()
     if missing:
         return Choice(
