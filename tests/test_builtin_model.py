@@ -777,6 +777,7 @@ def test_a_blob_counter_added_to_a_trained_reader_changes_nothing_until_trained_
     with torch.no_grad():
         was = AutoModelForImageTextToText.from_pretrained(old).eval()(**inputs).reader_logits
     assert add_blob_counter(old) and not add_blob_counter(old)
+    assert json.loads((old / "generation_config.json").read_text())["do_sample"] is False  # still greedy
     model = AutoModelForImageTextToText.from_pretrained(old).eval()
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)

@@ -38,6 +38,7 @@ from transformers import (
     AutoImageProcessor,
     AutoModelForImageTextToText,
     AutoProcessor,
+    GenerationConfig,
     GenerationMixin,
     PretrainedConfig,
     PreTrainedModel,
@@ -1216,6 +1217,8 @@ def _rebuild(folder: Any, config: dict[str, Any], start: Any = None) -> None:
     from glimpse.hf.processor import quiet_progress
 
     model = GlimpseVLForConditionalGeneration(GlimpseVLConfig.from_dict(config))
+    if (Path(folder) / "generation_config.json").exists():  # its decoding defaults (greedy) stay as they were
+        model.generation_config = GenerationConfig.from_pretrained(folder)
     shapes = {k: v.shape for k, v in model.state_dict().items()}
     old: dict[str, torch.Tensor] = {}
     for f in sorted(Path(folder).glob("*.safetensors")):
