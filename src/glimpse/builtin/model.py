@@ -322,7 +322,7 @@ class Reader(nn.Module):
 
 
 class BlobCounter(nn.Module):
-    """A panel's ink blob map (``reader.ink_blobs``: blobs per size class and grid cell) → logits over counts.
+    """A panel's ink blob map (``reader.ink_blobs``: blobs per class and grid cell) → logits over counts.
 
     It sees the map and, per blob class, its total as a one-hot (0 … ``TOTALS - 1``, more clipped), through a
     small MLP: a count is the blobs that are not something else (a corner mark, stray ink at the panel's edge),
@@ -335,13 +335,12 @@ class BlobCounter(nn.Module):
 
     def __init__(self, classes: int, width: int = 128):
         super().__init__()
-        self.sizes = BLOB_CLASSES
         self.mlp = nn.Sequential(
-            nn.Linear(BLOB_VALUES + self.sizes * self.TOTALS, width), nn.GELU(), nn.Linear(width, classes)
+            nn.Linear(BLOB_VALUES + BLOB_CLASSES * self.TOTALS, width), nn.GELU(), nn.Linear(width, classes)
         )
 
     def forward(self, blobs: torch.Tensor) -> torch.Tensor:
-        totals = blobs.reshape(len(blobs), self.sizes, -1).sum(-1).round().clamp(0, self.TOTALS - 1).long()
+        totals = blobs.reshape(len(blobs), BLOB_CLASSES, -1).sum(-1).round().clamp(0, self.TOTALS - 1).long()
         onehot = nn.functional.one_hot(totals, self.TOTALS).to(blobs.dtype).flatten(1)
         return self.mlp(torch.cat([blobs, onehot], 1))
 
