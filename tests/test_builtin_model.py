@@ -810,3 +810,170 @@ def test_a_blob_counter_added_to_a_trained_reader_changes_nothing_until_trained_
     test_x, test_y = maps(500)
     with torch.no_grad():
         assert (counter(test_x).argmax(-1) == test_y).float().mean() > 0.95
+
+
+def _one_hot_reading(code: str, classes: list[str], rows: int = READ_ROWS, sure: float = 1.0) -> torch.Tensor:
+    """A reading (``GlimpseVLForConditionalGeneration.words``' rows) of ``code``: each character's class with
+    probability ``sure`` (the rest spread evenly), the empty class past the code's end."""
+    read = torch.zeros(rows, len(classes))
+    for j in range(4):
+        c = classes.index(code[j] if j < len(code) else "")
+        read[j] = (1 - sure) / (len(classes) - 1)
+        read[j, c] = sure
+    return read
+
+
+def test_the_relation_finds_the_codes_a_question_names_and_where_their_readings_were_seen(builtin):
+    """``question_codes`` takes the question's runs of code characters (a code's first character is written
+    after a space), distinct, in order; ``relation`` is where the first was seen relative to the second, from the
+    observations whose readings match each, scaled by how sure those readings are; None without two codes or
+    without a placed observation."""
+    from transformers import AutoModelForImageTextToText
+
+    from glimpse.builtin.model import code_match, question_codes, relation
+
+    model = AutoModelForImageTextToText.from_pretrained(builtin)
+    tok = load_processor(builtin).tokenizer
+    classes = list(dict(model.config.reader_classes)["char1"])
+    chars, rows, empty = model._chars, model._char_rows, model._empty
+    assert rows == [0, 1, 2, 3] and classes[empty] == ""
+    question = (
+        "Among the signs, one reads E7K4 and one reads 9AC. Is the sign reading E7K4 left of the sign reading 9AC?"
+    )
+    codes = question_codes(tok.encode(question), chars, len(rows))
+    assert [[classes[c] for c in code] for code in codes] == [list("E7K4"), list("9AC")]
+    assert question_codes(tok.encode("Answer with one of: 2, 3, 4. A red sign."), chars, 4) == []
+
+    first, second = _one_hot_reading("E7K4", classes), _one_hot_reading("9AC", classes)
+    assert float(code_match(first, codes[0], rows, empty)) == 1.0
+    assert float(code_match(first, codes[1], rows, empty)) == 0.0
+    assert float(code_match(_one_hot_reading("9AC4", classes), codes[1], rows, empty)) == 0.0  # too long
+    view = _one_hot_reading("", classes)
+    # observation 1 read the first code at 0.2 across the first view, observation 2 the second at 0.7
+    d = relation(codes, [view, first, second], [0.5, 0.2, 0.7], rows, empty)
+    assert float(d) == -1.0  # left
+    assert float(relation(codes, [view, second, first], [0.5, 0.2, 0.7], rows, empty)) == 1.0  # right
+    unsure = _one_hot_reading("E7K4", classes, sure=0.8)
+    assert 0.3 < -float(relation(codes, [view, unsure, second], [0.5, 0.2, 0.7], rows, empty)) < 0.5  # 0.8 ** 4
+    # the first view's own reading never counts; an observation nothing placed neither
+    assert float(relation(codes, [first, second], [0.2, 0.7], rows, empty)) == 0.0  # the first read in the view
+    assert relation(codes, [view, first], [0.5, None], rows, empty) is None
+    assert float(relation(codes, [view, first, second], [0.5, None, 0.7], rows, empty)) == 0.0
+    assert relation(codes[:1], [view, first, second], [0.5, 0.2, 0.7], rows, empty) is None
+
+
+def test_each_image_is_placed_in_the_first_view_through_nested_zooms_however_the_passes_split(builtin):
+    """``PointerState.windows``: the first view whole, an observation the window of the zoom it follows composed
+    with its source's, computed the same in one pass over a conversation, in passes split at its turns (as
+    generating does) and when the hf backend puts a prefix's state back (``after``)."""
+    from transformers import AutoModelForImageTextToText
+
+    from glimpse.builtin.model import PointerState
+
+    processor = load_processor(builtin)
+    model = AutoModelForImageTextToText.from_pretrained(builtin).eval()
+    vision = "<|vision_start|><|image_pad|><|vision_end|>"
+    turns = [
+        f"<|im_start|>user\nwhere?{vision}<|im_end|>\n<|im_start|>assistant\n",
+        f"<grounding>{zoom_text([64, 128, 192, 256], 0)}</grounding><|im_end|>\n<|im_start|>user\n{vision}<|im_end|>\n",
+        f"<|im_start|>assistant\n<grounding>{zoom_text([128, 0, 256, 128], 1)}</grounding><|im_end|>\n",
+        f"<|im_start|>user\n{vision}<|im_end|>\n<|im_start|>assistant\n",
+    ]
+    images = [photo(640, 480, seed=1), photo(320, 240, seed=2), photo(300, 260, seed=3)]
+    want = [(0.0, 0.0, 1.0, 1.0), (0.25, 0.5, 0.75, 1.0), (0.5, 0.5, 0.75, 0.75)]
+
+    enc = processor(text=["".join(turns)], images=images, return_tensors="pt")
+    with torch.no_grad():
+        whole = model(**enc, use_cache=True).cache.glimpse_pointer
+    assert [tuple(round(v, 6) for v in w) for w in whole.windows[0]] == want
+    assert whole.pending == [None] and len(whole.places[0]) == 3
+    assert all(w[0] <= p <= w[2] for w, p in zip(want, whole.places[0], strict=True))  # each panel inside its window
+
+    cache, seen, shown = None, "", 0
+    for k, turn in enumerate(turns):  # pass by pass, each with the images its text holds
+        n = turn.count("<|image_pad|>")
+        part = processor(text=[seen + turn], images=images[: shown + n] if shown + n else None, return_tensors="pt")
+        ids = part["input_ids"][
+            :, -len(processor(text=[turn], images=images[shown : shown + n] or None)["input_ids"][0]) :
+        ]
+        inputs = {"input_ids": ids, "use_cache": True}
+        if n:
+            rows = part["image_grid_thw"][shown:, 2].sum()
+            inputs.update(
+                pixel_values=part["pixel_values"][-int(rows) :], image_grid_thw=part["image_grid_thw"][shown:]
+            )
+        if cache is not None:
+            inputs["cache"] = cache
+            inputs["position_ids"] = torch.arange(cache.get_seq_length(), cache.get_seq_length() + ids.shape[1])[None]
+        with torch.no_grad():
+            cache = model(**inputs).cache
+        seen, shown = seen + turn, shown + n
+        if k == 1:  # the zoom is answered by the observation in the same pass
+            assert cache.glimpse_pointer.pending == [None]
+        if k == 2:  # the second zoom waits for its observation
+            assert cache.glimpse_pointer.pending[0] is not None
+    split = cache.glimpse_pointer
+    assert split.windows == whole.windows and split.places == whole.places
+
+    ids = enc["input_ids"][0].tolist()
+    zoom = ids.index(model.config.box_open_id, ids.index(model.config.box_open_id) + 1)  # the second zoom
+    end = zoom + 6  # the box's five tokens follow its opening
+    put_back = whole.row(0).after(ids[:end], images=2)
+    assert put_back.windows == [whole.windows[0][:2]] and put_back.pending[0] == tuple(ids[zoom + 1 : end])
+    assert PointerState.stack([put_back]).pending == put_back.pending
+
+
+def test_a_relation_added_changes_nothing_until_trained_and_shifts_only_an_answers_first_token(
+    builtin, tmp_path, monkeypatch
+):
+    """``add_relation``: every weight kept, every logit unchanged (its direction starts at zero). Set, it moves the
+    logits of an answer's first token, and only those, by the relation times the direction through the LM head,
+    the other way for the other side."""
+    import shutil
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    import glimpse.builtin.model as module
+    from glimpse.builtin.model import RELATION_GAIN, add_relation
+
+    old = tmp_path / "old"
+    shutil.copytree(builtin, old)
+    config = json.loads((old / "config.json").read_text())
+    config.update(relate=False, code_tokens=[])
+    (old / "config.json").write_text(json.dumps(config))
+    AutoModelForImageTextToText.from_pretrained(old).save_pretrained(old)
+    before = load_file(old / "model.safetensors")
+    assert not any(k.startswith("relation") for k in before)
+    processor = load_processor(old)
+    prompt = ONE_IMAGE.format("one reads E7K4 and one reads 9AC: left or right?") + "<answer>"
+    inputs = processor(text=[prompt], images=[photo(400, 300)], return_tensors="pt")
+    with torch.no_grad():
+        was = AutoModelForImageTextToText.from_pretrained(old).eval()(**inputs).logits
+    assert add_relation(old) and not add_relation(old)
+    model = AutoModelForImageTextToText.from_pretrained(old).eval()
+    assert model.config.code_tokens == json.loads((builtin / "config.json").read_text())["code_tokens"]
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with torch.no_grad():
+        assert torch.allclose(model(**inputs).logits, was, atol=1e-5)
+
+    asked = []
+
+    def fixed(codes, reads, places, rows, empty):
+        asked.append([len(c) for c in codes])
+        return torch.tensor(side)
+
+    monkeypatch.setattr(module, "relation", fixed)
+    model.copy_gate = None  # the LM head's logits alone (copying mixes them into log-probabilities)
+    side = 1.0
+    torch.manual_seed(0)
+    with torch.no_grad():
+        was = model(**inputs).logits
+        model.relation.direction.normal_()
+        shift = model.lm_head(model.relation.direction * RELATION_GAIN)
+        for side in (1.0, -1.0):
+            now = model(**inputs).logits
+            assert torch.allclose(now[0, :-1], was[0, :-1], atol=1e-5)  # the prompt's positions: unchanged
+            assert torch.allclose(now[0, -1], was[0, -1] + side * shift, atol=1e-3)
+    assert asked == [[4, 3]] * 3  # the question's two codes, once a pass

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import tempfile
@@ -462,3 +463,50 @@ def test_a_run_from_an_init_checkpoint_leaves_its_manifest_and_readme_behind(tmp
     model_dir = train_builtin(cfg, log=lambda entry: None)
     assert (model_dir / "config.json").exists() and (model_dir / STREAM_FILE).exists()
     assert not (model_dir / "glimpse_ship.json").exists() and not (model_dir / "README.md").exists()
+
+
+def test_a_frozen_run_trains_only_the_part_added_to_its_init_on_one_question_kind(tmp_path):
+    """``--freeze --kind relative_position``: a relation added to a checkpoint that had none trains alone (every
+    other weight bit for bit as the checkpoint has it) on left-or-right probes only; --freeze without --init, or
+    with nothing added, and an unknown kind are refused."""
+    from safetensors.torch import load_file, save_file
+
+    from glimpse.builtin.model import build_builtin
+
+    init = build_builtin(tmp_path / "init", size="tiny")
+    config = json.loads((init / "config.json").read_text())
+    config.update(relate=False)
+    (init / "config.json").write_text(json.dumps(config))
+    weights = load_file(init / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if not k.startswith("relation")}, init / "model.safetensors")
+    before = load_file(init / "model.safetensors")
+    cfg = BuiltinConfig(
+        out=str(tmp_path / "run"),
+        init=str(init),
+        minutes=0.1,
+        batch=2,
+        workers=1,
+        threads=1,
+        device="cpu",
+        mix="0,1,0,0",
+        kind="relative_position",
+        freeze=True,
+        new_lr=0.1,
+        warmup=1,
+        start_index=FIRST_INDEX,
+    )
+    model_dir = train_builtin(cfg, log=lambda entry: None)
+    after = load_file(model_dir / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert float(after["relation.direction"].abs().sum()) > 0  # it trained
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert log and all(set(e["levels"]) == {"easy"} and "acc_answer/relative_position" in e for e in log)
+    kinds = {k.split("/")[-1] for e in log for k in e if k.startswith("acc_answer/")}
+    assert kinds == {"easy", "relative_position"}  # every answer scored was a left-or-right one
+    for bad, match in (
+        ({"init": ""}, "pass --init"),
+        ({"init": str(model_dir)}, "nothing would train"),
+        ({"kind": "colour"}, "not a probe question kind"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            train_builtin(dataclasses.replace(cfg, out=str(tmp_path / "bad"), **bad), log=lambda entry: None)

@@ -106,9 +106,7 @@ class LoopSettings:
 
 def loop_setting_names(*, results_only: bool = False) -> tuple[str, ...]:
     """The names of ``LoopSettings``' fields (only those that change results, with ``results_only``)."""
-    return tuple(
-        f.name for f in dataclasses.fields(LoopSettings) if not results_only or f.metadata["result"]
-    )
+    return tuple(f.name for f in dataclasses.fields(LoopSettings) if not results_only or f.metadata["result"])
 
 
 @dataclass
@@ -572,4 +570,14 @@ class BuiltinConfig:
         "",
         "weights of card, easy, medium and hard examples for the whole run, e.g. 0.8,0.07,0.07,0.06 (reading "
         "cards are about 15 times cheaper to make than probes); empty: the curriculum",
+    )
+    kind: str = opt(
+        "",
+        "probes of this question kind only (read_code, marker_color, marker_shape, which_marked, count, "
+        "relative_position): a skill trained alone; empty: every kind, as probes draw them",
+    )
+    freeze: bool = opt(
+        False,
+        "train only the weights the --init checkpoint does not have (a part just added to a trained model, e.g. "
+        "the relation), the rest frozen, so what the model already does well cannot drift",
     )

@@ -129,6 +129,10 @@ class GlimpseVLConfig(PretrainedConfig):
             (the same zoom shows the same pixels): it offers the best region not yet zoomed into.
         reader_blobs: the reader also counts from the panel's ink blob map (``reader.ink_blobs``, in the reading
             rows' colour values): a small counter adds to the ``dots`` classifier's logits (``Reader``).
+        relate: an answer's first token also hears where the observations that read the question's first two codes
+            came from, left or right of each other in the first view (``Relation``).
+        code_tokens: per class of a code's characters (``char1``'s), the token ids that write it in a question
+            (alone, or after a space): how ``Relation`` finds the codes a question names.
     """
 
     model_type = MODEL_TYPE
@@ -161,6 +165,8 @@ class GlimpseVLConfig(PretrainedConfig):
         box_close_id: int | None = None,
         no_repeat_zooms: bool = False,
         reader_blobs: bool = False,
+        relate: bool = False,
+        code_tokens: list[list[int]] | None = None,
         **kwargs: Any,
     ):
         if isinstance(text_config, dict):
@@ -186,6 +192,8 @@ class GlimpseVLConfig(PretrainedConfig):
         self.ring_colour = ring_colour
         self.box_close_id, self.no_repeat_zooms = box_close_id, no_repeat_zooms
         self.reader_blobs = reader_blobs
+        self.relate = relate
+        self.code_tokens = [list(ids) for ids in code_tokens or []]
         kwargs.setdefault("tie_word_embeddings", self.text_config.tie_word_embeddings)
         super().__init__(**kwargs)
 
@@ -343,6 +351,72 @@ class BlobCounter(nn.Module):
         totals = blobs.reshape(len(blobs), BLOB_CLASSES, -1).sum(-1).round().clamp(0, self.TOTALS - 1).long()
         onehot = nn.functional.one_hot(totals, self.TOTALS).to(blobs.dtype).flatten(1)
         return self.mlp(torch.cat([blobs, onehot], 1))
+
+
+PLACE_STEP = 0.05  # two places this share of the first view's width apart are fully left and right of each other
+RELATION_GAIN = 10.0  # ``Relation.direction`` starts at zero and must grow fast
+
+
+def question_codes(words: list[int], chars: dict[int, int], longest: int) -> list[list[int]]:
+    """The codes a question names, as character classes: runs of 2 to ``longest`` consecutive tokens that each
+    write one code character (``chars``: token id → class), distinct, in the order they first appear."""
+    codes: list[list[int]] = []
+    run: list[int] = []
+    for token in [*words, None]:
+        c = chars.get(token) if token is not None else None
+        if c is not None:
+            run.append(c)
+            continue
+        if 2 <= len(run) <= longest and run not in codes:
+            codes.append(run)
+        run = []
+    return codes
+
+
+def code_match(read: torch.Tensor, code: list[int], rows: list[int], empty: int) -> torch.Tensor:
+    """The probability that an image's reading (``read``: per reading attribute, class probabilities) is ``code``:
+    per character attribute (``rows``, in order), the code's character there, or the empty class past its end."""
+    p = read.new_ones(())
+    for j, row in enumerate(rows):
+        p = p * read[row, code[j] if j < len(code) else empty]
+    return p
+
+
+def relation(
+    codes: list[list[int]], reads: list[torch.Tensor], places: list[float | None], rows: list[int], empty: int
+) -> torch.Tensor | None:
+    """Where the first code a question names was seen relative to the second, in -1 (left) … 1 (right), scaled by
+    how sure the reading of each is: for each code, the places (an observation's panel centre, across the first
+    view) of the observations weighed by how well their reading matches it (``code_match``); None without two
+    codes or without an observation placed."""
+    if len(codes) < 2:
+        return None
+    seen = [k for k in range(1, min(len(reads), len(places))) if places[k] is not None]
+    if not seen:
+        return None
+    where = reads[0].new_tensor([places[k] for k in seen])
+    xs, sure = [], []
+    for code in codes[:2]:
+        m = torch.stack([code_match(reads[k], code, rows, empty) for k in seen])
+        xs.append((m * where).sum() / m.sum().clamp(min=1e-6))
+        sure.append(m.max())
+    return ((xs[0] - xs[1]) / PLACE_STEP).clamp(-1.0, 1.0) * sure[0] * sure[1]
+
+
+class Relation(nn.Module):
+    """Left or right, from where the model looked: for an answer's first token, ``relation`` (where the sign read as
+    the question's first code was seen relative to the one read as its second) times a learned direction in the
+    decoder's space, through the LM head. The decoder alone never learned it: the places of two zooms are in
+    their coordinate tokens and the codes in the reader's probabilities, and attempt 11's model answered "left"
+    to every such question. Starts at zero (``add_relation``), so answers are unchanged until trained."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.direction = nn.Parameter(torch.zeros(hidden))
+
+    def forward(self, d: torch.Tensor) -> torch.Tensor:
+        """(n,) relations → (n, hidden) shifts of the decoder's state."""
+        return d.unsqueeze(-1) * self.direction.to(d.dtype) * RELATION_GAIN
 
 
 class Grounding(nn.Module):
@@ -511,9 +585,17 @@ class PointerState:
     turn_start: int | None = None
     image_token: int | None = None
     zoomed: list[list[tuple[int, ...]]] = field(default_factory=list)  # each zoom written so far: its box's tokens
+    # per image: the part of the first image it shows (first-view coordinates, 0–1; None: not known) and its
+    # panel's centre across the first view (``Relation``); the last zoom written that no image has followed yet
+    windows: list[list[tuple[float, ...] | None]] = field(default_factory=list)
+    places: list[list[float | None]] = field(default_factory=list)
+    pending: list[tuple[int, ...] | None] = field(default_factory=list)
 
     def grow(self, batch: int) -> None:
         while len(self.images) < batch:
+            self.windows.append([])
+            self.places.append([])
+            self.pending.append(None)
             self.zoomed.append([])
             self.keys.append([])
             self.spells.append([])
@@ -569,6 +651,9 @@ class PointerState:
             self.turn_start,
             self.image_token,
             [list(self.zoomed[b])],
+            [list(self.windows[b])],
+            [list(self.places[b])],
+            [self.pending[b]],
         )
 
     def after(self, ids: list[int], images: int) -> PointerState:
@@ -576,11 +661,17 @@ class PointerState:
         later images dropped, the zoom being written replayed from the tokens (as ``_point`` steps through them)."""
         written: list[int] | None = None
         answered: tuple[int, ...] | None = None
+        pending: tuple[int, ...] | None = None
         zoomed = []
+        previous = None
         for token in ids:
+            if token == self.image_token != previous:
+                pending = None
+            previous = token
             written, done = self.box_step(written, token)
             if done is not None:
                 zoomed.append(done)
+                pending = done
             answered = self.answer_step(answered, token)
         words, at_image = question_words(ids, self.turn_start, self.image_token, [])
         return PointerState(
@@ -597,6 +688,9 @@ class PointerState:
             self.turn_start,
             self.image_token,
             [zoomed],
+            [self.windows[0][:images]],
+            [self.places[0][:images]],
+            [pending],
         )
 
     @staticmethod
@@ -620,6 +714,8 @@ class PointerState:
                 out.reads[-1], out.in_answer[-1] = list(r.reads[0]), r.in_answer[0]
                 out.words[-1], out.turn[-1] = r.words[0], list(r.turn[0])
                 out.zoomed[-1] = list(r.zoomed[0])
+                out.windows[-1], out.places[-1] = list(r.windows[0]), list(r.places[0])
+                out.pending[-1] = r.pending[0]
         return out
 
     @property
@@ -660,6 +756,8 @@ class GlimpseVLPreTrainedModel(PreTrainedModel):
             module.reset()
         elif isinstance(module, RingProjection):
             nn.init.zeros_(module.weight)
+        elif isinstance(module, Relation):
+            nn.init.zeros_(module.direction)
         elif isinstance(module, RegionHeads):  # heads added to an older checkpoint start small
             for head in [*module.heads, *(module.ring or []), *module.asked, module.attend]:
                 nn.init.normal_(head.weight, std=0.02)
@@ -687,6 +785,11 @@ class GlimpseVLForConditionalGeneration(GlimpseVLPreTrainedModel, GenerationMixi
         self.copy_gate = nn.Linear(text.hidden_size, READ_ROWS + 1) if copying else None
         self.copy_step = nn.Embedding(COPY_STEPS, READ_ROWS + 1) if copying else None
         self.spelled = answer_words(config) if copying else []
+        self.relation = Relation(text.hidden_size) if config.relate and copying else None
+        # what ``Relation`` reads: a zoom's coordinate and source tokens as values, the question's code characters
+        self._coordinate = {t: (i % (STEPS + 1)) / STEPS for i, t in enumerate(config.coordinate_ids)}
+        self._source = {t: i for i, t in enumerate(config.source_ids)}
+        self._chars, self._char_rows, self._empty = code_characters(config, self.spelled)
         self.model = Qwen2Model(text)
         self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
         self.query = nn.Linear(text.hidden_size, config.pointer_dim)
@@ -775,13 +878,15 @@ class GlimpseVLForConditionalGeneration(GlimpseVLPreTrainedModel, GenerationMixi
                     returned.glimpse_pointer = state
             state.grow(input_ids.shape[0])
             seen = enumerate(input_ids.tolist())
-            words = [state.see(b, seq) for b, seq in seen] if self.grounding is not None else None
+            asks = self.grounding is not None or self.relation is not None  # what reads the question's words
+            words = [state.see(b, seq) for b, seq in seen] if asks else None
             if has_images:
                 self._add_regions(
                     state, input_ids, hidden, pixel_values, image_grid_thw, reader_logits, feats, words, region_logits
                 )
             in_answer = list(state.in_answer)
             logits = self._point(state, input_ids, hidden, logits, logits_to_keep)
+            logits = self._relate(state, in_answer, input_ids, logits, logits_to_keep)
             if self.copy_gate is not None:
                 logits = self._copy(state, in_answer, input_ids, hidden, logits, logits_to_keep)
         loss = None
@@ -838,9 +943,12 @@ class GlimpseVLForConditionalGeneration(GlimpseVLPreTrainedModel, GenerationMixi
             shown_of = [{name: parts[i] for name, parts in split.items()} for i in range(len(sizes))]
         positions = (input_ids == self.config.image_token_id).nonzero().tolist()  # row-major: images in order
         words = self.words(reader_logits) if reader_logits else None
+        ids = input_ids.tolist()
+        zooms = {b: self._zooms_before_images(state, b, ids[b]) for b in {p[0] for p in positions}}
         start = 0
         for i, (size, rows, tokens) in enumerate(zip(sizes, rows_of, feats_of, strict=True)):
             b = positions[start][0]
+            self._place(state, b, zooms[b].pop(0) if zooms[b] else None, rows)
             cols = torch.tensor([p[1] for p in positions[start : start + size]], device=hidden.device)
             start += size
             region = rows[:, KIND] != READING
@@ -864,6 +972,44 @@ class GlimpseVLForConditionalGeneration(GlimpseVLPreTrainedModel, GenerationMixi
             if words is not None:
                 state.reads[b].append(words[i])
             state.images[b] += 1
+
+    def _zooms_before_images(self, state: PointerState, b: int, seq: list[int]) -> list[tuple[int, ...] | None]:
+        """Per image starting in ``seq`` (row ``b``'s tokens of this pass), the zoom written last before it that no
+        image followed yet (its box's tokens; None: none), as ``_point`` will step through them."""
+        written, pending, previous = state.open_box[b], state.pending[b], None
+        out = []
+        for token in seq:
+            if token == self.config.image_token_id != previous:
+                out.append(pending)
+                pending = None
+            previous = token
+            written, done = state.box_step(written, token)
+            if done is not None:
+                pending = done
+        return out
+
+    def _place(self, state: PointerState, b: int, zoom: tuple[int, ...] | None, rows: torch.Tensor) -> None:
+        """Record where row ``b``'s next image lies in its first (the whole first view; an observation: the window
+        of the ``zoom`` it follows, composed with its source's) and its panel's centre across the first view."""
+        window: tuple[float, ...] | None = (0.0, 0.0, 1.0, 1.0)
+        if state.images[b]:
+            window = None
+            coords = [self._coordinate.get(t) for t in zoom[:4]] if zoom is not None else []
+            source = self._source.get(zoom[4]) if zoom is not None else None
+            known = state.windows[b]
+            if len(coords) == 4 and None not in coords and source is not None and source < len(known):
+                parent = known[source]
+                if parent is not None:
+                    x0, y0, x1, y1 = parent
+                    w, h = x1 - x0, y1 - y0
+                    window = (x0 + coords[0] * w, y0 + coords[1] * h, x0 + coords[2] * w, y0 + coords[3] * h)
+        panel = rows[rows[:, KIND] == READING]
+        place = None
+        if window is not None and len(panel):
+            r = panel[0, REL].tolist()
+            place = window[0] + (r[0] + r[2]) / 2 * (window[2] - window[0])
+        state.windows[b].append(window)
+        state.places[b].append(place)
 
     def words(self, reader_logits: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """(images, READ_ROWS, classes): per image and reading attribute, the reader's class probabilities (zero
@@ -899,6 +1045,40 @@ class GlimpseVLForConditionalGeneration(GlimpseVLPreTrainedModel, GenerationMixi
             p = p / p.sum().clamp(min=1e-9)
             rows.append(torch.zeros_like(lm).index_add(0, torch.tensor(tokens, device=lm.device), p))
         return torch.stack(rows)
+
+    def _relate(
+        self,
+        state: PointerState,
+        in_answer: list[tuple[int, ...] | None],
+        input_ids: torch.Tensor,
+        logits: torch.Tensor,
+        logits_to_keep: int | torch.Tensor,
+    ) -> torch.Tensor:
+        """At an answer's first token, add ``Relation``'s shift through the LM head, for rows whose question names
+        two codes and whose observations are placed (``relation``); elsewhere the logits are unchanged."""
+        if self.relation is None or not isinstance(logits_to_keep, int):
+            return logits
+        first_kept = input_ids.shape[1] - logits.shape[1]
+        where_b, where_t, found = [], [], []
+        for b, seq in enumerate(input_ids.tolist()):
+            w, d = in_answer[b], None
+            for t, token in enumerate(seq):
+                w = state.answer_step(w, token)
+                if w != () or t < first_kept:
+                    continue
+                if d is None:
+                    codes = question_codes(state.words[b] or [], self._chars, len(self._char_rows))
+                    d = relation(codes, state.reads[b], state.places[b], self._char_rows, self._empty)
+                    if d is None:
+                        break
+                where_b.append(b)
+                where_t.append(t - first_kept)
+                found.append(d)
+        if not found:
+            return logits
+        index = (torch.tensor(where_b, device=logits.device), torch.tensor(where_t, device=logits.device))
+        shift = self.lm_head(self.relation(torch.stack(found).detach().to(logits.dtype)))
+        return logits.index_put(index, logits[index] + shift.to(logits.dtype))
 
     def _copy(
         self,
@@ -955,10 +1135,15 @@ class GlimpseVLForConditionalGeneration(GlimpseVLPreTrainedModel, GenerationMixi
         where_b, where_t, rows = [], [], []
         for b, seq in enumerate(input_ids.tolist()):
             written = state.open_box[b]
+            previous = None
             for t, token in enumerate(seq):
+                if token == self.config.image_token_id != previous:
+                    state.pending[b] = None  # an image follows the zoom: it is that zoom's observation
+                previous = token
                 written, done = state.box_step(written, token)
                 if done is not None:
                     state.zoomed[b].append(done)
+                    state.pending[b] = done
                     if close is not None and t >= first_kept:  # the box is complete: only its closing tag may follow
                         where_b.append(b)
                         where_t.append(t - first_kept)
@@ -1005,6 +1190,38 @@ class GlimpseVLForConditionalGeneration(GlimpseVLPreTrainedModel, GenerationMixi
         top = scores.max()
         mass = torch.zeros(vocab, device=h.device).index_add(0, spells[:, j], (scores - top).exp())
         return torch.where(mass > 0, mass.clamp(min=1e-30).log() + top, torch.full_like(mass, NEG))
+
+
+def code_characters(
+    config: GlimpseVLConfig, spelled: list[tuple[int | None, list[tuple[int, list[int]]]]]
+) -> tuple[dict[int, int], list[int], int]:
+    """What ``Relation`` reads a question's codes with: the token writing each code character → its class, the
+    reading attributes of a code's characters in order (``char1`` …), and the class of the empty character (a
+    code ended); empty where the reader reads no code characters or its attributes' classes differ."""
+    names = [name for name, _ in config.reader_classes][: len(spelled)]
+    rows = [j for j, name in enumerate(names) if name.startswith("char")]
+    if not rows or any(spelled[j][1] != spelled[rows[0]][1] for j in rows):
+        return {}, [], -1
+    chars = {token: c for c, ids in enumerate(config.code_tokens) for token in ids}
+    empty = next((c for c, ids in spelled[rows[0]][1] if not ids), -1)
+    return (chars, rows, empty) if empty >= 0 and chars else ({}, [], -1)
+
+
+def code_tokens(tokenizer: Any, classes: list[list[Any]]) -> list[list[int]]:
+    """Per class of a code's first character (of ``reader_vocabulary``'s ``classes``), the ids of the tokens that
+    write it: the character alone and after a space (``GlimpseVLConfig.code_tokens``); none for the empty class."""
+    words = dict((name, list(w)) for name, w in classes).get("char1", [])
+    out = []
+    for word in words:
+        ids: list[int] = []
+        for text in (word, " " + word):
+            if not word:
+                break
+            enc = tokenizer.encode(text, add_special_tokens=False)
+            if len(enc) == 1 and enc[0] not in ids:
+                ids.append(enc[0])
+        out.append(ids)
+    return out
 
 
 def answer_words(config: GlimpseVLConfig) -> list[tuple[int | None, list[tuple[int, list[int]]]]]:
@@ -1263,6 +1480,22 @@ def add_blob_counter(folder: Any) -> bool:
     return True
 
 
+def add_relation(folder: Any) -> bool:
+    """Give a checkpoint that copies answers a ``Relation`` (``relate``) whose direction starts at zero, so it
+    answers exactly as before until trained; every other weight is kept. Returns whether anything changed."""
+    import json
+    from pathlib import Path
+
+    from glimpse.hf.processor import load_processor
+
+    config = json.loads((Path(folder) / "config.json").read_text())
+    if config.get("relate") or not config.get("reader_classes") or len(config.get("answer_ids") or []) != 2:
+        return False
+    chars = code_tokens(load_processor(folder).tokenizer, config["reader_classes"])
+    _rebuild(folder, {**config, "relate": True, "code_tokens": chars})
+    return True
+
+
 def add_region_heads(folder: Any) -> bool:
     """Give a checkpoint made before ``RegionHeads`` and ``RingProjection`` existed both (its config gains them;
     their weights start fresh when it is next loaded: the ring projection at zero, and the heads change only the
@@ -1296,7 +1529,7 @@ def build_builtin(
     """Write a randomly initialised built-in model (config, weights, tokenizer, processor, prompts) to ``out_dir``."""
     from pathlib import Path
 
-    from glimpse.hf.processor import quiet_progress
+    from glimpse.hf.processor import load_processor, quiet_progress
     from glimpse.hf.tiny import CHAT_TEMPLATE, build_tokenizer
 
     spec = SIZES[size]
@@ -1345,20 +1578,24 @@ def build_builtin(
         ring_colour=True,
         reader_line=True,
         reader_blobs=True,
+        relate=True,
         eos_token_id=ids("<|im_end|>"),
         pad_token_id=ids("<|endoftext|>"),
     )
+    out = Path(out_dir)
+    quiet_progress()
+    image_processor = GlimpseVLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
+    GlimpseVLProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE
+    ).save_pretrained(out)
+    # as the saved tokenizer writes a question (loaded, it splits text before digits as Qwen's does)
+    config.save_pretrained(out)
+    config.code_tokens = code_tokens(load_processor(out).tokenizer, reader_classes)
     torch.manual_seed(seed)
     model = GlimpseVLForConditionalGeneration(config)
     model.generation_config.eos_token_id = ids("<|im_end|>")
     model.generation_config.pad_token_id = ids("<|endoftext|>")
     model.generation_config.do_sample = False
-    out = Path(out_dir)
-    quiet_progress()
     model.save_pretrained(out)
-    image_processor = GlimpseVLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
-    GlimpseVLProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE
-    ).save_pretrained(out)
     (out / PROMPT_FILE).write_text(PROMPTS, encoding="utf-8")
     return out

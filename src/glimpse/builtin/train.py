@@ -61,15 +61,17 @@ class ExampleMaker:
         folder: scratch folder for the files a loop reads (cards).
         check: share of probe searches that first look at signs that are not the target
             (``teacher.teacher_turns``); those replies are left untrained.
+        kind: probes of this question kind only (``synth.KINDS``); empty: the kind each index draws.
     """
 
-    def __init__(self, model_dir: str | Path, seed: int, folder: Path, check: float = 0.0):
+    def __init__(self, model_dir: str | Path, seed: int, folder: Path, check: float = 0.0, kind: str = ""):
         from glimpse.hf.processor import load_processor
         from glimpse.images import PixelLimits
         from glimpse.probes.stream import SceneCache
         from glimpse.train.common import ASSISTANT_HEADER, END
 
         self.model_dir, self.seed, self.folder, self.check = Path(model_dir), seed, folder, check
+        self.kind = kind or None
         self.processor = load_processor(model_dir)
         config = json.loads((self.model_dir / "config.json").read_text())
         self.limits = PixelLimits(config["min_pixels"], config["max_pixels"], config["cell"])
@@ -104,7 +106,7 @@ class ExampleMaker:
             sample = card_sample(index, self.seed, self.folder)
             cache = self.files
         else:
-            sample = probe_sample(level, index, self.seed, self.folder, scenes=self.scenes, others=True)
+            sample = probe_sample(level, index, self.seed, self.folder, scenes=self.scenes, others=True, kind=self.kind)
             cache = self.scenes
         try:
             view = fit(cache.get(sample.images[0]).image, self.limits)  # type: ignore[arg-type]
@@ -299,14 +301,14 @@ def mask_replies(labels: list[int], n: int) -> list[int]:
     return out
 
 
-def _worker(model_dir: str, seed: int, worker: int, jobs: Any, out: Any, check: float = 0.0) -> None:
+def _worker(model_dir: str, seed: int, worker: int, jobs: Any, out: Any, check: float = 0.0, kind: str = "") -> None:
     """A producer process: take (level, index) jobs, put tokenised examples (or an error text)."""
     import torch
 
     torch.set_num_threads(1)
     folder = Path(tempfile.mkdtemp(prefix=f"glimpse-builtin-{worker}-"))
     try:
-        make = ExampleMaker(model_dir, seed, folder, check)
+        make = ExampleMaker(model_dir, seed, folder, check, kind)
         parent = mp.parent_process()
         while True:
             try:
@@ -467,6 +469,15 @@ def added_weights(model: Any, folder: Path) -> set[str]:
     return {name for name, _ in model.named_parameters() if name not in stored}
 
 
+def _adamw(groups: list[dict[str, Any]], **kwargs: Any) -> Any:
+    """AdamW over the parameters of ``groups`` that train (``--freeze`` stops the rest); None if none do."""
+    import torch
+
+    groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in groups]
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.AdamW(groups, **kwargs) if groups else None
+
+
 def stream_start(cfg: BuiltinConfig) -> dict[str, int]:
     """The first probe index per level of this run: ``--start-index``, else where the ``--init`` checkpoint's
     stream stopped (its ``STREAM_FILE``), else ``FIRST_INDEX``. A continued run never trains on its starting
@@ -506,6 +517,7 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
         add_line_reader,
         add_reader,
         add_region_heads,
+        add_relation,
         build_builtin,
         close_zooms,
         spell_codes,
@@ -525,6 +537,12 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
         raise ConfigError(f"--mix takes {len(LEVELS)} weights (card, easy, medium, hard), got {cfg.mix!r}")
     if not 0 <= cfg.read_minutes < cfg.minutes:
         raise ConfigError(f"--read-minutes ({cfg.read_minutes:g}) must be at least 0 and less than --minutes")
+    from glimpse.probes.synth import KINDS
+
+    if cfg.kind and cfg.kind not in KINDS:
+        raise ConfigError(f"--kind {cfg.kind!r} is not a probe question kind; choose one of {', '.join(KINDS)}")
+    if cfg.freeze and not cfg.init:
+        raise ConfigError("--freeze trains only the weights --init lacks: pass --init (a trained checkpoint)")
     if cfg.init:
         if not (Path(cfg.init) / "config.json").exists():
             raise ConfigError(f"--init {cfg.init} is not a checkpoint folder (no config.json)")
@@ -545,6 +563,8 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
             print(f"{cfg.init} left closing zooms to the LM head: the pointer now closes them and never repeats one")
         if add_blob_counter(model_dir):
             print(f"{cfg.init} counted dots from pixels alone: its reader now also counts ink blobs (silent at first)")
+        if add_relation(model_dir):
+            print(f"{cfg.init} had no relation: answers now hear where the named signs were seen (silent at first)")
     else:
         build_builtin(model_dir, size=cfg.size, seed=cfg.seed)
     from transformers import AutoModelForImageTextToText
@@ -574,6 +594,12 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
     fresh = sorted(n for n, _ in model.named_parameters() if n in added)
     if fresh:
         print(f"{len(fresh)} weights {cfg.init} does not have ({', '.join(fresh)}) train at {cfg.new_lr:g}")
+    if cfg.freeze:
+        if not added:
+            raise ConfigError(f"--freeze: {cfg.init} has every weight of this model already, so nothing would train")
+        for n, p in model.named_parameters():
+            p.requires_grad_(n in added)
+        print(f"--freeze: only those {len(added)} train; every other weight stays as {cfg.init} has it")
     rest = [p for n, p in named if n not in added]
     new_ids = {id(p) for p in reader_new}
     reader_old = [p for p in reader_params if id(p) not in new_ids]
@@ -582,17 +608,22 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
         {"params": reader_old, "scale": cfg.reader_lr / cfg.lr},
         {"params": new + reader_new, "scale": cfg.new_lr / cfg.lr},
     ]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    optimizer = _adamw(groups, lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.01)
     reader_groups = [{"params": reader_old, "scale": 1.0}, {"params": reader_new, "scale": cfg.new_lr / cfg.reader_lr}]
-    reader_optimizer = torch.optim.AdamW(reader_groups, lr=cfg.reader_lr, weight_decay=0.01)
+    reader_optimizer = _adamw(reader_groups, lr=cfg.reader_lr, weight_decay=0.01)
     budget, read_budget = cfg.minutes * 60, cfg.read_minutes * 60
+    if optimizer is None or (read_budget and reader_optimizer is None):
+        raise ConfigError(
+            f"--freeze leaves nothing to train in the {'search' if optimizer is None else 'reader'} stage: "
+            "the weights --init lacks are all elsewhere (drop --read-minutes, or --freeze)"
+        )
 
     ctx = mp.get_context("spawn")
     # Jobs are unbounded (one is added per result taken, so they stay few); a bounded job queue filled before
     # the first result is taken would deadlock against the bounded result queue.
     jobs, results = ctx.Queue(), ctx.Queue(maxsize=4 * max(cfg.batch, cfg.read_batch) + 64)
     procs = [
-        ctx.Process(target=_worker, args=(str(model_dir), cfg.seed, w, jobs, results, cfg.check), daemon=True)
+        ctx.Process(target=_worker, args=(str(model_dir), cfg.seed, w, jobs, results, cfg.check, cfg.kind), daemon=True)
         for w in range(cfg.workers)
     ]
     for p in procs:
@@ -671,9 +702,11 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
             total = total + cfg.region_weight * asked
         if not bool(torch.isfinite(total)):
             raise RuntimeError(f"the loss is not finite (replies {float(loss)}, reader {float(read)}): a bug, not data")
+        if not total.requires_grad:  # --freeze, and nothing in this batch reaches the weights that train
+            return total, logits.detach(), target, torch.zeros(())
         optimizer.zero_grad()
         total.backward()
-        grad = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        grad = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         optimizer.step()
         return total, logits.detach(), target, grad
 
@@ -731,7 +764,7 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
             step += 1
             seen += len(items)
             record({**progress("read", loss, lr), "skipped": skipped}, stats)
-        if cfg.ask_steps and grounded and model.region_heads is not None and cfg.region_weight > 0:
+        if cfg.ask_steps and not cfg.freeze and grounded and model.region_heads is not None and cfg.region_weight > 0:
             # the question head alone on questions without images (attempt 7: beside the searches, the asked
             # border colour stayed at chance for 122 steps; alone it is learned in a few hundred questions)
             maker = QuestionMaker(model_dir, processor, model.config.turn_start_id, model.config.image_token_id)

@@ -86,18 +86,26 @@ class SceneCache(ImageCache):
 
 
 def probe_sample(
-    level: str, index: int, seed: int, folder: Path, *, scenes: SceneCache | None = None, others: bool = False
+    level: str,
+    index: int,
+    seed: int,
+    folder: Path,
+    *,
+    scenes: SceneCache | None = None,
+    others: bool = False,
+    kind: str | None = None,
 ) -> Sample:
     """Generate one probe and return it as a sample.
 
     With ``scenes``, the probe is not drawn: its scene is registered there and drawn view by view as the loop
     zooms (what training uses). Without, its image is written to ``folder`` as a JPEG for any loop to read.
     ``others``: the meta also describes every other sign (what a trainer teaches about each region; dozens of
-    signs on a hard probe, so off where samples are written to trajectories).
+    signs on a hard probe, so off where samples are written to trajectories). ``kind``: a question kind of
+    ``synth.KINDS`` instead of the one the index draws.
     """
     from glimpse.probes.synth import make_probe
 
-    probe = make_probe(level, index, seed=seed, render=scenes is None)
+    probe = make_probe(level, index, seed=seed, kind=kind, render=scenes is None)
     rec = probe.record
     if scenes is not None:
         path: Path | str = scenes.add(rec["doc_id"], probe.scene)
