@@ -923,6 +923,13 @@ def test_each_image_is_placed_in_the_first_view_through_nested_zooms_however_the
     assert PointerState.stack([put_back]).pending == put_back.pending
 
 
+# a zoom and its observation, after ``ONE_IMAGE``'s question and first view
+ZOOMED = (
+    f"<grounding>{zoom_text([0, 0, 128, 128], 0)}</grounding><|im_end|>\n<|im_start|>user\n"
+    "<|vision_start|><|image_pad|><|vision_end|><|im_end|>\n<|im_start|>assistant\n"
+)
+
+
 def test_a_relation_added_changes_nothing_until_trained_and_shifts_only_an_answers_first_token(
     builtin, tmp_path, monkeypatch
 ):
@@ -946,8 +953,8 @@ def test_a_relation_added_changes_nothing_until_trained_and_shifts_only_an_answe
     before = load_file(old / "model.safetensors")
     assert not any(k.startswith("relation") for k in before)
     processor = load_processor(old)
-    prompt = ONE_IMAGE.format("one reads E7K4 and one reads 9AC: left or right?") + "<answer>"
-    inputs = processor(text=[prompt], images=[photo(400, 300)], return_tensors="pt")
+    prompt = ONE_IMAGE.format("one reads E7K4 and one reads 9AC: left or right?") + ZOOMED + "<answer>"
+    inputs = processor(text=[prompt], images=[photo(400, 300), photo(256, 256, seed=3)], return_tensors="pt")
     with torch.no_grad():
         was = AutoModelForImageTextToText.from_pretrained(old).eval()(**inputs).logits
     assert add_relation(old) and not add_relation(old)
@@ -977,3 +984,179 @@ def test_a_relation_added_changes_nothing_until_trained_and_shifts_only_an_answe
             assert torch.allclose(now[0, :-1], was[0, :-1], atol=1e-5)  # the prompt's positions: unchanged
             assert torch.allclose(now[0, -1], was[0, -1] + side * shift, atol=1e-3)
     assert asked == [[4, 3]] * 3  # the question's two codes, once a pass
+
+
+@pytest.mark.parametrize(("marker", "hue_bin"), [((40, 60, 210), 7), ((200, 40, 40), 0), ((30, 30, 30), None)])
+def test_the_ink_colour_is_the_hue_of_what_is_drawn_on_the_panel_not_of_its_border(marker, hue_bin):
+    """``ink_colour`` on a sign with a pink border and an outlined marker, shown small and blown up as a zoom shows
+    it (blurred): the hue histogram holds the marker's hue (blue at 232° in the 210–240° bin, red in the first,
+    black as dark ink, no hue) and nothing of the border's, which has light on one side only; the reading rows
+    carry it after the blob map."""
+    from glimpse.builtin.processing import INK
+    from glimpse.builtin.reader import COLOUR_VALUES, HUE_BINS, ink_colour, panel_pixels
+
+    sign = Image.new("RGB", (600, 400), (110, 130, 100))
+    draw = ImageDraw.Draw(sign)
+    draw.rectangle((120, 100, 480, 300), fill=(248, 248, 244), outline=(230, 80, 160), width=14)
+    draw.rectangle((250, 150, 350, 250), outline=marker, width=10)
+    shown = sign.resize((120, 80), Image.Resampling.BILINEAR).resize((360, 240), Image.Resampling.BICUBIC)
+    colour = ink_colour(panel_pixels(shown)[0])
+    assert colour.shape == (COLOUR_VALUES,)
+    hues = colour[:HUE_BINS]
+    coloured, dark, covered = colour[HUE_BINS : HUE_BINS + 3]
+    assert 0.005 < covered < 0.2  # the marker's outline, not the panel, not the border
+    if hue_bin is None:
+        assert hues.sum() < 0.05 and dark > 0.9
+    else:
+        assert hues.argmax() == hue_bin and hues[hue_bin] > 0.8 * hues.sum() and coloured > 0.8
+        assert hues[(hue_bin + HUE_BINS // 2) % HUE_BINS] == 0  # nothing of the opposite hue
+    rows, _ = region_rows(shown)
+    reading = rows[rows[:, KIND] == READING][:, RING].reshape(-1)
+    assert np.allclose(reading[INK], ink_colour(panel_pixels(shown)[0]))
+
+
+def test_an_ink_colour_added_to_a_trained_reader_changes_nothing_until_trained_and_then_reads_markers(
+    builtin, tmp_path
+):
+    """``add_ink_colour``: every weight kept bit for bit and the reader's outputs unchanged (it starts at zero);
+    trained alone on the ink colours of drawn markers, it tells their colours apart."""
+    import shutil
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    from glimpse.builtin.model import add_ink_colour
+    from glimpse.builtin.processing import INK, reading_rows
+
+    old = tmp_path / "old"
+    shutil.copytree(builtin, old)
+    config = json.loads((old / "config.json").read_text())
+    config["reader_colours"] = False
+    (old / "config.json").write_text(json.dumps(config))
+    AutoModelForImageTextToText.from_pretrained(old).save_pretrained(old)
+    before = load_file(old / "model.safetensors")
+    assert not any(k.startswith("reader.colour") for k in before)
+    processor = load_processor(old)
+    inputs = processor(text=[ONE_IMAGE.format("colour?")], images=[photo(400, 300)], return_tensors="pt")
+    with torch.no_grad():
+        was = AutoModelForImageTextToText.from_pretrained(old).eval()(**inputs).reader_logits
+    assert add_ink_colour(old) and not add_ink_colour(old)
+    model = AutoModelForImageTextToText.from_pretrained(old).eval()
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with torch.no_grad():
+        now = model(**inputs).reader_logits
+    assert {k for k in was if not torch.allclose(was[k], now[k], atol=1e-5)} == set()
+
+    colours = dict(model.config.reader_classes)["marker_color"]
+    rgb = {"red": (210, 40, 40), "green": (40, 160, 60), "blue": (40, 60, 210), "black": (25, 25, 25)}
+    rng = np.random.default_rng(0)
+
+    def panels(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, labels = [], []
+        for _ in range(n):
+            name = list(rgb)[int(rng.integers(len(rgb)))]
+            sign = Image.new("RGB", (300, 200), (110, 130, 100))
+            draw = ImageDraw.Draw(sign)
+            draw.rectangle((60, 50, 240, 150), fill=(248, 248, 244), outline=(230, 80, 160), width=6)
+            x, y = int(rng.integers(110, 170)), int(rng.integers(80, 100))
+            draw.ellipse((x, y, x + 30, y + 24), outline=rgb[name], width=int(rng.integers(3, 6)))
+            rows.append(reading_rows(sign)[0])
+            labels.append(colours.index(name))
+        return torch.from_numpy(np.concatenate(rows)), torch.tensor(labels)
+
+    train_x, train_y = panels(48)
+    head = model.reader.colour
+    optimizer = torch.optim.Adam(head.parameters(), 5e-2)
+    for _ in range(60):
+        ink = train_x[:, RING].reshape(len(train_y), -1)[:, INK]
+        loss = torch.nn.functional.cross_entropy(head(ink), train_y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    test_x, test_y = panels(24)
+    with torch.no_grad():
+        _, logits = model.reader(test_x, model.model.embed_tokens)
+    assert (logits["marker_color"].argmax(-1) == test_y).float().mean() > 0.9
+
+
+def test_found_shifts_only_the_turns_after_an_observation_outside_zooms_and_answers(builtin, monkeypatch):
+    """``Found``: with a question naming two codes, each position after the first observation that is not inside a
+    zoom's box or an answer moves by ``named_seen`` (from the images before it) times the direction through the LM
+    head; positions before the observation, and the pointer's, keep their logits."""
+    from transformers import AutoModelForImageTextToText
+
+    import glimpse.builtin.model as module
+    from glimpse.builtin.model import RELATION_GAIN
+
+    model = AutoModelForImageTextToText.from_pretrained(builtin).eval()
+    processor = load_processor(builtin)
+    question = ONE_IMAGE.format("one reads E7K4 and one reads 9AC: left or right?")
+    second = f"<grounding>{zoom_text([128, 0, 256, 128], 0)}</grounding>"
+    text = question + ZOOMED + second
+    images = [photo(400, 300), photo(256, 256, seed=3)]
+    inputs = processor(text=[text], images=images, return_tensors="pt")
+    counted = []
+
+    def fixed(codes, reads, places, rows, empty):
+        counted.append(len(reads))
+        return torch.tensor(0.5)
+
+    monkeypatch.setattr(module, "named_seen", fixed)
+    with torch.no_grad():
+        was = model(**inputs).logits
+        torch.manual_seed(0)
+        model.found.direction.normal_()
+        now = model(**inputs).logits
+        shift = 0.5 * model.lm_head(model.found.direction * RELATION_GAIN)
+    assert counted == [2, 2]  # the first view and the observation, each pass
+    ids = inputs["input_ids"][0].tolist()
+    image = model.config.image_token_id
+    after = max(i for i, t in enumerate(ids) if t == image) + 1  # the first position after the observation
+    box = ids.index(model.config.box_open_id, after)
+    moved = [t for t in range(len(ids)) if not torch.allclose(now[0, t], was[0, t], atol=1e-4)]
+    assert moved and min(moved) == after
+    assert set(range(box, box + 6)).isdisjoint(moved)  # the box being written and its closing: the pointer's
+    assert torch.allclose(now[0, after], was[0, after] + shift, atol=1e-3)
+
+
+@pytest.mark.parametrize("level", ["medium", "hard"])
+def test_the_teacher_scans_look_alikes_from_left_to_right_until_it_has_seen_both_named_signs(level):
+    """``scans``: a left-or-right question among more than two signs of the named border; the teacher zooms into
+    them in order of their centres, left first, and answers once both named signs were zoomed into or after
+    ``SCAN_LOOKS`` looks (on medium probes, three or four look-alikes, it finds both); an easy probe's two signs
+    are not scanned."""
+    from glimpse.builtin.teacher import SCAN_LOOKS, scans
+
+    scenes = SceneCache()
+    found = 0
+    for index in range(1_000_000, 1_000_008):
+        sample = probe_sample(level, index, 0, Path("."), scenes=scenes, kind="relative_position")
+        view = fit(scenes.get(sample.images[0]).image, NATIVE)  # type: ignore[arg-type]
+        assert scans(sample)
+        turns = teacher_turns(sample, view)
+        if turns is None:
+            continue
+        assert turns[-1] == f"<answer>{sample.answer}</answer>" and 1 <= len(turns) - 1 <= SCAN_LOOKS
+        width, height = sample.meta["size"]
+        order = sorted(sample.meta["candidates"], key=lambda c: c["box"][0] + c["box"][2])
+        seen = set()
+        for turn in turns[:-1]:
+            box = json.loads(re.search(r"\{.*\}", turn).group(0))["bbox_2d"]  # type: ignore[union-attr]
+            shown = [
+                i
+                for i, c in enumerate(order)
+                if box[0] <= (c["box"][0] + c["box"][2]) / 2 / width <= box[2]
+                and box[1] <= (c["box"][1] + c["box"][3]) / 2 / height <= box[3]
+            ]
+            assert shown  # every look is at a look-alike
+            seen.update(i for i in shown if order[i]["target"])
+        if len(seen) == 2:
+            found += 1
+            last = max(i for i, c in enumerate(order) if c["target"])
+            assert len(turns) - 1 <= last + 1  # it stopped at the second named sign
+        else:
+            assert len(turns) - 1 == SCAN_LOOKS
+    assert found >= 2 or level == "hard"  # among 8-12 look-alikes four looks rarely take in both
+    easy = probe_sample("easy", 1_000_000, 0, Path("."), scenes=scenes, kind="relative_position")
+    assert not scans(easy)

@@ -510,3 +510,23 @@ def test_a_frozen_run_trains_only_the_part_added_to_its_init_on_one_question_kin
     ):
         with pytest.raises(ConfigError, match=match):
             train_builtin(dataclasses.replace(cfg, out=str(tmp_path / "bad"), **bad), log=lambda entry: None)
+
+
+def test_a_scans_looks_are_all_trained_and_kind_share_mixes_kinds(tmp_path):
+    """A scanning search (``teacher.scans``) is advice from its first look, so checking (``check``) adds no
+    untrained wrong looks before it; ``kind_share`` makes about that share of probes the asked kind."""
+    from glimpse.builtin.model import build_builtin
+
+    model = build_builtin(tmp_path / "model", size="tiny")
+    folder = tmp_path / "files"
+    folder.mkdir()
+    make = ExampleMaker(model, 0, folder, check=1.0, kind="relative_position")
+    tok = make.processor.tokenizer
+    (example, kind, _, wrong, _), why = make("medium", 1_000_003)
+    assert why is None and kind == "relative_position" and wrong == 0
+    trained = tok.convert_ids_to_tokens([x for x in example.labels if x != -100])
+    zooms = trained.count('{"bbox_2d": [')
+    assert zooms >= 2 and len(example.image_grid_thw) == zooms + 1  # every look trained
+    half = ExampleMaker(model, 0, folder, kind="relative_position", kind_share=0.5)
+    kinds = [half("easy", i)[0][1] for i in range(1_000_000, 1_000_016)]
+    assert 3 <= kinds.count("relative_position") <= 13 and len(set(kinds)) >= 3

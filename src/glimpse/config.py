@@ -576,6 +576,9 @@ class BuiltinConfig:
         "probes of this question kind only (read_code, marker_color, marker_shape, which_marked, count, "
         "relative_position): a skill trained alone; empty: every kind, as probes draw them",
     )
+    kind_share: float = opt(
+        1.0, "the share of probes that are of --kind (drawn per probe); the rest are of every kind, as drawn"
+    )
     freeze: bool = opt(
         False,
         "train only the weights the --init checkpoint does not have (a part just added to a trained model, e.g. "

@@ -50,6 +50,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from glimpse.builtin.processing import (
     BOX_OPEN,
     CROP,
+    INK,
     KIND,
     MAX_SOURCES,
     MEAN,
@@ -68,7 +69,7 @@ from glimpse.builtin.processing import (
     location_tokens,
     source_text,
 )
-from glimpse.builtin.reader import BLOB_CLASSES, BLOB_VALUES, LINE_CROP, READ_CROP, text_line
+from glimpse.builtin.reader import BLOB_CLASSES, BLOB_VALUES, COLOUR_VALUES, LINE_CROP, READ_CROP, text_line
 from glimpse.protocol.tags import CLOSE_CALL as BOX_CLOSE
 
 MODEL_TYPE = "glimpse_vl"
@@ -131,6 +132,10 @@ class GlimpseVLConfig(PretrainedConfig):
             rows' colour values): a small counter adds to the ``dots`` classifier's logits (``Reader``).
         relate: an answer's first token also hears where the observations that read the question's first two codes
             came from, left or right of each other in the first view (``Relation``).
+        reader_colours: the reader also reads a marker's colour from the colour of the panel's ink
+            (``reader.ink_colour``, in the reading rows' colour values after the blob map): a linear layer adds to the
+            ``marker_color`` classifier's logits (``Reader``).
+        found: between turns the decoder also hears whether both codes the question names were read (``Found``).
         code_tokens: per class of a code's characters (``char1``'s), the token ids that write it in a question
             (alone, or after a space): how ``Relation`` finds the codes a question names.
     """
@@ -167,6 +172,8 @@ class GlimpseVLConfig(PretrainedConfig):
         reader_blobs: bool = False,
         relate: bool = False,
         code_tokens: list[list[int]] | None = None,
+        reader_colours: bool = False,
+        found: bool = False,
         **kwargs: Any,
     ):
         if isinstance(text_config, dict):
@@ -194,6 +201,8 @@ class GlimpseVLConfig(PretrainedConfig):
         self.reader_blobs = reader_blobs
         self.relate = relate
         self.code_tokens = [list(ids) for ids in code_tokens or []]
+        self.reader_colours = reader_colours
+        self.found = found
         kwargs.setdefault("tie_word_embeddings", self.text_config.tie_word_embeddings)
         super().__init__(**kwargs)
 
@@ -297,6 +306,9 @@ class Reader(nn.Module):
         self.counter = None
         if config.reader_blobs and "dots" in self.names:
             self.counter = BlobCounter(sizes[self.names.index("dots")])
+        self.colour = None
+        if config.reader_colours and "marker_color" in self.names:
+            self.colour = InkColour(sizes[self.names.index("marker_color")])
 
     def forward(self, rows: torch.Tensor, embed: nn.Embedding) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(panels · READ_ROWS, ROW) → (panels · READ_ROWS, hidden) tokens and each attribute's (panels, classes)
@@ -315,6 +327,9 @@ class Reader(nn.Module):
         if self.counter is not None:
             blobs = rows[:, RING].reshape(panels, READ_ROWS * RING_VALUES)[:, :BLOB_VALUES]
             logits["dots"] = logits["dots"] + self.counter(blobs).to(logits["dots"].dtype)
+        if self.colour is not None:
+            ink = rows[:, RING].reshape(panels, READ_ROWS * RING_VALUES)[:, INK]
+            logits["marker_color"] = logits["marker_color"] + self.colour(ink).to(logits["marker_color"].dtype)
         box = self.box(fourier(rows[::READ_ROWS, REL]))
         tokens = []
         for j, table in enumerate(self.tables):
@@ -389,18 +404,52 @@ def relation(
     how sure the reading of each is: for each code, the places (an observation's panel centre, across the first
     view) of the observations weighed by how well their reading matches it (``code_match``); None without two
     codes or without an observation placed."""
+    named = _named_places(codes, reads, places, rows, empty)
+    if named is None:
+        return None
+    (x1, sure1), (x2, sure2) = named
+    return ((x1 - x2) / PLACE_STEP).clamp(-1.0, 1.0) * sure1 * sure2
+
+
+def named_seen(
+    codes: list[list[int]], reads: list[torch.Tensor], places: list[float | None], rows: list[int], empty: int
+) -> torch.Tensor | None:
+    """How sure it is that both of the first two codes a question names were read in placed observations (the
+    product, per code, of the best match of an observation's reading); None where ``relation`` is."""
+    named = _named_places(codes, reads, places, rows, empty)
+    return None if named is None else named[0][1] * named[1][1]
+
+
+def _named_places(
+    codes: list[list[int]], reads: list[torch.Tensor], places: list[float | None], rows: list[int], empty: int
+) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Per code of the first two a question names: where the observations reading it were (their places weighed
+    by the match) and the best match; None without two codes or without an observation placed."""
     if len(codes) < 2:
         return None
     seen = [k for k in range(1, min(len(reads), len(places))) if places[k] is not None]
     if not seen:
         return None
     where = reads[0].new_tensor([places[k] for k in seen])
-    xs, sure = [], []
+    out = []
     for code in codes[:2]:
         m = torch.stack([code_match(reads[k], code, rows, empty) for k in seen])
-        xs.append((m * where).sum() / m.sum().clamp(min=1e-6))
-        sure.append(m.max())
-    return ((xs[0] - xs[1]) / PLACE_STEP).clamp(-1.0, 1.0) * sure[0] * sure[1]
+        out.append(((m * where).sum() / m.sum().clamp(min=1e-6), m.max()))
+    return out
+
+
+class Found(nn.Module):
+    """Whether to look further: outside answers and zooms, ``named_seen`` (both signs the question names read
+    already) times a learned direction in the decoder's space, through the LM head; a scan (``teacher.scans``)
+    answers once both are seen. Starts at zero (``add_found``), so nothing changes until trained."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.direction = nn.Parameter(torch.zeros(hidden))
+
+    def forward(self, seen: torch.Tensor) -> torch.Tensor:
+        """(n,) values → (n, hidden) shifts of the decoder's state."""
+        return seen.unsqueeze(-1) * self.direction.to(seen.dtype) * RELATION_GAIN
 
 
 class Relation(nn.Module):
@@ -417,6 +466,25 @@ class Relation(nn.Module):
     def forward(self, d: torch.Tensor) -> torch.Tensor:
         """(n,) relations → (n, hidden) shifts of the decoder's state."""
         return d.unsqueeze(-1) * self.direction.to(d.dtype) * RELATION_GAIN
+
+
+INK_GAIN = 10.0  # ``InkColour``'s output scale: its values are shares (0–1) and it starts at zero
+
+
+class InkColour(nn.Module):
+    """The colour of a panel's ink (``reader.ink_colour``) → logits over marker colours, added to the reader's.
+
+    Linear: on 600 card panels a logistic regression over these values told every marker colour of 180 probe
+    observations (easy, medium, hard) right, where the reader's convolutions, trained on crisp cards, read easy
+    probes' blurred dark blue markers as black (docs/builtin-model.md, attempt 12). Starts at zero
+    (``add_ink_colour``), so the reader reads as before until it is trained."""
+
+    def __init__(self, classes: int):
+        super().__init__()
+        self.linear = nn.Linear(COLOUR_VALUES, classes)
+
+    def forward(self, values: torch.Tensor) -> torch.Tensor:
+        return self.linear(values) * INK_GAIN
 
 
 class Grounding(nn.Module):
@@ -756,8 +824,11 @@ class GlimpseVLPreTrainedModel(PreTrainedModel):
             module.reset()
         elif isinstance(module, RingProjection):
             nn.init.zeros_(module.weight)
-        elif isinstance(module, Relation):
+        elif isinstance(module, Relation | Found):
             nn.init.zeros_(module.direction)
+        elif isinstance(module, InkColour):
+            nn.init.zeros_(module.linear.weight)
+            nn.init.zeros_(module.linear.bias)
         elif isinstance(module, RegionHeads):  # heads added to an older checkpoint start small
             for head in [*module.heads, *(module.ring or []), *module.asked, module.attend]:
                 nn.init.normal_(head.weight, std=0.02)
@@ -786,6 +857,7 @@ class GlimpseVLForConditionalGeneration(GlimpseVLPreTrainedModel, GenerationMixi
         self.copy_step = nn.Embedding(COPY_STEPS, READ_ROWS + 1) if copying else None
         self.spelled = answer_words(config) if copying else []
         self.relation = Relation(text.hidden_size) if config.relate and copying else None
+        self.found = Found(text.hidden_size) if config.found and copying else None
         # what ``Relation`` reads: a zoom's coordinate and source tokens as values, the question's code characters
         self._coordinate = {t: (i % (STEPS + 1)) / STEPS for i, t in enumerate(config.coordinate_ids)}
         self._source = {t: i for i, t in enumerate(config.source_ids)}
@@ -878,15 +950,16 @@ class GlimpseVLForConditionalGeneration(GlimpseVLPreTrainedModel, GenerationMixi
                     returned.glimpse_pointer = state
             state.grow(input_ids.shape[0])
             seen = enumerate(input_ids.tolist())
-            asks = self.grounding is not None or self.relation is not None  # what reads the question's words
+            asks = self.grounding is not None or self.relation is not None or self.found is not None
             words = [state.see(b, seq) for b, seq in seen] if asks else None
             if has_images:
                 self._add_regions(
                     state, input_ids, hidden, pixel_values, image_grid_thw, reader_logits, feats, words, region_logits
                 )
-            in_answer = list(state.in_answer)
+            in_answer, boxes = list(state.in_answer), list(state.open_box)
+            images = list(state.images)  # counted after this pass's images: its positions see fewer
             logits = self._point(state, input_ids, hidden, logits, logits_to_keep)
-            logits = self._relate(state, in_answer, input_ids, logits, logits_to_keep)
+            logits = self._relate(state, in_answer, boxes, images, input_ids, logits, logits_to_keep)
             if self.copy_gate is not None:
                 logits = self._copy(state, in_answer, input_ids, hidden, logits, logits_to_keep)
         loss = None
@@ -1050,35 +1123,59 @@ class GlimpseVLForConditionalGeneration(GlimpseVLPreTrainedModel, GenerationMixi
         self,
         state: PointerState,
         in_answer: list[tuple[int, ...] | None],
+        boxes: list[list[int] | None],
+        images: list[int],
         input_ids: torch.Tensor,
         logits: torch.Tensor,
         logits_to_keep: int | torch.Tensor,
     ) -> torch.Tensor:
-        """At an answer's first token, add ``Relation``'s shift through the LM head, for rows whose question names
-        two codes and whose observations are placed (``relation``); elsewhere the logits are unchanged."""
-        if self.relation is None or not isinstance(logits_to_keep, int):
+        """For rows whose question names two codes, add through the LM head: at an answer's first token,
+        ``Relation``'s shift (``relation``); at every other position outside answers and zooms after an
+        observation, ``Found``'s (``named_seen``); each from the images before that position (``in_answer`` and
+        ``boxes``: each row's answer and zoom open when this pass began; ``images``: its images after it)."""
+        if (self.relation is None and self.found is None) or not isinstance(logits_to_keep, int):
             return logits
         first_kept = input_ids.shape[1] - logits.shape[1]
-        where_b, where_t, found = [], [], []
+        image = self.config.image_token_id
+        where: dict[str, tuple[list[int], list[int], list[torch.Tensor]]] = {
+            "relation": ([], [], []),
+            "found": ([], [], []),
+        }
         for b, seq in enumerate(input_ids.tolist()):
-            w, d = in_answer[b], None
+            codes = question_codes(state.words[b] or [], self._chars, len(self._char_rows))
+            if len(codes) < 2:
+                continue
+            reads, places = state.reads[b], state.places[b]
+            seen = images[b] - sum(1 for t, tok in enumerate(seq) if tok == image and (t == 0 or seq[t - 1] != image))
+            w, written, previous = in_answer[b], boxes[b], None
+            known: dict[tuple[str, int], torch.Tensor | None] = {}
             for t, token in enumerate(seq):
+                seen += token == image != previous
+                previous = token
                 w = state.answer_step(w, token)
-                if w != () or t < first_kept:
+                written, done = state.box_step(written, token)
+                if t < first_kept or seen < 2 or token == image:
                     continue
-                if d is None:
-                    codes = question_codes(state.words[b] or [], self._chars, len(self._char_rows))
-                    d = relation(codes, state.reads[b], state.places[b], self._char_rows, self._empty)
-                    if d is None:
-                        break
-                where_b.append(b)
-                where_t.append(t - first_kept)
-                found.append(d)
-        if not found:
-            return logits
-        index = (torch.tensor(where_b, device=logits.device), torch.tensor(where_t, device=logits.device))
-        shift = self.lm_head(self.relation(torch.stack(found).detach().to(logits.dtype)))
-        return logits.index_put(index, logits[index] + shift.to(logits.dtype))
+                if w == () and self.relation is not None:
+                    name, measure = "relation", relation
+                elif w is None and written is None and done is None and self.found is not None:
+                    name, measure = "found", named_seen
+                else:
+                    continue
+                if (name, seen) not in known:
+                    known[name, seen] = measure(codes, reads[:seen], places[:seen], self._char_rows, self._empty)
+                value = known[name, seen]
+                if value is not None:
+                    where[name][0].append(b)
+                    where[name][1].append(t - first_kept)
+                    where[name][2].append(value)
+        for name, (bs, ts, values) in where.items():
+            if values:
+                index = (torch.tensor(bs, device=logits.device), torch.tensor(ts, device=logits.device))
+                head = self.relation if name == "relation" else self.found
+                shift = self.lm_head(head(torch.stack(values).detach().to(logits.dtype)))
+                logits = logits.index_put(index, logits[index] + shift.to(logits.dtype))
+        return logits
 
     def _copy(
         self,
@@ -1496,6 +1593,33 @@ def add_relation(folder: Any) -> bool:
     return True
 
 
+def add_ink_colour(folder: Any) -> bool:
+    """Give a checkpoint's reader an ``InkColour`` (``reader_colours``) that starts at zero, so it reads exactly as
+    before until trained; every other weight is kept. Returns whether anything changed."""
+    import json
+    from pathlib import Path
+
+    config = json.loads((Path(folder) / "config.json").read_text())
+    names = [name for name, _ in config.get("reader_classes") or []]
+    if "marker_color" not in names or config.get("reader_colours"):
+        return False
+    _rebuild(folder, {**config, "reader_colours": True})
+    return True
+
+
+def add_found(folder: Any) -> bool:
+    """Give a checkpoint with a ``Relation`` a ``Found`` (``found``) that starts at zero, so it behaves exactly as
+    before until trained; every other weight is kept. Returns whether anything changed."""
+    import json
+    from pathlib import Path
+
+    config = json.loads((Path(folder) / "config.json").read_text())
+    if config.get("found") or not config.get("relate"):
+        return False
+    _rebuild(folder, {**config, "found": True})
+    return True
+
+
 def add_region_heads(folder: Any) -> bool:
     """Give a checkpoint made before ``RegionHeads`` and ``RingProjection`` existed both (its config gains them;
     their weights start fresh when it is next loaded: the ring projection at zero, and the heads change only the
@@ -1579,6 +1703,8 @@ def build_builtin(
         reader_line=True,
         reader_blobs=True,
         relate=True,
+        reader_colours=True,
+        found=True,
         eos_token_id=ids("<|im_end|>"),
         pad_token_id=ids("<|endoftext|>"),
     )

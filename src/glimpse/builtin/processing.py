@@ -6,7 +6,8 @@ resized to ``CROP`` (height, width), flattened, followed by its box relative to 
 around the lightest area of its crop (``ring_colour``, from the crop at the image's own resolution); then
 ``READ_ROWS`` reading rows holding the image's panel to read (``glimpse.builtin.reader``) at ``READ_CROP``,
 spread over them in order (a row's last value tells the two kinds apart), and in their colour values the
-map of the panel's ink blobs (``reader.ink_blobs``), spread the same way. The processor
+map of the panel's ink blobs (``reader.ink_blobs``) and the colour of its ink (``reader.ink_colour``), spread the
+same way. The processor
 returns them as Qwen's processors return cells: ``pixel_values`` with one row per token and an
 ``image_grid_thw`` of ``(1, 1, tokens)`` per image, and expands each ``<|image_pad|>`` to that many tokens, so
 the ``hf`` backend, SFT and RL handle them unchanged. The processor resizes an image only when it lies outside
@@ -31,7 +32,7 @@ from transformers.image_processing_utils import BaseImageProcessor
 from transformers.processing_utils import ProcessorMixin
 
 from glimpse.builtin.proposer import TILES, regions
-from glimpse.builtin.reader import BLOB_VALUES, READ_CROP, ink_blobs, panel_pixels
+from glimpse.builtin.reader import BLOB_VALUES, COLOUR_VALUES, READ_CROP, ink_blobs, ink_colour, panel_pixels
 from glimpse.images import PixelLimits, smart_resize
 
 CROP = (32, 64)  # height, width of a region token's crop: a sign's four characters at about 12 pixels each
@@ -51,8 +52,9 @@ RING = slice(PIXELS + BOX_VALUES, ROW)
 REGION, READING = 0.0, 1.0  # kinds: a region token (one crop), a reading token (a share of the panel's pixels)
 # The panel to read (``glimpse.builtin.reader``) at READ_CROP fills this many rows' pixels, one token each.
 READ_ROWS = 3 * READ_CROP[0] * READ_CROP[1] // PIXELS
-if BLOB_VALUES > READ_ROWS * RING_VALUES:
-    raise ImportError("the reading rows' colour values cannot hold the ink blob map")
+if BLOB_VALUES + COLOUR_VALUES > READ_ROWS * RING_VALUES:
+    raise ImportError("the reading rows' colour values cannot hold the ink blob map and the ink's colour")
+INK = slice(BLOB_VALUES, BLOB_VALUES + COLOUR_VALUES)  # where the ink's colour follows the blob map
 MEAN, STD = 0.5, 0.25
 
 STEPS = 256  # coordinate grid: 1/256 of a side (about 7 view pixels on a 1,900-pixel-wide view)
@@ -186,7 +188,8 @@ def region_rows(image: Image.Image) -> tuple[np.ndarray, list[tuple[int, int, in
 def reading_rows(image: Image.Image) -> tuple[np.ndarray, tuple[int, int, int, int]]:
     """One image → its ``READ_ROWS`` reading rows (the panel's pixels at ``READ_CROP``, normalised and split over
     the rows in order; the panel's relative box and zoom window; kind ``READING``; in the colour values, the
-    panel's ``ink_blobs`` map, zero-padded and split over the rows in order) and the panel's box (pixels)."""
+    panel's ``ink_blobs`` map then its ``ink_colour``, zero-padded and split over the rows in order) and the panel's
+    box (pixels)."""
     panel, (x0, y0, x1, y1) = panel_pixels(image)
     rows = np.empty((READ_ROWS, ROW), np.float32)
     rows[:, :PIXELS] = ((panel - MEAN) / STD).reshape(READ_ROWS, PIXELS)
@@ -194,6 +197,7 @@ def reading_rows(image: Image.Image) -> tuple[np.ndarray, tuple[int, int, int, i
     rows[:, PIXELS : PIXELS + BOX_VALUES] = (*rel, *zoom_window((x0, y0, x1, y1), image.width, image.height), READING)
     blobs = np.zeros(READ_ROWS * RING_VALUES, np.float32)
     blobs[:BLOB_VALUES] = ink_blobs(panel)
+    blobs[INK] = ink_colour(panel)
     rows[:, RING] = blobs.reshape(READ_ROWS, RING_VALUES)
     return rows, (x0, y0, x1, y1)
 

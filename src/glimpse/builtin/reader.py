@@ -21,6 +21,11 @@ are, and the reader wrote them one place late). Where no such ink is found the w
 counting the dot-like blobs that are not something else, which a small network learns in minutes
 (``model.BlobCounter``); the reader's convolutions alone counted a sign's dots off by one about a third of the
 time (docs/builtin-model.md, attempt 11).
+
+``ink_colour`` says what colour the ink drawn on the panel is (a hue histogram of the ink that has light panel on
+both sides, so a sign's coloured border is left out), which a linear layer turns into a marker's colour
+(``model.InkColour``): blurred by a zoom's enlargement, a dark blue marker looked black to the reader's
+convolutions (attempt 12).
 """
 
 from __future__ import annotations
@@ -50,6 +55,12 @@ BLOB_SMALL, BLOB_LARGE, BLOB_ROUND = 1e-3, 1e-2, 0.6
 BLOB_CLASSES = 3
 BLOB_MIN = 4  # pixels (at READ_CROP) a blob needs: fewer is noise
 BLOB_VALUES = BLOB_CLASSES * BLOB_GRID[0] * BLOB_GRID[1]
+# The colour of a panel's ink (``ink_colour``): a hue histogram of its coloured ink, then the shares of ink that is
+# coloured and dark, the panel's share of ink, and the coloured ink's mean colour.
+HUE_BINS = 12
+COLOUR_VALUES = HUE_BINS + 3 + 3
+COLOURED = 0.35  # ink is coloured when its saturation (max - min over max channel) is at least this
+ENCLOSED = 4  # pixels (at READ_CROP) from ink to the light panel on both sides, for ink drawn on the panel
 
 
 def _integral(a: np.ndarray) -> np.ndarray:
@@ -164,6 +175,48 @@ def blob_class(pixels: int, box_area: int, panel_area: int) -> int:
     if share < BLOB_SMALL:
         return 0
     return 1 if share < BLOB_LARGE and pixels >= BLOB_ROUND * box_area else 2
+
+
+def ink_colour(panel: np.ndarray) -> np.ndarray:
+    """(3, H, W) panel pixels in 0–1 (``panel_pixels``) → ``COLOUR_VALUES``: what colour the ink drawn on the panel
+    is.
+
+    Ink is what differs from the panel's light colour (its 95th percentile per channel) by more than 0.25 in a
+    channel; ink drawn *on* the panel has light pixels ``ENCLOSED`` pixels away on both sides, across or down (a
+    sign's coloured border has light on one side only, and is left out). Coloured ink has a saturation of at
+    least ``COLOURED``; the rest is dark. Per ``HUE_BINS`` bins of hue, the coloured ink's saturation summed, over
+    all the ink on the panel; then the shares of that ink that are coloured and dark, the share of the panel it
+    covers, and the coloured ink's mean colour. A zoom shows a small outlined marker blurred and blended with the
+    light panel around it; its hue survives that, where the reader's convolutions, trained on crisp cards, read a
+    blurred dark blue as black (docs/builtin-model.md, attempt 12)."""
+    out = np.zeros(COLOUR_VALUES, np.float32)
+    a = panel.transpose(1, 2, 0)
+    height, width, _ = a.shape
+    d = ENCLOSED
+    if height <= 2 * d or width <= 2 * d:
+        return out
+    white = np.quantile(a.reshape(-1, 3), 0.95, axis=0)
+    off = np.abs(a - white).max(-1)
+    light, ink = off < 0.12, off > 0.25
+    across = np.zeros_like(light)
+    across[:, d:-d] = light[:, : -2 * d] & light[:, 2 * d :]
+    down = np.zeros_like(light)
+    down[d:-d] = light[: -2 * d] & light[2 * d :]
+    drawn = ink & (across | down)
+    if not drawn.any():
+        return out
+    px = a[drawn]
+    top = px.max(1)
+    saturation = (top - px.min(1)) / np.maximum(top, 1e-6)
+    coloured = saturation >= COLOURED
+    if coloured.any():
+        rgb = np.round(np.clip(px[coloured], 0, 1) * 255).astype(np.uint8)[None]
+        hue = np.asarray(Image.fromarray(rgb).convert("HSV"), np.float32)[0, :, 0] / 256.0
+        bins = np.minimum((hue * HUE_BINS).astype(np.int64), HUE_BINS - 1)
+        out[:HUE_BINS] = np.bincount(bins, weights=saturation[coloured], minlength=HUE_BINS) / len(px)
+        out[HUE_BINS + 3 :] = px[coloured].mean(0)
+    out[HUE_BINS : HUE_BINS + 3] = (coloured.mean(), 1.0 - coloured.mean(), drawn.mean())
+    return out
 
 
 def ink_blobs(panel: np.ndarray) -> np.ndarray:

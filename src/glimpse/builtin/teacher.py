@@ -9,6 +9,12 @@ student can see the star that marks it in the first view, and on easy ones the b
 names, so checking look-alikes in some fixed order would teach turns the student has no reason to take.
 A probe whose target no proposal covers is skipped (and counted): the student could not point at it either.
 
+**Scanning** (``scans``): the one question the student cannot go straight to is which of several look-alikes
+reads a code the question names (``relative_position`` among more than two signs of the border it names): the
+codes are too small to read in the first view. There the teacher looks at those signs from left to right, as a
+student can (their border colour shows), until it has seen both it needs or ``SCAN_LOOKS`` of them, then answers.
+Every look is trained: it is the search the student should make.
+
 **Checking** (``wrong > 0``): the student's first zoom is not always right, and a search that answers from the
 wrong sign is lost. So some scripts first look at ``wrong`` signs that are not the target: look-alike candidates
 where the probe has them (the confusion a student that half-sees the star makes), other proposals elsewhere;
@@ -36,6 +42,7 @@ COVER = 0.3  # a proposal points at a sign when it covers at least this share of
 SHOWS_COVER, SHOWS_AREA = 0.6, 4.0
 REGION_ATTRIBUTES = ("border", "mark")  # what the region heads learn of the sign a region shows
 READ_MATCH = 0.4  # a panel read is a sign when their boxes overlap at least this much (intersection over union)
+SCAN_LOOKS = 4  # most looks a scan takes (then the answer: five turns, inside the recipe's 6-turn cap)
 
 
 Box = tuple[float, float, float, float]
@@ -74,16 +81,26 @@ def pointed_region(view: Image.Image, box: tuple[float, float, float, float]) ->
     return best
 
 
+def scans(sample: Sample) -> bool:
+    """Whether the teacher scans this probe's look-alikes (see the module docstring): a question about signs named
+    by code among more than two of them."""
+    meta = sample.meta
+    return meta.get("category") == "relative_position" and len(meta.get("candidates") or []) > 2
+
+
 def teacher_turns(
     sample: Sample, view: Image.Image, *, wrong: int = 0, rng: random.Random | None = None
 ) -> list[str] | None:
     """The teacher's replies for a probe whose first view (as the loop shows it) is ``view``; None when a sign
     it needs is not among the proposals. A card (no search needed) is answered at once. ``wrong``: first look at
     up to this many signs that are not the target (chosen with ``rng``); the replies start with those looks
-    (``len(replies) - len(teacher_turns(sample, view))`` of them: fewer when the view offers fewer)."""
+    (``len(replies) - len(teacher_turns(sample, view))`` of them: fewer when the view offers fewer); a scan
+    (``scans``) takes none."""
     answer = f"<answer>{sample.answer}</answer>"
     if sample.meta.get("level") == "card":
         return [answer]
+    if scans(sample):
+        return scan_turns(sample, view, answer)
     turns = []
     targets = sorted((c for c in sample.meta["candidates"] if c["target"]), key=lambda c: c["box"][0])
     for c in targets:
@@ -96,6 +113,24 @@ def teacher_turns(
         targets_px = [_in_view(sample, view, c["box"]) for c in targets]
         looks = wrong_looks(view, targets_px, alikes, wrong, rng or random.Random(0))
         turns = [f"<grounding>{zoom_text(w, 0)}</grounding>" for w in looks] + turns
+    return [*turns, answer]
+
+
+def scan_turns(sample: Sample, view: Image.Image, answer: str) -> list[str] | None:
+    """The look-alikes from left to right until both signs the question names are seen (or ``SCAN_LOOKS``), then
+    ``answer``; None when a named sign is not among the proposals (a look-alike that is not is passed over)."""
+    turns: list[str] = []
+    left = sum(c["target"] for c in sample.meta["candidates"])
+    for c in sorted(sample.meta["candidates"], key=lambda c: c["box"][0] + c["box"][2]):
+        window = pointed_region(view, _in_view(sample, view, c["box"]))
+        if window is None:
+            if c["target"]:
+                return None
+            continue
+        turns.append(f"<grounding>{zoom_text(window, 0)}</grounding>")
+        left -= c["target"]
+        if not left or len(turns) == SCAN_LOOKS:
+            break
     return [*turns, answer]
 
 

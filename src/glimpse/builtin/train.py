@@ -62,16 +62,25 @@ class ExampleMaker:
         check: share of probe searches that first look at signs that are not the target
             (``teacher.teacher_turns``); those replies are left untrained.
         kind: probes of this question kind only (``synth.KINDS``); empty: the kind each index draws.
+        kind_share: the share of probes that are of ``kind`` (drawn per probe); the rest are as the index draws.
     """
 
-    def __init__(self, model_dir: str | Path, seed: int, folder: Path, check: float = 0.0, kind: str = ""):
+    def __init__(
+        self,
+        model_dir: str | Path,
+        seed: int,
+        folder: Path,
+        check: float = 0.0,
+        kind: str = "",
+        kind_share: float = 1.0,
+    ):
         from glimpse.hf.processor import load_processor
         from glimpse.images import PixelLimits
         from glimpse.probes.stream import SceneCache
         from glimpse.train.common import ASSISTANT_HEADER, END
 
         self.model_dir, self.seed, self.folder, self.check = Path(model_dir), seed, folder, check
-        self.kind = kind or None
+        self.kind, self.kind_share = kind or None, kind_share
         self.processor = load_processor(model_dir)
         config = json.loads((self.model_dir / "config.json").read_text())
         self.limits = PixelLimits(config["min_pixels"], config["max_pixels"], config["cell"])
@@ -89,7 +98,7 @@ class ExampleMaker:
         from glimpse.agent import AgentLoop
         from glimpse.builtin.model import PROMPT_FILE
         from glimpse.builtin.processing import KIND, READING, REL, reading_rows
-        from glimpse.builtin.teacher import asked_labels, reading_targets, region_targets, teacher_turns
+        from glimpse.builtin.teacher import asked_labels, reading_targets, region_targets, scans, teacher_turns
         from glimpse.models.scripted import ScriptedBackend
         from glimpse.probes.stream import card_sample, probe_sample, sign_labels
         from glimpse.train.common import encode
@@ -106,12 +115,15 @@ class ExampleMaker:
             sample = card_sample(index, self.seed, self.folder)
             cache = self.files
         else:
-            sample = probe_sample(level, index, self.seed, self.folder, scenes=self.scenes, others=True, kind=self.kind)
+            draw = random.Random(f"glimpse-kind/{self.seed}/{level}/{index}").random()
+            kind = self.kind if draw < self.kind_share else None
+            sample = probe_sample(level, index, self.seed, self.folder, scenes=self.scenes, others=True, kind=kind)
             cache = self.scenes
         try:
             view = fit(cache.get(sample.images[0]).image, self.limits)  # type: ignore[arg-type]
             rng = random.Random(f"glimpse-check/{self.seed}/{level}/{index}")
             looks = rng.choices((1, 2, 3), (6, 3, 1))[0] if level != "card" and rng.random() < self.check else 0
+            looks = 0 if scans(sample) else looks  # a scan's looks are all advice, none masked
             script = teacher_turns(sample, view, wrong=looks, rng=rng)
             if script is None:
                 return None, f"{sample.id}: no proposal covers the target"
@@ -301,14 +313,23 @@ def mask_replies(labels: list[int], n: int) -> list[int]:
     return out
 
 
-def _worker(model_dir: str, seed: int, worker: int, jobs: Any, out: Any, check: float = 0.0, kind: str = "") -> None:
+def _worker(
+    model_dir: str,
+    seed: int,
+    worker: int,
+    jobs: Any,
+    out: Any,
+    check: float = 0.0,
+    kind: str = "",
+    kind_share: float = 1.0,
+) -> None:
     """A producer process: take (level, index) jobs, put tokenised examples (or an error text)."""
     import torch
 
     torch.set_num_threads(1)
     folder = Path(tempfile.mkdtemp(prefix=f"glimpse-builtin-{worker}-"))
     try:
-        make = ExampleMaker(model_dir, seed, folder, check, kind)
+        make = ExampleMaker(model_dir, seed, folder, check, kind, kind_share)
         parent = mp.parent_process()
         while True:
             try:
@@ -513,7 +534,9 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
 
     from glimpse.builtin.model import (
         add_blob_counter,
+        add_found,
         add_grounding,
+        add_ink_colour,
         add_line_reader,
         add_reader,
         add_region_heads,
@@ -539,6 +562,8 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
         raise ConfigError(f"--read-minutes ({cfg.read_minutes:g}) must be at least 0 and less than --minutes")
     from glimpse.probes.synth import KINDS
 
+    if not 0 < cfg.kind_share <= 1:
+        raise ConfigError(f"--kind-share ({cfg.kind_share:g}) must be above 0 and at most 1")
     if cfg.kind and cfg.kind not in KINDS:
         raise ConfigError(f"--kind {cfg.kind!r} is not a probe question kind; choose one of {', '.join(KINDS)}")
     if cfg.freeze and not cfg.init:
@@ -563,8 +588,12 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
             print(f"{cfg.init} left closing zooms to the LM head: the pointer now closes them and never repeats one")
         if add_blob_counter(model_dir):
             print(f"{cfg.init} counted dots from pixels alone: its reader now also counts ink blobs (silent at first)")
+        if add_ink_colour(model_dir):
+            print(f"{cfg.init} read marker colours from pixels alone: its reader now also reads the ink's colour")
         if add_relation(model_dir):
             print(f"{cfg.init} had no relation: answers now hear where the named signs were seen (silent at first)")
+        if add_found(model_dir):
+            print(f"{cfg.init} had no found signal: turns now hear whether the named signs were read (silent at first)")
     else:
         build_builtin(model_dir, size=cfg.size, seed=cfg.seed)
     from transformers import AutoModelForImageTextToText
@@ -623,7 +652,11 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
     # the first result is taken would deadlock against the bounded result queue.
     jobs, results = ctx.Queue(), ctx.Queue(maxsize=4 * max(cfg.batch, cfg.read_batch) + 64)
     procs = [
-        ctx.Process(target=_worker, args=(str(model_dir), cfg.seed, w, jobs, results, cfg.check, cfg.kind), daemon=True)
+        ctx.Process(
+            target=_worker,
+            args=(str(model_dir), cfg.seed, w, jobs, results, cfg.check, cfg.kind, cfg.kind_share),
+            daemon=True,
+        )
         for w in range(cfg.workers)
     ]
     for p in procs:
