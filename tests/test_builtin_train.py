@@ -130,6 +130,37 @@ def test_drawn_views_match_the_full_scene_resized():
         assert np.abs(want - got).mean() <= tolerance, box
 
 
+def test_a_zooms_drawn_pixels_go_through_the_jpeg_a_probes_file_does():
+    """With ``quality`` (what training uses), a zoom's full-resolution pixels are those of the probe's JPEG file
+    (up to where the 8 × 8 blocks fall): closer to the file's than the crisp drawing is on the target sign, and
+    its marker as pale as the file's (the chroma subsampling), where the crisp drawing's is far more vivid."""
+    import io
+
+    from glimpse.probes.stream import PROBE_JPEG_QUALITY, SceneImage
+    from glimpse.probes.synth import make_probe
+
+    probe = make_probe("easy", 31, seed=0, kind="marker_color")
+    buffer = io.BytesIO()
+    probe.image.save(buffer, "JPEG", quality=PROBE_JPEG_QUALITY)
+    buffer.seek(0)
+    file = Image.open(buffer).convert("RGB")
+    box = tuple(probe.record["boxes"][0])  # the sign, blown up as a zoom shows it
+    size = smart_resize(box[2] - box[0], box[3] - box[1], PixelLimits(65_536, 2_000_000, 32))
+    want = np.asarray(file.resize(size, Image.Resampling.BICUBIC, box=box), dtype=np.int16)
+    compressed = np.asarray(SceneImage(probe.scene, PROBE_JPEG_QUALITY).resize(size, box=box), dtype=np.int16)
+    crisp = np.asarray(SceneImage(probe.scene).resize(size, box=box), dtype=np.int16)
+    assert np.abs(want - compressed).mean() < 0.6 * np.abs(want - crisp).mean()
+
+    def vivid(a: np.ndarray) -> float:  # the saturation of the most saturated 2 % (the marker's outline)
+        return float(np.quantile(a.max(-1) - a.min(-1), 0.98))
+
+    assert abs(vivid(compressed) - vivid(want)) < 10 < vivid(crisp) - vivid(want) - 20
+    cut = np.asarray(SceneImage(probe.scene, PROBE_JPEG_QUALITY).crop(box), np.int16)
+    crisp_cut = np.asarray(SceneImage(probe.scene).crop(box), np.int16)
+    file_cut = np.asarray(file.crop(box), np.int16)
+    assert np.abs(cut - file_cut).mean() < np.abs(crisp_cut - file_cut).mean()
+
+
 def test_skills_are_scored_per_zoom_and_per_answer():
     ids = {"box_open": 9, "answer_open": 7, "answer_close": 8}
     # first zoom: box opening then five pointer tokens; a second zoom; an answer of two tokens and its close

@@ -76,7 +76,7 @@ class ExampleMaker:
     ):
         from glimpse.hf.processor import load_processor
         from glimpse.images import PixelLimits
-        from glimpse.probes.stream import SceneCache
+        from glimpse.probes.stream import PROBE_JPEG_QUALITY, SceneCache
         from glimpse.train.common import ASSISTANT_HEADER, END
 
         self.model_dir, self.seed, self.folder, self.check = Path(model_dir), seed, folder, check
@@ -87,7 +87,7 @@ class ExampleMaker:
         self.header = self.processor.tokenizer.encode(ASSISTANT_HEADER, add_special_tokens=False)
         self.end = self.processor.tokenizer.convert_tokens_to_ids(END)
         self.files = ImageCache(max_bytes=256 << 20)
-        self.scenes = SceneCache()
+        self.scenes = SceneCache(quality=PROBE_JPEG_QUALITY)  # zooms show what the probes' files show
 
     def __call__(self, level: str, index: int) -> tuple[Any, str | None]:
         """((example, kind, reading targets per image, wrong looks, region targets), None), or (None, why it was

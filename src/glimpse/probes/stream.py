@@ -23,19 +23,24 @@ from glimpse.errors import ImageInputError
 from glimpse.images import ImageCache, Original
 from glimpse.trajectory import Sample
 
+PROBE_JPEG_QUALITY = 92  # a probe's file is a JPEG at this quality (Pillow's defaults otherwise)
+
 
 class SceneImage:
     """A probe's scene standing in for its decoded original.
 
     The agent loop's zoom tool and SFT's encoder only ever resize a box of the original (``images.fit``) or crop
     it, so this draws just that box at the resolution it is shown (``Scene.view``) instead of the whole
-    10–50-megapixel scene. Views are kept, since the encoder asks again for every image the loop showed.
+    10–50-megapixel scene. Views are kept, since the encoder asks again for every image the loop showed. Pixels
+    drawn at full resolution go through the JPEG a probe's file goes through (``quality``), so a zoom shows what
+    it shows on the files evaluations read (before, a dark blue marker drawn crisp in training was black after the
+    JPEG's chroma subsampling in evaluation: docs/builtin-model.md, attempt 12).
     """
 
     mode = "RGB"
 
-    def __init__(self, scene: Any):
-        self.scene = scene
+    def __init__(self, scene: Any, quality: int | None = None):
+        self.scene, self.quality = scene, quality
         self.size = (scene.width, scene.height)
         self._views: dict[tuple[Any, ...], Any] = {}
 
@@ -51,25 +56,30 @@ class SceneImage:
         box = tuple(int(v) for v in box) if box is not None else (0, 0, *self.size)
         key = (box, tuple(size))
         if key not in self._views:
-            self._views[key] = self.scene.view(box, tuple(size))
+            self._views[key] = self.scene.view(box, tuple(size), self.quality)
         return self._views[key]
 
     def crop(self, box: Any) -> Any:
-        return self.scene.render(tuple(int(v) for v in box))
+        from glimpse.probes.synth import jpeg
+
+        crop = self.scene.render(tuple(int(v) for v in box))
+        return crop if self.quality is None else jpeg(crop, self.quality)
 
 
 class SceneCache(ImageCache):
-    """An image cache whose originals are probe scenes drawn on request (``scene:`` paths), never files."""
+    """An image cache whose originals are probe scenes drawn on request (``scene:`` paths), never files; ``quality``:
+    the JPEG their full-resolution pixels go through (``SceneImage``; None: none)."""
 
-    def __init__(self) -> None:
+    def __init__(self, quality: int | None = None) -> None:
         super().__init__()
         self._scenes: dict[str, Original] = {}
+        self.quality = quality
 
     def add(self, name: str, scene: Any) -> str:
         """Register a scene under ``scene:NAME``; returns that path, for a sample's ``images``."""
         path = f"scene:{name}"
         digest = hashlib.sha256(f"{path}/{scene.background_seed}/{len(scene.ops)}".encode()).hexdigest()
-        self._scenes[path] = Original(path, digest, SceneImage(scene))  # type: ignore[arg-type]
+        self._scenes[path] = Original(path, digest, SceneImage(scene, self.quality))  # type: ignore[arg-type]
         return path
 
     def discard(self, path: str) -> None:
@@ -111,7 +121,7 @@ def probe_sample(
         path: Path | str = scenes.add(rec["doc_id"], probe.scene)
     else:
         path = folder / f"{rec['doc_id']}.jpg"
-        probe.image.save(path, quality=92)
+        probe.image.save(path, quality=PROBE_JPEG_QUALITY)
     meta = {
         "level": level,
         "category": rec["kind"],
@@ -174,8 +184,8 @@ def card_sample(index: int, seed: int, folder: Path) -> Sample:
     synth.draw_sign(draw, sign, font_px, rng)
     choices = {"marker_color": list(synth.MARKER_COLORS), "marker_shape": list(synth.MARKER_SHAPES)}.get(kind)
     question = questions.question(kind, border, choices=choices)
-    path = folder / f"card_{index}.png"
-    image.save(path)
+    path = folder / f"card_{index}.jpg"
+    image.save(path, quality=PROBE_JPEG_QUALITY)  # compressed as a probe's file is
     meta = {"level": "card", "category": kind, "candidates": [synth.describe(sign, True)], "size": [w, h]}
     return Sample(id=f"card_{index}", images=[str(path)], question=question, answer=answer, meta=meta)
 

@@ -54,6 +54,7 @@ deterministic given (level, seed, index).
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -195,17 +196,30 @@ class Scene:
             getattr(draw, op.name)(*args, **kwargs)
         return image
 
-    def view(self, box: tuple[int, int, int, int], size: tuple[int, int]) -> Image.Image:
-        """``box`` of the full-resolution scene resized to ``size`` (bicubic), drawing only what it needs."""
+    def view(self, box: tuple[int, int, int, int], size: tuple[int, int], quality: int | None = None) -> Image.Image:
+        """``box`` of the full-resolution scene resized to ``size`` (bicubic), drawing only what it needs. With
+        ``quality``, pixels drawn at full resolution (a zoom's) first go through a JPEG at that quality, as a probe's
+        file's do (its 4:2:0 chroma halves a thin coloured line's colour); a view drawn smaller is left as drawn."""
         x0, y0, x1, y1 = box
         shown = size[0] / (x1 - x0)
         r = min(1.0, VIEW_OVERSAMPLE * shown)
         margin = math.ceil(2 / min(shown, 1.0)) + 4  # the bicubic kernel's reach, in full-resolution pixels
         region = (max(0, x0 - margin), max(0, y0 - margin), min(self.width, x1 + margin), min(self.height, y1 + margin))
         canvas = self.render(region, r)
+        if quality is not None and r == 1.0:
+            canvas = jpeg(canvas, quality)
         sx, sy = canvas.width / (region[2] - region[0]), canvas.height / (region[3] - region[1])
         inner = ((x0 - region[0]) * sx, (y0 - region[1]) * sy, (x1 - region[0]) * sx, (y1 - region[1]) * sy)
         return canvas.resize(size, Image.Resampling.BICUBIC, box=inner)
+
+
+def jpeg(image: Image.Image, quality: int) -> Image.Image:
+    """``image`` saved as a JPEG at ``quality`` (Pillow's defaults, as ``Image.save`` writes a probe) and read back."""
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, "JPEG", quality=quality)
+    buffer.seek(0)
+    with Image.open(buffer) as read:
+        return read.convert("RGB")
 
 
 def _moved(op: _Op, ox: int, oy: int, r: float) -> tuple[tuple[Any, ...], dict[str, Any]]:
