@@ -497,9 +497,9 @@ def test_a_run_from_an_init_checkpoint_leaves_its_manifest_and_readme_behind(tmp
 
 
 def test_a_frozen_run_trains_only_the_part_added_to_its_init_on_one_question_kind(tmp_path):
-    """``--freeze --kind relative_position``: a relation added to a checkpoint that had none trains alone (every
-    other weight bit for bit as the checkpoint has it) on left-or-right probes only; --freeze without --init, or
-    with nothing added, and an unknown kind are refused."""
+    """``--train-only new --kind relative_position``: a relation added to a checkpoint that had none trains alone
+    (every other weight bit for bit as the checkpoint has it) on left-or-right probes only; ``new`` without --init
+    or with nothing added, prefixes that name no weight, and an unknown kind are refused."""
     from safetensors.torch import load_file, save_file
 
     from glimpse.builtin.model import build_builtin
@@ -521,7 +521,7 @@ def test_a_frozen_run_trains_only_the_part_added_to_its_init_on_one_question_kin
         device="cpu",
         mix="0,1,0,0",
         kind="relative_position",
-        freeze=True,
+        train_only="new",
         new_lr=0.1,
         warmup=1,
         start_index=FIRST_INDEX,
@@ -538,6 +538,7 @@ def test_a_frozen_run_trains_only_the_part_added_to_its_init_on_one_question_kin
         ({"init": ""}, "pass --init"),
         ({"init": str(model_dir)}, "nothing would train"),
         ({"kind": "colour"}, "not a probe question kind"),
+        ({"train_only": "vision."}, "names no weight"),
     ):
         with pytest.raises(ConfigError, match=match):
             train_builtin(dataclasses.replace(cfg, out=str(tmp_path / "bad"), **bad), log=lambda entry: None)

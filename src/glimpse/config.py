@@ -579,8 +579,9 @@ class BuiltinConfig:
     kind_share: float = opt(
         1.0, "the share of probes that are of --kind (drawn per probe); the rest are of every kind, as drawn"
     )
-    freeze: bool = opt(
-        False,
-        "train only the weights the --init checkpoint does not have (a part just added to a trained model, e.g. "
-        "the relation), the rest frozen, so what the model already does well cannot drift",
+    train_only: str = opt(
+        "",
+        "train only these weights, the rest frozen, so what the model already does well cannot drift: 'new' (the "
+        "weights the --init checkpoint does not have: a part just added, e.g. the relation) or comma-separated "
+        "name prefixes (e.g. reader. for the reader alone); empty: every weight",
     )

@@ -491,7 +491,7 @@ def added_weights(model: Any, folder: Path) -> set[str]:
 
 
 def _adamw(groups: list[dict[str, Any]], **kwargs: Any) -> Any:
-    """AdamW over the parameters of ``groups`` that train (``--freeze`` stops the rest); None if none do."""
+    """AdamW over the parameters of ``groups`` that train (``--train-only`` stops the rest); None if none do."""
     import torch
 
     groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in groups]
@@ -566,8 +566,8 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
         raise ConfigError(f"--kind-share ({cfg.kind_share:g}) must be above 0 and at most 1")
     if cfg.kind and cfg.kind not in KINDS:
         raise ConfigError(f"--kind {cfg.kind!r} is not a probe question kind; choose one of {', '.join(KINDS)}")
-    if cfg.freeze and not cfg.init:
-        raise ConfigError("--freeze trains only the weights --init lacks: pass --init (a trained checkpoint)")
+    if cfg.train_only == "new" and not cfg.init:
+        raise ConfigError("--train-only new trains the weights --init lacks: pass --init (a trained checkpoint)")
     if cfg.init:
         if not (Path(cfg.init) / "config.json").exists():
             raise ConfigError(f"--init {cfg.init} is not a checkpoint folder (no config.json)")
@@ -623,12 +623,25 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
     fresh = sorted(n for n, _ in model.named_parameters() if n in added)
     if fresh:
         print(f"{len(fresh)} weights {cfg.init} does not have ({', '.join(fresh)}) train at {cfg.new_lr:g}")
-    if cfg.freeze:
-        if not added:
-            raise ConfigError(f"--freeze: {cfg.init} has every weight of this model already, so nothing would train")
+    if cfg.train_only:
+        prefixes = tuple(p.strip() for p in cfg.train_only.split(",") if p.strip())
+        trains = {
+            n
+            for n, _ in model.named_parameters()
+            if (n in added if cfg.train_only == "new" else n.startswith(prefixes))
+        }
+        if not trains:
+            why = (
+                f"{cfg.init} has every weight of this model already"
+                if cfg.train_only == "new"
+                else "it names no weight"
+            )
+            raise ConfigError(
+                f"--train-only {cfg.train_only}: {why}, so nothing would train (prefixes: reader., found., …)"
+            )
         for n, p in model.named_parameters():
-            p.requires_grad_(n in added)
-        print(f"--freeze: only those {len(added)} train; every other weight stays as {cfg.init} has it")
+            p.requires_grad_(n in trains)
+        print(f"--train-only {cfg.train_only}: {len(trains)} weights train; every other one stays as it is")
     rest = [p for n, p in named if n not in added]
     new_ids = {id(p) for p in reader_new}
     reader_old = [p for p in reader_params if id(p) not in new_ids]
@@ -643,8 +656,8 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
     budget, read_budget = cfg.minutes * 60, cfg.read_minutes * 60
     if optimizer is None or (read_budget and reader_optimizer is None):
         raise ConfigError(
-            f"--freeze leaves nothing to train in the {'search' if optimizer is None else 'reader'} stage: "
-            "the weights --init lacks are all elsewhere (drop --read-minutes, or --freeze)"
+            f"--train-only {cfg.train_only} leaves nothing to train in the "
+            f"{'search' if optimizer is None else 'reader'} stage (drop --read-minutes, or name reader weights)"
         )
 
     ctx = mp.get_context("spawn")
@@ -735,7 +748,7 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
             total = total + cfg.region_weight * asked
         if not bool(torch.isfinite(total)):
             raise RuntimeError(f"the loss is not finite (replies {float(loss)}, reader {float(read)}): a bug, not data")
-        if not total.requires_grad:  # --freeze, and nothing in this batch reaches the weights that train
+        if not total.requires_grad:  # --train-only, and nothing in this batch reaches the weights that train
             return total, logits.detach(), target, torch.zeros(())
         optimizer.zero_grad()
         total.backward()
@@ -797,7 +810,13 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
             step += 1
             seen += len(items)
             record({**progress("read", loss, lr), "skipped": skipped}, stats)
-        if cfg.ask_steps and not cfg.freeze and grounded and model.region_heads is not None and cfg.region_weight > 0:
+        if (
+            cfg.ask_steps
+            and not cfg.train_only
+            and grounded
+            and model.region_heads is not None
+            and cfg.region_weight > 0
+        ):
             # the question head alone on questions without images (attempt 7: beside the searches, the asked
             # border colour stayed at chance for 122 steps; alone it is learned in a few hundred questions)
             maker = QuestionMaker(model_dir, processor, model.config.turn_start_id, model.config.image_token_id)
