@@ -34,7 +34,7 @@ from glimpse.builtin.processing import (
     zoom_text,
 )
 from glimpse.builtin.proposer import TILES, propose
-from glimpse.builtin.reader import LINE_CROP, READ_CROP, cut_box, find_panel, ink_blobs, text_line
+from glimpse.builtin.reader import LINE_CROP, READ_CROP, cut_box, find_panel, ink_blobs, ink_colour, text_line
 from glimpse.builtin.teacher import pointed_region, teacher_turns
 from glimpse.hf.processor import load_processor
 from glimpse.images import PixelLimits, fit
@@ -122,7 +122,10 @@ def test_the_processor_makes_region_tokens_from_the_pixels_it_is_given(builtin, 
     assert not rows[:tiles, RING].any()
     blobs = ink_blobs(np.asarray(panel, np.float32).transpose(2, 0, 1) / 255)
     assert np.allclose(rows[-READ_ROWS:, RING].reshape(-1)[: len(blobs)], blobs)
-    assert not rows[-READ_ROWS:, RING].reshape(-1)[len(blobs) :].any()
+    colour = ink_colour(np.asarray(panel, np.float32).transpose(2, 0, 1) / 255)
+    held = rows[-READ_ROWS:, RING].reshape(-1)
+    assert np.allclose(held[len(blobs) : len(blobs) + len(colour)], colour)  # then the ink's colour
+    assert not held[len(blobs) + len(colour) :].any()
     x0, y0, x1, y1 = boxes[tiles]
     gx, gy = (x1 - x0) * 0.125, (y1 - y0) * 0.125
     cut = (max(0, int(np.floor(x0 - gx))), max(0, int(np.floor(y0 - gy))))
