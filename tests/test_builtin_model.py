@@ -753,13 +753,26 @@ def test_the_ink_blob_map_counts_dark_shapes_by_size_and_place_and_leaves_out_th
     assert np.array_equal(reading, ink_blobs(panel_pixels(sign)[0])) and reading.sum() == 3
 
 
+def older(builtin: Path, folder: Path, **config: object) -> Path:
+    """A copy of ``builtin`` as a checkpoint made before a part existed: its config changed (the part switched off)
+    and its weights saved without that part's."""
+    import shutil
+
+    from transformers import AutoModelForImageTextToText
+
+    shutil.copytree(builtin, folder)
+    path = folder / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **config}))
+    AutoModelForImageTextToText.from_pretrained(folder).save_pretrained(folder)
+    return folder
+
+
 def test_a_blob_counter_added_to_a_trained_reader_changes_nothing_until_trained_and_then_learns_to_count(
     builtin, tmp_path
 ):
     """``add_blob_counter``: every weight kept bit for bit, the reader's outputs unchanged (its last layer starts at
     zero). The counter itself learns a count that a linear layer over the map does not have: the blobs that are
     not in one corner cell (a sign's corner mark), from a few thousand maps."""
-    import shutil
 
     from safetensors.torch import load_file
     from transformers import AutoModelForImageTextToText
@@ -767,12 +780,7 @@ def test_a_blob_counter_added_to_a_trained_reader_changes_nothing_until_trained_
     from glimpse.builtin.model import BlobCounter, add_blob_counter
     from glimpse.builtin.reader import BLOB_CLASSES, BLOB_GRID, BLOB_VALUES
 
-    old = tmp_path / "old"
-    shutil.copytree(builtin, old)
-    config = json.loads((old / "config.json").read_text())
-    config["reader_blobs"] = False
-    (old / "config.json").write_text(json.dumps(config))
-    AutoModelForImageTextToText.from_pretrained(old).save_pretrained(old)
+    old = older(builtin, tmp_path / "old", reader_blobs=False)
     before = load_file(old / "model.safetensors")
     assert not any(k.startswith("reader.counter") for k in before)
     processor = load_processor(old)
@@ -939,7 +947,6 @@ def test_a_relation_added_changes_nothing_until_trained_and_shifts_only_an_answe
     """``add_relation``: every weight kept, every logit unchanged (its direction starts at zero). Set, it moves the
     logits of an answer's first token, and only those, by the relation times the direction through the LM head,
     the other way for the other side."""
-    import shutil
 
     from safetensors.torch import load_file
     from transformers import AutoModelForImageTextToText
@@ -947,12 +954,7 @@ def test_a_relation_added_changes_nothing_until_trained_and_shifts_only_an_answe
     import glimpse.builtin.model as module
     from glimpse.builtin.model import RELATION_GAIN, add_relation
 
-    old = tmp_path / "old"
-    shutil.copytree(builtin, old)
-    config = json.loads((old / "config.json").read_text())
-    config.update(relate=False, code_tokens=[])
-    (old / "config.json").write_text(json.dumps(config))
-    AutoModelForImageTextToText.from_pretrained(old).save_pretrained(old)
+    old = older(builtin, tmp_path / "old", relate=False, code_tokens=[])
     before = load_file(old / "model.safetensors")
     assert not any(k.startswith("relation") for k in before)
     processor = load_processor(old)
@@ -1023,7 +1025,6 @@ def test_an_ink_colour_added_to_a_trained_reader_changes_nothing_until_trained_a
 ):
     """``add_ink_colour``: every weight kept bit for bit and the reader's outputs unchanged (it starts at zero);
     trained alone on the ink colours of drawn markers, it tells their colours apart."""
-    import shutil
 
     from safetensors.torch import load_file
     from transformers import AutoModelForImageTextToText
@@ -1031,12 +1032,7 @@ def test_an_ink_colour_added_to_a_trained_reader_changes_nothing_until_trained_a
     from glimpse.builtin.model import add_ink_colour
     from glimpse.builtin.processing import INK, reading_rows
 
-    old = tmp_path / "old"
-    shutil.copytree(builtin, old)
-    config = json.loads((old / "config.json").read_text())
-    config["reader_colours"] = False
-    (old / "config.json").write_text(json.dumps(config))
-    AutoModelForImageTextToText.from_pretrained(old).save_pretrained(old)
+    old = older(builtin, tmp_path / "old", reader_colours=False)
     before = load_file(old / "model.safetensors")
     assert not any(k.startswith("reader.colour") for k in before)
     processor = load_processor(old)

@@ -574,26 +574,28 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
         if Path(cfg.init).resolve() != model_dir.resolve():
             # not the shipped folder's manifest and README: they describe the starting point's measurement
             shutil.copytree(cfg.init, model_dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*NOT_COPIED))
-        if add_reader(model_dir):
-            print(f"{cfg.init} has no reader: one is added (random weights)")
-        if add_grounding(model_dir):
-            print(f"{cfg.init} has no grounding: one is added (switched off until trained)")
-        if add_region_heads(model_dir):
-            print(f"{cfg.init} has no region heads or ring colour: they are added (they change nothing until trained)")
-        if add_line_reader(model_dir):
-            print(f"{cfg.init} read codes off the whole panel: its reader now reads them off the line of text (fresh)")
-        if spell_codes(model_dir):
-            print(f"{cfg.init} copied answers by first tokens: it now spells whole words, a code one character a token")
-        if close_zooms(model_dir):
-            print(f"{cfg.init} left closing zooms to the LM head: the pointer now closes them and never repeats one")
-        if add_blob_counter(model_dir):
-            print(f"{cfg.init} counted dots from pixels alone: its reader now also counts ink blobs (silent at first)")
-        if add_ink_colour(model_dir):
-            print(f"{cfg.init} read marker colours from pixels alone: its reader now also reads the ink's colour")
-        if add_relation(model_dir):
-            print(f"{cfg.init} had no relation: answers now hear where the named signs were seen (silent at first)")
-        if add_found(model_dir):
-            print(f"{cfg.init} had no found signal: turns now hear whether the named signs were read (silent at first)")
+        # parts an older checkpoint lacks, each added so that it changes nothing until trained (unless it says so)
+        migrations = (
+            (add_reader, "has no reader: one is added (random weights)"),
+            (add_grounding, "has no grounding: one is added (switched off until trained)"),
+            (
+                add_region_heads,
+                "has no region heads or ring colour: they are added (they change nothing until trained)",
+            ),
+            (add_line_reader, "read codes off the whole panel: its reader now reads them off the line of text (fresh)"),
+            (spell_codes, "copied answers by first tokens: it now spells whole words, a code one character a token"),
+            (close_zooms, "left closing zooms to the LM head: the pointer now closes them and never repeats one"),
+            (
+                add_blob_counter,
+                "counted dots from pixels alone: its reader now also counts ink blobs (silent at first)",
+            ),
+            (add_ink_colour, "read marker colours from pixels alone: its reader now also reads the ink's colour"),
+            (add_relation, "had no relation: answers now hear where the named signs were seen (silent at first)"),
+            (add_found, "had no found signal: turns now hear whether the named signs were read (silent at first)"),
+        )
+        for migrate, what in migrations:
+            if migrate(model_dir):
+                print(f"{cfg.init} {what}")
     else:
         build_builtin(model_dir, size=cfg.size, seed=cfg.seed)
     from transformers import AutoModelForImageTextToText
