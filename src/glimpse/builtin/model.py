@@ -438,20 +438,6 @@ def _named_places(
     return out
 
 
-class Found(nn.Module):
-    """Whether to look further: outside answers and zooms, ``named_seen`` (both signs the question names read
-    already) times a learned direction in the decoder's space, through the LM head; a scan (``teacher.scans``)
-    answers once both are seen. Starts at zero (``add_found``), so nothing changes until trained."""
-
-    def __init__(self, hidden: int):
-        super().__init__()
-        self.direction = nn.Parameter(torch.zeros(hidden))
-
-    def forward(self, seen: torch.Tensor) -> torch.Tensor:
-        """(n,) values → (n, hidden) shifts of the decoder's state."""
-        return seen.unsqueeze(-1) * self.direction.to(seen.dtype) * RELATION_GAIN
-
-
 class Relation(nn.Module):
     """Left or right, from where the model looked: for an answer's first token, ``relation`` (where the sign read as
     the question's first code was seen relative to the one read as its second) times a learned direction in the
@@ -466,6 +452,12 @@ class Relation(nn.Module):
     def forward(self, d: torch.Tensor) -> torch.Tensor:
         """(n,) relations → (n, hidden) shifts of the decoder's state."""
         return d.unsqueeze(-1) * self.direction.to(d.dtype) * RELATION_GAIN
+
+
+class Found(Relation):
+    """Whether to look further: outside answers and zooms, ``named_seen`` (both signs the question names read
+    already) times a learned direction in the decoder's space, through the LM head; a scan (``teacher.scans``)
+    answers once both are seen. Starts at zero (``add_found``), so nothing changes until trained."""
 
 
 INK_GAIN = 10.0  # ``InkColour``'s output scale: its values are shares (0–1) and it starts at zero
@@ -684,6 +676,10 @@ class PointerState:
                 self.turn[b] = found
         return self.words[b]
 
+    def starts_image(self, token: int, previous: int | None) -> bool:
+        """Whether ``token``, after ``previous``, is an image's first token (an image's tokens are one run)."""
+        return token == self.image_token != previous
+
     def box_step(self, written: list[int] | None, token: int) -> tuple[list[int] | None, tuple[int, ...] | None]:
         """The zoom being written after ``token``, from ``written`` before it (None: not in a zoom's box), and the
         box's tokens (four coordinates and the source) when ``token`` completes it."""
@@ -733,7 +729,7 @@ class PointerState:
         zoomed = []
         previous = None
         for token in ids:
-            if token == self.image_token != previous:
+            if self.starts_image(token, previous):
                 pending = None
             previous = token
             written, done = self.box_step(written, token)
@@ -824,7 +820,7 @@ class GlimpseVLPreTrainedModel(PreTrainedModel):
             module.reset()
         elif isinstance(module, RingProjection):
             nn.init.zeros_(module.weight)
-        elif isinstance(module, Relation | Found):
+        elif isinstance(module, Relation):  # and Found
             nn.init.zeros_(module.direction)
         elif isinstance(module, InkColour):
             nn.init.zeros_(module.linear.weight)
@@ -1052,7 +1048,7 @@ class GlimpseVLForConditionalGeneration(GlimpseVLPreTrainedModel, GenerationMixi
         written, pending, previous = state.open_box[b], state.pending[b], None
         out = []
         for token in seq:
-            if token == self.config.image_token_id != previous:
+            if state.starts_image(token, previous):
                 out.append(pending)
                 pending = None
             previous = token
@@ -1146,11 +1142,11 @@ class GlimpseVLForConditionalGeneration(GlimpseVLPreTrainedModel, GenerationMixi
             if len(codes) < 2:
                 continue
             reads, places = state.reads[b], state.places[b]
-            seen = images[b] - sum(1 for t, tok in enumerate(seq) if tok == image and (t == 0 or seq[t - 1] != image))
+            seen = images[b] - sum(map(state.starts_image, seq, [None, *seq[:-1]]))  # images before this pass
             w, written, previous = in_answer[b], boxes[b], None
             known: dict[tuple[str, int], torch.Tensor | None] = {}
             for t, token in enumerate(seq):
-                seen += token == image != previous
+                seen += state.starts_image(token, previous)
                 previous = token
                 w = state.answer_step(w, token)
                 written, done = state.box_step(written, token)
@@ -1234,7 +1230,7 @@ class GlimpseVLForConditionalGeneration(GlimpseVLPreTrainedModel, GenerationMixi
             written = state.open_box[b]
             previous = None
             for t, token in enumerate(seq):
-                if token == self.config.image_token_id != previous:
+                if state.starts_image(token, previous):
                     state.pending[b] = None  # an image follows the zoom: it is that zoom's observation
                 previous = token
                 written, done = state.box_step(written, token)
