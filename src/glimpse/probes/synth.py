@@ -69,7 +69,7 @@ import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFont
 
 from glimpse.errors import ConfigError
-from glimpse.images import PixelLimits, smart_resize
+from glimpse.images import PixelLimits, encode_image, smart_resize
 from glimpse.probes import questions
 from glimpse.probes.palette import BORDER_COLORS, CODE_ALPHABET, MARKER_COLORS, MARKER_SHAPES
 
@@ -214,11 +214,9 @@ class Scene:
 
 
 def jpeg(image: Image.Image, quality: int) -> Image.Image:
-    """``image`` saved as a JPEG at ``quality`` (Pillow's defaults, as ``Image.save`` writes a probe) and read back."""
-    buffer = io.BytesIO()
-    image.convert("RGB").save(buffer, "JPEG", quality=quality)
-    buffer.seek(0)
-    with Image.open(buffer) as read:
+    """``image`` encoded as a JPEG at ``quality`` (``images.encode_image``: Pillow's defaults, as a probe's file is
+    written) and decoded again."""
+    with Image.open(io.BytesIO(encode_image(image.convert("RGB"), "jpeg", quality))) as read:
         return read.convert("RGB")
 
 
