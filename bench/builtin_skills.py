@@ -26,8 +26,10 @@ Three parts, each printing its own table:
 * ``--point N --model CHECKPOINT``: the first zoom alone, teacher-forced on N fresh probes per level: where the
   pointer ranks the teacher's region (top 1, top 3) per level and question kind, and with ``Grounding`` where
   the grounding match alone ranks it (does the question's wording reach the regions?).
-* ``--photo OUT.jpg --model CHECKPOINT``: a street-like picture that is not a probe (drawn here, no download),
-  one question through the real agent loop, and the model's zooms drawn on it (``docs/builtin-photo.jpg``).
+* ``--photo OUT.jpg --model CHECKPOINT``: street-like pictures that are not probes (drawn here, no download;
+  ``--photo-seeds``, ``--photo-size``, 10 megapixels by default), one question through the real agent loop on
+  each, whether each zoom lands on the sign it names, and the first picture's zooms drawn to OUT
+  (``docs/builtin-photo.jpg``).
 
     python bench/builtin_skills.py --recall 30 --rate 6
     python bench/builtin_skills.py --log builtin-run/log.jsonl
@@ -407,8 +409,13 @@ def read(n: int, model_dir: str) -> None:
             print(f"| {level} | {panels} | " + " | ".join(cells) + " |")
 
 
-def street(width: int = 1600, height: int = 1000, seed: int = 1) -> Image.Image:
-    """A street-like picture: sky, buildings with windows, a shop sign with text, cars, a tree, noise."""
+def street(width: int = 4000, height: int = 2500, seed: int = 1) -> tuple[Image.Image, tuple[int, int, int, int]]:
+    """A street-like picture and the box of its one red-bordered sign (x0, y0, x1, y1 in pixels).
+
+    Sky, buildings with windows, a shop sign with text (placed by ``seed``), cars, a tree, noise. The default size
+    is a phone photo's (10 megapixels), where the sign is small in the view the model is shown, as targets are in
+    the probes; at 1600 x 1000 the view is shown at full resolution and the sign is legible without a zoom.
+    """
     import numpy as np
     from PIL import ImageDraw
 
@@ -419,7 +426,7 @@ def street(width: int = 1600, height: int = 1000, seed: int = 1) -> Image.Image:
     draw = ImageDraw.Draw(image)
     x = 0
     while x < width:
-        w, h = int(rng.integers(150, 320)), int(rng.integers(350, 800))
+        w, h = int(rng.integers(150, 320)), int(rng.integers(0.35 * height, 0.8 * height))
         tone = int(rng.integers(90, 200))
         draw.rectangle((x, height - 180 - h, x + w, height - 180), fill=(tone, tone - 15, tone - 30))
         for wy in range(height - 160 - h, height - 220, 60):
@@ -429,8 +436,10 @@ def street(width: int = 1600, height: int = 1000, seed: int = 1) -> Image.Image:
                 )
         x += w + int(rng.integers(5, 40))
     draw.rectangle((0, height - 180, width, height), fill=(70, 70, 75))
-    draw.rectangle((520, height - 330, 860, height - 270), fill=(250, 250, 245), outline=(150, 20, 20), width=4)
-    draw.text((545, height - 315), "BAKERY  OPEN 7-19", fill=(20, 20, 20))
+    sx, sy = int(rng.integers(40, width - 380)), height - int(rng.integers(260, max(300, 0.45 * height)))
+    sign = (sx, sy, sx + 340, sy + 60)
+    draw.rectangle(sign, fill=(250, 250, 245), outline=(150, 20, 20), width=4)
+    draw.text((sx + 25, sy + 15), "BAKERY  OPEN 7-19", fill=(20, 20, 20))
     for cx in (200, 1050, 1350):
         color = tuple(int(v) for v in rng.integers(30, 220, 3))
         draw.rounded_rectangle((cx, height - 140, cx + 190, height - 70), 18, fill=color)
@@ -438,10 +447,12 @@ def street(width: int = 1600, height: int = 1000, seed: int = 1) -> Image.Image:
             draw.ellipse((wheel - 20, height - 90, wheel + 20, height - 50), fill=(20, 20, 20))
     draw.rectangle((1480, height - 420, 1500, height - 180), fill=(90, 60, 30))
     draw.ellipse((1410, height - 560, 1570, height - 380), fill=(40, 120, 50))
-    return image
+    return image, sign
 
 
-def photo(out: Path, model: str) -> None:
+def photo(out: Path, model: str, seeds: int = 4, size: tuple[int, int] = (4000, 2500)) -> None:
+    """The model on ``seeds`` street pictures through the real loop (greedy, 6 turns): every reply, whether each
+    zoom of the picture overlaps the sign the question names, and the first picture's zooms drawn to ``out``."""
     import asyncio
 
     from PIL import ImageDraw
@@ -450,24 +461,34 @@ def photo(out: Path, model: str) -> None:
     from glimpse.models.hf import HFBackend
     from glimpse.trajectory import Sample
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "street.png"
-        street().save(path)
-        backend = HFBackend(model)
-        # greedy, with the checkpoint's native coordinates, pixel limits and prompts
-        loop = AgentLoop(backend, max_turns=4, temperature=0.0)
-        question = "What is the code written on the small sign with a red border? Answer with the code only."
-        sample = Sample(id="street", images=[str(path)], question=question)
-        (traj,) = asyncio.run(loop.run(sample))
-        image = street().convert("RGB")
-    draw = ImageDraw.Draw(image)
-    for turn in traj.turns:
-        print(turn.text)
-        if turn.crop_box_px and turn.source_index == 0:
-            draw.rectangle(tuple(turn.crop_box_px), outline=(255, 0, 200), width=5)
-    print(f"stop: {traj.stop_reason}, tool errors: {traj.metrics['tool_errors']}")
-    image.resize((image.width // 2, image.height // 2)).save(out, quality=85)
-    print(f"→ {out}")
+    backend = HFBackend(model)
+    # greedy, with the checkpoint's native coordinates, pixel limits and prompts
+    loop = AgentLoop(backend, max_turns=6, temperature=0.0)
+    question = "What is the code written on the small sign with a red border? Answer with the code only."
+    on_sign = zooms = 0
+    for seed in range(1, seeds + 1):
+        image, sign = street(*size, seed=seed)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "street.png"
+            image.save(path)
+            (traj,) = asyncio.run(loop.run(Sample(id=f"street-{seed}", images=[str(path)], question=question)))
+        print(f"street {seed} ({size[0]} x {size[1]}), the sign at {sign}:")
+        boxes = []
+        for turn in traj.turns:
+            box = turn.crop_box_px if turn.source_index == 0 else None
+            hit = box is not None and box[0] < sign[2] and sign[0] < box[2] and box[1] < sign[3] and sign[1] < box[3]
+            print(f"  {turn.text.strip()}" + (f"  → {box}, {'on the sign' if hit else 'off the sign'}" if box else ""))
+            if box:
+                boxes.append(box)
+                zooms += 1
+                on_sign += hit
+        print(f"  stop: {traj.stop_reason}, tool errors: {traj.metrics['tool_errors']}")
+        if seed == 1:
+            draw = ImageDraw.Draw(image)
+            for box in boxes:
+                draw.rectangle(tuple(box), outline=(255, 0, 200), width=max(3, size[0] // 400))
+            image.convert("RGB").resize((1600, 1600 * size[1] // size[0])).save(out, quality=85)
+    print(f"zooms of the picture overlapping the sign: {on_sign} of {zooms}; street 1's zooms → {out}")
 
 
 def main() -> None:
@@ -480,6 +501,8 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=10.0, help="minutes for --train-skill")
     parser.add_argument("--workers", type=int, default=1, help="example makers for --train-skill")
     parser.add_argument("--photo", type=Path, help="write a picture of the model's zooms on a street-like image")
+    parser.add_argument("--photo-size", default="4000x2500", help="WIDTHxHEIGHT of the street pictures")
+    parser.add_argument("--photo-seeds", type=int, default=4, help="street pictures for --photo")
     parser.add_argument("--read", type=int, default=0, help="fresh examples per level for the reader's accuracy")
     parser.add_argument("--check", type=int, default=0, help="fresh checking searches per level: does it look again")
     parser.add_argument("--point", type=int, default=0, help="fresh probes per level: the first zoom's rank")
@@ -503,7 +526,8 @@ def main() -> None:
     if args.answer:
         answer(args.answer, args.model)
     if args.photo:
-        photo(args.photo, args.model)
+        w, h = (int(v) for v in args.photo_size.lower().split("x"))
+        photo(args.photo, args.model, args.photo_seeds, (w, h))
 
 
 if __name__ == "__main__":
