@@ -18,7 +18,7 @@ from conftest import free_port, glimpse_server
 from glimpse.config import EvalConfig
 from glimpse.errors import BackendError, ConfigError
 from glimpse.eval.harness import RESULTS, ResultStore, run_eval
-from glimpse.eval.metrics import summarize, truncate
+from glimpse.eval.metrics import first_zoom_hit, summarize, truncate
 from glimpse.eval.report import markdown_summary, write_sweep
 from glimpse.models.scripted import ScriptedBackend
 from glimpse.trajectory import (
@@ -455,3 +455,28 @@ def test_faithfulness_counts_only_zooms_into_the_image_a_target_is_in():
     faithful = summarize([both_in_a])["faithfulness"]
     assert faithful["covered_rate"] == 1.0 and faithful["by_image"]["image_2"]["best_iou_mean"] == 1.0
     assert "by_image" not in summarize([base])["faithfulness"]  # single-image summaries are as before
+
+
+def test_first_zoom_counts_any_named_target_in_its_own_image():
+    """A question naming two objects (left or right of each other, a code split across two images) has two right
+    first looks: a first zoom on either target counts, on neither or in the other image does not."""
+    left, right = [0, 0, 2, 2], [7, 7, 9, 9]
+    sample = Sample(id="rel", images=["a"], question="?", answer="left", target_boxes=[left, right])
+    base = _traj("rel", 0, "left", True, turns=2)
+
+    def first(box, image=0, targets_in=None):
+        meta = {"target_images": targets_in} if targets_in else {}
+        more = [ShownImageRef(path="b", sha256="1", width=10, height=10, shown_size=[10, 10])] if targets_in else []
+        zoom = Turn(index=0, text="", kind="zoom", crop_box_px=box, original_index=image)
+        t = base.model_copy(
+            update={"sample": sample.model_copy(update={"meta": meta, "images": ["a", "b"][: 1 + bool(more)]})}
+        )
+        t.more_images = more
+        t.turns = [zoom, base.turns[-1]]
+        return first_zoom_hit(t)
+
+    assert first([0, 0, 3, 3]) and first([6, 6, 10, 10])  # the first named object, or the second
+    assert first([3, 3, 6, 6]) is False  # between them
+    assert first([0, 0, 10, 10]) is False  # a zoom on everything is shrunk to a quarter of the image, around (5, 5)
+    assert first([6, 6, 10, 10], image=1, targets_in=[0, 1])  # image_2's target, zoomed in image_2
+    assert first([0, 0, 3, 3], image=1, targets_in=[0, 1]) is False  # image_1's target's place, in image_2

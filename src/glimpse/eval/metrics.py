@@ -92,22 +92,21 @@ def _faithfulness(correct: list[Trajectory], threshold: float, image: int | None
 
 
 def first_zoom_hit(traj: Trajectory) -> bool | None:
-    """Whether the first zoom's window, capped at a quarter of the image's area, holds the first target's
-    centre (``None`` without a target box or a zoom). The cap keeps a policy from scoring by zooming wide."""
+    """Whether the first zoom's window, capped at a quarter of its image's area, holds the centre of a target
+    (``None`` without a target box or a zoom). Any of the question's targets counts: where a question names two
+    objects (left or right of each other, V*'s relative position, a code split across two images), either is a
+    right first look. The cap keeps a policy from scoring by zooming wide."""
     targets = traj.sample.targets()
     first = next((t for t in traj.turns if t.crop_box_px), None)
     originals = traj.originals()
     if not targets or first is None or first.crop_box_px is None or not originals:
         return None
-    image, target = targets[0]
-    if first.original_index != image:
-        return False
     x0, y0, x1, y1 = first.crop_box_px
-    quarter = originals[image].width * originals[image].height / 4
-    shrink = min(1.0, (quarter / max(1.0, (x1 - x0) * (y1 - y0))) ** 0.5)
+    image = originals[first.original_index]
+    shrink = min(1.0, (image.width * image.height / 4 / max(1.0, (x1 - x0) * (y1 - y0))) ** 0.5)
     cx, cy, hw, hh = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) * shrink / 2, (y1 - y0) * shrink / 2
-    tx, ty = (target[0] + target[2]) / 2, (target[1] + target[3]) / 2
-    return cx - hw <= tx <= cx + hw and cy - hh <= ty <= cy + hh
+    centres = [((t[0] + t[2]) / 2, (t[1] + t[3]) / 2) for k, t in targets if k == first.original_index]
+    return any(cx - hw <= tx <= cx + hw and cy - hh <= ty <= cy + hh for tx, ty in centres)
 
 
 def search_behaviour(trajectories: list[Trajectory]) -> dict[str, Any]:

@@ -107,7 +107,7 @@ def markdown_summary(dataset: str, model: str, k: int, summaries: dict[int, dict
         q = s["search"]
         lines.append(
             f"- search: {q['distinct_answers']} distinct answers, {q['distinct_first_zooms']} distinct first zooms, "
-            f"zoomed in {pct(q['zoomed_rate'])} %, first zoom (capped at a quarter of the image) on the target "
+            f"zoomed in {pct(q['zoomed_rate'])} %, first zoom (capped at a quarter of the image) on a target "
             f"in {pct(q['first_zoom_hit_rate'])} % of {q['first_zoom_checked']}"
         )
     lines.append("")
