@@ -487,7 +487,7 @@ def photo(out: Path, model: str, seeds: int = 4, size: tuple[int, int] = (4000, 
             draw = ImageDraw.Draw(image)
             for box in boxes:
                 draw.rectangle(tuple(box), outline=(255, 0, 200), width=max(3, size[0] // 400))
-            image.convert("RGB").resize((1600, 1600 * size[1] // size[0])).save(out, quality=85)
+            image.convert("RGB").resize((1200, 1200 * size[1] // size[0])).save(out, quality=80)
     print(f"zooms of the picture overlapping the sign: {on_sign} of {zooms}; street 1's zooms → {out}")
 
 
