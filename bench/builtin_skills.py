@@ -458,6 +458,7 @@ def photo(out: Path, model: str, seeds: int = 4, size: tuple[int, int] = (4000, 
     from PIL import ImageDraw
 
     from glimpse.agent import AgentLoop
+    from glimpse.geometry import Box
     from glimpse.models.hf import HFBackend
     from glimpse.trajectory import Sample
 
@@ -475,8 +476,8 @@ def photo(out: Path, model: str, seeds: int = 4, size: tuple[int, int] = (4000, 
         print(f"street {seed} ({size[0]} x {size[1]}), the sign at {sign}:")
         boxes = []
         for turn in traj.turns:
-            box = turn.crop_box_px if turn.source_index == 0 else None
-            hit = box is not None and box[0] < sign[2] and sign[0] < box[2] and box[1] < sign[3] and sign[1] < box[3]
+            box = turn.crop_box_px  # pixels of the picture, nested zooms too
+            hit = box is not None and Box.from_list(box).intersection(Box(*sign)) > 0
             print(f"  {turn.text.strip()}" + (f"  → {box}, {'on the sign' if hit else 'off the sign'}" if box else ""))
             if box:
                 boxes.append(box)
@@ -526,7 +527,10 @@ def main() -> None:
     if args.answer:
         answer(args.answer, args.model)
     if args.photo:
-        w, h = (int(v) for v in args.photo_size.lower().split("x"))
+        try:
+            w, h = (int(v) for v in args.photo_size.lower().split("x"))
+        except ValueError:
+            parser.error(f"--photo-size takes WIDTHxHEIGHT in pixels, e.g. 4000x2500, not {args.photo_size!r}")
         photo(args.photo, args.model, args.photo_seeds, (w, h))
 
 
