@@ -1122,13 +1122,12 @@ def test_found_shifts_only_the_turns_after_an_observation_outside_zooms_and_answ
 @pytest.mark.parametrize("level", ["medium", "hard"])
 def test_the_teacher_scans_look_alikes_from_left_to_right_until_it_has_seen_both_named_signs(level):
     """``scans``: a left-or-right question among more than two signs of the named border; the teacher zooms into
-    them in order of their centres, left first, and answers once both named signs were zoomed into or after
-    ``SCAN_LOOKS`` looks (on medium probes, three or four look-alikes, it finds both); an easy probe's two signs
-    are not scanned."""
-    from glimpse.builtin.teacher import SCAN_LOOKS, scans
+    them in order of their centres, left first, and answers once both named signs were zoomed into (and, with
+    ``scan_looks``, after that many looks at most); an easy probe's two signs are not scanned."""
+    from glimpse.builtin.teacher import scans
 
     scenes = SceneCache()
-    found = 0
+    whole, cut = 0, 0
     for index in range(1_000_000, 1_000_008):
         sample = probe_sample(level, index, 0, Path("."), scenes=scenes, kind="relative_position")
         view = fit(scenes.get(sample.images[0]).image, NATIVE)  # type: ignore[arg-type]
@@ -1136,10 +1135,10 @@ def test_the_teacher_scans_look_alikes_from_left_to_right_until_it_has_seen_both
         turns = teacher_turns(sample, view)
         if turns is None:
             continue
-        assert turns[-1] == f"<answer>{sample.answer}</answer>" and 1 <= len(turns) - 1 <= SCAN_LOOKS
+        assert turns[-1] == f"<answer>{sample.answer}</answer>"
         width, height = sample.meta["size"]
         order = sorted(sample.meta["candidates"], key=lambda c: c["box"][0] + c["box"][2])
-        seen = set()
+        seen, looked = set(), []
         for turn in turns[:-1]:
             box = json.loads(re.search(r"\{.*\}", turn).group(0))["bbox_2d"]  # type: ignore[union-attr]
             shown = [
@@ -1149,13 +1148,17 @@ def test_the_teacher_scans_look_alikes_from_left_to_right_until_it_has_seen_both
                 and box[1] <= (c["box"][1] + c["box"][3]) / 2 / height <= box[3]
             ]
             assert shown  # every look is at a look-alike
+            assert min(shown) >= max(looked, default=-1)  # left to right
+            looked.extend(shown)
             seen.update(i for i in shown if order[i]["target"])
-        if len(seen) == 2:
-            found += 1
-            last = max(i for i, c in enumerate(order) if c["target"])
-            assert len(turns) - 1 <= last + 1  # it stopped at the second named sign
-        else:
-            assert len(turns) - 1 == SCAN_LOOKS
-    assert found >= 2 or level == "hard"  # among 8-12 look-alikes four looks rarely take in both
+        assert len(seen) == 2  # the whole scan: both named signs
+        last = max(i for i, c in enumerate(order) if c["target"])
+        assert len(turns) - 1 <= last + 1  # it stopped at the second named sign
+        whole += 1
+        short = teacher_turns(sample, view, scan_looks=4)
+        assert short is not None and short[:-1] == turns[: len(short) - 1] and len(short) - 1 == min(4, len(turns) - 1)
+        cut += len(turns) - 1 > 4
+    assert whole >= 6
+    assert cut >= 2 or level == "medium"  # among 8-12 look-alikes a whole scan is often longer than four looks
     easy = probe_sample("easy", 1_000_000, 0, Path("."), scenes=scenes, kind="relative_position")
     assert not scans(easy)

@@ -433,6 +433,30 @@ def test_turn_scaling_repro_fold_settings_are_config_errors(tmp_path):
             run_repro(ReproConfig(model="x", out=str(tmp_path), fold_cap=fold_cap, keep_images=keep_images))
 
 
+def test_turn_scaling_repro_of_one_question_kind_trains_and_evaluates_on_that_kind_only(tmp_path):
+    """``--kind``: every arm's training stream and the evaluation's probes are of that kind (a stream spec's
+    fourth field); an unknown kind is a config error before anything runs."""
+    from glimpse.config import ReproConfig
+    from glimpse.train.repro import eval_config, rl_config, run_repro
+    from glimpse.train.rl import Prompts
+
+    cfg = ReproConfig(model="x", out=str(tmp_path), kind="relative_position", eval_n=3)
+    assert rl_config(cfg, "no-hard", tmp_path).data == "stream:medium+easy:1:relative_position"
+    assert eval_config(cfg, "m", tmp_path).data == "probes:hard:3:0:relative_position"
+    assert eval_config(ReproConfig(model="x", eval_n=3), "m", tmp_path).data == "probes:hard:3"
+    prompts = Prompts(rl_config(cfg, "full", tmp_path).data, 0, tmp_path / "stream", keep_images=False)
+    try:
+        samples = [prompts.get(i) for i in range(3)]
+    finally:
+        prompts.close()
+    assert [s.meta["level"] for s in samples] == ["hard", "medium", "easy"]
+    assert {s.meta["category"] for s in samples} == {"relative_position"}
+    with pytest.raises(ConfigError, match="question kind"):
+        Prompts("stream:hard:1:colour", 0, tmp_path / "bad", keep_images=False)
+    with pytest.raises(ConfigError, match="--kind 'colour'"):
+        run_repro(ReproConfig(model="x", out=str(tmp_path), kind="colour"))
+
+
 def test_the_command_line_trains_and_says_where_the_model_is(memorised, tmp_path):
     import os
     import subprocess

@@ -326,8 +326,9 @@ class RLConfig:
     model: str | None = opt(None, "checkpoint to start from (the cold-start SFT model): a folder or Hub id")
     data: str = opt(
         "stream:hard+medium",
-        "prompts: stream:LEVEL[+LEVEL...][:SEED] (fresh probes made on the fly, nothing stored; seed 1 by "
-        "default, never the eval's 0) or any glimpse eval dataset spec (probes:hard:500:3, visualprobe:hard:DIR …)",
+        "prompts: stream:LEVEL[+LEVEL...][:SEED[:KIND]] (fresh probes made on the fly, nothing stored; seed 1 by "
+        "default, never the eval's 0; KIND: one question kind) or any glimpse eval dataset spec "
+        "(probes:hard:500:3, visualprobe:hard:DIR …)",
     )
     out: str = opt("rl", "output folder: config, log, checkpoints, and the trained model in OUT/model")
     fresh: bool = opt(False, "delete OUT first instead of resuming from its newest checkpoint")
@@ -398,6 +399,11 @@ class ReproConfig:
         0, "also evaluate each arm at this turn cap with --keep-images (context folding beyond --caps; 0: off)"
     )
     keep_images: int = opt(4, "zoom images the --fold-cap evaluation keeps in the context (older ones become notes)")
+    kind: str = opt(
+        "",
+        "probes of this question kind only, in training and evaluation (e.g. relative_position: among a hard "
+        "probe's 8-12 look-alikes only a long search finds both named signs); empty: every kind",
+    )
 
 
 def field_type(cls: type, name: str) -> tuple[type, bool]:
@@ -578,6 +584,11 @@ class BuiltinConfig:
     )
     kind_share: float = opt(
         1.0, "the share of probes that are of --kind (drawn per probe); the rest are of every kind, as drawn"
+    )
+    scan_looks: int = opt(
+        0,
+        "most looks the teacher's scan of look-alikes takes before answering a left-or-right question (0: until it "
+        "has seen both named signs, about 7 looks among a hard probe's 8-12; attempt 12's B10b used 4)",
     )
     train_only: str = opt(
         "",

@@ -12,8 +12,10 @@ A probe whose target no proposal covers is skipped (and counted): the student co
 **Scanning** (``scans``): the one question the student cannot go straight to is which of several look-alikes
 reads a code the question names (``relative_position`` among more than two signs of the border it names): the
 codes are too small to read in the first view. There the teacher looks at those signs from left to right, as a
-student can (their border colour shows), until it has seen both it needs or ``SCAN_LOOKS`` of them, then answers.
-Every look is trained: it is the search the student should make.
+student can (their border colour shows), until it has seen both it needs (or, with ``scan_looks``, that many of
+them), then answers. Every look is trained: it is the search the student should make. Among 8-12 look-alikes a
+whole scan takes about 7 looks, more than the recipe's 6-turn cap allows: a search that the cap cuts, which is
+what over-turn masking is for (the README's reproduction section).
 
 **Checking** (``wrong > 0``): the student's first zoom is not always right, and a search that answers from the
 wrong sign is lost. So some scripts first look at ``wrong`` signs that are not the target: look-alike candidates
@@ -42,7 +44,6 @@ COVER = 0.3  # a proposal points at a sign when it covers at least this share of
 SHOWS_COVER, SHOWS_AREA = 0.6, 4.0
 REGION_ATTRIBUTES = ("border", "mark")  # what the region heads learn of the sign a region shows
 READ_MATCH = 0.4  # a panel read is a sign when their boxes overlap at least this much (intersection over union)
-SCAN_LOOKS = 4  # most looks a scan takes (then the answer: five turns, inside the recipe's 6-turn cap)
 
 
 Box = tuple[float, float, float, float]
@@ -89,18 +90,23 @@ def scans(sample: Sample) -> bool:
 
 
 def teacher_turns(
-    sample: Sample, view: Image.Image, *, wrong: int = 0, rng: random.Random | None = None
+    sample: Sample,
+    view: Image.Image,
+    *,
+    wrong: int = 0,
+    rng: random.Random | None = None,
+    scan_looks: int = 0,
 ) -> list[str] | None:
     """The teacher's replies for a probe whose first view (as the loop shows it) is ``view``; None when a sign
     it needs is not among the proposals. A card (no search needed) is answered at once. ``wrong``: first look at
     up to this many signs that are not the target (chosen with ``rng``); the replies start with those looks
     (``len(replies) - len(teacher_turns(sample, view))`` of them: fewer when the view offers fewer); a scan
-    (``scans``) takes none."""
+    (``scans``) takes none, and stops after ``scan_looks`` looks (0: once both named signs were seen)."""
     answer = f"<answer>{sample.answer}</answer>"
     if sample.meta.get("level") == "card":
         return [answer]
     if scans(sample):
-        return scan_turns(sample, view, answer)
+        return scan_turns(sample, view, answer, scan_looks)
     turns = []
     targets = sorted((c for c in sample.meta["candidates"] if c["target"]), key=lambda c: c["box"][0])
     for c in targets:
@@ -116,9 +122,10 @@ def teacher_turns(
     return [*turns, answer]
 
 
-def scan_turns(sample: Sample, view: Image.Image, answer: str) -> list[str] | None:
-    """The look-alikes from left to right until both signs the question names are seen (or ``SCAN_LOOKS``), then
-    ``answer``; None when a named sign is not among the proposals (a look-alike that is not is passed over)."""
+def scan_turns(sample: Sample, view: Image.Image, answer: str, looks: int = 0) -> list[str] | None:
+    """The look-alikes from left to right until both signs the question names are seen (or after ``looks`` looks
+    when positive), then ``answer``; None when a named sign is not among the proposals (a look-alike that is not
+    is passed over)."""
     turns: list[str] = []
     left = sum(c["target"] for c in sample.meta["candidates"])
     for c in sorted(sample.meta["candidates"], key=lambda c: c["box"][0] + c["box"][2]):
@@ -129,7 +136,7 @@ def scan_turns(sample: Sample, view: Image.Image, answer: str) -> list[str] | No
             continue
         turns.append(f"<grounding>{zoom_text(window, 0)}</grounding>")
         left -= c["target"]
-        if not left or len(turns) == SCAN_LOOKS:
+        if not left or len(turns) == looks:
             break
     return [*turns, answer]
 

@@ -63,6 +63,7 @@ class ExampleMaker:
             (``teacher.teacher_turns``); those replies are left untrained.
         kind: probes of this question kind only (``synth.KINDS``); empty: the kind each index draws.
         kind_share: the share of probes that are of ``kind`` (drawn per probe); the rest are as the index draws.
+        scan_looks: most looks of a teacher's scan (``teacher.scan_turns``); 0: until both named signs are seen.
     """
 
     def __init__(
@@ -73,6 +74,7 @@ class ExampleMaker:
         check: float = 0.0,
         kind: str = "",
         kind_share: float = 1.0,
+        scan_looks: int = 0,
     ):
         from glimpse.hf.processor import load_processor
         from glimpse.images import PixelLimits
@@ -80,7 +82,7 @@ class ExampleMaker:
         from glimpse.train.common import ASSISTANT_HEADER, END
 
         self.model_dir, self.seed, self.folder, self.check = Path(model_dir), seed, folder, check
-        self.kind, self.kind_share = kind or None, kind_share
+        self.kind, self.kind_share, self.scan_looks = kind or None, kind_share, scan_looks
         self.processor = load_processor(model_dir)
         config = json.loads((self.model_dir / "config.json").read_text())
         self.limits = PixelLimits(config["min_pixels"], config["max_pixels"], config["cell"])
@@ -124,7 +126,7 @@ class ExampleMaker:
             rng = random.Random(f"glimpse-check/{self.seed}/{level}/{index}")
             looks = rng.choices((1, 2, 3), (6, 3, 1))[0] if level != "card" and rng.random() < self.check else 0
             looks = 0 if scans(sample) else looks  # a scan's looks are all advice, none masked
-            script = teacher_turns(sample, view, wrong=looks, rng=rng)
+            script = teacher_turns(sample, view, wrong=looks, rng=rng, scan_looks=self.scan_looks)
             if script is None:
                 return None, f"{sample.id}: no proposal covers the target"
             # the replies before the targets' zooms and the answer are the wrong looks (fewer than asked for
@@ -322,6 +324,7 @@ def _worker(
     check: float = 0.0,
     kind: str = "",
     kind_share: float = 1.0,
+    scan_looks: int = 0,
 ) -> None:
     """A producer process: take (level, index) jobs, put tokenised examples (or an error text)."""
     import torch
@@ -329,7 +332,7 @@ def _worker(
     torch.set_num_threads(1)
     folder = Path(tempfile.mkdtemp(prefix=f"glimpse-builtin-{worker}-"))
     try:
-        make = ExampleMaker(model_dir, seed, folder, check, kind, kind_share)
+        make = ExampleMaker(model_dir, seed, folder, check, kind, kind_share, scan_looks)
         parent = mp.parent_process()
         while True:
             try:
@@ -562,6 +565,8 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
         raise ConfigError(f"--read-minutes ({cfg.read_minutes:g}) must be at least 0 and less than --minutes")
     from glimpse.probes.synth import KINDS
 
+    if cfg.scan_looks < 0:
+        raise ConfigError(f"--scan-looks ({cfg.scan_looks}) is a number of looks: 0 (until both are seen) or more")
     if not 0 < cfg.kind_share <= 1:
         raise ConfigError(f"--kind-share ({cfg.kind_share:g}) must be above 0 and at most 1")
     if cfg.kind and cfg.kind not in KINDS:
@@ -669,7 +674,7 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
     procs = [
         ctx.Process(
             target=_worker,
-            args=(str(model_dir), cfg.seed, w, jobs, results, cfg.check, cfg.kind, cfg.kind_share),
+            args=(str(model_dir), cfg.seed, w, jobs, results, cfg.check, cfg.kind, cfg.kind_share, cfg.scan_looks),
             daemon=True,
         )
         for w in range(cfg.workers)

@@ -85,11 +85,13 @@ def fresh_copy(source: str, target: Path, seed: int) -> Path:
 
 def rl_config(cfg: ReproConfig, arm: str, out: Path) -> RLConfig:
     """The ``glimpse train rl`` settings of one arm."""
+    from glimpse.train.rl import STREAM_SEED
+
     spec = ARMS[arm]
     model = str(fresh_copy(cfg.model, out / "init", cfg.seed)) if spec.get("fresh_init") else cfg.model  # type: ignore[arg-type]
     return RLConfig(
         model=model,
-        data=spec["data"],
+        data=f"{spec['data']}:{STREAM_SEED}:{cfg.kind}" if cfg.kind else spec["data"],
         out=str(out / "train"),
         steps=cfg.steps,
         prompts=cfg.prompts,
@@ -110,7 +112,7 @@ def eval_config(cfg: ReproConfig, model: str, out: Path, *, fold: bool = False, 
     """The ``glimpse eval`` settings of one arm: at ``caps`` (default ``--caps``), or with ``fold`` at
     ``--fold-cap`` keeping only ``--keep-images`` zoom images in the context."""
     return EvalConfig(
-        data=f"probes:hard:{cfg.eval_n}",
+        data=f"probes:hard:{cfg.eval_n}" + (f":0:{cfg.kind}" if cfg.kind else ""),
         model=f"hf:{model}",
         out=str(out / (FOLD if fold else "eval")),
         max_turns=str(cfg.fold_cap) if fold else (caps or cfg.caps),
@@ -132,6 +134,11 @@ def run_repro(cfg: ReproConfig, *, say: Callable[[str], None] = print) -> dict[s
     if not cfg.model:
         raise ConfigError("choose the cold-start checkpoint with --model (e.g. the built-in model's folder)")
     arms = parse_arms(cfg.arms)
+    if cfg.kind:
+        from glimpse.probes.synth import KINDS
+
+        if cfg.kind not in KINDS:
+            raise ConfigError(f"--kind {cfg.kind!r}: choose one of {', '.join(KINDS)}, or leave it empty for all")
     if cfg.fold_cap < 0 or (cfg.fold_cap and cfg.keep_images < 1):
         raise ConfigError(
             f"--fold-cap {cfg.fold_cap} --keep-images {cfg.keep_images}: the fold cap is a turn cap (0: off) and "
@@ -167,7 +174,7 @@ def run_repro(cfg: ReproConfig, *, say: Callable[[str], None] = print) -> dict[s
             say(f"[{arm}] evaluating at cap {cfg.fold_cap} keeping the last {cfg.keep_images} zoom images")
             asyncio.run(run_eval(eval_config(cfg, model, out, fold=True)))
             release_freed_memory()
-    report = collect(root, parse_caps(cfg.caps), cfg.train_turns)
+    report = collect(root, parse_caps(cfg.caps), cfg.train_turns, cfg.kind)
     write_report(root, report)
     say(f"report → {root / 'turn_scaling.md'}")
     return report
@@ -193,7 +200,7 @@ def parse_caps(text: str) -> list[int]:
     return caps(text)
 
 
-def collect(root: Path, caps: list[int], train_turns: int = 6) -> dict[str, Any]:
+def collect(root: Path, caps: list[int], train_turns: int = 6, kind: str = "") -> dict[str, Any]:
     """Per arm with a finished evaluation: accuracy (with probes and 95 % interval), mean turns and over-turn rate
     per cap and at the fold cap, the turn counts of correct answers at the largest cap, and the training log; then
     the claims checked against them."""
@@ -224,7 +231,7 @@ def collect(root: Path, caps: list[int], train_turns: int = 6) -> dict[str, Any]
             "train_steps": [{k: r[k] for k in ("step", "reward", "turns", "over_turn")} for r in steps],
         }
     caps = sorted(set(caps) | {c for a in arms.values() for c in a["caps"]})  # an untrained arm's training cap
-    report = {"caps": caps, "train_turns": train_turns, "arms": arms}
+    report = {"caps": caps, "train_turns": train_turns, "kind": kind, "arms": arms}
     report["claims"] = check_claims(report)
     return report
 
@@ -270,6 +277,10 @@ def _train_summary(steps: list[dict[str, Any]]) -> dict[str, Any] | None:
         "turns_last": round(mean("turns", tail), 2),
         "over_turn_last": round(mean("over_turn", tail), 3),
     }
+
+
+def _kind(report: dict[str, Any]) -> str:
+    return f", question kind {report['kind']}" if report.get("kind") else ""
 
 
 def _cell(f: dict[str, Any] | None, unit: str = "") -> str:
@@ -446,7 +457,8 @@ def write_report(root: Path, report: dict[str, Any]) -> None:
         fold_head = " | " + ", ".join(f"cap {c}, last {k} images" for c, k in folds) if folds else ""
         lines += [
             f"Accuracy (%) by test-time turn cap, with its 95 % Wilson interval over the probes; {first['questions']} "
-            f"hard probes (seed 0, never trained on); chance {100 * first['chance']:.1f} %."
+            f"hard probes (seed 0, never trained on{_kind(report)}); "
+            f"chance {100 * first['chance']:.1f} %."
             + (
                 " The last accuracy column keeps only the last zoom images in the context (context folding)."
                 if folds

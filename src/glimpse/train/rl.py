@@ -49,7 +49,7 @@ from glimpse.hf.processor import load_processor
 from glimpse.images import ImageCache, release_freed_memory
 from glimpse.models.hf import HFBackend, resolve_checkpoint
 from glimpse.probes.stream import probe_sample
-from glimpse.probes.synth import LEVELS
+from glimpse.probes.synth import KINDS, LEVELS
 from glimpse.train.common import (
     IGNORE,
     Example,
@@ -93,9 +93,9 @@ STREAM_SEED = 1  # streamed probes default to seed 1; the evaluation's probes us
 class Prompts:
     """Question ``i`` of the run, the same on every run with the same data and seed (so a resume continues).
 
-    ``stream:LEVEL[+LEVEL...][:SEED]`` makes fresh probes (cycling through the levels) into a scratch folder
-    a few ahead of need, and deletes each after its step; any other spec is a dataset (``load_dataset``),
-    visited in a seeded order reshuffled each pass.
+    ``stream:LEVEL[+LEVEL...][:SEED[:KIND]]`` makes fresh probes (cycling through the levels; of one question kind
+    of ``synth.KINDS`` when ``KIND`` is given) into a scratch folder a few ahead of need, and deletes each after its
+    step; any other spec is a dataset (``load_dataset``), visited in a seeded order reshuffled each pass.
     """
 
     def __init__(self, spec: str, seed: int, folder: Path, keep_images: bool):
@@ -103,11 +103,15 @@ class Prompts:
         self.levels: tuple[str, ...] = ()
         self.samples: list[Sample] = []
         if spec.startswith("stream:"):
-            levels, _, stream_seed = spec[len("stream:") :].partition(":")
+            levels, _, rest = spec[len("stream:") :].partition(":")
+            stream_seed, _, kind = rest.partition(":")
             self.levels = tuple(x for x in levels.split("+") if x)
             unknown = [x for x in self.levels if x not in LEVELS]
             if not self.levels or unknown:
                 raise ConfigError(f"stream spec {spec!r}: levels are {', '.join(LEVELS)}, joined with '+'")
+            if kind and kind not in KINDS:
+                raise ConfigError(f"stream spec {spec!r}: the question kind is one of {', '.join(KINDS)}")
+            self.kind = kind or None
             try:
                 self.stream_seed = int(stream_seed) if stream_seed else STREAM_SEED
             except ValueError:
@@ -135,7 +139,7 @@ class Prompts:
     def _make(self, i: int) -> Sample:
 
         level = self.levels[i % len(self.levels)]
-        return probe_sample(level, i, self.stream_seed, self.folder)
+        return probe_sample(level, i, self.stream_seed, self.folder, kind=self.kind)
 
     def done_with(self, samples: list[Sample], cache: ImageCache) -> None:
         """Forget streamed probes' decoded originals once their step is over (no later step asks for them: they
