@@ -588,7 +588,7 @@ class BuiltinConfig:
     scan_looks: int = opt(
         0,
         "most looks the teacher's scan of look-alikes takes before answering a left-or-right question (0: until it "
-        "has seen both named signs, about 7 looks among a hard probe's 8-12; attempt 12's B10b used 4)",
+        "has seen both named signs, about 9 looks among a hard probe's 8-12; attempt 12's B10b used 4)",
     )
     train_only: str = opt(
         "",

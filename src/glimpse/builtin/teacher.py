@@ -14,8 +14,8 @@ reads a code the question names (``relative_position`` among more than two signs
 codes are too small to read in the first view. There the teacher looks at those signs from left to right, as a
 student can (their border colour shows), until it has seen both it needs (or, with ``scan_looks``, that many of
 them), then answers. Every look is trained: it is the search the student should make. Among 8-12 look-alikes a
-whole scan takes about 7 looks, more than the recipe's 6-turn cap allows: a search that the cap cuts, which is
-what over-turn masking is for (the README's reproduction section).
+whole scan takes about 9 looks (100 hard probes of seed 0), more than the recipe's 6-turn cap allows: a search
+the cap cuts, which is what over-turn masking is for (the README's reproduction section).
 
 **Checking** (``wrong > 0``): the student's first zoom is not always right, and a search that answers from the
 wrong sign is lost. So some scripts first look at ``wrong`` signs that are not the target: look-alike candidates
