@@ -20,6 +20,16 @@ import pytest
 from PIL import Image
 
 
+def interruptible() -> None:
+    """``preexec_fn`` for a child a test stops with SIGINT: Ctrl-C as a terminal delivers it. A child inherits an
+    ignored or blocked SIGINT from whatever started the suite (a background job of a shell without job control
+    ignores it), and Python then never raises KeyboardInterrupt."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 @pytest.fixture(autouse=True, scope="session")
 def glimpse_home(tmp_path_factory) -> Path:
     """Keep generated probes and extracted images out of the user's home, shared by the session's tests."""

@@ -177,7 +177,7 @@ def test_ctrl_c_in_glimpse_ask_saves_what_was_done(make_image, write_script, tmp
     """An interrupted ask exits 130 and, with --save, keeps the turns already taken, stopped as 'cancelled'."""
     import signal
 
-    from conftest import glimpse_server
+    from conftest import glimpse_server, interruptible
 
     zoom = '<grounding>{"bbox_2d": [0.1, 0.1, 0.5, 0.5], "source": "original_image"}</grounding>'
     script = write_script([[zoom, zoom, zoom, zoom, "<answer>x</answer>"]])
@@ -185,7 +185,11 @@ def test_ctrl_c_in_glimpse_ask_saves_what_was_done(make_image, write_script, tmp
     with glimpse_server("--model", f"scripted:{script}", "--latency", "1.0") as base:
         args = ["ask", str(make_image()), "?", "--model", "openai:m", "--base-url", base, "--save", str(saved)]
         proc = subprocess.Popen(
-            [sys.executable, "-m", "glimpse", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            [sys.executable, "-m", "glimpse", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=interruptible,
         )
         lines = []
         deadline = time.monotonic() + 60

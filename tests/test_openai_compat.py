@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
-from conftest import app_server, free_port
+from conftest import app_server, free_port, interruptible
 from glimpse.agent import AgentLoop
 from glimpse.errors import BackendError, ContextLengthError
 from glimpse.models.base import GenerateParams, Message, TextDelta
@@ -449,7 +449,9 @@ def test_ctrl_c_in_glimpse_ask_closes_the_stream(make_image):
 
     with app_server(scripted_app(handler)) as base:
         args = ["ask", str(make_image()), "?", "--model", "openai:m", "--base-url", base]
-        proc = subprocess.Popen([sys.executable, "-m", "glimpse", *args], stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "glimpse", *args], stdout=subprocess.PIPE, text=True, preexec_fn=interruptible
+        )
         deadline = time.monotonic() + 60
         while state["sent"] < 5 and time.monotonic() < deadline:  # the reply is streaming
             time.sleep(0.02)
