@@ -537,7 +537,7 @@ def test_a_frozen_run_trains_only_the_part_added_to_its_init_on_one_question_kin
     for bad, match in (
         ({"init": ""}, "pass --init"),
         ({"init": str(model_dir)}, "nothing would train"),
-        ({"kind": "colour"}, "not a probe question kind"),
+        ({"kind": "colour"}, "unknown probe question kind"),
         ({"train_only": "vision."}, "names no weight"),
     ):
         with pytest.raises(ConfigError, match=match):

@@ -105,7 +105,7 @@ def test_write_probes_is_the_same_whatever_the_workers(tmp_path):
 def test_bad_arguments():
     with pytest.raises(ConfigError, match="unknown level"):
         make_probe("impossible", 0)
-    with pytest.raises(ConfigError, match="unknown probe kind"):
+    with pytest.raises(ConfigError, match="unknown probe question kind"):
         make_probe("easy", 0, kind="riddle")
 
 

@@ -453,7 +453,7 @@ def test_turn_scaling_repro_of_one_question_kind_trains_and_evaluates_on_that_ki
     assert {s.meta["category"] for s in samples} == {"relative_position"}
     with pytest.raises(ConfigError, match="question kind"):
         Prompts("stream:hard:1:colour", 0, tmp_path / "bad", keep_images=False)
-    with pytest.raises(ConfigError, match="--kind 'colour'"):
+    with pytest.raises(ConfigError, match="--kind: unknown probe question kind 'colour'"):
         run_repro(ReproConfig(model="x", out=str(tmp_path), kind="colour"))
 
 

@@ -563,14 +563,14 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
         raise ConfigError(f"--mix takes {len(LEVELS)} weights (card, easy, medium, hard), got {cfg.mix!r}")
     if not 0 <= cfg.read_minutes < cfg.minutes:
         raise ConfigError(f"--read-minutes ({cfg.read_minutes:g}) must be at least 0 and less than --minutes")
-    from glimpse.probes.synth import KINDS
+    from glimpse.probes.synth import check_kind
 
     if cfg.scan_looks < 0:
         raise ConfigError(f"--scan-looks ({cfg.scan_looks}) is a number of looks: 0 (until both are seen) or more")
     if not 0 < cfg.kind_share <= 1:
         raise ConfigError(f"--kind-share ({cfg.kind_share:g}) must be above 0 and at most 1")
-    if cfg.kind and cfg.kind not in KINDS:
-        raise ConfigError(f"--kind {cfg.kind!r} is not a probe question kind; choose one of {', '.join(KINDS)}")
+    if cfg.kind:
+        check_kind(cfg.kind, "--kind", pairs=False)
     if cfg.train_only == "new" and not cfg.init:
         raise ConfigError("--train-only new trains the weights --init lacks: pass --init (a trained checkpoint)")
     if cfg.init:

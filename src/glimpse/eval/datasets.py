@@ -714,12 +714,12 @@ def _o3bench_boxes(row: dict[str, Any]) -> list[list[int]] | None:
 def load_probes(level: str, n: int = 100, seed: int = 0, kind: str | None = None) -> Dataset:
     """``n`` generated probes of a level (of one ``kind`` only, when given), generated once into
     ``$GLIMPSE_HOME/probes/``."""
-    from glimpse.probes.synth import GENERATOR_VERSION, KINDS, LEVELS, PAIR_KINDS, write_probes
+    from glimpse.probes.synth import GENERATOR_VERSION, LEVELS, check_kind, write_probes
 
     if level not in LEVELS:
         raise ConfigError(f"unknown probe level {level!r}; choose one of {', '.join(LEVELS)}")
-    if kind is not None and kind not in KINDS + PAIR_KINDS:
-        raise ConfigError(f"unknown probe kind {kind!r}; choose one of {', '.join(KINDS + PAIR_KINDS)}")
+    if kind is not None:
+        check_kind(kind, f"probes:{level}:{n}:{seed}:{kind}")
     folder = glimpse_home() / "probes" / (f"{level}-s{seed}-n{n}-v{GENERATOR_VERSION}" + (f"-{kind}" if kind else ""))
     path = folder / "val.json"
     if not path.exists():

@@ -85,6 +85,18 @@ _MIN_FONT_PX = 10
 GENERATOR_VERSION = 2
 KINDS = ("read_code", "marker_color", "marker_shape", "which_marked", "count", "relative_position")
 PAIR_KINDS = ("which_image", "split_code")
+
+
+def check_kind(kind: str, what: str, pairs: bool = True) -> str:
+    """``kind`` when it is a probe question kind (``KINDS``, and ``PAIR_KINDS`` when ``pairs``), else a
+    ``ConfigError`` that starts with ``what`` (the option or spec it came from) and lists the kinds."""
+    kinds = KINDS + PAIR_KINDS if pairs else KINDS
+    if kind not in kinds:
+        only = "" if pairs else " (single-image kinds only)"
+        raise ConfigError(f"{what}: unknown probe question kind {kind!r}{only}; choose one of {', '.join(kinds)}")
+    return kind
+
+
 ASPECTS = ((16, 9), (4, 3), (3, 2), (2, 1), (1, 1), (3, 4))
 
 
@@ -464,9 +476,7 @@ def make_probe(
         raise ConfigError(f"unknown level {level!r}; choose one of {', '.join(LEVELS)}")
     spec = LEVELS[level]
     rng = random.Random(f"glimpse-probe/{level}/{seed}/{index}" + (f"/{salt}" if salt else ""))
-    kind = kind or KINDS[index % len(KINDS)]
-    if kind not in KINDS:
-        raise ConfigError(f"unknown probe kind {kind!r}; choose one of {', '.join(KINDS + PAIR_KINDS)}")
+    kind = check_kind(kind or KINDS[index % len(KINDS)], "make_probe")
     limits = limits or PixelLimits()
 
     # 1. The canvas, and a font small enough to be illegible in the full view.
@@ -616,7 +626,7 @@ def make_pair_probe(
         raise ConfigError(f"unknown level {level!r}; choose one of {', '.join(LEVELS)}")
     kind = kind or PAIR_KINDS[index % len(PAIR_KINDS)]
     if kind not in PAIR_KINDS:
-        raise ConfigError(f"unknown two-image probe kind {kind!r}; choose one of {', '.join(PAIR_KINDS)}")
+        raise ConfigError(f"{kind!r} is not a two-image probe kind; choose one of {', '.join(PAIR_KINDS)}")
     rng = random.Random(f"glimpse-probe-pair/{kind}/{level}/{seed}/{index}")
     border = rng.choice(list(BORDER_COLORS))
     starred_at = rng.randrange(2)

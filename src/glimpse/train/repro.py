@@ -135,10 +135,9 @@ def run_repro(cfg: ReproConfig, *, say: Callable[[str], None] = print) -> dict[s
         raise ConfigError("choose the cold-start checkpoint with --model (e.g. the built-in model's folder)")
     arms = parse_arms(cfg.arms)
     if cfg.kind:
-        from glimpse.probes.synth import KINDS
+        from glimpse.probes.synth import check_kind
 
-        if cfg.kind not in KINDS:
-            raise ConfigError(f"--kind {cfg.kind!r}: choose one of {', '.join(KINDS)}, or leave it empty for all")
+        check_kind(cfg.kind, "--kind", pairs=False)
     if cfg.fold_cap < 0 or (cfg.fold_cap and cfg.keep_images < 1):
         raise ConfigError(
             f"--fold-cap {cfg.fold_cap} --keep-images {cfg.keep_images}: the fold cap is a turn cap (0: off) and "

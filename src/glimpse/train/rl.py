@@ -49,7 +49,7 @@ from glimpse.hf.processor import load_processor
 from glimpse.images import ImageCache, release_freed_memory
 from glimpse.models.hf import HFBackend, resolve_checkpoint
 from glimpse.probes.stream import probe_sample
-from glimpse.probes.synth import KINDS, LEVELS
+from glimpse.probes.synth import LEVELS, check_kind
 from glimpse.train.common import (
     IGNORE,
     Example,
@@ -109,9 +109,7 @@ class Prompts:
             unknown = [x for x in self.levels if x not in LEVELS]
             if not self.levels or unknown:
                 raise ConfigError(f"stream spec {spec!r}: levels are {', '.join(LEVELS)}, joined with '+'")
-            if kind and kind not in KINDS:
-                raise ConfigError(f"stream spec {spec!r}: the question kind is one of {', '.join(KINDS)}")
-            self.kind = kind or None
+            self.kind = check_kind(kind, f"stream spec {spec!r}", pairs=False) if kind else None
             try:
                 self.stream_seed = int(stream_seed) if stream_seed else STREAM_SEED
             except ValueError:
