@@ -161,7 +161,7 @@ def test_a_zooms_drawn_pixels_go_through_the_jpeg_a_probes_file_does():
     assert np.abs(cut - file_cut).mean() < np.abs(crisp_cut - file_cut).mean()
 
 
-def test_skills_are_scored_per_zoom_and_per_answer():
+def test_skills_are_scored_per_zoom_per_answer_and_per_choice_to_stop():
     ids = {"box_open": 9, "answer_open": 7, "answer_close": 8}
     # first zoom: box opening then five pointer tokens; a second zoom; an answer of two tokens and its close
     target = [9, 1, 2, 3, 4, 5, -100, 9, 1, 2, 3, 4, 6, -100, 7, 20, 21, 8]
@@ -173,6 +173,13 @@ def test_skills_are_scored_per_zoom_and_per_answer():
     assert got["answer/hard/read_code"] == [0] and got["answer/read_code"] == [0] and got["first_zoom/hard"] == [1]
     pred[16] = 21
     assert skills(target, pred, "hard", "read_code", ids)["answer"] == [1]
+    # each reply's first token is the choice to look on or to answer: two looks, then an answer
+    assert got["go_on"] == [1, 1] and got["stop"] == [1] and got["stop/hard/read_code"] == [1]
+    pred[14] = 9  # looks again where the teacher answers
+    got = skills(target, pred, "hard", "read_code", ids)
+    assert got["stop"] == [0] and got["go_on"] == [1, 1] and got["answer"] == [1]
+    pred[14], pred[7] = 7, 7  # answers where the teacher looks again
+    assert skills(target, pred, "hard", "read_code", ids)["go_on"] == [1, 0]
 
 
 def make_target_candidates(level: str) -> list[dict]:

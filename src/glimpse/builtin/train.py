@@ -370,8 +370,9 @@ def skills(
     """Teacher-forced right/wrong per skill of one example (``target`` and ``pred`` aligned, -100 = untrained):
     each zoom (all its pointer tokens right: the region chosen) split into the first and later ones (the first
     trained zoom after ``checked`` untrained wrong looks: ``recover_zoom``; the reply after them starting a zoom,
-    not an answer: ``look_again``), and the answer (every token through ``</answer>`` right); each also per level,
-    per question kind and per both."""
+    not an answer: ``look_again``), the answer (every token through ``</answer>`` right), and each reply's first
+    token, the choice between answering and looking on (``stop`` where the teacher answers, ``go_on`` where it
+    looks); each also per level, per question kind and per both."""
     out: dict[str, list[int]] = {}
 
     def add(name: str, ok: bool) -> None:
@@ -384,6 +385,8 @@ def skills(
             add("look_again", pred[first] == target[first])
     zooms = 0
     for i, token in enumerate(target):
+        if token != IGNORE and (i == 0 or target[i - 1] == IGNORE):  # a reply's first token: answer now or look
+            add("stop" if token == ids["answer_open"] else "go_on", pred[i] == token)
         if token == ids["box_open"]:
             ok = all(pred[k] == target[k] for k in range(i + 1, min(i + 6, len(target))))
             add(("recover_zoom" if checked else "first_zoom") if zooms == 0 else "later_zoom", ok)
