@@ -226,3 +226,12 @@ def test_synth_makes_two_image_probes(tmp_path):
     rows = json.loads((tmp_path / "easy" / "val.json").read_text())
     assert [len(r["images"]) for r in rows] == [2, 2] and {r["kind"] for r in rows} == {"which_image"}
     assert all((tmp_path / "easy" / name).is_file() for r in rows for name in r["images"])
+
+
+def test_eval_summary_printed_to_a_log_keeps_every_figure_whole(tmp_path):
+    # not a terminal: rich would squeeze the 12 columns into 80 characters and cut figures to "66…"
+    proc = glimpse("eval", "--data", "probes:easy:2", "--model", "oracle", "--out", str(tmp_path / "run"))
+    assert proc.returncode == 0, proc.stderr
+    table = proc.stdout[proc.stdout.index("┏") : proc.stdout.rindex("┘") + 1]
+    assert "…" not in table
+    assert all(name in table for name in ("turn cap", "Avg@k", "over-turn", "backend err"))

@@ -400,6 +400,22 @@ def _eval_table(run: Any) -> Any:
     return table
 
 
+def _print_table(console: Console, table: Any) -> None:
+    """Print ``table`` whole where the output is not a terminal (a log, a pipe): rich's 80 columns there would cut
+    the figures down to an ellipsis. A terminal keeps its own width."""
+    from rich.measure import Measurement
+
+    if console.is_terminal:
+        console.print(table)
+        return
+    width = console.width
+    console.width = max(width, Measurement.get(console, console.options.update_width(1_000), table).maximum)
+    try:
+        console.print(table)
+    finally:
+        console.width = width
+
+
 def run_eval_command(cfg: EvalConfig) -> int:
     """``glimpse eval``: run with a progress bar, then print the summary and where the files are."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -448,7 +464,7 @@ def run_eval_command(cfg: EvalConfig) -> int:
 
         with progress:
             paired = asyncio.run(run_counterfactual(cfg, on_progress=on_progress, on_start=on_start))
-        console.print(_eval_table(paired.normal))
+        _print_table(console, _eval_table(paired.normal))
         cap, s = max(paired.pairs.items())
         console.print(
             f"counterfactual ({paired.kind} crops), turn cap {cap}, {s['n']} paired units: accuracy "
@@ -461,7 +477,7 @@ def run_eval_command(cfg: EvalConfig) -> int:
     else:
         with progress:
             run = asyncio.run(run_eval(cfg, on_progress=on_progress, on_start=on_start))
-        console.print(_eval_table(run))
+        _print_table(console, _eval_table(run))
     files = "summary.md, summary.json, trajectories.jsonl" + (", sweep.png" if len(run.summaries) > 1 else "")
     console.print(
         f"[dim]{run.ran} units run, {run.skipped} already done, {run.elapsed_s:.1f} s · {run.out}/: {files}[/]"
