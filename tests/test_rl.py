@@ -579,3 +579,20 @@ def test_turn_scaling_repro_judges_an_untrained_no_coldstart_arm_at_its_training
     assert "| no-coldstart | 100 | 20.0 (13.3–28.9) | – | 1.00 (cap 6) |" in md
     arms["no-coldstart"] = {6: (0.30, 1.0)}  # 3 points below full at cap 6: not far below
     assert _verdicts(_made_up_repro(tmp_path / "close", arms))["cold start"] == "does not hold"
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_freezing_vision_freezes_every_part_of_the_builtin_model_that_reads_pixels(tmp_path, freeze):
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForImageTextToText
+
+    from glimpse.train.common import prepare_model, trainable
+
+    model = AutoModelForImageTextToText.from_pretrained(build_builtin(tmp_path / "m", size="tiny"))
+    settings = SimpleNamespace(lora=False, freeze_vision=freeze, freeze_projector=True, gradient_checkpointing=False)
+    names = set(trainable(prepare_model(model, settings)))
+    seeing = [n for n, _ in model.named_parameters() if n.startswith(("visual.", "reader.", "region_heads."))]
+    assert {n.split(".")[0] for n in seeing} == {"visual", "reader", "region_heads"}
+    assert any(n.startswith("model.layers.") for n in names) and "found.direction" in names
+    assert names.isdisjoint(seeing) if freeze else names.issuperset(seeing)

@@ -298,7 +298,10 @@ class SFTConfig:
     lora_r: int = opt(16, "LoRA rank")
     lora_alpha: int = opt(32, "LoRA alpha")
     lora_dropout: float = opt(0.05, "LoRA dropout")
-    freeze_vision: bool = opt(True, "keep the vision tower frozen (Mini-o3 recipe)")
+    freeze_vision: bool = opt(
+        True,
+        "keep the vision tower frozen (Mini-o3 recipe; in the built-in model its region encoder, reader, region heads)",
+    )
     freeze_projector: bool = opt(True, "keep the vision-language projector (merger) frozen (Mini-o3 recipe)")
     lr: float = opt(1e-5, "peak learning rate (Mini-o3: 1e-5 full fine-tuning; LoRA usually 1e-4)")
     epochs: int = opt(3, "passes over the data")
@@ -357,7 +360,9 @@ class RLConfig:
     lora_r: int = opt(16, "LoRA rank")
     lora_alpha: int = opt(32, "LoRA alpha")
     lora_dropout: float = opt(0.0, "LoRA dropout")
-    freeze_vision: bool = opt(True, "keep the vision tower frozen")
+    freeze_vision: bool = opt(
+        True, "keep the vision tower frozen (the built-in model: its region encoder, reader and region heads)"
+    )
     freeze_projector: bool = opt(True, "keep the vision-language projector frozen")
     gradient_checkpointing: bool = opt(False, "trade compute for memory")
     max_batch: int = opt(32, "most rollout requests generated together")

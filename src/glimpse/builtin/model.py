@@ -840,6 +840,9 @@ class GlimpseVLForConditionalGeneration(GlimpseVLPreTrainedModel, GenerationMixi
     """The built-in model: ``RegionEncoder`` → region tokens → ``Qwen2Model`` → tied LM head and the pointer."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}  # noqa: RUF012
+    # what looks at pixels beside ``visual`` (the region encoder): frozen with it where a recipe freezes vision
+    # (``glimpse.train.common.prepare_model``; Mini-o3's RL keeps the vision tower as SFT left it)
+    vision_prefixes = ("reader.", "region_heads.")
 
     def __init__(self, config: GlimpseVLConfig):
         super().__init__(config)

@@ -225,9 +225,17 @@ def collate(examples: list[Example], pad_id: int, image_token_id: int) -> dict[s
 
 
 # ----------------------------------------------------------------------------------------------------- model
+def vision_parameters(model: Any) -> list[str]:
+    """The names of the parameters that look at pixels: a vision tower's (``visual.`` in the name, as Qwen-VL and
+    the built-in model call it) and those under the prefixes a model declares as ``vision_prefixes`` (the
+    built-in model's reader and region heads, which read panels and regions apart from its encoder)."""
+    own = tuple(getattr(model, "vision_prefixes", ()))
+    return [n for n, _ in model.named_parameters() if ".visual." in f".{n}" or (own and n.startswith(own))]
+
+
 def prepare_model(model: Any, cfg: ModelSettings) -> Any:
     """Freeze what does not train, or wrap in LoRA adapters; return the model to train."""
-    visual = [n for n, _ in model.named_parameters() if ".visual." in f".{n}"]
+    visual = set(vision_parameters(model))
     if cfg.lora:
         from peft import LoraConfig, get_peft_model
 
