@@ -285,6 +285,7 @@ def test_turn_scaling_repro_runs_arm_by_arm_and_reports(memorised, tmp_path):
     trained = {a: json.loads((root / a / "train" / "config.json").read_text()) for a in ARMS if a != "sft"}
     assert [c["mask_over_turn"] for c in trained.values()] == [True, False, True, True]
     assert trained["no-hard"]["data"] == "stream:medium+easy" and trained["full"]["data"].count("hard") == 1
+    assert report["arms"]["no-hard"]["train"]["data"] == "stream:medium+easy"
     # no-coldstart starts from a fresh model of the same architecture, with the checkpoint's prompts
     init = root / "no-coldstart" / "init"
     assert (init / PROMPT_FILE).exists()
@@ -300,6 +301,26 @@ def test_turn_scaling_repro_runs_arm_by_arm_and_reports(memorised, tmp_path):
         "cold start",
         "hard data",
     ]
+
+
+def test_turn_scaling_repro_train_levels_mix_and_errors(tmp_path):
+    """``--train-levels`` sets what the RL arms train on (cycled, a repeat weighs more); no-hard drops hard; a bad
+    mix stops the command before any arm runs."""
+    from glimpse.config import ReproConfig
+    from glimpse.train.repro import rl_config, run_repro
+
+    cfg = ReproConfig(model="m", train_levels="hard+hard+medium", kind="relative_position")
+    assert rl_config(cfg, "full", tmp_path).data == "stream:hard+hard+medium:1:relative_position"
+    assert rl_config(cfg, "no-hard", tmp_path).data == "stream:medium:1:relative_position"
+    assert rl_config(ReproConfig(model="m", train_levels="hard"), "no-mask", tmp_path).data == "stream:hard"
+    for levels, arms, match in (
+        ("hard", "sft,full,no-hard", "no-hard arm .* no other level"),
+        ("hard+expert", "full", "levels are easy, medium, hard"),
+        ("", "full", "levels are"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            run_repro(ReproConfig(model="m", out=str(tmp_path / "r"), arms=arms, train_levels=levels))
+    assert not (tmp_path / "r").exists()  # nothing ran
 
 
 def test_turn_scaling_repro_wilson_interval_hand_computed():

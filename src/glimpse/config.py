@@ -391,6 +391,11 @@ class ReproConfig:
     max_draws: int = opt(2, "dynamic sampling draws at most this many times --prompts prompts per step")
     lr: float = opt(2e-5, "RL learning rate")
     train_turns: int = opt(6, "turn cap while training (Mini-o3: 6)")
+    train_levels: str = opt(
+        "hard+medium+easy",
+        "probe levels the RL arms train on, cycled, joined with '+' (repeat one to weigh it more; hard alone makes "
+        "the training cap bind most); no-hard drops hard",
+    )
     max_new_tokens: int = opt(256, "most tokens per reply")
     eval_n: int = opt(100, "fresh hard probes (seed 0) every arm is evaluated on")
     caps: str = opt("4,6,8,16,32", "test-time turn caps")

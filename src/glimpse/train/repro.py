@@ -5,10 +5,10 @@ model may take up to 32 turns at test time. The command trains one RL run per *a
 cold-start checkpoint unless the arm says otherwise, and evaluates every arm (and the starting checkpoint) on the
 same fresh hard probes at turn caps 4, 6, 8, 16 and 32:
 
-* ``full``: over-turn masking, hard + medium + easy probes (Mini-o3's recipe);
+* ``full``: over-turn masking, hard + medium + easy probes (Mini-o3's recipe; ``--train-levels`` changes the mix);
 * ``no-mask``: the same without over-turn masking (capped trajectories get reward 0 and a negative advantage);
 * ``no-coldstart``: RL straight from a freshly initialised model of the same architecture (no cold-start SFT);
-* ``no-hard``: masking, but only easy and medium probes;
+* ``no-hard``: masking, the same levels less hard;
 * ``sft``: no RL at all; the starting checkpoint (a reference line, evaluated, not trained).
 
 Everything lands in OUT: ``ARM/train`` (a ``glimpse train rl`` folder) and ``ARM/eval`` (a ``glimpse eval``
@@ -48,11 +48,32 @@ CAP_BINDS = 0.05  # under this over-turn rate late in training the cap hardly bi
 
 ARMS: dict[str, dict[str, Any]] = {
     "sft": {},  # evaluated only
-    "full": {"mask_over_turn": True, "data": "stream:hard+medium+easy"},
-    "no-mask": {"mask_over_turn": False, "data": "stream:hard+medium+easy"},
-    "no-coldstart": {"mask_over_turn": True, "data": "stream:hard+medium+easy", "fresh_init": True},
-    "no-hard": {"mask_over_turn": True, "data": "stream:medium+easy"},
+    "full": {"mask_over_turn": True},
+    "no-mask": {"mask_over_turn": False},
+    "no-coldstart": {"mask_over_turn": True, "fresh_init": True},
+    "no-hard": {"mask_over_turn": True, "no_hard": True},
 }
+
+
+def train_levels(cfg: ReproConfig, arm: str) -> list[str]:
+    """The probe levels an arm trains on, cycled in this order: ``--train-levels`` (a level repeated weighs more),
+    less hard for ``no-hard``."""
+    from glimpse.probes.synth import LEVELS
+
+    levels = [x.strip() for x in cfg.train_levels.split("+") if x.strip()]
+    unknown = [x for x in levels if x not in LEVELS]
+    if not levels or unknown:
+        raise ConfigError(
+            f"--train-levels {cfg.train_levels!r}: levels are {', '.join(LEVELS)}, joined with '+' "
+            "(repeat one to weigh it more, e.g. hard+hard+medium+easy)"
+        )
+    if ARMS[arm].get("no_hard"):
+        levels = [x for x in levels if x != "hard"]
+        if not levels:
+            raise ConfigError(
+                f"the no-hard arm trains on --train-levels less hard, and {cfg.train_levels!r} has no other level"
+            )
+    return levels
 
 
 def parse_arms(spec: str) -> list[str]:
@@ -89,9 +110,10 @@ def rl_config(cfg: ReproConfig, arm: str, out: Path) -> RLConfig:
 
     spec = ARMS[arm]
     model = str(fresh_copy(cfg.model, out / "init", cfg.seed)) if spec.get("fresh_init") else cfg.model  # type: ignore[arg-type]
+    data = "stream:" + "+".join(train_levels(cfg, arm))
     return RLConfig(
         model=model,
-        data=f"{spec['data']}:{STREAM_SEED}:{cfg.kind}" if cfg.kind else spec["data"],
+        data=f"{data}:{STREAM_SEED}:{cfg.kind}" if cfg.kind else data,
         out=str(out / "train"),
         steps=cfg.steps,
         prompts=cfg.prompts,
@@ -134,6 +156,9 @@ def run_repro(cfg: ReproConfig, *, say: Callable[[str], None] = print) -> dict[s
     if not cfg.model:
         raise ConfigError("choose the cold-start checkpoint with --model (e.g. the built-in model's folder)")
     arms = parse_arms(cfg.arms)
+    for arm in arms:
+        if arm != "sft":
+            train_levels(cfg, arm)  # before any arm runs: a bad mix would stop the run between arms
     if cfg.kind:
         from glimpse.probes.synth import check_kind
 
@@ -226,7 +251,7 @@ def collect(root: Path, caps: list[int], train_turns: int = 6, kind: str = "") -
             "caps": per_cap,
             "fold": _fold(root / arm / FOLD),
             "correct_turns": dict(sorted(correct.items())),
-            "train": _train_summary(steps),
+            "train": _train_summary(steps, root / arm / "train" / "config.json"),
             "train_steps": [{k: r[k] for k in ("step", "reward", "turns", "over_turn")} for r in steps],
         }
     caps = sorted(set(caps) | {c for a in arms.values() for c in a["caps"]})  # an untrained arm's training cap
@@ -259,7 +284,8 @@ def _fold(folder: Path) -> dict[str, Any] | None:
     return {"cap": int(cap), "keep_images": keep, **_figures(s)}
 
 
-def _train_summary(steps: list[dict[str, Any]]) -> dict[str, Any] | None:
+def _train_summary(steps: list[dict[str, Any]], config: Path) -> dict[str, Any] | None:
+    """The run's size and its last fifth's figures, with the prompts it trained on (``data``)."""
     if not steps:
         return None
     tail = steps[-max(1, len(steps) // 5) :]  # the last fifth of the run
@@ -268,6 +294,7 @@ def _train_summary(steps: list[dict[str, Any]]) -> dict[str, Any] | None:
         return sum(r[key] for r in rows) / len(rows)
 
     return {
+        "data": json.loads(config.read_text(encoding="utf-8"))["data"] if config.exists() else None,
         "steps": len(steps),
         "trajectories": sum(r["trajectories"] for r in steps),
         "minutes": round(sum(r["seconds"] for r in steps) / 60, 1),
@@ -488,12 +515,14 @@ def write_report(root: Path, report: dict[str, Any]) -> None:
         if trained:
             lines += [
                 "",
-                "| arm | steps | trajectories | minutes | reward (first → last) | turns (last) | over-turn (last) |",
-                "|---|---|---|---|---|---|---|",
+                "| arm | prompts | steps | trajectories | minutes | reward (first → last) | turns (last) | "
+                "over-turn (last) |",
+                "|---|---|---|---|---|---|---|---|",
             ]
             for arm, t in trained.items():
                 lines.append(
-                    f"| {arm} | {t['steps']} | {t['trajectories']} | {t['minutes']} | {t['reward_first']} → "
+                    f"| {arm} | {t.get('data') or '–'} | {t['steps']} | {t['trajectories']} | {t['minutes']} | "
+                    f"{t['reward_first']} → "
                     f"{t['reward_last']} | {t['turns_last']} | {100 * t['over_turn_last']:.0f} % |"
                 )
         if _plot_curves(root / "train_curves.png", arms, report["train_turns"]):
