@@ -35,7 +35,7 @@ from PIL import Image, ImageDraw
 from glimpse.agent import AgentLoop
 from glimpse.models.scripted import ScriptedBackend
 from glimpse.tools.sandbox import PythonSession, SandboxLimits, bwrap_available
-from glimpse.trajectory import Sample, render_image
+from glimpse.trajectory import Sample, load_jsonl, render_image, save_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -245,6 +245,12 @@ ATTACKS: dict[str, tuple[str, str | None]] = {
         "print('real output')",
         "real output",
     ),  # the forged line is skipped
+    "forge the tool's answer with its id": (
+        "import sys, json\nf = sys._getframe()\nwhile 'request' not in f.f_locals: f = f.f_back\n"
+        "f.f_locals['proto'].write(json.dumps({{'id': f.f_locals['request']['id'], 'stdout': 'FORGED', "
+        "'truncated': 'many', 'image_errors': 5}}) + '\\n')\nf.f_locals['proto'].flush()\nprint('real output')",
+        "not an answer",
+    ),  # a malformed answer ends the session, it does not end the run
 }
 
 # What process isolation (run as root: its own uid, no namespaces) does not contain. bwrap contains everything.
@@ -347,6 +353,39 @@ def attack_table() -> list[str]:
     return rows
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_a_forged_answer_is_held_to_the_limits(mode):
+    """Code that writes the worker's answer itself (with the right id) still gets no more output, images or
+    pixels than the limits allow."""
+    require(mode)
+    code = textwrap.dedent(
+        """
+        import sys, json, io, base64
+        from PIL import Image
+        def png(w, h):
+            out = io.BytesIO(); Image.new('RGB', (w, h)).save(out, 'PNG')
+            return base64.b64encode(out.getvalue()).decode()
+        f = sys._getframe()
+        while 'request' not in f.f_locals: f = f.f_back
+        answer = {'id': f.f_locals['request']['id'], 'stdout': 'x' * 50_000, 'error': 'y' * 50_000,
+                  'images': [png(4000, 3000)] + [png(8, 8)] * 9, 'image_errors': ['z' * 5000] * 9}
+        f.f_locals['proto'].write(json.dumps(answer) + '\\n'); f.f_locals['proto'].flush()
+        """
+    )
+    from glimpse.tools.python import PythonTool
+
+    tool = PythonTool(SandboxLimits(wall_s=20, output_chars=1000, images_per_call=4, image_pixels=1_000_000), mode)
+    session = tool.session()
+    try:
+        result = tool.run(code, session, {})
+    finally:
+        session.close()
+    assert len(result.images) == 3  # 4 kept of 10, and the first is over the pixel limit
+    assert "4000×3000 is over the limit of 1,000,000 pixels" in result.text
+    assert "6 more were dropped" in result.text
+    assert len(result.text) < 1000 + 1000 + 4 * 500 + 1000  # output, error and notes each cut
+
+
 def test_readme_table_matches_the_suite():
     text = README.read_text()
     rows = attack_table()
@@ -419,7 +458,7 @@ def test_a_session_outlives_the_thread_that_started_it(mode):
 
 def test_attack_count():
     """The suite's size, for the record: every attack above is a separate test in each isolation."""
-    assert len(ATTACKS) == 51
+    assert len(ATTACKS) == 52
 
 
 # --------------------------------------------------------------------------------------- scripted trajectories
@@ -463,6 +502,27 @@ def test_scripted_trajectory_solves_the_82_colourings(make_image, protocol):
     if protocol == "tools":
         assert sent[-1].role == "tool" and sent[-1].tool_call_id == "c1"
     assert "python" in sent[0].text().lower() or backend.requests[0].params.tools[1]["function"]["name"] == "python"
+
+
+def test_code_mistakes_are_observations_and_the_record_saves(make_image, tmp_path):
+    """A one-pixel-thin image passed to show() and a traceback holding a lone surrogate are the model's business:
+    the loop says so and goes on, and the trajectory can be written."""
+    require_bwrap()
+    script = [
+        "<python>show(images['original_image'].crop((0, 0, 400, 1)))</python>",
+        "<python>raise Exception('\\ud800 bad')</python>",
+        "<answer>b</answer>",
+    ]
+    (traj,) = asyncio.run(
+        AgentLoop(ScriptedBackend([script]), code=True, sandbox="bwrap").run(
+            Sample(id="thin", images=[str(make_image())], question="Q?", answer="b")
+        )
+    )
+    assert traj.stop_reason == "answer" and traj.answer == "b"
+    assert "400×1 is too thin to show" in traj.turns[0].code_output and not traj.turns[0].made
+    assert "\ufffd bad" in traj.turns[1].code_output
+    save_jsonl([traj], tmp_path / "t.jsonl")
+    assert load_jsonl(tmp_path / "t.jsonl")[0].turns[1].code_output == traj.turns[1].code_output
 
 
 def test_scripted_trajectory_rotates_and_crops_through_code(tmp_path):

@@ -10,6 +10,7 @@ observations. Code-made images cannot be recomputed from geometry, so they are k
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -18,8 +19,9 @@ from pathlib import Path
 from PIL import Image
 
 from glimpse.errors import ImageInputError
-from glimpse.images import decode_image
+from glimpse.images import MAX_ASPECT_RATIO, decode_image
 from glimpse.paths import glimpse_home
+from glimpse.protocol.base import clean_text
 from glimpse.tools.sandbox import (
     CodeResult,
     PythonSession,
@@ -91,7 +93,7 @@ class PythonTool:
         made, problems = [], []
         for data in result.images:
             try:
-                image = decode_image(data, "an image from show()")
+                image = _shown_image(data, self.limits)
             except ImageInputError as exc:
                 problems.append(str(exc))
                 continue
@@ -102,6 +104,31 @@ class PythonTool:
     def close(self) -> None:
         if self.pool is not None:
             self.pool.close()
+
+
+def _shown_image(data: bytes, limits: SandboxLimits) -> Image.Image:
+    """An image from ``show()``, checked here too (the session's answer may not be the worker's): at most
+    ``limits.image_pixels`` pixels, read from the header before decoding, and an aspect ratio the loop can show.
+
+    Raises:
+        ImageInputError: not an image, too large, or too thin.
+    """
+    name = "an image from show()"
+    try:
+        with Image.open(io.BytesIO(data)) as header:
+            width, height = header.size
+    except (OSError, ValueError, Image.DecompressionBombError):
+        width = height = 0  # decode_image says what is wrong
+    if width * height > limits.image_pixels:
+        raise ImageInputError(name, f"{width}×{height} is over the limit of {limits.image_pixels:,} pixels")
+    image = decode_image(data, name)
+    if max(image.size) / min(image.size) >= MAX_ASPECT_RATIO:
+        raise ImageInputError(
+            name,
+            f"{image.width}×{image.height} is too thin to show (aspect ratio {MAX_ASPECT_RATIO}:1 or more); "
+            "pad it or show a taller or wider region",
+        )
+    return image
 
 
 def _write_png(image: Image.Image, target: Path) -> None:
@@ -130,4 +157,5 @@ def describe(result: CodeResult, problems: list[str]) -> str:
     if result.images:
         shown = len(result.images) - len(problems)
         parts.append(f"{shown} image{'s' if shown != 1 else ''} shown below." if shown else "")
-    return "\n".join(p for p in parts if p) or "The code ran and printed nothing."
+    # a lone surrogate (an escaped one in the worker's JSON) could not be written to the trajectory's file
+    return clean_text("\n".join(p for p in parts if p) or "The code ran and printed nothing.")

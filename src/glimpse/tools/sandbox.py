@@ -68,6 +68,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 from glimpse.errors import ConfigError
 
@@ -131,6 +132,42 @@ class CodeResult:
     images: list[bytes] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     killed: bool = False
+
+
+def _result_of(reply: dict[str, Any], limits: SandboxLimits, notes: list[str]) -> CodeResult | None:
+    """The worker's answer as a ``CodeResult``, held to the limits here as well (code in the session can write
+    its own answer, with the right id, past the worker's checks); ``None`` when a field is not what the worker
+    writes."""
+    stdout, truncated, error = reply.get("stdout", ""), reply.get("truncated", 0), reply.get("error")
+    encoded, dropped, problems = reply.get("images", []), reply.get("images_dropped", 0), reply.get("image_errors", [])
+    counts = (truncated, dropped)
+    if not (
+        isinstance(stdout, str)
+        and (error is None or isinstance(error, str))
+        and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts)
+        and isinstance(encoded, list)
+        and all(isinstance(x, str) for x in encoded)
+        and isinstance(problems, list)
+        and all(isinstance(x, str) for x in problems)
+    ):
+        return None
+    try:
+        images = [base64.b64decode(x, validate=True) for x in encoded[: limits.images_per_call]]
+    except ValueError:
+        return None
+    dropped += len(encoded) - len(images)
+    if dropped:
+        notes.append(
+            f"Only the first {limits.images_per_call} images passed to show() are returned; {dropped} more were "
+            "dropped."
+        )
+    notes += [x[:500] for x in problems[:4]]
+    if len(stdout) > limits.output_chars:
+        truncated += len(stdout) - limits.output_chars
+        stdout = stdout[: limits.output_chars]
+    if error is not None and len(error) > limits.output_chars:
+        error = error[: limits.output_chars] + "\n[… the rest of the error was cut]"
+    return CodeResult(stdout=stdout, truncated=truncated, error=error, images=images, notes=notes)
 
 
 @cache
@@ -605,9 +642,8 @@ class PythonSession:
             return CodeResult(
                 error=f"stopped: {reason} The session was ended; variables are gone.", notes=notes, killed=True
             )
-        try:
-            images = [base64.b64decode(s, validate=True) for s in reply.get("images", [])]
-        except (ValueError, TypeError, AttributeError):
+        result = _result_of(reply, self.limits, notes)
+        if result is None:
             self._end()
             return CodeResult(
                 error="stopped: the session sent something that is not an answer (did the code "
@@ -615,19 +651,7 @@ class PythonSession:
                 notes=notes,
                 killed=True,
             )
-        if reply.get("images_dropped"):
-            notes.append(
-                f"Only the first {self.limits.images_per_call} images passed to show() are returned; "
-                f"{reply['images_dropped']} more were dropped."
-            )
-        notes += [str(e) for e in reply.get("image_errors", [])][:4]
-        return CodeResult(
-            stdout=str(reply.get("stdout", "")),
-            truncated=int(reply.get("truncated", 0)),
-            error=reply.get("error"),
-            images=images,
-            notes=notes,
-        )
+        return result
 
     def kill(self) -> None:
         """Kill the session's processes: its process group, and every process in its cgroup or, without one,
