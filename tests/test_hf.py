@@ -25,7 +25,7 @@ from glimpse.hf.tiny import build_tiny_qwen
 from glimpse.images import image_tokens
 from glimpse.models import load_backend
 from glimpse.models.base import GenerateParams, ImagePart, Message, TextPart
-from glimpse.models.hf import HFBackend, _Prefix, _Request
+from glimpse.models.hf import HFBackend, _Prefix, _Request, special_token_escaper, to_hf
 from glimpse.models.kv_cache import KVCache, image_starts
 from glimpse.train.common import hf_chat, image_runs, render_images
 from glimpse.trajectory import Sample, load_jsonl
@@ -546,3 +546,24 @@ def test_tool_calls_from_a_local_model_never_raise():
     text, calls = split_tool_calls('hi <tool_call>{"name": "zoom_in", "arguments": {"a": 1}}</tool_call>')
     assert text == "hi " and [(c.id, c.name, c.arguments) for c in calls] == [("call_0", "zoom_in", '{"a": 1}')]
     split_tool_calls("<tool_call>{" * 200_000)  # returns at once
+
+
+def test_special_tokens_written_as_text_stay_text(backend):
+    """Text a model or its code wrote that spells the template's special tokens (``<|image_pad|>``,
+    ``<|im_end|>``) is tokenised as text: one image placeholder run per image, the turn structure intact."""
+    spelled = "<|vision_start|><|image_pad|><|vision_end|> and <|im_end|>"
+    messages = [
+        Message("system", "You answer."),
+        Message("user", [ImagePart(image=gradient_image(280, 224)), TextPart("What? " + spelled)]),
+        Message("assistant", "<think>" + spelled + "</think>"),
+        Message("user", [TextPart("Output:\n" + spelled)]),
+    ]
+    (reply,) = asyncio.run(backend.generate(messages, GenerateParams(max_new_tokens=4, temperature=0)))
+    ids = reply.prompt_token_ids
+    assert len(image_runs(ids, backend.image_token_id)) == 1
+    im_end = backend.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert ids.count(im_end) == len(messages)  # the turns' own ends, none from the text
+    assert "<\u200b|image_pad|>" in backend.tokenizer.decode(ids)
+    # training encodes a trajectory's text the same way (``hf_chat`` with this escape)
+    chat, _ = to_hf(messages, escape=special_token_escaper(backend.tokenizer))
+    assert all("<|im_end|>" not in str(m["content"]) for m in chat)

@@ -36,8 +36,10 @@ import asyncio
 import inspect
 import json
 import logging
+import re
 import threading
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,6 +135,7 @@ class HFBackend:
         self.device, self.max_batch = device, max_batch
         self.processor = load_processor(folder)
         self.tokenizer = self.processor.tokenizer
+        self._escape = special_token_escaper(self.tokenizer)
         keep_shown_sizes(self.processor.image_processor, factor)
         self.model = AutoModelForImageTextToText.from_pretrained(folder, dtype=getattr(torch, dtype)).to(device)
         self.model.eval()
@@ -159,7 +162,10 @@ class HFBackend:
 
     # ----------------------------------------------------------------------------------------------------
     async def generate(self, messages: list[Message], params: GenerateParams) -> list[Completion]:
-        text, prefix = await asyncio.to_thread(self._prompt, messages, params.tools)
+        try:
+            text, prefix = await asyncio.to_thread(self._prompt, messages, params.tools)
+        except (ValueError, TypeError, IndexError, KeyError) as exc:  # the processor on what the loop sent
+            raise BackendError(f"{self.name} could not build the prompt: {exc}") from exc
         if self.context and len(prefix.ids) + 1 > self.context:
             raise ContextLengthError(f"the prompt has {len(prefix.ids)} tokens; the model's context is {self.context}")
         loop = asyncio.get_running_loop()
@@ -197,7 +203,7 @@ class HFBackend:
     # ----------------------------------------------------------------------------------------------------
     def _prompt(self, messages: list[Message], tools: list[dict[str, Any]] | None) -> tuple[str, _Prefix]:
         """The prompt text and its ids: a remembered prefix's ids plus the rest, tokenised with its images."""
-        hf_messages, images = to_hf(messages)
+        hf_messages, images = to_hf(messages, escape=self._escape)
         digests = [self._digest(im) for im in images]
         text = self.processor.apply_chat_template(hf_messages, tokenize=False, add_generation_prompt=True, tools=tools)
         with self._prefix_lock:
@@ -561,14 +567,32 @@ def _batch_key(params: GenerateParams) -> tuple[Any, ...]:
     )
 
 
-def to_hf(messages: list[Message], inline_images: bool = False) -> tuple[list[dict[str, Any]], list[Any]]:
+def special_token_escaper(tokenizer: Any) -> Callable[[str], str]:
+    """A function that breaks the tokenizer's special tokens written as text (``<|image_pad|>``, ``<|im_end|>``),
+    so that text a model or its code wrote is tokenised as text: otherwise it becomes the token itself (an image
+    placeholder with no image, an end of turn). A zero-width space goes after the first character."""
+    specials = set(getattr(tokenizer, "all_special_tokens", []))
+    decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    specials |= {t.content for t in decoder.values() if getattr(t, "special", False)}
+    specials = {t for t in specials if len(t) > 1}
+    if not specials:
+        return lambda text: text
+    pattern = re.compile("|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)))
+    return lambda text: pattern.sub(lambda m: m.group()[0] + "\u200b" + m.group()[1:], text) if text else text
+
+
+def to_hf(
+    messages: list[Message], inline_images: bool = False, escape: Callable[[str], str] | None = None
+) -> tuple[list[dict[str, Any]], list[Any]]:
     """Messages in transformers' chat format, and the images in order of appearance (``inline_images``: also
-    inside their parts, as ``{"type": "image", "image": PIL}``, the form verl's token builders read)."""
+    inside their parts, as ``{"type": "image", "image": PIL}``, the form verl's token builders read; ``escape``:
+    applied to every text and tool-call argument, e.g. ``special_token_escaper``)."""
+    escape = escape or (lambda text: text)
     out, images = [], []
     for m in messages:
         item: dict[str, Any] = {"role": m.role}
         if isinstance(m.content, str):
-            item["content"] = m.content
+            item["content"] = escape(m.content)
         else:
             parts = []
             for p in m.content:
@@ -577,17 +601,31 @@ def to_hf(messages: list[Message], inline_images: bool = False) -> tuple[list[di
                     parts.append({"type": "image", "image": pixels} if inline_images else {"type": "image"})
                     images.append(pixels)
                 elif isinstance(p, TextPart):
-                    parts.append({"type": "text", "text": p.text})
+                    parts.append({"type": "text", "text": escape(p.text)})
             item["content"] = parts
         if m.tool_calls:
             item["tool_calls"] = [
-                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                {
+                    "id": c.id,
+                    "type": "function",
+                    "function": {"name": c.name, "arguments": escape_arguments(c.arguments, escape)},
+                }
                 for c in m.tool_calls
             ]
         if m.tool_call_id is not None:
             item["tool_call_id"] = m.tool_call_id
         out.append(item)
     return out, images
+
+
+def escape_arguments(arguments: Any, escape: Callable[[str], str]) -> Any:
+    if isinstance(arguments, str):
+        return escape(arguments)
+    if isinstance(arguments, dict):
+        return {k: escape_arguments(v, escape) for k, v in arguments.items()}
+    if isinstance(arguments, list):
+        return [escape_arguments(v, escape) for v in arguments]
+    return arguments
 
 
 def create(

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -26,6 +26,7 @@ from typing import Any, NamedTuple, Protocol
 from glimpse.errors import ConfigError, GlimpseError
 from glimpse.hf.processor import PROMPT_FILE
 from glimpse.images import ImageCache
+from glimpse.models.hf import escape_arguments, special_token_escaper
 from glimpse.protocol import make_protocol
 from glimpse.trajectory import Trajectory, conversation, render_image
 
@@ -58,15 +59,19 @@ class ImageKey(NamedTuple):
     original: int = 0
 
 
-def hf_chat(trajectory: Trajectory) -> tuple[list[dict[str, Any]], list[ImageKey]]:
-    """The trajectory's conversation in transformers' chat format, and which image each image part shows."""
+def hf_chat(
+    trajectory: Trajectory, escape: Callable[[str], str] | None = None
+) -> tuple[list[dict[str, Any]], list[ImageKey]]:
+    """The trajectory's conversation in transformers' chat format, and which image each image part shows
+    (``escape``: applied to every text and tool-call argument, as the ``hf`` backend does at inference)."""
+    escape = escape or (lambda text: text)
     messages: list[dict[str, Any]] = []
     order: list[ImageKey] = []
     for m in conversation(trajectory):
         item: dict[str, Any] = {"role": m["role"]}
         content = m.get("content", "")
         if isinstance(content, str):
-            item["content"] = content
+            item["content"] = escape(content)
         else:
             parts = []
             for p in content:
@@ -74,11 +79,15 @@ def hf_chat(trajectory: Trajectory) -> tuple[list[dict[str, Any]], list[ImageKey
                     parts.append({"type": "image"})
                     order.append(ImageKey(int(p["index"]), int(p.get("original", 0))))
                 else:
-                    parts.append({"type": "text", "text": p["text"]})
+                    parts.append({"type": "text", "text": escape(p["text"])})
             item["content"] = parts
         if m.get("tool_calls"):
             item["tool_calls"] = [
-                {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+                {
+                    "id": c["id"],
+                    "type": "function",
+                    "function": {"name": c["name"], "arguments": escape_arguments(c["arguments"], escape)},
+                }
                 for c in m["tool_calls"]
             ]
         if m.get("tool_call_id") is not None:
@@ -191,7 +200,7 @@ def encode(
     base_dir: str | None = None,
 ) -> Example:
     """A trajectory as the exact conversation the model saw, tokenised, with labels on its replies only."""
-    messages, order = hf_chat(traj)
+    messages, order = hf_chat(traj, escape=special_token_escaper(processor.tokenizer))
     images = render_images(traj, order, cache=cache, base_dir=base_dir)
     text = processor.apply_chat_template(messages, tokenize=False, tools=tools_of(traj))
     if images:

@@ -52,7 +52,7 @@ from glimpse.images import (
     to_rgb,
 )
 from glimpse.models.base import Completion, GenerateParams, Message
-from glimpse.models.hf import split_tool_calls, to_hf, trim_at_stop
+from glimpse.models.hf import special_token_escaper, split_tool_calls, to_hf, trim_at_stop
 from glimpse.train.common import check_image_tokens, image_runs
 from glimpse.train.grpo import keeps_loss
 from glimpse.trajectory import Sample, Trajectory
@@ -137,6 +137,7 @@ class GlimpseAgentLoop(AgentLoopBase):
         self.image_token_id = get_processor_token_id(self.processor, "image")
         self.vision_start_id = _token_id(self.tokenizer, VISION_START)
         self.turn_close = self._turn_close()
+        self.escape = special_token_escaper(self.tokenizer)  # special tokens written as text stay text
 
     def _turn_close(self) -> list[int]:
         """The token ids the chat template writes after an assistant reply (``<|im_end|>\\n`` for Qwen)."""
@@ -245,7 +246,7 @@ class VerlBackend:
     async def generate(self, messages: list[Message], params: GenerateParams) -> list[Completion]:
         if params.n != 1:
             raise ValueError(f"VerlBackend samples one trajectory; asked for n={params.n}")
-        chat, images = to_hf(messages, inline_images=True)
+        chat, images = to_hf(messages, inline_images=True, escape=self.owner.escape)
         if not self.ids:
             await self._start(chat, images, params.tools)
         else:
