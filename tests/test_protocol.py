@@ -157,6 +157,22 @@ def test_tool_call_protocol():
     assert action.kind == "answer" and action.answer == "42"
     assert TOOLS.parse(Completion(text="Forty-two")).answer == "Forty-two"
     assert TOOLS.parse(Completion(text="  ")).kind == "none"
+    # reasoning is not the answer: closed blocks go, and so does everything up to a lone close (a template
+    # that opened the block in the prompt); a block never closed is a mistake, not an answer
+    action = TOOLS.parse(Completion(text="<think>The sign is far away, maybe A.</think>\n\nB"))
+    assert (action.kind, action.answer, action.thought) == ("answer", "B", "The sign is far away, maybe A.")
+    assert TOOLS.parse(Completion(text="Far away, maybe A.</think>\nB")).answer == "B"
+    assert TOOLS.parse(Completion(text="<think>Far away, maybe A.")).error_kind == "unclosed_think"
+    # a call written as text (a server without a tool-call parser) is not an answer
+    for text in (
+        '<tool_call>\n{"name": "zoom_in", "arguments": {"bbox_2d": [0, 0, 1, 1]}}\n</tool_call>',
+        '<grounding>{"bbox_2d": [0, 0, 1, 1]}</grounding>',
+        '{"bbox_2d": [0, 0, 1, 1], "source": "original_image"}',
+    ):
+        action = TOOLS.parse(Completion(text=text))
+        assert (action.kind, action.error_kind) == ("error", "call_as_text"), text
+        assert "call the function itself" in action.error
+    assert TOOLS.parse(Completion(text="A python, coiled.")).answer == "A python, coiled."
 
 
 def test_tool_schema_agrees_with_the_parser():

@@ -9,6 +9,7 @@ zoomed image follows in a user message. A reply without a call is the final answ
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from glimpse.geometry import Coords
@@ -25,7 +26,11 @@ from glimpse.protocol.base import (
     think_block,
 )
 from glimpse.protocol.prompts import PromptSet, fill
-from glimpse.protocol.tags import parse_tagged, thought_of
+from glimpse.protocol.tags import CLOSE_THINK, OPEN_THINK, blocks, parse_tagged, thought_of
+
+# A call written into the reply's text (a server without a tool-call parser, or a model trained on another
+# protocol): Hermes-style ``<tool_call>``, Mini-o3's tags, or the zoom's own argument.
+_TEXT_CALL = re.compile(r"</?\s*(tool_call|grounding|python)\b|\"bbox_2d\"|'bbox_2d'")
 
 ZOOM_TOOL_NAME = "zoom_in"
 CODE_TOOL_NAME = "python"
@@ -129,7 +134,27 @@ class ToolCallProtocol(Protocol):
             if action.kind in ("answer", "error"):
                 action.thought = action.thought or thought
                 return action
-        answer = text.strip()
+        answer = blocks(text, OPEN_THINK, CLOSE_THINK).outside
+        if CLOSE_THINK in answer:  # the template opened the reasoning in the prompt: it ends at the last close
+            answer = answer.rsplit(CLOSE_THINK, 1)[1]
+        if OPEN_THINK in answer:
+            return mistake(
+                "unclosed_think",
+                f"your reasoning was never closed with {CLOSE_THINK}; close it, then answer or call a function",
+                tool_attempt=False,
+                text=text,
+                thought=thought,
+            )
+        if _TEXT_CALL.search(answer):
+            return mistake(
+                "call_as_text",
+                "you wrote a function call as text; call the function itself (zoom_in"
+                + (f" or {CODE_TOOL_NAME}" if self.code else "")
+                + "), or reply with the answer alone",
+                text=text,
+                thought=thought,
+            )
+        answer = answer.strip()
         if not answer:
             return Action(kind="none", text=text, thought=thought)
         return Action(kind="answer", text=text, thought=thought, answer=answer)
