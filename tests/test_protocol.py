@@ -105,6 +105,8 @@ def call(payload, source: str | None = "original_image", raw: bool = False) -> s
         ("<answer>B</answer><answer>C</answer>", "stop", "multiple_answers"),
         ("<answer>  </answer>", "stop", "empty_answer"),
         ("<answer>B", "stop", "unclosed_tag"),
+        ("<ANSWER>B</ANSWER>", "stop", "unclosed_tag"),
+        ("<Grounding>{}</Grounding>", "stop", "missing_tag"),
         ('I would zoom {"bbox_2d": [0.1, 0.1, 0.5, 0.5]}', "stop", "missing_tag"),
         ('<grounding {"bbox_2d": [0.1,0.1,0.5,0.5]}>', "stop", "missing_tag"),
     ],
@@ -173,6 +175,7 @@ def test_tool_call_protocol():
         assert (action.kind, action.error_kind) == ("error", "call_as_text"), text
         assert "call the function itself" in action.error
     assert TOOLS.parse(Completion(text="A python, coiled.")).answer == "A python, coiled."
+    assert TOOLS.parse(Completion(text="<ANSWER>B</ANSWER>")).error_kind == "unclosed_tag"
 
 
 def test_tool_schema_agrees_with_the_parser():

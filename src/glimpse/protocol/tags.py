@@ -33,8 +33,9 @@ OPEN_CODE, CLOSE_CODE = "<python>", "</python>"
 OPEN_ANSWER, CLOSE_ANSWER = "<answer>", "</answer>"
 OPEN_THINK, CLOSE_THINK = "<think>", "</think>"
 # Pieces that show the model meant to use a tag but did not write it properly.
-_CALL_DEBRIS = re.compile(r"</?\s*grounding\b|\"bbox_2d\"|'bbox_2d'")
-_ANSWER_DEBRIS = re.compile(r"</?\s*answer\b")
+# Any case: ``<ANSWER>`` is the tag, mistyped.
+_CALL_DEBRIS = re.compile(r"</?\s*grounding\b|\"bbox_2d\"|'bbox_2d'", re.IGNORECASE)
+_ANSWER_DEBRIS = re.compile(r"</?\s*answer\b", re.IGNORECASE)
 
 
 def restore_stop(text: str, finish_reason: str | None, matched_stop: str | None = None) -> str:

@@ -30,7 +30,8 @@ from glimpse.protocol.tags import CLOSE_THINK, OPEN_THINK, blocks, parse_tagged,
 
 # A call written into the reply's text (a server without a tool-call parser, or a model trained on another
 # protocol): Hermes-style ``<tool_call>``, Mini-o3's tags, or the zoom's own argument.
-_TEXT_CALL = re.compile(r"</?\s*(tool_call|grounding|python)\b|\"bbox_2d\"|'bbox_2d'")
+_ANSWER_TAG = re.compile(r"</?\s*answer\b", re.IGNORECASE)  # answer tags, also mistyped (read as the tags protocol)
+_TEXT_CALL = re.compile(r"</?\s*(tool_call|grounding|python)\b|\"bbox_2d\"|'bbox_2d'", re.IGNORECASE)
 
 ZOOM_TOOL_NAME = "zoom_in"
 CODE_TOOL_NAME = "python"
@@ -129,7 +130,7 @@ class ToolCallProtocol(Protocol):
                 payload.text, payload.thought, payload.call_ids = text, thought, ids
                 return payload
             return Action(kind="zoom", text=text, thought=thought, call=payload, tool_attempt=True, call_ids=ids)
-        if "<answer>" in text or "</answer>" in text or completion.finish_reason == "length":
+        if _ANSWER_TAG.search(text) or completion.finish_reason == "length":
             action = parse_tagged(text, completion.finish_reason, self.code)
             if action.kind in ("answer", "error"):
                 action.thought = action.thought or thought
