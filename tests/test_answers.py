@@ -17,13 +17,23 @@ from glimpse.answers import majority_vote, normalize_answer
         ("The red car.", "red car"),
         ("  Yes ", "yes"),
         ("3", "3.0"),
+        ("Answer: B", "B"),
+        ("The final answer is: B", "b"),
+        ("\\boxed{B}", "B"),
+        ("$\\boxed{\\text{White}}$", "white."),
+        ("\u200bB", "B"),  # a zero-width space
+        ("\uff22", "B"),  # a full-width letter
+        (".5", "0.5"),
     ],
 )
 def test_normalisation_merges_variants(a, b):
     assert normalize_answer(a) == normalize_answer(b)
 
 
-@pytest.mark.parametrize(("a", "b"), [("Blue", "b"), ("A car", "a"), ("7", "1"), ("red", "read")])
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [("Blue", "b"), ("A car", "a"), ("7", "1"), ("red", "read"), ("U.S.", "U.K."), ("D.C.", "D"), (".5", "5")],
+)
 def test_normalisation_keeps_different_answers_apart(a, b):
     assert normalize_answer(a) != normalize_answer(b)
 

@@ -235,3 +235,14 @@ def test_eval_summary_printed_to_a_log_keeps_every_figure_whole(tmp_path):
     table = proc.stdout[proc.stdout.index("┏") : proc.stdout.rindex("┘") + 1]
     assert "…" not in table
     assert all(name in table for name in ("turn cap", "Avg@k", "over-turn", "backend err"))
+
+
+def test_eval_warns_when_open_answers_are_scored_without_a_judge(write_script, tmp_path):
+    # a reply the rules cannot match to a code is scored wrong; the run says so and how to decide it
+    script = write_script(["<answer>The sign is hard to read.</answer>"])
+    args = ("eval", "--data", "probes:easy:2:0:read_code", "--model", f"scripted:{script}")
+    proc = glimpse(*args, "--out", str(tmp_path / "run"))
+    assert proc.returncode == 0, proc.stderr
+    assert "2 open answers matched no rule" in proc.stderr and "--judge" in proc.stderr
+    oracle = glimpse("eval", "--data", "probes:easy:2:0:read_code", "--model", "oracle", "--out", str(tmp_path / "o"))
+    assert oracle.returncode == 0 and "matched no rule" not in oracle.stderr

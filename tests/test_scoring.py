@@ -37,6 +37,15 @@ OPTIONS = ["red car", "blue truck", "green bus", "white van"]
         ("", None),
         ("E", None),
         ("red car or blue truck", None),
+        ("b", "B"),  # alone, any case
+        ("(b)", "B"),
+        ("(b) blue truck", "B"),
+        ("\\boxed{B}", "B"),
+        ("$\\boxed{C}$", "C"),
+        ("I choose D.", "D"),
+        ("Based on the image, D", "D"),
+        ("I would pick a different one: C", "C"),  # "pick a" is English, not option A
+        ("\uff22", "B"),
     ],
 )
 def test_extract_choice(text, letter):

@@ -1,30 +1,49 @@
 """Answer normalisation and majority voting over several samples ("pro" mode).
 
-``normalize_answer`` maps surface variants of one answer to one key: case, surrounding punctuation and
-quotes, Markdown emphasis, leading articles, option-letter forms (``(B)``, ``B.``, ``Option B``) and number
-formats (``1,000`` / ``1000.0``). Votes are counted over the keys; the winner is reported in the words of
-its first sample. Ties go to the answer reached first (lowest sample index), so a vote is deterministic.
+``normalize_answer`` maps surface variants of one answer to one key: Unicode compatibility forms (full-width
+letters) and invisible characters, LaTeX wrappers (``\\boxed{B}``, ``$\\text{red}$``), an ``Answer:`` prefix,
+case, surrounding punctuation and quotes, Markdown emphasis, leading articles, option-letter forms (``(B)``,
+``B.``, ``Option B``; not abbreviations such as ``U.S.``) and number formats (``1,000`` / ``1000.0`` /
+``.5``). Votes are counted over the keys; the winner is reported in the words of its first sample. Ties go to
+the answer reached first (lowest sample index), so a vote is deterministic.
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 
-_LETTER = re.compile(r"^(?:option\s+)?\(?([A-Z])\)?(?:[.):]|\s*$)", re.I)
+# An option letter alone or leading the option's text; an abbreviation (U.S., D.C.) is not one.
+_LETTER = re.compile(r"^(?:option\s+)?\(?([A-Z])\)?(?:[.):](?![A-Z]\.)|\s*$)", re.I)
 _NUMBER = re.compile(r"^[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$|^[-+]?\d+(?:\.\d+)?$")
 _EDGE = " \t\n\"'`*_.,;:!?()[]{}"
+_PREFIX = re.compile(r"^(?:the\s+)?(?:final\s+)?answer\s*(?:is\s*:?|:)\s*", re.I)
+_LATEX = re.compile(r"\\(?:boxed|text|textbf|mathrm)\s*\{([^{}]*)\}")
+
+
+def plain_answer(text: str) -> str:
+    """``text`` without what only wraps an answer: compatibility forms folded (NFKC: full-width letters),
+    invisible format characters (zero-width spaces, direction marks) removed, LaTeX's ``\\boxed{…}`` /
+    ``\\text{…}`` and ``$…$`` unwrapped."""
+    s = unicodedata.normalize("NFKC", text)
+    s = "".join(c for c in s if unicodedata.category(c) != "Cf")
+    for _ in range(3):  # \boxed{\text{red}}
+        s = _LATEX.sub(r"\1", s)
+    return s.replace("$", "") if s.count("$") >= 2 else s
 
 
 def normalize_answer(text: str | None) -> str:
     """A comparison key for an answer (empty for no answer)."""
     if text is None:
         return ""
-    s = text.strip()
+    s = _PREFIX.sub("", plain_answer(text).strip().strip("*_ ")).strip()
     letter = _LETTER.match(s.strip("*_ "))
     if letter:
         return letter.group(1).lower()
+    if re.match(r"^[-+]?\.\d", s):  # ".5": the point is the number's
+        s = s.replace(".", "0.", 1)
     s = s.strip(_EDGE).lower()
     s = re.sub(r"\s+", " ", s)
     s = re.sub(r"^(?:the|a|an) ", "", s)

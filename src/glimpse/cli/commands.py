@@ -482,7 +482,15 @@ def run_eval_command(cfg: EvalConfig) -> int:
     console.print(
         f"[dim]{run.ran} units run, {run.skipped} already done, {run.elapsed_s:.1f} s · {run.out}/: {files}[/]"
     )
-    return eval_exit_code(run, cfg.max_backend_errors, Console(stderr=True, highlight=False, soft_wrap=True))
+    errors = Console(stderr=True, highlight=False, soft_wrap=True)
+    unmatched = max((s.get("score_methods", {}).get("no_match", 0) for s in run.summaries.values()), default=0)
+    if unmatched and not cfg.judge:
+        errors.print(
+            f"[yellow]warning:[/] {unmatched} open answers matched no rule (not the gold answer, a synonym, a number "
+            "or a listed choice) and were scored wrong (score method no_match); benchmarks with free-form answers "
+            "are scored by an LLM judge: pass --judge MODEL to decide them"
+        )
+    return eval_exit_code(run, cfg.max_backend_errors, errors)
 
 
 def eval_exit_code(run: Any, max_backend_errors: float, errors: Console) -> int:

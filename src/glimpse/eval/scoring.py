@@ -23,7 +23,7 @@ import asyncio
 import re
 from typing import Protocol
 
-from glimpse.answers import normalize_answer
+from glimpse.answers import normalize_answer, plain_answer
 from glimpse.errors import ConfigError
 from glimpse.trajectory import Sample, Score, Trajectory
 
@@ -48,17 +48,19 @@ class Judge(Protocol):
 def extract_choice(text: str, options: list[str]) -> str | None:
     """The option letter a reply picks among ``options``, or ``None`` if it names none or several."""
     letters = LETTERS[: len(options)]
-    s = _EMPHASIS.sub("", text).strip()
+    s = _EMPHASIS.sub("", plain_answer(text)).strip()
     if not s:
         return None
-    patterns = (
-        rf"^\(?([{letters}])\)?[.):]?$",  # "B", "(B)", "B."
-        rf"^\(?([{letters}])\)?[.):]\s",  # "B. red car", "(B) red car"
-        rf"\b(?:answer|option|choice)\s*(?:is|:)?\s*\(?([{letters}])\)?(?![\w])",  # "the answer is B"
-        rf"^\(?([{letters}])\)?\s*$",
+    patterns = (  # (pattern, any case)
+        (rf"^\(?([{letters}])\)?[.):]?$", True),  # "B", "(b)", "B." (alone, even "a" is a letter)
+        (rf"^\(?([{letters}])\)?[.):]\s", False),  # "B. red car", "(B) red car"
+        (rf"^\(([{letters}])\)\s", True),  # "(b) red car"
+        (rf"\b(?:answer|option|choice)\s*(?:is|:)?\s*\(?([{letters}])\)?(?![\w])", True),  # "Answer: b"
+        (rf"\b(?i:choose|chose|select|pick)\s*:?\s*\(?([{letters}])\)?(?![\w])", False),  # "I choose D" (not "a")
+        (rf"[,:]\s*\(?([{letters}])\)?[.)]?$", False),  # "Based on the image, D"
     )
-    for i, pattern in enumerate(patterns):
-        found = {m.group(1) for m in re.finditer(pattern, s, flags=re.IGNORECASE if i == 2 else 0)}
+    for pattern, any_case in patterns:
+        found = {m.group(1) for m in re.finditer(pattern, s, flags=re.IGNORECASE if any_case else 0)}
         found = {f.upper() for f in found}
         if len(found) == 1:
             return found.pop()
