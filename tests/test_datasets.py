@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import csv
 import io
@@ -134,6 +135,7 @@ def test_hrbench_tsv(tmp_path):
     write_tsv(path, ["\ufeffindex", *header[1:]], rows)  # a byte-order mark before the header
     data = load_dataset(f"hrbench:{path}")
     assert data.name == "hrbench4k" and len(data) == 4
+    assert data.options == "fixed"  # the rows already rotate the answer: --options auto shows them as they are
     a, b, bad, broken = data.samples
     assert a.id == "hrbench4k/0" and a.answer == "A" and a.options == ["27B", "37B", "27D", "27E"]
     assert a.meta["cycle"] == "0"
@@ -144,6 +146,13 @@ def test_hrbench_tsv(tmp_path):
     assert again.samples[0].images == a.images  # images are written once
     with pytest.raises(ConfigError, match="HR-Bench file not found"):
         load_dataset(f"hrbench:{tmp_path / 'hr_bench_8k.tsv'}")
+    # evaluated with the default --options auto: in file order, recorded so, the cycle breakdown kept
+    from glimpse.config import EvalConfig
+    from glimpse.eval.harness import run_eval
+
+    run = asyncio.run(run_eval(EvalConfig(data=f"hrbench:{path}", model="oracle", out=str(tmp_path / "run"))))
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["config"]["options"] == "fixed"
+    assert set(run.summaries[max(run.summaries)]["by"]["cycle"]) == {"0", "1"}
 
 
 HRBENCH_COLUMNS = ["index", "question", "answer", "category", "A", "B", "C", "D", "cycle_category", "image"]
@@ -171,6 +180,7 @@ def test_hrbench_parquet_loads_like_the_tsv(tmp_path):
     write_hrbench_parquet(path, rows)
     data = load_dataset(f"hrbench:{path}")
     assert data.name == "hrbench4k" and len(data) == 4
+    assert data.options == "fixed"  # the rows already rotate the answer: --options auto shows them as they are
     a, b, bad, broken = data.samples
     assert a.id == "hrbench4k/0" and a.answer == "A" and a.options == ["27B", "37B", "27D", "27E"]
     assert a.meta == {"category": "single", "cycle": "0"} and b.answer == "B"

@@ -170,6 +170,26 @@ def test_cyclic_puts_the_answer_everywhere_and_shuffle_spreads_it():
     assert all(70 < counts[letter] < 130 for letter in "ABCD")
 
 
+def test_an_option_about_the_others_keeps_its_place():
+    """MME-RealWorld's option E ("All the above answers are wrong") and the like stay where the file put them;
+    the others are still shuffled and rotated."""
+    options = ["red car", "blue truck", "green bus", "white van", "All the above answers are wrong."]
+    s = Sample(id="q1", images=["x"], question="Which?", options=options, answer="E")
+    for mode in ("shuffle", "cyclic"):
+        shown = [present(s, r, mode=mode, seed=0) for r in range(6)]
+        assert all(p.options[4] == options[4] and p.answer == "E" for p in shown)
+        assert len({tuple(p.options) for p in shown}) > 1
+    moved = ["none of the above", "red", "blue"]
+    assert option_order(Sample(id="q2", images=["x"], question="?", options=moved), 1, "cyclic", 0)[0] == 0
+
+
+def test_hrbench_rows_are_shown_in_file_order_and_keep_their_cycle_only_then():
+    s = Sample(id="q1", images=["x"], question="Which?", options=OPTIONS, answer="A", meta={"cycle": "0"})
+    assert present(s, 0, mode="fixed").meta["cycle"] == "0"
+    shuffled = [present(s.model_copy(update={"id": f"q{i}"}), 0, mode="shuffle") for i in range(8)]
+    assert all("cycle" not in p.meta for p in shuffled if p.meta["option_order"] != [0, 1, 2, 3])
+
+
 def test_open_questions_are_unchanged():
     s = open_q("Ye Olde")
     assert present(s, 2).question == s.question and present(s, 2).meta["repeat"] == 2

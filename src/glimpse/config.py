@@ -155,9 +155,11 @@ class EvalConfig(LoopSettings, BackendSettings):
     )
     limit: int | None = opt(None, "evaluate only the first N questions")
     options: str = opt(
-        "shuffle",
-        "multiple-choice option order per repeat: shuffle (seeded), cyclic, fixed",
-        choices=("shuffle", "cyclic", "fixed"),
+        "auto",
+        "multiple-choice option order per repeat: shuffle (seeded), cyclic, fixed, or auto: the dataset's own "
+        "protocol (fixed for HR-Bench, whose rows already rotate the answer through the positions; shuffle "
+        "elsewhere)",
+        choices=("auto", "shuffle", "cyclic", "fixed"),
     )
     seed: int = opt(0, "seed of option shuffles and sampling (repeat r samples with seed + r)")
     concurrency: int = opt(32, "questions in flight at once")

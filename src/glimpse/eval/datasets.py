@@ -64,12 +64,14 @@ class Dataset:
         samples: the samples, in file order.
         source: the file or folder read.
         notes: warnings worth printing (e.g. a suspicious answer distribution).
+        options: the option order its protocol asks for (``glimpse.eval.options``), used by ``--options auto``.
     """
 
     name: str
     samples: list[Sample]
     source: str
     notes: list[str] = field(default_factory=list)
+    options: str = "shuffle"
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -514,7 +516,8 @@ def load_hrbench(path: str | Path) -> Dataset:
                 meta,
             )
         )
-    return Dataset(name=name, samples=samples, source=str(p))
+    # the file holds each question four times, the options rotated (cycle_category): shown as they are
+    return Dataset(name=name, samples=samples, source=str(p), options="fixed")
 
 
 def load_treebench(path: str | Path) -> Dataset:

@@ -310,6 +310,8 @@ async def run_eval(
     if not cfg.model:  # no --model: the built-in default, named in the run's config and summary
         cfg = dataclasses.replace(cfg, model=DEFAULT_MODEL)
     dataset = load_dataset(cfg.data)
+    if cfg.options == "auto":  # recorded resolved, so a resume compares like with like
+        cfg = dataclasses.replace(cfg, options=dataset.options)
     samples = dataset.samples[: cfg.limit] if cfg.limit is not None else dataset.samples
     owned = backend is None
     backend = _backend(cfg, samples) if owned else backend
