@@ -297,6 +297,57 @@ def test_mme_realworld_full_and_lite(tmp_path):
     assert Path(s.images[0]).exists() and s.id.startswith("mme-realworld-lite/")
     with pytest.raises(ConfigError, match=r"MME-RealWorld-Lite\.json"):
         load_dataset(f"mme-realworld-lite:{tmp_path / 'nowhere'}")
+    # the Chinese questions, by file name: images beside the file
+    (full / "MME_RealWorld_CN.json").write_text(json.dumps([mme_record(2, "monitoring_images/a.jpg")]))
+    cn = load_dataset(f"mme-realworld:{full / 'MME_RealWorld_CN.json'}")
+    assert cn.name == "mme-realworld-cn" and Path(cn.samples[0].images[0]).exists()
+    (s,) = load_dataset(f"mme-realworld-lite:{lite / 'data' / 'MME-RealWorld-Lite.json'}").samples
+    assert Path(s.images[0]).exists()
+
+
+def test_questions_that_share_an_id_are_renamed_with_a_note(tmp_path):
+    folder = tmp_path / "full"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(jpeg())
+    rows = [mme_record(0, "a.jpg"), mme_record(0, "a.jpg"), mme_record(0, "a.jpg"), mme_record(1, "a.jpg")]
+    (folder / "MME_RealWorld.json").write_text(json.dumps(rows))
+    data = load_dataset(f"mme-realworld:{folder}")
+    ids = [s.id for s in data.samples]
+    assert len(set(ids)) == 4 and ids[1] == ids[0] + "#2" and ids[2] == ids[0] + "#3"
+    assert any("2 questions share an id" in note for note in data.notes)
+
+
+def test_mme_realworld_base64_table(tmp_path):
+    """The MME-RealWorld-Base64 copy: one TSV, images inside, category and l2-category as task and subtask."""
+    header = ["index", "image", "question", "multi-choice options", "A", "B", "C", "D", "E", "answer", "category"]
+    header.append("l2-category")
+    options = ["(A) 1", "(B) 2", "(C) 3", "(D) 4", "(E) All the above answers are wrong."]
+    listed = "\n".join(options)
+    rows = [
+        [
+            "7",
+            b64(jpeg()),
+            "How many cars?",
+            listed,
+            "1",
+            "2",
+            "3",
+            "4",
+            options[4][4:],
+            "C",
+            "Perception",
+            "Monitoring",
+        ],  # noqa: E501
+        ["8", "not an image", "How many?", "", "1", "2", "3", "4", "5", "A", "Perception", "Monitoring"],
+    ]
+    path = tmp_path / "mme_realworld_lite.tsv"
+    write_tsv(path, header, rows)
+    data = load_dataset(f"mme-realworld:{path}")
+    good, bad = data.samples
+    assert data.name == "mme-realworld-lite" and good.id == "mme-realworld-lite/7"
+    assert good.options == ["1", "2", "3", "4", "All the above answers are wrong."] and good.answer == "C"
+    assert good.meta == {"task": "Perception", "subtask": "Monitoring"} and Path(good.images[0]).exists()
+    assert "input_error" in bad.meta
 
 
 def o3bench_record(file_name: str, **changes) -> dict:

@@ -15,8 +15,11 @@ spec                                   reads
                                        (with target boxes); ``vstar-jsonl:DIR`` reads ``test_questions.jsonl``
 ``hrbench:FILE``                       HR-Bench 4K or 8K: ``hr_bench_4k.tsv`` (VLMEvalKit TSV) or
                                        ``hr_bench_4k.parquet`` (the same table; needs pyarrow), images in base64
-``mme-realworld:DIR``                  ``DIR/MME_RealWorld.json`` with its image folders under ``DIR``
-``mme-realworld-lite:DIR``             ``DIR/data/MME-RealWorld-Lite.json`` and ``DIR/data/imgs/``
+``mme-realworld:DIR``                  ``DIR/MME_RealWorld.json`` with its image folders under ``DIR``; or a
+                                       questions JSON by name (``MME_RealWorld_CN.json``), or the base64 TSV /
+                                       parquet copy (``MME-RealWorld-Base64``)
+``mme-realworld-lite:DIR``             ``DIR/data/MME-RealWorld-Lite.json`` and ``DIR/data/imgs/`` (or a file,
+                                       as above)
 ``treebench:FILE.tsv``                 TreeBench (VLMEvalKit TSV, base64 images, target boxes)
 ``o3bench:DIR``                        O3-Bench: ``DIR/test/metadata.jsonl`` and its images (target layouts' boxes
                                        as target boxes)
@@ -42,6 +45,7 @@ import json
 import math
 import re
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -561,8 +565,22 @@ def load_treebench(path: str | Path) -> Dataset:
 
 # ------------------------------------------------------------------------------------------------ MME-RealWorld
 def load_mme_realworld(root: str | Path, lite: bool = False) -> Dataset:
-    """MME-RealWorld (full: ``MME_RealWorld.json`` + image folders) or its 1,919-question Lite set."""
+    """MME-RealWorld (full: ``MME_RealWorld.json`` + image folders) or its 1,919-question Lite set.
+
+    ``root`` is the downloaded folder, or a file: another questions JSON of the same format
+    (``MME_RealWorld_CN.json``; images beside it, or under ``imgs/`` beside it for Lite), or a table with the
+    images inside as base64 (the ``MME-RealWorld-Base64`` TSV / parquet copies: ``index, image, question,
+    A-E, answer, category, l2-category``).
+    """
     base = Path(root)
+    if base.suffix.lower() in (".tsv", ".parquet"):
+        return _mme_realworld_table(base, lite)
+    if base.suffix.lower() == ".json":
+        path = _require(base, "MME-RealWorld questions", "name the questions JSON, or the folder that holds it")
+        imgs = base.parent / "imgs"
+        image_root = imgs if lite and imgs.is_dir() else base.parent
+        name = "mme-realworld" + ("-lite" if lite else "") + ("-cn" if "cn" in base.stem.lower().split("_") else "")
+        return _mme_realworld_json(path, image_root, name, flat=lite)
     if lite:
         path = _require(
             base / "data" / "MME-RealWorld-Lite.json",
@@ -580,6 +598,11 @@ def load_mme_realworld(root: str | Path, lite: bool = False) -> Dataset:
             "tar -xzf X.tar.gz",
         )
         image_root, name = base, "mme-realworld"
+    return _mme_realworld_json(path, image_root, name, flat=lite)
+
+
+def _mme_realworld_json(path: Path, image_root: Path, name: str, flat: bool) -> Dataset:
+    """MME-RealWorld's questions JSON; images under ``image_root`` by their recorded path (``flat``: by name)."""
     rows = _read_json(path, "it should hold a list of questions (Question_id, Image, Text, …)")
     if not isinstance(rows, list):
         raise ConfigError(f"{path} must hold a JSON list of questions (Question_id, Image, Text, …); download it again")
@@ -596,13 +619,42 @@ def load_mme_realworld(root: str | Path, lite: bool = False) -> Dataset:
                 "category": str(row.get("Category", "")),
             }
             file = _file_name(row["Image"])
-            image = image_root / (Path(file).name if lite else file)
+            image = image_root / (Path(file).name if flat else file)
             samples.append(
                 _mc_sample(f"{name}/{key}", [str(image)], str(row["Text"]), options, str(row["Ground truth"]), meta)
             )
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             samples.append(_bad(name, key, f"unreadable record: {_why(exc)}"))
     return Dataset(name=name, samples=samples, source=str(path))
+
+
+def _mme_realworld_table(p: Path, lite: bool) -> Dataset:
+    """MME-RealWorld as a table with base64 images (``yifanzhang114/MME-RealWorld-Base64``)."""
+    _require(
+        p,
+        "MME-RealWorld table",
+        "download it with: huggingface-cli download yifanzhang114/MME-RealWorld-Base64 --repo-type dataset "
+        f"--include '{p.name}' --local-dir {p.parent}",
+    )
+    name = "mme-realworld" + ("-lite" if lite or "lite" in p.stem.lower() else "")
+    store = _ImageStore(name, p)
+    samples = []
+    for label, row in _table_rows(p, ("question", "answer", "A", "B", "image")):
+        if isinstance(row, str):
+            samples.append(_bad(name, label, row))
+            continue
+        index = _text(row.get("index")) or label
+        try:
+            image = store.put(index, row["image"])
+        except (KeyError, ValueError) as exc:
+            samples.append(_bad(name, index, f"image: {exc}"))
+            continue
+        options = [re.sub(r"^\([A-Z]\)\s*", "", o) for o in _row_options(row)]
+        meta = {"task": _text(row.get("category")), "subtask": _text(row.get("l2-category"))}
+        samples.append(
+            _mc_sample(f"{name}/{index}", [image], _text(row.get("question")), options, _text(row.get("answer")), meta)
+        )
+    return Dataset(name=name, samples=samples, source=str(p))
 
 
 # ----------------------------------------------------------------------------------------------------- O3-Bench
@@ -763,11 +815,11 @@ def load_dataset(spec: str) -> Dataset:
             seed = int(parts[2]) if len(parts) > 2 else 0
         except ValueError:
             raise ConfigError(f"probes spec {spec!r}: N and SEED must be integers") from None
-        return load_probes(parts[0], n, seed, parts[3] if len(parts) > 3 else None)
+        return _unique_ids(load_probes(parts[0], n, seed, parts[3] if len(parts) > 3 else None))
     if name == "visualprobe":
         if len(parts) < 2:
             raise ConfigError("visualprobe needs a level and a base folder: visualprobe:hard:/data/minio3")
-        return load_visualprobe(parts[0], ":".join(parts[1:]))
+        return _unique_ids(load_visualprobe(parts[0], ":".join(parts[1:])))
     if not rest:
         raise ConfigError(f"dataset {spec!r} needs a path after '{name}:'")
     simple = {
@@ -782,4 +834,26 @@ def load_dataset(spec: str) -> Dataset:
     }
     if name not in simple:
         raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(LOADERS)}")
-    return simple[name](rest)
+    return _unique_ids(simple[name](rest))
+
+
+def _unique_ids(dataset: Dataset) -> Dataset:
+    """Samples that share an id get ``#2``, ``#3``… after it, with a note: results are kept by id, so a shared
+    one would make a resumed run take one question for another."""
+    seen: Counter[str] = Counter()
+    renamed = []
+    for i, sample in enumerate(dataset.samples):
+        seen[sample.id] += 1
+        if seen[sample.id] > 1:
+            new = f"{sample.id}#{seen[sample.id]}"
+            while new in seen:
+                new += "'"
+            seen[new] += 1
+            dataset.samples[i] = sample.model_copy(update={"id": new})
+            renamed.append(new)
+    if renamed:
+        dataset.notes.append(
+            f"{len(renamed)} questions share an id with an earlier one in the file and were renamed "
+            f"({', '.join(renamed[:3])}{'…' if len(renamed) > 3 else ''})"
+        )
+    return dataset
