@@ -46,7 +46,7 @@ import math
 import re
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -480,6 +480,25 @@ def _row_options(row: Row) -> list[str]:
     return options
 
 
+def _image_table(p: Path, name: str, sample: Callable[[Row, str, str], Sample]) -> list[Sample]:
+    """The samples of a multiple-choice table with base64 images (HR-Bench, MME-RealWorld's copy): each row's
+    image written once, then ``sample(row, index, image path)``; a row that cannot be read is marked."""
+    store = _ImageStore(name, p)
+    samples = []
+    for label, row in _table_rows(p, ("question", "answer", "A", "B", "image")):
+        if isinstance(row, str):
+            samples.append(_bad(name, label, row))
+            continue
+        index = _text(row.get("index")) or label
+        try:
+            image = store.put(index, row["image"])
+        except (KeyError, ValueError) as exc:
+            samples.append(_bad(name, index, f"image: {exc}"))
+            continue
+        samples.append(sample(row, index, image))
+    return samples
+
+
 def load_hrbench(path: str | Path) -> Dataset:
     """HR-Bench 4K/8K, the TSV or the parquet file (the same table): 800 rows, 200 questions × the correct
     option in each of 4 positions."""
@@ -496,30 +515,14 @@ def load_hrbench(path: str | Path) -> Dataset:
         f"--include '{p.name}' --local-dir {p.parent}",
     )
     name = "hrbench8k" if "8k" in p.name.lower() else "hrbench4k"
-    store = _ImageStore(name, p)
-    samples = []
-    for label, row in _table_rows(p, ("question", "answer", "A", "B", "image")):
-        if isinstance(row, str):
-            samples.append(_bad(name, label, row))
-            continue
-        index = _text(row.get("index")) or label
-        try:
-            image = store.put(index, row["image"])
-        except (KeyError, ValueError) as exc:
-            samples.append(_bad(name, index, f"image: {exc}"))
-            continue
+
+    def sample(row: Row, index: str, image: str) -> Sample:
         # cycle_category is an int in some copies and a string in others
         meta = {"category": _text(row.get("category")), "cycle": _text(row.get("cycle_category"))}
-        samples.append(
-            _mc_sample(
-                f"{name}/{index}",
-                [image],
-                _text(row.get("question")),
-                _row_options(row),
-                _text(row.get("answer")),
-                meta,
-            )
-        )
+        question, answer = _text(row.get("question")), _text(row.get("answer"))
+        return _mc_sample(f"{name}/{index}", [image], question, _row_options(row), answer, meta)
+
+    samples = _image_table(p, name, sample)
     # the file holds each question four times, the options rotated (cycle_category): shown as they are
     return Dataset(name=name, samples=samples, source=str(p), options="fixed")
 
@@ -637,23 +640,14 @@ def _mme_realworld_table(p: Path, lite: bool) -> Dataset:
         f"--include '{p.name}' --local-dir {p.parent}",
     )
     name = "mme-realworld" + ("-lite" if lite or "lite" in p.stem.lower() else "")
-    store = _ImageStore(name, p)
-    samples = []
-    for label, row in _table_rows(p, ("question", "answer", "A", "B", "image")):
-        if isinstance(row, str):
-            samples.append(_bad(name, label, row))
-            continue
-        index = _text(row.get("index")) or label
-        try:
-            image = store.put(index, row["image"])
-        except (KeyError, ValueError) as exc:
-            samples.append(_bad(name, index, f"image: {exc}"))
-            continue
+
+    def sample(row: Row, index: str, image: str) -> Sample:
         options = [re.sub(r"^\([A-Z]\)\s*", "", o) for o in _row_options(row)]
         meta = {"task": _text(row.get("category")), "subtask": _text(row.get("l2-category"))}
-        samples.append(
-            _mc_sample(f"{name}/{index}", [image], _text(row.get("question")), options, _text(row.get("answer")), meta)
-        )
+        question, answer = _text(row.get("question")), _text(row.get("answer"))
+        return _mc_sample(f"{name}/{index}", [image], question, options, answer, meta)
+
+    samples = _image_table(p, name, sample)
     return Dataset(name=name, samples=samples, source=str(p))
 
 
