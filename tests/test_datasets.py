@@ -337,7 +337,7 @@ def test_mme_realworld_base64_table(tmp_path):
             "C",
             "Perception",
             "Monitoring",
-        ],  # noqa: E501
+        ],
         ["8", "not an image", "How many?", "", "1", "2", "3", "4", "5", "A", "Perception", "Monitoring"],
     ]
     path = tmp_path / "mme_realworld_lite.tsv"

@@ -16,7 +16,7 @@ import time
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from conftest import app_server, free_port, interruptible
@@ -524,3 +524,96 @@ def test_a_reply_whose_text_is_not_text_is_retried():
     with app_server(app) as base:
         (completion,) = generate(base)
     assert completion.text == "<answer>ok</answer>" and len(app.state.seen) == 2
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"choices": ["x"]},
+        {"choices": [{"index": 0, "message": None, "finish_reason": "stop"}]},
+        {"choices": [{"index": 0, "message": {"content": None, "tool_calls": ["x"]}}]},
+        [1, 2],
+        "[" * 100_000,
+    ],
+)
+def test_replies_of_no_server_shape_are_retried_as_unreadable(body):
+    """Shapes no server writes (a choice that is a string, a null message, nesting deeper than Python parses)
+    are a backend error that is retried, never an exception out of the backend."""
+
+    async def handler(attempt, _):
+        if attempt == 1:
+            text = body if isinstance(body, str) else json.dumps(body)
+            return PlainTextResponse(text, media_type="application/json")
+        return JSONResponse(_reply())
+
+    app = scripted_app(handler)
+    with app_server(app) as base:
+        (completion,) = generate(base)
+    assert completion.text == "<answer>ok</answer>" and len(app.state.seen) == 2
+
+
+def test_counts_and_token_ids_of_the_wrong_type_are_not_taken():
+    async def handler(attempt, body):
+        reply = _reply(usage={"prompt_tokens": "10", "completion_tokens": [3]}, prompt_token_ids="abc")
+        reply["choices"][0]["token_ids"] = "xyz"
+        return JSONResponse(reply)
+
+    app = scripted_app(handler)
+    with app_server(app) as base:
+        (c,) = generate(base)
+    assert (c.prompt_tokens, c.completion_tokens, c.token_ids, c.prompt_token_ids) == (None, None, None, None)
+
+
+@pytest.mark.parametrize("after", ["NaN", "inf", "-5"])
+def test_a_retry_after_that_is_no_wait_is_not_waited_on(after):
+    async def handler(attempt, body):
+        if attempt == 1:
+            return JSONResponse({"error": {"message": "busy"}}, status_code=503, headers={"Retry-After": after})
+        return JSONResponse(_reply())
+
+    app = scripted_app(handler)
+    with app_server(app) as base:
+        started = time.perf_counter()
+        (completion,) = generate(base, max_backoff=1.0)
+        assert time.perf_counter() - started < 5  # NaN slept for ever; inf is capped at max_backoff
+    assert completion.text == "<answer>ok</answer>"
+
+
+def test_a_body_that_does_not_decompress_is_retried():
+    async def handler(attempt, body):
+        if attempt == 1:
+            return Response(b"not gzip at all", headers={"Content-Encoding": "gzip"}, media_type="application/json")
+        return JSONResponse(_reply())
+
+    app = scripted_app(handler)
+    with app_server(app) as base:
+        (completion,) = generate(base)
+    assert completion.text == "<answer>ok</answer>" and len(app.state.seen) == 2
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "Invalid image: Exception: cannot identify image file",  # "n:" inside a word
+        "temperature: invalid value 5.0, must be in [0, 2]",  # a value, not the parameter
+        "upstream tokenizer rejected the prompt",  # "stream" inside a word
+    ],
+)
+def test_a_400_about_something_else_drops_no_parameter(message):
+    async def handler(attempt, body):
+        return JSONResponse({"error": {"message": message}}, status_code=400)
+
+    app = scripted_app(handler)
+    with app_server(app) as base:
+
+        async def go():
+            backend = OpenAIBackend("m", base_url=base)
+            try:
+                with pytest.raises(BackendError, match="HTTP 400"):
+                    await backend.generate([Message("user", "hi")], GenerateParams(n=4, temperature=5.0))
+            finally:
+                await backend.aclose()
+            return backend
+
+        assert run(go()).dropped == set()
+    assert len(app.state.seen) == 1

@@ -267,7 +267,7 @@ class OpenAIBackend:
             try:
                 reply = await self._post(server, payload, stream)
                 response = reply.response
-            except (httpx.TimeoutException, httpx.TransportError) as exc:
+            except httpx.RequestError as exc:  # timeouts, dropped connections, a body that does not decode
                 error = BackendError(f"{type(exc).__name__} talking to {server.url}: {exc}", retryable=True)
             except _StreamError as exc:
                 error = BackendError(f"the stream from {server.url} broke off: {exc}", retryable=True)
@@ -276,7 +276,7 @@ class OpenAIBackend:
                 if error is None:
                     try:
                         return self._parse(reply.data if reply.data is not None else response.json(), n)
-                    except (ValueError, KeyError, TypeError, IndexError) as exc:
+                    except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError) as exc:
                         error = BackendError(
                             f"unreadable response from {server.url}: {exc}; body starts {response.text[:200]!r}",
                             status=response.status_code,
@@ -318,32 +318,26 @@ class OpenAIBackend:
     def _drop_rejected(self, text: str, body: dict[str, Any], url: str) -> bool:
         """If the server rejected one of the optional parameters we sent, stop sending it."""
         lowered = text.lower()
-        if body.get("stream") and "stream" in lowered and "stream_options" not in lowered:
+        # a parameter the server does not take, not a value it did not like ("invalid value 5.0 for temperature")
+        refusal = (
+            "unsupported",
+            "not supported",
+            "does not support",
+            "unrecognized",
+            "unknown",
+            "extra inputs",
+            "not permitted",
+            "invalid parameter",
+            "invalid argument",
+        )
+        if not any(w in lowered for w in refusal):
+            return False
+        if body.get("stream") and re.search(r"(?<![\w])stream(?:ing|ed)?(?![\w])", lowered):
             self.dropped.add("stream")
             log.warning("%s refused a streamed reply; replies will come whole from now on", url)
             return True
-        if not any(
-            w in lowered
-            for w in (
-                "unsupported",
-                "not supported",
-                "does not support",
-                "unrecognized",
-                "unknown",
-                "extra inputs",
-                "not permitted",
-                "invalid",
-            )
-        ):
-            return False
         for name in _OPTIONAL_PARAMS:
-            if name in body and (
-                f"'{name}'" in lowered
-                or f'"{name}"' in lowered
-                or f"`{name}`" in lowered
-                or f" {name} " in lowered
-                or f"{name}:" in lowered
-            ):
+            if name in body and re.search(rf"(?<![\w]){re.escape(name)}(?![\w])", lowered):
                 self.dropped.add(name)
                 log.warning("%s rejected the parameter %r; it will not be sent again", url, name)
                 return True
@@ -358,9 +352,11 @@ class OpenAIBackend:
             after = response.headers.get("retry-after")
             if after:
                 try:
-                    return min(float(after), self.max_backoff)
+                    wait = float(after)
                 except ValueError:
-                    pass
+                    wait = math.nan
+                if math.isfinite(wait):  # "NaN" would make the sleep endless
+                    return min(max(wait, 0.0), self.max_backoff)
         return random.uniform(0, min(self.max_backoff, self.backoff * 2**attempt))
 
     # ----------------------------------------------------------------------------------------------------
@@ -443,13 +439,18 @@ class OpenAIBackend:
 
     @staticmethod
     def _parse(data: dict[str, Any], n: int) -> list[Completion]:
-        choices = sorted(data["choices"], key=lambda c: c.get("index", 0))
+        """The completions of a reply. Raises ``ValueError`` (or the like) for a shape no server writes."""
+        if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
+            raise ValueError("no list of choices in the response")
+        if not all(isinstance(c, dict) and isinstance(c.get("message"), dict) for c in data["choices"]):
+            raise ValueError("a choice without a message object")
+        choices = sorted(data["choices"], key=lambda c: _count(c.get("index")) or 0)
         if not choices:
             raise ValueError("no choices in the response")
-        usage = data.get("usage") or {}
-        prompt_tokens = usage.get("prompt_tokens")
-        total_completion = usage.get("completion_tokens")
-        prompt_ids = data.get("prompt_token_ids")
+        usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+        prompt_tokens = _count(usage.get("prompt_tokens"))
+        total_completion = _count(usage.get("completion_tokens"))
+        prompt_ids = _token_ids(data.get("prompt_token_ids"))
         out = []
         for choice in choices:
             message = choice["message"]
@@ -465,7 +466,7 @@ class OpenAIBackend:
                 )
                 for i, c in enumerate(message.get("tool_calls") or [])
             ]
-            token_ids = choice.get("token_ids")
+            token_ids = _token_ids(choice.get("token_ids"))
             if token_ids is not None:
                 completion_tokens = len(token_ids)
             elif total_completion is not None:
@@ -523,8 +524,8 @@ class _Stream:
                 break
             try:
                 self._add(json.loads(data))
-            except json.JSONDecodeError as exc:
-                raise _StreamError(f"an event is not JSON ({exc}): {data[:200]!r}") from None
+            except (json.JSONDecodeError, RecursionError) as exc:
+                raise _StreamError(f"an event is not JSON ({exc!r}): {data[:200]!r}") from None
             except (ValueError, TypeError, AttributeError, KeyError) as exc:
                 raise _StreamError(f"an event does not read as a chunk ({exc}): {data[:200]!r}") from None
         if not self.choices:
@@ -669,10 +670,22 @@ def body_bytes(body: dict[str, Any]) -> bytes:
     return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
+def _count(value: Any) -> int | None:
+    """A token count as the server gave it, or ``None`` when it is not a non-negative integer."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _token_ids(value: Any) -> list[int] | None:
+    """Token ids as the server gave them, or ``None`` when they are not a list of token ids."""
+    if isinstance(value, list) and all(_count(x) is not None for x in value):
+        return value
+    return None
+
+
 def _error_detail(response: httpx.Response) -> str:
     try:
         data = response.json()
-    except ValueError:
+    except (ValueError, RecursionError):
         return response.text[:300] or response.reason_phrase
     if isinstance(data, dict):
         err = data.get("error", data)
