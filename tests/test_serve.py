@@ -6,12 +6,15 @@ the agent loop's listener. The server is a ``glimpse serve`` subprocess in front
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import json
 import subprocess
 import sys
 
 import httpx
 import pytest
+from PIL import Image
 
 from conftest import glimpse_server
 from glimpse.agent import AgentLoop
@@ -169,8 +172,38 @@ def test_server_limits_give_clear_4xx(tmp_path, write_script):
         for body, status, text in cases:
             r = httpx.post(url, json=body)
             assert r.status_code == status and text in r.json()["error"]["message"], (body, r.text)
+
+        def image(url: str) -> dict:
+            return {"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": url}]}]}
+
+        bomb = io.BytesIO()
+        Image.new("1", (30_000, 30_000)).save(bomb, format="PNG")  # 112 kB, 900 megapixels decoded
+        wrong = [
+            ({**ok, "n": 0}, "'n' must be a positive integer"),
+            ({**ok, "max_tokens": 0}, "positive integer"),
+            ({**ok, "temperature": -3}, "'temperature' must be a number from 0 to 2"),
+            ({**ok, "temperature": True}, "'temperature'"),
+            ({**ok, "top_p": 5}, "'top_p'"),
+            ({**ok, "seed": "abc"}, "'seed'"),
+            ({**ok, "seed": 2**80}, "'seed'"),
+            ({**ok, "tools": "zoom"}, "'tools'"),
+            ({**ok, "stream": "false"}, "'stream'"),
+            ({**ok, "stream_options": 5}, "'stream_options'"),
+            ({**ok, "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "must be a string"),
+            ({**ok, "messages": [{"role": "tool", "content": "x", "tool_call_id": 3}]}, "tool_call_id"),
+            (image("data:image/png;base64,not base64!"), "cannot be used"),
+            (image("data:image/png;base64," + base64.b64encode(b"not an image").decode()), "cannot be used"),
+            (image("data:image/png;base64," + base64.b64encode(bomb.getvalue()).decode()), "cannot be used"),
+        ]
+        for body, text in wrong:
+            r = httpx.post(url, json=body)
+            assert r.status_code == 400 and text in r.json()["error"]["message"], (body, r.text)
+        deep = httpx.post(url, content=b"[" * 100_000, headers={"content-type": "application/json"})
+        assert deep.status_code == 400 and "not valid JSON" in deep.json()["error"]["message"]
         big = httpx.post(url, content=b"x" * (2 * 1024 * 1024), headers={"content-type": "application/json"})
         assert big.status_code == 413
+        chunked = httpx.post(url, content=iter([b"x" * 65536] * 40), headers={"content-type": "application/json"})
+        assert chunked.status_code == 413  # no declared length: counted as it came
         bad = httpx.post(url, content=b"{not json", headers={"content-type": "application/json"})
         assert bad.status_code == 400 and "not valid JSON" in bad.json()["error"]["message"]
         assert httpx.get(base + "/models").json()["data"][0]["id"].startswith("scripted:")

@@ -29,12 +29,13 @@ import time
 import uuid
 from typing import Any
 
+from PIL import Image
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from glimpse.errors import BackendError, ContextLengthError, ScriptExhaustedError
+from glimpse.errors import BackendError, ContextLengthError, ImageInputError, ScriptExhaustedError
 from glimpse.models.base import Backend, Completion, GenerateParams, ImagePart, Message, Part, TextPart, ToolCall
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,10 @@ def _parse_messages(raw: Any, max_images: int) -> list[Message]:
             for j, p in enumerate(content):
                 kind = p.get("type") if isinstance(p, dict) else None
                 if kind == "text":
-                    parts.append(TextPart(str(p.get("text", ""))))
+                    text = p.get("text", "")
+                    if not isinstance(text, str):
+                        raise _BadRequest(f"messages[{i}].content[{j}].text must be a string")
+                    parts.append(TextPart(text))
                 elif kind == "image_url":
                     url = p.get("image_url")
                     url = url.get("url") if isinstance(url, dict) else url
@@ -107,20 +111,48 @@ def _parse_messages(raw: Any, max_images: int) -> list[Message]:
             except (KeyError, TypeError, AttributeError):
                 raise _BadRequest(f"messages[{i}].tool_calls[{j}] is malformed") from None
         content_out: str | list[Part] = parts[0].text if len(parts) == 1 and isinstance(parts[0], TextPart) else parts
-        messages.append(Message(role, content_out, tool_calls=calls, tool_call_id=m.get("tool_call_id")))
+        call_id = m.get("tool_call_id")
+        if call_id is not None and not isinstance(call_id, str):
+            raise _BadRequest(f"messages[{i}].tool_call_id must be a string")
+        messages.append(Message(role, content_out, tool_calls=calls, tool_call_id=call_id))
     if images > max_images:
         raise _BadRequest(f"the request has {images} images; this server accepts at most {max_images}")
     return messages
 
 
+def _decode_images(messages: list[Message]) -> None:
+    """Decode every image of the request now, so that one that is not an image is the client's 400."""
+    for m in messages:
+        for part in m.images():
+            try:
+                part.pil()
+            except (ImageInputError, ValueError, OSError, Image.DecompressionBombError) as exc:
+                raise _BadRequest(f"an image of the request cannot be used: {exc}") from None
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(body: dict[str, Any], key: str, low: float, high: float) -> float | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high:
+        raise _BadRequest(f"'{key}' must be a number from {low:g} to {high:g}")
+    return value
+
+
 def _params(body: dict[str, Any], max_n: int, max_new_tokens: int) -> GenerateParams:
-    n = body.get("n") or 1
-    if not isinstance(n, int) or n < 1:
+    n = body.get("n")
+    n = 1 if n is None else n
+    if not _integer(n) or n < 1:
         raise _BadRequest("'n' must be a positive integer")
     if n > max_n:
         raise _BadRequest(f"'n'={n} is above this server's limit of {max_n}")
-    tokens = body.get("max_completion_tokens") or body.get("max_tokens") or max_new_tokens
-    if not isinstance(tokens, int) or tokens < 1:
+    given = [body[k] for k in ("max_completion_tokens", "max_tokens") if body.get(k) is not None]
+    tokens = given[0] if given else max_new_tokens
+    if not _integer(tokens) or tokens < 1:
         raise _BadRequest("'max_completion_tokens' must be a positive integer")
     if tokens > max_new_tokens:
         raise _BadRequest(f"'max_completion_tokens'={tokens} is above this server's limit of {max_new_tokens}")
@@ -129,17 +161,26 @@ def _params(body: dict[str, Any], max_n: int, max_new_tokens: int) -> GeneratePa
         stop = [stop]
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
         raise _BadRequest("'stop' must be a string or a list of strings")
-    for key in ("temperature", "top_p"):
-        if body.get(key) is not None and not isinstance(body[key], (int, float)):
-            raise _BadRequest(f"'{key}' must be a number")
+    temperature, top_p = _number(body, "temperature", 0, 2), _number(body, "top_p", 0, 1)  # OpenAI's ranges
+    seed = body.get("seed")
+    if seed is not None and (not _integer(seed) or not -(2**63) <= seed < 2**63):
+        raise _BadRequest("'seed' must be a 64-bit integer")
+    tools = body.get("tools")
+    if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
+        raise _BadRequest("'tools' must be a list of tool objects")
+    for key in ("stream", "return_token_ids"):
+        if body.get(key) is not None and not isinstance(body[key], bool):
+            raise _BadRequest(f"'{key}' must be true or false")
+    if body.get("stream_options") is not None and not isinstance(body["stream_options"], dict):
+        raise _BadRequest("'stream_options' must be an object")
     return GenerateParams(
         n=n,
         max_new_tokens=tokens,
-        temperature=body.get("temperature"),
-        top_p=body.get("top_p"),
+        temperature=temperature,
+        top_p=top_p,
         stop=stop,
-        seed=body.get("seed"),
-        tools=body.get("tools"),
+        seed=seed,
+        tools=tools,
         return_token_ids=bool(body.get("return_token_ids")),
     )
 
@@ -239,22 +280,26 @@ def build_app(
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > max_body_bytes:
             return _error(f"request body of {int(declared):,} bytes is above the limit of {max_body_bytes:,}", 413)
-        raw = await request.body()
-        if len(raw) > max_body_bytes:
-            return _error(f"request body of {len(raw):,} bytes is above the limit of {max_body_bytes:,}", 413)
+        received = bytearray()
+        async for piece in request.stream():  # counted as it comes: a chunked body declares no length
+            received += piece
+            if len(received) > max_body_bytes:
+                return _error(f"request body of over {max_body_bytes:,} bytes is above the limit", 413)
+        raw = bytes(received)
         if fail_every and next(counter) % fail_every == 0:
             return _error("injected failure (fail_every)", 503, "server_error")
         try:
             # Large bodies (many images) are parsed off the event loop, so other replies are not held up.
             body = await asyncio.to_thread(json.loads, raw) if len(raw) > _INLINE_JSON_BYTES else json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             return _error(f"the body is not valid JSON: {exc}")
         if not isinstance(body, dict):
             return _error("the body must be a JSON object")
-        stream = bool(body.get("stream"))
+        stream = body.get("stream") is True
         try:
             messages = _parse_messages(body.get("messages"), max_images)
             params = _params(body, max_n, max_new_tokens)
+            await asyncio.to_thread(_decode_images, messages)
             completions = await backend.generate(messages, params)
         except _BadRequest as exc:
             return _error(str(exc), exc.status)
