@@ -617,3 +617,16 @@ def test_a_400_about_something_else_drops_no_parameter(message):
 
         assert run(go()).dropped == set()
     assert len(app.state.seen) == 1
+
+
+def test_streamed_tool_arguments_given_whole_as_an_object_are_read():
+    call = {"index": 0, "id": "c1", "function": {"name": "zoom_in", "arguments": {"bbox_2d": [0, 0, 1, 1]}}}
+
+    async def handler(attempt, body):
+        chunks = sse({"choices": [{"index": 0, "delta": {"tool_calls": [call]}}]}, piece(None, "tool_calls"))
+        return StreamingResponse(iter(chunks), media_type="text/event-stream")
+
+    app = scripted_app(handler)
+    with app_server(app) as base:
+        _, (c,), _ = stream_and_plain_app(base)
+    assert json.loads(c.tool_calls[0].arguments) == {"bbox_2d": [0, 0, 1, 1]} and len(app.state.seen) == 1

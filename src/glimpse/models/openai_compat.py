@@ -581,7 +581,10 @@ class _Stream:
                 call["id"] = piece.get("id") or call["id"]
                 fn = piece.get("function") or {}
                 call["function"]["name"] += fn.get("name") or ""
-                call["function"]["arguments"] += fn.get("arguments") or ""
+                arguments = fn.get("arguments") or ""
+                if isinstance(arguments, dict):  # whole, as an object (as plain replies may give them)
+                    arguments = json.dumps(arguments)
+                call["function"]["arguments"] += arguments
             if raw.get("token_ids"):
                 choice.setdefault("token_ids", []).extend(raw["token_ids"])
             if raw.get("finish_reason") is not None:
