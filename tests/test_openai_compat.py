@@ -630,3 +630,24 @@ def test_streamed_tool_arguments_given_whole_as_an_object_are_read():
     with app_server(app) as base:
         _, (c,), _ = stream_and_plain_app(base)
     assert json.loads(c.tool_calls[0].arguments) == {"bbox_2d": [0, 0, 1, 1]} and len(app.state.seen) == 1
+
+
+def test_a_reply_that_trickles_in_is_cut_at_the_timeout():
+    """The timeout bounds the whole reply, not only the wait between two of its bytes."""
+
+    async def trickle():
+        for _ in range(100):
+            yield b" "
+            await asyncio.sleep(0.1)
+
+    async def handler(attempt, body):
+        if attempt == 1:
+            return StreamingResponse(trickle(), media_type="application/json")
+        return JSONResponse(_reply())
+
+    app = scripted_app(handler)
+    with app_server(app) as base:
+        started = time.perf_counter()
+        (completion,) = generate(base, timeout=1.0)
+        assert time.perf_counter() - started < 5  # the trickle would take 10 s
+    assert completion.text == "<answer>ok</answer>" and len(app.state.seen) == 2

@@ -92,7 +92,7 @@ class OpenAIBackend:
         api_key: bearer token; default (``None``) from the environment; ``""`` sends none, whatever the
             environment says. Local servers usually need none.
         max_concurrency: most requests in flight at once, per server.
-        timeout: seconds to wait for one response.
+        timeout: seconds to wait for one response, whole (also between two of its bytes).
         max_retries: retries of a failed request before giving up.
         backoff: first retry delay in seconds; doubles each retry (capped at ``max_backoff``).
         max_backoff: longest delay between retries.
@@ -227,13 +227,14 @@ class OpenAIBackend:
             server.busy[i] += 1
             try:
                 client = server.clients[i]
-                if stream is None:
-                    return _Reply(await client.post("/chat/completions", content=payload))
-                async with client.stream("POST", "/chat/completions", content=payload) as response:
-                    if response.status_code >= 400 or not _is_event_stream(response):
-                        await response.aread()
-                        return _Reply(response)
-                    return _Reply(response, await stream.read(response))
+                async with asyncio.timeout(self.timeout):  # the whole reply: a server trickling bytes is cut too
+                    if stream is None:
+                        return _Reply(await client.post("/chat/completions", content=payload))
+                    async with client.stream("POST", "/chat/completions", content=payload) as response:
+                        if response.status_code >= 400 or not _is_event_stream(response):
+                            await response.aread()
+                            return _Reply(response)
+                        return _Reply(response, await stream.read(response))
             finally:
                 server.busy[i] -= 1
         finally:
@@ -269,6 +270,8 @@ class OpenAIBackend:
                 response = reply.response
             except httpx.RequestError as exc:  # timeouts, dropped connections, a body that does not decode
                 error = BackendError(f"{type(exc).__name__} talking to {server.url}: {exc}", retryable=True)
+            except TimeoutError:
+                error = BackendError(f"no whole reply from {server.url} within {self.timeout:g} s", retryable=True)
             except _StreamError as exc:
                 error = BackendError(f"the stream from {server.url} broke off: {exc}", retryable=True)
             else:
