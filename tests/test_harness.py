@@ -480,3 +480,13 @@ def test_first_zoom_counts_any_named_target_in_its_own_image():
     assert first([0, 0, 10, 10]) is False  # a zoom on everything is shrunk to a quarter of the image, around (5, 5)
     assert first([6, 6, 10, 10], image=1, targets_in=[0, 1])  # image_2's target, zoomed in image_2
     assert first([0, 0, 3, 3], image=1, targets_in=[0, 1]) is False  # image_1's target's place, in image_2
+
+
+def test_replies_holding_unicode_line_separators_are_read_back_and_resumed(tmp_path, write_script):
+    """U+2028, U+2029 and U+0085 are written raw into the JSON lines; they do not end a line."""
+    script = write_script(["<think>a\u2028b\u0085c</think><answer>x\u2029y</answer>"])
+    cfg = EvalConfig(data="probes:easy:2", model=f"scripted:{script}", out=str(tmp_path / "run"))
+    first = asyncio.run(run_eval(cfg))
+    again = asyncio.run(run_eval(cfg))
+    assert (first.ran, again.ran, again.skipped) == (2, 0, 2)
+    assert [t.answer for t in ResultStore(tmp_path / "run" / RESULTS).load()] == ["x\u2029y"] * 2

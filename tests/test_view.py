@@ -103,6 +103,38 @@ def test_rotated_and_missing_originals(tmp_path):
         build_report(tmp_path / "nothing")
 
 
+def test_a_hostile_record_reaches_nothing_outside_the_report(tmp_path):
+    """A trajectories file may say anything: a hash that is a path, a made image that is /etc/passwd or a folder,
+    an original too large to decode. The report is built from what is safe, and nothing lands outside it."""
+    from glimpse.agent import AgentLoop
+    from glimpse.models.scripted import ScriptedBackend
+    from glimpse.trajectory import MadeImage, Sample, save_jsonl
+
+    path = tmp_path / "a.png"
+    Image.new("RGB", (60, 40), "red").save(path)
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (15_000, 15_000)).save(bomb)  # 225 megapixels: over Pillow's decompression-bomb limit
+    loop = AgentLoop(ScriptedBackend([["<answer>x</answer>"]]))
+    made = [
+        MadeImage(observation_index=1, path="/etc/passwd", sha256="ab" * 32, width=1, height=1, shown_size=[1, 1]),
+        MadeImage(observation_index=2, path=str(tmp_path), sha256="cd" * 32, width=1, height=1, shown_size=[1, 1]),
+        MadeImage(observation_index=3, path=str(path), sha256="../../../escMADE", width=1, height=1, shown_size=[1, 1]),
+    ]
+    records = []
+    for i, (image, sha) in enumerate(((path, "../../../escORIG"), (path, "/tmp/escABS"), (bomb, "e" * 64))):
+        (t,) = asyncio.run(loop.run(Sample(id=f"s{i}", images=[str(path)], question="?", answer="x")))
+        t = t.model_copy(update={"image": t.image.model_copy(update={"sha256": sha, "path": str(image)})})
+        t.turns[0].made = made
+        records.append(t)
+    save_jsonl(records, tmp_path / "hostile.jsonl")
+    before = set(tmp_path.rglob("*"))
+    folder = build_report(tmp_path / "hostile.jsonl", tmp_path / "report")
+    outside = {p for p in set(tmp_path.rglob("*")) - before if folder not in p.parents and p != folder}
+    assert not outside and not list(Path("/tmp").glob("escABS*"))
+    assert not (folder / "img" / "made").exists() or not list((folder / "img" / "made").iterdir())
+    assert not (folder / "img" / "orig").exists() or not list((folder / "img" / "orig").iterdir())
+
+
 # ------------------------------------------------------------------------------------------- in a real browser
 def open_page(browser, url):
     page = browser.new_page(viewport={"width": 1400, "height": 1000})

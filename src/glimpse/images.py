@@ -207,7 +207,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img
 
 
-def _apply_pixel_limit_override() -> None:
+def apply_pixel_limit_override() -> None:
+    """Pillow's decompression-bomb limit from ``GLIMPSE_MAX_IMAGE_PIXELS``, where it is set."""
     value = os.environ.get(_ENV_MAX_IMAGE_PIXELS)
     if not value:
         return
@@ -251,7 +252,7 @@ def decode_image(data: bytes, path: str) -> Image.Image:
     """
     if not data:
         raise ImageInputError(path, "the file is empty (0 bytes)")
-    _apply_pixel_limit_override()
+    apply_pixel_limit_override()
     _image_blocks_outside_the_heap()
     try:
         with Image.open(io.BytesIO(data)) as img:

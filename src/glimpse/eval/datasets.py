@@ -289,7 +289,7 @@ def load_vstar(root: str | Path, prefer: str = "json") -> Dataset:
         return Dataset(name="vstar", samples=samples, source=str(base))
     jsonl = _require(base / "test_questions.jsonl", "V* Bench test_questions.jsonl")
     samples = []
-    for i, line in enumerate(_read_text(jsonl).splitlines()):
+    for i, line in enumerate(_read_text(jsonl).split("\n")):  # JSON lines end at "\n" only (not U+2028)
         if not line.strip():
             continue
         try:
@@ -671,7 +671,7 @@ def load_o3bench(root: str | Path) -> Dataset:
         f"download it with: huggingface-cli download m-Just/O3-Bench --repo-type dataset --local-dir {base}",
     )
     samples = []
-    for n, line in enumerate(_read_text(path).splitlines(), 1):
+    for n, line in enumerate(_read_text(path).split("\n"), 1):  # JSON lines end at "\n" only (not U+2028)
         if line.strip():
             samples.append(_o3bench_item(path, n, line))
     if not samples:

@@ -49,7 +49,7 @@ from glimpse.eval.policies import POLICIES, policy_backend
 from glimpse.eval.scoring import score
 from glimpse.images import DEFAULT_CACHE_BYTES, ImageCache, PixelLimits
 from glimpse.models import DEFAULT_MODEL, Backend, load_backend
-from glimpse.trajectory import Sample, Score, Trajectory
+from glimpse.trajectory import Sample, Score, Trajectory, iter_jsonl
 
 RESULTS, CONFIG, SUMMARY, TABLE, SWEEP_CSV, SWEEP_PNG = (
     "trajectories.jsonl",
@@ -151,11 +151,7 @@ class ResultStore:
     def load(self) -> list[Trajectory]:
         if not self.path.exists():
             return []
-        out = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                out.append(Trajectory.model_validate_json(line))
-        return out
+        return list(iter_jsonl(self.path))  # lines end at "\n" only: a reply may hold U+2028 written raw
 
 
 @dataclass

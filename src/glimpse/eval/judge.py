@@ -49,7 +49,7 @@ class LLMJudge:
         self._lock = threading.Lock()
         self.calls = 0
         if self.cache_path is not None and self.cache_path.exists():
-            for line in self.cache_path.read_text(encoding="utf-8").splitlines():
+            for line in self.cache_path.read_text(encoding="utf-8").split("\n"):  # not at U+2028
                 try:
                     row = json.loads(line)
                     self.cache[row["key"]] = bool(row["correct"])

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
@@ -34,13 +35,14 @@ from PIL import Image
 
 from glimpse.errors import ConfigError, ImageInputError
 from glimpse.eval.metrics import summarize
-from glimpse.images import read_image
+from glimpse.images import apply_pixel_limit_override, read_image
 from glimpse.trajectory import Trajectory, iter_jsonl
 
 THUMB_PX = 256
 _BROWSER_FORMATS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif"}
 _EXIF_ORIENTATION = 0x0112
-_QUESTION_CHARS = 240
+_QUESTION_CHARS = 240  # of the question, the answer and the gold answer in the list (a trajectory's page has all)
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass
@@ -111,8 +113,11 @@ def export_image(job: tuple[str, str, str]) -> tuple[str, str | None, str | None
     Runs in worker processes. Returns ``None`` names for an image that can no longer be read.
     """
     source, sha, out = job
+    if not _SHA256.fullmatch(sha):  # it names the report's files: nothing else may reach the file system
+        return sha, None, None
     folder = Path(out)
     thumb = folder / "thumb" / f"{sha[:16]}.jpg"
+    apply_pixel_limit_override()
     try:
         with Image.open(source) as img:
             fmt, rotated = img.format, img.getexif().get(_EXIF_ORIENTATION, 1) not in (1, None)
@@ -135,7 +140,7 @@ def export_image(job: tuple[str, str, str]) -> tuple[str, str | None, str | None
                     small = read_image(source).image
                 small.thumbnail((THUMB_PX, THUMB_PX))
                 small.save(thumb, quality=80)
-    except (OSError, ValueError, ImageInputError):
+    except (OSError, ValueError, ImageInputError, Image.DecompressionBombError):
         return sha, None, None
     return sha, target.name, thumb.name
 
@@ -155,13 +160,26 @@ def _made_images(t: Trajectory, folder: Path) -> dict[str, str]:
     out = {}
     for turn in t.turns:
         for made in turn.made:
+            if not _SHA256.fullmatch(made.sha256):
+                continue
             target = folder / "img" / "made" / f"{made.sha256[:16]}.png"
-            if not target.exists() and Path(made.path).exists():
+            if not target.exists() and _is_png(made.path):  # a record may name any file: only a PNG is copied
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(made.path, target)
             if target.exists():
                 out[str(made.observation_index)] = f"img/made/{target.name}"
     return out
+
+
+def _is_png(path: str) -> bool:
+    """Whether ``path`` is a regular file that Pillow reads as a PNG (what the code tool keeps)."""
+    try:
+        if not Path(path).is_file():
+            return False
+        with Image.open(path) as img:
+            return img.format == "PNG"
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return False
 
 
 def _row(i: int, t: Trajectory, thumb: str | None) -> dict[str, Any]:
@@ -182,8 +200,8 @@ def _row(i: int, t: Trajectory, thumb: str | None) -> dict[str, Any]:
         "lat": round(t.wall_s, 2),
         "stop": t.stop_reason,
         "q": q[:_QUESTION_CHARS],
-        "a": t.answer,
-        "g": t.sample.answer,
+        "a": t.answer[:_QUESTION_CHARS] if t.answer else t.answer,
+        "g": t.sample.answer[:_QUESTION_CHARS] if t.sample.answer else t.sample.answer,
         "thumb": f"img/thumb/{thumb}" if thumb else None,
         "b": None,
         "b_ok": None,
