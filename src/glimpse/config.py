@@ -57,7 +57,7 @@ class BackendSettings:
         "load-balanced client-side (else $GLIMPSE_BASE_URL, $OPENAI_BASE_URL)",
     )
     api_key: str | None = opt(None, "API key (else $GLIMPSE_API_KEY, $OPENAI_API_KEY); never saved", secret=True)
-    timeout: float = opt(600.0, "seconds to wait for one reply")
+    timeout: float = opt(600.0, "seconds to wait for one whole reply")
     max_retries: int = opt(6, "retries of a failed request (429, 5xx, timeouts, dropped connections)")
     image_format: str = opt("jpeg", "how images are sent: jpeg (quality 95) or png", choices=("jpeg", "png"))
     device: str = opt("cpu", DEVICE_HELP)
