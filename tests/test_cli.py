@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -246,3 +247,41 @@ def test_eval_warns_when_open_answers_are_scored_without_a_judge(write_script, t
     assert "2 open answers matched no rule" in proc.stderr and "--judge" in proc.stderr
     oracle = glimpse("eval", "--data", "probes:easy:2:0:read_code", "--model", "oracle", "--out", str(tmp_path / "o"))
     assert oracle.returncode == 0 and "matched no rule" not in oracle.stderr
+
+
+def test_user_mistakes_are_one_line_errors_with_exit_2(make_image, tmp_path):
+    """What a new user gets wrong: a clear error naming the problem, exit 2, never a traceback."""
+    image = str(make_image())
+    (tmp_path / "junk.jsonl").write_text('{"not": "a trajectory"}\n')
+    (tmp_path / "config.yaml").write_text("max_turns: 2.5\n")
+    (tmp_path / "afile").write_text("x")
+    cases = [
+        (("ask", image, ""), "the question is empty"),
+        (("ask", image, image), "is a file: give the question after the image"),
+        (("ask", "https://example.com/a.jpg", "What?"), "is a URL"),
+        (("ask", image, "Q?", "--model", "openai:m", "--base-url", "notaurl"), "not an http:// or https://"),
+        (("ask", image, "Q?", "--config", str(tmp_path / "config.yaml")), "max_turns=2.5 is not a valid int"),
+        (("eval", "--data", "probes:easy:2", "--concurrency", "0"), "concurrency=0 must be at least 1"),
+        (("eval", "--data", "probes:easy:2", "--limit", "-1"), "limit=-1 must be at least 1"),
+        (("eval", "--data", "bogus"), "unknown dataset 'bogus'"),
+        (("eval", "--data", "probes/easy/val.json"), "minio3:probes/easy/val.json"),
+        (("eval", "--data", "probes:easy:2", "--model", "oracle", "--out", str(tmp_path / "afile")), "afile"),
+        (("view", image), "is not a text file of trajectories"),
+        (("view", str(tmp_path / "junk.jsonl")), "junk.jsonl:1: not a valid trajectory"),
+        (("serve", "--model", "oracle", "--port", "99999"), "port=99999 must be at most 65535"),
+    ]
+    for args, said in cases:
+        proc = glimpse(*args)
+        assert proc.returncode == 2 and said in proc.stderr, (args, proc.returncode, proc.stderr[-600:])
+        assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) <= 2, (args, proc.stderr)
+
+
+def test_help_shows_each_flags_default():
+    proc = subprocess.run(
+        [sys.executable, "-m", "glimpse", "eval", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "250"},
+    )
+    assert "[default: 12]" in proc.stdout and "[default: 32]" in proc.stdout  # --max-turns, --concurrency

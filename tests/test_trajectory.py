@@ -105,6 +105,18 @@ def test_bad_lines_name_the_line(tmp_path):
         load_jsonl(bad)
 
 
+def test_a_last_line_cut_short_is_skipped_and_other_bad_lines_are_not(recorded, tmp_path):
+    trajs, out = recorded
+    whole = out.read_text()
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text(whole + whole.splitlines()[0][:100])  # a run killed while writing its next line
+    assert len(load_jsonl(cut)) == len(trajs)
+    middle = tmp_path / "middle.jsonl"
+    middle.write_text(whole.splitlines()[0][:100] + "\n" + whole)
+    with pytest.raises(GlimpseError, match=r"middle\.jsonl:1: not a valid trajectory"):
+        load_jsonl(middle)
+
+
 def test_metrics_count_error_kinds(recorded):
     traj: Trajectory = recorded[0][0]
     assert traj.metrics == {

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 import types
 import typing
@@ -23,11 +24,20 @@ from glimpse.errors import ConfigError
 
 
 def opt(
-    default: Any, help: str, *, choices: tuple[str, ...] | None = None, secret: bool = False, result: bool = True
+    default: Any,
+    help: str,
+    *,
+    choices: tuple[str, ...] | None = None,
+    secret: bool = False,
+    result: bool = True,
+    low: float | None = None,
+    high: float | None = None,
 ) -> Any:
-    """A config field with its help text, allowed values, whether it must never be written to disk, and (loop
-    settings) whether it changes an evaluation's results (those must match when a run resumes)."""
-    return field(default=default, metadata={"help": help, "choices": choices, "secret": secret, "result": result})
+    """A config field with its help text, allowed values (``choices``, or a number from ``low`` to ``high``),
+    whether it must never be written to disk, and (loop settings) whether it changes an evaluation's results
+    (those must match when a run resumes)."""
+    metadata = {"help": help, "choices": choices, "secret": secret, "result": result, "low": low, "high": high}
+    return field(default=default, metadata=metadata)
 
 
 COORDS_HELP = (
@@ -57,7 +67,7 @@ class BackendSettings:
         "load-balanced client-side (else $GLIMPSE_BASE_URL, $OPENAI_BASE_URL)",
     )
     api_key: str | None = opt(None, "API key (else $GLIMPSE_API_KEY, $OPENAI_API_KEY); never saved", secret=True)
-    timeout: float = opt(600.0, "seconds to wait for one whole reply")
+    timeout: float = opt(600.0, "seconds to wait for one whole reply", low=0.001)
     max_retries: int = opt(6, "retries of a failed request (429, 5xx, timeouts, dropped connections)")
     image_format: str = opt("jpeg", "how images are sent: jpeg (quality 95) or png", choices=("jpeg", "png"))
     device: str = opt("cpu", DEVICE_HELP)
@@ -118,11 +128,11 @@ class AskConfig(LoopSettings, BackendSettings):
     )
     max_turns: int | None = opt(None, "most assistant turns (overrides --effort)")
     max_new_tokens: int | None = opt(None, "most tokens per reply (overrides --effort)")
-    samples: int = opt(1, "trajectories per question, run in parallel and reconciled by --vote")
+    samples: int = opt(1, "trajectories per question, run in parallel and reconciled by --vote", low=1)
     vote: str = opt("majority", "how several samples are reconciled", choices=("majority",))
     seed: int | None = opt(None, "sampling seed; sample i uses seed + i")
     token_ids: bool = opt(False, "ask the server for token ids and record the token view (vLLM)")
-    max_concurrency: int = opt(64, "most requests in flight at once")
+    max_concurrency: int = opt(64, "most requests in flight at once", low=1)
     save: str | None = opt(None, "append the trajectories to this JSONL file")
     json: bool = opt(False, "print the trajectories as JSON lines on stdout instead of the live view")
     quiet: bool = opt(False, "print only the answer")
@@ -145,7 +155,7 @@ class EvalConfig(LoopSettings, BackendSettings):
     )
     out: str | None = opt(None, "run folder; the same folder resumes a run (default: runs/<data>--<model>)")
     fresh: bool = opt(False, "delete the run folder's earlier results instead of resuming")
-    k: int = opt(1, "repeats per question (Avg@k, pass@k, majority@k); each has its own option order and seed")
+    k: int = opt(1, "repeats per question (Avg@k, pass@k, majority@k); each has its own option order and seed", low=1)
     max_turns: str = opt("12", "turn cap, or comma-separated caps for a sweep, e.g. 4,8,16,32")
     sweep: str = opt(
         "derive",
@@ -153,7 +163,7 @@ class EvalConfig(LoopSettings, BackendSettings):
         "does not mention the cap: the first turns are drawn the same way whatever the cap); run: run every cap",
         choices=("derive", "run"),
     )
-    limit: int | None = opt(None, "evaluate only the first N questions")
+    limit: int | None = opt(None, "evaluate only the first N questions", low=1)
     options: str = opt(
         "auto",
         "multiple-choice option order per repeat: shuffle (seeded), cyclic, fixed, or auto: the dataset's own "
@@ -162,12 +172,14 @@ class EvalConfig(LoopSettings, BackendSettings):
         choices=("auto", "shuffle", "cyclic", "fixed"),
     )
     seed: int = opt(0, "seed of option shuffles and sampling (repeat r samples with seed + r)")
-    concurrency: int = opt(32, "questions in flight at once")
+    concurrency: int = opt(32, "questions in flight at once", low=1)
     max_new_tokens: int = opt(4096, "most tokens per reply")
     max_batch: int = opt(8, "hf backend: most requests generated together")
     judge: str | None = opt(None, "LLM judge for open answers the rules cannot decide, e.g. openai:gpt-4o-mini")
     judge_base_url: str | None = opt(None, "the judge's endpoint (default: the same as --base-url's environment)")
-    faithfulness: float = opt(0.5, "share of a target box a zoom must cover for the answer to count as found there")
+    faithfulness: float = opt(
+        0.5, "share of a target box a zoom must cover for the answer to count as found there", low=0, high=1
+    )
     redo_errors: bool = opt(True, "on resume, run again the questions whose backend failed")
     max_backend_errors: float = opt(
         0.0,
@@ -206,7 +218,7 @@ class SynthConfig:
         ),
     )
     workers: int | None = opt(None, "processes (default: the number of cores, at most 8)")
-    quality: int = opt(95, "JPEG quality of the images")
+    quality: int = opt(95, "JPEG quality of the images", low=1, high=100)
 
 
 @dataclass
@@ -217,7 +229,7 @@ class ViewConfig:
     out: str | None = opt(None, "report folder (default: RUN/report)")
     serve: bool = opt(False, "serve the report over HTTP after building it")
     host: str = opt("127.0.0.1", "interface to serve on (loopback by default)")
-    port: int = opt(8765, "port to serve on (0: any free port)")
+    port: int = opt(8765, "port to serve on (0: any free port)", low=0, high=65535)
     workers: int | None = opt(None, "processes preparing images (default: the number of cores, at most 8)")
 
 
@@ -227,11 +239,11 @@ class ServeConfig:
 
     model: str | None = opt(None, "backend to serve: hf:FOLDER (a local Qwen-VL checkpoint) or scripted:FILE.json")
     host: str = opt("127.0.0.1", "interface to listen on (loopback by default)")
-    port: int = opt(8000, "port to listen on")
+    port: int = opt(8000, "port to listen on", low=0, high=65535)
     name: str | None = opt(None, "model name reported by the server (default: the backend's name)")
-    latency: float = opt(0.0, "simulated seconds per completion request")
-    jitter: float = opt(0.0, "extra random latency, uniform in [0, jitter] seconds")
-    fail_every: int = opt(0, "answer every N-th completion request with HTTP 503 (fault injection; 0 = never)")
+    latency: float = opt(0.0, "simulated seconds per completion request", low=0)
+    jitter: float = opt(0.0, "extra random latency, uniform in [0, jitter] seconds", low=0)
+    fail_every: int = opt(0, "answer every N-th completion request with HTTP 503 (fault injection; 0 = never)", low=0)
     max_body_mb: int = opt(128, "largest request body accepted, in MB")
     max_images: int = opt(64, "most images in one request")
     max_n: int = opt(64, "largest n (samples per request)")
@@ -247,7 +259,7 @@ class UIConfig(AskConfig):
     and where and how the app is served."""
 
     host: str = opt("127.0.0.1", "interface to listen on (loopback by default; elsewhere it warns and refuses paths)")
-    port: int = opt(8770, "port to listen on")
+    port: int = opt(8770, "port to listen on", low=0, high=65535)
     runs: str = opt("glimpse-runs", "folder where every run is saved as a trajectory record (the history)")
     allow: str | None = opt(
         None, "comma-separated folders whose files a run may read by path (default: the current folder)"
@@ -275,7 +287,7 @@ class ColdStartConfig:
     min_pixels: int = opt(40_000, "smallest area an image is shown at")
     max_pixels: int = opt(2_000_000, "largest area an image is shown at")
     resize_factor: int | None = opt(None, FACTOR_HELP)
-    concurrency: int = opt(8, "trajectories generated at once")
+    concurrency: int = opt(8, "trajectories generated at once", low=1)
     model: str | None = opt(None, "fewshot: the generator, openai:NAME, hf:FOLDER or scripted:FILE")
     base_url: str | None = opt(None, "fewshot: the generator's endpoint(s)")
     api_key: str | None = opt(None, "fewshot: API key (else $GLIMPSE_API_KEY, $OPENAI_API_KEY)", secret=True)
@@ -337,9 +349,9 @@ class RLConfig:
     )
     out: str = opt("rl", "output folder: config, log, checkpoints, and the trained model in OUT/model")
     fresh: bool = opt(False, "delete OUT first instead of resuming from its newest checkpoint")
-    steps: int = opt(100, "RL steps (each: sample a batch of groups, then update)")
-    prompts: int = opt(4, "prompts (groups) per step (Mini-o3: 256)")
-    group: int = opt(8, "samples per prompt (Mini-o3: 16)")
+    steps: int = opt(100, "RL steps (each: sample a batch of groups, then update)", low=1)
+    prompts: int = opt(4, "prompts (groups) per step (Mini-o3: 256)", low=1)
+    group: int = opt(8, "samples per prompt (Mini-o3: 16)", low=2)
     mini_batches: int = opt(1, "optimizer updates per step, each on a share of the groups (Mini-o3: 8)")
     mask_over_turn: bool = opt(True, "over-turn masking: capped trajectories count in group statistics, carry no loss")
     dynamic_sampling: bool = opt(True, "drop groups whose rewards are all equal and draw more prompts")
@@ -352,7 +364,7 @@ class RLConfig:
     max_grad_norm: float = opt(1.0, "gradient clipping")
     max_turns: int = opt(6, "turn cap while training (Mini-o3: 6)")
     max_new_tokens: int = opt(1024, "most tokens per reply")
-    temperature: float = opt(1.0, "sampling temperature of rollouts")
+    temperature: float = opt(1.0, "sampling temperature of rollouts", low=0)
     protocol: str = opt("tags", "tags or tools (native function calling)", choices=("tags", "tools"))
     coords: str | None = opt(None, COORDS_HELP, choices=("relative", "pixels", "thousand"))
     prompt_file: str | None = opt(None, "prompts the checkpoint was trained with (default: the checkpoint's own)")
@@ -387,9 +399,9 @@ class ReproConfig:
         "sft,full,no-mask,no-coldstart,no-hard",
         "arms to run now, comma-separated (sft: the checkpoint itself, evaluated only); finished ones are reused",
     )
-    steps: int = opt(40, "RL steps per arm")
-    prompts: int = opt(4, "prompts per RL step")
-    group: int = opt(8, "samples per prompt")
+    steps: int = opt(40, "RL steps per arm", low=1)
+    prompts: int = opt(4, "prompts per RL step", low=1)
+    group: int = opt(8, "samples per prompt", low=2)
     max_draws: int = opt(2, "dynamic sampling draws at most this many times --prompts prompts per step")
     lr: float = opt(2e-5, "RL learning rate")
     train_turns: int = opt(6, "turn cap while training (Mini-o3: 6)")
@@ -399,10 +411,10 @@ class ReproConfig:
         "the training cap bind most); no-hard drops hard",
     )
     max_new_tokens: int = opt(256, "most tokens per reply")
-    eval_n: int = opt(100, "fresh hard probes (seed 0) every arm is evaluated on")
+    eval_n: int = opt(100, "fresh hard probes (seed 0) every arm is evaluated on", low=1)
     caps: str = opt("4,6,8,16,32", "test-time turn caps")
     eval_temperature: float = opt(0.0, "sampling temperature of the evaluation (0: greedy)")
-    eval_concurrency: int = opt(16, "evaluation questions in flight (and generated together)")
+    eval_concurrency: int = opt(16, "evaluation questions in flight (and generated together)", low=1)
     seed: int = opt(0, "seed of sampling and prompt order")
     threads: int | None = opt(None, "torch CPU threads (default: torch's own)")
     device: str = opt("auto", "cpu, cuda, cuda:N, or auto")
@@ -442,11 +454,9 @@ def _coerce(cls: type, key: str, value: Any) -> Any:
                 value = value.lower() in ("true", "1", "yes")
             value = bool(value)
         elif base in (int, float):
-            if isinstance(value, bool):
-                raise ValueError(value)
+            if isinstance(value, bool) or (base is int and isinstance(value, float) and not value.is_integer()):
+                raise ValueError(value)  # 2.5 turns from a config file is a mistake, not 2
             value = base(value)
-            if base is int and isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
         else:
             value = str(value)
     except (TypeError, ValueError):
@@ -454,6 +464,11 @@ def _coerce(cls: type, key: str, value: Any) -> Any:
     choices = f.metadata.get("choices")
     if choices and value not in choices:
         raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}")
+    low, high = f.metadata.get("low"), f.metadata.get("high")
+    if base in (int, float) and not (math.isfinite(value) and (low is None or value >= low)):
+        raise ConfigError(f"{key}={value!r} must be {'at least ' + format(low, 'g') if low is not None else 'finite'}")
+    if high is not None and value > high:
+        raise ConfigError(f"{key}={value!r} must be at most {high:g}")
     return value
 
 
@@ -524,8 +539,8 @@ class BuiltinConfig:
     size: str = opt(
         "base", "architecture size: base (about 4 M parameters) or tiny (for tests)", choices=("base", "tiny")
     )
-    minutes: float = opt(60.0, "training time budget; the learning rate follows elapsed time")
-    batch: int = opt(8, "trajectories per step")
+    minutes: float = opt(60.0, "training time budget; the learning rate follows elapsed time", low=0.01)
+    batch: int = opt(8, "trajectories per step", low=1)
     lr: float = opt(1e-3, "peak learning rate (AdamW)")
     warmup: int = opt(100, "warm-up steps")
     workers: int = opt(1, "processes generating probes and trajectories while the model trains")

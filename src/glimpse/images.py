@@ -215,7 +215,9 @@ def apply_pixel_limit_override() -> None:
     try:
         limit = int(value.replace("_", ""))
     except ValueError:
-        raise ConfigError(f"{_ENV_MAX_IMAGE_PIXELS}={value!r} is not an integer number of pixels") from None
+        limit = 0
+    if limit < 1:
+        raise ConfigError(f"{_ENV_MAX_IMAGE_PIXELS}={value!r} is not a positive integer number of pixels")
     # Pillow warns above MAX_IMAGE_PIXELS and refuses above twice that; the variable sets the refusal point.
     Image.MAX_IMAGE_PIXELS = max(1, limit // 2)
 

@@ -33,6 +33,7 @@ Several images in one question (the contract every reader follows):
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -42,9 +43,11 @@ from typing import Any, Literal
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
-from glimpse.errors import GlimpseError
+from glimpse.errors import ConfigError, GlimpseError
 from glimpse.geometry import Box
 from glimpse.images import ImageCache, PixelLimits, counterfactual_view, fit, shared_limits
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 
@@ -509,19 +512,46 @@ def save_jsonl(trajectories: Iterable[Trajectory], path: str | os.PathLike[str],
 
 
 def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[Trajectory]:
-    """Read trajectories from a JSON-lines file, one at a time.
+    """Read trajectories from a JSON-lines file, one at a time. A last line without its newline that does not
+    parse (a run killed while writing it) is skipped with a warning, as a resumed evaluation drops it.
 
     Raises:
-        GlimpseError: a line is not a valid trajectory (the message gives the line number).
+        ConfigError: the file is missing, not text, or a line is not a valid trajectory (the message gives the
+            line number and the first problem).
     """
-    with Path(path).open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                yield Trajectory.model_validate_json(line)
-            except ValueError as exc:
-                raise GlimpseError(f"{path}:{lineno}: not a valid trajectory: {exc}") from None
+    try:
+        fh = Path(path).open(encoding="utf-8")  # noqa: SIM115 (closed by the with below, after the checks)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path} is a folder, not a trajectories file (JSON lines)") from None
+    with fh:
+        try:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield Trajectory.model_validate_json(line)
+                except ValueError as exc:
+                    if not line.endswith("\n"):
+                        log.warning(
+                            "%s:%d: the last line was cut short (a run stopped while writing it); skipped", path, lineno
+                        )
+                        continue
+                    raise ConfigError(f"{path}:{lineno}: not a valid trajectory: {_first_problem(exc)}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path} is not a text file of trajectories (JSON lines)") from None
+
+
+def _first_problem(exc: ValueError) -> str:
+    """A validation error in one line: the first problem, and how many there are."""
+    errors = exc.errors() if hasattr(exc, "errors") else []
+    if not errors:
+        return str(exc).splitlines()[0]
+    first = errors[0]
+    where = ".".join(str(x) for x in first.get("loc", ())) or "the line"
+    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+    return f"{where}: {first.get('msg', '')}{more}"
 
 
 def load_jsonl(path: str | os.PathLike[str]) -> list[Trajectory]:

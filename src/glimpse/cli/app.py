@@ -13,6 +13,7 @@ import enum
 import inspect
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -64,7 +65,8 @@ def _flag_parameters(cls: type) -> list[inspect.Parameter]:
     for f in dataclasses.fields(cls):
         base, nullable = field_type(cls, f.name)
         default = f.default
-        help_text = f.metadata["help"] + ("" if default in (None, False) else f" [default: {default}]")
+        # escaped: rich reads "[default: 12]" as a markup tag and drops it
+        help_text = f.metadata["help"] + ("" if default in (None, False) else f" \\[default: {default}]")
         flag = "--" + f.name.replace("_", "-")
         choices = f.metadata.get("choices")
         if base is bool:
@@ -169,6 +171,13 @@ def ask_command(cfg: AskConfig, images_and_question: list[str]) -> int:
     if len(images_and_question) < 2:
         _fail("give an image file and a question: glimpse ask IMAGE [IMAGE...] QUESTION", EXIT_USAGE)
     *images, question = images_and_question
+    if not question.strip():
+        _fail("the question is empty: glimpse ask IMAGE [IMAGE...] QUESTION", EXIT_USAGE)
+    if Path(question).is_file():
+        _fail(f"the last argument, {question!r}, is a file: give the question after the image(s)", EXIT_USAGE)
+    urls = [i for i in images if i.lower().startswith(("http://", "https://"))]
+    if urls:
+        _fail(f"{urls[0]} is a URL: images are read from files; download it and give its path", EXIT_USAGE)
     return run_ask(cfg, images[0] if len(images) == 1 else images, question)
 
 
@@ -364,6 +373,11 @@ def main() -> None:
     except GlimpseError as exc:
         _print_error(str(exc))
         sys.exit(EXIT_BACKEND)
+    except OSError as exc:
+        if exc.filename is None:  # not a path the user gave: a bug or the machine, shown whole
+            raise
+        _print_error(f"{exc.filename}: {exc.strerror or exc}")  # e.g. an output folder that is a file
+        sys.exit(EXIT_USAGE)
 
 
 def _print_error(message: str) -> None:

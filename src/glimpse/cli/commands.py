@@ -17,6 +17,7 @@ from rich.markup import escape
 from glimpse.api import AskResult, ask_async
 from glimpse.cli.exits import EXIT_BACKEND, EXIT_INPUT, EXIT_NO_ANSWER, EXIT_OK
 from glimpse.config import AskConfig, EvalConfig, ServeConfig, SynthConfig, UIConfig, ViewConfig, write_resolved
+from glimpse.errors import ConfigError
 from glimpse.models.base import TextDelta
 from glimpse.trajectory import Trajectory, Turn, save_jsonl
 
@@ -295,15 +296,29 @@ def _run_scripted_demo(out: str, *, quiet: bool = False) -> int:
     return code
 
 
+def check_listen(host: str, port: int) -> None:
+    """Raise a ``ConfigError`` now if nothing can listen on ``host:port`` (taken, or not this machine's address),
+    rather than after the server has said where it serves."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = infos[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc} (choose --port)") from None
+
+
 def run_serve(cfg: ServeConfig) -> int:
     """``glimpse serve``: build the backend and serve it until interrupted."""
     from glimpse.models import load_backend
     from glimpse.serve import serve
 
     if not cfg.model:
-        from glimpse.errors import ConfigError
-
         raise ConfigError("choose a backend to serve with --model, e.g. hf:FOLDER or scripted:FILE.json")
+    check_listen(cfg.host, cfg.port)
     backend = load_backend(cfg.model, record=0, device=cfg.device, dtype=cfg.dtype, max_batch=cfg.max_batch)
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     if cfg.host not in ("127.0.0.1", "localhost", "::1"):
@@ -329,6 +344,7 @@ def run_ui(cfg: UIConfig) -> int:
     """``glimpse ui``: serve the web app until interrupted (a non-loopback address is warned about by the app)."""
     from glimpse.ui import serve_ui
 
+    check_listen(cfg.host, cfg.port)
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
     console.print(
@@ -527,7 +543,10 @@ def run_view(cfg: ViewConfig, run: str) -> int:
         return EXIT_OK
     if cfg.host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]warning:[/] serving on {cfg.host}, not loopback: anyone who can reach it can read it")
-    server = make_server(folder, cfg.host, cfg.port)
+    try:
+        server = make_server(folder, cfg.host, cfg.port)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc} (choose --port)") from None
     host, port = server.server_address[:2]
     console.print(f"serving at http://{host}:{port}/ (Ctrl-C stops)")
     try:

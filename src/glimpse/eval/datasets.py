@@ -815,6 +815,9 @@ def load_dataset(spec: str) -> Dataset:
             raise ConfigError("visualprobe needs a level and a base folder: visualprobe:hard:/data/minio3")
         return _unique_ids(load_visualprobe(parts[0], ":".join(parts[1:])))
     if not rest:
+        if name not in LOADERS:
+            hint = f"; for a JSON file in Mini-o3's format: minio3:{spec}" if spec.endswith(".json") else ""
+            raise ConfigError(f"unknown dataset {spec!r}: a spec is KIND:…, KIND one of {', '.join(LOADERS)}{hint}")
         raise ConfigError(f"dataset {spec!r} needs a path after '{name}:'")
     simple = {
         "minio3": load_minio3,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
+from glimpse.errors import ImageInputError
 from glimpse.geometry import Box, Coords, from_relative
 from glimpse.images import PixelLimits, oriented_size, shared_limits, smart_resize
 from glimpse.models.scripted import ScriptedBackend
@@ -49,8 +50,11 @@ def oracle_turns(sample: Sample, protocol: str, coords: str, limits: PixelLimits
     """Turns that zoom into each target of ``sample`` and then answer with its gold answer."""
     writer = make_protocol(protocol, coords)
     turns: list[Any] = []
-    if sample.target_boxes and sample.images:
-        sizes = [oriented_size(path) for path in sample.images]
+    try:
+        sizes = [oriented_size(path) for path in sample.images] if sample.target_boxes else []
+    except ImageInputError:  # the loop records the question as an input error when it reads the image
+        sizes = []
+    if sizes:
         shown = [smart_resize(w, h, lim) for (w, h), lim in zip(sizes, shared_limits(sizes, limits), strict=True)]
         convention = Coords(coords)
         for i, (k, target) in enumerate(sample.targets()):

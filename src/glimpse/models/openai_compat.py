@@ -129,6 +129,11 @@ class OpenAIBackend:
         self.base_urls = [u.strip().rstrip("/") for u in urls.split(",") if u.strip()]
         if not self.base_urls:
             raise ConfigError(f"no server URL in base_url={base_url!r}")
+        for url in self.base_urls:
+            if not re.match(r"https?://[^/\s]+", url):
+                raise ConfigError(
+                    f"base URL {url!r} is not an http:// or https:// address, e.g. http://localhost:8000/v1"
+                )
         self.base_url = self.base_urls[0]
         self.api_key = api_key if api_key is not None else _env("GLIMPSE_API_KEY", "OPENAI_API_KEY")
         if OPENAI_URL in self.base_urls and not self.api_key:
