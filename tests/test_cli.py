@@ -42,6 +42,8 @@ def test_ask_scripted_answers_with_exit_0(make_image, write_script, tmp_path):
     out = tmp_path / "t.jsonl"
     proc = glimpse("ask", str(make_image()), "How many?", "--model", f"scripted:{script}", "--save", str(out))
     assert proc.returncode == 0, proc.stderr
+    saved = json.loads((tmp_path / "t.config.json").read_text())
+    assert saved["model"] == f"scripted:{script}" and saved["max_turns"] == 12  # the settings used, resolved
     assert "turn 1" in proc.stdout and "Answer: seven" in proc.stdout
     proc = glimpse("ask", str(make_image()), "How many?", "--model", f"scripted:{script}", "--save", str(out))
     assert len(load_jsonl(out)) == 2  # --save appends

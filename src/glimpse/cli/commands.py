@@ -7,6 +7,7 @@ The commands here only arrange library calls and format their results; the work 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -229,7 +230,9 @@ def run_ask(
     report_failures(result.trajectories, errors)
     if cfg.save:
         save_jsonl(result.trajectories, cfg.save, append=not overwrite)
-        write_resolved(cfg, Path(cfg.save).with_suffix(".config.json"))
+        ran = result.trajectories[0].settings if result.trajectories else None
+        used = dataclasses.replace(cfg, model=ran.model, max_turns=ran.max_turns) if ran else cfg  # the defaults, named
+        write_resolved(used, Path(cfg.save).with_suffix(".config.json"))
     if cfg.json:
         for t in result.trajectories:
             sys.stdout.write(t.model_dump_json() + "\n")
@@ -345,6 +348,8 @@ def run_ui(cfg: UIConfig) -> int:
     from glimpse.ui import serve_ui
 
     check_listen(cfg.host, cfg.port)
+    if Path(cfg.runs).exists() and not Path(cfg.runs).is_dir():
+        raise ConfigError(f"--runs {cfg.runs} is a file: give a folder for the saved runs")
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
     console.print(
@@ -492,7 +497,14 @@ def run_eval_command(cfg: EvalConfig) -> int:
         run.attempted += paired.counterfactual.attempted
     else:
         with progress:
-            run = asyncio.run(run_eval(cfg, on_progress=on_progress, on_start=on_start))
+            try:
+                run = asyncio.run(run_eval(cfg, on_progress=on_progress, on_start=on_start))
+            except KeyboardInterrupt:
+                progress.stop()
+                Console(stderr=True, highlight=False).print(
+                    "interrupted: the finished questions are kept; run the same command again to resume"
+                )
+                raise
         _print_table(console, _eval_table(run))
     files = "summary.md, summary.json, trajectories.jsonl" + (", sweep.png" if len(run.summaries) > 1 else "")
     console.print(

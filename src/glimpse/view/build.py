@@ -223,7 +223,11 @@ def build_report(
     runs = [load_run(source)] + ([load_run(compare)] if compare is not None else [])
     first = runs[0]
     folder = (
-        Path(out) if out is not None else (first.source if first.source.is_dir() else first.source.parent) / "report"
+        Path(out)
+        if out is not None
+        else first.source / "report"
+        if first.source.is_dir()
+        else first.source.parent / f"{first.source.stem}-report"  # two files in one folder: two reports
     )
     for sub in ("data/traj", "img/orig", "img/thumb"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
