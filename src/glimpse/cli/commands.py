@@ -231,7 +231,8 @@ def run_ask(
     if cfg.save:
         save_jsonl(result.trajectories, cfg.save, append=not overwrite)
         ran = result.trajectories[0].settings if result.trajectories else None
-        used = dataclasses.replace(cfg, model=ran.model, max_turns=ran.max_turns) if ran else cfg  # the defaults, named
+        # the defaults, named: the model it chose, the cap the effort level set
+        used = dataclasses.replace(cfg, model=cfg.model or ran.model, max_turns=ran.max_turns) if ran else cfg
         write_resolved(used, Path(cfg.save).with_suffix(".config.json"))
     if cfg.json:
         for t in result.trajectories:
