@@ -36,6 +36,7 @@ import math
 import os
 import platform
 import threading
+import warnings
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,8 +219,10 @@ def apply_pixel_limit_override() -> None:
         limit = 0
     if limit < 1:
         raise ConfigError(f"{_ENV_MAX_IMAGE_PIXELS}={value!r} is not a positive integer number of pixels")
-    # Pillow warns above MAX_IMAGE_PIXELS and refuses above twice that; the variable sets the refusal point.
+    # Pillow warns above MAX_IMAGE_PIXELS and refuses above twice that; the variable sets the refusal point, and
+    # its warning (which names half the limit set) would only confuse: the user asked for these images.
     Image.MAX_IMAGE_PIXELS = max(1, limit // 2)
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 def _image_blocks_outside_the_heap() -> None:
