@@ -516,14 +516,20 @@ def test_unreadable_chunks_are_retried_like_unreadable_responses(bad):
     assert c.text == "ok" and len(app.state.seen) == 2 and listener.text() == "ok"
 
 
-def test_a_reply_whose_text_is_not_text_is_retried():
+def retried_after(first: Response) -> None:
+    """A server answers ``first``, then a good reply: the backend retries once and returns the good one."""
+
     async def handler(attempt, body):
-        return JSONResponse(_reply(7) if attempt == 1 else _reply())
+        return first if attempt == 1 else JSONResponse(_reply())
 
     app = scripted_app(handler)
     with app_server(app) as base:
         (completion,) = generate(base)
     assert completion.text == "<answer>ok</answer>" and len(app.state.seen) == 2
+
+
+def test_a_reply_whose_text_is_not_text_is_retried():
+    retried_after(JSONResponse(_reply(7)))
 
 
 @pytest.mark.parametrize(
@@ -539,17 +545,8 @@ def test_a_reply_whose_text_is_not_text_is_retried():
 def test_replies_of_no_server_shape_are_retried_as_unreadable(body):
     """Shapes no server writes (a choice that is a string, a null message, nesting deeper than Python parses)
     are a backend error that is retried, never an exception out of the backend."""
-
-    async def handler(attempt, _):
-        if attempt == 1:
-            text = body if isinstance(body, str) else json.dumps(body)
-            return PlainTextResponse(text, media_type="application/json")
-        return JSONResponse(_reply())
-
-    app = scripted_app(handler)
-    with app_server(app) as base:
-        (completion,) = generate(base)
-    assert completion.text == "<answer>ok</answer>" and len(app.state.seen) == 2
+    text = body if isinstance(body, str) else json.dumps(body)
+    retried_after(PlainTextResponse(text, media_type="application/json"))
 
 
 def test_counts_and_token_ids_of_the_wrong_type_are_not_taken():
@@ -580,15 +577,7 @@ def test_a_retry_after_that_is_no_wait_is_not_waited_on(after):
 
 
 def test_a_body_that_does_not_decompress_is_retried():
-    async def handler(attempt, body):
-        if attempt == 1:
-            return Response(b"not gzip at all", headers={"Content-Encoding": "gzip"}, media_type="application/json")
-        return JSONResponse(_reply())
-
-    app = scripted_app(handler)
-    with app_server(app) as base:
-        (completion,) = generate(base)
-    assert completion.text == "<answer>ok</answer>" and len(app.state.seen) == 2
+    retried_after(Response(b"not gzip at all", headers={"Content-Encoding": "gzip"}, media_type="application/json"))
 
 
 @pytest.mark.parametrize(
