@@ -274,6 +274,31 @@ def test_several_servers_share_the_load_and_keep_conversations_sticky(make_image
     assert {t.answer for (t,) in results} == {"a", "b"}
 
 
+def test_a_dead_server_among_several_is_passed_over_on_retries(make_image):
+    """One of two servers refuses connections: conversations that hit it are retried on the other, and later ones
+    avoid it while it rests, so a small retry budget is enough."""
+    good = scripted_app(lambda attempt, body: _answer())
+    dead = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+    path = make_image(400, 300)
+    with app_server(good) as url:
+        backend = OpenAIBackend("m", base_url=f"{dead},{url}", max_retries=1, backoff=0.2, max_concurrency=2)
+        loop = AgentLoop(backend)
+        samples = [Sample(id=f"s{i}", images=[str(path)], question=f"question {i}") for i in range(6)]
+
+        async def go():
+            try:
+                return await loop.run_many(samples, concurrency=3)
+            finally:
+                await backend.aclose()
+
+        results = run(go())
+    assert [t.stop_reason for (t,) in results] == ["answer"] * 6
+
+
+async def _answer():
+    return JSONResponse(_reply())
+
+
 # ------------------------------------------------------------------------------------------------- streaming
 class Listener:
     """Collects streamed pieces with their arrival times; ``text(i)`` is what choice ``i`` shows now."""

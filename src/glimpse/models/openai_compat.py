@@ -32,6 +32,7 @@ import random
 import re
 import secrets
 import ssl
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -206,10 +207,12 @@ class OpenAIBackend:
         self._loop = loop
 
     def _server_for(self, key: int) -> _Server:
-        """The server of a conversation: the one it used before, else the least busy one."""
+        """The server of a conversation: the one it used before, else the least busy one of those that have not
+        just failed (a server that failed is passed over for a while, longer the more it fails in a row)."""
         server = self._sticky.get(key)
         if server is None:
-            server = min(self._servers, key=lambda s: s.load)
+            now = time.monotonic()
+            server = min(self._servers, key=lambda s: (s.resting_until > now, s.load))
             self._sticky[key] = server
             while len(self._sticky) > _STICKY_CONVERSATIONS:
                 self._sticky.popitem(last=False)
@@ -283,7 +286,9 @@ class OpenAIBackend:
                 error = self._check(response, server.url)
                 if error is None:
                     try:
-                        return self._parse(reply.data if reply.data is not None else response.json(), n)
+                        completions = self._parse(reply.data if reply.data is not None else response.json(), n)
+                        server.failures = 0
+                        return completions
                     except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError) as exc:
                         error = BackendError(
                             f"unreadable response from {server.url}: {exc}; body starts {response.text[:200]!r}",
@@ -292,6 +297,9 @@ class OpenAIBackend:
                         )
                 elif error.status == 400 and self._drop_rejected(response.text, body, server.url):
                     continue
+            if error.retryable:
+                server.failures += 1
+                server.resting_until = time.monotonic() + min(self.max_backoff, self.backoff * 2**server.failures)
             if not error.retryable or attempt >= self.max_retries:
                 if error.retryable:
                     raise BackendError(f"gave up after {attempt + 1} attempts: {error}", status=error.status)
@@ -662,6 +670,8 @@ class _Server:
     busy: list[int]
     gate: asyncio.Semaphore
     waiting: int = 0
+    failures: int = 0  # retryable failures in a row
+    resting_until: float = 0.0  # time.monotonic() before which new conversations go elsewhere if they can
 
     @property
     def load(self) -> int:
