@@ -493,7 +493,7 @@ def test_the_command_line_trains_and_says_where_the_model_is(memorised, tmp_path
     assert "over-turn masking" in proc.stdout and "step 1/1" in proc.stdout and "hf:" in proc.stdout
     assert (out / "model" / "config.json").exists() and len((out / "log.jsonl").read_text().splitlines()) == 1
     proc = subprocess.run([sys.executable, "-m", "glimpse", *args[:-2], "--group", "1"], capture_output=True, text=True)
-    assert proc.returncode == 2 and "group must be at least 2" in proc.stderr
+    assert proc.returncode == 2 and "group=1 must be at least 2" in proc.stderr
 
 
 def test_a_fresh_copy_of_the_built_in_model_needs_no_earlier_import(memorised, tmp_path):
