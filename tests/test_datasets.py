@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import csv
+import dataclasses
 import io
 import json
 import sys
@@ -153,6 +154,12 @@ def test_hrbench_tsv(tmp_path):
     run = asyncio.run(run_eval(EvalConfig(data=f"hrbench:{path}", model="oracle", out=str(tmp_path / "run"))))
     assert json.loads((tmp_path / "run" / "config.json").read_text())["config"]["options"] == "fixed"
     assert set(run.summaries[max(run.summaries)]["by"]["cycle"]) == {"0", "1"}
+    # a run made with another order (before auto existed: shuffle) resumes with it under auto
+    shuffled = EvalConfig(data=f"hrbench:{path}", model="oracle", out=str(tmp_path / "old"), options="shuffle")
+    asyncio.run(run_eval(dataclasses.replace(shuffled, limit=1)))
+    again = asyncio.run(run_eval(dataclasses.replace(shuffled, options="auto")))
+    assert again.skipped == 1 and again.ran == 3
+    assert json.loads((tmp_path / "old" / "config.json").read_text())["config"]["options"] == "shuffle"
 
 
 HRBENCH_COLUMNS = ["index", "question", "answer", "category", "A", "B", "C", "D", "cycle_category", "image"]

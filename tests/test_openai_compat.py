@@ -665,3 +665,20 @@ def test_a_reply_that_trickles_in_is_cut_at_the_timeout():
         (completion,) = generate(base, timeout=1.0)
         assert time.perf_counter() - started < 5  # the trickle would take 10 s
     assert completion.text == "<answer>ok</answer>" and len(app.state.seen) == 2
+
+
+def test_a_stream_may_last_longer_than_the_timeout_while_bytes_keep_coming():
+    async def slow():
+        for i in range(6):
+            yield sse(piece(f"w{i} "))[0]
+            await asyncio.sleep(0.3)
+        for chunk in sse(piece(None, "stop")):
+            yield chunk
+
+    async def handler(attempt, body):
+        return StreamingResponse(slow(), media_type="text/event-stream")
+
+    app = scripted_app(handler)
+    with app_server(app) as base:
+        _, (c,), _ = stream_and_plain_app(base, timeout=1.0, max_retries=0)
+    assert c.text == "w0 w1 w2 w3 w4 w5 " and len(app.state.seen) == 1

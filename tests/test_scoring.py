@@ -44,6 +44,8 @@ OPTIONS = ["red car", "blue truck", "green bus", "white van"]
         ("$\\boxed{C}$", "C"),
         ("I choose D.", "D"),
         ("Based on the image, D", "D"),
+        ("C, D", None),  # a list of letters is no pick
+        ("The options are A, B, C, D", None),
         ("I would pick a different one: C", "C"),  # "pick a" is English, not option A
         ("\uff22", "B"),
     ],

@@ -197,6 +197,16 @@ def _versions() -> dict[str, Any]:
     return info
 
 
+def _recorded_options(out: Path) -> str | None:
+    """The option order a run in ``out`` was made with, for ``--options auto`` to resume it as it was (runs made
+    before ``auto`` existed recorded ``shuffle`` for every dataset)."""
+    path = out / CONFIG
+    if not (path.exists() and (out / RESULTS).exists()):
+        return None
+    mode = json.loads(path.read_text(encoding="utf-8")).get("config", {}).get("options")
+    return mode if mode in ("shuffle", "cyclic", "fixed") else None
+
+
 def _check_config(out: Path, cfg: EvalConfig, dataset: Dataset) -> None:
     """Write ``config.json``, or check that an existing one agrees on the settings that change results."""
     path = out / CONFIG
@@ -306,8 +316,6 @@ async def run_eval(
     if not cfg.model:  # no --model: the built-in default, named in the run's config and summary
         cfg = dataclasses.replace(cfg, model=DEFAULT_MODEL)
     dataset = load_dataset(cfg.data)
-    if cfg.options == "auto":  # recorded resolved, so a resume compares like with like
-        cfg = dataclasses.replace(cfg, options=dataset.options)
     samples = dataset.samples[: cfg.limit] if cfg.limit is not None else dataset.samples
     owned = backend is None
     backend = _backend(cfg, samples) if owned else backend
@@ -319,6 +327,8 @@ async def run_eval(
     if cfg.fresh:
         for name in (RESULTS, SUMMARY, TABLE, SWEEP_CSV, SWEEP_PNG):
             (out / name).unlink(missing_ok=True)
+    if cfg.options == "auto":  # recorded resolved, so a resume compares like with like
+        cfg = dataclasses.replace(cfg, options=_recorded_options(out) or dataset.options)
     _check_config(out, cfg, dataset)
 
     store = ResultStore(out / RESULTS)

@@ -57,10 +57,13 @@ def extract_choice(text: str, options: list[str]) -> str | None:
         (rf"^\(([{letters}])\)\s", True),  # "(b) red car"
         (rf"\b(?:answer|option|choice)\s*(?:is|:)?\s*\(?([{letters}])\)?(?![\w])", True),  # "Answer: b"
         (rf"\b(?i:choose|chose|select|pick)\s*:?\s*\(?([{letters}])\)?(?![\w])", False),  # "I choose D" (not "a")
-        (rf"[,:]\s*\(?([{letters}])\)?[.)]?$", False),  # "Based on the image, D"
+        (rf"[,:]\s*\(?([{letters}])\)?[.)]?$", False),  # "Based on the image, D" (and no other letter: below)
     )
-    for pattern, any_case in patterns:
+    named = set(re.findall(rf"(?<![\w])([{letters}])(?![\w])", s))  # every option letter standing alone
+    for i, (pattern, any_case) in enumerate(patterns):
         found = {m.group(1) for m in re.finditer(pattern, s, flags=re.IGNORECASE if any_case else 0)}
+        if i == len(patterns) - 1 and len(named) > 1:  # "C, D" or "A, B, C, D": a list, not a pick
+            found = set()
         found = {f.upper() for f in found}
         if len(found) == 1:
             return found.pop()

@@ -93,7 +93,7 @@ class OpenAIBackend:
         api_key: bearer token; default (``None``) from the environment; ``""`` sends none, whatever the
             environment says. Local servers usually need none.
         max_concurrency: most requests in flight at once, per server.
-        timeout: seconds to wait for one response, whole (also between two of its bytes).
+        timeout: seconds to wait for one response, whole; for a streamed one, between two of its bytes.
         max_retries: retries of a failed request before giving up.
         backoff: first retry delay in seconds; doubles each retry (capped at ``max_backoff``).
         max_backoff: longest delay between retries.
@@ -235,14 +235,15 @@ class OpenAIBackend:
             server.busy[i] += 1
             try:
                 client = server.clients[i]
-                async with asyncio.timeout(self.timeout):  # the whole reply: a server trickling bytes is cut too
-                    if stream is None:
+                if stream is None:  # the whole reply: it comes at once when done, so a server trickling bytes is cut
+                    async with asyncio.timeout(self.timeout):
                         return _Reply(await client.post("/chat/completions", content=payload))
-                    async with client.stream("POST", "/chat/completions", content=payload) as response:
-                        if response.status_code >= 400 or not _is_event_stream(response):
-                            await response.aread()
-                            return _Reply(response)
-                        return _Reply(response, await stream.read(response))
+                # a stream may rightly last longer than --timeout: only the gap between its bytes is bounded
+                async with client.stream("POST", "/chat/completions", content=payload) as response:
+                    if response.status_code >= 400 or not _is_event_stream(response):
+                        await response.aread()
+                        return _Reply(response)
+                    return _Reply(response, await stream.read(response))
             finally:
                 server.busy[i] -= 1
         finally:

@@ -30,7 +30,8 @@ from glimpse.protocol.tags import CLOSE_THINK, OPEN_THINK, blocks, parse_tagged,
 
 # A call written into the reply's text (a server without a tool-call parser, or a model trained on another
 # protocol): Hermes-style ``<tool_call>``, Mini-o3's tags, or the zoom's own argument.
-_ANSWER_TAG = re.compile(r"</?\s*answer\b", re.IGNORECASE)  # answer tags, also mistyped (read as the tags protocol)
+# answer tags (read as the tags protocol); in this dialect a plain reply is the answer, so other cases stay text
+_ANSWER_TAG = re.compile(r"</?answer>")
 _TEXT_CALL = re.compile(r"</?\s*(tool_call|grounding|python)\b|\"bbox_2d\"|'bbox_2d'", re.IGNORECASE)
 
 ZOOM_TOOL_NAME = "zoom_in"

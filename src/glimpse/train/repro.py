@@ -168,8 +168,10 @@ def run_repro(cfg: ReproConfig, *, say: Callable[[str], None] = print) -> dict[s
             f"--fold-cap {cfg.fold_cap} --keep-images {cfg.keep_images}: the fold cap is a turn cap (0: off) and "
             "needs --keep-images of at least 1"
         )
-    if not (Path(cfg.model) / "config.json").is_file():
-        raise ConfigError(f"--model {cfg.model}: not a checkpoint folder (no config.json in it)")
+    from glimpse.models.hf import resolve_checkpoint
+
+    if not (Path(resolve_checkpoint(cfg.model)) / "config.json").is_file():  # a folder, or a Hub id in the cache
+        raise ConfigError(f"--model {cfg.model}: not a checkpoint (no config.json in it)")
     parse_caps(cfg.caps)
     root = Path(cfg.out)
     root.mkdir(parents=True, exist_ok=True)
