@@ -67,7 +67,9 @@ class BackendSettings:
         "load-balanced client-side (else $GLIMPSE_BASE_URL, $OPENAI_BASE_URL)",
     )
     api_key: str | None = opt(None, "API key (else $GLIMPSE_API_KEY, $OPENAI_API_KEY); never saved", secret=True)
-    timeout: float = opt(600.0, "seconds to wait for one whole reply", low=0.001)
+    timeout: float = opt(
+        600.0, "seconds to wait for one whole reply (for a streamed one: between two of its bytes)", low=0.001
+    )
     max_retries: int = opt(6, "retries of a failed request (429, 5xx, timeouts, dropped connections)")
     image_format: str = opt("jpeg", "how images are sent: jpeg (quality 95) or png", choices=("jpeg", "png"))
     device: str = opt("cpu", DEVICE_HELP)
@@ -226,7 +228,7 @@ class ViewConfig:
     """Settings of ``glimpse view``."""
 
     compare: str | None = opt(None, "a second run (folder or .jsonl) to show side by side with the first")
-    out: str | None = opt(None, "report folder (default: RUN/report)")
+    out: str | None = opt(None, "report folder (default: RUN/report, or FILE-report beside a trajectories file)")
     serve: bool = opt(False, "serve the report over HTTP after building it")
     host: str = opt("127.0.0.1", "interface to serve on (loopback by default)")
     port: int = opt(8765, "port to serve on (0: any free port)", low=0, high=65535)

@@ -556,10 +556,8 @@ def run_view(cfg: ViewConfig, run: str) -> int:
         return EXIT_OK
     if cfg.host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]warning:[/] serving on {cfg.host}, not loopback: anyone who can reach it can read it")
-    try:
-        server = make_server(folder, cfg.host, cfg.port)
-    except OSError as exc:
-        raise ConfigError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc} (choose --port)") from None
+    check_listen(cfg.host, cfg.port)
+    server = make_server(folder, cfg.host, cfg.port)
     host, port = server.server_address[:2]
     console.print(f"serving at http://{host}:{port}/ (Ctrl-C stops)")
     try:

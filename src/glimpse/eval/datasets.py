@@ -792,11 +792,15 @@ LOADERS = (
 
 
 def load_dataset(spec: str) -> Dataset:
-    """Load a dataset by spec (see the module docstring).
+    """Load a dataset by spec (see the module docstring); questions that share an id are renamed apart.
 
     Raises:
         ConfigError: unknown name, malformed spec, or a missing file.
     """
+    return _unique_ids(_load(spec))
+
+
+def _load(spec: str) -> Dataset:
     name, _, rest = spec.partition(":")
     parts = rest.split(":") if rest else []
     if name == "probes":
@@ -809,11 +813,11 @@ def load_dataset(spec: str) -> Dataset:
             seed = int(parts[2]) if len(parts) > 2 else 0
         except ValueError:
             raise ConfigError(f"probes spec {spec!r}: N and SEED must be integers") from None
-        return _unique_ids(load_probes(parts[0], n, seed, parts[3] if len(parts) > 3 else None))
+        return load_probes(parts[0], n, seed, parts[3] if len(parts) > 3 else None)
     if name == "visualprobe":
         if len(parts) < 2:
             raise ConfigError("visualprobe needs a level and a base folder: visualprobe:hard:/data/minio3")
-        return _unique_ids(load_visualprobe(parts[0], ":".join(parts[1:])))
+        return load_visualprobe(parts[0], ":".join(parts[1:]))
     if not rest:
         if name not in LOADERS:
             hint = f"; for a JSON file in Mini-o3's format: minio3:{spec}" if spec.endswith(".json") else ""
@@ -831,7 +835,7 @@ def load_dataset(spec: str) -> Dataset:
     }
     if name not in simple:
         raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(LOADERS)}")
-    return _unique_ids(simple[name](rest))
+    return simple[name](rest)
 
 
 def _unique_ids(dataset: Dataset) -> Dataset:

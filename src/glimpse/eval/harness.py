@@ -44,7 +44,7 @@ from glimpse.errors import ConfigError, GlimpseError
 from glimpse.eval.datasets import Dataset, load_dataset
 from glimpse.eval.judge import LLMJudge
 from glimpse.eval.metrics import backend_failed, summarize, truncate
-from glimpse.eval.options import present
+from glimpse.eval.options import MODES, present
 from glimpse.eval.policies import POLICIES, policy_backend
 from glimpse.eval.scoring import score
 from glimpse.images import DEFAULT_CACHE_BYTES, ImageCache, PixelLimits
@@ -204,7 +204,7 @@ def _recorded_options(out: Path) -> str | None:
     if not (path.exists() and (out / RESULTS).exists()):
         return None
     mode = json.loads(path.read_text(encoding="utf-8")).get("config", {}).get("options")
-    return mode if mode in ("shuffle", "cyclic", "fixed") else None
+    return mode if mode in MODES else None
 
 
 def _check_config(out: Path, cfg: EvalConfig, dataset: Dataset) -> None:

@@ -33,6 +33,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import json
 import logging
@@ -567,6 +568,7 @@ def _batch_key(params: GenerateParams) -> tuple[Any, ...]:
     )
 
 
+@functools.lru_cache(maxsize=8)  # one per tokenizer (hashed by identity): SFT asks once per example
 def special_token_escaper(tokenizer: Any) -> Callable[[str], str]:
     """A function that breaks the tokenizer's special tokens written as text (``<|image_pad|>``, ``<|im_end|>``),
     so that text a model or its code wrote is tokenised as text: otherwise it becomes the token itself (an image

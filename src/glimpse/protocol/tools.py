@@ -28,10 +28,10 @@ from glimpse.protocol.base import (
 from glimpse.protocol.prompts import PromptSet, fill
 from glimpse.protocol.tags import CLOSE_THINK, OPEN_THINK, blocks, parse_tagged, thought_of
 
+# Answer tags (read as the tags protocol); in this dialect a plain reply is the answer, so other cases stay text.
+_ANSWER_TAG = re.compile(r"</?answer>")
 # A call written into the reply's text (a server without a tool-call parser, or a model trained on another
 # protocol): Hermes-style ``<tool_call>``, Mini-o3's tags, or the zoom's own argument.
-# answer tags (read as the tags protocol); in this dialect a plain reply is the answer, so other cases stay text
-_ANSWER_TAG = re.compile(r"</?answer>")
 _TEXT_CALL = re.compile(r"</?\s*(tool_call|grounding|python)\b|\"bbox_2d\"|'bbox_2d'", re.IGNORECASE)
 
 ZOOM_TOOL_NAME = "zoom_in"
