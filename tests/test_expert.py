@@ -98,6 +98,19 @@ def test_the_expert_searches_easy_probes_through_the_loop():
     assert correct >= 6, f"{correct} of 12"
 
 
+@pytest.mark.parametrize("size", [(1, 1), (3, 200), (224, 224)])
+def test_the_expert_on_a_blank_or_tiny_image_zooms_inside_it_and_never_repeats_a_refused_zoom(tmp_path, size):
+    from glimpse.trajectory import Sample
+
+    path = tmp_path / "blank.png"
+    Image.new("RGB", size, "white").save(path)
+    loop = AgentLoop(load_backend("expert"), max_turns=6)
+    traj = asyncio.run(loop.run(Sample(id="blank", question="What is the code on the sign?", images=[str(path)])))[0]
+    assert traj.error is None and traj.stop_reason == "answer"  # it answers, never running out of turns
+    assert all(t.error_kind != "out_of_range" for t in traj.turns)  # its boxes lie inside the image
+    assert sum(t.kind == "error" for t in traj.turns) <= 1  # a zoom turned down is not asked for again
+
+
 def test_the_expert_refuses_a_box_convention_it_does_not_write():
     from glimpse.agent import AgentLoop
     from glimpse.errors import ConfigError

@@ -364,7 +364,12 @@ class ExpertPolicy:
             seen = f"The last one shows {readings[-1][1].describe()}. " if readings else ""
             return script_turn(speaker.write_answer(answer, f"{seen}{why}"))
         k = len(readings)
-        if k >= len(proposals):
+        last = max((i for i, m in enumerate(messages) if m.role == "assistant"), default=None)
+        # the loop turned the last zoom down (its reply holds no image): answer now rather than ask again
+        refused = last is not None and not any(
+            isinstance(p, ImagePart) for m in messages[last + 1 :] if not isinstance(m.content, str) for p in m.content
+        )
+        if k >= len(proposals) or refused:
             guess = self._guess(q, readings)
             thought = f"I checked {k} candidate{'s' if k != 1 else ''} and none settles it; my best guess is {guess}."
             return script_turn(speaker.write_answer(guess, thought))
@@ -477,8 +482,8 @@ class ExpertPolicy:
     @staticmethod
     def _window(box: tuple[int, int, int, int], width: int, height: int) -> list[float]:
         x0, y0, x1, y1 = box
-        side_w = max(2.6 * (x1 - x0), width / 50)
-        side_h = max(2.6 * (y1 - y0), height / 50)
+        side_w = min(max(2.6 * (x1 - x0), width / 50), width)  # a region as large as the view: the whole view
+        side_h = min(max(2.6 * (y1 - y0), height / 50), height)
         cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
         left = min(max(cx - side_w / 2, 0), width - side_w)
         top = min(max(cy - side_h / 2, 0), height - side_h)
