@@ -242,3 +242,24 @@ def test_cli_coldstart_then_sft(tiny_qwen, tmp_path):
     assert json.loads((tmp_path / "sft" / "config.json").read_text())["max_steps"] == 2
     proc = run("train", "sft", "--model", str(tiny_qwen), "--out", "x")
     assert proc.returncode == 2 and "--data" in proc.stderr
+
+
+def test_training_dtype_keeps_updates_full_fine_tuning_is_float32_and_half_precision_is_refused():
+    from glimpse.train.common import resolve_dtype
+
+    assert resolve_dtype("auto", "cuda", lora=False) == "float32"  # AdamW's small steps survive
+    assert resolve_dtype("auto", "cuda", lora=True) == "bfloat16"  # the frozen base; peft keeps adapters in float32
+    assert resolve_dtype("auto", "cpu", lora=True) == "float32"
+    assert resolve_dtype("float16", "cuda", lora=True) == "float16"
+    for half in ("bfloat16", "float16"):
+        with pytest.raises(ConfigError, match="full fine-tuning"):
+            resolve_dtype(half, "cuda", lora=False)
+    # why: at a training learning rate, a bfloat16 weight does not move
+
+    w = torch.nn.Parameter(torch.tensor([0.02, 0.01], dtype=torch.bfloat16))
+    opt = torch.optim.AdamW([w], lr=1e-5, weight_decay=0.0)
+    before = w.detach().clone()
+    for _ in range(5):
+        w.grad = torch.ones_like(w)
+        opt.step()
+    assert torch.equal(w.detach(), before)

@@ -49,6 +49,10 @@ FACTOR_HELP = "image sides are multiples of this (default: an hf model's own, 28
 DEVICE_HELP = "hf backend: cpu, cuda, cuda:N or auto"
 DTYPE_HELP = "hf backend: float32, bfloat16, float16, or auto (bfloat16 on CUDA, float32 on CPU)"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+TRAIN_DTYPE_HELP = (
+    "weights' dtype: float32, or bfloat16 / float16 for a LoRA run's frozen base (full fine-tuning in half precision "
+    "loses AdamW's small updates, so it is refused); auto: float32, a LoRA base on CUDA bfloat16"
+)
 
 
 @dataclass
@@ -332,7 +336,7 @@ class SFTConfig:
     gradient_checkpointing: bool = opt(False, "trade compute for memory")
     seed: int = opt(0, "seed of the data order and initialisation of adapters")
     device: str = opt("auto", "cpu, cuda, cuda:N, or auto (CUDA when available)")
-    dtype: str = opt("auto", DTYPE_HELP, choices=DTYPES)
+    dtype: str = opt("auto", TRAIN_DTYPE_HELP, choices=DTYPES)
     save_every: int = opt(500, "save a resumable checkpoint every N steps (0: only the final model)")
     keep_checkpoints: int = opt(2, "checkpoints kept (older ones are deleted)")
     log_every: int = opt(10, "print a progress line every N steps")
@@ -384,7 +388,7 @@ class RLConfig:
     max_batch: int = opt(32, "most rollout requests generated together")
     seed: int = opt(0, "seed of sampling and of the prompt order")
     device: str = opt("auto", "cpu, cuda, cuda:N, or auto (CUDA when available)")
-    dtype: str = opt("auto", DTYPE_HELP, choices=DTYPES)
+    dtype: str = opt("auto", TRAIN_DTYPE_HELP, choices=DTYPES)
     threads: int | None = opt(None, "torch CPU threads (default: torch's own)")
     save_every: int = opt(10, "save a resumable checkpoint every N steps (0: only the final model)")
     keep_checkpoints: int = opt(2, "checkpoints kept (older ones are deleted)")

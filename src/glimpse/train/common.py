@@ -8,7 +8,7 @@ same way and save the same checkpoints; this module is the one place that does e
   the model's own replies (ChatML: from after ``<|im_start|>assistant\\n`` through ``<|im_end|>``); ``collate``
   right-pads a batch.
 * **Model.** ``prepare_model`` freezes the vision tower and projector (Mini-o3's recipe) or wraps LoRA adapters;
-  ``resolve_device`` and ``resolve_dtype`` resolve ``auto``.
+  ``resolve_device`` and ``resolve_dtype`` resolve ``auto`` (and refuse full fine-tuning in half precision).
 * **Checkpoints.** ``save_checkpoint`` / ``resume`` (trainable weights, optimizer, schedule, random state and a
   loop's own state; a resumed run must share the settings named by its trainer) and ``save_final`` (``OUT/model``).
 """
@@ -288,9 +288,22 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def resolve_dtype(name: str, device: str) -> str:
+def resolve_dtype(name: str, device: str, *, lora: bool) -> str:
+    """The dtype a training run holds its weights in; ``auto``: float32, but the frozen base of a LoRA run on
+    CUDA in bfloat16 (peft keeps the adapters in float32).
+
+    Raises:
+        ConfigError: full fine-tuning in half precision. AdamW moves a weight by about the learning rate per step,
+            and at training rates (1e-6 to 1e-4) that is under half a bfloat16 rounding step of most weights: the
+            updates round away while the loss and the logs look normal.
+    """
     if name == "auto":
-        return "bfloat16" if device.startswith("cuda") else "float32"
+        return "bfloat16" if lora and device.startswith("cuda") else "float32"
+    if name in ("bfloat16", "float16") and not lora:
+        raise ConfigError(
+            f"--dtype {name} with full fine-tuning: AdamW's updates at training learning rates are smaller than "
+            f"{name}'s rounding and would be lost; use --dtype float32 (auto) or train LoRA adapters (--lora)"
+        )
     return name
 
 

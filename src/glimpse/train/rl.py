@@ -259,11 +259,10 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
         self.device = resolve_device(cfg.device)
-        self.dtype = getattr(torch, resolve_dtype(cfg.dtype, self.device))
+        dtype = resolve_dtype(cfg.dtype, self.device, lora=cfg.lora)
+        self.dtype = getattr(torch, dtype)
         self.source = resolve_checkpoint(cfg.model)
-        self.backend = HFBackend(
-            self.source, device=self.device, dtype=resolve_dtype(cfg.dtype, self.device), max_batch=cfg.max_batch
-        )
+        self.backend = HFBackend(self.source, device=self.device, dtype=dtype, max_batch=cfg.max_batch)
         self.model = prepare_model(self.backend.model, cfg)
         self.backend.model = self.model  # rollouts sample from the weights being trained
         self.params = trainable(self.model)

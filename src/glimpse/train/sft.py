@@ -235,7 +235,7 @@ def train(cfg: SFTConfig, *, on_step: Callable[[StepLog], None] | None = None) -
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     device = common.resolve_device(cfg.device)
-    dtype = getattr(torch, common.resolve_dtype(cfg.dtype, device))
+    dtype = getattr(torch, common.resolve_dtype(cfg.dtype, device, lora=cfg.lora))
     source = resolve_checkpoint(cfg.model)
     processor = load_processor(source)
     data = TrajectoryData(cfg.data, processor, max_length=cfg.max_length, base_dir=cfg.image_root)
