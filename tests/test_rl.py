@@ -7,6 +7,7 @@ import asyncio
 import itertools
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ from glimpse.models.scripted import ScriptedBackend
 from glimpse.train import grpo
 from glimpse.train.common import ASSISTANT_HEADER, END, collate, encode
 from glimpse.train.grpo import group_advantages, informative, keeps_loss, policy_loss, score_group
-from glimpse.train.rl import Trainer, _batch, sampled_logprobs, trajectory_inputs
+from glimpse.train.rl import StepStats, Trainer, _batch, sampled_logprobs, trajectory_inputs
 from glimpse.trajectory import Score, TokenView
 
 DATA = "probes:easy:1:9"
@@ -34,17 +35,24 @@ DATA = "probes:easy:1:9"
 # ------------------------------------------------------------------------------------------------------ core
 def test_group_advantages_hand_computed():
     adv = group_advantages([1, 0, 0, 0])
-    # mean 0.25, population std sqrt(0.1875) = 0.4330127
-    assert adv[0] == pytest.approx(0.75 / math.sqrt(0.1875), rel=1e-5)
-    assert adv[1:] == pytest.approx([-0.25 / math.sqrt(0.1875)] * 3, rel=1e-5)
+    # mean 0.25, sample std (as torch.std and verl) sqrt(0.75 / 3) = 0.5
+    assert adv[0] == pytest.approx(0.75 / 0.5, rel=1e-5)
+    assert adv[1:] == pytest.approx([-0.25 / 0.5] * 3, rel=1e-5)
+    rewards = [1.0, 0.0, 0.0, 1.0, 1.0]
+    t = torch.tensor(rewards)
+    assert group_advantages(rewards) == pytest.approx(((t - t.mean()) / (t.std() + 1e-6)).tolist(), rel=1e-5)
+    assert group_advantages([1]) == [0.0]
     assert group_advantages([1, 1, 1]) == [0.0, 0.0, 0.0]
     assert group_advantages([]) == []
     assert not informative([0, 0, 0]) and not informative([1, 1]) and informative([0, 1])
 
 
+SAMPLE_STD_1001 = [a * 0.5 / math.sqrt(1 / 3) for a in (1, -1, -1, 1)]  # [1, 0, 0, 1]: mean 0.5, sample std √(1/3)
+
+
 def test_over_turn_counts_in_the_statistics_but_carries_no_loss(tmp_path, make_image):
-    """Rewards [1, 0 (over-turn), 0, 1]: the over-turn 0 is in the mean (0.5) and std (0.5), so advantages are
-    [1, −1, −1, 1]; only its loss flag changes with masking."""
+    """Rewards [1, 0 (over-turn), 0, 1]: the over-turn 0 is in the mean (0.5) and sample std (√(1/3)), so
+    advantages are ±0.866 (±1 would mean it was left out); only its loss flag changes with masking."""
     sample = load_dataset(DATA).samples[0]
     zoom = '<grounding>{"bbox_2d": [0.1, 0.1, 0.5, 0.5], "source": "original_image"}</grounding>'
     right, wrong = f"<answer>{sample.answer}</answer>", "<answer>nothing</answer>"
@@ -56,12 +64,12 @@ def test_over_turn_counts_in_the_statistics_but_carries_no_loss(tmp_path, make_i
         t.token_view = TokenView(ids=[1, 2, 3], mask=[0, 1, 1])
     masked = score_group(group)
     assert [r.reward for r in masked] == [1, 0, 0, 1]
-    assert [r.advantage for r in masked] == pytest.approx([1, -1, -1, 1], abs=1e-5)
+    assert [r.advantage for r in masked] == pytest.approx(SAMPLE_STD_1001, abs=1e-5)
     assert [r.trained for r in masked] == [True, False, True, True]
     for t in group:
         t.score = None
     unmasked = score_group(group, mask_over_turn=False)
-    assert [r.advantage for r in unmasked] == pytest.approx([1, -1, -1, 1], abs=1e-5)
+    assert [r.advantage for r in unmasked] == pytest.approx(SAMPLE_STD_1001, abs=1e-5)
     assert all(r.trained for r in unmasked)
     assert keeps_loss(True, mask_over_turn=False) and not keeps_loss(True) and keeps_loss(False)
     # A trajectory without a usable token view cannot be trained on faithfully.
@@ -79,14 +87,15 @@ def test_policy_loss_hand_computed_and_only_on_sampled_tokens():
     assert logp.grad[0, 2] == 0 and logp.grad[1, 1] == 0 and logp.grad[1, 2] == 0  # masked: no gradient
     assert stats == {"clip_frac": 0.0, "ratio_mean": pytest.approx(1.0), "tokens": 3.0}
     one = torch.tensor([[1]])
-    for delta, a, expected in [
-        (0.5, 1.0, -1.3),  # ratio 1.65 clipped at 1 + 0.3
-        (0.5, -1.0, math.exp(0.5)),  # a negative advantage keeps the unclipped (worse) value
-        (-0.5, 1.0, -math.exp(-0.5)),  # ratio 0.61 with a positive advantage: unclipped
-        (-0.5, -1.0, 0.8),  # ratio 0.61 clipped at 1 − 0.2
+    for delta, a, expected, binds in [
+        (0.5, 1.0, -1.3, True),  # ratio 1.65 clipped at 1 + 0.3
+        (0.5, -1.0, math.exp(0.5), False),  # a negative advantage keeps the unclipped (worse) value
+        (-0.5, 1.0, -math.exp(-0.5), False),  # ratio 0.61 with a positive advantage: unclipped
+        (-0.5, -1.0, 0.8, True),  # ratio 0.61 clipped at 1 − 0.2
     ]:
-        loss, _ = policy_loss(torch.tensor([[delta]]), torch.zeros(1, 1), torch.tensor([a]), one)
+        loss, stats = policy_loss(torch.tensor([[delta]]), torch.zeros(1, 1), torch.tensor([a]), one)
         assert float(loss) == pytest.approx(expected, rel=1e-5)
+        assert stats["clip_frac"] == float(binds)  # counted only where the clip takes the gradient away
     empty, stats = policy_loss(logp, logp.detach(), adv, torch.zeros(2, 3))
     assert float(empty.detach()) == 0 and stats["tokens"] == 0
 
@@ -194,6 +203,12 @@ def test_train_rl_updates_logs_and_resumes(memorised, tmp_path, monkeypatch):
     assert trainer.step == 2 and trainer.draws == 2
     trainer.run()
     assert [json.loads(x)["step"] for x in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+    # A run stopped after step 4 but before its checkpoint (and mid-line) repeats step 4 once, logged once.
+    with (out / "log.jsonl").open("a") as f:
+        f.write(json.dumps({"step": 4, "reward": 9.0}) + '\n{"step": 5, "rew')
+    Trainer(_cfg(memorised, out, steps=4)).run()
+    rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in rows] == [1, 2, 3, 4] and rows[-1]["reward"] != 9.0
     with pytest.raises(ConfigError, match="different settings"):
         Trainer(_cfg(memorised, out, steps=4, group=8))
 
@@ -301,6 +316,35 @@ def test_turn_scaling_repro_runs_arm_by_arm_and_reports(memorised, tmp_path):
         "cold start",
         "hard data",
     ]
+    # An arm made with other settings is not reported beside these ones: refused before anything runs.
+    with pytest.raises(ConfigError, match=r"full was made with lr 2e-05 \(this command: lr 0.001\)"):
+        run_repro(ReproConfig(**base | {"lr": 1e-3}, arms="sft"), say=said.append)
+    with pytest.raises(ConfigError, match="no-mask was made with steps 1 "):  # only full would train further
+        run_repro(ReproConfig(**base | {"steps": 2}, arms="full"), say=said.append)
+
+
+def test_turn_scaling_repro_evaluates_an_arm_again_when_its_weights_changed(memorised, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from glimpse.config import ReproConfig
+    from glimpse.eval.harness import RESULTS
+    from glimpse.train.repro import run_repro
+
+    model = tmp_path / "model"
+    shutil.copytree(memorised, model)
+    cfg = ReproConfig(model=str(model), out=str(tmp_path / "r"), arms="sft", eval_n=1, caps="2", max_new_tokens=48)
+    said: list[str] = []
+    run_repro(cfg, say=said.append)
+    results = tmp_path / "r" / "sft" / "eval" / RESULTS
+    first = results.stat().st_mtime_ns
+    run_repro(cfg, say=said.append)  # the same weights: the evaluation is reused
+    assert results.stat().st_mtime_ns == first and not any("changed" in line for line in said)
+    weights = load_file(model / "model.safetensors")
+    name = next(iter(weights))
+    save_file({**weights, name: weights[name] + 1}, model / "model.safetensors", metadata={"format": "pt"})
+    run_repro(cfg, say=said.append)
+    assert "[sft] its weights changed since they were evaluated: evaluating again" in said
+    assert results.stat().st_mtime_ns != first
 
 
 def test_turn_scaling_repro_train_levels_mix_and_errors(tmp_path):
@@ -586,6 +630,13 @@ def test_train_rl_on_a_two_image_probe_set(tiny_qwen, tmp_path, monkeypatch):
     assert all(len(r.trajectory.originals()) == 2 for r in groups[0])
     changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(before[n], p.detach())]
     assert changed and all(".visual." not in f".{n}" for n in changed)  # the vision tower stays frozen
+    # A sampled image placeholder (a slip of the model: there is no image for it) makes its trajectory
+    # untrainable, not the run fail when the images and their tokens are out of step.
+    view = groups[0][0].trajectory.token_view
+    view.ids[view.mask.index(1)] = trainer.image_token
+    again = StepStats(step=2)
+    trainer.update(groups, again)
+    assert again.untrainable == 1 and again.trained == 1 and not groups[0][0].trained
 
 
 def test_turn_scaling_repro_judges_an_untrained_no_coldstart_arm_at_its_training_cap(tmp_path):
@@ -617,3 +668,58 @@ def test_freezing_vision_freezes_every_part_of_the_builtin_model_that_reads_pixe
     assert {n.split(".")[0] for n in seeing} == {"visual", "reader", "region_heads"}
     assert any(n.startswith("model.layers.") for n in names) and "found.direction" in names
     assert names.isdisjoint(seeing) if freeze else names.issuperset(seeing)
+
+
+def test_trained_log_probabilities_are_those_of_the_sampling_temperature():
+    """Rollouts sampled at temperature T come from softmax(logits / T): the ratio and gradient must use it too."""
+    logits = torch.tensor([[[2.0, 0.0, -1.0], [0.5, 1.5, 0.0], [0.0, 0.0, 0.0]]])
+
+    class Fixed(torch.nn.Module):
+        def forward(self, **_inputs):
+            return type("Out", (), {"logits": logits})()
+
+    batch = {"inputs": {}, "labels": torch.tensor([[-100, 0, 1]])}
+    for temperature in (0.7, 1.0, 0.0):
+        logp, mask, _ = sampled_logprobs(Fixed(), batch, temperature)
+        scaled = torch.log_softmax(logits[:, :-1] / (temperature or 1.0), dim=-1)
+        assert torch.allclose(logp[mask], torch.stack([scaled[0, 0, 0], scaled[0, 1, 1]]))
+
+
+def test_a_resume_cuts_the_log_and_the_saved_rollouts_back_to_its_checkpoint(tmp_path):
+    from types import SimpleNamespace
+
+    rows = [{"step": 1, "rollouts_end": 6}, {"step": 2, "rollouts_end": 12}, {"step": 3, "rollouts_end": 18}]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "rol')
+    (tmp_path / "rollouts.jsonl").write_bytes(b"one.\n" * 4 + b"part")
+    Trainer._cut_back(SimpleNamespace(out=tmp_path, step=2))
+    assert [json.loads(x)["step"] for x in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2]
+    assert (tmp_path / "rollouts.jsonl").read_bytes() == (b"one.\n" * 4)[:12]  # what steps 1 and 2 wrote
+    Trainer._cut_back(SimpleNamespace(out=tmp_path, step=0))  # a fresh start (no checkpoint) keeps nothing
+    assert (tmp_path / "log.jsonl").read_text() == "" and (tmp_path / "rollouts.jsonl").read_bytes() == b""
+
+
+def test_turn_scaling_claims_are_within_noise_when_the_paired_probes_do_not_tell_the_arms_apart(tmp_path):
+    """The same 100 probes in every arm: a claim whose every check passes holds only if each paired difference
+    is significant (exact sign test); 41 against 40 % is "within noise", whatever the point estimates say."""
+    from glimpse.eval.report import sign_test
+    from glimpse.train.repro import check_claims
+
+    report = _made_up_repro(tmp_path, PAPER)
+    caps = {arm: a["caps"] for arm, a in report["arms"].items()}
+
+    def outcomes(right: range, turns: int) -> dict[str, list[int]]:
+        return {f"p{i}#0": [int(i in right), turns] for i in range(100)}
+
+    caps["full"][6]["outcomes"] = outcomes(range(33), 4)
+    caps["full"][32]["outcomes"] = outcomes(range(43), 6)
+    caps["no-mask"][32]["accuracy"] = 0.40
+    caps["no-mask"][32]["outcomes"] = outcomes(range(3, 43), 5)  # full alone right on 3 probes, no-mask on none
+    claims = {c["claim"]: c for c in check_claims(report)}
+    masking = claims["over-turn masking"]
+    assert masking["verdict"] == "holds in sign, within noise"
+    assert masking["checks"][0]["p"] < 0.05 and masking["checks"][1]["p"] == sign_test(3, 0) == 0.25
+    assert "paired on 100 probes: right full 3, no-mask 0" in masking["checks"][1]["paired"]
+    assert masking["checks"][2]["p"] < 0.05  # no-mask took fewer turns on every probe
+    caps["no-mask"][32]["outcomes"] = outcomes(range(20), 5)  # full alone right on 23: significant
+    assert {c["claim"]: c["verdict"] for c in check_claims(report)}["over-turn masking"] == "holds"
+    assert sign_test(23, 0) < 0.05 and sign_test(3, 3) == 1.0 and sign_test(0, 0) == 1.0

@@ -216,6 +216,15 @@ def wilson(correct: int, n: int, z: float = Z95) -> Interval:
     return Interval(max(0.0, centre - half), min(1.0, centre + half))
 
 
+def sign_test(a: int, b: int) -> float:
+    """The exact two-sided sign test (McNemar's, for two arms scored on the same questions): ``a`` questions only
+    the first got right, ``b`` only the second; the chance of a split at least this uneven if both were as good."""
+    n, k = a + b, min(a, b)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
+
+
 def plot_panels(
     path: Path,
     panels: dict[str, dict[str, list[tuple[float, float]]]],

@@ -4,7 +4,8 @@ Every RL engine Glimpse runs on (its own single-machine loop, ``glimpse.train.rl
 ``glimpse.train.verl``) uses these functions, so the recipe means one thing everywhere:
 
 * **Group advantages** (GRPO): the samples of one prompt form a group; each trajectory's advantage is
-  ``(r − mean(r)) / (std(r) + ε)`` over its group (population standard deviation, as Mini-o3 and verl compute it).
+  ``(r − mean(r)) / (std(r) + ε)`` over its group (the sample standard deviation, ``n − 1``, as verl's GRPO
+  estimator computes it and so Mini-o3; the verl plugin uses that estimator itself).
 * **Over-turn masking** (Mini-o3): a trajectory that a cap stopped while the model was still calling the tool
   (``Trajectory.over_turn``) keeps its reward (0) in its group's mean and standard deviation, but none of its
   tokens carry loss. Without the mask such trajectories get a negative advantage and teach the policy to answer
@@ -33,12 +34,13 @@ EPS = 1e-6
 
 
 def group_advantages(rewards: Sequence[float], eps: float = EPS) -> list[float]:
-    """``(r − mean) / (std + eps)`` over one group; every member (over-turn ones too) counts in the statistics."""
-    if not rewards:
-        return []
+    """``(r − mean) / (std + eps)`` over one group, ``std`` the sample standard deviation (``torch.std``, as verl);
+    every member (over-turn ones too) counts in the statistics. A group of one teaches nothing: advantage 0."""
     n = len(rewards)
+    if n < 2:
+        return [0.0] * n
     mean = sum(rewards) / n
-    std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / n)
+    std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / (n - 1))
     return [(r - mean) / (std + eps) for r in rewards]
 
 
@@ -105,7 +107,7 @@ def policy_loss(
 
     Returns:
         The loss (a scalar tensor; zero with no gradient-carrying token when the mask is empty) and statistics:
-        ``clip_frac`` (share of tokens whose ratio was clipped), ``ratio_mean``, ``tokens``.
+        ``clip_frac`` (share of tokens whose clip bound, taking their gradient away), ``ratio_mean``, ``tokens``.
     """
     import torch
 
@@ -120,7 +122,9 @@ def policy_loss(
         return (per_token * mask).sum(), {"clip_frac": 0.0, "ratio_mean": 1.0, "tokens": 0.0}
     loss = (per_token * mask).sum() / tokens
     with torch.no_grad():
-        was_clipped = ((ratio < 1 - clip_low) | (ratio > 1 + clip_high)).to(logp.dtype)
+        # clipping binds only where it takes the gradient away: above the range with a positive advantage,
+        # below it with a negative one (elsewhere the unclipped, worse value is kept)
+        was_clipped = (((ratio > 1 + clip_high) & (adv > 0)) | ((ratio < 1 - clip_low) & (adv < 0))).to(logp.dtype)
         stats = {
             "clip_frac": float((was_clipped * mask).sum() / tokens),
             "ratio_mean": float((ratio * mask).sum() / tokens),

@@ -26,6 +26,7 @@ the paper's claims checked against these numbers, each with a verdict (``check_c
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import shutil
 from collections import Counter
@@ -38,6 +39,7 @@ from glimpse.errors import ConfigError
 from glimpse.images import release_freed_memory
 
 FOLD = "eval-fold"  # each arm's context-folding evaluation (--fold-cap), beside ARM/eval
+ARM_FILE = "arm.json"  # each arm's settings and the weights its evaluation ran (``check_arms``)
 
 # The claims' thresholds. Mini-o3 (arXiv 2509.07969), Table 4 and Fig. 1: full 44.4 % on VisualProbe-hard with
 # 5.5 turns, no cold start 25.4 % with 1.0 turn; the issue asks for a 10-point rise from the training cap to 32.
@@ -45,6 +47,7 @@ MASK_GAIN = 0.10  # the full arm's accuracy rises at least this much from the tr
 FAR_BELOW = 0.10  # "far below": no-coldstart at least this much under full at the largest cap (paper: 19 points)
 ONE_TURN = 1.5  # "collapses to about one turn": no-coldstart's mean turns at most this (paper: 1.0)
 CAP_BINDS = 0.05  # under this over-turn rate late in training the cap hardly binds: masking has little to mask
+SIGNIFICANT = 0.05  # a paired difference whose sign test p is at least this is "within noise"
 
 ARMS: dict[str, dict[str, Any]] = {
     "sft": {},  # evaluated only
@@ -148,6 +151,75 @@ def eval_config(cfg: ReproConfig, model: str, out: Path, *, fold: bool = False, 
     )
 
 
+def arm_settings(cfg: ReproConfig, arm: str) -> dict[str, Any]:
+    """The settings an arm's figures depend on, which every arm of one report must share (the levels an arm trains
+    on are its own, and named in the report's training table)."""
+    settings: dict[str, Any] = {
+        "model": cfg.model,
+        "kind": cfg.kind,
+        "eval_n": cfg.eval_n,
+        "eval_temperature": cfg.eval_temperature,
+        "max_new_tokens": cfg.max_new_tokens,
+        "seed": cfg.seed,
+    }
+    if arm != "sft":
+        settings |= {
+            "steps": cfg.steps,
+            "prompts": cfg.prompts,
+            "group": cfg.group,
+            "max_draws": cfg.max_draws,
+            "lr": cfg.lr,
+            "train_turns": cfg.train_turns,
+        }
+    return settings
+
+
+def check_arms(cfg: ReproConfig, root: Path, arms: list[str]) -> list[str]:
+    """Refuse to put arms made with other settings in one report; return the arms whose settings were not recorded
+    (made before ``ARM_FILE`` existed). An arm run now may differ in ``steps`` only (training continues).
+
+    Raises:
+        ConfigError: an arm in ``root`` was made with settings this command does not share.
+    """
+    unknown, clashes = [], []
+    for arm in ARMS:
+        if not (root / arm / "eval" / "summary.json").exists() and not (root / arm / ARM_FILE).exists():
+            continue
+        if not (root / arm / ARM_FILE).exists():
+            unknown.append(arm)
+            continue
+        recorded = json.loads((root / arm / ARM_FILE).read_text(encoding="utf-8"))["settings"]
+        wanted = arm_settings(cfg, arm)
+        differ = [k for k in wanted if recorded.get(k) != wanted[k] and not (k == "steps" and arm in arms)]
+        if differ:
+            was = ", ".join(f"{k} {recorded.get(k)!r}" for k in differ)
+            now = ", ".join(f"{k} {wanted[k]!r}" for k in differ)
+            clashes.append(f"{arm} was made with {was} (this command: {now})")
+    if clashes:
+        raise ConfigError(
+            f"{root} holds arms made with other settings, whose figures would be reported beside these: "
+            + "; ".join(clashes)
+            + ". Run them again with the same settings (name them in --arms), or choose another --out"
+        )
+    return unknown
+
+
+def weights_stamp(model: str) -> str:
+    """A digest of a checkpoint's weight files: the same weights give the same stamp (a finished RL run saves its
+    model again, byte for byte), other weights another."""
+    from glimpse.models.hf import resolve_checkpoint
+
+    folder = Path(resolve_checkpoint(model))
+    digest = hashlib.sha256()
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if path.suffix in (".safetensors", ".bin"):
+            digest.update(path.name.encode() + b"\0")
+            with path.open("rb") as f:
+                while chunk := f.read(1 << 24):
+                    digest.update(chunk)
+    return digest.hexdigest()
+
+
 def run_repro(cfg: ReproConfig, *, say: Callable[[str], None] = print) -> dict[str, Any]:
     """Train and evaluate the chosen arms (resuming what exists), then write the report from every finished arm."""
     from glimpse.eval.harness import run_eval
@@ -174,6 +246,8 @@ def run_repro(cfg: ReproConfig, *, say: Callable[[str], None] = print) -> dict[s
         raise ConfigError(f"--model {cfg.model}: not a checkpoint (no config.json in it)")
     parse_caps(cfg.caps)
     root = Path(cfg.out)
+    for arm in check_arms(cfg, root, arms):
+        say(f"[{arm}] made before arms recorded their settings: check by hand that it shares this command's")
     root.mkdir(parents=True, exist_ok=True)
     write_resolved(cfg, root / f"config-{'-'.join(arms)}.json")
     for arm in arms:
@@ -196,6 +270,16 @@ def run_repro(cfg: ReproConfig, *, say: Callable[[str], None] = print) -> dict[s
                 f"is still a fresh one, evaluated at its training cap {caps} only (an untrained model writes to "
                 "the token limit every turn: hours at the larger caps)"
             )
+        # The weights an evaluation ran (or runs: an interrupted one resumes) are recorded; trained further or
+        # again since, the arm is evaluated again rather than reported with the old weights' figures.
+        stamp, record = weights_stamp(model), out / ARM_FILE
+        evaluated = json.loads(record.read_text(encoding="utf-8")).get("weights") if record.exists() else stamp
+        if evaluated != stamp:
+            say(f"[{arm}] its weights changed since they were evaluated: evaluating again")
+            for name in ("eval", FOLD):
+                shutil.rmtree(out / name, ignore_errors=True)
+        out.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps({"settings": arm_settings(cfg, arm), "weights": stamp}), encoding="utf-8")
         say(f"[{arm}] evaluating {model} on {cfg.eval_n} fresh hard probes at caps {caps}")
         asyncio.run(run_eval(eval_config(cfg, model, out, caps=caps)))
         release_freed_memory()
@@ -245,11 +329,13 @@ def collect(root: Path, caps: list[int], train_turns: int = 6, kind: str = "") -
         top = max(per_cap)
         trajectories = ResultStore(root / arm / "eval" / RESULTS).load()
         run_cap = max((t.settings.max_turns for t in trajectories), default=top)
-        correct = Counter(
-            len(t.turns)
-            for t in trajectories_for_cap(trajectories, top, data.get("sweep", "derive"), run_cap)
-            if t.score and t.score.correct
-        )
+        sweep = data.get("sweep", "derive")
+        for cap, figures in per_cap.items():  # per probe, for paired comparisons between arms and caps
+            figures["outcomes"] = {
+                t.id: [int(bool(t.score and t.score.correct)), len(t.turns)]
+                for t in trajectories_for_cap(trajectories, cap, sweep, run_cap)
+            }
+        correct = Counter(n for right, n in per_cap[top]["outcomes"].values() if right)
         log = root / arm / "train" / "log.jsonl"
         steps = [json.loads(x) for x in log.read_text(encoding="utf-8").splitlines()] if log.exists() else []
         arms[arm] = {
@@ -327,9 +413,11 @@ def _cell(f: dict[str, Any] | None, unit: str = "") -> str:
 def check_claims(report: dict[str, Any]) -> list[dict[str, Any]]:
     """Mini-o3's three training claims, each with the checks (figures and whether they pass) it rests on.
 
-    The verdict is "does not hold" when a check fails, "holds" when every check passes, and otherwise "not
-    measured": an arm is missing or a figure was not evaluated (the training cap not among ``--caps``, a cap where
-    no unit ran). Accuracies and mean turns are at the largest cap, on the same hard probes for every arm.
+    The verdict is "does not hold" when a check fails; "not measured" when an arm is missing or a figure was not
+    evaluated (the training cap not among ``--caps``, a cap where no unit ran); "holds" when every check passes
+    and each paired comparison is significant (an exact sign test over the probes both sides ran, p < 0.05);
+    "holds in sign, within noise" when every check passes but one such comparison is not significant. Accuracies
+    and mean turns are at the largest cap, on the same hard probes for every arm.
     """
     arms, top, low = report["arms"], report["caps"][-1], report["train_turns"]
 
@@ -344,22 +432,34 @@ def check_claims(report: dict[str, Any]) -> list[dict[str, Any]]:
             return {"text": text, "holds": None}
         (la, ha), (lb, hb) = fa["interval"], fb["interval"]
         overlap = "overlap" if la <= hb and lb <= ha else "do not overlap"
-        return {"text": f"{text}; the 95 % intervals {overlap}", "holds": holds(fa["accuracy"], fb["accuracy"])}
+        return {
+            "text": f"{text}; the 95 % intervals {overlap}",
+            "holds": holds(fa["accuracy"], fb["accuracy"]),
+            **_paired(fa, fb, a, b, lambda x, y: x[0] > y[0], "right"),
+        }
 
     def fewer_turns(a: str, b: str) -> dict[str, Any]:
         fa, fb = at(a), at(b)
         text = f"mean turns at cap {top}: {a} {_turns(fa)}, {b} {_turns(fb)} (needs {a} fewer)"
-        return {"text": text, "holds": fa["turns_mean"] < fb["turns_mean"] if fa and fb else None}
+        if not (fa and fb):
+            return {"text": text, "holds": None}
+        return {
+            "text": text,
+            "holds": fa["turns_mean"] < fb["turns_mean"],
+            **_paired(fa, fb, a, b, lambda x, y: x[1] < y[1], "fewer turns"),
+        }
 
     def masking() -> list[dict[str, Any]]:
         before, after = at("full", low), at("full")
         gain = after["accuracy"] - before["accuracy"] if before and after else None
         rise = "–" if gain is None else f"{100 * gain:+.1f} points"
+        paired = _paired(after, before, f"cap {top}", f"cap {low}", lambda x, y: x[0] > y[0], "right") if gain else {}
         return [
             {
                 "text": f"full: {_cell(before, ' %')} at cap {low} → {_cell(after, ' %')} at cap {top}, {rise} "
                 f"(needs ≥ +{100 * MASK_GAIN:.0f})",
                 "holds": None if gain is None else _at_least(gain, MASK_GAIN),
+                **paired,
             },
             accuracy("full", "no-mask", "above", lambda x, y: x > y),
             fewer_turns("no-mask", "full"),
@@ -411,12 +511,37 @@ def check_claims(report: dict[str, Any]) -> list[dict[str, Any]]:
         results = checks()
         if any(c["holds"] is False for c in results):
             verdict = "does not hold"
+        elif any(c["holds"] is None for c in results):
+            verdict = "not measured"
+        elif any(c.get("p") is not None and c["p"] >= SIGNIFICANT for c in results):
+            verdict = "holds in sign, within noise"
         else:
-            verdict = "not measured" if any(c["holds"] is None for c in results) else "holds"
+            verdict = "holds"
         claims.append(
             {"claim": name, "statement": statement, "verdict": verdict, "missing": missing, "checks": results}
         )
     return claims
+
+
+def _paired(
+    fa: dict[str, Any], fb: dict[str, Any], a: str, b: str, better: Callable[[list[int], list[int]], bool], what: str
+) -> dict[str, Any]:
+    """The exact sign test over the probes both ``fa`` and ``fb`` ran (the same probes in every arm): how many
+    ``a`` did better on (``better``: per probe ``[right, turns]``), how many ``b`` did, and the chance of a split
+    at least that uneven between equals. Nothing when the evaluations kept no per-probe outcomes."""
+    from glimpse.eval.report import sign_test
+
+    oa, ob = fa.get("outcomes") or {}, fb.get("outcomes") or {}
+    common = sorted(set(oa) & set(ob))
+    if not common:
+        return {}
+    wins = sum(better(oa[k], ob[k]) for k in common)
+    losses = sum(better(ob[k], oa[k]) for k in common)
+    p = sign_test(wins, losses)
+    return {
+        "p": p,
+        "paired": f"paired on {len(common)} probes: {what} {a} {wins}, {b} {losses}; exact sign test p = {p:.2g}",
+    }
 
 
 def _at_least(difference: float, threshold: float) -> bool:
@@ -436,7 +561,10 @@ def _claims_lines(report: dict[str, Any]) -> list[str]:
         lines.append(f"- **{c['claim']}: {c['verdict']}**: {c['statement']}.")
         if c["missing"]:
             lines.append(f"  - no {' or '.join(c['missing'])} arm evaluated yet")
-        lines += [f"  - {x['text']}: {_MARK[x['holds']]}" for x in c["checks"]]
+        lines += [
+            f"  - {x['text']}: {_MARK[x['holds']]}" + (f" ({x['paired']})" if x.get("paired") else "")
+            for x in c["checks"]
+        ]
     trained = {arm: a["train"]["over_turn_last"] for arm, a in report["arms"].items() if a["train"]}
     if trained:
         lines += ["", f"Over-turn rate at the training cap ({low}) in the last fifth of training:", ""]

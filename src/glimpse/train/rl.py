@@ -78,12 +78,25 @@ _RESUME_KEYS = (
     "mini_batches",
     "mask_over_turn",
     "dynamic_sampling",
+    "max_draws",
     "lr",
+    "warmup_steps",
+    "weight_decay",
+    "max_grad_norm",
     "clip_low",
     "clip_high",
     "max_turns",
+    "max_new_tokens",
+    "temperature",
+    "protocol",
+    "coords",
+    "prompt_file",
+    "min_pixels",
+    "max_pixels",
     "lora",
     "lora_r",
+    "lora_alpha",
+    "lora_dropout",
     "seed",
 )
 STREAM_SEED = 1  # streamed probes default to seed 1; the evaluation's probes use seed 0
@@ -192,11 +205,16 @@ def _batch(
     return {"inputs": inputs, "labels": labels, "advantages": torch.tensor(advantages, device=device)}
 
 
-def sampled_logprobs(model: Any, batch: dict[str, Any]) -> tuple[Any, Any, Any]:
-    """Log-probabilities of each next token, the loss mask (sampled tokens), and the logits, shifted by one."""
+def sampled_logprobs(model: Any, batch: dict[str, Any], temperature: float = 1.0) -> tuple[Any, Any, Any]:
+    """Log-probabilities of each next token, the loss mask (sampled tokens), and the logits, shifted by one.
+
+    The logits are divided by the rollouts' sampling ``temperature`` (as verl does), so the ratio and the gradient
+    are those of the policy that sampled; 0 (greedy) counts as 1."""
     import torch
 
     logits = model(**batch["inputs"]).logits[:, :-1].float()
+    if temperature > 0 and temperature != 1:
+        logits = logits / temperature
     target = batch["labels"][:, 1:]
     mask = target != IGNORE
     logp = torch.log_softmax(logits, dim=-1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
@@ -306,19 +324,22 @@ class Trainer:
         """Train until ``cfg.steps``; save ``OUT/model``; return its path."""
 
         cfg = self.cfg
+        self._cut_back()
         log = (self.out / "log.jsonl").open("a", encoding="utf-8")
         rollouts = (self.out / "rollouts.jsonl").open("a", encoding="utf-8") if cfg.save_rollouts else None
         try:
             while self.step < cfg.steps:
                 self.step += 1
                 stats, groups = self.one_step()
-                log.write(json.dumps(stats.__dict__) + "\n")
-                log.flush()
+                line = dict(stats.__dict__)
                 if rollouts is not None:
                     for group in groups:
                         for r in group:
                             rollouts.write(r.trajectory.model_dump_json() + "\n")
                     rollouts.flush()
+                    line["rollouts_end"] = rollouts.tell()  # where a resume from this step cuts the file back
+                log.write(json.dumps(line) + "\n")
+                log.flush()
                 if self.on_step is not None:
                     self.on_step(stats)
                 # The last step is saved too, so a finished run can be extended with more --steps.
@@ -340,6 +361,25 @@ class Trainer:
             if not cfg.save_rollouts:
                 shutil.rmtree(self.scratch, ignore_errors=True)
         return self.save()
+
+    def _cut_back(self) -> None:
+        """Drop what the steps after the checkpoint resumed from wrote: a run stopped between two checkpoints
+        repeats those steps, and their first lines would be counted twice (a line cut short by the stop too)."""
+        log, rollouts = self.out / "log.jsonl", self.out / "rollouts.jsonl"
+        kept, end = [], 0 if self.step == 0 else None
+        if log.exists():
+            for text in log.read_text(encoding="utf-8").split("\n"):
+                try:
+                    row = json.loads(text)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= self.step:
+                    kept.append(text)
+                    end = row.get("rollouts_end", end)
+            log.write_text("".join(f"{text}\n" for text in kept), encoding="utf-8")
+        if rollouts.exists() and isinstance(end, int):
+            with rollouts.open("r+b") as f:
+                f.truncate(end)
 
     def save(self) -> Path:
 
@@ -399,8 +439,14 @@ class Trainer:
 
         cfg = self.cfg
         rollouts = [r for g in groups for r in g]
+        for r in rollouts:  # a sampled image placeholder has no image: the model's slip, not trainable as it is
+            view = r.trajectory.token_view
+            sampled = zip(view.ids, view.mask, strict=True) if view else ()
+            if r.trained and any(m and t == self.image_token for t, m in sampled):
+                r.trained = False
+                stats.untrainable += 1
         trained = [r for r in rollouts if r.trained]
-        stats.untrainable = sum(
+        stats.untrainable += sum(
             1 for r in rollouts if not (r.trajectory.token_view and r.trajectory.token_view.aligned)
         )
         stats.trained = len(trained)
@@ -417,10 +463,10 @@ class Trainer:
         old: list[Any] = []
         if len(batches) > 1:  # the policy changes between updates: keep the sampling policy's log-probabilities
             with torch.no_grad():
-                old = [sampled_logprobs(self.model, b)[0] for b in batches]
+                old = [sampled_logprobs(self.model, b, cfg.temperature)[0] for b in batches]
         losses, clips, entropies, norms, tokens = [], [], [], [], 0
         for k, batch in enumerate(batches):
-            logp, mask, logits = sampled_logprobs(self.model, batch)
+            logp, mask, logits = sampled_logprobs(self.model, batch, cfg.temperature)
             old_logp = old[k] if old else logp.detach()
             loss, info = policy_loss(
                 logp, old_logp, batch["advantages"], mask, clip_low=cfg.clip_low, clip_high=cfg.clip_high
