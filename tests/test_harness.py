@@ -127,6 +127,8 @@ def varied_policy(messages, params):
     zooms = number % 6
     turn = sum(m.role == "assistant" for m in messages)
     if turn < zooms:
+        if turn == 0 and number % 3 == 0:  # a box too small to show: the tool refuses it (a mistake, a turn)
+            return '<grounding>{"bbox_2d": [0.1, 0.1, 0.1001, 0.1001]}</grounding>'
         return '<grounding>{"bbox_2d": [0.1, 0.1, 0.6, 0.6]}</grounding>'
     return f"<answer>{'ABCD'[number % 4]}</answer>"
 
@@ -138,8 +140,10 @@ def test_derived_sweep_equals_running_every_cap(tmp_path):
     ran = evaluate(tmp_path / "b", ScriptedBackend(varied_policy), sweep="run", **common)
     for cap in (2, 4, 8):
         d, r = derived.summaries[cap], ran.summaries[cap]
-        for key in ("accuracy", "turns_histogram", "stop_reasons", "over_turn_rate"):
+        for key in ("accuracy", "turns_histogram", "stop_reasons", "over_turn_rate", "tool_error_rate"):
             assert d[key] == r[key], (cap, key)
+        assert d["errors_by_kind"] == r["errors_by_kind"] and d["search"] == r["search"], cap
+    assert derived.summaries[8]["errors_by_kind"] == {"box_too_small": 4}  # the tool refused these zooms
     assert derived.summaries[2]["accuracy"]["avg"] < derived.summaries[8]["accuracy"]["avg"] == 1.0
     assert derived.summaries[2]["over_turn_rate"] > 0
     out = tmp_path / "a" / "run"
@@ -234,6 +238,28 @@ def test_resuming_with_other_settings_is_refused(tmp_path):
     assert evaluate(tmp_path, data=data, model="direct").ran == 0  # all done: nothing to run
 
 
+def test_a_judge_failure_is_left_out_of_accuracy_and_asked_again_on_resume(tmp_path):
+    folder = tmp_path / "d"
+    folder.mkdir()
+    Image.new("RGB", (320, 240)).save(folder / "img.png")
+    rows = [
+        {"images": ["img.png"], "problem": f"<image>What is in corner {i}?", "solution": "a red car", "doc_id": i}
+        for i in range(3)
+    ]
+    (folder / "val.json").write_text(json.dumps(rows))
+    judge = tmp_path / "judge.json"
+    judge.write_text(json.dumps(["MAYBE"]))  # an unreadable verdict
+    common = dict(data=f"minio3:{folder / 'val.json'}", model="direct", judge=f"scripted:{judge}", concurrency=1)
+    s = evaluate(tmp_path, **common).summaries[12]
+    assert s["judge_errors"] == 3 and s["accuracy"]["avg"] is None  # neither right nor wrong: not scored
+    judge.write_text(json.dumps(["CORRECT"]))  # the judge works again: the same command asks it again
+    again = evaluate(tmp_path, **common)
+    s = again.summaries[12]
+    assert again.ran == 0 and s["judge_errors"] == 0 and s["accuracy"]["avg"] == 1.0 and s["questions"] == 3
+    records = [json.loads(x) for x in (tmp_path / "run" / RESULTS).read_text().splitlines()]
+    assert len(records) == 3 and {r["score"]["method"] for r in records} == {"judge"}
+
+
 def test_result_store_drops_torn_lines_and_duplicates(tmp_path):
     data = mc_dataset(tmp_path / "d", 4)
     evaluate(tmp_path, data=data, model="oracle")
@@ -243,6 +269,18 @@ def test_result_store_drops_torn_lines_and_duplicates(tmp_path):
     store = ResultStore(path)
     assert store.open(drop=lambda r: False) == 2
     assert len(path.read_text().splitlines()) == 4 and len(store.done) == 4
+    # a whole last line cut before its newline: mended, so the next append starts a line of its own
+    path.write_bytes(path.read_bytes().rstrip(b"\n"))
+    assert ResultStore(path).open(drop=lambda r: False) == 0 and path.read_bytes().endswith(b"\n")
+
+
+def test_a_resume_with_fewer_repeats_or_questions_reports_only_those(tmp_path):
+    data = mc_dataset(tmp_path / "d", 4)
+    assert evaluate(tmp_path, data=data, model="oracle", k=3).summaries[12]["trajectories"] == 12
+    fewer = evaluate(tmp_path, data=data, model="oracle", k=1, limit=2)
+    assert fewer.ran == 0 and fewer.summaries[12]["trajectories"] == 2 and fewer.summaries[12]["questions"] == 2
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["caps"]["12"]["trajectories"] == 2
+    assert len((tmp_path / "run" / RESULTS).read_text().splitlines()) == 12  # kept for a later larger run
 
 
 def test_kill_9_and_resume_loses_nothing_and_repeats_nothing(tmp_path, write_script):
@@ -350,6 +388,33 @@ def test_avg_pass_majority_by_hand():
     assert acc["majority"] == pytest.approx(1 / 3)
 
 
+def test_majority_votes_for_what_each_repeat_chose_not_for_its_wording_or_letter():
+    from glimpse.eval.options import present
+    from glimpse.eval.scoring import score
+
+    def voted(sample: Sample, answers: list[str], mode: str = "shuffle") -> list[Trajectory]:
+        out = []
+        for r, answer in enumerate(answers):
+            shown = present(sample, r, mode=mode, seed=0)
+            if answer in (sample.options or []):  # name the option by its letter in this repeat's order
+                answer = "ABCD"[shown.options.index(answer)]
+            t = _traj(sample.id, r, answer, False).model_copy(update={"sample": shown})
+            t.score = asyncio.run(score(answer, shown))
+            out.append(t)
+        return out
+
+    colour = Sample(id="c", images=["x"], question="Colour?", options=["red", "blue", "green", "white"], answer="A")
+    shuffled = voted(colour, ["blue", "red", "red"])  # two of three chose red, each under its own letter
+    assert len({t.answer for t in shuffled}) == 3 and [t.score.correct for t in shuffled] == [False, True, True]
+    assert summarize(shuffled)["accuracy"]["majority"] == 1.0
+    cars = Sample(id="n", images=["x"], question="How many cars?", answer="3")
+    assert summarize(voted(cars, ["3", "three", "There are 3 cars.", "4", "4"]))["accuracy"]["majority"] == 1.0
+    unreadable = voted(colour, ["red", "I cannot tell from the image.", "I cannot tell from the image."])
+    assert summarize(unreadable)["accuracy"]["majority"] == 1.0  # an unreadable reply does not vote
+    tie = voted(cars, ["3", "5"])  # a tie goes to the first repeat, whatever order the units finished in
+    assert summarize(tie)["accuracy"]["majority"] == summarize(tie[::-1])["accuracy"]["majority"] == 1.0
+
+
 def _failed(sid: str, repeat: int, level: str = "easy") -> Trajectory:
     """A unit whose backend failed after retries: the image was read, the server never answered."""
     t = _traj(sid, repeat, None, False, turns=0)
@@ -396,6 +461,8 @@ def test_units_without_gold_are_not_scored(tmp_path):
     assert "| 8 | 0 | 3 | not scored | not scored | not scored |" in markdown_summary("d", "m", 1, {8: s})
     write_sweep(tmp_path / "s.csv", tmp_path / "s.png", {4: s, 8: s}, title="t")  # no accuracy: empty cells
     assert (tmp_path / "s.csv").read_text().splitlines()[1].startswith("4,,,,")
+    write_sweep(tmp_path / "s.csv", tmp_path / "s.png", {4: summarize([]), 8: s}, title="t")  # nothing ran at 4
+    assert (tmp_path / "s.csv").read_text().splitlines()[1] == "4,,,,,"
 
 
 def test_truncate():

@@ -387,7 +387,8 @@ def _eval_table(run: Any) -> Any:
 
     from glimpse.eval.report import accuracy_cell, pct, ran_cell, ran_only, turns_cell
 
-    table = Table(title=f"{run.dataset.name}: {len(run.dataset)} questions", title_justify="left")
+    asked = f"{run.asked} of {len(run.dataset)}" if run.asked != len(run.dataset) else str(run.asked)
+    table = Table(title=f"{run.dataset.name}: {asked} questions", title_justify="left")
     for col in (
         "turn cap",
         "units ran",
@@ -518,6 +519,12 @@ def run_eval_command(cfg: EvalConfig) -> int:
             f"[yellow]warning:[/] {unmatched} open answers matched no rule (not the gold answer, a synonym, a number "
             "or a listed choice) and were scored wrong (score method no_match); benchmarks with free-form answers "
             "are scored by an LLM judge: pass --judge MODEL to decide them"
+        )
+    undecided = max((s.get("judge_errors", 0) for s in run.summaries.values()), default=0)
+    if undecided:
+        errors.print(
+            f"[yellow]warning:[/] the judge failed to decide {undecided} answers (score method judge_error); they "
+            "are left out of the accuracies above. Run the same command again to ask the judge again"
         )
     return eval_exit_code(run, cfg.max_backend_errors, errors)
 

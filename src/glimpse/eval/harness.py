@@ -122,7 +122,7 @@ class ResultStore:
         """
         if not self.path.exists():
             return 0
-        kept, dropped = [], 0
+        kept, dropped, unended = [], 0, False
         with self.path.open("rb") as fh:
             for raw in fh:
                 try:
@@ -135,8 +135,9 @@ class ResultStore:
                     dropped += 1
                     continue
                 self.done.add(key)
-                kept.append(raw if raw.endswith(b"\n") else raw + b"\n")
-        if dropped:
+                unended = not raw.endswith(b"\n")  # whole but cut before its newline: the next append would join it
+                kept.append(raw if not unended else raw + b"\n")
+        if dropped or unended:
             tmp = self.path.with_suffix(".tmp")
             tmp.write_bytes(b"".join(kept))
             os.replace(tmp, self.path)
@@ -147,6 +148,17 @@ class ResultStore:
             fh.write(traj.model_dump_json() + "\n")
             fh.flush()
         self.done.add(unit_key(traj.sample.id, traj.sample_index, traj.settings.max_turns))
+
+    def replace(self, trajectories: list[Trajectory]) -> None:
+        """Rewrite the records of these units (re-scored) in place, atomically; the others stay as they are."""
+        new = {unit_key(t.sample.id, t.sample_index, t.settings.max_turns): t for t in trajectories}
+        lines = []
+        for t in self.load():
+            t = new.get(unit_key(t.sample.id, t.sample_index, t.settings.max_turns), t)
+            lines.append(t.model_dump_json() + "\n")
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(lines), encoding="utf-8")
+        os.replace(tmp, self.path)
 
     def load(self) -> list[Trajectory]:
         if not self.path.exists():
@@ -159,7 +171,7 @@ class EvalRun:
     """What an evaluation produced.
 
     Attributes:
-        ran: units run by this call; ``skipped``: units found done in the results file.
+        ran: units run by this call; ``skipped``: units found done in the results file; ``asked``: questions.
         attempted: units in the results file whose input could be read (run, or failed in the backend).
         backend_errors: of those, units whose backend failed after retries (counted apart from accuracy).
     """
@@ -172,6 +184,7 @@ class EvalRun:
     elapsed_s: float
     attempted: int = 0
     backend_errors: int = 0
+    asked: int = 0  # questions asked (``--limit`` may ask fewer than the dataset holds)
 
     @property
     def backend_error_share(self) -> float:
@@ -355,6 +368,12 @@ async def run_eval(
             cfg.judge, base_url=cfg.judge_base_url, api_key=cfg.api_key, max_retries=cfg.max_retries
         )
         judge = LLMJudge(judge_backend, cache_path=out / "judge_cache.jsonl")
+        # the answers the judge failed to decide before: asked again, without running the model again
+        undecided = [t for t in store.load() if t.score and t.score.method == "judge_error"]
+        for t in undecided:
+            t.score = await score(t.answer, t.sample, judge)
+        if undecided:
+            store.replace(undecided)
     limits = PixelLimits(cfg.min_pixels, cfg.max_pixels, cfg.resize_factor)
     gate = asyncio.Semaphore(cfg.concurrency)
     finished = 0
@@ -396,7 +415,9 @@ async def run_eval(
             if b is not None and hasattr(b, "aclose"):
                 await b.aclose()
 
-    done = store.load()
+    # only the units this run asks for: a resume with a smaller --k, --limit or other caps reports those alone
+    wanted = {u.key for u in units}
+    done = [t for t in store.load() if unit_key(t.sample.id, t.sample_index, t.settings.max_turns) in wanted]
     summaries = write_summaries(out, done, caps, cfg, dataset.name)
     attempted = [t for t in done if t.image is not None and not t.sample.meta.get("input_error")]
     return EvalRun(
@@ -408,6 +429,7 @@ async def run_eval(
         elapsed_s=time.perf_counter() - started,
         attempted=len(attempted),
         backend_errors=sum(backend_failed(t) for t in attempted),
+        asked=len(samples),
     )
 
 

@@ -8,8 +8,9 @@ Per turn cap:
   retries (stop reason ``error`` on a readable image) is counted in ``backend_errors`` and left out, never
   scored wrong; a question none of whose repeats ran is left out (``questions_failed``); when nothing ran, or
   nothing that ran has a gold answer (``scored`` is 0), the accuracies are ``None``. Questions whose input
-  could not be read are left out too and counted as ``input_errors``; a judge failure counts as not correct
-  and is counted as ``judge_errors``.
+  could not be read are left out too and counted as ``input_errors``; a repeat the judge failed to decide is
+  left out of the accuracies too (neither right nor wrong) and counted as ``judge_errors`` (a resume with the
+  judge asks it again).
 * The same accuracies per level, category, task, subtask and HR-Bench cycle, when samples carry them, each
   with its question count ``n`` and its ``backend_errors``.
 * Turns: mean and histogram; over-turn rate; tool-error rate (mistakes per tool call); tokens and latency
@@ -30,9 +31,10 @@ from collections import Counter, defaultdict
 from typing import Any
 
 from glimpse.answers import normalize_answer
+from glimpse.eval.options import LETTERS
 from glimpse.eval.policies import chance
 from glimpse.geometry import Box
-from glimpse.trajectory import Score, Trajectory
+from glimpse.trajectory import Score, Trajectory, Turn
 
 # Sample fields results are broken down by, when present: probe level, category, MME-RealWorld's task and subtask,
 # HR-Bench's answer-position cycle.
@@ -43,21 +45,24 @@ def truncate(traj: Trajectory, cap: int) -> Trajectory:
     """The trajectory as a run with the smaller turn cap ``cap`` would have ended.
 
     Up to the cap both runs take the same turns; one that ended within ``cap`` turns ends the same way, and one
-    that went on is stopped at ``cap`` with ``max_turns`` (over-turn if the last kept turn called the tool). A
-    backend that failed asking for turn ``cap + 1`` would never have been asked under the smaller cap, so that
-    unit ran there.
+    that went on is stopped at ``cap`` with ``max_turns`` (over-turn if the last kept turn called the tool), that
+    last call written but not run. A backend that failed asking for turn ``cap + 1`` would never have been asked
+    under the smaller cap, so that unit ran there; the image cap or a full context after turn ``cap`` would not
+    have been reached either.
     """
     if cap > traj.settings.max_turns:
         raise ValueError(f"cannot extend a trajectory run with cap {traj.settings.max_turns} to cap {cap}")
     settings = traj.settings.model_copy(update={"max_turns": cap})
-    if len(traj.turns) < cap or (len(traj.turns) == cap and not backend_failed(traj)):
+    if len(traj.turns) < cap or (len(traj.turns) == cap and traj.stop_reason not in _LATER_STOPS):
         return traj.model_copy(update={"settings": settings})
-    turns = traj.turns[:cap]
+    # the cap's last turn: its call was written, never run (no crop, no observation, no code output)
+    turns = [*traj.turns[: cap - 1], _unrun(traj.turns[cap - 1])]
     return traj.model_copy(
         update={
             "turns": turns,
             "settings": settings,
             "answer": None,
+            "error": None,
             "stop_reason": "max_turns",
             "over_turn": turns[-1].tool_attempt,
             "score": Score(correct=False, method="no_answer"),
@@ -65,6 +70,29 @@ def truncate(traj: Trajectory, cap: int) -> Trajectory:
             "token_view": None,
         }
     )
+
+
+# Stops a loop reaches only after the cap's last turn ran: a backend failing on turn cap + 1, the image cap, the
+# context filling up (checked before the next turn) — at cap ``cap`` the loop stops with ``max_turns`` first.
+_LATER_STOPS = ("error", "max_images", "context_full")
+
+
+def _unrun(turn: Turn) -> Turn:
+    """A turn as the loop records it when the turn cap stops it before the tool runs."""
+    update: dict[str, Any] = {
+        "source_index": None,
+        "original_index": 0,
+        "crop_box_px": None,
+        "observation_index": None,
+        "observation_size": None,
+        "injected": [],
+        "made": [],
+        "code_output": None,
+        "tool_s": 0.0,
+    }
+    if turn.kind == "error" and turn.call is not None:  # the tool refused the zoom; the cap comes before the tool
+        update |= {"kind": "zoom", "error": None, "error_kind": None}
+    return turn.model_copy(update=update)
 
 
 def found_targets(traj: Trajectory, threshold: float, image: int | None = None) -> tuple[bool, float] | None:
@@ -143,9 +171,8 @@ def _accuracy(groups: dict[str, list[Trajectory]]) -> dict[str, float | None]:
     passed = statistics.fmean(any(_correct(t) for t in ts) for ts in groups.values())
     majority = []
     for ts in groups.values():
-        keys = [
-            (t.score.extracted if t.score and t.score.method == "choice" else normalize_answer(t.answer)) for t in ts
-        ]
+        ts = sorted(ts, key=lambda t: t.sample_index)  # a tie goes to the earliest repeat, not the first to finish
+        keys = [_vote(t) for t in ts]
         counts = Counter(k for k in keys if k)
         if not counts:
             majority.append(False)
@@ -154,6 +181,29 @@ def _accuracy(groups: dict[str, list[Trajectory]]) -> dict[str, float | None]:
         winner = max(counts, key=lambda k: (counts[k], -first[k]))
         majority.append(_correct(ts[first[winner]]))
     return {"avg": avg, "pass": passed, "majority": statistics.fmean(majority)}
+
+
+def _vote(traj: Trajectory) -> str | None:
+    """What a repeat votes for in majority@k: the option it chose, named by its place in the dataset (repeats may
+    show the options in different orders, so one letter is not one option); else the value the scorer compared
+    (a number, a closed-set word, the normalised text), so "3" and "three" vote together; nothing when no answer
+    could be read (an unreadable reply does not outvote readable ones)."""
+    s = traj.score
+    if s is not None and s.method == "no_choice":
+        return None
+    letter = (s.extracted or "").strip().upper() if s is not None and s.method == "choice" else ""
+    if len(letter) == 1 and letter in LETTERS:
+        position = LETTERS.index(letter)
+        order = traj.sample.meta.get("option_order")
+        original = order[position] if isinstance(order, list) and position < len(order) else position
+        return f"option {original}"
+    if s is not None and s.extracted and s.method in ("numeric", "closed_set", "exact"):
+        return f"{s.method} {s.extracted}"
+    return normalize_answer(traj.answer) or None
+
+
+def _judge_failed(traj: Trajectory) -> bool:
+    return bool(traj.score and traj.score.method == "judge_error")
 
 
 def backend_failed(traj: Trajectory) -> bool:
@@ -169,7 +219,7 @@ def summarize(trajectories: list[Trajectory], threshold: float = 0.5) -> dict[st
     ran = [t for t in valid if not backend_failed(t)]
     groups: dict[str, list[Trajectory]] = defaultdict(list)
     for t in ran:
-        if t.sample.answer is not None:
+        if t.sample.answer is not None and not _judge_failed(t):
             groups[t.sample.id].append(t)
     by: dict[str, dict[str, dict[str, Any]]] = {}
     for field in BREAKDOWN_FIELDS:
@@ -214,6 +264,6 @@ def summarize(trajectories: list[Trajectory], threshold: float = 0.5) -> dict[st
         "input_errors": len(input_errors),
         "backend_errors": len(failed),
         "backend_error_rate": len(failed) / len(valid) if valid else 0.0,
-        "judge_errors": sum(1 for t in ran if t.score and t.score.method == "judge_error"),
+        "judge_errors": sum(_judge_failed(t) for t in ran),
         "score_methods": dict(Counter(t.score.method for t in ran if t.score).most_common()),
     }

@@ -150,8 +150,8 @@ def write_sweep(csv_path: Path, png_path: Path, summaries: dict[int, dict[str, A
                 s["accuracy"]["avg"],
                 s["accuracy"]["pass"],
                 s["accuracy"]["majority"],
-                s["turns_mean"],
-                s["over_turn_rate"],
+                ran_only(s, "turns_mean"),
+                ran_only(s, "over_turn_rate"),
                 *[s["by"].get("level", {}).get(lv, {}).get("avg") for lv in levels],
             ]
             writer.writerow(["" if v is None else v for v in row])  # no accuracy where no unit ran
