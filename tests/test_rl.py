@@ -447,7 +447,7 @@ def test_turn_scaling_repro_claims_hold_on_the_papers_numbers(tmp_path):
     assert "cap 64, last 4 images" in md
     assert "](train_curves.png)" in md and (tmp_path / "train_curves.png").read_bytes()[:4] == b"\x89PNG"
     # the training cap bound for every arm but no-mask: the report says masking had little to mask there
-    assert "- full: 20.0 %\n" in md and "- no-mask: 2.0 %: under 5 %, the cap hardly binds" in md
+    assert "- full: 20.0 % → 20.0 %\n" in md and "- no-mask: 2.0 % → 2.0 %: under 5 % throughout, the cap hardly" in md
     assert json.loads((tmp_path / "turn_scaling.json").read_text())["claims"] == report["claims"]
 
 
@@ -718,8 +718,18 @@ def test_turn_scaling_claims_are_within_noise_when_the_paired_probes_do_not_tell
     masking = claims["over-turn masking"]
     assert masking["verdict"] == "holds in sign, within noise"
     assert masking["checks"][0]["p"] < 0.05 and masking["checks"][1]["p"] == sign_test(3, 0) == 0.25
-    assert "paired on 100 probes: right full 3, no-mask 0" in masking["checks"][1]["paired"]
+    assert "paired on 100 probes, right only: full on 3, no-mask on 0" in masking["checks"][1]["paired"]
     assert masking["checks"][2]["p"] < 0.05  # no-mask took fewer turns on every probe
     caps["no-mask"][32]["outcomes"] = outcomes(range(20), 5)  # full alone right on 23: significant
     assert {c["claim"]: c["verdict"] for c in check_claims(report)}["over-turn masking"] == "holds"
     assert sign_test(23, 0) < 0.05 and sign_test(3, 3) == 1.0 and sign_test(0, 0) == 1.0
+
+
+def test_turn_scaling_report_tells_a_cap_that_never_bound_from_one_the_policy_learned_to_stay_inside(tmp_path):
+    from glimpse.train.repro import _claims_lines
+
+    report = _made_up_repro(tmp_path, PAPER)
+    report["arms"]["no-mask"]["train"]["over_turn_first"] = 0.31  # cut often at first, then answered early
+    lines = "\n".join(_claims_lines(report))
+    assert "- no-mask: 31.0 % → 2.0 %: the policy learned to stay inside the cap" in lines
+    assert "- full: 20.0 % → 20.0 %\n" in lines + "\n"
