@@ -494,6 +494,7 @@ def test_probes_spec_generates_once():
         ("vstar", "needs a path"),
         ("probes", "needs a level"),
         ("probes:hard:lots", "must be integers"),
+        ("probes:easy:1:0:count:junk", "at most LEVEL:N:SEED:KIND"),
         ("visualprobe:hard", "level and a base folder"),
     ],
 )

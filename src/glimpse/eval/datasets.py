@@ -808,6 +808,8 @@ def _load(spec: str) -> Dataset:
             raise ConfigError(
                 "probes needs a level: probes:easy, probes:medium:500, probes:hard:500:7 or probes:easy:50:0:split_code"
             )
+        if len(parts) > 4:
+            raise ConfigError(f"probes spec {spec!r}: at most LEVEL:N:SEED:KIND, got {len(parts)} fields")
         try:
             n = int(parts[1]) if len(parts) > 1 else 100
             seed = int(parts[2]) if len(parts) > 2 else 0
