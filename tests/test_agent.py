@@ -439,3 +439,29 @@ def test_counterfactual_crops_of_any_original_are_withheld_and_rendered_so(make_
     assert np.asarray(crop.image).max() == 0 and all(np.asarray(p.image).max() > 0 for p in originals)
     assert np.array_equal(np.asarray(render_image(traj, 1)), np.asarray(crop.image))
     assert np.array_equal(np.asarray(render_image(traj, 0, original=1)), np.asarray(originals[1].image))
+
+
+def test_a_policy_that_thinks_for_a_while_does_not_hold_up_the_event_loop():
+    """The expert reads images for seconds: a server (glimpse ui, serve) must go on answering meanwhile."""
+    import time
+
+    def slow(messages, params):
+        time.sleep(0.6)
+        return "<answer>x</answer>"
+
+    async def main() -> int:
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.05)
+                ticks += 1
+
+        ticker = asyncio.create_task(tick())
+        (reply,) = await ScriptedBackend(slow).generate([Message("user", "?")], GenerateParams())
+        ticker.cancel()
+        assert reply.text == "<answer>x</answer>"
+        return ticks
+
+    assert asyncio.run(main()) >= 5  # the loop ticked while the policy thought

@@ -32,7 +32,8 @@ def test_reads_and_hashes(make_image):
         ("missing", "no such file"),
         ("empty", "empty"),
         ("truncated", "truncated or corrupt"),
-        ("not_image", "not a recognised image format"),
+        ("not_image", "not an image in a format read here"),
+        ("eps", "not an image in a format read here"),  # a PostScript file is never handed to Ghostscript
         ("directory", "directory"),
     ],
 )
@@ -46,6 +47,8 @@ def test_bad_files_name_the_file_and_the_problem(tmp_path, setup, message):
         path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
     elif setup == "not_image":
         path.write_text("this is not an image")
+    elif setup == "eps":
+        path.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
     elif setup == "directory":
         path.mkdir()
     with pytest.raises(ImageInputError) as info:

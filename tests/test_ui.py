@@ -187,7 +187,7 @@ def test_uploads_are_limited_in_bytes_and_pixels(ui, monkeypatch):
     big = httpx.post(f"{base}/api/images", content=b"\0" * (9 * 1024 * 1024))
     assert big.status_code == 413 and "at most" in big.json()["error"]
     junk = httpx.post(f"{base}/api/images", content=b"not an image")
-    assert junk.status_code == 400 and "not a recognised image" in junk.json()["error"]
+    assert junk.status_code == 400 and "not an image in a format read here" in junk.json()["error"]
     import io
 
     buffer = io.BytesIO()
@@ -201,7 +201,7 @@ def test_uploads_are_limited_in_bytes_and_pixels(ui, monkeypatch):
     assert bomb.status_code == 400 and "decompression bomb" in bomb.json()["error"]
 
 
-def test_no_path_outside_the_allowed_folders_is_read(ui, probe, tmp_path):
+def test_no_path_outside_the_allowed_folders_is_read(ui, probe, tmp_path, monkeypatch):
     base, _ = ui
     outside = tmp_path / "secret.png"
     outside.write_bytes(probe.read_bytes())
@@ -234,7 +234,64 @@ def test_no_path_outside_the_allowed_folders_is_read(ui, probe, tmp_path):
         uploaded = httpx.post(other.removesuffix("/v1") + "/api/images", content=probe.read_bytes()).json()["id"]
         body = {"question": "?", "image": uploaded, "model": "openai:m", "base_url": "http://10.0.0.1/v1"}
         r = httpx.post(other.removesuffix("/v1") + "/api/runs", json=body)
-    assert r.status_code == 403 and "configured base URL" in r.json()["error"]
+        assert r.status_code == 403 and "configured base URL" in r.json()["error"]
+        inside_allowed = probe.parent / "notes.json"  # a JSON list in an allowed folder, read back as a "model"
+        inside_allowed.write_text(json.dumps(["<answer>private notes</answer>"]))
+        for model in (f"scripted:{inside_allowed}", f"hf:{probe.parent}"):
+            body = {"question": "?", "image": uploaded, "model": model}
+            r = httpx.post(other.removesuffix("/v1") + "/api/runs", json=body)
+            assert r.status_code == 403 and "does not load" in r.json()["error"], (model, r.text)
+    # on loopback an hf: model named in the page must be a folder here: never a Hub id to download
+    monkeypatch.chdir(probe.parent)  # "someorg/huge-model" resolves inside an allowed folder
+    r = httpx.post(f"{base}/api/runs", json={"question": "?", "path": str(probe), "model": "hf:someorg/huge-model"})
+    assert r.status_code == 404 and "Hub ids only with --model" in r.json()["error"]
+    for body in ({"path": "red.png\u0000x"}, {"path": "~no-such-user-here/x.png"}):  # refused, not a 500
+        r = httpx.post(f"{base}/api/runs", json={"question": "?", **body})
+        assert r.status_code in (400, 403), (body, r.text)
+
+
+def test_served_images_are_what_their_bytes_say_and_uploads_mend_a_torn_file(ui, probe):
+    from PIL import Image
+
+    base, runs = ui
+    poly = probe.parent / "poly.html"  # a GIF whose name says HTML, with a script after the image
+    Image.new("RGB", (64, 64), "white").save(poly, format="GIF")
+    poly.write_bytes(poly.read_bytes() + b"<script>alert(document.domain)</script>")
+    run_id = start(base, path=str(poly), question="?", model="scripted:" + str(_answer_script(probe.parent)))
+    follow(base, run_id)
+    image = httpx.get(f"{base}/api/runs/{run_id}/image")
+    assert image.headers["content-type"] == "image/gif" and image.headers["x-content-type-options"] == "nosniff"
+    events = httpx.get(f"{base}/api/runs/{run_id}/events", params={"from": "\u00b2"})
+    assert events.status_code == 200  # a stray Last-Event-ID replays from the start, not a 500
+    data = probe.read_bytes()
+    first = httpx.post(f"{base}/api/images", content=data).json()["id"]
+    torn = runs / "uploads" / first
+    torn.write_bytes(data[: len(data) // 2])  # what a crash mid-write leaves
+    assert httpx.post(f"{base}/api/images", content=data).json()["id"] == first
+    assert torn.read_bytes() == data
+
+
+def test_a_run_whose_save_fails_ends_failed_and_the_vote_counts_numbers(tmp_path, probe):
+    script = _answer_script(probe.parent)
+    taken = tmp_path / "runs-is-a-file"
+    taken.write_text("")
+    app = build_app(AskConfig(model=f"scripted:{script}"), runs=taken, allow=[probe.parent])
+    with app_server(app) as base:
+        base = base.removesuffix("/v1")
+        events = follow(base, start(base, path=str(probe), question="How many?"), timeout=30)
+        assert events[-1]["type"] == "failed" and "runs-is-a-file" in events[-1]["error"]  # not running forever
+        assert httpx.get(f"{base}/health").json()["runs"] == 0
+    ok = build_app(AskConfig(model=f"scripted:{script}"), runs=tmp_path / "runs", allow=[probe.parent])
+    with app_server(ok) as base:
+        base = base.removesuffix("/v1")
+        done = follow(base, start(base, path=str(probe), question="How many?", samples=3))[-1]
+        assert done["vote"]["answer"] == "12" and done["vote"]["agree"] == 3  # the page no longer picks a key
+
+
+def _answer_script(folder: Path) -> Path:
+    script = folder / "answer.json"
+    script.write_text(json.dumps(["<answer>12</answer>"]))
+    return script
 
 
 def test_cross_site_requests_are_refused(ui):

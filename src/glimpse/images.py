@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import base64
 import ctypes
+import functools
 import hashlib
 import io
 import math
@@ -249,6 +250,18 @@ def release_freed_memory() -> None:
         ctypes.CDLL(None).malloc_trim(0)
 
 
+# The formats read from users, files and requests: the raster formats images come in. Pillow's others stay
+# closed (EPS, for one, is handed to Ghostscript).
+# (JPEG covers phones' MPO files; a format this Pillow lacks, such as AVIF in older ones, is left out.)
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "AVIF", "GIF", "BMP", "TIFF", "PPM", "JPEG2000")
+
+
+@functools.cache
+def _formats() -> tuple[str, ...]:
+    Image.init()
+    return tuple(f for f in IMAGE_FORMATS if f in Image.OPEN)
+
+
 def decode_image(data: bytes, path: str) -> Image.Image:
     """Decode image bytes into EXIF-oriented 8-bit RGB.
 
@@ -260,7 +273,7 @@ def decode_image(data: bytes, path: str) -> Image.Image:
     apply_pixel_limit_override()
     _image_blocks_outside_the_heap()
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data), formats=_formats()) as img:
             img.load()
             # in place: without an orientation tag the default returns a copy, a second 8K image for nothing
             ImageOps.exif_transpose(img, in_place=True)
@@ -273,7 +286,9 @@ def decode_image(data: bytes, path: str) -> Image.Image:
             f"If you trust this file, set {_ENV_MAX_IMAGE_PIXELS} to a larger number of pixels.",
         ) from None
     except UnidentifiedImageError:
-        raise ImageInputError(path, "not a recognised image format (Pillow cannot identify it)") from None
+        raise ImageInputError(
+            path, f"not an image in a format read here ({', '.join(_formats())}), or not an image at all"
+        ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageInputError(path, f"cannot decode the image, it may be truncated or corrupt ({exc})") from None
 
@@ -323,7 +338,7 @@ def oriented_size(path: str | os.PathLike[str]) -> tuple[int, int]:
         ImageInputError: the file is missing or not an image.
     """
     try:
-        with Image.open(path) as img:
+        with Image.open(path, formats=_formats()) as img:
             width, height = img.size
             orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
     except FileNotFoundError:
@@ -410,12 +425,12 @@ def data_url_size(url: str) -> tuple[int, int]:
             if len(payload) <= chars:
                 break
             try:
-                with Image.open(io.BytesIO(base64.b64decode(payload[:chars]))) as img:
+                with Image.open(io.BytesIO(base64.b64decode(payload[:chars])), formats=_formats()) as img:
                     return img.size
             except (OSError, ValueError):
                 continue
     try:
-        with Image.open(io.BytesIO(_data_url_bytes(url))) as img:
+        with Image.open(io.BytesIO(_data_url_bytes(url)), formats=_formats()) as img:
             return img.size
     except (OSError, ValueError, Image.DecompressionBombError):
         raise ImageInputError("data URL", "not a decodable image") from None

@@ -18,6 +18,7 @@ script ``j mod len(scripts)``. So it works the same behind ``glimpse serve`` ove
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 from collections import deque
@@ -111,8 +112,10 @@ class ScriptedBackend:
     async def generate(self, messages: list[Message], params: GenerateParams) -> list[Completion]:
         if self.requests.maxlen:
             self.requests.append(Request(messages=copy.copy(messages), params=copy.copy(params)))
-        if self.policy is not None:
-            return [self._emulate(self.policy(messages, params), params, messages) for _ in range(params.n)]
+        if self.policy is not None:  # off the event loop: a policy may think for seconds (the expert reads images)
+            policy = self.policy
+            replies = await asyncio.to_thread(lambda: [policy(messages, params) for _ in range(params.n)])
+            return [self._emulate(reply, params, messages) for reply in replies]
         history = [m for m in messages if m.role == "assistant"]
         turn_index = len(history)
         candidates = [s for s in self.scripts if self._matches(s, history, params)]

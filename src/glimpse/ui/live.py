@@ -55,6 +55,7 @@ class LiveRun:
     _seen: dict[int, Trajectory] = field(default_factory=dict)
     _pieces: dict[tuple[int, int], list[int]] = field(default_factory=dict)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
+    _stopping: bool = False
 
     def publish(self, event: dict[str, Any]) -> None:
         """Append an event and wake the pages following the run."""
@@ -96,7 +97,9 @@ class LiveRun:
         """Cancel the run; ``False`` if it had already ended."""
         if self.task is None or self.task.done():
             return False
-        self.task.cancel()
+        if not self._stopping:  # once: a second Stop while the run closes and saves changes nothing
+            self._stopping = True
+            self.task.cancel()
         return True
 
     def made_image(self, sample: int, index: int) -> str | None:
@@ -130,33 +133,47 @@ class LiveRun:
         self.publish({"type": "turn", "sample": traj.sample_index, "trajectory": _record(traj)})
 
     async def _run(self, loop: AgentLoop, close: Any) -> None:
-        stopped = False
+        """Run, then close the loop, save and say ``done``; whatever fails or is stopped on the way, the run ends
+        with a final status and event (a page following it never waits forever)."""
+        stopped, trajectories = False, None
         try:
-            trajectories = await loop.run(
-                self.sample, samples=self.samples, on_turn=self._on_turn, on_text=self._on_text
-            )
-        except asyncio.CancelledError:
+            try:
+                trajectories = await loop.run(
+                    self.sample, samples=self.samples, on_turn=self._on_turn, on_text=self._on_text
+                )
+            except asyncio.CancelledError:
+                stopped = True
+                trajectories = [self._cancelled(i, loop) for i in range(self.samples)]
+            finally:
+                if close is not None:
+                    await asyncio.shield(close())
+            answer = majority_vote([t.answer for t in trajectories]).answer
+            # a second Stop while saving does not cut the files short
+            await asyncio.shield(asyncio.to_thread(self._save, trajectories, answer, stopped))
+        except asyncio.CancelledError:  # stopped again while closing or saving: stopped all the same
             stopped = True
-            trajectories = [self._cancelled(i, loop) for i in range(self.samples)]
-        except Exception as exc:  # our bug or a backend that raised something unexpected: the page must hear
+        except Exception as exc:  # our bug, a backend that raised something unexpected, a save that failed
             log.exception("run %s failed", self.id)
             self.status = "failed"
             self.publish({"type": "failed", "error": f"{type(exc).__name__}: {exc}"})
             return
-        finally:
-            if close is not None:
-                await close()
+        if trajectories is None:
+            trajectories = [self._cancelled(i, loop) for i in range(self.samples)]
         vote = majority_vote([t.answer for t in trajectories])
-        saved = self.out / f"{self.id}.jsonl"
-        await asyncio.to_thread(self._save, trajectories, vote.answer, stopped)
         self.status = "stopped" if stopped else "finished"
         self.publish(
             {
                 "type": "done",
                 "status": self.status,
                 "trajectories": [_record(t) for t in trajectories],
-                "vote": {"answer": vote.answer, "counts": vote.counts, "answered": vote.answered, "total": vote.total},
-                "saved": str(saved),
+                "vote": {
+                    "answer": vote.answer,
+                    "counts": vote.counts,
+                    "agree": max(vote.counts.values(), default=0),  # (a page cannot pick it: "12" sorts first)
+                    "answered": vote.answered,
+                    "total": vote.total,
+                },
+                "saved": str(self.out / f"{self.id}.jsonl"),
             }
         )
 

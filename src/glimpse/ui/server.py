@@ -94,13 +94,35 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _write_atomically(path: Path, data: bytes) -> None:
+    partial = path.with_name(f"{path.name}.{secrets.token_hex(4)}.partial")
+    partial.write_bytes(data)
+    os.replace(partial, path)
+
+
+def _image_response(path: str | os.PathLike[str]) -> Response:
+    """An image file served as the image it is (the type from its bytes, never from its name, which could say
+    .html), and never sniffed into something else by the browser."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            kind = Image.MIME.get(im.format or "", "application/octet-stream")
+    except (OSError, ValueError):
+        kind = "application/octet-stream"
+    return FileResponse(path, media_type=kind, headers={"X-Content-Type-Options": "nosniff"})
+
+
 def inside(path: str | os.PathLike[str], roots: list[Path]) -> Path:
     """``path`` resolved (links followed), if it lies inside one of ``roots``.
 
     Raises:
         _Refused: it lies elsewhere.
     """
-    resolved = Path(path).expanduser().resolve()
+    try:
+        resolved = Path(path).expanduser().resolve()
+    except (ValueError, RuntimeError, OSError) as exc:  # a NUL byte, an unknown ~user, a loop of links
+        raise _Refused(f"{str(path)[:200]!r} is not a usable path: {exc}", 400) from None
     for root in roots:
         if resolved == root or resolved.is_relative_to(root):
             return resolved
@@ -196,8 +218,8 @@ def build_app(
             return _error(str(exc), 400)
         uploads.mkdir(parents=True, exist_ok=True)
         target = uploads / original.sha256
-        if not target.exists():
-            await asyncio.to_thread(target.write_bytes, data)
+        if not target.exists() or target.stat().st_size != len(data):  # absent, or cut short by a crash
+            await asyncio.to_thread(_write_atomically, target, data)
         return JSONResponse({"id": original.sha256, "width": original.image.width, "height": original.image.height})
 
     async def start_run(request: Request) -> Response:
@@ -280,8 +302,14 @@ def build_app(
         if config.effort not in ("low", "medium", "high"):
             raise _Refused(f"effort must be low, medium or high, got {config.effort!r}")
         name, _, arg = (config.model or "").partition(":")
-        if config.model != ask.model and name in ("scripted", "hf") and arg:  # a path typed in the page
-            inside(arg, roots)
+        if config.model != ask.model and name in ("scripted", "hf") and arg:  # a file or folder named in the page
+            if not local_paths:
+                raise _Refused(
+                    f"this server does not load {name}: models named in the page; start it with --model", 403
+                )
+            found = inside(arg, roots)
+            if name == "hf" and not found.is_dir():  # never a Hub id: the page must not make this server download
+                raise _Refused(f"hf:{arg} is not a checkpoint folder on this server (Hub ids only with --model)", 404)
         return image, config, question, samples
 
     def _run(request: Request) -> LiveRun:
@@ -296,7 +324,7 @@ def build_app(
         except _Refused as exc:
             return _error(str(exc), exc.status)
         last = request.headers.get("last-event-id") or request.query_params.get("from")
-        start = int(last) + 1 if last and last.lstrip("-").isdigit() else 0
+        start = int(last) + 1 if last and last.isascii() and last.lstrip("-").isdigit() else 0
 
         async def stream():
             async for i, event in run.follow(max(0, start)):
@@ -317,7 +345,7 @@ def build_app(
             run = _run(request)
         except _Refused as exc:
             return _error(str(exc), exc.status)
-        return FileResponse(run.sample.images[0])
+        return _image_response(run.sample.images[0])
 
     async def made_image(request: Request) -> Response:
         try:
@@ -327,7 +355,7 @@ def build_app(
         path = run.made_image(int(request.path_params["sample"]), int(request.path_params["index"]))
         if path is None or not Path(path).is_file():
             return _error("no such image", 404)
-        return FileResponse(path)
+        return _image_response(path)
 
     async def history(_: Request) -> Response:
         return JSONResponse(await asyncio.to_thread(_history, out))

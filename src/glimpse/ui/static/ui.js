@@ -205,7 +205,7 @@
     }
     for (const card of document.querySelectorAll(".turn.live")) card.remove();
     const v = ev.vote;
-    const agree = v.answer === null ? "" : ` · ${v.counts[Object.keys(v.counts)[0]] || 0} of ${v.total} agree`;
+    const agree = v.answer === null ? "" : ` · ${v.agree || 0} of ${v.total} agree`;
     $("vote").replaceChildren(h("p", { class: "vote" },
       v.answer === null ? h("strong", {}, "No answer") : [h("strong", {}, "Answer: "), h("span", { id: "answer" }, v.answer)],
       h("span", { class: "muted" }, `${agree} · ${ev.status} · saved to ${ev.saved}`)));
