@@ -94,6 +94,9 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+MAX_RUN_BODY = 256 * 1024  # bytes of a POST /api/runs body (the question with the settings)
+
+
 def _write_atomically(path: Path, data: bytes) -> None:
     partial = path.with_name(f"{path.name}.{secrets.token_hex(4)}.partial")
     partial.write_bytes(data)
@@ -223,9 +226,14 @@ def build_app(
         return JSONResponse({"id": original.sha256, "width": original.image.width, "height": original.image.height})
 
     async def start_run(request: Request) -> Response:
+        raw = bytearray()
+        async for chunk in request.stream():  # a question and a few settings: never megabytes
+            raw += chunk
+            if len(raw) > MAX_RUN_BODY:
+                return _error(f"the request is over {MAX_RUN_BODY:,} bytes", 413)
         try:
-            body = await request.json()
-        except ValueError:
+            body = json.loads(bytes(raw))
+        except (ValueError, RecursionError):
             return _error("the body must be JSON")
         loop = None
         try:
