@@ -225,7 +225,7 @@ def summarize(trajectories: list[Trajectory], threshold: float = 0.5) -> dict[st
     for field in BREAKDOWN_FIELDS:
         split: dict[str, dict[str, list[Trajectory]]] = defaultdict(dict)
         for sid, ts in groups.items():
-            value = ts[0].sample.meta.get(field)
+            value = min(ts, key=lambda t: t.sample_index).sample.meta.get(field)  # not whichever finished first
             if value:
                 split[str(value)][sid] = ts
         failures = Counter(str(t.sample.meta[field]) for t in failed if t.sample.meta.get(field))
