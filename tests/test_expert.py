@@ -109,6 +109,11 @@ def test_the_expert_on_a_blank_or_tiny_image_zooms_inside_it_and_never_repeats_a
     assert traj.error is None and traj.stop_reason == "answer"  # it answers, never running out of turns
     assert all(t.error_kind != "out_of_range" for t in traj.turns)  # its boxes lie inside the image
     assert sum(t.kind == "error" for t in traj.turns) <= 1  # a zoom turned down is not asked for again
+    if size == (3, 200):  # the same on a question about two images
+        two = load_dataset("probes:easy:1:9:split_code").samples[0]
+        two = two.model_copy(update={"images": [str(path), str(path)]})
+        traj = asyncio.run(loop.run(two))[0]
+        assert traj.stop_reason == "answer" and sum(t.kind == "error" for t in traj.turns) <= 1
 
 
 def test_the_expert_refuses_a_box_convention_it_does_not_write():

@@ -478,6 +478,11 @@ def test_truncate():
     down = _failed("q", 0).model_copy(update={"turns": long.turns[:3]})
     assert truncate(down, 3).stop_reason == "max_turns" and truncate(down, 3).over_turn
     assert truncate(down, 4).stop_reason == "error" and truncate(down, 2).stop_reason == "max_turns"
+    # code the cap stops is written, never run: no code recorded, no output, no error (as the loop leaves it)
+    ran = Turn(index=1, text="x", kind="code", code="1/0", code_output="ZeroDivisionError", error_kind="code_error")
+    coded = long.model_copy(update={"turns": [long.turns[0], ran, *long.turns[2:]]})
+    last = truncate(coded, 2).turns[-1]
+    assert (last.kind, last.code, last.code_output, last.error_kind) == ("code", None, None, None)
 
 
 def test_two_image_probes_the_oracle_scores_100_and_is_faithful_in_each_image(tmp_path):

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import platform
 import re
@@ -50,6 +51,8 @@ from glimpse.eval.scoring import score
 from glimpse.images import DEFAULT_CACHE_BYTES, ImageCache, PixelLimits
 from glimpse.models import DEFAULT_MODEL, Backend, load_backend
 from glimpse.trajectory import Sample, Score, Trajectory, iter_jsonl
+
+log = logging.getLogger(__name__)
 
 RESULTS, CONFIG, SUMMARY, TABLE, SWEEP_CSV, SWEEP_PNG = (
     "trajectories.jsonl",
@@ -368,11 +371,24 @@ async def run_eval(
             cfg.judge, base_url=cfg.judge_base_url, api_key=cfg.api_key, max_retries=cfg.max_retries
         )
         judge = LLMJudge(judge_backend, cache_path=out / "judge_cache.jsonl")
-        # the answers the judge failed to decide before: asked again, without running the model again
-        undecided = [t for t in store.load() if t.score and t.score.method == "judge_error"]
-        for t in undecided:
-            t.score = await score(t.answer, t.sample, judge)
+        # this run's answers the judge failed to decide before: asked again (without running the model again)
+        wanted = {u.key for u in units}
+        undecided = [
+            t
+            for t in store.load()
+            if t.score
+            and t.score.method == "judge_error"
+            and unit_key(t.sample.id, t.sample_index, t.settings.max_turns) in wanted
+        ]
         if undecided:
+            log.info("asking the judge again about %d answers it failed to decide before", len(undecided))
+            rejudge = asyncio.Semaphore(cfg.concurrency)
+
+            async def again(t: Trajectory) -> None:
+                async with rejudge:
+                    t.score = await score(t.answer, t.sample, judge)
+
+            await asyncio.gather(*(again(t) for t in undecided))
             store.replace(undecided)
     limits = PixelLimits(cfg.min_pixels, cfg.max_pixels, cfg.resize_factor)
     gate = asyncio.Semaphore(cfg.concurrency)

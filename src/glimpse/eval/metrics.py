@@ -92,6 +92,8 @@ def _unrun(turn: Turn) -> Turn:
     }
     if turn.kind == "error" and turn.call is not None:  # the tool refused the zoom; the cap comes before the tool
         update |= {"kind": "zoom", "error": None, "error_kind": None}
+    if turn.kind == "code":  # the loop records the code, and its failure, only when it runs it
+        update |= {"code": None, "error": None, "error_kind": None}
     return turn.model_copy(update=update)
 
 

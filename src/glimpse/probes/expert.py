@@ -350,7 +350,7 @@ class ExpertPolicy:
         q = parse_question(question)
         originals = sum(isinstance(p, ImagePart) for p in first.parts())
         if originals > 1:
-            return self._several(q, images[:originals], images[originals:], params)
+            return self._several(q, images[:originals], images[originals:], params, refused=_refused(messages))
         view = images[0].pil()
         proposals = self._proposals(view, q)
         readings = []
@@ -364,12 +364,7 @@ class ExpertPolicy:
             seen = f"The last one shows {readings[-1][1].describe()}. " if readings else ""
             return script_turn(speaker.write_answer(answer, f"{seen}{why}"))
         k = len(readings)
-        last = max((i for i, m in enumerate(messages) if m.role == "assistant"), default=None)
-        # the loop turned the last zoom down (its reply holds no image): answer now rather than ask again
-        refused = last is not None and not any(
-            isinstance(p, ImagePart) for m in messages[last + 1 :] if not isinstance(m.content, str) for p in m.content
-        )
-        if k >= len(proposals) or refused:
+        if k >= len(proposals) or _refused(messages):
             guess = self._guess(q, readings)
             thought = f"I checked {k} candidate{'s' if k != 1 else ''} and none settles it; my best guess is {guess}."
             return script_turn(speaker.write_answer(guess, thought))
@@ -383,7 +378,13 @@ class ExpertPolicy:
         return script_turn(speaker.write_zoom(box, "original_image", lead, call_id=f"call_{k}"))
 
     def _several(
-        self, q: Question, originals: list[ImagePart], observations: list[ImagePart], params: GenerateParams
+        self,
+        q: Question,
+        originals: list[ImagePart],
+        observations: list[ImagePart],
+        params: GenerateParams,
+        *,
+        refused: bool = False,
     ) -> str | dict[str, Any]:
         """A turn on a question about several images (see the module docstring)."""
         views = [part.pil() for part in originals]
@@ -406,7 +407,7 @@ class ExpertPolicy:
         answer = self._several_answer(q, found, len(views))
         if answer is not None:
             return script_turn(speaker.write_answer(answer[0], f"{seen}{answer[1]}"))
-        step = self._next_check(q, proposals, rest, found, checked)
+        step = None if refused else self._next_check(q, proposals, rest, found, checked)
         if step is None:
             guess = "image_1" if q.kind == "which_image" else "".join(r.text for r in found.values()) or "unknown"
             thought = (
@@ -527,6 +528,14 @@ class ExpertPolicy:
         if q.kind == "relative_position":
             return "left"
         return texts[0] if texts else "unknown"
+
+
+def _refused(messages: list[Message]) -> bool:
+    """Whether the loop turned the last zoom down (the reply to it holds no image): then answer, not ask again."""
+    last = max((i for i, m in enumerate(messages) if m.role == "assistant"), default=None)
+    return last is not None and not any(
+        isinstance(p, ImagePart) for m in messages[last + 1 :] if not isinstance(m.content, str) for p in m.content
+    )
 
 
 def _similar(read: str, code: str) -> bool:

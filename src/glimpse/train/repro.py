@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import shutil
 from collections import Counter
 from collections.abc import Callable
@@ -274,12 +275,16 @@ def run_repro(cfg: ReproConfig, *, say: Callable[[str], None] = print) -> dict[s
         # again since, the arm is evaluated again rather than reported with the old weights' figures.
         stamp, record = weights_stamp(model), out / ARM_FILE
         evaluated = json.loads(record.read_text(encoding="utf-8")).get("weights") if record.exists() else stamp
+        if not record.exists() and (out / "eval" / "summary.json").exists():
+            say(f"[{arm}] evaluated before arms recorded their weights: its evaluation is taken to be of these")
         if evaluated != stamp:
             say(f"[{arm}] its weights changed since they were evaluated: evaluating again")
             for name in ("eval", FOLD):
                 shutil.rmtree(out / name, ignore_errors=True)
         out.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps({"settings": arm_settings(cfg, arm), "weights": stamp}), encoding="utf-8")
+        partial = record.with_suffix(".partial")
+        partial.write_text(json.dumps({"settings": arm_settings(cfg, arm), "weights": stamp}), encoding="utf-8")
+        os.replace(partial, record)
         say(f"[{arm}] evaluating {model} on {cfg.eval_n} fresh hard probes at caps {caps}")
         asyncio.run(run_eval(eval_config(cfg, model, out, caps=caps)))
         release_freed_memory()
@@ -331,9 +336,10 @@ def collect(root: Path, caps: list[int], train_turns: int = 6, kind: str = "") -
         run_cap = max((t.settings.max_turns for t in trajectories), default=top)
         sweep = data.get("sweep", "derive")
         for cap, figures in per_cap.items():  # per probe, for paired comparisons between arms and caps
-            figures["outcomes"] = {
-                t.id: [int(bool(t.score and t.score.correct)), len(t.turns)]
+            figures["outcomes"] = {  # the units that ran and were scored (a failure is no one's win)
+                t.id: [int(bool(t.score.correct)), len(t.turns)]
                 for t in trajectories_for_cap(trajectories, cap, sweep, run_cap)
+                if t.score is not None and t.score.correct is not None
             }
         correct = Counter(n for right, n in per_cap[top]["outcomes"].values() if right)
         log = root / arm / "train" / "log.jsonl"

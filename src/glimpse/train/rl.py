@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import shutil
 import tempfile
@@ -368,7 +369,8 @@ class Trainer:
         log, rollouts = self.out / "log.jsonl", self.out / "rollouts.jsonl"
         kept, end = [], 0 if self.step == 0 else None
         if log.exists():
-            for text in log.read_text(encoding="utf-8").split("\n"):
+            before = log.read_text(encoding="utf-8")
+            for text in before.split("\n"):
                 try:
                     row = json.loads(text)
                 except json.JSONDecodeError:
@@ -376,7 +378,11 @@ class Trainer:
                 if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= self.step:
                     kept.append(text)
                     end = row.get("rollouts_end", end)
-            log.write_text("".join(f"{text}\n" for text in kept), encoding="utf-8")
+            after = "".join(f"{text}\n" for text in kept)
+            if after != before:  # atomically: a crash now must not lose the log
+                partial = log.with_suffix(".partial")
+                partial.write_text(after, encoding="utf-8")
+                os.replace(partial, log)
         if rollouts.exists() and isinstance(end, int):
             with rollouts.open("r+b") as f:
                 f.truncate(end)

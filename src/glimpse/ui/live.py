@@ -16,6 +16,7 @@ unfinished trajectory ends with ``cancelled``, and the run is saved like any oth
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -146,7 +147,8 @@ class LiveRun:
                 trajectories = [self._cancelled(i, loop) for i in range(self.samples)]
             finally:
                 if close is not None:
-                    await asyncio.shield(close())
+                    with contextlib.suppress(asyncio.CancelledError):  # a Stop while closing: save all the same
+                        await asyncio.shield(close())
             answer = majority_vote([t.answer for t in trajectories]).answer
             # a second Stop while saving does not cut the files short
             await asyncio.shield(asyncio.to_thread(self._save, trajectories, answer, stopped))

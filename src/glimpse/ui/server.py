@@ -110,7 +110,7 @@ def _image_response(path: str | os.PathLike[str]) -> Response:
 
     try:
         with Image.open(path) as im:
-            kind = Image.MIME.get(im.format or "", "application/octet-stream")
+            kind = "image/jpeg" if im.format == "MPO" else Image.MIME.get(im.format or "", "application/octet-stream")
     except (OSError, ValueError):
         kind = "application/octet-stream"
     return FileResponse(path, media_type=kind, headers={"X-Content-Type-Options": "nosniff"})
@@ -332,7 +332,10 @@ def build_app(
         except _Refused as exc:
             return _error(str(exc), exc.status)
         last = request.headers.get("last-event-id") or request.query_params.get("from")
-        start = int(last) + 1 if last and last.isascii() and last.lstrip("-").isdigit() else 0
+        try:
+            start = int(last) + 1 if last else 0
+        except ValueError:  # not a number we sent: replay from the start
+            start = 0
 
         async def stream():
             async for i, event in run.follow(max(0, start)):
