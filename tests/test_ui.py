@@ -290,6 +290,31 @@ def test_a_run_whose_save_fails_ends_failed_and_the_vote_counts_numbers(tmp_path
         assert done["vote"]["answer"] == "12" and done["vote"]["agree"] == 3  # the page no longer picks a key
 
 
+def test_a_run_that_fails_midway_keeps_its_turns_in_the_history(tmp_path, probe, monkeypatch):
+    from glimpse.models.scripted import ScriptedBackend
+
+    script = probe.parent / "zoom-then-answer.json"
+    script.write_text(json.dumps([[zoom([0.1, 0.1, 0.6, 0.6]), "<answer>x</answer>"]]))
+    real, calls = ScriptedBackend.generate, []
+
+    async def breaks_on_the_second_turn(self, messages, params):
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("the policy broke")
+        return await real(self, messages, params)
+
+    monkeypatch.setattr(ScriptedBackend, "generate", breaks_on_the_second_turn)
+    app = build_app(AskConfig(model=f"scripted:{script}"), runs=tmp_path / "runs", allow=[probe.parent])
+    with app_server(app) as base:
+        base = base.removesuffix("/v1")
+        events = follow(base, start(base, path=str(probe), question="?"), timeout=30)
+        assert events[-1]["type"] == "failed" and "the policy broke" in events[-1]["error"]
+        (row,) = httpx.get(f"{base}/api/history").json()
+        assert row["status"] == "failed" and row["stop_reasons"] == ["error"]
+    (saved,) = load_jsonl(tmp_path / "runs" / f"{row['id']}.jsonl")
+    assert [t.kind for t in saved.turns] == ["zoom"] and "the policy broke" in saved.error
+
+
 def _answer_script(folder: Path) -> Path:
     script = folder / "answer.json"
     script.write_text(json.dumps(["<answer>12</answer>"]))

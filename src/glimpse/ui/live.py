@@ -151,13 +151,19 @@ class LiveRun:
                         await asyncio.shield(close())
             answer = majority_vote([t.answer for t in trajectories]).answer
             # a second Stop while saving does not cut the files short
-            await asyncio.shield(asyncio.to_thread(self._save, trajectories, answer, stopped))
+            status = "stopped" if stopped else "finished"
+            await asyncio.shield(asyncio.to_thread(self._save, trajectories, answer, status))
         except asyncio.CancelledError:  # stopped again while closing or saving: stopped all the same
             stopped = True
         except Exception as exc:  # our bug, a backend that raised something unexpected, a save that failed
             log.exception("run %s failed", self.id)
+            error = f"{type(exc).__name__}: {exc}"
+            if trajectories is None and self._seen:  # the turns it took before it failed go to the history too
+                partial = [self._cancelled(i, loop, reason="error", error=error) for i in range(self.samples)]
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(self._save, partial, None, "failed")
             self.status = "failed"
-            self.publish({"type": "failed", "error": f"{type(exc).__name__}: {exc}"})
+            self.publish({"type": "failed", "error": error})
             return
         if trajectories is None:
             trajectories = [self._cancelled(i, loop) for i in range(self.samples)]
@@ -179,8 +185,10 @@ class LiveRun:
             }
         )
 
-    def _cancelled(self, index: int, loop: AgentLoop) -> Trajectory:
-        """Sample ``index``'s trajectory as the stop left it (an empty one if it had not started a turn)."""
+    def _cancelled(
+        self, index: int, loop: AgentLoop, *, reason: str = "cancelled", error: str | None = None
+    ) -> Trajectory:
+        """Sample ``index``'s trajectory as the stop (or a failure) left it (empty if it had not started a turn)."""
         traj = self._seen.get(index)
         if traj is None:
             traj = Trajectory(
@@ -191,11 +199,11 @@ class LiveRun:
                 started_at=time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(self.started)),
             )
         if traj.stop_reason is None:
-            traj.stop_reason = "cancelled"
+            traj.stop_reason, traj.error = reason, error
             traj.wall_s = round(time.time() - self.started, 4)
         return traj
 
-    def _save(self, trajectories: list[Trajectory], answer: str | None, stopped: bool) -> None:
+    def _save(self, trajectories: list[Trajectory], answer: str | None, status: str) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         save_jsonl(trajectories, self.out / f"{self.id}.jsonl")
         summary = {
@@ -203,7 +211,7 @@ class LiveRun:
             "question": self.sample.question,
             "image": self.sample.images[0],
             "answer": answer,
-            "status": "stopped" if stopped else "finished",
+            "status": status,
             "stop_reasons": [t.stop_reason for t in trajectories],
             "started": self.started,
             "settings": self.settings,
