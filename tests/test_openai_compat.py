@@ -253,16 +253,7 @@ def test_several_servers_share_the_load_and_keep_conversations_sticky(make_image
     path = make_image(400, 300)
     with app_server(a) as url_a, app_server(b) as url_b:
         backend = OpenAIBackend("m", base_url=f"{url_a},{url_b}", max_concurrency=4)
-        loop = AgentLoop(backend)
-        samples = [Sample(id=f"s{i}", images=[str(path)], question=f"question {i}") for i in range(8)]
-
-        async def go():
-            try:
-                return await loop.run_many(samples, concurrency=8)
-            finally:
-                await backend.aclose()
-
-        results = run(go())
+        results = _run_questions(backend, path, 8, concurrency=8)
     assert len(a.state.seen) > 0 and len(b.state.seen) > 0
     assert len(a.state.seen) + len(b.state.seen) == 24
     for app in (a, b):  # every turn of a conversation went to the server its first turn went to
@@ -282,17 +273,22 @@ def test_a_dead_server_among_several_is_passed_over_on_retries(make_image):
     path = make_image(400, 300)
     with app_server(good) as url:
         backend = OpenAIBackend("m", base_url=f"{dead},{url}", max_retries=1, backoff=0.2, max_concurrency=2)
-        loop = AgentLoop(backend)
-        samples = [Sample(id=f"s{i}", images=[str(path)], question=f"question {i}") for i in range(6)]
-
-        async def go():
-            try:
-                return await loop.run_many(samples, concurrency=3)
-            finally:
-                await backend.aclose()
-
-        results = run(go())
+        results = _run_questions(backend, path, 6, concurrency=3)
     assert [t.stop_reason for (t,) in results] == ["answer"] * 6
+
+
+def _run_questions(backend: OpenAIBackend, path, n: int, *, concurrency: int) -> list:
+    """``n`` questions ("question 0" …) on one image through the loop, then the backend closed."""
+    loop = AgentLoop(backend)
+    samples = [Sample(id=f"s{i}", images=[str(path)], question=f"question {i}") for i in range(n)]
+
+    async def go():
+        try:
+            return await loop.run_many(samples, concurrency=concurrency)
+        finally:
+            await backend.aclose()
+
+    return run(go())
 
 
 async def _answer():

@@ -222,7 +222,7 @@ def test_no_path_outside_the_allowed_folders_is_read(ui, probe, tmp_path, monkey
     bad = httpx.post(f"{base}/api/runs", json={"question": "?", "image": "../../etc/passwd"})
     assert bad.status_code == 404
     huge = httpx.post(f"{base}/api/runs", json={"question": "?" * 300_000, "path": str(probe)})
-    assert huge.status_code == 413 and "over" in huge.json()["error"]
+    assert huge.status_code == 413 and "accepts at most 262,144" in huge.json()["error"]
     script = tmp_path / "own.json"  # the server's own settings are trusted wherever they point
     script.write_text(json.dumps(["<answer>mine</answer>"]))
     own = build_app(AskConfig(model=f"scripted:{script}"), runs=tmp_path / "r3", allow=[probe.parent])

@@ -26,7 +26,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import platform
 import re
 import subprocess
@@ -50,6 +49,7 @@ from glimpse.eval.policies import POLICIES, policy_backend
 from glimpse.eval.scoring import score
 from glimpse.images import DEFAULT_CACHE_BYTES, ImageCache, PixelLimits
 from glimpse.models import DEFAULT_MODEL, Backend, load_backend
+from glimpse.paths import write_atomically
 from glimpse.trajectory import Sample, Score, Trajectory, iter_jsonl
 
 log = logging.getLogger(__name__)
@@ -141,9 +141,7 @@ class ResultStore:
                 unended = not raw.endswith(b"\n")  # whole but cut before its newline: the next append would join it
                 kept.append(raw if not unended else raw + b"\n")
         if dropped or unended:
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_bytes(b"".join(kept))
-            os.replace(tmp, self.path)
+            write_atomically(self.path, b"".join(kept))
         return dropped
 
     def append(self, traj: Trajectory) -> None:
@@ -159,9 +157,7 @@ class ResultStore:
         for t in self.load():
             t = new.get(unit_key(t.sample.id, t.sample_index, t.settings.max_turns), t)
             lines.append(t.model_dump_json() + "\n")
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(lines), encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_atomically(self.path, "".join(lines))
 
     def load(self) -> list[Trajectory]:
         if not self.path.exists():
@@ -356,6 +352,7 @@ async def run_eval(
         for r in range(cfg.k)
         for cap in run_caps
     ]
+    wanted = {u.key for u in units}
     pending = [u for u in units if u.key not in store.done]
     if on_start is not None:
         on_start(len(pending), len(units) - len(pending), dataset)
@@ -372,7 +369,6 @@ async def run_eval(
         )
         judge = LLMJudge(judge_backend, cache_path=out / "judge_cache.jsonl")
         # this run's answers the judge failed to decide before: asked again (without running the model again)
-        wanted = {u.key for u in units}
         undecided = [
             t
             for t in store.load()
@@ -432,7 +428,6 @@ async def run_eval(
                 await b.aclose()
 
     # only the units this run asks for: a resume with a smaller --k, --limit or other caps reports those alone
-    wanted = {u.key for u in units}
     done = [t for t in store.load() if unit_key(t.sample.id, t.sample_index, t.settings.max_turns) in wanted]
     summaries = write_summaries(out, done, caps, cfg, dataset.name)
     attempted = [t for t in done if t.image is not None and not t.sample.meta.get("input_error")]

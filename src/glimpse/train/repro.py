@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 import shutil
 from collections import Counter
 from collections.abc import Callable
@@ -38,6 +37,7 @@ from typing import Any
 from glimpse.config import EvalConfig, ReproConfig, RLConfig, write_resolved
 from glimpse.errors import ConfigError
 from glimpse.images import release_freed_memory
+from glimpse.paths import write_atomically
 
 FOLD = "eval-fold"  # each arm's context-folding evaluation (--fold-cap), beside ARM/eval
 ARM_FILE = "arm.json"  # each arm's settings and the weights its evaluation ran (``check_arms``)
@@ -282,9 +282,7 @@ def run_repro(cfg: ReproConfig, *, say: Callable[[str], None] = print) -> dict[s
             for name in ("eval", FOLD):
                 shutil.rmtree(out / name, ignore_errors=True)
         out.mkdir(parents=True, exist_ok=True)
-        partial = record.with_suffix(".partial")
-        partial.write_text(json.dumps({"settings": arm_settings(cfg, arm), "weights": stamp}), encoding="utf-8")
-        os.replace(partial, record)
+        write_atomically(record, json.dumps({"settings": arm_settings(cfg, arm), "weights": stamp}))
         say(f"[{arm}] evaluating {model} on {cfg.eval_n} fresh hard probes at caps {caps}")
         asyncio.run(run_eval(eval_config(cfg, model, out, caps=caps)))
         release_freed_memory()

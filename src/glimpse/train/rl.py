@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import shutil
 import tempfile
@@ -49,6 +48,7 @@ from glimpse.eval.datasets import load_dataset
 from glimpse.hf.processor import load_processor
 from glimpse.images import ImageCache, release_freed_memory
 from glimpse.models.hf import HFBackend, resolve_checkpoint
+from glimpse.paths import write_atomically
 from glimpse.probes.stream import probe_sample
 from glimpse.probes.synth import LEVELS, check_kind
 from glimpse.train.common import (
@@ -380,9 +380,7 @@ class Trainer:
                     end = row.get("rollouts_end", end)
             after = "".join(f"{text}\n" for text in kept)
             if after != before:  # atomically: a crash now must not lose the log
-                partial = log.with_suffix(".partial")
-                partial.write_text(after, encoding="utf-8")
-                os.replace(partial, log)
+                write_atomically(log, after)
         if rollouts.exists() and isinstance(end, int):
             with rollouts.open("r+b") as f:
                 f.truncate(end)

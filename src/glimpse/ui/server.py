@@ -57,6 +57,7 @@ from glimpse.config import AskConfig, UIConfig, public_dict
 from glimpse.errors import ConfigError, GlimpseError, ImageInputError
 from glimpse.images import ImageCache, image_from_bytes
 from glimpse.models import BACKENDS
+from glimpse.paths import write_atomically
 from glimpse.trajectory import Sample
 from glimpse.ui.live import LiveRun
 
@@ -97,10 +98,22 @@ def is_loopback(host: str) -> bool:
 MAX_RUN_BODY = 256 * 1024  # bytes of a POST /api/runs body (the question with the settings)
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    partial = path.with_name(f"{path.name}.{secrets.token_hex(4)}.partial")
-    partial.write_bytes(data)
-    os.replace(partial, path)
+async def _body(request: Request, limit: int, what: str) -> bytes:
+    """The request's body, read up to ``limit`` bytes (counted as it comes: a chunked body declares no length).
+
+    Raises:
+        _Refused: 413, the body is larger.
+    """
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise _Refused(f"{what} is {int(declared):,} bytes; this server accepts at most {limit:,}", 413)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _Refused(f"{what} is over this server's limit of {limit:,} bytes", 413)
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _image_response(path: str | os.PathLike[str]) -> Response:
@@ -204,16 +217,10 @@ def build_app(
         return JSONResponse(defaults())
 
     async def upload(request: Request) -> Response:
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > max_upload:
-            return _error(f"the image is {int(declared):,} bytes; this server accepts at most {max_upload:,}", 413)
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_upload:
-                return _error(f"the image is over this server's limit of {max_upload:,} bytes", 413)
-            chunks.append(chunk)
-        data = b"".join(chunks)
+        try:
+            data = await _body(request, max_upload, "the image")
+        except _Refused as exc:
+            return _error(str(exc), exc.status)
         name = request.headers.get("x-file-name") or "upload"
         try:
             original = await asyncio.to_thread(image_from_bytes, data, name)
@@ -222,17 +229,16 @@ def build_app(
         uploads.mkdir(parents=True, exist_ok=True)
         target = uploads / original.sha256
         if not target.exists() or target.stat().st_size != len(data):  # absent, or cut short by a crash
-            await asyncio.to_thread(_write_atomically, target, data)
+            await asyncio.to_thread(write_atomically, target, data)
         return JSONResponse({"id": original.sha256, "width": original.image.width, "height": original.image.height})
 
     async def start_run(request: Request) -> Response:
-        raw = bytearray()
-        async for chunk in request.stream():  # a question and a few settings: never megabytes
-            raw += chunk
-            if len(raw) > MAX_RUN_BODY:
-                return _error(f"the request is over {MAX_RUN_BODY:,} bytes", 413)
         try:
-            body = json.loads(bytes(raw))
+            raw = await _body(request, MAX_RUN_BODY, "the request")  # a question and settings: never megabytes
+        except _Refused as exc:
+            return _error(str(exc), exc.status)
+        try:
+            body = json.loads(raw)
         except (ValueError, RecursionError):
             return _error("the body must be JSON")
         loop = None
