@@ -873,6 +873,32 @@ def test_the_relation_finds_the_codes_a_question_names_and_where_their_readings_
     assert relation(codes[:1], [view, first, second], [0.5, 0.2, 0.7], rows, empty) is None
 
 
+def test_found_hears_one_named_code_as_the_start_of_a_code_only_when_the_checkpoint_says_so(builtin):
+    """``named_seen`` with ``prefix`` (``found_prefix``): a question naming one code asks for the sign whose code
+    starts with it, so a reading that starts with it matches whatever follows; without ``prefix`` one code is
+    nothing; two codes are matched whole either way."""
+    from transformers import AutoModelForImageTextToText
+
+    from glimpse.builtin.model import named_seen, question_codes
+
+    model = AutoModelForImageTextToText.from_pretrained(builtin)
+    tok = load_processor(builtin).tokenizer
+    classes = list(dict(model.config.reader_classes)["char1"])
+    rows, empty = model._char_rows, model._empty
+    codes = question_codes(tok.encode("exactly one has a code that starts with E7. What is it?"), model._chars, 4)
+    assert [[classes[c] for c in code] for code in codes] == [list("E7")]
+    view, hit, miss = (_one_hot_reading(t, classes) for t in ("", "E7K4", "9AC"))
+    assert named_seen(codes, [view, miss, hit], [0.5, 0.2, 0.7], rows, empty) is None
+    assert float(named_seen(codes, [view, miss, hit], [0.5, 0.2, 0.7], rows, empty, prefix=True)) == 1.0
+    assert float(named_seen(codes, [view, miss], [0.5, 0.2], rows, empty, prefix=True)) == 0.0
+    assert float(named_seen(codes, [hit], [0.5], rows, empty, prefix=True) or 0.0) == 0.0  # the first view: never
+    whole = question_codes(tok.encode("one reads E7K4 and one reads 9AC"), model._chars, 4)
+    for prefix in (False, True):
+        assert float(named_seen(whole, [view, miss, hit], [0.5, 0.2, 0.7], rows, empty, prefix)) == 1.0
+        assert float(named_seen(whole, [view, hit], [0.5, 0.7], rows, empty, prefix)) == 0.0
+    assert model.config.found_prefix  # a model built today hears both
+
+
 def test_each_image_is_placed_in_the_first_view_through_nested_zooms_however_the_passes_split(builtin):
     """``PointerState.windows``: the first view whole, an observation the window of the zoom it follows composed
     with its source's, computed the same in one pass over a conversation, in passes split at its turns (as
@@ -972,7 +998,7 @@ def test_a_relation_added_changes_nothing_until_trained_and_shifts_only_an_answe
 
     asked = []
 
-    def fixed(codes, reads, places, rows, empty):
+    def fixed(codes, reads, places, rows, empty, prefix=False):
         asked.append([len(c) for c in codes])
         return torch.tensor(side)
 
@@ -1097,7 +1123,7 @@ def test_found_shifts_only_the_turns_after_an_observation_outside_zooms_and_answ
     inputs = processor(text=[text], images=images, return_tensors="pt")
     counted = []
 
-    def fixed(codes, reads, places, rows, empty):
+    def fixed(codes, reads, places, rows, empty, prefix=False):
         counted.append(len(reads))
         return torch.tensor(0.5)
 
@@ -1119,17 +1145,20 @@ def test_found_shifts_only_the_turns_after_an_observation_outside_zooms_and_answ
     assert torch.allclose(now[0, after], was[0, after] + shift, atol=1e-3)
 
 
+@pytest.mark.parametrize("kind", ["relative_position", "find_code"])
 @pytest.mark.parametrize("level", ["medium", "hard"])
-def test_the_teacher_scans_look_alikes_from_left_to_right_until_it_has_seen_both_named_signs(level):
-    """``scans``: a left-or-right question among more than two signs of the named border; the teacher zooms into
-    them in order of their centres, left first, and answers once both named signs were zoomed into (and, with
-    ``scan_looks``, after that many looks at most); an easy probe's two signs are not scanned."""
+def test_the_teacher_scans_look_alikes_from_left_to_right_until_it_has_seen_the_named_signs(level, kind):
+    """``scans``: a left-or-right question (two named signs), or a question naming a sign by the start of its code
+    (one), among more than two signs of the named border; the teacher zooms into them in order of their centres,
+    left first, and answers once every named sign was zoomed into (and, with ``scan_looks``, after that many looks
+    at most); an easy probe's two signs are not scanned."""
     from glimpse.builtin.teacher import scans
 
     scenes = SceneCache()
     whole, cut = 0, 0
+    named = 2 if kind == "relative_position" else 1
     for index in range(1_000_000, 1_000_008):
-        sample = probe_sample(level, index, 0, Path("."), scenes=scenes, kind="relative_position")
+        sample = probe_sample(level, index, 0, Path("."), scenes=scenes, kind=kind)
         view = fit(scenes.get(sample.images[0]).image, NATIVE)  # type: ignore[arg-type]
         assert scans(sample)
         turns = teacher_turns(sample, view)
@@ -1151,14 +1180,14 @@ def test_the_teacher_scans_look_alikes_from_left_to_right_until_it_has_seen_both
             assert min(shown) >= max(looked, default=-1)  # left to right
             looked.extend(shown)
             seen.update(i for i in shown if order[i]["target"])
-        assert len(seen) == 2  # the whole scan: both named signs
+        assert len(seen) == named  # the whole scan: every named sign
         last = max(i for i, c in enumerate(order) if c["target"])
-        assert len(turns) - 1 <= last + 1  # it stopped at the second named sign
+        assert len(turns) - 1 <= last + 1  # it stopped at the last named sign
         whole += 1
         short = teacher_turns(sample, view, scan_looks=4)
         assert short is not None and short[:-1] == turns[: len(short) - 1] and len(short) - 1 == min(4, len(turns) - 1)
         cut += len(turns) - 1 > 4
     assert whole >= 6
     assert cut >= 2 or level == "medium"  # among 8-12 look-alikes a whole scan is often longer than four looks
-    easy = probe_sample("easy", 1_000_000, 0, Path("."), scenes=scenes, kind="relative_position")
+    easy = probe_sample("easy", 1_000_000, 0, Path("."), scenes=scenes, kind=kind)
     assert not scans(easy)

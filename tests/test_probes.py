@@ -17,12 +17,16 @@ from glimpse.probes.synth import (
     LEVELS,
     MIN_CAP_PX,
     PAIR_KINDS,
+    PREFIX_LEN,
+    SEARCH_KINDS,
     SHOWN_MAX_PX,
     make_probe,
     write_probes,
 )
 
-CASES = [(level, kind) for level in LEVELS for kind in KINDS]
+CASES = [(level, kind) for level in LEVELS for kind in KINDS] + [
+    (level, kind) for level in LEVELS for kind in SEARCH_KINDS
+]
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +60,7 @@ def test_record_format_and_answers(probes, level, kind):
         assert r["solution"] in r["choices"]
     lo, hi = LEVELS[level].candidates
     n = len(r["candidate_boxes"])
-    assert lo <= n <= hi or (kind in ("which_marked", "relative_position") and n == 2)
+    assert lo <= n <= hi or (kind in ("which_marked", "relative_position", "find_code") and n == 2)
     if kind == "relative_position":
         a, b = (Box.from_list(x) for x in r["boxes"])
         assert r["solution"] == ("left" if a.x0 + a.x1 < b.x0 + b.x1 else "right")
@@ -114,15 +118,38 @@ def test_every_question_kind_reads_back_as_written():
     from glimpse.probes.palette import BORDER_COLORS
     from glimpse.probes.questions import parse_question, question
 
-    for kind in KINDS:
+    for kind in KINDS + SEARCH_KINDS:
+        codes = ("K3",) if kind == "find_code" else ("K3F", "XY7")
         for border in BORDER_COLORS:
             for marked in (False, True):
-                text = question(kind, border, marked=marked, choices=["a", "b"], codes=("K3F", "XY7"))
+                text = question(kind, border, marked=marked, choices=["a", "b"], codes=codes)
                 q = parse_question(text)
                 assert q.kind == ("read" if kind == "read_code" else kind)
                 assert q.border == border
-                assert q.starred == (marked and kind not in ("which_marked", "relative_position"))
-                assert q.codes == (["K3F", "XY7"] if kind == "relative_position" else [])
+                assert q.starred == (marked and kind not in ("which_marked", "relative_position", "find_code"))
+                assert q.codes == (list(codes) if kind in ("relative_position", "find_code") else [])
+
+
+@pytest.mark.parametrize("level", list(LEVELS))
+def test_find_code_names_its_target_by_the_start_of_its_code_alone(probes, level):
+    """``find_code``: the question gives the start of the target's code, which no other look-alike's code shares;
+    the answer is the whole code; nothing but reading tells the look-alikes apart (no corner marks)."""
+    from glimpse.probes.questions import parse_question
+
+    r = probes[(level, "find_code")].record
+    q = parse_question(r["problem"])
+    target = next(c for c in r["candidates"] if c["target"])
+    assert q.kind == "find_code" and q.codes == [target["code"][:PREFIX_LEN]] and not q.starred
+    assert r["solution"] == target["code"] and r["boxes"] == [target["box"]]
+    assert [c["code"][:PREFIX_LEN] for c in r["candidates"]].count(q.codes[0]) == 1
+    assert all(c["corner"] is None and c["border"] == target["border"] for c in r["candidates"])
+    assert len(r["candidates"]) >= 2
+
+
+def test_search_kinds_stay_out_of_the_mixed_cycle():
+    """A kind made only when asked for by name: probes drawn without a kind are those they always were."""
+    assert not set(SEARCH_KINDS) & set(KINDS)
+    assert {make_probe("easy", i, seed=4, render=False).record["kind"] for i in range(len(KINDS))} == set(KINDS)
 
 
 def test_reading_order_goes_by_rows_then_left_to_right():

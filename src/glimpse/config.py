@@ -210,8 +210,8 @@ class SynthConfig:
     out: str = opt("probes", "output folder; each level goes to OUT/<level>/ (val.json + data/)")
     kind: str | None = opt(
         None,
-        "only this question kind (default: the single-image kinds in turn); which_image and split_code are "
-        "two-image probes",
+        "only this question kind (default: the single-image kinds in turn, find_code aside); which_image and "
+        "split_code are two-image probes",
         choices=(
             "read_code",
             "marker_color",
@@ -219,6 +219,7 @@ class SynthConfig:
             "which_marked",
             "count",
             "relative_position",
+            "find_code",
             "which_image",
             "split_code",
         ),

@@ -136,6 +136,8 @@ class GlimpseVLConfig(PretrainedConfig):
             (``reader.ink_colour``, in the reading rows' colour values after the blob map): a linear layer adds to the
             ``marker_color`` classifier's logits (``Reader``).
         found: between turns the decoder also hears whether both codes the question names were read (``Found``).
+        found_prefix: ``Found`` also hears a question that names one code, as the start of a code (a ``find_code``
+            probe's): whether a sign whose code starts with it was read (``named_seen``).
         code_tokens: per class of a code's characters (``char1``'s), the token ids that write it in a question
             (alone, or after a space): how ``Relation`` finds the codes a question names.
     """
@@ -174,6 +176,7 @@ class GlimpseVLConfig(PretrainedConfig):
         code_tokens: list[list[int]] | None = None,
         reader_colours: bool = False,
         found: bool = False,
+        found_prefix: bool = False,
         **kwargs: Any,
     ):
         if isinstance(text_config, dict):
@@ -203,6 +206,7 @@ class GlimpseVLConfig(PretrainedConfig):
         self.code_tokens = [list(ids) for ids in code_tokens or []]
         self.reader_colours = reader_colours
         self.found = found
+        self.found_prefix = found_prefix
         kwargs.setdefault("tie_word_embeddings", self.text_config.tie_word_embeddings)
         super().__init__(**kwargs)
 
@@ -398,34 +402,54 @@ def code_match(read: torch.Tensor, code: list[int], rows: list[int], empty: int)
 
 
 def relation(
-    codes: list[list[int]], reads: list[torch.Tensor], places: list[float | None], rows: list[int], empty: int
+    codes: list[list[int]],
+    reads: list[torch.Tensor],
+    places: list[float | None],
+    rows: list[int],
+    empty: int,
+    prefix: bool = False,
 ) -> torch.Tensor | None:
     """Where the first code a question names was seen relative to the second, in -1 (left) … 1 (right), scaled by
     how sure the reading of each is: for each code, the places (an observation's panel centre, across the first
     view) of the observations weighed by how well their reading matches it (``code_match``); None without two
-    codes or without an observation placed."""
+    codes or without an observation placed (``prefix`` is ``named_seen``'s: one code relates nothing)."""
     named = _named_places(codes, reads, places, rows, empty)
-    if named is None:
+    if named is None or len(named) < 2:
         return None
     (x1, sure1), (x2, sure2) = named
     return ((x1 - x2) / PLACE_STEP).clamp(-1.0, 1.0) * sure1 * sure2
 
 
 def named_seen(
-    codes: list[list[int]], reads: list[torch.Tensor], places: list[float | None], rows: list[int], empty: int
+    codes: list[list[int]],
+    reads: list[torch.Tensor],
+    places: list[float | None],
+    rows: list[int],
+    empty: int,
+    prefix: bool = False,
 ) -> torch.Tensor | None:
     """How sure it is that both of the first two codes a question names were read in placed observations (the
-    product, per code, of the best match of an observation's reading); None where ``relation`` is."""
-    named = _named_places(codes, reads, places, rows, empty)
-    return None if named is None else named[0][1] * named[1][1]
+    product, per code, of the best match of an observation's reading); None where ``relation`` is. With
+    ``prefix``, a question that names one code asks for the sign whose code starts with it: how sure it is that
+    one was read."""
+    named = _named_places(codes, reads, places, rows, empty, prefix)
+    if named is None:
+        return None
+    return named[0][1] if len(named) == 1 else named[0][1] * named[1][1]
 
 
 def _named_places(
-    codes: list[list[int]], reads: list[torch.Tensor], places: list[float | None], rows: list[int], empty: int
+    codes: list[list[int]],
+    reads: list[torch.Tensor],
+    places: list[float | None],
+    rows: list[int],
+    empty: int,
+    prefix: bool = False,
 ) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
     """Per code of the first two a question names: where the observations reading it were (their places weighed
-    by the match) and the best match; None without two codes or without an observation placed."""
-    if len(codes) < 2:
+    by the match) and the best match; None without two codes (with ``prefix``: one, matched as the start of a
+    read code) or without an observation placed."""
+    if len(codes) < 2 and not (prefix and len(codes) == 1):
         return None
     seen = [k for k in range(1, min(len(reads), len(places))) if places[k] is not None]
     if not seen:
@@ -433,7 +457,8 @@ def _named_places(
     where = reads[0].new_tensor([places[k] for k in seen])
     out = []
     for code in codes[:2]:
-        m = torch.stack([code_match(reads[k], code, rows, empty) for k in seen])
+        upto = rows[: len(code)] if len(codes) == 1 else rows  # a prefix's characters, nothing about what follows
+        m = torch.stack([code_match(reads[k], code, upto, empty) for k in seen])
         out.append(((m * where).sum() / m.sum().clamp(min=1e-6), m.max()))
     return out
 
@@ -1142,7 +1167,7 @@ class GlimpseVLForConditionalGeneration(GlimpseVLPreTrainedModel, GenerationMixi
         }
         for b, seq in enumerate(input_ids.tolist()):
             codes = question_codes(state.words[b] or [], self._chars, len(self._char_rows))
-            if len(codes) < 2:
+            if len(codes) < (1 if self.config.found_prefix else 2):
                 continue
             reads, places = state.reads[b], state.places[b]
             seen = images[b] - sum(map(state.starts_image, seq, [None, *seq[:-1]]))  # images before this pass
@@ -1162,7 +1187,9 @@ class GlimpseVLForConditionalGeneration(GlimpseVLPreTrainedModel, GenerationMixi
                 else:
                     continue
                 if (name, seen) not in known:
-                    known[name, seen] = measure(codes, reads[:seen], places[:seen], self._char_rows, self._empty)
+                    known[name, seen] = measure(
+                        codes, reads[:seen], places[:seen], self._char_rows, self._empty, self.config.found_prefix
+                    )
                 value = known[name, seen]
                 if value is not None:
                     where[name][0].append(b)
@@ -1619,6 +1646,19 @@ def add_found(folder: Any) -> bool:
     return True
 
 
+def find_prefixes(folder: Any) -> bool:
+    """Let a checkpoint's ``Found`` hear a question that names one code as the start of a code (``found_prefix``);
+    questions that name two codes are heard as before. Returns whether anything changed."""
+    import json
+    from pathlib import Path
+
+    config = json.loads((Path(folder) / "config.json").read_text())
+    if config.get("found_prefix") or not config.get("found"):
+        return False
+    _rebuild(folder, {**config, "found_prefix": True})
+    return True
+
+
 def add_region_heads(folder: Any) -> bool:
     """Give a checkpoint made before ``RegionHeads`` and ``RingProjection`` existed both (its config gains them;
     their weights start fresh when it is next loaded: the ring projection at zero, and the heads change only the
@@ -1704,6 +1744,7 @@ def build_builtin(
         relate=True,
         reader_colours=True,
         found=True,
+        found_prefix=True,
         eos_token_id=ids("<|im_end|>"),
         pad_token_id=ids("<|endoftext|>"),
     )

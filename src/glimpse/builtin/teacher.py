@@ -9,13 +9,14 @@ student can see the star that marks it in the first view, and on easy ones the b
 names, so checking look-alikes in some fixed order would teach turns the student has no reason to take.
 A probe whose target no proposal covers is skipped (and counted): the student could not point at it either.
 
-**Scanning** (``scans``): the one question the student cannot go straight to is which of several look-alikes
-reads a code the question names (``relative_position`` among more than two signs of the border it names): the
-codes are too small to read in the first view. There the teacher looks at those signs from left to right, as a
-student can (their border colour shows), until it has seen both it needs (or, with ``scan_looks``, that many of
-them), then answers. Every look is trained: it is the search the student should make. Among 8-12 look-alikes a
-whole scan takes about 9 looks (100 hard probes of seed 0), more than the recipe's 6-turn cap allows: a search
-the cap cuts, which is what over-turn masking is for (the README's reproduction section).
+**Scanning** (``scans``): the questions the student cannot go straight to ask which of several look-alikes
+reads a code the question names (``relative_position``; ``find_code``, by the code's start), among more than two
+signs of the border it names: the codes are too small to read in the first view. There the teacher looks at those
+signs from left to right, as a student can (their border colour shows), until it has seen every one it needs
+(or, with ``scan_looks``, that many of them), then answers. Every look is trained: it is the search the student
+should make. Among 8-12 look-alikes a whole ``relative_position`` scan takes about 9 looks (100 hard probes of
+seed 0), more than the recipe's 6-turn cap allows: a search the cap cuts, which is what over-turn masking is for
+(the README's reproduction section); a ``find_code`` scan stops at its one sign, about half-way.
 
 **Checking** (``wrong > 0``): the student's first zoom is not always right, and a search that answers from the
 wrong sign is lost. So some scripts first look at ``wrong`` signs that are not the target: look-alike candidates
@@ -43,6 +44,7 @@ COVER = 0.3  # a proposal points at a sign when it covers at least this share of
 # the sign's box and is at most this many times the sign's area (its crop is mostly that sign).
 SHOWS_COVER, SHOWS_AREA = 0.6, 4.0
 REGION_ATTRIBUTES = ("border", "mark")  # what the region heads learn of the sign a region shows
+SCANNED = ("relative_position", "find_code")  # the kinds whose look-alikes are told apart only by reading them
 READ_MATCH = 0.4  # a panel read is a sign when their boxes overlap at least this much (intersection over union)
 
 
@@ -86,7 +88,7 @@ def scans(sample: Sample) -> bool:
     """Whether the teacher scans this probe's look-alikes (see the module docstring): a question about signs named
     by code among more than two of them."""
     meta = sample.meta
-    return meta.get("category") == "relative_position" and len(meta.get("candidates") or []) > 2
+    return meta.get("category") in SCANNED and len(meta.get("candidates") or []) > 2
 
 
 def teacher_turns(
@@ -123,7 +125,7 @@ def teacher_turns(
 
 
 def scan_turns(sample: Sample, view: Image.Image, answer: str, looks: int = 0) -> list[str] | None:
-    """The look-alikes from left to right until both signs the question names are seen (or after ``looks`` looks
+    """The look-alikes from left to right until every sign the question names is seen (or after ``looks`` looks
     when positive), then ``answer``; None when a named sign is not among the proposals (a look-alike that is not
     is passed over)."""
     turns: list[str] = []

@@ -549,6 +549,7 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
         add_relation,
         build_builtin,
         close_zooms,
+        find_prefixes,
         spell_codes,
     )
     from glimpse.hf.processor import load_processor
@@ -600,6 +601,7 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
             (add_ink_colour, "read marker colours from pixels alone: its reader now also reads the ink's colour"),
             (add_relation, "had no relation: answers now hear where the named signs were seen (silent at first)"),
             (add_found, "had no found signal: turns now hear whether the named signs were read (silent at first)"),
+            (find_prefixes, "heard only two-code questions: turns now hear whether a code a question starts was read"),
         )
         for migrate, what in migrations:
             if migrate(model_dir):

@@ -38,7 +38,8 @@ def question(
         border: the border colour that names the candidate signs.
         marked: whether the target is told apart from its look-alikes by a star.
         choices: the options of a multiple-choice kind (marker colour or shape).
-        codes: for ``relative_position``, the codes of the two signs compared (target first).
+        codes: for ``relative_position``, the codes of the two signs compared (target first); for ``find_code``,
+            the start of the target's code.
     """
     target = where(border, marked)
     if kind == "read_code":
@@ -63,6 +64,11 @@ def question(
         return (
             f"A code is split across the two images: its first part is written on {target} in image_1, its "
             "second part on the same kind of sign in image_2. What is the whole code? Answer with the code only."
+        )
+    if kind == "find_code":
+        return (
+            f"Among the signs with a {border} border, exactly one has a code that starts with {codes[0]}. "
+            "What is that sign's whole code? Answer with the code only."
         )
     if kind == "relative_position":
         first, second = codes
@@ -97,7 +103,10 @@ def parse_question(text: str, borders: Sequence[str] = tuple(BORDER_COLORS)) -> 
     low = text.lower()
     border = next((c for c in borders if f"{c} {BORDER_WORD}" in low), None)
     codes = re.findall(r"reads ([A-Z0-9]{2,6})", text)
-    if "left or" in low and len(codes) >= 2:
+    prefix = re.findall(r"starts with ([A-Z0-9]{1,6})\b", text)
+    if prefix and "code" in low:
+        kind, codes = "find_code", prefix[:1]
+    elif "left or" in low and len(codes) >= 2:
         kind = "relative_position"
     elif "which image" in low and "image_2" in low:
         kind = "which_image"
@@ -113,7 +122,7 @@ def parse_question(text: str, borders: Sequence[str] = tuple(BORDER_COLORS)) -> 
         kind = "count"
     else:
         kind = "read"
-    return Question(kind, border, codes[:2], "star" in low)
+    return Question(kind, border, codes[:2], re.search(r"\bstar\b", low) is not None)
 
 
 def reading_order(boxes: Sequence[Sequence[float]], height: float, rows: int = 8) -> list[int]:

@@ -14,6 +14,13 @@ Question kinds, each with an exact answer:
 * ``count``: how many small dots are on a sign;
 * ``relative_position``: whether one sign (named by its code) is left or right of another.
 
+A search kind (``SEARCH_KINDS``; made only when asked for by name, so the mixed cycle of ``KINDS`` is unchanged):
+
+* ``find_code``: the whole code of the one look-alike whose code starts with the two characters the question
+  gives. Nothing in the full view tells the look-alikes apart, so a search reads them one by one (on hard about
+  half of 8-12 before it finds the sign), and the answer is a code, so a guess almost never pays (unlike
+  ``relative_position``'s left or right).
+
 Two-image kinds (``PAIR_KINDS``; made only when asked for by name): two scenes of the level, shown together as
 ``image_1`` and ``image_2``, each with its look-alike signs of one border colour:
 
@@ -85,12 +92,14 @@ _MIN_FONT_PX = 10
 GENERATOR_VERSION = 2
 KINDS = ("read_code", "marker_color", "marker_shape", "which_marked", "count", "relative_position")
 PAIR_KINDS = ("which_image", "split_code")
+SEARCH_KINDS = ("find_code",)
+PREFIX_LEN = 2  # the characters of a code a ``find_code`` question gives
 
 
 def check_kind(kind: str, what: str, pairs: bool = True) -> str:
     """``kind`` when it is a probe question kind (``KINDS``, and ``PAIR_KINDS`` when ``pairs``), else a
     ``ConfigError`` that starts with ``what`` (the option or spec it came from) and lists the kinds."""
-    kinds = KINDS + PAIR_KINDS if pairs else KINDS
+    kinds = KINDS + SEARCH_KINDS + PAIR_KINDS if pairs else KINDS + SEARCH_KINDS
     if kind not in kinds:
         only = "" if pairs else " (single-image kinds only)"
         raise ConfigError(f"{what}: unknown probe question kind {kind!r}{only}; choose one of {', '.join(kinds)}")
@@ -497,9 +506,9 @@ def make_probe(
     # 2. Candidates: the signs a search must tell apart.
     lo, hi = spec.candidates
     n_cand = rng.randint(lo, hi)
-    if kind in ("which_marked", "relative_position"):
+    if kind in ("which_marked", "relative_position", "find_code"):
         n_cand = max(n_cand, 2)
-    if level == "easy" and kind in ("which_marked", "relative_position"):
+    if level == "easy" and kind in ("which_marked", "relative_position", "find_code"):
         n_cand = 2
     content = {"marker_color": "marker", "marker_shape": "marker", "count": "dots"}.get(kind, "code")
     code_len = 2 if kind == "which_marked" else rng.choice((3, 4))
@@ -516,7 +525,7 @@ def make_probe(
         region = (c * w // cols, r * h // rows, (c + 1) * w // cols, (r + 1) * h // rows)
         candidates.append(Sign(layout.place(cw, ch, region), cand_border))
     target = candidates[0]
-    marked = starred is not None or (level != "easy" and kind not in ("which_marked", "relative_position"))
+    marked = starred is not None or (level != "easy" and kind not in ("which_marked", "relative_position", "find_code"))
     for sign in candidates:
         if kind == "which_marked":
             sign.code = str(rng.randint(10, 99))
@@ -533,6 +542,10 @@ def make_probe(
             sign.corner = "star" if sign is target and starred is not False else "dot"
     if kind == "which_marked":
         target.red_dot = True
+    if kind == "find_code":  # the question's prefix names the target alone among its look-alikes
+        for sign in candidates[1:]:
+            while sign.code[:PREFIX_LEN] == target.code[:PREFIX_LEN]:
+                sign.code = random_code(rng, len(sign.code), taken)
     if kind in ("marker_color", "marker_shape", "count") and len(candidates) > 1:
         # Other candidates must not share the target's answer, or finding the target would not matter.
         for sign in candidates[1:]:
@@ -574,8 +587,9 @@ def make_probe(
         choices, answer = list(MARKER_SHAPES), target.marker[1]
     elif kind == "count":
         choices, answer = [str(n) for n in range(2, 10)], str(target.dots)
-    elif kind == "which_marked":
+    elif kind in ("which_marked", "find_code"):
         answer = target.code
+        codes = (target.code[:PREFIX_LEN],) if kind == "find_code" else ()
     else:
         other = max(candidates[1:], key=lambda s: abs((s.box[0] + s.box[2]) - (target.box[0] + target.box[2])))
         targets, codes = [target, other], (target.code, other.code)
