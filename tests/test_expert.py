@@ -60,6 +60,22 @@ def test_question_parser():
     assert (q.kind, q.border, q.codes, q.starred) == ("relative_position", "teal", ["K7XW", "3HNA"], False)
     q = parse_question("How many small black dots are on the sign with a red border and a small star in its top-left")
     assert (q.kind, q.border, q.starred) == ("count", "red", True)
+    q = parse_question("Among the signs with a red border, exactly one has a code that starts with F7. What is it?")
+    assert (q.kind, q.border, q.codes, q.starred) == ("find_code", "red", ["F7"], False)  # "starts" is no star
+    q = parse_question("What is the number on the bus that starts with A or B?")  # not a probe's wording
+    assert (q.kind, q.codes) == ("read", [])
+
+
+def test_the_expert_answers_find_code_from_the_sign_whose_code_starts_as_asked_only():
+    """Look-alikes that share one of the two characters given are passed over (a generated look-alike shares both
+    with the target never, one often)."""
+    from glimpse.probes.expert import ExpertPolicy, SignReading
+
+    q = parse_question("Among the signs with a red border, exactly one has a code that starts with FR. What is it?")
+    near, right = SignReading(text="F6XJ", border="red"), SignReading(text="FRCL", border="red")
+    assert ExpertPolicy()._decide(q, [(None, near)], 1000)[0] is None
+    assert ExpertPolicy()._decide(q, [(None, near), (None, right)], 1000)[0] == "FRCL"
+    assert ExpertPolicy()._decide(q, [(None, SignReading(text="FRCL", border="blue"))], 1000)[0] is None
 
 
 def test_reading_a_zoomed_sign():

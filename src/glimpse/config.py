@@ -614,7 +614,8 @@ class BuiltinConfig:
     kind: str = opt(
         "",
         "probes of this question kind only (read_code, marker_color, marker_shape, which_marked, count, "
-        "relative_position): a skill trained alone; empty: every kind, as probes draw them",
+        "relative_position, find_code): a skill trained alone; empty: every kind, as probes draw them (find_code "
+        "aside)",
     )
     kind_share: float = opt(
         1.0, "the share of probes that are of --kind (drawn per probe); the rest are of every kind, as drawn"
@@ -622,7 +623,8 @@ class BuiltinConfig:
     scan_looks: int = opt(
         0,
         "most looks the teacher's scan of look-alikes takes before answering a left-or-right question (0: until it "
-        "has seen both named signs, about 9 looks among a hard probe's 8-12; attempt 12's B10b used 4)",
+        "has seen both named signs, about 9 looks among a hard probe's 8-12; attempt 12's B10b used 4); a "
+        "find_code scan always runs to its sign",
     )
     train_only: str = opt(
         "",

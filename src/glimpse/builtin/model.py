@@ -135,7 +135,8 @@ class GlimpseVLConfig(PretrainedConfig):
         reader_colours: the reader also reads a marker's colour from the colour of the panel's ink
             (``reader.ink_colour``, in the reading rows' colour values after the blob map): a linear layer adds to the
             ``marker_color`` classifier's logits (``Reader``).
-        found: between turns the decoder also hears whether both codes the question names were read (``Found``).
+        found: between turns the decoder also hears whether both codes the question names were read (``Found``;
+            one code: see ``found_prefix``).
         found_prefix: ``Found`` also hears a question that names one code, as the start of a code (a ``find_code``
             probe's): whether a sign whose code starts with it was read (``named_seen``).
         code_tokens: per class of a code's characters (``char1``'s), the token ids that write it in a question
@@ -1153,10 +1154,11 @@ class GlimpseVLForConditionalGeneration(GlimpseVLPreTrainedModel, GenerationMixi
         logits: torch.Tensor,
         logits_to_keep: int | torch.Tensor,
     ) -> torch.Tensor:
-        """For rows whose question names two codes, add through the LM head: at an answer's first token,
-        ``Relation``'s shift (``relation``); at every other position outside answers and zooms after an
-        observation, ``Found``'s (``named_seen``); each from the images before that position (``in_answer`` and
-        ``boxes``: each row's answer and zoom open when this pass began; ``images``: its images after it)."""
+        """For rows whose question names two codes (with ``found_prefix``, one: ``Found`` only), add through the LM
+        head: at an answer's first token, ``Relation``'s shift (``relation``); at every other position outside
+        answers and zooms after an observation, ``Found``'s (``named_seen``); each from the images before that
+        position (``in_answer`` and ``boxes``: each row's answer and zoom open when this pass began; ``images``: its
+        images after it)."""
         if (self.relation is None and self.found is None) or not isinstance(logits_to_keep, int):
             return logits
         first_kept = input_ids.shape[1] - logits.shape[1]

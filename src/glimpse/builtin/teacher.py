@@ -86,9 +86,11 @@ def pointed_region(view: Image.Image, box: tuple[float, float, float, float]) ->
 
 def scans(sample: Sample) -> bool:
     """Whether the teacher scans this probe's look-alikes (see the module docstring): a question about signs named
-    by code among more than two of them."""
+    by code among more than two of them (``find_code``: more than one; an easy probe's two look-alikes differ only
+    in their codes, so a look at the wrong one first is the search a student must make half the time)."""
     meta = sample.meta
-    return meta.get("category") in SCANNED and len(meta.get("candidates") or []) > 2
+    kind, n = meta.get("category"), len(meta.get("candidates") or [])
+    return kind in SCANNED and (n > 2 or (kind == "find_code" and n > 1))
 
 
 def teacher_turns(
@@ -103,12 +105,13 @@ def teacher_turns(
     it needs is not among the proposals. A card (no search needed) is answered at once. ``wrong``: first look at
     up to this many signs that are not the target (chosen with ``rng``); the replies start with those looks
     (``len(replies) - len(teacher_turns(sample, view))`` of them: fewer when the view offers fewer); a scan
-    (``scans``) takes none, and stops after ``scan_looks`` looks (0: once both named signs were seen)."""
+    (``scans``) takes none, and stops after ``scan_looks`` looks (0: once every named sign was seen; a ``find_code``
+    scan is never cut: its answer is the code the last look reads)."""
     answer = f"<answer>{sample.answer}</answer>"
     if sample.meta.get("level") == "card":
         return [answer]
     if scans(sample):
-        return scan_turns(sample, view, answer, scan_looks)
+        return scan_turns(sample, view, answer, 0 if sample.meta.get("category") == "find_code" else scan_looks)
     turns = []
     targets = sorted((c for c in sample.meta["candidates"] if c["target"]), key=lambda c: c["box"][0])
     for c in targets:

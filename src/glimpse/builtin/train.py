@@ -61,7 +61,8 @@ class ExampleMaker:
         folder: scratch folder for the files a loop reads (cards).
         check: share of probe searches that first look at signs that are not the target
             (``teacher.teacher_turns``); those replies are left untrained.
-        kind: probes of this question kind only (``synth.KINDS``); empty: the kind each index draws.
+        kind: probes of this question kind only (``synth.KINDS``, ``synth.SEARCH_KINDS``); empty: the kind each
+            index draws.
         kind_share: the share of probes that are of ``kind`` (drawn per probe); the rest are as the index draws.
         scan_looks: most looks of a teacher's scan (``teacher.scan_turns``); 0: until both named signs are seen.
     """

@@ -504,7 +504,7 @@ class ExpertPolicy:
                 return str(r.dots), f"I count {r.dots} dots on this sign."
             if q.kind == "read" and r.text:
                 return r.text, f"The sign reads {r.text}."
-            if q.kind == "find_code" and r.text and q.codes and _similar(r.text[: len(q.codes[0])], q.codes[0]):
+            if q.kind == "find_code" and r.text and q.codes and r.text.startswith(q.codes[0]):
                 return r.text, f"This sign's code starts with {q.codes[0]}: it reads {r.text}."
         if q.kind == "relative_position":
             where = {}

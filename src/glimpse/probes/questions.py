@@ -34,7 +34,7 @@ def question(
     """The question of a probe of ``kind`` about the sign(s) with a ``border`` border.
 
     Args:
-        kind: one of ``synth.KINDS`` or ``synth.PAIR_KINDS``.
+        kind: one of ``synth.KINDS``, ``synth.SEARCH_KINDS`` or ``synth.PAIR_KINDS``.
         border: the border colour that names the candidate signs.
         marked: whether the target is told apart from its look-alikes by a star.
         choices: the options of a multiple-choice kind (marker colour or shape).
@@ -103,8 +103,8 @@ def parse_question(text: str, borders: Sequence[str] = tuple(BORDER_COLORS)) -> 
     low = text.lower()
     border = next((c for c in borders if f"{c} {BORDER_WORD}" in low), None)
     codes = re.findall(r"reads ([A-Z0-9]{2,6})", text)
-    prefix = re.findall(r"starts with ([A-Z0-9]{1,6})\b", text)
-    if prefix and "code" in low:
+    prefix = re.findall(r"code that starts with ([A-Z0-9]{2,6})\b", text)
+    if prefix:
         kind, codes = "find_code", prefix[:1]
     elif "left or" in low and len(codes) >= 2:
         kind = "relative_position"

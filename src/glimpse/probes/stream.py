@@ -111,7 +111,7 @@ def probe_sample(
     zooms (what training uses). Without, its image is written to ``folder`` as a JPEG for any loop to read.
     ``others``: the meta also describes every other sign (what a trainer teaches about each region; dozens of
     signs on a hard probe, so off where samples are written to trajectories). ``kind``: a question kind of
-    ``synth.KINDS`` instead of the one the index draws.
+    ``synth.KINDS`` or ``synth.SEARCH_KINDS`` instead of the one the index draws.
     """
     from glimpse.probes.synth import make_probe
 

@@ -97,8 +97,8 @@ PREFIX_LEN = 2  # the characters of a code a ``find_code`` question gives
 
 
 def check_kind(kind: str, what: str, pairs: bool = True) -> str:
-    """``kind`` when it is a probe question kind (``KINDS``, and ``PAIR_KINDS`` when ``pairs``), else a
-    ``ConfigError`` that starts with ``what`` (the option or spec it came from) and lists the kinds."""
+    """``kind`` when it is a probe question kind (``KINDS``, ``SEARCH_KINDS``, and ``PAIR_KINDS`` when ``pairs``),
+    else a ``ConfigError`` that starts with ``what`` (the option or spec it came from) and lists the kinds."""
     kinds = KINDS + SEARCH_KINDS + PAIR_KINDS if pairs else KINDS + SEARCH_KINDS
     if kind not in kinds:
         only = "" if pairs else " (single-image kinds only)"
