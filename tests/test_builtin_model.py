@@ -899,6 +899,23 @@ def test_found_hears_one_named_code_as_the_start_of_a_code_only_when_the_checkpo
     assert model.config.found_prefix  # a model built today hears both
 
 
+def test_find_prefixes_turns_found_prefix_on_for_a_checkpoint_with_found_and_keeps_every_weight(builtin, tmp_path):
+    """``find_prefixes`` (run by ``glimpse train builtin --init``): a checkpoint with ``Found`` made before
+    ``found_prefix`` gains it, every weight kept bit for bit; once only; one without ``Found`` is left alone."""
+    from safetensors.torch import load_file
+
+    from glimpse.builtin.model import find_prefixes
+
+    old = older(builtin, tmp_path / "old", found_prefix=False)
+    before = load_file(old / "model.safetensors")
+    assert find_prefixes(old) and not find_prefixes(old)
+    assert json.loads((old / "config.json").read_text())["found_prefix"] is True
+    after = load_file(old / "model.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    none = older(builtin, tmp_path / "none", found=False, found_prefix=False)
+    assert not find_prefixes(none)
+
+
 def test_each_image_is_placed_in_the_first_view_through_nested_zooms_however_the_passes_split(builtin):
     """``PointerState.windows``: the first view whole, an observation the window of the zoom it follows composed
     with its source's, computed the same in one pass over a conversation, in passes split at its turns (as
