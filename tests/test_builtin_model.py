@@ -1015,7 +1015,7 @@ def test_a_relation_added_changes_nothing_until_trained_and_shifts_only_an_answe
 
     asked = []
 
-    def fixed(codes, reads, places, rows, empty, prefix=False):
+    def fixed(codes, reads, places, rows, empty):
         asked.append([len(c) for c in codes])
         return torch.tensor(side)
 

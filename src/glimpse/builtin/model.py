@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -403,17 +404,12 @@ def code_match(read: torch.Tensor, code: list[int], rows: list[int], empty: int)
 
 
 def relation(
-    codes: list[list[int]],
-    reads: list[torch.Tensor],
-    places: list[float | None],
-    rows: list[int],
-    empty: int,
-    prefix: bool = False,
+    codes: list[list[int]], reads: list[torch.Tensor], places: list[float | None], rows: list[int], empty: int
 ) -> torch.Tensor | None:
     """Where the first code a question names was seen relative to the second, in -1 (left) … 1 (right), scaled by
     how sure the reading of each is: for each code, the places (an observation's panel centre, across the first
     view) of the observations weighed by how well their reading matches it (``code_match``); None without two
-    codes or without an observation placed (``prefix`` is ``named_seen``'s: one code relates nothing)."""
+    codes or without an observation placed."""
     named = _named_places(codes, reads, places, rows, empty)
     if named is None or len(named) < 2:
         return None
@@ -1185,13 +1181,11 @@ class GlimpseVLForConditionalGeneration(GlimpseVLPreTrainedModel, GenerationMixi
                 if w == () and self.relation is not None:
                     name, measure = "relation", relation
                 elif w is None and written is None and done is None and self.found is not None:
-                    name, measure = "found", named_seen
+                    name, measure = "found", partial(named_seen, prefix=self.config.found_prefix)
                 else:
                     continue
                 if (name, seen) not in known:
-                    known[name, seen] = measure(
-                        codes, reads[:seen], places[:seen], self._char_rows, self._empty, self.config.found_prefix
-                    )
+                    known[name, seen] = measure(codes, reads[:seen], places[:seen], self._char_rows, self._empty)
                 value = known[name, seen]
                 if value is not None:
                     where[name][0].append(b)

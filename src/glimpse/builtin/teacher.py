@@ -44,7 +44,9 @@ COVER = 0.3  # a proposal points at a sign when it covers at least this share of
 # the sign's box and is at most this many times the sign's area (its crop is mostly that sign).
 SHOWS_COVER, SHOWS_AREA = 0.6, 4.0
 REGION_ATTRIBUTES = ("border", "mark")  # what the region heads learn of the sign a region shows
-SCANNED = ("relative_position", "find_code")  # the kinds whose look-alikes are told apart only by reading them
+# the kinds whose look-alikes are told apart only by reading them, and the fewest look-alikes a scan is for (an easy
+# left-or-right probe's two are both named; an easy find_code probe's two differ only in their codes)
+SCANNED = {"relative_position": 3, "find_code": 2}
 READ_MATCH = 0.4  # a panel read is a sign when their boxes overlap at least this much (intersection over union)
 
 
@@ -86,11 +88,9 @@ def pointed_region(view: Image.Image, box: tuple[float, float, float, float]) ->
 
 def scans(sample: Sample) -> bool:
     """Whether the teacher scans this probe's look-alikes (see the module docstring): a question about signs named
-    by code among more than two of them (``find_code``: more than one; an easy probe's two look-alikes differ only
-    in their codes, so a look at the wrong one first is the search a student must make half the time)."""
+    by code among at least ``SCANNED[kind]`` look-alikes."""
     meta = sample.meta
-    kind, n = meta.get("category"), len(meta.get("candidates") or [])
-    return kind in SCANNED and (n > 2 or (kind == "find_code" and n > 1))
+    return len(meta.get("candidates") or []) >= SCANNED.get(meta.get("category"), float("inf"))
 
 
 def teacher_turns(

@@ -94,6 +94,8 @@ KINDS = ("read_code", "marker_color", "marker_shape", "which_marked", "count", "
 PAIR_KINDS = ("which_image", "split_code")
 SEARCH_KINDS = ("find_code",)
 PREFIX_LEN = 2  # the characters of a code a ``find_code`` question gives
+# kinds whose look-alikes (at least two; two on easy) carry no corner marks: what they show tells them apart
+SHOWN_APART = ("which_marked", "relative_position", "find_code")
 
 
 def check_kind(kind: str, what: str, pairs: bool = True) -> str:
@@ -506,9 +508,9 @@ def make_probe(
     # 2. Candidates: the signs a search must tell apart.
     lo, hi = spec.candidates
     n_cand = rng.randint(lo, hi)
-    if kind in ("which_marked", "relative_position", "find_code"):
+    if kind in SHOWN_APART:
         n_cand = max(n_cand, 2)
-    if level == "easy" and kind in ("which_marked", "relative_position", "find_code"):
+    if level == "easy" and kind in SHOWN_APART:
         n_cand = 2
     content = {"marker_color": "marker", "marker_shape": "marker", "count": "dots"}.get(kind, "code")
     code_len = 2 if kind == "which_marked" else rng.choice((3, 4))
@@ -525,7 +527,7 @@ def make_probe(
         region = (c * w // cols, r * h // rows, (c + 1) * w // cols, (r + 1) * h // rows)
         candidates.append(Sign(layout.place(cw, ch, region), cand_border))
     target = candidates[0]
-    marked = starred is not None or (level != "easy" and kind not in ("which_marked", "relative_position", "find_code"))
+    marked = starred is not None or (level != "easy" and kind not in SHOWN_APART)
     for sign in candidates:
         if kind == "which_marked":
             sign.code = str(rng.randint(10, 99))
@@ -587,9 +589,10 @@ def make_probe(
         choices, answer = list(MARKER_SHAPES), target.marker[1]
     elif kind == "count":
         choices, answer = [str(n) for n in range(2, 10)], str(target.dots)
-    elif kind in ("which_marked", "find_code"):
+    elif kind == "which_marked":
         answer = target.code
-        codes = (target.code[:PREFIX_LEN],) if kind == "find_code" else ()
+    elif kind == "find_code":
+        answer, codes = target.code, (target.code[:PREFIX_LEN],)
     else:
         other = max(candidates[1:], key=lambda s: abs((s.box[0] + s.box[2]) - (target.box[0] + target.box[2])))
         targets, codes = [target, other], (target.code, other.code)
