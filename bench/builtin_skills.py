@@ -6,7 +6,8 @@ Three parts, each printing its own table:
   teacher can point at the target (a proposal covers it and its zoom window shows it all; the student cannot do
   better), proposals per view, milliseconds per view.
 * ``--rate N``: training examples per second on one core (probe or card, the teacher's search through the real
-  agent loop, SFT's encoding), per level; a trainer with W makers makes about W times as many.
+  agent loop, SFT's encoding), per level, and first moves alone (``--first-minutes``: the first view and the
+  teacher's first zoom); a trainer with W makers makes about W times as many.
 * ``--log RUN/log.jsonl``: learning curves of a ``glimpse train builtin`` run from its held-out log (each batch
   scored before the model trains on it): per skill (the first zoom per level, later zooms, the answer per
   question kind; cards are answers read from a legible sign), accuracy over windows of examples.
@@ -90,12 +91,15 @@ def rate(n: int) -> None:
         folder = Path(tmp) / "files"
         folder.mkdir()
         make = ExampleMaker(model, 0, folder)
-        print("| kind | examples | examples/s (one core) |")
-        print("|---|---|---|")
+        print("| kind | examples | examples/s (one core) | first moves alone (--first-minutes) /s |")
+        print("|---|---|---|---|")
         for level in ("card", *LEVELS):
-            t = time.perf_counter()
-            made = sum(make(level, 3_000_000 + i)[0] is not None for i in range(n))
-            print(f"| {level} | {made} | {made / (time.perf_counter() - t):.2f} |")
+            speeds = []
+            for first in (False, True) if level != "card" else (False,):
+                t = time.perf_counter()
+                made = sum(make(level, 3_000_000 + i, first)[0] is not None for i in range(n))
+                speeds.append(f"{made / (time.perf_counter() - t):.2f}")
+            print(f"| {level} | {made} | {' | '.join(speeds)}{' | –' if level == 'card' else ''} |")
 
 
 def _batch(entry: dict) -> int:

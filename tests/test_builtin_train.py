@@ -273,6 +273,36 @@ def make_card_target(index: int) -> dict:
         return card_sample(index, 0, Path(d)).meta["candidates"][0]
 
 
+def test_a_first_move_example_is_the_first_view_and_the_teachers_first_zoom_alone(tmp_path):
+    from glimpse.builtin.model import build_builtin
+
+    model = build_builtin(tmp_path / "model", size="tiny")
+    folder = tmp_path / "files"
+    folder.mkdir()
+    make = ExampleMaker(model, 0, folder, check=1.0)  # a first move never checks a wrong sign first
+    tok = make.processor.tokenizer
+    for level in ("easy", "hard"):
+        (whole, *_), _ = make(level, 1_000_003)
+        (example, kind, reading, wrong, regions), why = make(level, 1_000_003, first=True)
+        assert why is None and wrong == 0 and kind
+        assert len(example.image_grid_thw) == 1 and reading == [None]  # the first view only, no zoom run
+        trained = tok.convert_ids_to_tokens([x for x in example.labels if x != -100])
+        assert trained.count('{"bbox_2d": [') == 1 and trained.count("<|im_end|>") == 1 and "<answer>" not in trained
+        # the same first view, question and region targets a whole search of the probe has, and the zoom is the
+        # teacher's first zoom at the target (a plain search's, not a checking search's wrong look)
+        plain = ExampleMaker(model, 0, folder)
+        (search, *_, search_regions), _ = plain(level, 1_000_003)
+        first_image = int(search.image_grid_thw[0].prod())
+        assert torch.equal(example.pixel_values, search.pixel_values[:first_image])
+        n = len(example.input_ids)
+        assert search.input_ids[:n] == example.input_ids and search.labels[:n] == example.labels
+        assert regions["asked"] == search_regions["asked"]
+        assert regions["border"] == search_regions["border"][: len(regions["border"])]
+        assert len(whole.image_grid_thw) > 1
+    (card, *_), _ = make("card", 1_000_003, first=True)  # a card has no search: answered as always
+    assert "<answer>" in tok.convert_ids_to_tokens([x for x in card.labels if x != -100])
+
+
 def test_train_builtin_runs_learns_and_logs_skills(tmp_path):
     from transformers import AutoModelForImageTextToText
 
@@ -569,3 +599,31 @@ def test_a_scans_looks_are_all_trained_and_kind_share_mixes_kinds(tmp_path):
     half = ExampleMaker(model, 0, folder, kind="relative_position", kind_share=0.5)
     kinds = [half("easy", i)[0][1] for i in range(1_000_000, 1_000_016)]
     assert 3 <= kinds.count("relative_position") <= 13 and len(set(kinds)) >= 3
+
+
+def test_a_first_move_stage_trains_where_to_look_before_whole_searches(tmp_path):
+    """``--first-minutes``: after the reader, the makers make first moves alone (probes only, never a card), logged
+    as stage ``first`` (zooms scored, no answer); the rest of the run is whole searches."""
+    cfg = BuiltinConfig(
+        out=str(tmp_path / "run"),
+        size="tiny",
+        minutes=0.3,
+        first_minutes=0.15,
+        batch=2,
+        workers=1,
+        threads=1,
+        warmup=1,
+        device="cpu",
+        mix="0.5,0.5,0,0",
+        ask_steps=0,
+    )
+    train_builtin(cfg, log=lambda entry: None)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    stages = [e["stage"] for e in log]
+    firsts = stages.count("first")
+    assert firsts >= 1 and stages == ["first"] * firsts + ["search"] * (len(stages) - firsts)
+    for e in log[:firsts]:
+        assert set(e["levels"]) == {"easy"} and "acc_first_zoom" in e and "acc_answer" not in e
+    for bad in ({"first_minutes": 0.31}, {"first_minutes": 0.2, "read_minutes": 0.15}, {"first_minutes": -1}):
+        with pytest.raises(ConfigError, match="--first-minutes"):
+            train_builtin(dataclasses.replace(cfg, out=str(tmp_path / "bad"), **bad), log=lambda entry: None)

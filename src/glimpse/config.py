@@ -574,6 +574,12 @@ class BuiltinConfig:
         "first train the reader alone for this many of the minutes, on reading cards' panels (no search, no "
         "decoder: hundreds a minute), so reading is learned before answers need it",
     )
+    first_minutes: float = opt(
+        0.0,
+        "after the reader (and the question head), train on first moves alone for this many of the minutes: a "
+        "probe's first view and the teacher's first zoom, the search not run (every example teaches where to look; "
+        "in whole searches with --check most first looks are untrained), then whole searches",
+    )
     read_batch: int = opt(32, "panels per step while the reader trains alone")
     read_weight: float = opt(
         1.0, "weight of the reader's own loss (what the teacher knows each zoomed panel shows) beside the replies'"

@@ -5,6 +5,9 @@ is drawn only where its trajectory looks; the teacher (``glimpse.builtin.teacher
 that sees only region tokens can make; the real agent loop runs that script (real crops, the model's own pixel
 limits and prompts); the trajectory is tokenised exactly as SFT does (labels on the model's replies only). A
 curriculum mixes cheap reading cards (one legible sign, no search) with easy probes first, then medium and hard.
+Stages, each optional but the last: the reader alone on cards' panels (``--read-minutes``), the question head alone
+on questions without images (``--ask-steps``), first moves alone (``--first-minutes``: a probe's first view and the
+teacher's first zoom, the loop stopped before the zoom runs), then whole searches.
 
 Because each example is fresh, the model's accuracy on a batch *before* it trains on it is a held-out
 measurement. The log records it per skill (``skills``): the first zoom (all of its pointer tokens right: the
@@ -92,12 +95,13 @@ class ExampleMaker:
         self.files = ImageCache(max_bytes=256 << 20)
         self.scenes = SceneCache(quality=PROBE_JPEG_QUALITY)  # zooms show what the probes' files show
 
-    def __call__(self, level: str, index: int) -> tuple[Any, str | None]:
+    def __call__(self, level: str, index: int, first: bool = False) -> tuple[Any, str | None]:
         """((example, kind, reading targets per image, wrong looks, region targets), None), or (None, why it was
         skipped). Region targets (``region_loss``): per region attribute, one class per region row of the
         example's images (what the teacher knows a probe's first view's regions show; ``IGNORE`` elsewhere and
         on cards). Level ``read``: a card's panel alone, ((reading rows, kind, [targets]), None), for training the
-        reader by itself."""
+        reader by itself. ``first``: the first move alone (a probe's first view and the teacher's first zoom, no
+        wrong looks, the loop stopped before the zoom runs): a search's first reply at a fraction of its cost."""
         from glimpse.agent import AgentLoop
         from glimpse.builtin.model import PROMPT_FILE
         from glimpse.builtin.processing import KIND, READING, REL, reading_rows
@@ -126,10 +130,12 @@ class ExampleMaker:
             view = fit(cache.get(sample.images[0]).image, self.limits)  # type: ignore[arg-type]
             rng = random.Random(f"glimpse-check/{self.seed}/{level}/{index}")
             looks = rng.choices((1, 2, 3), (6, 3, 1))[0] if level != "card" and rng.random() < self.check else 0
-            looks = 0 if scans(sample) else looks  # a scan's looks are all advice, none masked
+            looks = 0 if scans(sample) or first else looks  # a scan's looks are all advice, none masked
             script = teacher_turns(sample, view, wrong=looks, rng=rng, scan_looks=self.scan_looks)
             if script is None:
                 return None, f"{sample.id}: no proposal covers the target"
+            if first and len(script) > 1:  # the first zoom alone; a card (answered at once) stays whole
+                script = script[:1]
             # the replies before the targets' zooms and the answer are the wrong looks (fewer than asked for
             # when the view offers fewer)
             wrong = len(script) - 1 - sum(c["target"] for c in sample.meta["candidates"]) if looks else 0
@@ -137,14 +143,15 @@ class ExampleMaker:
                 ScriptedBackend([script], name="teacher", record=0),
                 coords="relative",
                 prompt_file=str(self.model_dir / PROMPT_FILE),
-                max_turns=16,
+                max_turns=1 if first and level != "card" else 16,  # at the cap the zoom is written, not run
                 min_pixels=self.limits.min_pixels,
                 max_pixels=self.limits.max_pixels,
                 resize_factor=self.limits.factor,
                 image_cache=cache,
             )
             (traj,) = asyncio.run(loop.run(sample))
-            if traj.stop_reason != "answer" or traj.metrics["tool_errors"]:
+            done = "max_turns" if first and level != "card" else "answer"
+            if traj.stop_reason != done or traj.metrics["tool_errors"]:
                 return None, f"{sample.id}: {traj.stop_reason} {traj.error or ''}"
             example = encode(traj, self.processor, self.header, self.end, cache=cache)
             example.labels = mask_replies(example.labels, wrong)
@@ -327,7 +334,7 @@ def _worker(
     kind_share: float = 1.0,
     scan_looks: int = 0,
 ) -> None:
-    """A producer process: take (level, index) jobs, put tokenised examples (or an error text)."""
+    """A producer process: take (level, index, first move only) jobs, put tokenised examples (or an error text)."""
     import torch
 
     torch.set_num_threads(1)
@@ -344,23 +351,26 @@ def _worker(
                 continue
             if job is None:
                 return
-            level, index = job
+            level, index, first = job
             try:
-                ex, skipped = make(level, index)
-                out.put(("example", (level, ex)) if ex is not None else ("skip", skipped))
+                ex, skipped = make(level, index, first)
+                out.put(("example", (level, ex, first)) if ex is not None else ("skip", skipped))
             except Exception as exc:  # a generator bug must be seen, not silently skipped
                 out.put(("error", f"{level}/{index}: {type(exc).__name__}: {exc}"))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _level(progress: float, rng: random.Random, only: str = "curriculum", mix: str = "") -> str:
+def _level(progress: float, rng: random.Random, only: str = "curriculum", mix: str = "", probes: bool = False) -> str:
+    """The level of the next example; ``probes``: never a card (first moves: a card has no search)."""
     if only != "curriculum":
         return only
     if mix:
         weights = tuple(float(w) for w in mix.split(","))
     else:
         weights = next(w for start, w in reversed(CURRICULUM) if progress >= start)
+    if probes:
+        weights = (0.0, *weights[1:]) if any(weights[1:]) else (0.0, 1.0, 1.0, 1.0)
     return rng.choices(LEVELS, weights=weights)[0]
 
 
@@ -568,6 +578,11 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
         raise ConfigError(f"--mix takes {len(LEVELS)} weights (card, easy, medium, hard), got {cfg.mix!r}")
     if not 0 <= cfg.read_minutes < cfg.minutes:
         raise ConfigError(f"--read-minutes ({cfg.read_minutes:g}) must be at least 0 and less than --minutes")
+    if not 0 <= cfg.first_minutes <= cfg.minutes - cfg.read_minutes:
+        raise ConfigError(
+            f"--first-minutes ({cfg.first_minutes:g}) must be at least 0 and at most --minutes less --read-minutes "
+            f"({cfg.minutes - cfg.read_minutes:g})"
+        )
     from glimpse.probes.synth import check_kind
 
     if cfg.scan_looks < 0:
@@ -666,7 +681,7 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
     optimizer = _adamw(groups, lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.01)
     reader_groups = [{"params": reader_old, "scale": 1.0}, {"params": reader_new, "scale": cfg.new_lr / cfg.reader_lr}]
     reader_optimizer = _adamw(reader_groups, lr=cfg.reader_lr, weight_decay=0.01)
-    budget, read_budget = cfg.minutes * 60, cfg.read_minutes * 60
+    budget, read_budget, first_budget = cfg.minutes * 60, cfg.read_minutes * 60, cfg.first_minutes * 60
     if optimizer is None or (read_budget and reader_optimizer is None):
         raise ConfigError(
             f"--train-only {cfg.train_only} leaves nothing to train in the "
@@ -696,13 +711,15 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
 
     def feed(n: int) -> None:
         for _ in range(n):
+            elapsed = time.perf_counter() - start
+            first = read_budget <= elapsed < read_budget + first_budget and cfg.only != "card"
             if reading_stage():
                 level = "read"
             else:
-                progress = (time.perf_counter() - start - read_budget) / (budget - read_budget)
-                level = _level(progress, rng, cfg.only, cfg.mix)
+                progress = (elapsed - read_budget) / (budget - read_budget)
+                level = _level(progress, rng, cfg.only, cfg.mix, probes=first)
             stream = "card" if level == "read" else level  # one stream of cards: the reader's and the searches'
-            jobs.put((level, counters[stream]))  # never an evaluation's indices, never the --init's probes
+            jobs.put((level, counters[stream], first))  # never an evaluation's indices, never the --init's probes
             counters[stream] += 1
 
     skipped = 0
@@ -877,7 +894,7 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
                         stats.setdefault(key, []).extend(v)
             record(
                 {
-                    **progress("search", loss, lr, elapsed),
+                    **progress("first" if all(p[2] for p in items) else "search", loss, lr, elapsed),
                     "grad": round(float(grad), 3),
                     "levels": {lv: levels.count(lv) for lv in set(levels)},
                     "skipped": skipped,
