@@ -20,6 +20,7 @@ from glimpse.builtin.train import (
     FIRST_INDEX,
     STREAM_FILE,
     ExampleMaker,
+    _level,
     mask_replies,
     reading_loss,
     skills,
@@ -624,6 +625,62 @@ def test_a_first_move_stage_trains_where_to_look_before_whole_searches(tmp_path)
     assert firsts >= 1 and stages == ["first"] * firsts + ["search"] * (len(stages) - firsts)
     for e in log[:firsts]:
         assert set(e["levels"]) == {"easy"} and "acc_first_zoom" in e and "acc_answer" not in e
-    for bad in ({"first_minutes": 0.31}, {"first_minutes": 0.2, "read_minutes": 0.15}, {"first_minutes": -1}):
+    for bad in (
+        {"first_minutes": 0.31},
+        {"first_minutes": 0.2, "read_minutes": 0.15},
+        {"first_minutes": -1},
+        {"mix": "1,0,0,0"},
+        {"only": "card"},
+    ):
         with pytest.raises(ConfigError, match="--first-minutes"):
             train_builtin(dataclasses.replace(cfg, out=str(tmp_path / "bad"), **bad), log=lambda entry: None)
+    # a window that ends where the run does is allowed, whatever the floats' rounding (0.3 - 0.1 < 0.2): the
+    # settings pass, and the run stops at the next check, the missing --init
+    edge = dataclasses.replace(cfg, out=str(tmp_path / "edge"), read_minutes=0.1, first_minutes=0.2, init="nowhere")
+    with pytest.raises(ConfigError, match="not a checkpoint folder"):
+        train_builtin(edge, log=lambda entry: None)
+    rng = random.Random(0)
+    assert {_level(0.5, rng, mix="0.9,0.1,0,0", probes=True) for _ in range(50)} == {"easy"}
+    assert {_level(0.0, rng, probes=True) for _ in range(200)} == {"easy", "medium", "hard"}  # the curriculum's
+    assert "card" in {_level(0.0, rng) for _ in range(200)}
+
+
+def _start_maker_then_die(model: str, jobs, results, pids) -> None:
+    """A stand-in trainer: start one example maker, then die without stopping it (as a killed trainer does)."""
+    import multiprocessing as mp
+    import os
+
+    from glimpse.builtin.train import _worker
+
+    maker = mp.get_context("spawn").Process(target=_worker, args=(model, 0, 0, jobs, results), daemon=False)
+    maker.start()
+    pids.put(maker.pid)
+    os._exit(0)
+
+
+def test_a_maker_whose_trainer_died_stops_though_jobs_are_queued(tmp_path):
+    import multiprocessing as mp
+    import os
+    import time
+
+    from glimpse.builtin.model import build_builtin
+
+    model = build_builtin(tmp_path / "model", size="tiny")
+    ctx = mp.get_context("spawn")
+    jobs, results, pids = ctx.Queue(), ctx.Queue(maxsize=1), ctx.SimpleQueue()
+    for i in range(50):  # far more than it makes before the check: it must not work through them all
+        jobs.put(("card", FIRST_INDEX + i, False))
+    trainer = ctx.Process(target=_start_maker_then_die, args=(str(model), jobs, results, pids))
+    trainer.start()
+    trainer.join(60)
+    pid = pids.get()
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.5)
+    else:
+        os.kill(pid, 9)
+        raise AssertionError("the example maker outlived its trainer")

@@ -578,7 +578,7 @@ class BuiltinConfig:
         0.0,
         "after the reader (and the question head), train on first moves alone for this many of the minutes: a "
         "probe's first view and the teacher's first zoom, the search not run (every example teaches where to look; "
-        "in whole searches with --check most first looks are untrained), then whole searches",
+        "in whole searches a share --check of first looks is untrained), then whole searches for the rest",
     )
     read_batch: int = opt(32, "panels per step while the reader trains alone")
     read_weight: float = opt(

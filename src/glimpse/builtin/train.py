@@ -342,21 +342,30 @@ def _worker(
     try:
         make = ExampleMaker(model_dir, seed, folder, check, kind, kind_share, scan_looks)
         parent = mp.parent_process()
-        while True:
+
+        def orphaned() -> bool:  # the trainer was killed without stopping its makers: stop, whatever is queued
+            return parent is not None and not parent.is_alive()
+
+        while not orphaned():
             try:
                 job = jobs.get(timeout=5)
             except queue.Empty:
-                if parent is not None and not parent.is_alive():
-                    return  # the trainer was killed without stopping its makers
                 continue
             if job is None:
                 return
             level, index, first = job
             try:
                 ex, skipped = make(level, index, first)
-                out.put(("example", (level, ex, first)) if ex is not None else ("skip", skipped))
+                result = ("example", (level, ex, first)) if ex is not None else ("skip", skipped)
             except Exception as exc:  # a generator bug must be seen, not silently skipped
-                out.put(("error", f"{level}/{index}: {type(exc).__name__}: {exc}"))
+                result = ("error", f"{level}/{index}: {type(exc).__name__}: {exc}")
+            while True:  # a full queue nobody reads any more must not hold the process forever
+                try:
+                    out.put(result, timeout=5)
+                    break
+                except queue.Full:
+                    if orphaned():
+                        return
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -578,11 +587,13 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
         raise ConfigError(f"--mix takes {len(LEVELS)} weights (card, easy, medium, hard), got {cfg.mix!r}")
     if not 0 <= cfg.read_minutes < cfg.minutes:
         raise ConfigError(f"--read-minutes ({cfg.read_minutes:g}) must be at least 0 and less than --minutes")
-    if not 0 <= cfg.first_minutes <= cfg.minutes - cfg.read_minutes:
+    if not 0 <= cfg.first_minutes <= cfg.minutes - cfg.read_minutes + 1e-9:
         raise ConfigError(
             f"--first-minutes ({cfg.first_minutes:g}) must be at least 0 and at most --minutes less --read-minutes "
-            f"({cfg.minutes - cfg.read_minutes:g})"
+            f"({cfg.minutes - cfg.read_minutes:.4g})"
         )
+    if cfg.first_minutes and (cfg.only == "card" or (cfg.mix and not any(float(w) for w in cfg.mix.split(",")[1:]))):
+        raise ConfigError("--first-minutes trains first moves on probes, and --only/--mix asks for cards alone")
     from glimpse.probes.synth import check_kind
 
     if cfg.scan_looks < 0:
@@ -709,10 +720,12 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
     def reading_stage() -> bool:
         return time.perf_counter() - start < read_budget
 
+    first_from = read_budget  # seconds into the run when first moves start: after the question head's stage
+
     def feed(n: int) -> None:
         for _ in range(n):
             elapsed = time.perf_counter() - start
-            first = read_budget <= elapsed < read_budget + first_budget and cfg.only != "card"
+            first = first_from <= elapsed < first_from + first_budget
             if reading_stage():
                 level = "read"
             else:
@@ -867,6 +880,7 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
                 record(progress("ask", loss, cfg.new_lr), stats)
             print(f"question head: {cfg.ask_steps} steps in {(time.perf_counter() - ask_start) / 60:.1f} min")
         read_steps = step
+        first_from = max(read_budget, time.perf_counter() - start)
         if read_steps:
             save(model, model_dir, cfg.seed, counters)
             last_save = time.perf_counter()
@@ -882,6 +896,8 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
                 replayed = rng.sample(memory, min(len(memory), cfg.batch))
                 update([m[1] for m in replayed], None, [m[0] for m in replayed])
             if cfg.replay > 1:  # examples are large (pixel rows): kept only when replayed
+                if memory and memory[-1][2] and not all(p[2] for p in items):
+                    memory.clear()  # whole searches began: replay them, not the first moves before them
                 memory.extend(items)
                 del memory[:-REPLAY_MEMORY]
             step += 1
