@@ -91,15 +91,16 @@ def rate(n: int) -> None:
         folder = Path(tmp) / "files"
         folder.mkdir()
         make = ExampleMaker(model, 0, folder)
-        print("| kind | examples | examples/s (one core) | first moves alone (--first-minutes) /s |")
+        print("| kind | examples made | examples/s (one core) | first moves alone (--first-minutes) made, /s |")
         print("|---|---|---|---|")
         for level in ("card", *LEVELS):
-            speeds = []
-            for first in (False, True) if level != "card" else (False,):
+            cells = []
+            for first in (False, True) if level != "card" else (False,):  # the same probes, whole then first
                 t = time.perf_counter()
                 made = sum(make(level, 3_000_000 + i, first)[0] is not None for i in range(n))
-                speeds.append(f"{made / (time.perf_counter() - t):.2f}")
-            print(f"| {level} | {made} | {' | '.join(speeds)}{' | –' if level == 'card' else ''} |")
+                cells.append(f"{made} | {made / (time.perf_counter() - t):.2f}")
+            cells[1:] = [c.replace(" | ", ", ") for c in cells[1:]] or ["–"]
+            print(f"| {level} | {' | '.join(cells)} |")
 
 
 def _batch(entry: dict) -> int:
@@ -145,8 +146,25 @@ def curves(log: Path, window: int = 0) -> None:
                 by_kind.setdefault(f"acc_{name}/{kind}", []).append(v)
         for k, vs in by_kind.items():
             e.setdefault(k, sum(vs) / len(vs))
+    first = [e for e in entries if e.get("stage") == "first"]
+    if not first:
+        _table(entries, window, log, "", 0)
+        return
+    # first moves alone (--first-minutes): the reader's stage, then the first moves, then the searches, each its own
+    before = [e for e in entries if e["step"] < first[0]["step"]]
+    after = [e for e in entries if e["step"] > first[-1]["step"]]
+    if before:
+        _table(before, window, log, "the reader alone", 0)
+    _table(first, window, log, "first moves alone", before[-1]["examples"] if before else 0)
+    if after:
+        _table(after, window, log, "searches", first[-1]["examples"])
+
+
+def _table(entries: list[dict], window: int, log: Path, what: str, start: int) -> None:
+    """Held-out accuracy per skill over windows of examples after ``start`` (the reader's per attribute where it
+    is asked for)."""
     total = entries[-1]["examples"]
-    window = window or max(total // 8, 1)
+    window = window or max((total - start) // 8, 1)
     skills = sorted({k[4:] for e in entries for k in e if k.startswith("acc_") and k.count("/") <= 1})
     # the reader per attribute where it is asked for (cards by question kind) and per level (zoomed panels)
     skills += sorted(
@@ -159,7 +177,7 @@ def curves(log: Path, window: int = 0) -> None:
     )
     skills = [x for x in skills if not (x.startswith("read/") and x.count("/") == 1 and x not in READ_WHOLE)]
     rows: dict[str, list[str]] = {s: [] for s in skills}
-    edges = list(range(0, total, window))
+    edges = list(range(start, total, window))
     for lo in edges:
         part = [e for e in entries if lo < e["examples"] <= lo + window]
         for s in skills:
@@ -169,7 +187,7 @@ def curves(log: Path, window: int = 0) -> None:
     minutes = [
         next((e["minutes"] for e in entries if e["examples"] > lo + window - 1), entries[-1]["minutes"]) for lo in edges
     ]
-    print(f"Held-out accuracy (teacher-forced) per window of {window:,} examples, {log}")
+    print(f"Held-out accuracy (teacher-forced) per window of {window:,} examples, {log}{', ' + what if what else ''}")
     print(
         "| skill | "
         + " | ".join(f"≤{lo + window:,} ({m:.1f} min)" for lo, m in zip(edges, minutes, strict=True))
