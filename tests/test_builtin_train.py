@@ -21,6 +21,7 @@ from glimpse.builtin.train import (
     STREAM_FILE,
     ExampleMaker,
     _level,
+    idle,
     mask_replies,
     reading_loss,
     skills,
@@ -684,3 +685,44 @@ def test_a_maker_whose_trainer_died_stops_though_jobs_are_queued(tmp_path):
     else:
         os.kill(pid, 9)
         raise AssertionError("the example maker outlived its trainer")
+
+
+def test_first_moves_alone_leave_the_reader_as_it_was_and_replay_fills_only_idle_time(tmp_path):
+    """A first move shows the reader no panel it is taught, so a run of first moves alone (replayed too) trains the
+    pointer's side and leaves every reader weight as the fresh model had it."""
+    from safetensors.torch import load_file
+
+    from glimpse.builtin.model import build_builtin
+
+    cfg = BuiltinConfig(
+        out=str(tmp_path / "run"),
+        size="tiny",
+        minutes=0.15,
+        first_minutes=0.15,
+        batch=2,
+        replay=2,
+        workers=1,
+        threads=1,
+        warmup=1,
+        device="cpu",
+        mix="0,1,0,0",
+        ask_steps=0,
+    )
+    trained = load_file(train_builtin(cfg, log=lambda entry: None) / "model.safetensors")
+    fresh = load_file(build_builtin(tmp_path / "fresh", size="tiny") / "model.safetensors")
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert log and {e["stage"] for e in log} == {"first"}
+    reader = [k for k in fresh if k.startswith("reader.")]
+    assert reader and all(torch.equal(fresh[k], trained[k]) for k in reader)
+    assert any(not torch.equal(fresh[k], trained[k]) for k in fresh if k.startswith("region_heads."))
+
+    class Waiting:
+        def __init__(self, n):
+            self.n = n
+
+        def qsize(self):
+            if self.n is None:
+                raise NotImplementedError  # macOS
+            return self.n
+
+    assert idle(Waiting(0), 8) and idle(Waiting(7), 8) and not idle(Waiting(8), 8) and idle(Waiting(None), 8)

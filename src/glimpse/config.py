@@ -565,8 +565,9 @@ class BuiltinConfig:
     )
     replay: int = opt(
         1,
-        "gradient steps per fresh batch: the first on the fresh batch (its held-out accuracy is logged), the rest on "
-        "batches drawn from the last 2,048 examples, for when the example makers cannot keep up (a GPU)",
+        "most gradient steps per fresh batch: the first on the fresh batch (its held-out accuracy is logged), the "
+        "rest on batches drawn from the last 2,048 examples, each only while fewer than a batch of fresh examples "
+        "wait: the trainer's idle time when the example makers cannot keep up (first moves on a CPU, a GPU)",
     )
     init: str = opt("", "start from this built-in checkpoint (a folder) instead of a fresh model")
     read_minutes: float = opt(

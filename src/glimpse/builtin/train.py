@@ -370,6 +370,15 @@ def _worker(
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def idle(results: Any, batch: int) -> bool:
+    """Whether fewer than a batch of made examples wait (the trainer would wait for the makers); True where a
+    queue cannot tell its size (macOS)."""
+    try:
+        return results.qsize() < batch
+    except NotImplementedError:
+        return True
+
+
 def _level(progress: float, rng: random.Random, only: str = "curriculum", mix: str = "", probes: bool = False) -> str:
     """The level of the next example; ``probes``: never a card (first moves: a card has no search)."""
     if only != "curriculum":
@@ -755,9 +764,13 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
                 raise RuntimeError(f"the example generator failed: {payload}")
         return got
 
-    def update(batch: list[Any], stats: dict[str, list[int]] | None, levels: list[str]) -> tuple[Any, Any, Any, Any]:
+    def update(
+        batch: list[Any], stats: dict[str, list[int]] | None, levels: list[str], first: bool = False
+    ) -> tuple[Any, Any, Any, Any]:
         """One gradient step on (example, kind, reading targets) items; returns the loss, the logits and labels
-        it was computed on, the gradient norm."""
+        it was computed on, the gradient norm. ``first``: first moves alone, which show the reader no panel it
+        is taught, so it does not move (S2, attempt 17: the pointer's loss alone pulled its readings of the first
+        view's panel, and sign colours read right fell from 1.00 to 0.04 over the stage)."""
         inputs = collate([b[0] for b in batch], tok.pad_token_id, model.config.image_token_id)
         inputs.pop("mm_token_type_ids", None)
         inputs = {k: v.to(device) for k, v in inputs.items()}
@@ -795,7 +808,10 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
             return total, logits.detach(), target, torch.zeros(())
         optimizer.zero_grad()
         total.backward()
-        grad = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        if first:
+            for p in reader_params:
+                p.grad = None  # AdamW leaves a weight without a gradient as it is (no decay either)
+        grad = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], 1.0)
         optimizer.step()
         return total, logits.detach(), target, grad
 
@@ -891,10 +907,12 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
             elapsed = time.perf_counter() - start
             lr = set_lr(optimizer, cfg.lr, step - read_steps, elapsed - read_budget, budget - read_budget)
             stats = {}
-            loss, logits, target, grad = update(batch, stats, levels)
+            loss, logits, target, grad = update(batch, stats, levels, all(p[2] for p in items))
             for _ in range(cfg.replay - 1 if memory else 0):
+                if not idle(results, cfg.batch):
+                    break  # a fresh batch is waiting: replay only fills the trainer's idle time
                 replayed = rng.sample(memory, min(len(memory), cfg.batch))
-                update([m[1] for m in replayed], None, [m[0] for m in replayed])
+                update([m[1] for m in replayed], None, [m[0] for m in replayed], all(m[2] for m in replayed))
             if cfg.replay > 1:  # examples are large (pixel rows): kept only when replayed
                 if memory and memory[-1][2] and not all(p[2] for p in items):
                     memory.clear()  # whole searches began: replay them, not the first moves before them
