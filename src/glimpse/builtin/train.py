@@ -130,12 +130,12 @@ class ExampleMaker:
             view = fit(cache.get(sample.images[0]).image, self.limits)  # type: ignore[arg-type]
             rng = random.Random(f"glimpse-check/{self.seed}/{level}/{index}")
             looks = rng.choices((1, 2, 3), (6, 3, 1))[0] if level != "card" and rng.random() < self.check else 0
+            first = first and level != "card"  # a card is answered at once: it stays whole
             looks = 0 if scans(sample) or first else looks  # a scan's looks are all advice, none masked
             script = teacher_turns(sample, view, wrong=looks, rng=rng, scan_looks=self.scan_looks)
             if script is None:
                 return None, f"{sample.id}: no proposal covers the target"
-            if first and len(script) > 1:  # the first zoom alone; a card (answered at once) stays whole
-                script = script[:1]
+            script = script[:1] if first else script
             # the replies before the targets' zooms and the answer are the wrong looks (fewer than asked for
             # when the view offers fewer)
             wrong = len(script) - 1 - sum(c["target"] for c in sample.meta["candidates"]) if looks else 0
@@ -143,15 +143,14 @@ class ExampleMaker:
                 ScriptedBackend([script], name="teacher", record=0),
                 coords="relative",
                 prompt_file=str(self.model_dir / PROMPT_FILE),
-                max_turns=1 if first and level != "card" else 16,  # at the cap the zoom is written, not run
+                max_turns=1 if first else 16,  # at the cap the zoom is written, not run
                 min_pixels=self.limits.min_pixels,
                 max_pixels=self.limits.max_pixels,
                 resize_factor=self.limits.factor,
                 image_cache=cache,
             )
             (traj,) = asyncio.run(loop.run(sample))
-            done = "max_turns" if first and level != "card" else "answer"
-            if traj.stop_reason != done or traj.metrics["tool_errors"]:
+            if traj.stop_reason != ("max_turns" if first else "answer") or traj.metrics["tool_errors"]:
                 return None, f"{sample.id}: {traj.stop_reason} {traj.error or ''}"
             example = encode(traj, self.processor, self.header, self.end, cache=cache)
             example.labels = mask_replies(example.labels, wrong)
@@ -387,8 +386,8 @@ def _level(progress: float, rng: random.Random, only: str = "curriculum", mix: s
         weights = tuple(float(w) for w in mix.split(","))
     else:
         weights = next(w for start, w in reversed(CURRICULUM) if progress >= start)
-    if probes:
-        weights = (0.0, *weights[1:]) if any(weights[1:]) else (0.0, 1.0, 1.0, 1.0)
+    if probes:  # train_builtin refuses first moves where the weights leave only cards
+        weights = (0.0, *weights[1:])
     return rng.choices(LEVELS, weights=weights)[0]
 
 
@@ -907,14 +906,15 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
             elapsed = time.perf_counter() - start
             lr = set_lr(optimizer, cfg.lr, step - read_steps, elapsed - read_budget, budget - read_budget)
             stats = {}
-            loss, logits, target, grad = update(batch, stats, levels, all(p[2] for p in items))
+            firsts = all(p[2] for p in items)  # first moves alone (--first-minutes)
+            loss, logits, target, grad = update(batch, stats, levels, firsts)
             for _ in range(cfg.replay - 1 if memory else 0):
                 if not idle(results, cfg.batch):
                     break  # a fresh batch is waiting: replay only fills the trainer's idle time
                 replayed = rng.sample(memory, min(len(memory), cfg.batch))
                 update([m[1] for m in replayed], None, [m[0] for m in replayed], all(m[2] for m in replayed))
             if cfg.replay > 1:  # examples are large (pixel rows): kept only when replayed
-                if memory and memory[-1][2] and not all(p[2] for p in items):
+                if memory and memory[-1][2] and not firsts:
                     memory.clear()  # whole searches began: replay them, not the first moves before them
                 memory.extend(items)
                 del memory[:-REPLAY_MEMORY]
@@ -928,7 +928,7 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
                         stats.setdefault(key, []).extend(v)
             record(
                 {
-                    **progress("first" if all(p[2] for p in items) else "search", loss, lr, elapsed),
+                    **progress("first" if firsts else "search", loss, lr, elapsed),
                     "grad": round(float(grad), 3),
                     "levels": {lv: levels.count(lv) for lv in set(levels)},
                     "skipped": skipped,
