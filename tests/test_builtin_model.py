@@ -1162,7 +1162,7 @@ def test_found_shifts_only_the_turns_after_an_observation_outside_zooms_and_answ
     assert torch.allclose(now[0, after], was[0, after] + shift, atol=1e-3)
 
 
-@pytest.mark.parametrize("kind", ["relative_position", "find_code"])
+@pytest.mark.parametrize("kind", ["relative_position", "find_code", "find_marker"])
 @pytest.mark.parametrize("level", ["medium", "hard"])
 def test_the_teacher_scans_look_alikes_from_left_to_right_until_it_has_seen_the_named_signs(level, kind):
     """``scans``: a left-or-right question (two named signs), or a question naming a sign by the start of its code
@@ -1175,6 +1175,7 @@ def test_the_teacher_scans_look_alikes_from_left_to_right_until_it_has_seen_the_
     scenes = SceneCache()
     whole, cut = 0, 0
     named = 2 if kind == "relative_position" else 1
+    find = kind != "relative_position"
     for index in range(1_000_000, 1_000_008):
         sample = probe_sample(level, index, 0, Path("."), scenes=scenes, kind=kind)
         view = fit(scenes.get(sample.images[0]).image, NATIVE)  # type: ignore[arg-type]
@@ -1203,10 +1204,10 @@ def test_the_teacher_scans_look_alikes_from_left_to_right_until_it_has_seen_the_
         assert len(turns) - 1 <= last + 1  # it stopped at the last named sign
         whole += 1
         short = teacher_turns(sample, view, scan_looks=4)
-        looks = len(turns) - 1 if kind == "find_code" else min(4, len(turns) - 1)
+        looks = len(turns) - 1 if find else min(4, len(turns) - 1)
         assert short is not None and short[:-1] == turns[: len(short) - 1] and len(short) - 1 == looks
         cut += len(turns) - 1 > 4
     assert whole >= 6
     assert cut >= 2 or level == "medium"  # among 8-12 look-alikes a whole scan is often longer than four looks
     easy = probe_sample("easy", 1_000_000, 0, Path("."), scenes=scenes, kind=kind)
-    assert scans(easy) == (kind == "find_code")
+    assert scans(easy) == find

@@ -62,6 +62,11 @@ def test_question_parser():
     assert (q.kind, q.border, q.starred) == ("count", "red", True)
     q = parse_question("Among the signs with a red border, exactly one has a code that starts with F7. What is it?")
     assert (q.kind, q.border, q.codes, q.starred) == ("find_code", "red", ["F7"], False)  # "starts" is no star
+    q = parse_question(
+        "Among the signs with a red border, exactly one has a code that starts with F7. What colour is the small "
+        "outlined marker on that sign? Answer with one of: red, green, blue."
+    )
+    assert (q.kind, q.border, q.codes, q.starred) == ("find_marker", "red", ["F7"], False)
     q = parse_question("What is the number on the bus that starts with A or B?")  # not a probe's wording
     assert (q.kind, q.codes) == ("read", [])
 
@@ -76,6 +81,39 @@ def test_the_expert_answers_find_code_from_the_sign_whose_code_starts_as_asked_o
     assert ExpertPolicy()._decide(q, [(None, near)], 1000)[0] is None
     assert ExpertPolicy()._decide(q, [(None, near), (None, right)], 1000)[0] == "FRCL"
     assert ExpertPolicy()._decide(q, [(None, SignReading(text="FRCL", border="blue"))], 1000)[0] is None
+
+
+def test_the_expert_answers_find_marker_with_the_marker_of_the_sign_whose_code_starts_as_asked():
+    from glimpse.probes.expert import ExpertPolicy, SignReading
+
+    q = parse_question(
+        "Among the signs with a red border, exactly one has a code that starts with FR. What colour is the small "
+        "outlined marker on that sign? Answer with one of: red, green, blue, orange, purple, black."
+    )
+    near = SignReading(text="F6XJ", border="red", marker_color="blue", marker_shape="cross")
+    right = SignReading(text="FRCL", border="red", marker_color="orange", marker_shape="square")
+    assert ExpertPolicy()._decide(q, [(None, near)], 1000)[0] is None
+    assert ExpertPolicy()._decide(q, [(None, near), (None, right)], 1000)[0] == "orange"
+    assert ExpertPolicy()._guess(q, [(None, near)]) == "blue"  # out of looks: a marker it saw
+
+
+def test_reading_a_code_and_the_marker_right_of_it():
+    """``find_marker``'s signs carry both: the expert reads the code left of the marker and the marker's colour
+    (a coloured marker's, or a black one's, which is ink like the code but taller than its characters)."""
+    need_ocr()
+    codes = colours = n = 0
+    for index in range(8):
+        probe = make_probe("easy", index, seed=5, kind="find_marker")
+        for target in probe.record["candidates"]:
+            x0, y0, x1, y1 = target["box"]
+            w, h = x1 - x0, y1 - y0
+            crop = probe.image.crop((x0 - w // 2, y0 - h // 2, x1 + w // 2, y1 + h // 2))
+            crop = crop.resize(smart_resize(crop.width, crop.height, PixelLimits()))
+            reading, _ = read_sign(crop, "ACEFHJKLMNPRTUVWXY0123456789")
+            n += 1
+            codes += reading.text == target["code"]
+            colours += reading.marker_color == target["marker"][0]
+    assert n == 16 and colours >= 14 and codes >= 8, (colours, codes)  # 14 and 10 measured (seeded)
 
 
 def test_reading_a_zoomed_sign():

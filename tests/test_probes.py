@@ -11,6 +11,7 @@ import pytest
 from glimpse.errors import ConfigError
 from glimpse.geometry import Box
 from glimpse.images import PixelLimits, shared_limits, smart_resize
+from glimpse.probes.palette import MARKER_COLORS
 from glimpse.probes.synth import (
     GENERATOR_VERSION,
     KINDS,
@@ -19,6 +20,7 @@ from glimpse.probes.synth import (
     PAIR_KINDS,
     PREFIX_LEN,
     SEARCH_KINDS,
+    SHOWN_APART,
     SHOWN_MAX_PX,
     make_probe,
     write_probes,
@@ -60,7 +62,7 @@ def test_record_format_and_answers(probes, level, kind):
         assert r["solution"] in r["choices"]
     lo, hi = LEVELS[level].candidates
     n = len(r["candidate_boxes"])
-    assert lo <= n <= hi or (kind in ("which_marked", "relative_position", "find_code") and n == 2)
+    assert lo <= n <= hi or (kind in SHOWN_APART and n == 2)
     if kind == "relative_position":
         a, b = (Box.from_list(x) for x in r["boxes"])
         assert r["solution"] == ("left" if a.x0 + a.x1 < b.x0 + b.x1 else "right")
@@ -119,31 +121,62 @@ def test_every_question_kind_reads_back_as_written():
     from glimpse.probes.questions import parse_question, question
 
     for kind in KINDS + SEARCH_KINDS:
-        codes = ("K3",) if kind == "find_code" else ("K3F", "XY7")
+        codes = ("K3",) if kind in SEARCH_KINDS else ("K3F", "XY7")
         for border in BORDER_COLORS:
             for marked in (False, True):
                 text = question(kind, border, marked=marked, choices=["a", "b"], codes=codes)
                 q = parse_question(text)
                 assert q.kind == ("read" if kind == "read_code" else kind)
                 assert q.border == border
-                assert q.starred == (marked and kind not in ("which_marked", "relative_position", "find_code"))
-                assert q.codes == (list(codes) if kind in ("relative_position", "find_code") else [])
+                assert q.starred == (marked and kind not in SHOWN_APART)
+                assert q.codes == (list(codes) if kind in ("relative_position", *SEARCH_KINDS) else [])
 
 
+@pytest.mark.parametrize("kind", SEARCH_KINDS)
 @pytest.mark.parametrize("level", list(LEVELS))
-def test_find_code_names_its_target_by_the_start_of_its_code_alone(probes, level):
-    """``find_code``: the question gives the start of the target's code, which no other look-alike's code shares;
-    the answer is the whole code; nothing but reading tells the look-alikes apart (no corner marks)."""
+def test_find_kinds_name_their_target_by_the_start_of_its_code_alone(probes, level, kind):
+    """``find_code`` / ``find_marker``: the question gives the start of the target's code, which no other
+    look-alike's code shares; the answer is the whole code / its marker's colour; nothing but reading tells the
+    look-alikes apart (no corner marks)."""
     from glimpse.probes.questions import parse_question
 
-    r = probes[(level, "find_code")].record
+    r = probes[(level, kind)].record
     q = parse_question(r["problem"])
     target = next(c for c in r["candidates"] if c["target"])
-    assert q.kind == "find_code" and q.codes == [target["code"][:PREFIX_LEN]] and not q.starred
-    assert r["solution"] == target["code"] and r["boxes"] == [target["box"]]
+    assert q.kind == kind and q.codes == [target["code"][:PREFIX_LEN]] and not q.starred
+    assert r["solution"] == (target["code"] if kind == "find_code" else target["marker"][0])
+    assert r["boxes"] == [target["box"]]
     assert [c["code"][:PREFIX_LEN] for c in r["candidates"]].count(q.codes[0]) == 1
     assert all(c["corner"] is None and c["border"] == target["border"] for c in r["candidates"])
+    assert all((c["marker"] is not None) == (kind == "find_marker") for c in r["candidates"])
     assert len(r["candidates"]) >= 2
+
+
+def test_find_marker_look_alikes_share_the_target_colour_about_one_time_in_six():
+    """What makes ``find_marker`` a question between ``find_code`` and ``relative_position``: the answer read
+    off a look-alike (or guessed) is right about one time in six, so a quick answer sometimes pays, a search more."""
+    shared = total = 0
+    for index in range(60):
+        r = make_probe("hard", index, seed=11, kind="find_marker", render=False).record
+        assert r["choices"] == list(MARKER_COLORS) and r["solution"] in MARKER_COLORS
+        target = next(c for c in r["candidates"] if c["target"])
+        others = [c for c in r["candidates"] if not c["target"]]
+        shared += sum(c["marker"][0] == target["marker"][0] for c in others)
+        total += len(others)
+    assert total > 400 and 0.11 < shared / total < 0.23  # 1/6 = 0.167
+
+
+def test_a_find_marker_sign_shows_its_code_then_its_marker():
+    """The marker sits right of the code, clear of it: the code's ink ends before the marker's colour starts."""
+    p = make_probe("easy", 2, seed=4, kind="find_marker")
+    target = next(c for c in p.record["candidates"] if c["target"])
+    x0, y0, x1, y1 = target["box"]
+    a = np.asarray(p.image.crop((x0 + 3, y0 + 3, x1 - 3, y1 - 3)), dtype=int)
+    ink = np.nonzero((a < 90).all(-1).any(0))[0]
+    tinted = np.nonzero(((a.max(-1) - a.min(-1)) > 60).any(0))[0]
+    if target["marker"][0] == "black":
+        pytest.skip("this seed's marker is black: its ink is the code's colour")
+    assert ink.size and tinted.size and ink.max() < tinted.min()
 
 
 def test_search_kinds_stay_out_of_the_mixed_cycle():

@@ -210,7 +210,8 @@ class SynthConfig:
     out: str = opt("probes", "output folder; each level goes to OUT/<level>/ (val.json + data/)")
     kind: str | None = opt(
         None,
-        "only this question kind (default: the single-image kinds in turn, find_code aside); which_image and "
+        "only this question kind (default: the single-image kinds in turn, find_code and find_marker aside); "
+        "which_image and "
         "split_code are two-image probes",
         choices=(
             "read_code",
@@ -220,6 +221,7 @@ class SynthConfig:
             "count",
             "relative_position",
             "find_code",
+            "find_marker",
             "which_image",
             "split_code",
         ),
@@ -621,8 +623,8 @@ class BuiltinConfig:
     kind: str = opt(
         "",
         "probes of this question kind only (read_code, marker_color, marker_shape, which_marked, count, "
-        "relative_position, find_code): a skill trained alone; empty: every kind, as probes draw them (find_code "
-        "aside)",
+        "relative_position, find_code, find_marker): a skill trained alone; empty: every kind, as probes draw them "
+        "(find_code and find_marker aside)",
     )
     kind_share: float = opt(
         1.0, "the share of probes that are of --kind (drawn per probe); the rest are of every kind, as drawn"
@@ -631,7 +633,7 @@ class BuiltinConfig:
         0,
         "most looks the teacher's scan of look-alikes takes before answering a left-or-right question (0: until it "
         "has seen both named signs, about 9 looks among a hard probe's 8-12; attempt 12's B10b used 4); a "
-        "find_code scan always runs to its sign",
+        "find_code or find_marker scan always runs to its sign",
     )
     train_only: str = opt(
         "",

@@ -10,13 +10,15 @@ names, so checking look-alikes in some fixed order would teach turns the student
 A probe whose target no proposal covers is skipped (and counted): the student could not point at it either.
 
 **Scanning** (``scans``): the questions the student cannot go straight to ask which of several look-alikes
-reads a code the question names (``relative_position``; ``find_code``, by the code's start), among more than two
+reads a code the question names (``relative_position``; ``find_code`` and ``find_marker``, by the code's start),
+among more than two
 signs of the border it names: the codes are too small to read in the first view. There the teacher looks at those
 signs from left to right, as a student can (their border colour shows), until it has seen every one it needs
 (or, with ``scan_looks``, that many of them), then answers. Every look is trained: it is the search the student
 should make. Among 8-12 look-alikes a whole ``relative_position`` scan takes about 9 looks (100 hard probes of
 seed 0), more than the recipe's 6-turn cap allows: a search the cap cuts, which is what over-turn masking is for
-(the README's reproduction section); a ``find_code`` scan stops at its one sign, about half-way.
+(the README's reproduction section); a ``find_code`` or ``find_marker`` scan stops at its one sign, about
+half-way.
 
 **Checking** (``wrong > 0``): the student's first zoom is not always right, and a search that answers from the
 wrong sign is lost. So some scripts first look at ``wrong`` signs that are not the target: look-alike candidates
@@ -46,7 +48,8 @@ SHOWS_COVER, SHOWS_AREA = 0.6, 4.0
 REGION_ATTRIBUTES = ("border", "mark")  # what the region heads learn of the sign a region shows
 # the kinds whose look-alikes are told apart only by reading them, and the fewest look-alikes a scan is for (an easy
 # left-or-right probe's two are both named; an easy find_code probe's two differ only in their codes)
-SCANNED = {"relative_position": 3, "find_code": 2}
+SCANNED = {"relative_position": 3, "find_code": 2, "find_marker": 2}
+FIND_KINDS = ("find_code", "find_marker")  # one sign named by its code's start: its scan is never cut
 READ_MATCH = 0.4  # a panel read is a sign when their boxes overlap at least this much (intersection over union)
 
 
@@ -106,12 +109,12 @@ def teacher_turns(
     up to this many signs that are not the target (chosen with ``rng``); the replies start with those looks
     (``len(replies) - len(teacher_turns(sample, view))`` of them: fewer when the view offers fewer); a scan
     (``scans``) takes none, and stops after ``scan_looks`` looks (0: once every named sign was seen; a ``find_code``
-    scan is never cut: its answer is the code the last look reads)."""
+    or ``find_marker`` scan is never cut: its answer is what the last look reads)."""
     answer = f"<answer>{sample.answer}</answer>"
     if sample.meta.get("level") == "card":
         return [answer]
     if scans(sample):
-        return scan_turns(sample, view, answer, 0 if sample.meta.get("category") == "find_code" else scan_looks)
+        return scan_turns(sample, view, answer, 0 if sample.meta.get("category") in FIND_KINDS else scan_looks)
     turns = []
     targets = sorted((c for c in sample.meta["candidates"] if c["target"]), key=lambda c: c["box"][0])
     for c in targets:

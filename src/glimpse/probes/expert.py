@@ -216,6 +216,33 @@ def _dilate(mask: np.ndarray) -> np.ndarray:
     return out
 
 
+def _marker_after_text(rest: list[Any], outlines: list[Any]) -> Any:
+    """The ink part that is a black marker right of a code (``find_marker``'s signs), or None: the largest outline
+    part, right of every other part, at least two of them, and taller than the characters (a marker is about 1.2
+    font sizes high, a capital 0.7: a wide last character such as W is not taken for one)."""
+    if not outlines or len(rest) < 3:
+        return None
+    p = max(outlines, key=lambda p: p[4])
+    others = [q for q in rest if q is not p]
+    heights = sorted(q[3] - q[1] for q in others)
+    if all(q[2] < p[0] for q in others) and (p[3] - p[1]) >= 1.2 * heights[len(heights) // 2]:
+        return p
+    return None
+
+
+def _ocr_parts(
+    inner: np.ndarray, sat: np.ndarray, corner: list[Any], parts: list[Any], right: int, charset: str
+) -> str:
+    """Read the text made of ink ``parts``, cut left of column ``right`` (a marker's), without the corner mark
+    and coloured marks."""
+    clean = inner.copy()
+    clean[sat > 30] = 255
+    for p in corner:
+        clean[p[1] : p[3], p[0] : p[2]] = 255
+    left = min(p[0] for p in parts)
+    return ocr(Image.fromarray(clean[:, max(0, left - 3) : max(left + 1, right - 1)].astype(np.uint8)), charset)
+
+
 def _hue_name(pixels: np.ndarray) -> str:
     """The marker colour nearest in hue (and, for black, in brightness) to the median of these pixels."""
     import colorsys
@@ -304,14 +331,23 @@ def read_sign(
         reading.red_dot = True
         coloured[int(sh * 0.55) :, int(sw * 0.7) :] = False
     dark_outline = [p for p in rest if (p[2] - p[0]) > sh * 0.35 and (p[3] - p[1]) > sh * 0.35]
+    black = _marker_after_text(rest, dark_outline)
     if coloured.sum() > unit * unit * 0.5:
         ys, xs = np.nonzero(coloured)
         reading.marker_color = _hue_name(inner[ys, xs][sat[ys, xs] >= 0.7 * sat[ys, xs].max()])
         reading.marker_shape = _shape_of(coloured[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1])
+        marker = max(components(coloured, 2), key=lambda p: p[4])  # its left edge, not a stray tinted pixel's
+        text = [p for p in rest if p[2] < marker[0]]  # a code left of the marker (find_marker's signs)
+        if len(text) >= 2:
+            reading.text = _ocr_parts(inner, sat, corner, text, marker[0], charset)
     elif dark_outline and len(rest) <= 2:  # a black marker drawn in ink
         p = max(dark_outline, key=lambda p: p[4])
         reading.marker_color = "black"
         reading.marker_shape = _shape_of(ink[p[1] : p[3], p[0] : p[2]])
+    elif black is not None:  # a black marker right of a code
+        reading.marker_color = "black"
+        reading.marker_shape = _shape_of(ink[black[1] : black[3], black[0] : black[2]])
+        reading.text = _ocr_parts(inner, sat, corner, [p for p in rest if p is not black], black[0], charset)
     else:
         sizes = [p[4] for p in rest]
         if (
@@ -506,6 +542,9 @@ class ExpertPolicy:
                 return r.text, f"The sign reads {r.text}."
             if q.kind == "find_code" and r.text and q.codes and r.text.startswith(q.codes[0]):
                 return r.text, f"This sign's code starts with {q.codes[0]}: it reads {r.text}."
+            if q.kind == "find_marker" and r.text and q.codes and r.text.startswith(q.codes[0]) and r.marker_color:
+                why = f"This sign's code, {r.text}, starts with {q.codes[0]}: its marker is {r.marker_color}."
+                return r.marker_color, why
         if q.kind == "relative_position":
             where = {}
             for box, r in readings:
@@ -521,7 +560,7 @@ class ExpertPolicy:
     @staticmethod
     def _guess(q: Question, readings: list[Any]) -> str:
         texts = [r.text for _, r in readings if r.text]
-        if q.kind == "marker_color":
+        if q.kind in ("marker_color", "find_marker"):
             return next((r.marker_color for _, r in readings if r.marker_color), "red")
         if q.kind == "marker_shape":
             return next((r.marker_shape for _, r in readings if r.marker_shape), "circle")

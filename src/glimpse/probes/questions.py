@@ -38,8 +38,8 @@ def question(
         border: the border colour that names the candidate signs.
         marked: whether the target is told apart from its look-alikes by a star.
         choices: the options of a multiple-choice kind (marker colour or shape).
-        codes: for ``relative_position``, the codes of the two signs compared (target first); for ``find_code``,
-            the start of the target's code.
+        codes: for ``relative_position``, the codes of the two signs compared (target first); for ``find_code``
+            and ``find_marker``, the start of the target's code.
     """
     target = where(border, marked)
     if kind == "read_code":
@@ -69,6 +69,11 @@ def question(
         return (
             f"Among the signs with a {border} border, exactly one has a code that starts with {codes[0]}. "
             "What is that sign's whole code? Answer with the code only."
+        )
+    if kind == "find_marker":
+        return (
+            f"Among the signs with a {border} border, exactly one has a code that starts with {codes[0]}. "
+            f"What colour is the small outlined marker on that sign? Answer with one of: {', '.join(choices or ())}."
         )
     if kind == "relative_position":
         first, second = codes
@@ -105,7 +110,8 @@ def parse_question(text: str, borders: Sequence[str] = tuple(BORDER_COLORS)) -> 
     codes = re.findall(r"reads ([A-Z0-9]{2,6})", text)
     prefix = re.findall(r"code that starts with ([A-Z0-9]{2,6})\b", text)
     if prefix:
-        kind, codes = "find_code", prefix[:1]
+        kind = "find_marker" if "what colour" in low or "what color" in low else "find_code"
+        codes = prefix[:1]
     elif "left or" in low and len(codes) >= 2:
         kind = "relative_position"
     elif "which image" in low and "image_2" in low:

@@ -20,6 +20,11 @@ A search kind (``SEARCH_KINDS``; made only when asked for by name, so the mixed 
   gives. Nothing in the full view tells the look-alikes apart, so a search reads them one by one (on hard about
   half of 8-12 before it finds the sign), and the answer is a code, so a guess almost never pays (unlike
   ``relative_position``'s left or right).
+* ``find_marker``: the same search (every look-alike carries a code and, right of it, a small outlined marker),
+  but the answer is the colour of that sign's marker, one of six. The look-alikes' marker colours are drawn
+  independently of the target's, so an answer from any sign read on the way (or a guess) is right about one time
+  in six: a search still pays, and a quick answer sometimes does too (between ``find_code``'s never and
+  ``relative_position``'s half the time).
 
 Two-image kinds (``PAIR_KINDS``; made only when asked for by name): two scenes of the level, shown together as
 ``image_1`` and ``image_2``, each with its look-alike signs of one border colour:
@@ -92,10 +97,10 @@ _MIN_FONT_PX = 10
 GENERATOR_VERSION = 2
 KINDS = ("read_code", "marker_color", "marker_shape", "which_marked", "count", "relative_position")
 PAIR_KINDS = ("which_image", "split_code")
-SEARCH_KINDS = ("find_code",)
-PREFIX_LEN = 2  # the characters of a code a ``find_code`` question gives
+SEARCH_KINDS = ("find_code", "find_marker")
+PREFIX_LEN = 2  # the characters of a code a ``find_code`` or ``find_marker`` question gives
 # kinds whose look-alikes (at least two; two on easy) carry no corner marks: what they show tells them apart
-SHOWN_APART = ("which_marked", "relative_position", "find_code")
+SHOWN_APART = ("which_marked", "relative_position", "find_code", "find_marker")
 
 
 def check_kind(kind: str, what: str, pairs: bool = True) -> str:
@@ -404,10 +409,13 @@ class Sign:
 
 
 def sign_size(content: str, font_px: int, text_len: int) -> tuple[int, int]:
+    """The (width, height) of a sign showing ``content``: ``code``, ``code+marker`` (a code and a marker right of
+    it), ``dots`` or ``marker``."""
     pad = max(3, font_px // 2)
-    if content == "code":
+    if content in ("code", "code+marker"):
         tw = _font(font_px).getbbox("M" * text_len)[2]
-        return tw + 2 * pad + font_px // 2, font_px + 2 * pad
+        room = int(1.6 * font_px) if content == "code+marker" else 0
+        return tw + 2 * pad + font_px // 2 + room, font_px + 2 * pad
     if content == "dots":
         return 3 * font_px + 2 * pad, 2 * font_px + 2 * pad
     return int(1.6 * font_px) + 2 * pad + font_px // 2, int(1.4 * font_px) + 2 * pad
@@ -425,7 +433,8 @@ def draw_sign(draw: ImageDraw.ImageDraw, sign: Sign, font_px: int, rng: random.R
     if sign.marker is not None:
         color, shape = sign.marker
         r = font_px * 0.6
-        draw_shape(draw, shape, (left + x1 - pad) / 2, (y0 + y1) / 2, r, MARKER_COLORS[color], max(1, font_px // 8))
+        cx = x1 - pad - 0.8 * font_px if sign.code is not None else (left + x1 - pad) / 2  # right of a code
+        draw_shape(draw, shape, cx, (y0 + y1) / 2, r, MARKER_COLORS[color], max(1, font_px // 8))
     if sign.dots:
         cells = [(i, j) for i in range(3) for j in range(3)]
         rng.shuffle(cells)
@@ -512,7 +521,9 @@ def make_probe(
         n_cand = max(n_cand, 2)
     if level == "easy" and kind in SHOWN_APART:
         n_cand = 2
-    content = {"marker_color": "marker", "marker_shape": "marker", "count": "dots"}.get(kind, "code")
+    content = {"marker_color": "marker", "marker_shape": "marker", "count": "dots", "find_marker": "code+marker"}.get(
+        kind, "code"
+    )
     code_len = 2 if kind == "which_marked" else rng.choice((3, 4))
     cw, ch = sign_size(content, font_px, code_len)
     layout = _Layout(w, h, rng)
@@ -536,6 +547,9 @@ def make_probe(
             taken.add(sign.code)
         elif content == "code":
             sign.code = random_code(rng, code_len, taken)
+        elif content == "code+marker":  # each look-alike's colour drawn on its own: one in six shares the target's
+            sign.code = random_code(rng, code_len, taken)
+            sign.marker = (rng.choice(list(MARKER_COLORS)), rng.choice(MARKER_SHAPES))
         elif content == "marker":
             sign.marker = (rng.choice(list(MARKER_COLORS)), rng.choice(MARKER_SHAPES))
         else:
@@ -544,7 +558,7 @@ def make_probe(
             sign.corner = "star" if sign is target and starred is not False else "dot"
     if kind == "which_marked":
         target.red_dot = True
-    if kind == "find_code":  # the question's prefix names the target alone among its look-alikes
+    if kind in ("find_code", "find_marker"):  # the question's prefix names the target alone among its look-alikes
         for sign in candidates[1:]:
             while sign.code[:PREFIX_LEN] == target.code[:PREFIX_LEN]:
                 sign.code = random_code(rng, len(sign.code), taken)
@@ -593,6 +607,8 @@ def make_probe(
         answer = target.code
     elif kind == "find_code":
         answer, codes = target.code, (target.code[:PREFIX_LEN],)
+    elif kind == "find_marker":
+        choices, answer, codes = list(MARKER_COLORS), target.marker[0], (target.code[:PREFIX_LEN],)
     else:
         other = max(candidates[1:], key=lambda s: abs((s.box[0] + s.box[2]) - (target.box[0] + target.box[2])))
         targets, codes = [target, other], (target.code, other.code)

@@ -137,6 +137,9 @@ def _shows(c: dict[str, Any], kind: str) -> str:
         bits.append(f"a {colour} {shape} outline" if kind == "marker_color" else f"an outlined {shape} in {colour}")
     elif kind == "count" and c.get("dots"):
         bits.append(f"{c['dots']} black dots")
+    elif c.get("code") and kind == "find_marker":
+        colour, shape = c["marker"]
+        bits.append(f"the code {c['code']} and a {colour} {shape} outline")
     elif c.get("code") and kind in ("read_code", "relative_position", "find_code"):
         bits.append(f"the code {c['code']}")
     return " and ".join(bits) if bits else "nothing that answers the question"
@@ -150,6 +153,7 @@ _CONCLUSIONS = {
     "count": "I count {answer} dots on it.",
     "which_marked": "The sign with the red dot shows {answer}.",
     "find_code": "This is the sign whose code starts that way: it reads {answer}.",
+    "find_marker": "This is the sign whose code starts that way: its marker is drawn in {answer}.",
     "relative_position": "Comparing where the two signs are, the first one is to the {answer} of the second.",
 }
 
