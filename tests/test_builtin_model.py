@@ -477,6 +477,20 @@ def test_an_answer_can_spell_what_the_reader_read(builtin):
         assert int(model(**answer).logits[0, -1].argmax()) != want or want == processor.tokenizer.eos_token_id
 
 
+def test_a_fresh_tokenizer_writes_every_probe_kinds_question_words_whole(builtin):
+    """The tokenizer's merges are learned from every kind's questions, the search kinds' too: a from-scratch model
+    hears "starts", "whole" and "outlined" as one token each, not split into pieces it must learn to put together."""
+    from glimpse.probes.synth import KINDS, SEARCH_KINDS, make_probe
+
+    tok = load_processor(builtin).tokenizer
+    for kind in KINDS + SEARCH_KINDS:
+        question = make_probe("hard", 3, seed=9, kind=kind, render=False).record["problem"]
+        words = re.findall(r" ([a-z]{4,})\b", question)
+        assert words
+        for word in words:
+            assert len(tok.encode(" " + word, add_special_tokens=False)) == 1, (kind, word)
+
+
 def test_an_answer_spells_a_word_of_several_tokens_and_a_code_one_character_a_token(builtin):
     """``spell``: a word the reader read is copied token by token (the classes whose first tokens were written, in
     proportion, then ``</answer>`` once the word is complete), and a code's k-th character at answer token k; the

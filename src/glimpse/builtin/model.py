@@ -1401,13 +1401,13 @@ error: |-
 def tokenizer_corpus(seed: int, per_level: int = 4) -> list[str]:
     """Text the built-in tokenizer's merges are learned from: the prompts and questions of generated probes
     (read from the generator, so the vocabulary follows its wording without this module knowing it)."""
-    from glimpse.probes.synth import KINDS, make_probe
+    from glimpse.probes.synth import KINDS, SEARCH_KINDS, make_probe
     from glimpse.protocol.prompts import DEFAULT_PROMPTS
 
     texts = [p.system + p.user + p.observation + p.error + p.code for p in DEFAULT_PROMPTS.values()] * 4
     for level in ("easy", "medium", "hard"):
         for i in range(per_level):
-            for kind in KINDS:
+            for kind in KINDS + SEARCH_KINDS:  # the search kinds' wording too ("starts", "whole", "exactly")
                 rec = make_probe(level, 5_000_000 + i, seed=seed, kind=kind, render=False).record
                 texts.append(rec["problem"].replace("<image>", "") + " " + str(rec["solution"]).lower())
     return texts
