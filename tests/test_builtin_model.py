@@ -1048,6 +1048,54 @@ def test_a_relation_added_changes_nothing_until_trained_and_shifts_only_an_answe
     assert asked == [[4, 3]] * 3  # the question's two codes, once a pass
 
 
+def test_asked_copy_added_changes_nothing_until_trained_and_then_chooses_what_an_answer_starts_by_copying(
+    builtin, tmp_path
+):
+    """``add_asked_copy``: every weight kept, every logit unchanged (its votes start at zero). Set, a question
+    word's vote for a reading attribute makes an answer's first token that attribute's word as the reader read it,
+    and changes nothing before the answer, nor for a question without that word."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    from glimpse.builtin.model import add_asked_copy
+
+    old = older(builtin, tmp_path / "old", asked_copy=False)
+    before = load_file(old / "model.safetensors")
+    assert not any(k.startswith("asked_copy") for k in before)
+    processor = load_processor(old)
+    images = [photo(400, 300), photo(256, 256, seed=3)]
+    asks = {
+        q: processor(text=[ONE_IMAGE.format(q) + ZOOMED + "<answer>"], images=images, return_tensors="pt")
+        for q in ("What colour is the small outlined marker on the sign?", "How many small black dots are on it?")
+    }
+    with torch.no_grad():
+        model = AutoModelForImageTextToText.from_pretrained(old).eval()
+        was = {q: model(**inputs).logits for q, inputs in asks.items()}
+    assert model.asked_copy is None
+    assert add_asked_copy(old) and not add_asked_copy(old)
+    model = AutoModelForImageTextToText.from_pretrained(old).eval()
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with torch.no_grad():
+        for q, inputs in asks.items():
+            assert torch.allclose(model(**inputs).logits, was[q], atol=1e-5)
+
+    tok = processor.tokenizer
+    (colour,) = tok.encode(" colour", add_special_tokens=False)
+    names = [name for name, _ in model.config.reader_classes]
+    attribute = names.index("marker_color")
+    with torch.no_grad():
+        model.asked_copy.votes[colour, attribute] = 100.0
+        colour_q, dots_q = asks
+        out = model(**asks[colour_q])
+        now = out.logits
+        read = model.config.reader_classes[attribute][1][int(out.reader_logits["marker_color"][-1].argmax())]
+        assert int(now[0, -1].argmax()) == tok.encode(read, add_special_tokens=False)[0]
+        assert not torch.allclose(now[0, -1], was[colour_q][0, -1], atol=1e-3)
+        assert torch.allclose(now[0, :-1], was[colour_q][0, :-1], atol=1e-5)  # before the answer: unchanged
+        assert torch.allclose(model(**asks[dots_q]).logits, was[dots_q], atol=1e-5)  # no "colour" in it
+
+
 @pytest.mark.parametrize(("marker", "hue_bin"), [((40, 60, 210), 7), ((200, 40, 40), 0), ((30, 30, 30), None)])
 def test_the_ink_colour_is_the_hue_of_what_is_drawn_on_the_panel_not_of_its_border(marker, hue_bin):
     """``ink_colour`` on a sign with a pink border and an outlined marker, shown small and blown up as a zoom shows

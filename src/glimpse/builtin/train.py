@@ -567,6 +567,7 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
     import torch
 
     from glimpse.builtin.model import (
+        add_asked_copy,
         add_blob_counter,
         add_found,
         add_grounding,
@@ -637,6 +638,7 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
             (add_relation, "had no relation: answers now hear where the named signs were seen (silent at first)"),
             (add_found, "had no found signal: turns now hear whether the named signs were read (silent at first)"),
             (find_prefixes, "heard only two-code questions: turns now hear whether a code a question starts was read"),
+            (add_asked_copy, "chose what an answer copies from its state alone: now from the question's words too"),
         )
         for migrate, what in migrations:
             if migrate(model_dir):
