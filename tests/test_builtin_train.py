@@ -726,3 +726,25 @@ def test_first_moves_alone_leave_the_reader_as_it_was_and_replay_fills_only_idle
             return self.n
 
     assert idle(Waiting(0), 8) and idle(Waiting(7), 8) and not idle(Waiting(8), 8) and idle(Waiting(None), 8)
+
+
+def test_the_replay_memory_keeps_the_newest_examples_within_its_count_and_its_bytes():
+    """``trim_replay``: whole searches are megabytes of pixel rows each, and 2,048 of them held 12 GB in run S3; the
+    memory keeps the newest within both limits, and never fewer than a batch."""
+    from types import SimpleNamespace
+
+    from glimpse.builtin.train import trim_replay
+
+    def item(i: int, mb: int) -> tuple:
+        return ("hard", (SimpleNamespace(pixel_values=torch.zeros(mb << 18)), "kind"), False, i)  # mb MB of float32
+
+    memory = [item(i, 1) for i in range(100)]
+    trim_replay(memory, 8, most=50, limit=1 << 40)
+    assert [m[3] for m in memory] == list(range(50, 100))
+    trim_replay(memory, 8, most=50, limit=20 << 20)
+    assert (
+        8 <= len(memory) <= 20 and memory[-1][3] == 99 and [m[3] for m in memory] == list(range(100 - len(memory), 100))
+    )
+    big = [item(i, 30) for i in range(10)]
+    trim_replay(big, 8, limit=20 << 20)
+    assert len(big) == 8  # a batch stays, whatever its size

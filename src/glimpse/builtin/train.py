@@ -44,7 +44,9 @@ from glimpse.train.common import IGNORE
 # Cards (one legible sign, cheap to make) teach reading; easy probes teach finding the sign the question names;
 # medium and hard teach finding the starred sign among look-alikes.
 LEVELS = ("card", "easy", "medium", "hard")
-REPLAY_MEMORY = 2048  # examples kept for replay steps (--replay)
+REPLAY_MEMORY = 2048  # examples kept for replay steps (--replay), and at most this many bytes of their pixel rows
+# (a whole search's three images are about 6 MB of rows: 2,048 of them held 12 GB of shared memory in run S3)
+REPLAY_BYTES = 1 << 30
 STREAM_FILE = "glimpse_stream.json"  # in a checkpoint: the seed and next probe index per level it was trained to
 NOT_COPIED = ("glimpse_ship.json", "README.md")  # an --init folder's files that describe it, not the new model
 FIRST_INDEX = 1_000_000  # a fresh model's stream starts here: evaluation sets take indices from 0
@@ -367,6 +369,18 @@ def _worker(
                         return
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def trim_replay(memory: list[Any], batch: int, most: int = REPLAY_MEMORY, limit: int = REPLAY_BYTES) -> None:
+    """Drop the oldest items of the replay memory (items: (level, (example, …), first)) until it holds at most
+    ``most`` of them and ``limit`` bytes of pixel rows, never fewer than a ``batch``."""
+    del memory[:-most]
+
+    def size() -> int:
+        return sum(int(getattr(item[1][0].pixel_values, "nbytes", 0) or 0) for item in memory)
+
+    while len(memory) > batch and size() > limit:
+        del memory[: max(1, len(memory) // 8)]
 
 
 def idle(results: Any, batch: int) -> bool:
@@ -919,7 +933,7 @@ def train_builtin(cfg: BuiltinConfig, *, log: Callable[[dict[str, Any]], None] =
                 if memory and memory[-1][2] and not firsts:
                     memory.clear()  # whole searches began: replay them, not the first moves before them
                 memory.extend(items)
-                del memory[:-REPLAY_MEMORY]
+                trim_replay(memory, cfg.batch)
             step += 1
             seen += len(batch)
             # Accuracy on this batch before training on it: fresh examples, so a held-out measurement.
