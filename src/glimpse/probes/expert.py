@@ -234,7 +234,7 @@ def _ocr_parts(
     inner: np.ndarray, sat: np.ndarray, corner: list[Any], parts: list[Any], right: int, charset: str
 ) -> str:
     """Read the text made of ink ``parts``, cut left of column ``right`` (a marker's), without the corner mark
-    and coloured marks."""
+    and coloured marks (a red dot, a marker: not text)."""
     clean = inner.copy()
     clean[sat > 30] = 255
     for p in corner:
@@ -357,13 +357,7 @@ def read_sign(
         ):
             reading.dots = len(rest)
         elif rest:
-            left = min(p[0] for p in rest)
-            clean = inner.copy()
-            clean[sat > 30] = 255  # coloured marks (a red dot) are not text
-            for p in corner:
-                clean[p[1] : p[3], p[0] : p[2]] = 255
-            crop = Image.fromarray(clean[:, max(0, left - 3) :].astype(np.uint8))
-            reading.text = ocr(crop, charset)
+            reading.text = _ocr_parts(inner, sat, corner, rest, sw + 1, charset)  # to the sign's right edge
             if not reading.text and not tesseract_available():
                 reading.notes.append("Tesseract is not installed, so I cannot read text")
     return reading, sign.box
